@@ -1,0 +1,60 @@
+# Verity: the two commands a newcomer needs are `make serve` and `make test`.
+# Both create .venv and install on first use; the stamp file makes later runs start at once.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Synthetic data and training settings for `make train` (the recipe behind the shipped models).
+TRAIN_N ?= 3000
+TRAIN_EPOCHS ?= 6
+TRAIN_DIFFICULTY ?= medium
+VERSION ?= $(shell date -u +%Y.%m.%d)
+
+.PHONY: install serve test test-fast lint typecheck train train-photo train-xray export bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Verity needs Python 3.11 ($(PYTHON) not found)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[serve,train,dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/verity serve --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy inference api
+
+# Regenerates the shipped default models: synthetic data, fine-tuning from the packaged ImageNet
+# weights, evaluation on the held-out split, ONNX export into checkpoints/.
+train: train-photo train-xray
+
+train-%: $(STAMP)
+	$(BIN)/verity data synth --modality $* --n $(TRAIN_N) --difficulty $(TRAIN_DIFFICULTY) --seed 7 --out data/synth-$*
+	$(BIN)/verity train --data data/synth-$*/manifest.jsonl --modality $* --epochs $(TRAIN_EPOCHS) \
+		--name $*-default --version $(VERSION) --out checkpoints
+	$(BIN)/verity eval --model checkpoints/$*-default/$(VERSION)/model.onnx --data data/synth-$*/manifest.jsonl --split test
+
+export: $(STAMP)
+	@test -n "$(CHECKPOINT)" || { echo "usage: make export CHECKPOINT=checkpoints/<name>/<version>/model.pt"; exit 2; }
+	$(BIN)/verity export --checkpoint $(CHECKPOINT)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

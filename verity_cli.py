@@ -1,0 +1,59 @@
+"""`verity`: one command with subcommands, each imported only when used.
+
+Serving and prediction must not pay for (or even have installed) torch, so the training stack is
+imported only by the subcommands that need it. Each subcommand module exposes `main(argv) -> int`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# subcommand -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": ("datasets.cli", "main", "generate synthetic data, ingest images, print manifest stats"),
+    "train": ("training.cli", "train_main", "train a model on a manifest or a folder of images"),
+    "eval": ("training.cli", "eval_main", "evaluate a model on a manifest or folder"),
+    "export": ("training.cli", "export_main", "export a checkpoint to ONNX with its spec and card"),
+    "serve": ("api.cli", "serve_main", "run the HTTP service"),
+    "predict": ("inference.cli", "main", "give a verdict for image files from the command line"),
+    "keys": ("api.cli", "keys_main", "add, revoke and list station API keys"),
+    "audit": ("api.cli", "audit_main", "export the audit log"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: verity <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
+    lines += ["", "Run `verity <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"verity: unknown command {name!r}. Valid commands: {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    module_name, function_name, _ = COMMANDS[name]
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+        return int(function(rest) or 0)
+    except KeyboardInterrupt:
+        print("verity: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError) as error:
+        # User-facing failures (bad paths, bad files, bad options) get one clear line, not a traceback.
+        if os.environ.get("VERITY_DEBUG"):
+            raise
+        print(f"verity {name}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
