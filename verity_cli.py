@@ -14,8 +14,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("datasets.cli", "main", "generate synthetic data, ingest images, print manifest stats"),
     "train": ("training.cli", "train_main", "train a model on a manifest or a folder of images"),
-    "eval": ("training.cli", "eval_main", "evaluate a model on a manifest or folder"),
-    "export": ("training.cli", "export_main", "export a checkpoint to ONNX with its spec and card"),
+    "eval": ("training.eval_cli", "main", "evaluate a model on a manifest or folder"),
+    "export": ("training.export_cli", "main", "export a checkpoint to ONNX with its spec and card"),
     "serve": ("api.cli", "serve_main", "run the HTTP service"),
     "predict": ("inference.cli", "main", "give a verdict for image files from the command line"),
     "keys": ("api.cli", "keys_main", "add, revoke and list station API keys"),
