@@ -1,0 +1,148 @@
+"""Temperature scaling and threshold choice on validation data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.engine import Thresholds, calibrated_scores
+from training.calibrate import (
+    MIN_TEMPERATURE,
+    ThresholdError,
+    choose_thresholds,
+    fit_temperature,
+    operating_point,
+    temperature_nll,
+)
+
+
+def _synthetic_logits(
+    true_temperature: float, n: int = 20000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from softmax(logits / T): the NLL optimum is then T (up to sampling noise)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 3.0, size=(n, 2))
+    probabilities = calibrated_scores(logits, true_temperature)
+    targets = (rng.random(n) < probabilities).astype(np.int64)
+    return logits, targets
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 1.0, 2.5])
+def test_fit_temperature_recovers_known_temperature(true_temperature: float) -> None:
+    logits, targets = _synthetic_logits(true_temperature)
+    fitted = fit_temperature(logits, targets)
+    assert fitted == pytest.approx(true_temperature, rel=0.08)
+    # It is the minimum: nudging T either way raises the NLL.
+    best = temperature_nll(logits, targets, fitted)
+    assert best <= temperature_nll(logits, targets, fitted * 1.1)
+    assert best <= temperature_nll(logits, targets, fitted / 1.1)
+
+
+def test_fit_temperature_is_bounded_on_perfect_separation() -> None:
+    logits = np.array([[2.0, -2.0], [-2.0, 2.0]] * 10)
+    targets = np.array([0, 1] * 10)
+    assert fit_temperature(logits, targets) == pytest.approx(MIN_TEMPERATURE, rel=1e-3)
+
+
+def test_fit_temperature_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        fit_temperature(np.zeros(4), np.zeros(4))
+    with pytest.raises(ValueError, match="NaN"):
+        fit_temperature(np.array([[np.nan, 0.0]]), np.array([0]))
+    with pytest.raises(ValueError, match="class indices"):
+        fit_temperature(np.zeros((2, 2)), np.array([0, 2]))
+
+
+def _validation_scores(
+    seed: int = 1, n_genuine: int = 2000, n_counterfeit: int = 500
+) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    genuine = rng.beta(2, 6, n_genuine)
+    counterfeit = rng.beta(6, 2, n_counterfeit)
+    return np.concatenate([genuine, counterfeit]), np.concatenate(
+        [np.zeros(n_genuine), np.ones(n_counterfeit)]
+    )
+
+
+@pytest.mark.parametrize(("far", "miss"), [(0.01, 0.05), (0.001, 0.01), (0.05, 0.2)])
+def test_thresholds_meet_their_targets_on_validation(far: float, miss: float) -> None:
+    scores, targets = _validation_scores()
+    result = choose_thresholds(scores, targets, far, miss)
+    point = operating_point(scores, targets, result["alarm"], result["clear"])
+    assert point["false_alarm_rate"] <= far
+    assert point["miss_rate"] <= miss
+    assert result["val_false_alarm_rate"] == point["false_alarm_rate"]
+    assert result["val_miss_rate"] == point["miss_rate"]
+    assert 0.0 <= result["clear"] <= result["alarm"] <= 1.0
+    Thresholds(result["alarm"], result["clear"])  # what the engine will build from the card
+    genuine = np.sort(scores[targets == 0])
+    counterfeit = np.sort(scores[targets == 1])
+    # "Lowest alarm": one more false alarm than allowed sits just below it.
+    allowed_alarms = int(np.floor(far * len(genuine) + 1e-9))
+    assert genuine[-(allowed_alarms + 1)] < result["alarm"]
+    assert (genuine >= result["alarm"]).sum() == allowed_alarms or result["merged"]
+    # "Highest clear": the first counterfeit beyond the allowed misses sits just above it.
+    allowed_misses = int(np.floor(miss * len(counterfeit) + 1e-9))
+    assert counterfeit[allowed_misses] > result["clear"]
+
+
+def test_thresholds_hand_made_case() -> None:
+    # 10 genuine, 10 counterfeit. Targets 10% / 10%: one false alarm and one miss allowed.
+    genuine = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.6, 0.9]
+    counterfeit = [0.3, 0.5, 0.55, 0.65, 0.7, 0.75, 0.8, 0.85, 0.95, 0.99]
+    scores = np.array(genuine + counterfeit)
+    targets = np.array([0] * 10 + [1] * 10)
+    result = choose_thresholds(scores, targets, 0.1, 0.1)
+    # Alarm above the second highest genuine (0.6), middle of the gap to the next score (0.65).
+    assert result["alarm"] == pytest.approx(0.625)
+    # Clear below the second lowest counterfeit (0.5), middle of the gap to the next lower score (0.4).
+    assert result["clear"] == pytest.approx(0.45)
+    assert result["val_false_alarm_rate"] == pytest.approx(0.1)
+    assert result["val_miss_rate"] == pytest.approx(0.1)
+    assert result["val_uncertain_rate"] == pytest.approx(3 / 20)  # 0.5, 0.55 (counterfeit), 0.6 (genuine)
+    assert not result["merged"]
+
+
+def test_separable_validation_gives_one_threshold() -> None:
+    scores = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    targets = np.array([0, 0, 0, 1, 1, 1])
+    result = choose_thresholds(scores, targets)
+    # Neither a false alarm nor a miss is allowed with 3 per class: both sit mid-gap between 0.3 and 0.7.
+    assert result["alarm"] == result["clear"] == pytest.approx(0.5)
+    assert result["val_false_alarm_rate"] == 0.0 and result["val_miss_rate"] == 0.0
+    assert result["val_uncertain_rate"] == 0.0
+
+
+def test_clear_above_alarm_is_merged() -> None:
+    # 20 genuine at or below 0.3 (no false alarm allowed), 20 counterfeits from 0.6 (one miss allowed):
+    # the clear threshold would sit above the alarm threshold, so both become their midpoint.
+    genuine = np.linspace(0.01, 0.3, 20)
+    counterfeit = np.linspace(0.6, 0.99, 20)
+    scores = np.concatenate([genuine, counterfeit])
+    targets = np.array([0] * 20 + [1] * 20)
+    result = choose_thresholds(scores, targets, 0.01, 0.05)
+    assert result["merged"]
+    unmerged_alarm = (0.3 + 0.6) / 2
+    unmerged_clear = (counterfeit[0] + counterfeit[1]) / 2
+    assert result["alarm"] == result["clear"] == pytest.approx((unmerged_alarm + unmerged_clear) / 2)
+    assert result["val_false_alarm_rate"] == 0.0 and result["val_miss_rate"] == 0.0
+
+
+def test_refuses_without_counterfeits() -> None:
+    with pytest.raises(ThresholdError, match="no counterfeits"):
+        choose_thresholds(np.array([0.1, 0.2, 0.3]), np.array([0, 0, 0]))
+
+
+def test_refuses_without_genuine() -> None:
+    with pytest.raises(ThresholdError, match="no genuine"):
+        choose_thresholds(np.array([0.7, 0.8]), np.array([1, 1]))
+
+
+def test_threshold_error_is_a_value_error_and_checks_inputs() -> None:
+    assert issubclass(ThresholdError, ValueError)
+    with pytest.raises(ThresholdError, match="probabilities"):
+        choose_thresholds(np.array([0.1, 1.5]), np.array([0, 1]))
+    with pytest.raises(ThresholdError, match="one target per score"):
+        choose_thresholds(np.array([0.1, 0.5]), np.array([0]))
+    with pytest.raises(ThresholdError, match="strictly between"):
+        choose_thresholds(np.array([0.1, 0.5]), np.array([0, 1]), target_false_alarm_rate=0.0)

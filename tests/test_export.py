@@ -1,0 +1,243 @@
+"""ONNX export: metadata, dynamic batch, the parity gate, and the server engine reading the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from inference.engine import ModelLoadError, OnnxEngine, calibrated_scores, read_metadata
+from inference.spec import PreprocessSpec, default_spec
+from training import export as export_module
+from training.export import (
+    ExportError,
+    ExportParityError,
+    build_card,
+    export_onnx,
+    load_checkpoint,
+    to_jsonable,
+)
+
+torch.set_num_threads(1)
+
+
+class Normalize(torch.nn.Module):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class TinyNet(torch.nn.Module):
+    """The model contract in miniature: Normalize first, forward -> (logits, cam)."""
+
+    def __init__(self, spec: PreprocessSpec, width: int = 8) -> None:
+        super().__init__()
+        self.normalize = Normalize(spec.mean, spec.std)
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(spec.in_chans, width, 3, stride=2, padding=1),
+            torch.nn.BatchNorm2d(width),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(width, width, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+        )
+        self.classifier = torch.nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(self.normalize(x))
+        logits = self.classifier(features.mean(dim=(2, 3)))
+        cam = torch.einsum("kc,nchw->nkhw", self.classifier.weight, features)
+        cam = cam + self.classifier.bias.view(1, -1, 1, 1)
+        return logits, cam
+
+
+def tiny_spec(modality: str = "photo", size: int = 32) -> PreprocessSpec:
+    base = default_spec(modality)
+    return PreprocessSpec.from_dict({**base.to_dict(), "image_size": size})
+
+
+def tiny_card(spec: PreprocessSpec, temperature: float = 1.5) -> dict:
+    return build_card(
+        name="tiny",
+        version="0.0.1",
+        modality=spec.modality,
+        backbone="tinynet",
+        spec=spec,
+        data_counts={"train": {"genuine": 4, "counterfeit": 4}},
+        data_fingerprint="abc123",
+        metrics={"val": {"roc_auc": 0.9}},
+        temperature=temperature,
+        thresholds={
+            "alarm": 0.7,
+            "clear": 0.3,
+            "target_false_alarm_rate": 0.01,
+            "target_miss_rate": 0.05,
+            "val_false_alarm_rate": 0.0,
+            "val_miss_rate": 0.0,
+        },
+        code_version="test",
+    )
+
+
+def trained_tiny(spec: PreprocessSpec, seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    model = TinyNet(spec)
+    model.train()
+    with torch.no_grad():  # give BatchNorm non-trivial running statistics
+        model(torch.rand(8, spec.in_chans, spec.image_size, spec.image_size))
+    return model
+
+
+@pytest.mark.parametrize("modality", ["photo", "xray"])
+def test_export_metadata_dynamic_batch_and_parity(tmp_path: Path, modality: str) -> None:
+    spec = tiny_spec(modality)
+    model = trained_tiny(spec)
+    card = tiny_card(spec)
+    path = tmp_path / "model.onnx"
+    result = export_onnx(model, spec, card, path)
+    assert result["path"] == str(path) and path.is_file()
+    assert result["opset"] >= 17
+    assert result["max_abs_diff"] <= 1e-4
+    assert model.training, "export must not change the caller's model mode"
+
+    proto = onnx.load(str(path))
+    assert max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer)
+    assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob("*.tmp"))
+    names = [i.name for i in proto.graph.input], [o.name for o in proto.graph.output]
+    assert names == (["image"], ["logits", "cam"])
+    for value in [*proto.graph.input, *proto.graph.output]:
+        assert value.type.tensor_type.shape.dim[0].dim_param, f"{value.name} has a fixed batch axis"
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert PreprocessSpec.from_json(props["verity.spec"]) == spec
+    assert json.loads(props["verity.card"])["name"] == "tiny"
+
+    stored_spec, stored_card = read_metadata(path)
+    assert stored_spec == spec and stored_card["thresholds"]["alarm"] == 0.7
+
+    engine = OnnxEngine(path, warmup=False)
+    model.eval()
+    for batch_size in (1, 5):
+        batch = np.random.default_rng(batch_size).random(
+            (batch_size, spec.in_chans, 32, 32), dtype=np.float32
+        )
+        with torch.no_grad():
+            logits, cam = model(torch.from_numpy(batch))
+        predictions = engine.predict(batch, with_cam=True)
+        assert len(predictions) == batch_size
+        onnx_logits = np.array([p.logits for p in predictions])
+        assert np.abs(onnx_logits - logits.numpy()).max() <= 1e-4
+        expected_scores = calibrated_scores(logits.numpy(), 1.5)
+        assert np.allclose([p.score for p in predictions], expected_scores, atol=1e-5)
+        assert predictions[0].cam.shape == tuple(cam.shape[2:])
+
+
+def test_parity_gate_fails_loudly_and_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = tiny_spec()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous model")
+    real_check = export_module.check_parity
+
+    def drifting_check(
+        model: torch.nn.Module, onnx_path: Path, batches: list[np.ndarray]
+    ) -> dict[str, float]:
+        # Same inputs through a torch model whose weights drifted after export: a real mismatch.
+        measured = real_check(model, onnx_path, batches)
+        with torch.no_grad():
+            model.classifier.bias.add_(1e-2)
+        drifted = real_check(model, onnx_path, batches)
+        assert measured["logits"] <= 1e-4
+        return drifted
+
+    monkeypatch.setattr(export_module, "check_parity", drifting_check)
+    with pytest.raises(ExportParityError, match="parity gate failed"):
+        export_onnx(trained_tiny(spec), spec, tiny_card(spec), path)
+    assert path.read_bytes() == b"previous model"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_export_refuses_mismatched_normalization_and_bad_card(tmp_path: Path) -> None:
+    spec = tiny_spec()
+    other = PreprocessSpec.from_dict({**spec.to_dict(), "mean": (0.5, 0.5, 0.5)})
+    with pytest.raises(ExportError, match="normalizes with mean"):
+        export_onnx(trained_tiny(spec), other, tiny_card(other), tmp_path / "a.onnx")
+    card = tiny_card(spec)
+    del card["thresholds"]["alarm"]
+    with pytest.raises(ExportError, match="thresholds.alarm"):
+        export_onnx(trained_tiny(spec), spec, card, tmp_path / "b.onnx")
+    with pytest.raises(ExportError, match="parity sample"):
+        export_onnx(
+            trained_tiny(spec), spec, tiny_card(spec), tmp_path / "c.onnx", sample=np.zeros((1, 3, 8, 8))
+        )
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_engine_refuses_model_without_metadata(tmp_path: Path) -> None:
+    spec = tiny_spec()
+    model = trained_tiny(spec).eval()
+    path = tmp_path / "bare.onnx"
+    torch.onnx.export(
+        model,
+        (torch.rand(2, 3, 32, 32),),
+        str(path),
+        dynamo=False,
+        input_names=["image"],
+        output_names=["logits", "cam"],
+        opset_version=18,
+    )
+    with pytest.raises(ModelLoadError, match="lacks the metadata"):
+        OnnxEngine(path, warmup=False)
+
+
+def test_export_with_sample_and_dynamo_exporter(tmp_path: Path) -> None:
+    spec = tiny_spec("xray")
+    sample = np.random.default_rng(3).random((3, 1, 32, 32), dtype=np.float32)
+    result = export_onnx(
+        trained_tiny(spec), spec, tiny_card(spec), tmp_path / "m.onnx", sample=sample, exporter="dynamo"
+    )
+    assert result["exporter"] == "dynamo" and result["max_abs_diff"] <= 1e-4
+    engine = OnnxEngine(tmp_path / "m.onnx", warmup=False)
+    assert engine.run(sample)["logits"].shape == (3, 2)
+
+
+def test_build_card_and_checkpoint_round_trip(tmp_path: Path) -> None:
+    spec = tiny_spec()
+    card = tiny_card(spec)
+    assert card["calibration"] == {"temperature": 1.5}
+    assert card["created"].endswith("+00:00")
+    assert json.loads(json.dumps(card)) == card
+    with pytest.raises(ValueError, match="differs from the spec"):
+        build_card("n", "1", "xray", "b", spec, {}, "f", {}, 1.0, {"alarm": 0.5, "clear": 0.5}, "c")
+    with pytest.raises(ValueError, match="temperature"):
+        build_card("n", "1", "photo", "b", spec, {}, "f", {}, 0.0, {"alarm": 0.5, "clear": 0.5}, "c")
+    assert to_jsonable({"a": np.float32(0.5), "b": (np.int64(2), float("nan"))}) == {"a": 0.5, "b": [2, None]}
+
+    model = trained_tiny(spec)
+    path = tmp_path / "model.pt"
+    torch.save(
+        {
+            "model_name": "tinynet",
+            "spec": spec.to_dict(),
+            "state_dict": model.state_dict(),
+            "config": {"lr": 1e-3},
+        },
+        path,
+    )
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["model_name"] == "tinynet"
+    torch.save({"spec": spec.to_dict()}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="model_name, state_dict"):
+        load_checkpoint(tmp_path / "partial.pt")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_checkpoint(tmp_path / "junk.pt")

@@ -1,0 +1,217 @@
+"""Calibration and decision thresholds, both fit on validation data (DESIGN.md §3).
+
+* `fit_temperature`: one scalar T that minimises the negative log-likelihood of softmax(logits / T)
+  on validation (Guo et al., 2017). It changes no ranking, so ROC AUC is untouched; it makes the
+  score an honest probability.
+* `choose_thresholds`: the alarm threshold (counterfeit at or above) for a target false-alarm rate and
+  the clear threshold (genuine at or below) for a target miss rate; scores between answer `uncertain`.
+
+Both refuse, with a reason, to work from data that cannot support them: a threshold chosen without a
+single counterfeit in validation would be a number with nothing behind it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+# Bounds for T. A model that separates validation perfectly drives the NLL optimum to T -> 0; we stop
+# at a bound instead of returning a temperature that turns every score into exactly 0 or 1.
+MIN_TEMPERATURE = 0.05
+MAX_TEMPERATURE = 20.0
+
+
+class ThresholdError(ValueError):
+    """Thresholds cannot be chosen from this validation data; the message says why."""
+
+
+def _check_logits(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    logits = np.asarray(logits, dtype=np.float64)
+    targets = np.asarray(targets).astype(np.int64).reshape(-1)
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must have shape (N, classes) with at least 2 classes, got {logits.shape}.")
+    if logits.shape[0] != targets.shape[0] or logits.shape[0] == 0:
+        raise ValueError(
+            f"Need as many targets as logit rows (and at least one): {logits.shape[0]} vs {targets.size}."
+        )
+    if not np.isfinite(logits).all():
+        raise ValueError("logits contain NaN or infinity; the model diverged or the inputs are broken.")
+    if targets.min() < 0 or targets.max() >= logits.shape[1]:
+        raise ValueError(f"targets must be class indices in 0..{logits.shape[1] - 1}.")
+    return logits, targets
+
+
+def temperature_nll(logits: np.ndarray, targets: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of the targets under softmax(logits / temperature)."""
+    logits, targets = _check_logits(logits, targets)
+    scaled = logits / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(scaled).sum(axis=1))
+    return float(np.mean(log_norm - scaled[np.arange(len(targets)), targets]))
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
+    """The temperature that minimises validation NLL, within [MIN_TEMPERATURE, MAX_TEMPERATURE].
+
+    The NLL is convex in 1/T, hence unimodal in log T, so a golden-section search over log T finds the
+    optimum without gradients or extra dependencies.
+    """
+    logits, targets = _check_logits(logits, targets)
+    low, high = math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+
+    def nll(log_t: float) -> float:
+        return temperature_nll(logits, targets, math.exp(log_t))
+
+    a, b = low, high
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = nll(c), nll(d)
+    while b - a > 1e-6:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = nll(d)
+    best = (a + b) / 2.0
+    # The optimum may sit on a bound (perfect separation); compare with the bounds explicitly.
+    candidates = [(nll(best), best), (nll(low), low), (nll(high), high)]
+    return float(math.exp(min(candidates)[1]))
+
+
+def _check_scores(scores: Any, targets: Any) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    targets = np.asarray(targets).astype(np.int64).reshape(-1)
+    if scores.shape != targets.shape:
+        raise ThresholdError(f"Need one target per score: {scores.size} scores, {targets.size} targets.")
+    if not np.isfinite(scores).all() or scores.min(initial=0.0) < 0.0 or scores.max(initial=0.0) > 1.0:
+        raise ThresholdError("Scores must be probabilities in [0, 1] (calibrated P(counterfeit)).")
+    if not np.isin(targets, (0, 1)).all():
+        raise ThresholdError("Targets must be 0 (genuine) or 1 (counterfeit).")
+    counterfeits, genuine = int(targets.sum()), int((targets == 0).sum())
+    if counterfeits == 0:
+        raise ThresholdError(
+            f"Validation holds no counterfeits ({genuine} genuine images): the miss rate cannot be measured, "
+            "so no clear threshold can be chosen. Add confirmed counterfeits to the validation split."
+        )
+    if genuine == 0:
+        raise ThresholdError(
+            f"Validation holds no genuine images ({counterfeits} counterfeits): the false-alarm rate cannot "
+            "be measured, so no alarm threshold can be chosen. Add genuine images to the validation split."
+        )
+    return scores, targets
+
+
+def _check_rate(name: str, value: float) -> float:
+    if not 0.0 < value < 1.0:
+        raise ThresholdError(f"{name} must lie strictly between 0 and 1, got {value}.")
+    return float(value)
+
+
+def _alarm_threshold(scores: np.ndarray, targets: np.ndarray, rate: float) -> float:
+    """Lowest threshold with false-alarm rate (genuine scored >= t) <= rate on validation.
+
+    With k = floor(rate * n_genuine) false alarms allowed, t must lie above the (k+1)-th highest genuine
+    score. Every t between that score and the next higher validation score gives the same validation
+    figures; we take the middle of that gap so a tiny score drift (float32 ONNX vs torch, a recompressed
+    JPEG) does not flip a validation image across the threshold.
+    """
+    genuine = np.sort(scores[targets == 0])[::-1]
+    allowed = int(math.floor(rate * len(genuine) + 1e-9))
+    if allowed >= len(genuine):
+        return 0.0
+    bound = genuine[allowed]
+    above = scores[scores > bound]
+    upper = float(above.min()) if above.size else 1.0
+    return (float(bound) + upper) / 2.0
+
+
+def _clear_threshold(scores: np.ndarray, targets: np.ndarray, rate: float) -> float:
+    """Highest threshold with miss rate (counterfeit scored <= t) <= rate on validation (mirror image)."""
+    counterfeits = np.sort(scores[targets == 1])
+    allowed = int(math.floor(rate * len(counterfeits) + 1e-9))
+    if allowed >= len(counterfeits):
+        return 1.0
+    bound = counterfeits[allowed]
+    below = scores[scores < bound]
+    lower = float(below.max()) if below.size else 0.0
+    return (float(bound) + lower) / 2.0
+
+
+def verdicts(scores: Any, alarm: float, clear: float) -> np.ndarray:
+    """Verdict codes per score: 1 counterfeit (score >= alarm), 0 genuine (score <= clear), -1 uncertain.
+
+    The same rule as `inference.engine.Thresholds.verdict`, vectorised; alarm is checked first.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    codes = np.full(scores.shape, -1, dtype=np.int64)
+    codes[scores <= clear] = 0
+    codes[scores >= alarm] = 1
+    return codes
+
+
+def operating_point(scores: Any, targets: Any, alarm: float, clear: float) -> dict[str, float]:
+    """False-alarm, miss, uncertain and recall rates of a threshold pair, by the serving verdict rule."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    targets = np.asarray(targets).astype(np.int64).reshape(-1)
+    codes = verdicts(scores, alarm, clear)
+    genuine, counterfeit = targets == 0, targets == 1
+
+    def share(mask: np.ndarray, within: np.ndarray) -> float:
+        return float((mask & within).sum() / within.sum()) if within.any() else float("nan")
+
+    return {
+        "false_alarm_rate": share(codes == 1, genuine),
+        "miss_rate": share(codes == 0, counterfeit),
+        "recall": share(codes == 1, counterfeit),
+        "uncertain_rate": float((codes == -1).mean()) if codes.size else float("nan"),
+    }
+
+
+def choose_thresholds(
+    scores: Any,
+    targets: Any,
+    target_false_alarm_rate: float = 0.01,
+    target_miss_rate: float = 0.05,
+) -> dict[str, Any]:
+    """Chooses the alarm and clear thresholds on validation scores; returns the card's "thresholds".
+
+    alarm: the lowest threshold whose validation false-alarm rate is <= the target (most counterfeits
+    caught for the false alarms we accept). clear: the highest threshold whose validation miss rate is
+    <= the target (most genuine goods cleared for the misses we accept). Between them: `uncertain`.
+
+    When clear > alarm the model separates validation well enough that one threshold meets both targets:
+    any t in [alarm, clear] does, so both become their midpoint, the uncertain band is empty, and
+    "merged" is True. Raises ThresholdError when validation lacks either class.
+    """
+    far = _check_rate("target_false_alarm_rate", target_false_alarm_rate)
+    miss = _check_rate("target_miss_rate", target_miss_rate)
+    scores, targets = _check_scores(scores, targets)
+    alarm = _alarm_threshold(scores, targets, far)
+    clear = _clear_threshold(scores, targets, miss)
+    merged = clear > alarm
+    if merged:
+        alarm = clear = (alarm + clear) / 2.0
+    point = operating_point(scores, targets, alarm, clear)
+    n_genuine, n_counterfeit = int((targets == 0).sum()), int(targets.sum())
+    return {
+        "alarm": float(alarm),
+        "clear": float(clear),
+        "target_false_alarm_rate": far,
+        "target_miss_rate": miss,
+        "val_false_alarm_rate": point["false_alarm_rate"],
+        "val_miss_rate": point["miss_rate"],
+        "val_recall": point["recall"],
+        "val_uncertain_rate": point["uncertain_rate"],
+        "n_val_genuine": n_genuine,
+        "n_val_counterfeit": n_counterfeit,
+        "merged": merged,
+        # One false alarm moves the validation rate by 1/n_genuine: with fewer than 1/target genuine
+        # images the target can only be met by allowing none, and the figure is coarse.
+        "false_alarm_resolution": 1.0 / n_genuine,
+        "miss_resolution": 1.0 / n_counterfeit,
+    }
