@@ -1,0 +1,259 @@
+"""Evaluation figures a reviewer can re-derive: plain numpy, ties handled explicitly.
+
+Conventions: `scores` are calibrated P(counterfeit); `targets` are 0 (genuine) or 1 (counterfeit).
+* ROC AUC is the Mann-Whitney statistic with average ranks, so a tie between a genuine and a
+  counterfeit score counts one half (the probability a random counterfeit outscores a random genuine).
+* PR AUC is average precision: sum over distinct thresholds of (recall step) x precision, with tied
+  scores forming one threshold (as scikit-learn's `average_precision_score`).
+* Recall at a false-alarm rate: the best recall of any threshold whose false-alarm rate is at or below it.
+* ECE: scores in equal-width bins; the mean |observed counterfeit share - mean score| weighted by bin size.
+* Verdict figures use the served rule (counterfeit >= alarm, genuine <= clear, uncertain between).
+Figures that a split cannot support (AUC with one class) are None, never a made-up number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from training.calibrate import verdicts
+
+FALSE_ALARM_RATES = (0.001, 0.01, 0.05)
+ECE_BINS = 10
+DEFAULT_THRESHOLD = 0.5
+VERDICT_NAMES = ("genuine", "counterfeit", "uncertain")
+LABEL_NAMES = ("genuine", "counterfeit")
+
+
+def _arrays(scores: Any, targets: Any) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    targets = np.asarray(targets).astype(np.int64).reshape(-1)
+    if scores.shape != targets.shape:
+        raise ValueError(f"Need one target per score: {scores.size} scores, {targets.size} targets.")
+    if not np.isfinite(scores).all():
+        raise ValueError("Scores contain NaN or infinity.")
+    if not np.isin(targets, (0, 1)).all():
+        raise ValueError("Targets must be 0 (genuine) or 1 (counterfeit).")
+    return scores, targets
+
+
+def _both_classes(targets: np.ndarray) -> bool:
+    return bool(targets.any() and not targets.all())
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing the mean of the ranks they span."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    # Rank of a tie group = (first position + last position) / 2, 1-based.
+    ends = np.cumsum(counts)
+    starts = ends - counts + 1
+    return ((starts + ends) / 2.0)[inverse]
+
+
+def roc_auc(scores: Any, targets: Any) -> float | None:
+    """Area under the ROC curve (ties count one half); None when only one class is present."""
+    scores, targets = _arrays(scores, targets)
+    if not _both_classes(targets):
+        return None
+    ranks = average_ranks(scores)
+    n_pos = int(targets.sum())
+    n_neg = len(targets) - n_pos
+    rank_sum = float(ranks[targets == 1].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def _threshold_counts(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each distinct score t, descending: counterfeits and genuine scored >= t (tied scores grouped)."""
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, sorted_targets = scores[order], targets[order]
+    # The last index of each run of equal scores is where a threshold at that score takes effect.
+    last = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(sorted_scores) - 1]
+    true_pos = np.cumsum(sorted_targets)[last]
+    false_pos = (last + 1) - true_pos
+    return sorted_scores[last], true_pos.astype(np.float64), false_pos.astype(np.float64)
+
+
+def roc_curve(scores: Any, targets: Any) -> dict[str, list[float]]:
+    """False-alarm rate (fpr) and recall (tpr) per distinct threshold, from (0, 0) to (1, 1)."""
+    scores, targets = _arrays(scores, targets)
+    if not _both_classes(targets):
+        raise ValueError("A ROC curve needs both genuine and counterfeit examples.")
+    thresholds, true_pos, false_pos = _threshold_counts(scores, targets)
+    tpr = np.r_[0.0, true_pos / targets.sum()]
+    fpr = np.r_[0.0, false_pos / (len(targets) - targets.sum())]
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": [float("inf"), *thresholds.tolist()]}
+
+
+def precision_recall_curve(scores: Any, targets: Any) -> dict[str, list[float]]:
+    """Precision and recall per distinct threshold, highest threshold first (recall rising)."""
+    scores, targets = _arrays(scores, targets)
+    if not targets.any():
+        raise ValueError("A precision-recall curve needs counterfeit examples.")
+    thresholds, true_pos, false_pos = _threshold_counts(scores, targets)
+    precision = true_pos / (true_pos + false_pos)
+    recall = true_pos / targets.sum()
+    return {"precision": precision.tolist(), "recall": recall.tolist(), "thresholds": thresholds.tolist()}
+
+
+def average_precision(scores: Any, targets: Any) -> float | None:
+    """PR AUC as average precision: sum of (recall step) x precision; None without counterfeits."""
+    scores, targets = _arrays(scores, targets)
+    if not targets.any():
+        return None
+    curve = precision_recall_curve(scores, targets)
+    recall = np.r_[0.0, curve["recall"]]
+    return float(np.sum(np.diff(recall) * np.asarray(curve["precision"])))
+
+
+def recall_at_false_alarm_rate(scores: Any, targets: Any, rate: float) -> dict[str, float | None]:
+    """Best recall of a threshold whose false-alarm rate is <= `rate`, with that threshold.
+
+    Validation sets with fewer than 1/rate genuine images can only meet the rate with no false alarm
+    at all; `achieved_false_alarm_rate` shows what the chosen threshold really gives.
+    """
+    scores, targets = _arrays(scores, targets)
+    if not _both_classes(targets):
+        return {"recall": None, "threshold": None, "achieved_false_alarm_rate": None}
+    curve = roc_curve(scores, targets)
+    fpr, tpr = np.asarray(curve["fpr"]), np.asarray(curve["tpr"])
+    allowed = np.nonzero(fpr <= rate + 1e-12)[0]
+    best = allowed[np.argmax(tpr[allowed])]  # fpr and tpr both rise, so this is the last allowed point
+    threshold = curve["thresholds"][best]
+    return {
+        "recall": float(tpr[best]),
+        "threshold": None if np.isinf(threshold) else float(threshold),
+        "achieved_false_alarm_rate": float(fpr[best]),
+    }
+
+
+def reliability_bins(scores: Any, targets: Any, n_bins: int = ECE_BINS) -> list[dict[str, float | int]]:
+    """Equal-width score bins with count, mean score and observed counterfeit share (empty bins kept)."""
+    scores, targets = _arrays(scores, targets)
+    # Bin i holds [i/n, (i+1)/n); a score of exactly 1.0 goes to the last bin.
+    index = np.clip((scores * n_bins).astype(np.int64), 0, n_bins - 1)
+    bins = []
+    for i in range(n_bins):
+        members = index == i
+        count = int(members.sum())
+        bins.append(
+            {
+                "low": i / n_bins,
+                "high": (i + 1) / n_bins,
+                "count": count,
+                "mean_score": float(scores[members].mean()) if count else None,
+                "fraction_counterfeit": float(targets[members].mean()) if count else None,
+            }
+        )
+    return bins
+
+
+def expected_calibration_error(scores: Any, targets: Any, n_bins: int = ECE_BINS) -> float | None:
+    """ECE of P(counterfeit): sum over bins of (bin share) x |observed share - mean score|."""
+    scores, targets = _arrays(scores, targets)
+    if scores.size == 0:
+        return None
+    total = 0.0
+    for bin_ in reliability_bins(scores, targets, n_bins):
+        if bin_["count"]:
+            gap = abs(bin_["fraction_counterfeit"] - bin_["mean_score"])
+            total += bin_["count"] / scores.size * gap
+    return float(total)
+
+
+def verdict_figures(scores: Any, targets: Any, alarm: float, clear: float) -> dict[str, Any]:
+    """Confusion matrix (true label x verdict) and the rates a station lives with, at the thresholds.
+
+    accuracy: share of all images given the correct definite verdict (uncertain counts as not correct);
+    accuracy_decided: the same among images that got a definite verdict.
+    """
+    scores, targets = _arrays(scores, targets)
+    codes = verdicts(scores, alarm, clear)
+    column = {0: 0, 1: 1, -1: 2}
+    matrix = np.zeros((2, 3), dtype=np.int64)
+    for target, code in zip(targets, codes, strict=True):
+        matrix[target, column[int(code)]] += 1
+    decided = int(matrix[:, :2].sum())
+    correct = int(matrix[0, 0] + matrix[1, 1])
+    n_genuine, n_counterfeit = int(matrix[0].sum()), int(matrix[1].sum())
+    return {
+        "alarm": float(alarm),
+        "clear": float(clear),
+        "confusion_matrix": {
+            "rows": list(LABEL_NAMES),
+            "columns": list(VERDICT_NAMES),
+            "counts": matrix.tolist(),
+        },
+        "accuracy": correct / len(targets) if len(targets) else None,
+        "accuracy_decided": correct / decided if decided else None,
+        "uncertain_rate": float(matrix[:, 2].sum() / len(targets)) if len(targets) else None,
+        "false_alarm_rate": float(matrix[0, 1] / n_genuine) if n_genuine else None,
+        "miss_rate": float(matrix[1, 0] / n_counterfeit) if n_counterfeit else None,
+        "verdicts": dict(zip(VERDICT_NAMES, matrix.sum(axis=0).tolist(), strict=True)),
+    }
+
+
+def _summary(scores: np.ndarray, targets: np.ndarray, alarm: float, clear: float) -> dict[str, Any]:
+    return {
+        "n": int(len(targets)),
+        "n_genuine": int((targets == 0).sum()),
+        "n_counterfeit": int(targets.sum()),
+        "roc_auc": roc_auc(scores, targets),
+        "pr_auc": average_precision(scores, targets),
+        **verdict_figures(scores, targets, alarm, clear),
+    }
+
+
+def group_breakdown(
+    scores: np.ndarray, targets: np.ndarray, values: Sequence[Any], alarm: float, clear: float
+) -> dict[str, dict[str, Any]]:
+    """Per value of one grouping (e.g. product): counts, AUCs and verdict figures; missing -> "unknown"."""
+    if len(values) != len(targets):
+        raise ValueError(f"A group has {len(values)} values for {len(targets)} scores.")
+    names = np.array(["unknown" if value is None else str(value) for value in values], dtype=object)
+    result = {}
+    for name in sorted(set(names.tolist())):
+        members = names == name
+        figures = _summary(scores[members], targets[members], alarm, clear)
+        figures.pop("confusion_matrix")
+        result[name] = figures
+    return result
+
+
+def compute_metrics(
+    scores: Any,
+    targets: Any,
+    groups: dict[str, Sequence[Any]] | None = None,
+    thresholds: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every evaluation figure as plain JSON types.
+
+    `thresholds` is the card's dict ({"alarm", "clear", ...}); without it, one threshold at 0.5 is used
+    and "operating_point" says so. `groups` maps a grouping name (product, modality...) to one value per
+    score; each gets a breakdown.
+    """
+    scores, targets = _arrays(scores, targets)
+    if scores.size == 0:
+        raise ValueError("No scores to evaluate.")
+    if thresholds is None:
+        alarm = clear = DEFAULT_THRESHOLD
+        operating_point = f"single threshold {DEFAULT_THRESHOLD} (no thresholds given)"
+    else:
+        alarm, clear = float(thresholds["alarm"]), float(thresholds["clear"])
+        operating_point = "model thresholds"
+    metrics = {
+        **_summary(scores, targets, alarm, clear),
+        "operating_point": operating_point,
+        "recall_at_false_alarm_rate": {
+            f"{rate:g}": recall_at_false_alarm_rate(scores, targets, rate) for rate in FALSE_ALARM_RATES
+        },
+        "ece": expected_calibration_error(scores, targets),
+        "ece_bins": ECE_BINS,
+        "mean_score": float(scores.mean()),
+    }
+    metrics["groups"] = {
+        name: group_breakdown(scores, targets, values, alarm, clear)
+        for name, values in (groups or {}).items()
+    }
+    return metrics
