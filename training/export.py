@@ -13,6 +13,7 @@ the default; `exporter="dynamo"` selects the other, and a TorchScript failure fa
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -153,6 +154,39 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} lacks the checkpoint keys {', '.join(missing)} (needed to rebuild the model)."
         )
     return checkpoint
+
+
+def _strip_wrapper_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Keys saved from a DistributedDataParallel ("module.") or torch.compile ("_orig_mod.") wrapper."""
+    stripped = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        stripped[key] = value
+    return stripped
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> torch.nn.Module:
+    """Rebuilds the trained model (eval mode, CPU) from a checkpoint dict via the model registry."""
+    from training.models import build_model
+
+    spec = PreprocessSpec.from_dict(checkpoint["spec"])
+    options: dict[str, Any] = {"num_classes": 2, "in_chans": spec.in_chans, "pretrained": False}
+    accepted = inspect.signature(build_model).parameters
+    # The registry takes the spec (or its mean/std) to build the Normalize layer; the state dict then
+    # restores the very values training used.
+    if "spec" in accepted:
+        options["spec"] = spec
+    for key in ("mean", "std"):
+        if key in accepted:
+            options[key] = getattr(spec, key)
+    model = build_model(checkpoint["model_name"], **options)
+    try:
+        model.load_state_dict(_strip_wrapper_prefixes(checkpoint["state_dict"]))
+    except RuntimeError as error:
+        name = checkpoint["model_name"]
+        raise ValueError(f"The checkpoint's weights do not fit model {name!r}: {error}") from error
+    return model.eval()
 
 
 def _find_normalize(model: torch.nn.Module) -> torch.nn.Module | None:

@@ -1,0 +1,287 @@
+"""`verity eval` end to end on a tiny manifest, through the ONNX engine and through a model.pt."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+import types
+from pathlib import Path
+from xml.etree import ElementTree
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import verity_cli
+from datasets.manifest import ManifestRow, write_manifest
+from inference.decode import load_for_model
+from inference.spec import PreprocessSpec, default_spec
+from training import eval_cli, export_cli
+from training.calibrate import choose_thresholds, fit_temperature
+from training.export import build_card, export_onnx
+from training.metrics import roc_auc
+
+torch.set_num_threads(1)
+SIZE = 32
+
+
+class Normalize(torch.nn.Module):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class ContrastNet(torch.nn.Module):
+    """Model contract (Normalize first, returns logits and CAM) with weights that read red minus blue."""
+
+    def __init__(self, spec: PreprocessSpec) -> None:
+        super().__init__()
+        self.normalize = Normalize(spec.mean, spec.std)
+        self.features = torch.nn.Conv2d(3, 2, 1)
+        self.classifier = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            self.features.weight.zero_()
+            self.features.bias.zero_()
+            self.features.weight[1, 0] = 1.0  # red
+            self.features.weight[1, 2] = -1.0  # minus blue
+            self.classifier.weight.copy_(torch.tensor([[0.0, -1.0], [0.0, 1.0]]))
+            self.classifier.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(self.normalize(x))
+        logits = self.classifier(features.mean(dim=(2, 3)))
+        cam = torch.einsum("kc,nchw->nkhw", self.classifier.weight, features) + self.classifier.bias.view(
+            1, -1, 1, 1
+        )
+        return logits, cam
+
+
+def _spec() -> PreprocessSpec:
+    return PreprocessSpec.from_dict({**default_spec("photo").to_dict(), "image_size": SIZE})
+
+
+def _image(path: Path, counterfeit: bool, rng: np.random.Generator) -> None:
+    # Counterfeits lean red, genuine lean blue; noise makes the classes overlap a little.
+    base = np.array([150, 90, 110] if counterfeit else [110, 90, 150], dtype=np.float64)
+    shift = rng.normal(0, 12, 3)
+    pixels = np.clip(base + shift + rng.normal(0, 10, (40, 48, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for split, count in (("val", 24), ("test", 16)):
+        for i in range(count):
+            counterfeit = i % 2 == 1
+            name = f"images/{split}_{i}.png"
+            _image(root / name, counterfeit, rng)
+            label = "counterfeit" if counterfeit else "genuine"
+            rows.append(
+                ManifestRow(path=name, label=label, modality="photo", product="AB"[i % 4 // 2], split=split)
+            )
+    (root / "images" / "broken.png").write_bytes(b"not an image at all")
+    rows.append(
+        ManifestRow(path="images/broken.png", label="genuine", modality="photo", product="A", split="test")
+    )
+    rows.append(ManifestRow(path="images/test_0.png", label="genuine", modality="xray", split="test"))
+    write_manifest(root / "manifest.jsonl", rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Calibrates and thresholds ContrastNet on val, saves model.pt, exports model.onnx: as training does."""
+    spec = _spec()
+    model = ContrastNet(spec).eval()
+    val = sorted((dataset / "images").glob("val_*.png"))
+    batch = np.stack([load_for_model(p, spec) for p in val])
+    targets = np.array([int(p.stem.split("_")[1]) % 2 for p in val])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(batch))[0].numpy()
+    temperature = fit_temperature(logits, targets)
+    scaled = torch.softmax(torch.from_numpy(logits) / temperature, dim=1)[:, 1].numpy()
+    thresholds = choose_thresholds(scaled, targets, 0.1, 0.1)
+    card = build_card(
+        "contrast",
+        "1",
+        "photo",
+        "contrastnet",
+        spec,
+        {"val": {"genuine": 12, "counterfeit": 12}},
+        "fp",
+        {"val": {"roc_auc": roc_auc(scaled, targets)}},
+        temperature,
+        thresholds,
+        "test",
+    )
+    folder = tmp_path_factory.mktemp("checkpoints") / "contrast" / "1"
+    folder.mkdir(parents=True)
+    torch.save(
+        {
+            "model_name": "contrastnet",
+            "spec": spec.to_dict(),
+            "state_dict": model.state_dict(),
+            "config": {},
+            "thresholds": thresholds,
+            "calibration": {"temperature": temperature},
+            "card": card,
+        },
+        folder / "model.pt",
+    )
+    export_onnx(model, spec, card, folder / "model.onnx", sample=batch[:3])
+    return folder
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model registry that knows ContrastNet, standing in for training.models in these tests."""
+    module = types.ModuleType("training.models")
+
+    def build_model(
+        name: str,
+        num_classes: int = 2,
+        in_chans: int = 3,
+        pretrained: bool = False,
+        spec: PreprocessSpec | None = None,
+    ) -> torch.nn.Module:
+        assert name == "contrastnet" and num_classes == 2 and not pretrained
+        return ContrastNet(spec or _spec())
+
+    module.build_model = build_model
+    monkeypatch.setitem(sys.modules, "training.models", module)
+
+
+def _read_predictions(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_eval_cli_onnx_end_to_end(
+    dataset: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "eval"
+    code = eval_cli.main(
+        [
+            "--model",
+            str(trained / "model.onnx"),
+            "--data",
+            str(dataset / "manifest.jsonl"),
+            "--out",
+            str(out),
+            "--batch-size",
+            "5",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "metrics.json").read_text())
+    metrics = result["metrics"]
+    # The printed ROC AUC is the one in the JSON and the one a reviewer recomputes from predictions.csv.
+    assert f"ROC AUC           {metrics['roc_auc']:.4f}" in printed
+    assert "unreadable: " in printed and "broken.png" in printed
+    predictions = _read_predictions(out / "predictions.csv")
+    recomputed = roc_auc(
+        [float(r["score"]) for r in predictions], [r["label"] == "counterfeit" for r in predictions]
+    )
+    assert metrics["roc_auc"] == pytest.approx(recomputed, abs=1e-6)
+    assert metrics["roc_auc"] > 0.9
+    assert metrics["n"] == 16 and len(predictions) == 16
+    assert result["data"]["n_failed"] == 1 and "broken.png" in result["data"]["failed"][0]["path"]
+    assert result["data"]["skipped_other_modality"] == 1
+    assert set(metrics["groups"]["product"]) == {"A", "B"}
+    assert set(metrics["groups"]["modality"]) == {"photo"}
+    assert metrics["operating_point"] == "model thresholds"
+    for key in ("pr_auc", "accuracy", "confusion_matrix", "recall_at_false_alarm_rate", "ece"):
+        assert key in metrics
+    report = (out / "report.html").read_text()
+    for marker in ("<svg", "ROC", "Reliability", "Confusion matrix", "data:image/png;base64,", "per product"):
+        assert marker in report
+    for svg in re.findall(r"<svg.*?</svg>", report, re.S):
+        ElementTree.fromstring(svg)  # well-formed: a browser will draw it
+    assert "http://" not in report.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
+
+
+def test_eval_of_checkpoint_matches_onnx(
+    dataset: Path, trained: Path, tmp_path: Path, registry: None
+) -> None:
+    from training.evaluate import evaluate
+
+    onnx_result = evaluate(
+        trained, dataset / "manifest.jsonl", out_dir=tmp_path / "a", progress=False, report=False
+    )
+    assert onnx_result["model"]["kind"] == "onnx"  # a folder prefers the ONNX export
+    torch_result = evaluate(
+        trained / "model.pt", dataset / "manifest.jsonl", out_dir=tmp_path / "b", progress=False, report=False
+    )
+    assert torch_result["model"]["kind"] == "torch"
+    onnx_scores = [float(r["score"]) for r in _read_predictions(tmp_path / "a" / "predictions.csv")]
+    torch_scores = [float(r["score"]) for r in _read_predictions(tmp_path / "b" / "predictions.csv")]
+    assert np.allclose(onnx_scores, torch_scores, atol=1e-5)
+    assert onnx_result["metrics"]["roc_auc"] == pytest.approx(torch_result["metrics"]["roc_auc"])
+    assert not (tmp_path / "a" / "report.html").exists()
+
+
+def test_eval_on_labelled_folder(trained: Path, dataset: Path, tmp_path: Path) -> None:
+    from training.evaluate import evaluate
+
+    folder = tmp_path / "folder"
+    for label, parity in (("genuine", 0), ("counterfeit", 1)):
+        (folder / label / "shoes").mkdir(parents=True)
+        for source in sorted((dataset / "images").glob("test_*.png")):
+            if int(source.stem.split("_")[1]) % 2 == parity:
+                (folder / label / "shoes" / source.name).write_bytes(source.read_bytes())
+    result = evaluate(trained / "model.onnx", folder, out_dir=tmp_path / "out", progress=False, worst=3)
+    assert result["metrics"]["n"] == 16
+    assert set(result["metrics"]["groups"]["product"]) == {"shoes"}
+    assert result["data"]["notes"] and "no splits" in result["data"]["notes"][0]
+
+
+def test_export_cli_reexports_checkpoint(
+    trained: Path, dataset: Path, tmp_path: Path, registry: None, capsys: pytest.CaptureFixture
+) -> None:
+    from inference.engine import OnnxEngine
+
+    out = tmp_path / "re" / "model.onnx"
+    code = export_cli.main(
+        [
+            "--checkpoint",
+            str(trained / "model.pt"),
+            "--out",
+            str(out),
+            "--sample",
+            str(dataset / "images" / "test_1.png"),
+        ]
+    )
+    assert code == 0
+    assert "parity max |delta logit|" in capsys.readouterr().out
+    engine = OnnxEngine(out, warmup=False)
+    assert (
+        engine.name == "contrast"
+        and engine.thresholds.alarm == OnnxEngine(trained / "model.onnx").thresholds.alarm
+    )
+    assert json.loads((out.parent / "card.json").read_text())["name"] == "contrast"
+
+
+def test_cli_errors_are_one_line(
+    tmp_path: Path, trained: Path, dataset: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert verity_cli.main(["eval", "--model", str(tmp_path / "none.onnx"), "--data", str(dataset)]) == 1
+    assert "No model at" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert verity_cli.main(["eval", "--model", str(trained / "model.onnx"), "--data", str(empty)]) == 1
+    assert "no images in genuine/ or counterfeit/" in capsys.readouterr().err
+    assert verity_cli.main(["export", "--checkpoint", str(tmp_path / "none.pt")]) == 1
+    assert "No checkpoint at" in capsys.readouterr().err

@@ -1,0 +1,508 @@
+"""Evaluation of a model on a manifest split or a folder: scores, metrics, predictions and a report.
+
+An ONNX model is evaluated through `inference.engine.OnnxEngine`, the server's own path, and every image
+goes through `inference.decode.load_for_model`, the server's own decoder: the figures printed here are
+the figures the service will show. A `model.pt` is evaluated in torch with the same decoder.
+
+Data: a manifest (JSONL, rows filtered by split), a folder holding a manifest.jsonl, or a folder laid out
+as DIR/genuine/... and DIR/counterfeit/... (a subfolder below the label names the product).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from datasets.manifest import LABELS, SPLITS, read_manifest, resolve_image_path
+from inference.decode import DecodeError, load_for_model
+from inference.engine import OnnxEngine, calibrated_scores
+from inference.spec import PreprocessSpec
+from training.export import to_jsonable
+from training.metrics import compute_metrics
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".dcm", ".dicom"}
+MANIFEST_NAMES = ("manifest.jsonl", "manifest.json")
+WORST_ERRORS = 12
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    target: int  # 0 genuine, 1 counterfeit
+    modality: str | None = None
+    product: str | None = None
+    source: str | None = None
+
+
+@dataclass
+class LoadedData:
+    samples: list[Sample]
+    description: str
+    notes: list[str] = field(default_factory=list)
+    skipped_other_modality: int = 0
+
+
+class Scorer(Protocol):
+    """What evaluation needs from a model, whichever runtime runs it."""
+
+    kind: str
+    spec: PreprocessSpec
+    name: str
+    version: str
+    temperature: float
+    thresholds: dict[str, Any] | None
+
+    def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+
+class OnnxScorer:
+    """An exported model run by the server's engine."""
+
+    kind = "onnx"
+
+    def __init__(self, path: Path, provider: str | None = None, threads: int = 1) -> None:
+        self.engine = OnnxEngine(path, provider=provider, intra_op_threads=threads, warmup=False)
+        self.spec = self.engine.spec
+        self.name, self.version = self.engine.name, self.engine.version
+        self.temperature = self.engine.temperature
+        self.thresholds = dict(self.engine.card["thresholds"])
+        self.path = path
+
+    def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self.engine.run(batch)
+        cams = outputs.get("cam")
+        return outputs["logits"], None if cams is None else cams[:, 1] - cams[:, 0]
+
+
+class TorchScorer:
+    """A model.pt rebuilt through the model registry; figures before export."""
+
+    kind = "torch"
+
+    def __init__(self, path: Path) -> None:
+        from training.export import load_checkpoint, model_from_checkpoint
+
+        checkpoint = load_checkpoint(path)
+        self.model = model_from_checkpoint(checkpoint)
+        self.spec = PreprocessSpec.from_dict(checkpoint["spec"])
+        card = checkpoint.get("card") or {}
+        config = checkpoint.get("config") or {}
+        self.name = str(card.get("name") or config.get("name") or path.parent.parent.name or "model")
+        self.version = str(card.get("version") or config.get("version") or path.parent.name or "unversioned")
+        calibration = checkpoint.get("calibration") or {}
+        self.temperature = (
+            float(calibration.get("temperature", 1.0)) if isinstance(calibration, dict) else 1.0
+        )
+        thresholds = checkpoint.get("thresholds")
+        self.thresholds = dict(thresholds) if thresholds and "alarm" in thresholds else None
+        self.path = path
+
+    def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        with torch.no_grad():
+            logits, cams = self.model(torch.from_numpy(np.ascontiguousarray(batch)))
+        return logits.float().numpy(), (cams[:, 1] - cams[:, 0]).float().numpy()
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A model file, or a folder: checkpoints/<name>/<version>/ or checkpoints/<name>/ (newest version).
+
+    In a folder the ONNX export is preferred to model.pt: it is what the server runs.
+    """
+    path = Path(model)
+    if path.is_file():
+        if path.suffix not in (".onnx", ".pt"):
+            raise ValueError(f"{path} is neither an ONNX model (.onnx) nor a checkpoint (.pt).")
+        return path
+    if path.is_dir():
+        for name in ("model.onnx", "model.pt"):
+            if (path / name).is_file():
+                return path / name
+        versions = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_dir() and any((p / n).is_file() for n in ("model.onnx", "model.pt"))
+        )
+        if versions:
+            return resolve_model_path(versions[-1])
+        raise FileNotFoundError(f"{path} holds no model.onnx or model.pt (nor version folders with one).")
+    raise FileNotFoundError(f"No model at {path}: give a .onnx, a model.pt or a checkpoint folder.")
+
+
+def open_scorer(model: str | Path, provider: str | None = None, threads: int = 1) -> Scorer:
+    """Opens a model for scoring: ONNX through OnnxEngine, a checkpoint through the model registry."""
+    path = resolve_model_path(model)
+    if path.suffix == ".onnx":
+        return OnnxScorer(path, provider=provider, threads=threads)
+    if provider:
+        raise ValueError("--provider applies to ONNX models only; a model.pt runs in torch on the CPU.")
+    return TorchScorer(path)
+
+
+def _folder_samples(root: Path, modality: str) -> list[Sample]:
+    samples = []
+    for target, label in enumerate(LABELS):
+        label_dir = root / label
+        if not label_dir.is_dir():
+            continue
+        for path in sorted(label_dir.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                relative = path.relative_to(label_dir)
+                product = relative.parts[0] if len(relative.parts) > 1 else None
+                samples.append(Sample(path=path, target=target, modality=modality, product=product))
+    return samples
+
+
+def _manifest_samples(manifest: Path, split: str | None) -> tuple[list[Sample], list[str]]:
+    rows = list(read_manifest(manifest))
+    notes = []
+    if split is not None:
+        splits = {row.split for row in rows}
+        if splits == {None}:
+            notes.append(f"{manifest} has no splits: evaluating all {len(rows)} rows.")
+        else:
+            chosen = [row for row in rows if row.split == split]
+            if not chosen:
+                present = ", ".join(sorted(s for s in splits if s)) or "none"
+                raise ValueError(f"{manifest} has no rows in split {split!r}. Splits present: {present}.")
+            rows = chosen
+    samples = [
+        Sample(
+            path=resolve_image_path(manifest, row),
+            target=row.target,
+            modality=row.modality,
+            product=row.product,
+            source=row.source,
+        )
+        for row in rows
+    ]
+    return samples, notes
+
+
+def load_samples(data: str | Path, split: str | None, modality: str) -> LoadedData:
+    """Reads the evaluation set; rows of another modality than the model's are counted, not scored."""
+    path = Path(data)
+    if path.is_dir():
+        manifests = [path / name for name in MANIFEST_NAMES if (path / name).is_file()]
+        if manifests:
+            path = manifests[0]
+        else:
+            samples = _folder_samples(path, modality)
+            if not samples:
+                raise ValueError(
+                    f"{path} holds no manifest.jsonl and no images in genuine/ or counterfeit/ subfolders."
+                )
+            note = [
+                f"{path} is a labelled folder: it has no splits, all {len(samples)} images are evaluated."
+            ]
+            return LoadedData(samples, f"folder {path}", notes=note if split else [])
+    if not path.is_file():
+        raise FileNotFoundError(f"No data at {data}: give a manifest (JSONL) or a folder.")
+    samples, notes = _manifest_samples(path, split)
+    kept = [s for s in samples if s.modality in (None, modality)]
+    skipped = len(samples) - len(kept)
+    if skipped:
+        notes.append(f"Skipped {skipped} rows of another modality than the model's ({modality}).")
+    if not kept:
+        raise ValueError(
+            f"{path} has no {modality} rows{f' in split {split!r}' if split else ''} to evaluate."
+        )
+    description = f"{f'split {split!r} of ' if split else ''}manifest {path}"
+    return LoadedData(kept, description, notes=notes, skipped_other_modality=skipped)
+
+
+def _load_one(sample: Sample, spec: PreprocessSpec) -> np.ndarray | str:
+    try:
+        return load_for_model(sample.path, spec)
+    except (DecodeError, OSError) as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def decoded_batches(
+    samples: list[Sample], spec: PreprocessSpec, batch_size: int, workers: int
+) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
+    """Yields (indices, batch, failures) per chunk; the next chunk decodes while the current one is scored."""
+    chunks = [
+        list(range(start, min(start + batch_size, len(samples))))
+        for start in range(0, len(samples), batch_size)
+    ]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+
+        def submit(chunk: list[int]) -> list[Future]:
+            return [pool.submit(_load_one, samples[i], spec) for i in chunk]
+
+        pending = submit(chunks[0]) if chunks else []
+        for number, chunk in enumerate(chunks):
+            current = pending
+            pending = submit(chunks[number + 1]) if number + 1 < len(chunks) else []
+            loaded = [future.result() for future in current]
+            good = [(i, array) for i, array in zip(chunk, loaded, strict=True) if not isinstance(array, str)]
+            failures = [
+                (i, message) for i, message in zip(chunk, loaded, strict=True) if isinstance(message, str)
+            ]
+            batch = np.stack([array for _, array in good]) if good else None
+            yield [i for i, _ in good], batch, failures
+
+
+@dataclass
+class ScoredSet:
+    indices: np.ndarray  # into the samples list, for the images that decoded
+    logits: np.ndarray
+    scores: np.ndarray
+    cams: list[np.ndarray | None]
+    failures: list[tuple[int, str]]
+
+
+def score_samples(
+    scorer: Scorer, samples: list[Sample], batch_size: int = 32, workers: int = 2, progress: bool = True
+) -> ScoredSet:
+    """Runs every sample through the model in batches, with a progress bar; unreadable images are listed."""
+    from tqdm import tqdm
+
+    indices: list[int] = []
+    logits: list[np.ndarray] = []
+    cams: list[np.ndarray | None] = []
+    failures: list[tuple[int, str]] = []
+    bar = tqdm(total=len(samples), unit="img", desc="evaluating", disable=not progress, leave=False)
+    for chunk, batch, chunk_failures in decoded_batches(samples, scorer.spec, batch_size, workers):
+        failures += chunk_failures
+        if batch is not None:
+            batch_logits, batch_cams = scorer.logits_and_cams(batch)
+            indices += chunk
+            logits.append(np.asarray(batch_logits, dtype=np.float64))
+            cams += list(batch_cams) if batch_cams is not None else [None] * len(chunk)
+        bar.update(len(chunk) + len(chunk_failures))
+    bar.close()
+    all_logits = np.concatenate(logits) if logits else np.zeros((0, 2))
+    scores = calibrated_scores(all_logits, scorer.temperature) if len(all_logits) else np.zeros(0)
+    return ScoredSet(np.asarray(indices, dtype=np.int64), all_logits, scores, cams, failures)
+
+
+def worst_errors(scores: np.ndarray, targets: np.ndarray, count: int = WORST_ERRORS) -> list[int]:
+    """Positions of the most confident mistakes: largest |target - score|, wrong side of 0.5 first."""
+    distance = np.abs(targets - scores)
+    order = np.argsort(-distance, kind="mergesort")
+    return [int(i) for i in order[:count] if distance[i] > 0.5] or [int(i) for i in order[: min(count, 4)]]
+
+
+def _write_predictions(
+    path: Path, samples: list[Sample], scored: ScoredSet, thresholds: dict[str, Any] | None
+) -> None:
+    from training.calibrate import verdicts
+
+    alarm, clear = (thresholds["alarm"], thresholds["clear"]) if thresholds else (0.5, 0.5)
+    codes = verdicts(scored.scores, alarm, clear)
+    names = {0: "genuine", 1: "counterfeit", -1: "uncertain"}
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["path", "label", "modality", "product", "score", "verdict", "logit_genuine", "logit_counterfeit"]
+        )
+        for position, index in enumerate(scored.indices):
+            sample = samples[index]
+            writer.writerow(
+                [
+                    str(sample.path),
+                    LABELS[sample.target],
+                    sample.modality or "",
+                    sample.product or "",
+                    f"{scored.scores[position]:.6f}",
+                    names[int(codes[position])],
+                    f"{scored.logits[position, 0]:.6f}",
+                    f"{scored.logits[position, 1]:.6f}",
+                ]
+            )
+
+
+def _groups(samples: list[Sample], scored: ScoredSet) -> dict[str, list[Any]]:
+    kept = [samples[i] for i in scored.indices]
+    groups: dict[str, list[Any]] = {
+        "product": [s.product for s in kept],
+        "modality": [s.modality for s in kept],
+    }
+    if any(s.source for s in kept):
+        groups["source"] = [s.source for s in kept]
+    return groups
+
+
+def _report_examples(
+    samples: list[Sample],
+    scored: ScoredSet,
+    spec: PreprocessSpec,
+    thresholds: dict[str, Any] | None,
+    count: int,
+) -> list[dict[str, Any]]:
+    """The worst errors with their model input (re-decoded: only a dozen) and their CAM."""
+    from training.calibrate import verdicts
+
+    targets = np.array([samples[i].target for i in scored.indices])
+    alarm, clear = (thresholds["alarm"], thresholds["clear"]) if thresholds else (0.5, 0.5)
+    examples = []
+    for position in worst_errors(scored.scores, targets, count):
+        sample = samples[scored.indices[position]]
+        code = int(verdicts(scored.scores[position : position + 1], alarm, clear)[0])
+        examples.append(
+            {
+                "image": load_for_model(sample.path, spec),
+                "cam": scored.cams[position],
+                "score": float(scored.scores[position]),
+                "label": LABELS[sample.target],
+                "verdict": {0: "genuine", 1: "counterfeit", -1: "uncertain"}[code],
+                "caption": f"{sample.path.name}" + (f" ({sample.product})" if sample.product else ""),
+            }
+        )
+    return examples
+
+
+def evaluate(
+    model: str | Path,
+    data: str | Path,
+    split: str | None = "test",
+    out_dir: str | Path | None = None,
+    batch_size: int = 32,
+    workers: int = 2,
+    provider: str | None = None,
+    threads: int = 1,
+    progress: bool = True,
+    report: bool = True,
+    worst: int = WORST_ERRORS,
+) -> dict[str, Any]:
+    """Evaluates a model on a data set; writes metrics.json, predictions.csv and report.html to `out_dir`.
+
+    `split` None (or "all") evaluates every row. Returns the result written to metrics.json.
+    """
+    if split == "all":
+        split = None
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"Invalid split {split!r}. Only {', '.join(SPLITS)} or all are supported.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    scorer = open_scorer(model, provider=provider, threads=threads)
+    loaded = load_samples(data, split, scorer.spec.modality)
+    started = time.perf_counter()
+    scored = score_samples(scorer, loaded.samples, batch_size, workers, progress)
+    seconds = time.perf_counter() - started
+    if not len(scored.indices):
+        raise ValueError(
+            f"None of the {len(loaded.samples)} images could be decoded; first: {scored.failures[0][1]}"
+        )
+    targets = np.array([loaded.samples[i].target for i in scored.indices])
+    metrics = compute_metrics(
+        scored.scores, targets, groups=_groups(loaded.samples, scored), thresholds=scorer.thresholds
+    )
+    out = (
+        Path(out_dir)
+        if out_dir
+        else Path("runs") / "eval" / f"{scorer.name}-{scorer.version}-{split or 'all'}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "model": {
+            "path": str(scorer.path),
+            "kind": scorer.kind,
+            "name": scorer.name,
+            "version": scorer.version,
+            "modality": scorer.spec.modality,
+            "temperature": scorer.temperature,
+            "thresholds": scorer.thresholds,
+        },
+        "data": {
+            "source": str(data),
+            "description": loaded.description,
+            "split": split or "all",
+            "n_images": len(loaded.samples),
+            "n_evaluated": int(len(scored.indices)),
+            "n_failed": len(scored.failures),
+            "skipped_other_modality": loaded.skipped_other_modality,
+            "failed": [{"path": str(loaded.samples[i].path), "error": e} for i, e in scored.failures[:50]],
+            "notes": loaded.notes,
+        },
+        "metrics": metrics,
+        "timing": {
+            "seconds": seconds,
+            "images_per_second": len(loaded.samples) / seconds if seconds else None,
+        },
+        "outputs": {
+            "metrics_json": str(out / "metrics.json"),
+            "predictions_csv": str(out / "predictions.csv"),
+        },
+    }
+    _write_predictions(out / "predictions.csv", loaded.samples, scored, scorer.thresholds)
+    if report:
+        from training.report import write_report
+
+        examples = _report_examples(loaded.samples, scored, scorer.spec, scorer.thresholds, worst)
+        title = f"{scorer.name} {scorer.version} on {loaded.description}"
+        result["outputs"]["report_html"] = str(
+            write_report(
+                out / "report.html",
+                metrics,
+                scored.scores,
+                targets,
+                examples=examples,
+                title=title,
+                details={"model": result["model"], "data": result["data"]},
+            )
+        )
+    result = to_jsonable(result)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return result
+
+
+def _figure(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """A readable summary, ROC AUC first; figures match metrics.json."""
+    model, data, metrics = result["model"], result["data"], result["metrics"]
+    auc_note = "" if metrics["roc_auc"] is not None else " (needs both genuine and counterfeit images)"
+    recall = metrics["recall_at_false_alarm_rate"]
+    counts = metrics["confusion_matrix"]["counts"]
+    lines = [
+        f"verity eval: {model['name']} {model['version']} ({model['kind']}) on {data['description']}",
+        f"  images            {metrics['n']} evaluated ({metrics['n_genuine']} genuine, "
+        f"{metrics['n_counterfeit']} counterfeit), {data['n_failed']} unreadable",
+        f"  ROC AUC           {_figure(metrics['roc_auc'])}{auc_note}",
+        f"  PR AUC            {_figure(metrics['pr_auc'])}",
+        f"  accuracy          {_percent(metrics['accuracy'])} "
+        f"(of decided: {_percent(metrics['accuracy_decided'])}, "
+        f"uncertain: {_percent(metrics['uncertain_rate'])}) at alarm {metrics['alarm']:.4f} / clear "
+        f"{metrics['clear']:.4f} [{metrics['operating_point']}]",
+        f"  false alarms      {_percent(metrics['false_alarm_rate'])}   "
+        f"misses {_percent(metrics['miss_rate'])}",
+        "  recall at FAR     "
+        + "   ".join(
+            f"{_percent(float(rate))}: {_figure(entry['recall'], 3)}" for rate, entry in recall.items()
+        ),
+        f"  ECE               {_figure(metrics['ece'])} ({metrics['ece_bins']} bins)",
+        "  confusion         true \\ verdict   genuine  counterfeit  uncertain",
+        f"                    genuine         {counts[0][0]:>7}  {counts[0][1]:>11}  {counts[0][2]:>9}",
+        f"                    counterfeit     {counts[1][0]:>7}  {counts[1][1]:>11}  {counts[1][2]:>9}",
+    ]
+    for group, values in metrics["groups"].items():
+        if len(values) < 2 and group != "product":
+            continue
+        lines.append(f"  per {group}:")
+        for name, figures in values.items():
+            lines.append(
+                f"    {name:<24} n={figures['n']:<6} ROC AUC {_figure(figures['roc_auc'])}  "
+                f"accuracy {_percent(figures['accuracy'])}  uncertain {_percent(figures['uncertain_rate'])}"
+            )
+    lines += [f"  note: {note}" for note in data["notes"]]
+    lines += [f"  unreadable: {entry['path']}: {entry['error']}" for entry in data["failed"][:5]]
+    lines += [f"  wrote {path}" for path in result["outputs"].values()]
+    return "\n".join(lines)

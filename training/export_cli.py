@@ -1,0 +1,83 @@
+"""`verity export`: rebuild a model from model.pt and export it to ONNX behind the parity gate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from inference.spec import resolve_spec
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="verity export",
+        description="Export a checkpoint to a single-file ONNX model with its spec and card in the metadata. "
+        "The export fails, and writes nothing, when torch and onnxruntime disagree by more than 1e-4.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="model.pt written by `verity train`")
+    parser.add_argument(
+        "--out", default=None, help="output .onnx path (default: model.onnx beside the checkpoint)"
+    )
+    parser.add_argument(
+        "--sample", action="append", default=[], help="an image to include in the parity check (repeatable)"
+    )
+    parser.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
+    return parser
+
+
+def card_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The card stored in the checkpoint, or one built from the checkpoint's fields."""
+    from training.export import build_card
+
+    if isinstance(checkpoint.get("card"), dict):
+        return checkpoint["card"]
+    thresholds = checkpoint.get("thresholds")
+    if not thresholds or "alarm" not in thresholds:
+        raise ValueError(
+            f"{path} has no decision thresholds (was validation missing counterfeits?); the server refuses a "
+            "model without them. Retrain with counterfeits in the validation split."
+        )
+    spec = resolve_spec(stored=checkpoint["spec"])
+    config = checkpoint.get("config") or {}
+    calibration = checkpoint.get("calibration") or {}
+    return build_card(
+        name=str(config.get("name") or path.resolve().parent.parent.name),
+        version=str(config.get("version") or path.resolve().parent.name),
+        modality=spec.modality,
+        backbone=str(checkpoint["model_name"]),
+        spec=spec,
+        data_counts=checkpoint.get("data_counts") or config.get("data_counts") or {},
+        data_fingerprint=str(checkpoint.get("data_fingerprint", "unknown")),
+        metrics=checkpoint.get("metrics") or {},
+        temperature=float(calibration.get("temperature", 1.0)),
+        thresholds=thresholds,
+        code_version=str(checkpoint.get("code_version", "unknown")),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exports, prints where the model went and the parity figure. Returns the exit code."""
+    import numpy as np
+
+    from inference.decode import load_for_model
+    from training.export import export_onnx, load_checkpoint, model_from_checkpoint
+
+    args = build_parser().parse_args(argv)
+    checkpoint_path = Path(args.checkpoint)
+    checkpoint = load_checkpoint(checkpoint_path)
+    spec = resolve_spec(stored=checkpoint["spec"])
+    card = card_from_checkpoint(checkpoint, checkpoint_path)
+    model = model_from_checkpoint(checkpoint)
+    sample = np.stack([load_for_model(Path(p), spec) for p in args.sample]) if args.sample else None
+    out = Path(args.out) if args.out else checkpoint_path.with_name("model.onnx")
+    result = export_onnx(model, spec, card, out, sample=sample, exporter=args.exporter)
+    card_path = out.with_name("card.json")
+    card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    print(
+        f"exported {out} ({result['size_bytes'] / 1e6:.1f} MB, opset {result['opset']}, "
+        f"{result['exporter']} exporter); "
+        f"parity max |delta logit| {result['max_abs_diff']:.2e} <= 1e-4; card {card_path}"
+    )
+    return 0
