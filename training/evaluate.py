@@ -54,6 +54,7 @@ class Scorer(Protocol):
     """What evaluation needs from a model, whichever runtime runs it."""
 
     kind: str
+    path: Path
     spec: PreprocessSpec
     name: str
     version: str
@@ -73,7 +74,7 @@ class OnnxScorer:
         self.spec = self.engine.spec
         self.name, self.version = self.engine.name, self.engine.version
         self.temperature = self.engine.temperature
-        self.thresholds = dict(self.engine.card["thresholds"])
+        self.thresholds: dict[str, Any] | None = dict(self.engine.card["thresholds"])
         self.path = path
 
     def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -101,8 +102,8 @@ class TorchScorer:
         self.temperature = (
             float(calibration.get("temperature", 1.0)) if isinstance(calibration, dict) else 1.0
         )
-        thresholds = checkpoint.get("thresholds")
-        self.thresholds = dict(thresholds) if thresholds and "alarm" in thresholds else None
+        thresholds = checkpoint.get("thresholds") or {}
+        self.thresholds: dict[str, Any] | None = dict(thresholds) if "alarm" in thresholds else None
         self.path = path
 
     def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

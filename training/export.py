@@ -212,7 +212,7 @@ def _check_model_matches_spec(model: torch.nn.Module, spec: PreprocessSpec) -> N
 
 def _export_graph(model: torch.nn.Module, example: torch.Tensor, path: Path, exporter: str) -> str:
     """Writes the raw graph (no metadata yet); returns the exporter that succeeded."""
-    common = dict(input_names=["image"], output_names=["logits", "cam"], opset_version=OPSET)
+    common: dict[str, Any] = dict(input_names=["image"], output_names=["logits", "cam"], opset_version=OPSET)
     if exporter == "torchscript":
         try:
             with warnings.catch_warnings():
@@ -324,6 +324,7 @@ def export_onnx(
         raise ValueError(f"Invalid exporter {exporter!r}. Only {', '.join(EXPORTERS)} are supported.")
     spec = spec if isinstance(spec, PreprocessSpec) else PreprocessSpec.from_dict(spec)
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    model = getattr(model, "_orig_mod", model)  # and torch.compile
     model = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
     _check_card(card, spec)
     _check_model_matches_spec(model, spec)

@@ -13,7 +13,7 @@ Figures that a split cannot support (AUC with one class) are None, never a made-
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -128,7 +128,7 @@ def recall_at_false_alarm_rate(scores: Any, targets: Any, rate: float) -> dict[s
     }
 
 
-def reliability_bins(scores: Any, targets: Any, n_bins: int = ECE_BINS) -> list[dict[str, float | int]]:
+def reliability_bins(scores: Any, targets: Any, n_bins: int = ECE_BINS) -> list[dict[str, Any]]:
     """Equal-width score bins with count, mean score and observed counterfeit share (empty bins kept)."""
     scores, targets = _arrays(scores, targets)
     # Bin i holds [i/n, (i+1)/n); a score of exactly 1.0 goes to the last bin.
@@ -224,7 +224,7 @@ def group_breakdown(
 def compute_metrics(
     scores: Any,
     targets: Any,
-    groups: dict[str, Sequence[Any]] | None = None,
+    groups: Mapping[str, Sequence[Any]] | None = None,
     thresholds: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every evaluation figure as plain JSON types.
