@@ -38,10 +38,22 @@ def test_fit_temperature_recovers_known_temperature(true_temperature: float) -> 
     assert best <= temperature_nll(logits, targets, fitted / 1.1)
 
 
-def test_fit_temperature_is_bounded_on_perfect_separation() -> None:
+def test_fit_temperature_on_perfect_separation_stays_finite() -> None:
+    # Every validation image right with a logit margin of 4: without smoothing T would run to 0.
     logits = np.array([[2.0, -2.0], [-2.0, 2.0]] * 10)
     targets = np.array([0, 1] * 10)
-    assert fit_temperature(logits, targets) == pytest.approx(MIN_TEMPERATURE, rel=1e-3)
+    fitted = fit_temperature(logits, targets)
+    assert fitted > MIN_TEMPERATURE
+    # The fitted chance of being wrong is Laplace's 1 / (n + 2) for n = 20.
+    wrong = calibrated_scores(logits[:1], fitted)[0]
+    assert wrong == pytest.approx(1 / 22, rel=1e-3)
+
+
+def test_smoothed_nll_by_hand() -> None:
+    logits = np.array([[0.0, np.log(3.0)]])  # softmax: 1/4, 3/4
+    assert temperature_nll(logits, np.array([1]), 1.0) == pytest.approx(-np.log(0.75))
+    expected = -(0.9 * np.log(0.75) + 0.1 * np.log(0.25))
+    assert temperature_nll(logits, np.array([1]), 1.0, smoothing=0.1) == pytest.approx(expected)
 
 
 def test_fit_temperature_rejects_bad_input() -> None:
