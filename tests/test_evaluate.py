@@ -245,7 +245,15 @@ def test_eval_on_labelled_folder(trained: Path, dataset: Path, tmp_path: Path) -
     result = evaluate(trained / "model.onnx", folder, out_dir=tmp_path / "out", progress=False, worst=3)
     assert result["metrics"]["n"] == 16
     assert set(result["metrics"]["groups"]["product"]) == {"shoes"}
-    assert result["data"]["notes"] and "no splits" in result["data"]["notes"][0]
+    assert result["data"]["notes"] and "without split subfolders" in result["data"]["notes"][0]
+    # DIR/<split>/<label>/... picks the split's folder.
+    (folder / "test").mkdir()
+    (folder / "genuine").rename(folder / "test" / "genuine")
+    result = evaluate(trained / "model.onnx", folder, out_dir=tmp_path / "out2", progress=False, report=False)
+    assert result["metrics"]["n"] == 8 and result["metrics"]["n_counterfeit"] == 0
+    assert result["metrics"]["roc_auc"] is None and not result["data"]["notes"]
+    with pytest.raises(ValueError, match="split folders test but no 'val'"):
+        evaluate(trained / "model.onnx", folder, split="val", out_dir=tmp_path / "out3", progress=False)
 
 
 def test_export_cli_reexports_checkpoint(

@@ -189,6 +189,25 @@ def _manifest_samples(manifest: Path, split: str | None) -> tuple[list[Sample], 
     return samples, notes
 
 
+def _load_folder(path: Path, split: str | None, modality: str) -> LoadedData:
+    """DIR/<split>/<label>/... when that split folder exists, else DIR/<label>/... (no splits)."""
+    present = [name for name in SPLITS if any((path / name / label).is_dir() for label in LABELS)]
+    if split and present:
+        if split not in present:
+            raise ValueError(f"{path} has split folders {', '.join(present)} but no {split!r}.")
+        samples = _folder_samples(path / split, modality)
+        return LoadedData(samples, f"folder {path / split}") if samples else _no_images(path / split)
+    samples = _folder_samples(path, modality)
+    if not samples:
+        _no_images(path)
+    note = f"{path} is a labelled folder without split subfolders: all {len(samples)} images are evaluated."
+    return LoadedData(samples, f"folder {path}", notes=[note] if split else [])
+
+
+def _no_images(path: Path) -> LoadedData:
+    raise ValueError(f"{path} holds no manifest.jsonl and no images in genuine/ or counterfeit/ subfolders.")
+
+
 def load_samples(data: str | Path, split: str | None, modality: str) -> LoadedData:
     """Reads the evaluation set; rows of another modality than the model's are counted, not scored."""
     path = Path(data)
@@ -197,15 +216,7 @@ def load_samples(data: str | Path, split: str | None, modality: str) -> LoadedDa
         if manifests:
             path = manifests[0]
         else:
-            samples = _folder_samples(path, modality)
-            if not samples:
-                raise ValueError(
-                    f"{path} holds no manifest.jsonl and no images in genuine/ or counterfeit/ subfolders."
-                )
-            note = [
-                f"{path} is a labelled folder: it has no splits, all {len(samples)} images are evaluated."
-            ]
-            return LoadedData(samples, f"folder {path}", notes=note if split else [])
+            return _load_folder(path, split, modality)
     if not path.is_file():
         raise FileNotFoundError(f"No data at {data}: give a manifest (JSONL) or a folder.")
     samples, notes = _manifest_samples(path, split)
