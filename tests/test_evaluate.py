@@ -216,7 +216,7 @@ def test_eval_cli_onnx_end_to_end(
 def test_eval_of_checkpoint_matches_onnx(
     dataset: Path, trained: Path, tmp_path: Path, registry: None
 ) -> None:
-    from training.evaluate import evaluate
+    from training.evaluate import ModuleScorer, evaluate
 
     onnx_result = evaluate(
         trained, dataset / "manifest.jsonl", out_dir=tmp_path / "a", progress=False, report=False
@@ -231,6 +231,20 @@ def test_eval_of_checkpoint_matches_onnx(
     assert np.allclose(onnx_scores, torch_scores, atol=1e-5)
     assert onnx_result["metrics"]["roc_auc"] == pytest.approx(torch_result["metrics"]["roc_auc"])
     assert not (tmp_path / "a" / "report.html").exists()
+    # The trainer's in-memory model gives the same figures, and keeps its training mode.
+    model = ContrastNet(_spec()).train()
+    scorer = ModuleScorer(
+        model,
+        _spec(),
+        temperature=torch_result["model"]["temperature"],
+        thresholds=torch_result["model"]["thresholds"],
+    )
+    memory = evaluate(
+        scorer, dataset / "manifest.jsonl", out_dir=tmp_path / "c", progress=False, report=False
+    )
+    assert memory["metrics"]["roc_auc"] == pytest.approx(torch_result["metrics"]["roc_auc"])
+    assert memory["metrics"]["confusion_matrix"] == torch_result["metrics"]["confusion_matrix"]
+    assert model.training
 
 
 def test_eval_on_labelled_folder(trained: Path, dataset: Path, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ goes through `inference.decode.load_for_model`, the server's own decoder: the fi
 the figures the service will show. A `model.pt` is evaluated in torch with the same decoder.
 
 Data: a manifest (JSONL, rows filtered by split), a folder holding a manifest.jsonl, or a folder laid out
-as DIR/genuine/... and DIR/counterfeit/... (a subfolder below the label names the product).
+as DIR/genuine/... and DIR/counterfeit/... or DIR/<split>/genuine/... (a subfolder below the label names
+the product).
 """
 
 from __future__ import annotations
@@ -83,35 +84,60 @@ class OnnxScorer:
         return outputs["logits"], None if cams is None else cams[:, 1] - cams[:, 0]
 
 
-class TorchScorer:
-    """A model.pt rebuilt through the model registry; figures before export."""
+class ModuleScorer:
+    """An in-memory torch model (e.g. the trainer's, before export); run in eval mode, mode restored."""
 
     kind = "torch"
+
+    def __init__(
+        self,
+        model: Any,
+        spec: PreprocessSpec,
+        name: str = "model",
+        version: str = "unversioned",
+        temperature: float = 1.0,
+        thresholds: dict[str, Any] | None = None,
+        path: Path | None = None,
+    ) -> None:
+        self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+        self.spec, self.name, self.version = spec, name, version
+        self.temperature = float(temperature)
+        self.thresholds = dict(thresholds) if thresholds and "alarm" in thresholds else None
+        self.path = path or Path("<in memory>")
+
+    def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                logits, cams = self.model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
+        finally:
+            self.model.train(was_training)
+        return logits.float().cpu().numpy(), (cams[:, 1] - cams[:, 0]).float().cpu().numpy()
+
+
+class TorchScorer(ModuleScorer):
+    """A model.pt rebuilt through the model registry; figures before export."""
 
     def __init__(self, path: Path) -> None:
         from training.export import load_checkpoint, model_from_checkpoint
 
         checkpoint = load_checkpoint(path)
-        self.model = model_from_checkpoint(checkpoint)
-        self.spec = PreprocessSpec.from_dict(checkpoint["spec"])
         card = checkpoint.get("card") or {}
         config = checkpoint.get("config") or {}
-        self.name = str(card.get("name") or config.get("name") or path.parent.parent.name or "model")
-        self.version = str(card.get("version") or config.get("version") or path.parent.name or "unversioned")
         calibration = checkpoint.get("calibration") or {}
-        self.temperature = (
-            float(calibration.get("temperature", 1.0)) if isinstance(calibration, dict) else 1.0
+        super().__init__(
+            model_from_checkpoint(checkpoint),
+            PreprocessSpec.from_dict(checkpoint["spec"]),
+            name=str(card.get("name") or config.get("name") or path.parent.parent.name or "model"),
+            version=str(card.get("version") or config.get("version") or path.parent.name or "unversioned"),
+            temperature=float(calibration.get("temperature", 1.0)) if isinstance(calibration, dict) else 1.0,
+            thresholds=checkpoint.get("thresholds"),
+            path=path,
         )
-        thresholds = checkpoint.get("thresholds") or {}
-        self.thresholds: dict[str, Any] | None = dict(thresholds) if "alarm" in thresholds else None
-        self.path = path
-
-    def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        import torch
-
-        with torch.no_grad():
-            logits, cams = self.model(torch.from_numpy(np.ascontiguousarray(batch)))
-        return logits.float().numpy(), (cams[:, 1] - cams[:, 0]).float().numpy()
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -139,8 +165,13 @@ def resolve_model_path(model: str | Path) -> Path:
     raise FileNotFoundError(f"No model at {path}: give a .onnx, a model.pt or a checkpoint folder.")
 
 
-def open_scorer(model: str | Path, provider: str | None = None, threads: int = 1) -> Scorer:
-    """Opens a model for scoring: ONNX through OnnxEngine, a checkpoint through the model registry."""
+def open_scorer(model: str | Path | Scorer, provider: str | None = None, threads: int = 1) -> Scorer:
+    """Opens a model for scoring: ONNX through OnnxEngine, a checkpoint through the model registry.
+
+    A Scorer (e.g. ModuleScorer around the trainer's model) is returned as it is.
+    """
+    if not isinstance(model, str | Path):
+        return model
     path = resolve_model_path(model)
     if path.suffix == ".onnx":
         return OnnxScorer(path, provider=provider, threads=threads)
@@ -376,7 +407,7 @@ def _report_examples(
 
 
 def evaluate(
-    model: str | Path,
+    model: str | Path | Scorer,
     data: str | Path,
     split: str | None = "test",
     out_dir: str | Path | None = None,
@@ -390,7 +421,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluates a model on a data set; writes metrics.json, predictions.csv and report.html to `out_dir`.
 
-    `split` None (or "all") evaluates every row. Returns the result written to metrics.json.
+    `model` is a path (see `resolve_model_path`) or a ready Scorer, e.g. `ModuleScorer` around the
+    trainer's model. `split` None (or "all") evaluates every row. Returns the result in metrics.json.
     """
     if split == "all":
         split = None
