@@ -241,3 +241,39 @@ def test_build_card_and_checkpoint_round_trip(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("modality", ["photo", "xray"])
+def test_registry_backbone_exports_with_parity(tmp_path: Path, modality: str) -> None:
+    """The real model registry's default backbone, 64 px, through `verity export` (model.pt -> ONNX)."""
+    pytest.importorskip("training.models")
+    from training import export_cli
+    from training.export import build_registry_model
+
+    spec = tiny_spec(modality, size=64)
+    torch.manual_seed(0)
+    model = build_registry_model("efficientnet_lite0", spec, pretrained=False)
+    folder = tmp_path / "lite" / "1"
+    folder.mkdir(parents=True)
+    torch.save(
+        {
+            "model_name": "efficientnet_lite0",
+            "spec": spec.to_dict(),
+            "state_dict": model.state_dict(),
+            "config": {},
+            "card": tiny_card(spec),
+        },
+        folder / "model.pt",
+    )
+    assert export_cli.main(["--checkpoint", str(folder / "model.pt")]) == 0
+    engine = OnnxEngine(folder / "model.onnx", warmup=False)
+    model.eval()
+    for batch_size in (1, 5):
+        batch = np.random.default_rng(batch_size).random(
+            (batch_size, spec.in_chans, 64, 64), dtype=np.float32
+        )
+        with torch.no_grad():
+            logits, cam = model(torch.from_numpy(batch))
+        outputs = engine.run(batch)
+        assert np.abs(outputs["logits"] - logits.numpy()).max() <= 1e-4
+        assert outputs["cam"].shape == tuple(cam.shape)

@@ -166,21 +166,25 @@ def _strip_wrapper_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
     return stripped
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> torch.nn.Module:
-    """Rebuilds the trained model (eval mode, CPU) from a checkpoint dict via the model registry."""
+def build_registry_model(name: str, spec: PreprocessSpec, pretrained: bool = False) -> torch.nn.Module:
+    """`training.models.build_model` for a spec: 2 classes, the spec's channels and normalization."""
     from training.models import build_model
 
-    spec = PreprocessSpec.from_dict(checkpoint["spec"])
-    options: dict[str, Any] = {"num_classes": 2, "in_chans": spec.in_chans, "pretrained": False}
+    options: dict[str, Any] = {"num_classes": 2, "in_chans": spec.in_chans, "pretrained": pretrained}
     accepted = inspect.signature(build_model).parameters
-    # The registry takes the spec (or its mean/std) to build the Normalize layer; the state dict then
-    # restores the very values training used.
+    # The registry takes the spec (or its mean/std) to build the Normalize layer; a checkpoint's state
+    # dict then restores the very values training used.
     if "spec" in accepted:
         options["spec"] = spec
     for key in ("mean", "std"):
         if key in accepted:
             options[key] = getattr(spec, key)
-    model = build_model(checkpoint["model_name"], **options)
+    return build_model(name, **options)
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> torch.nn.Module:
+    """Rebuilds the trained model (eval mode, CPU) from a checkpoint dict via the model registry."""
+    model = build_registry_model(checkpoint["model_name"], PreprocessSpec.from_dict(checkpoint["spec"]))
     try:
         model.load_state_dict(_strip_wrapper_prefixes(checkpoint["state_dict"]))
     except RuntimeError as error:
