@@ -4,8 +4,16 @@
 evaluation is exactly what it sees in service. Normalization (mean/std) is *not* done here: it is the
 model's first layer, inside the checkpoint and the ONNX graph.
 
+Formats: JPEG (EXIF orientation applied, CMYK converted), PNG (8/16-bit, palette, alpha), WebP, GIF
+(first frame), BMP, TIFF (8/16-bit, float, CMYK, palette; two pages or two samples = dual energy) and
+DICOM/DICOS (rescale slope/intercept and windowing applied; two frames = dual energy). A dual-energy
+X-ray is HxWx2: channel 0 the high-energy image, channel 1 the low-energy image.
+
 Intensities: 8-bit images map 0..255 to [0, 1]; 16-bit and float images go through the spec's window.
-X-ray images are transmission images (bright = little attenuation), so letterbox padding is 1.0 (air).
+DICOM comes out as float32 already windowed to [0, 1]. X-ray images are transmission images (bright =
+little attenuation), so letterbox padding is 1.0 (air).
+
+Limits are checked from the header, before any pixel is decoded, so a decompression bomb costs nothing.
 """
 
 from __future__ import annotations
@@ -30,10 +38,14 @@ class DecodeError(ValueError):
 
 
 class UnsupportedFormat(DecodeError):
+    """A container or encoding we do not read (HTTP 415)."""
+
     code = "unsupported_media_type"
 
 
 class ImageTooLarge(DecodeError):
+    """The file or its declared pixel count exceeds the limits (HTTP 413)."""
+
     code = "image_too_large"
 
 
@@ -45,6 +57,8 @@ class DecodeLimits:
 
 
 DEFAULT_LIMITS = DecodeLimits()
+
+SUPPORTED_FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF or DICOM/DICOS"
 
 _MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),
@@ -70,9 +84,10 @@ def sniff_format(data: bytes) -> str:
             return name
     if not data:
         raise DecodeError("The upload is empty.")
+    if len(data) >= 12 and data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"avif", b"mif1"):
+        raise UnsupportedFormat(f"HEIC/AVIF images are not supported: send {SUPPORTED_FORMATS}.")
     raise UnsupportedFormat(
-        "Not a supported image: expected JPEG, PNG, WebP, GIF, BMP, TIFF or DICOM (checked by content, "
-        "not by file name)."
+        f"Not a supported image: expected {SUPPORTED_FORMATS} (checked by content, not by file name)."
     )
 
 
@@ -85,23 +100,58 @@ def _check_pixels(width: int, height: int, limits: DecodeLimits) -> None:
         )
 
 
+def _check_bytes(size: int, limits: DecodeLimits) -> None:
+    if size > limits.max_bytes:
+        raise ImageTooLarge(f"The file is {size:,} bytes; the limit is {limits.max_bytes:,}.")
+
+
+# ---------------------------------------------------------------------------------------------- PIL
+
+
+def _composite_on_white(image: Image.Image, mode: str) -> Image.Image:
+    # Transparent regions become white, as a label printed on paper would look.
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert(mode)
+
+
+def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
+    """Uses the embedded ICC profile when there is one (print files carry it); else PIL's formula."""
+    profile = image.info.get("icc_profile")
+    if profile:
+        try:
+            from PIL import ImageCms
+
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            srgb = ImageCms.createProfile("sRGB")
+            converted = ImageCms.profileToProfile(image, source, srgb, outputMode="RGB")
+            if converted is not None:
+                return converted
+        except (ImportError, OSError, ValueError, ImageCms.PyCMSError):
+            pass  # a broken profile is no reason to refuse the image
+    return image.convert("RGB")
+
+
 def _pil_to_array(image: Image.Image) -> np.ndarray:
     """Converts a PIL image to HxWxC: uint8 for 8-bit modes, uint16 or float32 for deeper ones."""
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L"):
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(image, dtype=np.uint16)[..., None]
     if mode == "I":
         array = np.asarray(image, dtype=np.int32)
         return np.clip(array, 0, 65535).astype(np.uint16)[..., None]
     if mode == "F":
-        return np.asarray(image, dtype=np.float32)[..., None]
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-        # Transparent regions are composited onto white, as a label printed on paper would look.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba).convert("RGB")
+        return _finite(np.asarray(image, dtype=np.float32)[..., None])
+    if mode in ("LA", "La"):
+        image = _composite_on_white(image, "L")
+    elif mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in image.info):
+        image = _composite_on_white(image, "RGB")
+    elif mode == "CMYK":
+        image = _cmyk_to_rgb(image)
+    elif mode == "1":
+        image = image.convert("L")
     elif mode not in ("L", "RGB"):
-        image = image.convert("RGB")  # P, CMYK, YCbCr, 1 and the rest
+        image = image.convert("RGB")  # P, YCbCr, LAB, HSV, RGBX
     array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
 
@@ -111,10 +161,12 @@ def _decode_pil(data: bytes, limits: DecodeLimits, draft_size: int | None) -> np
         image = Image.open(io.BytesIO(data))
         _check_pixels(image.width, image.height, limits)
         if draft_size and image.format == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying at least draft_size on each side.
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale while staying at least draft_size on each side:
+            # most of the speed of serving a photo comes from here.
             image.draft(image.mode if image.mode in ("RGB", "L") else "RGB", (draft_size, draft_size))
         image.seek(0)  # first frame of an animation
-        image = ImageOps.exif_transpose(image)
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
         return _pil_to_array(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
         if isinstance(error, DecodeError):
@@ -122,73 +174,282 @@ def _decode_pil(data: bytes, limits: DecodeLimits, draft_size: int | None) -> np
         raise DecodeError(f"The image could not be decoded: {error}") from error
 
 
-def _decode_tiff(data: bytes, limits: DecodeLimits) -> np.ndarray:
-    import tifffile
+# --------------------------------------------------------------------------------------------- TIFF
 
-    try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
-            page = tiff.pages[0]
-            shape = page.shape
-            height, width = (shape[0], shape[1]) if page.samplesperpixel > 1 and len(shape) == 3 else shape[-2:]
-            _check_pixels(int(width), int(height), limits)
-            array = page.asarray()
-    except DecodeError:
-        raise
-    except Exception as error:  # tifffile raises many types for corrupt files
-        raise DecodeError(f"The TIFF could not be decoded: {error}") from error
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.dtype == np.uint8 or array.dtype == np.uint16:
+_TIFF_PHOTOMETRIC = {0: "miniswhite", 1: "minisblack", 2: "rgb", 3: "palette", 5: "separated"}
+
+
+def _finite(array: np.ndarray) -> np.ndarray:
+    """NaN and infinities (seen in float scans with dead pixels) would poison every later step."""
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+    return array
+
+
+def _to_supported_dtype(array: np.ndarray) -> np.ndarray:
+    if array.dtype in (np.uint8, np.uint16):
         return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * np.uint8(255)
     if np.issubdtype(array.dtype, np.floating):
-        return array.astype(np.float32)
+        return _finite(array.astype(np.float32))
     if np.issubdtype(array.dtype, np.integer):
         return np.clip(array, 0, 65535).astype(np.uint16)
     raise UnsupportedFormat(f"TIFF sample type {array.dtype} is not supported.")
 
 
-def _decode_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
+def _invert(array: np.ndarray) -> np.ndarray:
+    if np.issubdtype(array.dtype, np.integer):
+        return np.iinfo(array.dtype).max - array
+    return 1.0 - array
+
+
+def _separated_to_rgb(array: np.ndarray) -> np.ndarray:
+    """CMYK ink coverage to RGB: R = (1 - C)(1 - K), the same formula PIL uses without a profile."""
+    full = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else 1.0
+    ink = array[..., :4].astype(np.float32) / full
+    rgb = (1.0 - ink[..., :3]) * (1.0 - ink[..., 3:4])
+    if array.dtype == np.uint8:
+        return np.round(rgb * 255.0).astype(np.uint8)
+    if array.dtype == np.uint16:
+        return np.round(rgb * 65535.0).astype(np.uint16)
+    return rgb.astype(np.float32)
+
+
+def _drop_alpha(array: np.ndarray, colour_samples: int) -> np.ndarray:
+    """Composites an alpha sample onto white, as the PIL path does."""
+    full = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else 1.0
+    colour = array[..., :colour_samples].astype(np.float32)
+    alpha = array[..., colour_samples : colour_samples + 1].astype(np.float32) / full
+    out = colour * alpha + full * (1.0 - alpha)
+    return np.round(out).astype(array.dtype) if np.issubdtype(array.dtype, np.integer) else out
+
+
+def _tiff_page_array(page) -> np.ndarray:  # noqa: ANN001 - tifffile.TiffPage
+    """One TIFF page as HxWxC in the photometric meaning of its samples."""
+    array = page.asarray()
+    if page.samplesperpixel > 1 and page.planarconfig == 2:  # separate planes: SYX -> YXS
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3:
+        raise UnsupportedFormat(f"TIFF pages of shape {array.shape} (volumes) are not supported.")
+    photometric = _TIFF_PHOTOMETRIC.get(int(page.photometric))
+    extrasamples = tuple(int(x) for x in (page.extrasamples or ()))
+    has_alpha = bool(extrasamples) and extrasamples[0] in (1, 2)
+    if photometric == "palette":
+        colormap = page.colormap  # 3 x 2**bits, 16-bit entries
+        rgb = np.moveaxis(colormap[:, array[..., 0]], 0, -1)
+        return (rgb >> 8).astype(np.uint8) if colormap.max() > 255 else rgb.astype(np.uint8)
+    if photometric == "separated":
+        return _separated_to_rgb(array)
+    if photometric == "rgb":
+        return _drop_alpha(array, 3) if has_alpha and array.shape[2] >= 4 else array[..., :3]
+    if photometric == "miniswhite":
+        array = _invert(array)
+    if array.shape[2] == 2 and has_alpha:
+        return _drop_alpha(array, 1)
+    # Two samples with no alpha meaning: a dual-energy high/low pair. More: keep the first.
+    return array if array.shape[2] <= 2 else array[..., :1]
+
+
+def _tiff_pages_to_read(tiff, limits: DecodeLimits) -> list:  # noqa: ANN001 - tifffile.TiffFile
+    first = tiff.pages[0]
+    pages = [first]
+    if first.samplesperpixel == 1 and len(tiff.pages) >= 2:
+        second = tiff.pages[1]
+        # Two full-size single-sample pages: a dual-energy high/low pair. A smaller second page is a
+        # thumbnail or a pyramid level and is ignored.
+        if getattr(second, "shape", None) == first.shape and second.samplesperpixel == 1:
+            pages.append(second)
+    for page in pages:
+        _check_pixels(int(page.imagewidth), int(page.imagelength), limits)
+    return pages
+
+
+def _decode_tiff(data: bytes, limits: DecodeLimits) -> np.ndarray:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            pages = _tiff_pages_to_read(tiff, limits)
+            planes = [_tiff_page_array(page) for page in pages]
+    except DecodeError:
+        raise
+    except Exception as error:  # tifffile raises many types for corrupt files and missing codecs
+        if "imagecodecs" in str(error) or "compression" in str(error).lower():
+            # LZW, PackBits and JPEG-in-TIFF need imagecodecs in tifffile; Pillow's libtiff reads them.
+            return _decode_pil(data, limits, None)
+        raise DecodeError(f"The TIFF could not be decoded: {error}") from error
+    array = planes[0] if len(planes) == 1 else np.concatenate(planes, axis=2)
+    return _to_supported_dtype(array)
+
+
+# -------------------------------------------------------------------------------------------- DICOM
+
+
+def _dicom_window(dataset) -> tuple[float, float, str] | None:  # noqa: ANN001 - pydicom Dataset
+    """(center, width, function) from the VOI LUT module, top level or shared functional groups."""
+    holders = [dataset]
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    if shared:
+        holders += list(shared[0].get("FrameVOILUTSequence") or [])
+    for holder in holders:
+        if "WindowCenter" in holder and "WindowWidth" in holder:
+            center, width = holder.WindowCenter, holder.WindowWidth
+            center = float(center[0] if holder["WindowCenter"].VM > 1 else center)
+            width = float(width[0] if holder["WindowWidth"].VM > 1 else width)
+            function = str(holder.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+            return center, width, function
+    return None
+
+
+def _apply_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing, straight to [0, 1] instead of the stored bit range."""
+    x = values.astype(np.float32)
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / max(width, 1e-6)))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / max(width, 1e-6) + 0.5, 0.0, 1.0)
+    if width <= 1.0:  # LINEAR with width 1 is a threshold at the center
+        return (x > center - 0.5).astype(np.float32)
+    return np.clip((x - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+
+
+def _modality_range(dataset) -> tuple[float, float]:  # noqa: ANN001 - pydicom Dataset
+    """The range stored values can take after the modality LUT: a fixed scale, not the image's min/max."""
+    modality_lut = dataset.get("ModalityLUTSequence")
+    if modality_lut:
+        return 0.0, float(2 ** int(modality_lut[0].LUTDescriptor[2]) - 1)
+    bits = int(dataset.get("BitsStored", dataset.get("BitsAllocated", 16)))
+    if int(dataset.get("PixelRepresentation", 0)) == 0:
+        low, high = 0.0, float(2**bits - 1)
+    else:
+        low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
+    ends = sorted((low * slope + intercept, high * slope + intercept))
+    return ends[0], ends[1]
+
+
+def _dicom_grey_to_unit(pixels: np.ndarray, dataset) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset
+    from pydicom.pixels import apply_modality_lut, apply_voi
+
+    values = apply_modality_lut(pixels, dataset)  # rescale slope/intercept or the modality LUT
+    window = _dicom_window(dataset)
+    if window is not None:
+        unit = _apply_window(values, *window)
+    elif dataset.get("VOILUTSequence"):
+        lut = dataset.VOILUTSequence[0]
+        unit = apply_voi(values, dataset).astype(np.float32) / float(2 ** int(lut.LUTDescriptor[2]) - 1)
+    else:
+        low, high = _modality_range(dataset)
+        unit = (values.astype(np.float32) - low) / max(high - low, 1e-6)
+    unit = np.clip(unit, 0.0, 1.0).astype(np.float32)
+    if str(dataset.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        unit = 1.0 - unit  # MONOCHROME1 shows high values dark; we want transmission bright
+    return unit
+
+
+def _read_dicom(data: bytes, limits: DecodeLimits):  # noqa: ANN202 - (dataset, pixels)
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
-        _check_pixels(int(dataset.Columns), int(dataset.Rows), limits)
-        pixels = apply_modality_lut(dataset.pixel_array, dataset)  # rescale slope/intercept
-        if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
-            windowed = apply_voi_lut(pixels, dataset).astype(np.float32)
-            low, high = float(windowed.min()), float(windowed.max())
-            pixels = (windowed - low) / (high - low) if high > low else np.zeros_like(windowed)
-        else:
-            pixels = pixels.astype(np.float32)
-            low, high = float(pixels.min()), float(pixels.max())
-            pixels = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-        if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-            pixels = 1.0 - pixels  # MONOCHROME1 shows high values dark; we want transmission bright
-    except DecodeError:
-        raise
     except Exception as error:
-        raise DecodeError(f"The DICOM object could not be decoded: {error}") from error
-    pixels = np.asarray(pixels, dtype=np.float32)
-    if pixels.ndim == 3 and pixels.shape[0] == 2 and dataset.get("NumberOfFrames", 1) == 2:
-        return np.moveaxis(pixels, 0, -1)  # two frames: dual-energy high/low
-    return pixels[..., None] if pixels.ndim == 2 else pixels
+        raise DecodeError(f"The DICOM object could not be read: {error}") from error
+    if "PixelData" not in dataset:
+        raise DecodeError("The DICOM object holds no image (no Pixel Data element).")
+    _check_pixels(int(dataset.get("Columns", 0) or 0), int(dataset.get("Rows", 0) or 0), limits)
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 2:
+        raise UnsupportedFormat(
+            f"The DICOM object has {frames} frames; only single images and dual-energy pairs (2 frames) "
+            "are supported."
+        )
+    try:
+        pixels = dataset.pixel_array
+    except (NotImplementedError, RuntimeError, ImportError) as error:
+        syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
+        name = getattr(syntax, "name", str(syntax))
+        raise UnsupportedFormat(f"DICOM transfer syntax {name} cannot be decoded here: {error}") from error
+    except Exception as error:
+        raise DecodeError(f"The DICOM pixel data could not be decoded: {error}") from error
+    return dataset, pixels
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, draft_size: int | None = None) -> np.ndarray:
+def _decode_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
+    dataset, pixels = _read_dicom(data, limits)
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if int(dataset.get("SamplesPerPixel", 1)) > 1:  # colour (secondary capture photos): as RGB
+        colour = pixels[0] if frames > 1 else pixels
+        return _to_supported_dtype(np.ascontiguousarray(colour[..., :3]))
+    try:
+        unit = _dicom_grey_to_unit(pixels, dataset)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise DecodeError(f"The DICOM intensity transforms could not be applied: {error}") from error
+    if frames == 2:
+        return np.ascontiguousarray(np.moveaxis(unit, 0, -1))  # frames: high energy, low energy
+    return unit[..., None]
+
+
+# ------------------------------------------------------------------------------------------- public
+
+
+def decode_image(
+    data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, draft_size: int | None = None
+) -> np.ndarray:
     """Decodes image bytes to an HxWxC array (uint8, uint16 or float32), orientation applied.
 
-    `draft_size` lets a JPEG be decoded at reduced scale when the model needs far fewer pixels.
-    Raises DecodeError (or a subclass) with a message fit to show a user.
+    C is 1 (grey), 2 (dual-energy high/low) or 3 (RGB; alpha is composited onto white). `draft_size`
+    lets a JPEG be decoded at reduced scale when the model needs far fewer pixels. Raises DecodeError
+    (or a subclass) with a message fit to show a user.
     """
-    if len(data) > limits.max_bytes:
-        raise ImageTooLarge(f"The file is {len(data):,} bytes; the limit is {limits.max_bytes:,}.")
+    _check_bytes(len(data), limits)
     kind = sniff_format(data)
     if kind == "tiff":
         return _decode_tiff(data, limits)
     if kind == "dicom":
         return _decode_dicom(data, limits)
     return _decode_pil(data, limits, draft_size)
+
+
+def _single_plane(image: np.ndarray, which: str) -> np.ndarray:
+    if image.shape[2] == 1:
+        return image[..., 0]
+    grey_as_rgb = image.shape[2] == 3 and bool((image == image[..., :1]).all())
+    if grey_as_rgb:
+        return image[..., 0]  # a grey image saved as RGB
+    raise DecodeError(
+        f"The {which}-energy image has {image.shape[2]} channels; each image of a dual-energy pair must be "
+        "a single grey channel."
+    )
+
+
+def _unit_float(plane: np.ndarray) -> np.ndarray:
+    if plane.dtype == np.uint8:
+        return plane.astype(np.float32) / 255.0
+    if plane.dtype == np.uint16:
+        return plane.astype(np.float32) / 65535.0
+    return plane.astype(np.float32)
+
+
+def decode_dual_energy(high: bytes, low: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decodes a high/low energy pair (two files) to HxWx2: channel 0 high, channel 1 low.
+
+    Both must be single-channel and the same size. Same integer type: kept; otherwise both become float32
+    in [0, 1] (8-bit / 255, 16-bit / 65535, DICOM already windowed).
+    """
+    high_plane = _single_plane(decode_image(high, limits), "high")
+    low_plane = _single_plane(decode_image(low, limits), "low")
+    if high_plane.shape != low_plane.shape:
+        raise DecodeError(
+            f"The high- and low-energy images differ in size: {high_plane.shape[1]}x{high_plane.shape[0]} "
+            f"and {low_plane.shape[1]}x{low_plane.shape[0]}."
+        )
+    if high_plane.dtype != low_plane.dtype or high_plane.dtype == np.float32:
+        high_plane, low_plane = _unit_float(high_plane), _unit_float(low_plane)
+    return np.stack([high_plane, low_plane], axis=2)
 
 
 def _match_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
@@ -200,7 +461,12 @@ def _match_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
     if in_chans == 1 and channels in (3, 4):
         # ITU-R 601 luma, as PIL's "L" conversion uses
         luma = image[..., 0] * 0.299 + image[..., 1] * 0.587 + image[..., 2] * 0.114
-        return luma.astype(np.float32 if image.dtype != np.uint8 else np.float32)[..., None]
+        # 8-bit luma stays float (no rounding); deeper images keep their type so the window still applies
+        return (luma.astype(np.float32) if image.dtype == np.uint8 else luma.astype(image.dtype))[..., None]
+    if in_chans == 1 and channels == 2:
+        # A single-energy model given a dual-energy scan sees the high-energy image, which is what a
+        # single-energy scanner records.
+        return image[..., :1]
     if in_chans == 3 and channels == 4:
         return image[..., :3]
     if in_chans == 3 and channels == 2:
@@ -286,9 +552,29 @@ def _letterbox(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return canvas
 
 
+def read_image_bytes(source: bytes | str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> bytes:
+    """The bytes of an upload or a file; a file over the size limit is refused before it is read."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source)
+    path = Path(source)
+    _check_bytes(path.stat().st_size, limits)
+    return path.read_bytes()
+
+
 def load_for_model(
     source: bytes | str | Path, spec: PreprocessSpec, limits: DecodeLimits = DEFAULT_LIMITS
 ) -> np.ndarray:
     """Decode and preprocess in one call: the function both evaluation and serving use."""
-    data = Path(source).read_bytes() if isinstance(source, str | Path) else source
+    data = read_image_bytes(source, limits)
     return to_model_input(decode_image(data, limits, draft_size=spec.image_size), spec)
+
+
+def load_dual_energy_for_model(
+    high: bytes | str | Path,
+    low: bytes | str | Path,
+    spec: PreprocessSpec,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+) -> np.ndarray:
+    """`load_for_model` for a high/low energy pair given as two files."""
+    pair = decode_dual_energy(read_image_bytes(high, limits), read_image_bytes(low, limits), limits)
+    return to_model_input(pair, spec)
