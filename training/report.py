@@ -296,6 +296,9 @@ def write_report(
         "<h2>Curves</h2>",
         curves_note,
         f'<div class="plots">{"".join(plots)}</div>',
+        "<p>Reliability: bars show the observed counterfeit share in each score bin, red dots sit at the "
+        "bin's mean score; on the dashed diagonal scores are exact probabilities "
+        f"(ECE {_fmt(metrics.get('ece'))}).</p>",
         "<h2>Confusion matrix (true label x verdict)</h2>",
         confusion_table(metrics),
         "<h2>Breakdown</h2>",
