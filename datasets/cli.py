@@ -1,0 +1,149 @@
+"""`verity data`: synth, ingest, stats and from-feedback, each imported only when used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+# subcommand -> (module, function, one-line help). Functions take argv and return an exit code.
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "synth": ("datasets.synth", "synth_main", "generate synthetic photos or X-rays with a manifest"),
+    "ingest": (
+        "datasets.cli",
+        "ingest_main",
+        "validate, dedupe and split a folder, CSV or JSONL into a manifest",
+    ),
+    "stats": ("datasets.cli", "stats_main", "print counts per label, modality, product and split"),
+    "from-feedback": (
+        "api.feedback",
+        "from_feedback_main",
+        "turn confirmed outcomes from the audit log into rows",
+    ),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: verity data <subcommand> [options]", "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, _, text) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _load(name: str) -> Callable[[list[str]], int]:
+    module_name, function_name, _ = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise  # a dependency of the module is missing: let that message through
+        raise RuntimeError(
+            f"`verity data {name}` is not available in this installation ({module_name} is missing)."
+        ) from None
+    return getattr(module, function_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatches `verity data <subcommand>`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(
+            f"verity data: unknown subcommand {name!r}. Valid subcommands: {', '.join(SUBCOMMANDS)}.",
+            file=sys.stderr,
+        )
+        return 2
+    return int(_load(name)(rest) or 0)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
+    return value
+
+
+def ingest_main(argv: list[str]) -> int:
+    """`verity data ingest SRC --out MANIFEST ...`; returns 1 when no image could be accepted."""
+    parser = argparse.ArgumentParser(prog="verity data ingest", description=_load_doc("datasets.ingest"))
+    parser.add_argument(
+        "src", type=Path, help="a folder tree (genuine/ counterfeit/ ...), a .csv or a .jsonl"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="manifest JSONL; appended to when it exists")
+    parser.add_argument("--modality", choices=("photo", "xray"), help="modality of rows that do not name one")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the split (default 0)")
+    parser.add_argument("--val", type=_fraction, default=0.15, help="share of groups for validation (0.15)")
+    parser.add_argument("--test", type=_fraction, default=0.15, help="share of groups for test (0.15)")
+    parser.add_argument("--report", type=Path, help="report JSONL (default: <out stem>.report.jsonl)")
+    parser.add_argument(
+        "--source", help="source name stored in each row (default: the SRC folder or file name)"
+    )
+    parser.add_argument(
+        "--near-threshold",
+        type=int,
+        default=4,
+        help="max differing bits of 64 for a near-duplicate (default 4)",
+    )
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads")
+    parser.add_argument(
+        "--case-from-folder",
+        action="store_true",
+        help="folder tree: the folders other than label/modality names give the case_id",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing manifest instead of appending"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if not 0 <= args.near_threshold <= 32:
+        parser.error("--near-threshold must lie between 0 and 32")
+    from datasets.ingest import IngestOptions, format_summary, ingest
+
+    options = IngestOptions(
+        modality=args.modality,
+        seed=args.seed,
+        val=args.val,
+        test=args.test,
+        report=args.report,
+        near_threshold=args.near_threshold,
+        workers=max(1, args.workers),
+        overwrite=args.overwrite,
+        source=args.source,
+        case_from_folder=args.case_from_folder,
+        progress=not args.no_progress,
+    )
+    result = ingest(args.src, args.out, options)
+    print(format_summary(result))
+    if result.accepted == 0 and result.seen > 0:
+        print("verity data ingest: no image was accepted; see the report for why.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def stats_main(argv: list[str]) -> int:
+    """`verity data stats MANIFEST`."""
+    parser = argparse.ArgumentParser(
+        prog="verity data stats", description="Counts per label, modality, product and split of a manifest."
+    )
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("--products", type=int, default=30, help="products listed before the rest are summed")
+    args = parser.parse_args(argv)
+    from datasets.stats import manifest_stats
+
+    print(manifest_stats(args.manifest, max_products=max(1, args.products)))
+    return 0
+
+
+def _load_doc(module_name: str) -> str:
+    doc = importlib.import_module(module_name).__doc__ or ""
+    return doc.strip().split("\n\n")[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
