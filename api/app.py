@@ -1,0 +1,136 @@
+"""The FastAPI app factory. Nothing happens at import time: `create_app(settings)` builds an app,
+and its lifespan loads the models, so tests and `verity serve` each build their own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from api import routes_v1, routes_v2
+from api.audit import AuditStore, ImageStore, open_audit_store
+from api.auth import KeyStore
+from api.errors import install_error_handlers
+from api.metrics import Metrics
+from api.middleware import RequestContextMiddleware
+from api.registry import EngineFactory, ModelRegistry
+from api.settings import Settings, load_settings
+
+log = logging.getLogger("verity.api")
+
+SMALL_BODY_LIMIT = 1024 * 1024  # JSON routes: feedback, reload
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small form fields
+
+DESCRIPTION = """
+Verity tells genuine goods from counterfeits in product photos and X-ray scans.
+
+Every answer carries a **verdict** (`genuine`, `counterfeit` or `uncertain`), a calibrated **score**
+(probability of counterfeit), the model's thresholds, the model version and a `request_id` under which
+the answer was written to the audit log before it was sent. Officers' confirmed outcomes go to
+`POST /v1/feedback`.
+
+**Auth**: station API keys in `X-API-Key` or `Authorization: Bearer`; required when the server binds
+a non-loopback address. `/healthz` is always open.
+
+**Errors** (/v1): `{"error": {"code", "message", "request_id"}}` with 400, 401, 403, 404, 413, 415, 422
+or 503 (+ `Retry-After`). The Open Inference Protocol routes under `/v2` answer `{"error": "..."}`.
+"""
+
+TAGS = [
+    {"name": "predict", "description": "Verdicts for images."},
+    {"name": "models", "description": "What is served, and hot reload."},
+    {"name": "feedback", "description": "Confirmed outcomes that close the loop to retraining."},
+    {"name": "health", "description": "Liveness, readiness and metrics."},
+    {"name": "open inference protocol v2", "description": "KServe v2 / Triton HTTP protocol for consoles."},
+]
+
+
+def body_limit_for(settings: Settings):
+    """The largest body each route accepts, checked while it streams in."""
+
+    def limit(method: str, path: str) -> int:
+        if method not in ("POST", "PUT", "PATCH"):
+            return SMALL_BODY_LIMIT
+        if path == "/v1/predict":
+            return settings.max_upload_bytes + FORM_OVERHEAD
+        if path == "/v1/predict/batch" or (path.startswith("/v2/") and path.endswith("/infer")):
+            return settings.max_batch_bytes
+        return SMALL_BODY_LIMIT
+
+    return limit
+
+
+async def _initial_load(registry: ModelRegistry) -> None:
+    try:
+        report = await registry.reload()
+        log.info(
+            "models loaded",
+            extra={"loaded": report.loaded, "failed": report.failed, "defaults": report.defaults},
+        )
+    except Exception:  # a failed first load must leave /healthz answering and /readyz saying why not
+        log.exception("model loading failed")
+
+
+def create_app(
+    settings: Settings | None = None,
+    registry: ModelRegistry | None = None,
+    audit: AuditStore | None = None,
+    engine_factory: EngineFactory | None = None,
+) -> FastAPI:
+    """Builds the service. Tests pass settings, a registry or an audit store; `verity serve` passes none
+    (everything comes from VERITY_* variables and the optional settings file)."""
+    settings = settings or load_settings()
+    metrics = Metrics()
+    registry = registry or ModelRegistry(settings, engine_factory, on_batch=metrics.batch_size.observe)
+    audit_store = audit or open_audit_store(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = None
+        if settings.background_load:
+            loading = asyncio.create_task(_initial_load(registry))
+        else:
+            await _initial_load(registry)
+        try:
+            yield
+        finally:
+            # Graceful shutdown: uvicorn has stopped accepting and finished in-flight requests; drain the
+            # batch queues, then close the audit store (its writes are synchronous, so none is pending).
+            if loading is not None and not loading.done():
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
+            await registry.close()
+            await run_in_threadpool(audit_store.close)
+
+    app = FastAPI(
+        title="Verity", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS, lifespan=lifespan
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.audit = audit_store
+    app.state.keys = KeyStore(settings.keys_file)
+    app.state.image_store = ImageStore(settings.image_store_dir) if settings.store_images else None
+    app.state.metrics = metrics
+    metrics.watch_models(
+        lambda: [
+            (
+                m.modality,
+                m.engine.name,
+                m.engine.version,
+                key in registry.snapshot.defaults.values(),
+                m.queue_depth(),
+            )
+            for key, m in registry.snapshot.models.items()
+        ]
+    )
+    install_error_handlers(app)
+    app.include_router(routes_v1.router)
+    app.include_router(routes_v2.router)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, body_limit=body_limit_for(settings))
+    return app

@@ -1,0 +1,222 @@
+"""The audit log: every answered prediction and every officer's feedback, written before the response.
+
+`AuditStore` is the interface; `SQLiteAuditStore` (WAL mode) is the default. A PostgreSQL store would
+implement the same five methods against `settings.database_url`; `open_audit_store` is where it plugs in.
+`ImageStore` keeps uploaded images content-addressed (by SHA-256) for retraining.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from api.settings import Settings
+
+
+class AuditError(RuntimeError):
+    """The audit store could not record or read; a prediction must then not be answered."""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    request_id: str
+    created: str  # ISO 8601 UTC
+    station_id: str | None
+    case_id: str | None
+    image_sha256: str
+    modality: str
+    model_name: str
+    model_version: str
+    score: float
+    verdict: str
+    alarm_threshold: float
+    clear_threshold: float
+    latency_ms: float
+    image_path: str | None = None
+    api: str = "v1"
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    request_id: str
+    created: str
+    confirmed_label: str
+    case_id: str | None = None
+    notes: str | None = None
+    station_id: str | None = None
+
+
+AUDIT_FIELDS = tuple(f.name for f in fields(AuditRecord))
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class AuditStore(Protocol):
+    def record(self, records: list[AuditRecord]) -> None:
+        """Writes the records durably (all or none) before returning, or raises AuditError."""
+
+    def get(self, request_id: str) -> AuditRecord | None: ...
+
+    def add_feedback(self, feedback: FeedbackRecord) -> None: ...
+
+    def since(self, since: str | None) -> Iterator[AuditRecord]:
+        """Records created at or after `since` (ISO 8601), oldest first."""
+
+    def confirmed_cases(self) -> Iterator[tuple[AuditRecord, FeedbackRecord]]:
+        """Each audited prediction with its latest feedback, for turning seizures into training data."""
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    request_id TEXT PRIMARY KEY, created TEXT NOT NULL, station_id TEXT, case_id TEXT,
+    image_sha256 TEXT NOT NULL, modality TEXT NOT NULL, model_name TEXT NOT NULL, model_version TEXT NOT NULL,
+    score REAL NOT NULL, verdict TEXT NOT NULL, alarm_threshold REAL NOT NULL, clear_threshold REAL NOT NULL,
+    latency_ms REAL NOT NULL, image_path TEXT, api TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL REFERENCES predictions (request_id),
+    created TEXT NOT NULL, confirmed_label TEXT NOT NULL, case_id TEXT, notes TEXT, station_id TEXT
+);
+CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id);
+"""
+
+
+class SQLiteAuditStore:
+    """SQLite in WAL mode: readers never block the writer; a committed row survives a killed process."""
+
+    def __init__(self, path: str | Path, synchronous: str = "normal") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            # One connection shared by the threadpool, serialized by the lock: writes are short.
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as error:
+            raise AuditError(f"Cannot open the audit database {self.path}: {error}") from error
+
+    def record(self, records: list[AuditRecord]) -> None:
+        placeholders = ", ".join("?" for _ in AUDIT_FIELDS)
+        rows = [tuple(asdict(r).values()) for r in records]
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(
+                        f"INSERT INTO predictions ({', '.join(AUDIT_FIELDS)}) VALUES ({placeholders})", rows
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as error:
+            raise AuditError(f"The audit log could not be written: {error}") from error
+
+    def get(self, request_id: str) -> AuditRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(AUDIT_FIELDS)} FROM predictions WHERE request_id = ?", (request_id,)
+            ).fetchone()
+        return AuditRecord(*row) if row else None
+
+    def add_feedback(self, feedback: FeedbackRecord) -> None:
+        values = asdict(feedback)
+        try:
+            with self._lock:
+                self._db.execute(
+                    f"INSERT INTO feedback ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
+                    tuple(values.values()),
+                )
+        except sqlite3.Error as error:
+            raise AuditError(f"The feedback could not be written: {error}") from error
+
+    def since(self, since: str | None) -> Iterator[AuditRecord]:
+        # A separate connection, so a long export never holds the writer's lock.
+        reader = sqlite3.connect(self.path)
+        try:
+            cursor = reader.execute(
+                f"SELECT {', '.join(AUDIT_FIELDS)} FROM predictions WHERE created >= ? ORDER BY created",
+                (since or "",),
+            )
+            for row in cursor:
+                yield AuditRecord(*row)
+        finally:
+            reader.close()
+
+    def confirmed_cases(self) -> Iterator[tuple[AuditRecord, FeedbackRecord]]:
+        columns = ", ".join(f"p.{name}" for name in AUDIT_FIELDS)
+        query = f"""
+            SELECT {columns}, f.request_id, f.created, f.confirmed_label, f.case_id, f.notes, f.station_id
+            FROM feedback f JOIN predictions p ON p.request_id = f.request_id
+            WHERE f.id = (SELECT MAX(id) FROM feedback WHERE request_id = f.request_id)
+            ORDER BY p.created"""
+        reader = sqlite3.connect(self.path)
+        try:
+            for row in reader.execute(query):
+                yield AuditRecord(*row[: len(AUDIT_FIELDS)]), FeedbackRecord(*row[len(AUDIT_FIELDS) :])
+        finally:
+            reader.close()
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                self._db.close()
+
+
+def open_audit_store(settings: Settings) -> AuditStore:
+    """The store the settings name: SQLite at `audit_db` unless `database_url` says otherwise."""
+    url = settings.database_url
+    if url is None:
+        return SQLiteAuditStore(settings.audit_db, settings.audit_synchronous)
+    if url.startswith("sqlite:///"):
+        return SQLiteAuditStore(url.removeprefix("sqlite:///"), settings.audit_synchronous)
+    scheme = url.split(":", 1)[0]
+    raise ValueError(
+        f"Unsupported audit database URL scheme {scheme!r}. Supported: sqlite:///PATH. A PostgreSQL store "
+        "implements api.audit.AuditStore against a postgresql:// URL and is registered in open_audit_store."
+    )
+
+
+_EXTENSIONS = {
+    "jpeg": "jpg",
+    "png": "png",
+    "gif": "gif",
+    "tiff": "tif",
+    "bmp": "bmp",
+    "webp": "webp",
+    "dicom": "dcm",
+}
+
+
+class ImageStore:
+    """Content-addressed image files: <root>/<sha[:2]>/<sha>.<ext>, each written once."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def put(self, data: bytes, sha256: str, kind: str) -> str:
+        target = self.root / sha256[:2] / f"{sha256}.{_EXTENSIONS.get(kind, 'bin')}"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_suffix(target.suffix + ".tmp")
+            temporary.write_bytes(data)
+            temporary.replace(target)  # atomic: a reader never sees half an image
+        return str(target)

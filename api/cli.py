@@ -1,0 +1,163 @@
+"""`verity serve`, `verity keys` and `verity audit`: each parses its own argv and returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ipaddress
+import json
+import os
+import sys
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from api.audit import AUDIT_FIELDS, open_audit_store
+from api.auth import KeyStore
+from api.settings import load_settings
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name that may resolve anywhere: treat as exposed
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="verity serve", description="Run the Verity HTTP service.")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (non-loopback requires API keys)"
+    )
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (each loads the models)")
+    parser.add_argument("--config", help="settings file (KEY=VALUE lines, VERITY_ prefix)")
+    parser.add_argument("--models-dir", help="folder of <name>/<version>/model.onnx (default checkpoints)")
+    parser.add_argument("--require-api-keys", action="store_true", help="require keys even on loopback")
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def serve_main(argv: list[str]) -> int:
+    """Runs uvicorn with the app factory; refuses a non-loopback bind without any API key."""
+    args = _serve_parser().parse_args(argv)
+    if args.config:
+        os.environ["VERITY_CONFIG"] = str(Path(args.config).resolve())
+    if args.models_dir:
+        os.environ["VERITY_MODELS_DIR"] = args.models_dir
+    if args.log_level:
+        os.environ["VERITY_LOG_LEVEL"] = args.log_level
+    if args.require_api_keys or not is_loopback(args.host):
+        os.environ["VERITY_REQUIRE_API_KEYS"] = "true"
+    settings = load_settings()  # validates the environment and file before uvicorn starts
+    if settings.require_api_keys and KeyStore(settings.keys_file).active_count() == 0:
+        reason = (
+            "binding non-loopback address " + args.host if not is_loopback(args.host) else "keys are required"
+        )
+        print(
+            f"verity serve: refusing to start: {reason} needs API keys, and {settings.keys_file} has none. "
+            "Create one with `verity keys add --station <id>` (or bind 127.0.0.1).",
+            file=sys.stderr,
+        )
+        return 2
+    if not 1 <= args.workers <= 64:
+        print("verity serve: --workers must lie between 1 and 64.", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from api.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_config=None,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+        access_log=False,
+    )
+    return 0
+
+
+def keys_main(argv: list[str]) -> int:
+    """`verity keys add --station ID [--admin] | revoke KEY_ID | list`: the server sees changes at once."""
+    parser = argparse.ArgumentParser(prog="verity keys", description="Manage station API keys.")
+    parser.add_argument("--keys-file", help="key file (default: VERITY_KEYS_FILE or var/keys.json)")
+    sub = parser.add_subparsers(dest="action", required=True)
+    add = sub.add_parser("add", help="create a key; it is printed once and stored only as a hash")
+    add.add_argument("--station", required=True, help="the station the key speaks for")
+    add.add_argument("--admin", action="store_true", help="may also reload models")
+    revoke = sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    sub.add_parser("list", help="list keys (ids, stations, roles; never secrets)")
+    args = parser.parse_args(argv)
+    store = KeyStore(args.keys_file or load_settings().keys_file)
+    if args.action == "add":
+        record, secret = store.add(args.station, "admin" if args.admin else "station")
+        print(
+            f"key id {record.key_id} for station {record.station_id} ({record.role}); store it now, "
+            "it is not shown again:",
+            file=sys.stderr,
+        )
+        print(secret)
+    elif args.action == "revoke":
+        record = store.revoke(args.key_id)
+        print(f"revoked key {record.key_id} (station {record.station_id})")
+    else:
+        for key in store.list_keys():
+            state = f"revoked {key.revoked}" if key.revoked else "active"
+            print(f"{key.key_id}  {key.station_id:<20} {key.role:<8} created {key.created}  {state}")
+    return 0
+
+
+def _parse_since(text: str | None) -> str | None:
+    """ISO 8601 date or time; naive times are UTC. Returned normalized for string comparison."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as error:
+        raise ValueError(
+            f"--since {text!r} is not an ISO 8601 date or time (e.g. 2026-11-29T08:00)."
+        ) from error
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def audit_main(argv: list[str]) -> int:
+    """`verity audit export --since T --format csv|jsonl [--out FILE]`."""
+    parser = argparse.ArgumentParser(prog="verity audit", description="Read the audit log.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    export = sub.add_parser("export", help="write audit records as CSV or JSONL")
+    export.add_argument("--since", help="ISO 8601 date or time (UTC unless it says otherwise)")
+    export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
+    export.add_argument("--out", default="-", help="output file (default: standard output)")
+    export.add_argument("--db", help="SQLite audit database (default: VERITY_AUDIT_DB or var/audit.sqlite)")
+    args = parser.parse_args(argv)
+    settings = load_settings(**({"audit_db": args.db} if args.db else {}))
+    if settings.database_url is None and not Path(settings.audit_db).is_file():
+        raise FileNotFoundError(f"No audit database at {settings.audit_db}.")
+    store = open_audit_store(settings)
+    since = _parse_since(args.since)
+    handle = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8", newline="")  # noqa: SIM115
+    count = 0
+    try:
+        writer = csv.DictWriter(handle, fieldnames=AUDIT_FIELDS) if args.format == "csv" else None
+        if writer:
+            writer.writeheader()
+        for record in store.since(since):
+            row = asdict(record)
+            writer.writerow(row) if writer else handle.write(json.dumps(row) + "\n")
+            count += 1
+    finally:
+        if handle is not sys.stdout:
+            handle.close()
+        store.close()
+    print(f"exported {count} audit records", file=sys.stderr)
+    return 0

@@ -1,0 +1,104 @@
+"""Dependencies as typed aliases: routes declare what they need, tests swap it via dependency_overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from api.audit import AuditStore, ImageStore
+from api.auth import KeyStore
+from api.errors import ApiError
+from api.metrics import Metrics
+from api.registry import ModelRegistry
+from api.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def get_audit(request: Request) -> AuditStore:
+    return request.app.state.audit
+
+
+def get_image_store(request: Request) -> ImageStore | None:
+    return request.app.state.image_store
+
+
+def get_keys(request: Request) -> KeyStore:
+    return request.app.state.keys
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+AuditDep = Annotated[AuditStore, Depends(get_audit)]
+ImageStoreDep = Annotated[ImageStore | None, Depends(get_image_store)]
+KeysDep = Annotated[KeyStore, Depends(get_keys)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="A station key from `verity keys add`."
+)
+_bearer = HTTPBearer(auto_error=False, description="The same station key as a Bearer token.")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a keyed station (or admin), or anonymous when keys are not required."""
+
+    station_id: str | None
+    role: str
+    key_id: str | None = None
+
+
+ANONYMOUS = Principal(station_id=None, role="anonymous")
+
+
+def authenticate(
+    settings: SettingsDep,
+    keys: KeysDep,
+    api_key: Annotated[str | None, Security(_api_key_header)] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+) -> Principal:
+    """Checks X-API-Key or Authorization: Bearer. A presented key is always checked; none is allowed
+    only when keys are not required."""
+    presented = api_key or (bearer.credentials if bearer else None)
+    if not presented:
+        if settings.require_api_keys:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "An API key is required: send X-API-Key or Authorization: Bearer.",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return ANONYMOUS
+    key = keys.verify(presented)
+    if key is None:
+        raise ApiError(
+            401, "unauthorized", "The API key is unknown or revoked.", {"WWW-Authenticate": "Bearer"}
+        )
+    return Principal(station_id=key.station_id, role=key.role, key_id=key.key_id)
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
+
+
+def require_admin(principal: PrincipalDep, settings: SettingsDep) -> Principal:
+    """Admin routes need an admin key whenever keys are in force (open only on an unkeyed loopback server)."""
+    if principal.role == "admin" or (principal.role == "anonymous" and not settings.require_api_keys):
+        return principal
+    raise ApiError(403, "forbidden", "This needs an admin key (verity keys add --admin).")
+
+
+AdminDep = Annotated[Principal, Depends(require_admin)]

@@ -1,0 +1,121 @@
+"""One error shape for the whole /v1 API, and the Open Inference Protocol's shape under /v2.
+
+/v1: `{"error": {"code", "message", "request_id"}}`. /v2: `{"error": "message"}` (the OIP spec).
+Bad input is always a 4xx with a message fit for the user; an unexpected failure is a 500 without a
+traceback (the traceback goes to the log, next to the request_id).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.logs import request_id_var
+from inference.decode import DecodeError, ImageTooLarge, UnsupportedFormat
+
+log = logging.getLogger("verity.api")
+
+
+class ApiError(Exception):
+    """An error a route wants the client to see, with its HTTP status and machine-readable code."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def decode_error_to_api(error: DecodeError) -> ApiError:
+    """413 for too large, 415 for not an image type we read, 400 for anything else undecodable."""
+    if isinstance(error, ImageTooLarge):
+        return ApiError(413, error.code, str(error))
+    if isinstance(error, UnsupportedFormat):
+        return ApiError(415, error.code, str(error))
+    return ApiError(400, error.code, str(error))
+
+
+def service_unavailable(code: str, message: str, retry_after_s: int) -> ApiError:
+    return ApiError(503, code, message, {"Retry-After": str(retry_after_s)})
+
+
+def current_request_id(request: Request | None = None) -> str:
+    if request is not None and getattr(request.state, "request_id", None):
+        return str(request.state.request_id)
+    return request_id_var.get() or ""
+
+
+def error_response(
+    request: Request | None,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    path: str | None = None,
+) -> JSONResponse:
+    """Builds the error body in the shape the route's API family uses."""
+    request_id = current_request_id(request)
+    path = path if path is not None else (request.url.path if request is not None else "")
+    if path.startswith("/v2"):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    body = {"error": {"code": code, "message": message, "request_id": request_id}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_fields",
+    503: "unavailable",
+}
+
+
+def _describe_validation(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        location = ".".join(
+            str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path", "header")
+        )
+        parts.append(f"{location or 'request'}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) or "The request fields are invalid."
+
+
+async def _api_error_handler(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ApiError)
+    return error_response(request, error.status, error.code, error.message, error.headers)
+
+
+async def _validation_handler(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    return error_response(request, 422, "invalid_fields", _describe_validation(error))
+
+
+async def _http_handler(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    code = _HTTP_CODES.get(error.status_code, "http_error")
+    message = error.detail if isinstance(error.detail, str) else code.replace("_", " ")
+    return error_response(request, error.status_code, code, message, dict(error.headers or {}))
+
+
+async def _unexpected_handler(request: Request, error: Exception) -> JSONResponse:
+    log.error("unhandled error", exc_info=error)
+    return error_response(
+        request, 500, "internal_error", "The server failed to answer; the failure is logged."
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(Exception, _unexpected_handler)

@@ -1,0 +1,86 @@
+"""Prometheus metrics, in a registry per app (so test apps and reloads never collide)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _ModelCollector:
+    """Reads the registry at scrape time: which versions are loaded, which is default, queue depths."""
+
+    def __init__(self, describe: Callable[[], list[tuple[str, str, str, bool, int]]]) -> None:
+        self.describe = describe
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        info = GaugeMetricFamily(
+            "verity_model_info",
+            "Loaded model versions (1 = default for its modality).",
+            labels=["modality", "name", "version"],
+        )
+        depth = GaugeMetricFamily(
+            "verity_queue_depth", "Requests waiting in a model's batch queue.", labels=["name", "version"]
+        )
+        for modality, name, version, is_default, queued in self.describe():
+            info.add_metric([modality, name, version], 1.0 if is_default else 0.0)
+            depth.add_metric([name, version], float(queued))
+        yield info
+        yield depth
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "verity_requests_total",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "verity_request_latency_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "verity_predictions_total",
+            "Verdicts given, by modality, verdict and model.",
+            ["modality", "verdict", "model_version"],
+            registry=self.registry,
+        )
+        self.inference_latency = Histogram(
+            "verity_inference_latency_seconds",
+            "Time from a decoded image to its score (queue wait included).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "verity_batch_size",
+            "Images per model run.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "verity_rejected_total",
+            "Requests refused with 503, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.audit_failures = Counter(
+            "verity_audit_failures_total", "Audit writes that failed.", registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "verity_requests_in_flight", "HTTP requests being served.", registry=self.registry
+        )
+
+    def watch_models(self, describe: Callable[[], list[tuple[str, str, str, bool, int]]]) -> None:
+        self.registry.register(_ModelCollector(describe))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

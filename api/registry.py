@@ -1,0 +1,260 @@
+"""Model registry: every <name>/<version>/model.onnx under the models folder, loaded side by side.
+
+The default per modality is the newest version (or the one pinned in settings). Reload loads new or
+changed files beside the serving ones, warms them, then swaps the whole snapshot in one assignment,
+so a request sees either the old set or the new one, never a mix. A file that fails to load is
+reported and the version it would have replaced keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from api.settings import Settings
+from inference.engine import ModelLoadError, OnnxEngine, Prediction
+
+log = logging.getLogger("verity.api.registry")
+
+ModelKey = tuple[str, str]  # (name, version)
+EngineFactory = Callable[[Path], Any]
+
+
+def version_sort_key(version: str) -> tuple:
+    """Natural order: 2026.11.2 < 2026.11.10, v9 < v10; numbers compare as numbers."""
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.findall(r"\d+|\D+", version)
+    )
+
+
+def scan_model_files(models_dir: Path) -> list[Path]:
+    """<models_dir>/<name>/<version>/model.onnx, sorted; other files (model.int8.onnx, ...) are ignored."""
+    if not models_dir.is_dir():
+        return []
+    return sorted(models_dir.glob("*/*/model.onnx"))
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+class ServedModel:
+    """One loaded engine plus the micro-batcher that feeds it."""
+
+    def __init__(
+        self, engine: Any, path: Path, settings: Settings, on_batch: Callable[[int], None] | None = None
+    ) -> None:
+        self.engine = engine
+        self.path = path
+        self.stamp = _file_stamp(path) if path.exists() else (0, 0)
+        self.settings = settings
+        self._on_batch = on_batch
+        self._batcher: Any = None
+
+    @property
+    def key(self) -> ModelKey:
+        return (self.engine.name, self.engine.version)
+
+    @property
+    def modality(self) -> str:
+        return str(self.engine.spec.modality)
+
+    def run_batch(self, inputs: list[np.ndarray]) -> list[Prediction]:
+        """Runs one batch; the CAM comes out of the same pass, so it is always returned."""
+        if self._on_batch is not None:
+            self._on_batch(len(inputs))
+        return list(self.engine.predict(list(inputs), with_cam=True))
+
+    async def start(self) -> None:
+        try:
+            from inference.batcher import MicroBatcher
+        except ModuleNotFoundError:  # TEMPORARY until inference/batcher.py lands
+            return
+        self._batcher = MicroBatcher(
+            self.run_batch,
+            max_batch_size=self.settings.batch_max_size,
+            max_delay_ms=self.settings.batch_max_delay_ms,
+            max_queue=self.settings.batch_max_queue,
+        )
+        started = self._batcher.start()
+        if asyncio.iscoroutine(started):
+            await started
+
+    async def stop(self, drain: bool = True) -> None:
+        if self._batcher is None:
+            return
+        stopped = self._batcher.stop(drain=drain)
+        if asyncio.iscoroutine(stopped):
+            await stopped
+
+    def queue_depth(self) -> int:
+        return int(getattr(self._batcher, "queue_depth", lambda: 0)()) if self._batcher is not None else 0
+
+    async def predict(self, model_input: np.ndarray) -> Prediction:
+        """Scores one preprocessed CxSxS input, batched with concurrent requests."""
+        if self._batcher is None:
+            return (await run_in_threadpool(self.run_batch, [model_input]))[0]
+        result: Prediction = await self._batcher.submit(model_input)
+        return result
+
+    def describe(self, is_default: bool) -> dict[str, Any]:
+        card = self.engine.card
+        thresholds = self.engine.thresholds
+        return {
+            "name": self.engine.name,
+            "version": self.engine.version,
+            "modality": self.modality,
+            "default": is_default,
+            "backbone": card.get("backbone"),
+            "created": card.get("created"),
+            "thresholds": {"alarm": thresholds.alarm, "clear": thresholds.clear},
+            "input_shape": list(self.engine.input_shape()),
+            "metrics": card.get("metrics", {}),
+        }
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    models: dict[ModelKey, ServedModel] = field(default_factory=dict)
+    defaults: dict[str, ModelKey] = field(default_factory=dict)  # modality -> key
+
+
+@dataclass
+class ReloadReport:
+    loaded: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    defaults: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _label(key: ModelKey) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+class ModelRegistry:
+    """The models being served; `snapshot` is replaced whole, never mutated."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine_factory: EngineFactory | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine_factory = engine_factory or self._onnx_engine
+        self.on_batch = on_batch
+        self.snapshot = Snapshot()
+        self.ready = False
+        self.last_report: ReloadReport | None = None
+        self._reload_lock = asyncio.Lock()
+
+    def _onnx_engine(self, path: Path) -> OnnxEngine:
+        return OnnxEngine(
+            path,
+            provider=self.settings.provider,
+            intra_op_threads=self.settings.intra_op_threads,
+            warmup=self.settings.warmup,
+        )
+
+    def _load_files(self, current: Snapshot) -> tuple[dict[ModelKey, ServedModel], ReloadReport]:
+        """Blocking: loads and warms every new or changed file; keeps what is unchanged or broken."""
+        report = ReloadReport()
+        by_path = {served.path.resolve(): served for served in current.models.values()}
+        models: dict[ModelKey, ServedModel] = {}
+        for path in scan_model_files(self.settings.models_dir):
+            previous = by_path.get(path.resolve())
+            try:
+                if previous is not None and previous.stamp == _file_stamp(path):
+                    models[previous.key] = previous
+                    report.kept.append(_label(previous.key))
+                    continue
+                served = ServedModel(self.engine_factory(path), path, self.settings, self.on_batch)
+            except (ModelLoadError, OSError, ValueError, KeyError, TypeError) as error:
+                log.warning("model failed to load", extra={"path": str(path), "error": str(error)})
+                report.failed.append({"path": str(path), "error": str(error)})
+                if previous is not None:  # the old version of this file keeps serving
+                    models[previous.key] = previous
+                    report.kept.append(_label(previous.key))
+                continue
+            if served.key in models:
+                report.failed.append({"path": str(path), "error": f"duplicate model {_label(served.key)}"})
+                continue
+            models[served.key] = served
+            report.loaded.append(_label(served.key))
+        return models, report
+
+    def _choose_defaults(
+        self, models: dict[ModelKey, ServedModel], report: ReloadReport
+    ) -> dict[str, ModelKey]:
+        defaults: dict[str, ModelKey] = {}
+        for modality in sorted({m.modality for m in models.values()}):
+            candidates = [k for k, m in models.items() if m.modality == modality]
+            pin = self.settings.pinned_models.get(modality)
+            if pin:
+                name, _, version = pin.partition("/")
+                pinned = [k for k in candidates if k[0] == name and (not version or k[1] == version)]
+                if pinned:
+                    candidates = pinned
+                else:
+                    report.failed.append(
+                        {"path": pin, "error": f"pinned {modality} model {pin} is not loaded"}
+                    )
+            defaults[modality] = max(candidates, key=lambda k: (version_sort_key(k[1]), k[0]))
+        return defaults
+
+    async def reload(self) -> ReloadReport:
+        """Loads what changed beside what serves, starts its batchers, swaps, then drains the old ones."""
+        async with self._reload_lock:
+            current = self.snapshot
+            models, report = await run_in_threadpool(self._load_files, current)
+            defaults = self._choose_defaults(models, report)
+            for key, served in models.items():
+                if current.models.get(key) is not served:
+                    await served.start()
+            self.snapshot = Snapshot(models=models, defaults=defaults)  # the atomic swap
+            retired = [m for k, m in current.models.items() if models.get(k) is not m]
+            for served in retired:
+                await served.stop(drain=True)
+            report.unloaded = [_label(m.key) for m in retired if m.key not in models]
+            report.defaults = {modality: _label(key) for modality, key in defaults.items()}
+            self.ready = bool(models)
+            self.last_report = report
+            if not models:
+                log.warning("no models loaded", extra={"models_dir": str(self.settings.models_dir)})
+            return report
+
+    def default_for(self, modality: str) -> ServedModel | None:
+        snapshot = self.snapshot
+        key = snapshot.defaults.get(modality)
+        return snapshot.models.get(key) if key else None
+
+    def find(self, name: str, version: str | None = None) -> ServedModel | None:
+        """A model by name (its default or newest version) or by name and version."""
+        snapshot = self.snapshot
+        if version:
+            return snapshot.models.get((name, version))
+        matching = [k for k in snapshot.models if k[0] == name]
+        if not matching:
+            return None
+        preferred = [k for k in matching if k in snapshot.defaults.values()]
+        return snapshot.models[max(preferred or matching, key=lambda k: version_sort_key(k[1]))]
+
+    async def close(self) -> None:
+        """Drains every batcher: queued requests get their answers before shutdown completes."""
+        for served in self.snapshot.models.values():
+            await served.stop(drain=True)
+        self.ready = False

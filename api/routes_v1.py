@@ -1,0 +1,285 @@
+"""/v1: predictions, models, feedback, reload, health and metrics. Routes stay thin; the work is in
+api.service and api.registry."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from api.audit import FeedbackRecord, utc_now
+from api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
+from api.errors import ApiError, current_request_id
+from api.schemas import (
+    BatchResponse,
+    ErrorBody,
+    FeedbackIn,
+    FeedbackOut,
+    Health,
+    Modality,
+    ModelsResponse,
+    PredictionResult,
+    Readiness,
+    ReloadResponse,
+)
+from api.service import PredictionService, Scored, ServiceDep, render_heatmap
+
+router = APIRouter()
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "The upload is not a decodable image.",
+        401: "No API key, or an unknown or revoked one.",
+        403: "The key may not do this.",
+        404: "Not found.",
+        413: "The upload or the image is too large.",
+        415: "Not an image type the server reads.",
+        422: "Missing or invalid fields.",
+        503: "Not ready, at capacity, or the audit log is unavailable; see Retry-After.",
+    }
+    return {code: {"model": ErrorBody, "description": descriptions[code]} for code in codes}
+
+
+FileField = Annotated[UploadFile, File(description="The image: JPEG, PNG, WebP, GIF, BMP, TIFF or DICOM.")]
+ModalityField = Annotated[Modality, Form(description="photo (a product or label photo) or xray (a scan).")]
+StationField = Annotated[
+    str | None, Form(max_length=100, description="Inspection station; a keyed station's own.")
+]
+CaseField = Annotated[
+    str | None, Form(max_length=200, description="Seizure or shipment this image belongs to.")
+]
+HeatmapField = Annotated[bool, Form(description="Return the evidence heatmap as a base64 PNG.")]
+
+
+def _station(principal_station: str | None, form_station: str | None) -> str | None:
+    """A keyed station speaks for itself only; an unkeyed caller may name its station."""
+    if principal_station and form_station and form_station != principal_station:
+        raise ApiError(
+            403, "forbidden", f"This key belongs to station {principal_station!r}, not {form_station!r}."
+        )
+    return principal_station or form_station
+
+
+def _elapsed_ms(request: Request) -> float:
+    return (time.perf_counter() - request.state.started) * 1000.0
+
+
+async def _heatmap(service: PredictionService, scored: Scored, wanted: bool) -> str | None:
+    if not wanted:
+        return None
+    return await run_in_threadpool(render_heatmap, scored.prediction, scored.prepared.model_input)
+
+
+@router.post(
+    "/v1/predict",
+    response_model=PredictionResult,
+    tags=["predict"],
+    responses=_errors(400, 401, 403, 413, 415, 422, 503),
+    summary="Verdict for one image",
+    description="Decodes the image by content (never by file name), scores it with the modality's "
+    "default model, writes the audit record, then answers. Example: "
+    "`curl -F file=@label.jpg -F modality=photo http://127.0.0.1:8000/v1/predict`.",
+)
+async def predict(
+    request: Request,
+    service: ServiceDep,
+    principal: PrincipalDep,
+    file: FileField,
+    modality: ModalityField,
+    station_id: StationField = None,
+    case_id: CaseField = None,
+    return_heatmap: HeatmapField = False,
+) -> dict[str, Any]:
+    station = _station(principal.station_id, station_id)
+    served = service.model_for(modality)
+    data = await file.read()
+    scored = await service.score(data, served)
+    heatmap = await _heatmap(service, scored, return_heatmap)
+    image_path = await service.store_image(data, scored.prepared)
+    record = service.record(
+        current_request_id(request),
+        scored,
+        station_id=station,
+        case_id=case_id,
+        latency_ms=_elapsed_ms(request),
+        image_path=image_path,
+    )
+    await service.write_audit([record])
+    return service.result(record, heatmap)
+
+
+async def _batch_item(
+    service: PredictionService, index: int, upload: UploadFile, served, wanted_heatmap: bool
+):
+    data = await upload.read()
+    try:
+        scored = await service.score(data, served)
+        heatmap = await _heatmap(service, scored, wanted_heatmap)
+        return index, upload.filename, data, scored, heatmap, None
+    except ApiError as error:
+        return index, upload.filename, data, None, None, error
+
+
+@router.post(
+    "/v1/predict/batch",
+    response_model=BatchResponse,
+    tags=["predict"],
+    responses=_errors(401, 403, 413, 422, 503),
+    summary="Verdicts for several images",
+    description="Up to `max_batch_files` files (field `files`, repeated); one result per file in upload "
+    "order. A file that cannot be decoded fails alone, with its own error entry.",
+)
+async def predict_batch(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    files: Annotated[list[UploadFile], File(description="The images, one part each.")],
+    modality: ModalityField,
+    station_id: StationField = None,
+    case_id: CaseField = None,
+    return_heatmap: HeatmapField = False,
+) -> dict[str, Any]:
+    if len(files) > settings.max_batch_files:
+        raise ApiError(
+            422, "too_many_files", f"{len(files)} files sent; at most {settings.max_batch_files} per batch."
+        )
+    station = _station(principal.station_id, station_id)
+    served = service.model_for(modality)
+    outcomes = await asyncio.gather(
+        *(_batch_item(service, i, f, served, return_heatmap) for i, f in enumerate(files))
+    )
+    request_id = current_request_id(request)
+    records, items = [], []
+    for index, filename, data, scored, heatmap, error in outcomes:
+        if error is not None:
+            items.append(
+                {
+                    "index": index,
+                    "filename": filename,
+                    "error": {"code": error.code, "message": error.message, "request_id": request_id},
+                }
+            )
+            continue
+        image_path = await service.store_image(data, scored.prepared)
+        record = service.record(
+            f"{request_id}-{index}",
+            scored,
+            station_id=station,
+            case_id=case_id,
+            latency_ms=_elapsed_ms(request),
+            image_path=image_path,
+        )
+        records.append(record)
+        items.append({"index": index, "filename": filename, "result": service.result(record, heatmap)})
+    await service.write_audit(records)
+    return {"request_id": request_id, "latency_ms": round(_elapsed_ms(request), 3), "results": items}
+
+
+@router.get(
+    "/v1/models",
+    response_model=ModelsResponse,
+    tags=["models"],
+    responses=_errors(401),
+    summary="Loaded models and the default per modality",
+)
+async def list_models(registry: RegistryDep, principal: PrincipalDep) -> dict[str, Any]:
+    snapshot = registry.snapshot
+    defaults = set(snapshot.defaults.values())
+    models = [m.describe(key in defaults) for key, m in sorted(snapshot.models.items())]
+    return {"models": models, "defaults": {mod: f"{k[0]}/{k[1]}" for mod, k in snapshot.defaults.items()}}
+
+
+@router.post(
+    "/v1/models/reload",
+    response_model=ReloadResponse,
+    tags=["models"],
+    responses=_errors(401, 403),
+    summary="Load new model versions and swap atomically (admin)",
+    description="Rescans the models folder, loads and warms new or changed files beside the serving "
+    "ones, then swaps. A file that fails to load is listed in `failed` and what served "
+    "before keeps serving.",
+)
+async def reload_models(registry: RegistryDep, admin: AdminDep) -> dict[str, Any]:
+    report = await registry.reload()
+    return {
+        "ok": report.ok,
+        "loaded": report.loaded,
+        "kept": report.kept,
+        "unloaded": report.unloaded,
+        "failed": report.failed,
+        "defaults": report.defaults,
+    }
+
+
+@router.post(
+    "/v1/feedback",
+    response_model=FeedbackOut,
+    tags=["feedback"],
+    responses=_errors(401, 404, 422, 503),
+    summary="Record an officer's confirmed outcome for a prediction",
+    description="Confirmed cases with stored images become training data: `verity data from-feedback`.",
+)
+async def feedback(
+    request: Request, body: FeedbackIn, audit: AuditDep, principal: PrincipalDep, settings: SettingsDep
+) -> dict[str, Any]:
+    record = await run_in_threadpool(audit.get, body.request_id)
+    if record is None:
+        raise ApiError(
+            404, "unknown_request_id", f"No audited prediction has request_id {body.request_id!r}."
+        )
+    entry = FeedbackRecord(
+        request_id=body.request_id,
+        created=utc_now(),
+        confirmed_label=body.confirmed_label,
+        case_id=body.case_id,
+        notes=body.notes,
+        station_id=principal.station_id,
+    )
+    try:
+        await run_in_threadpool(audit.add_feedback, entry)
+    except RuntimeError as error:
+        raise ApiError(
+            503, "audit_unavailable", str(error), {"Retry-After": str(settings.retry_after_s)}
+        ) from error
+    return {"request_id": body.request_id, "confirmed_label": body.confirmed_label, "recorded": True}
+
+
+@router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    tags=["health"],
+    responses={503: {"model": Readiness, "description": "Models not loaded and warmed yet."}},
+    summary="Readiness: models loaded and warmed",
+)
+async def readyz(registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
+    snapshot = registry.snapshot
+    body = {"ready": registry.ready, "defaults": {m: f"{k[0]}/{k[1]}" for m, k in snapshot.defaults.items()}}
+    headers = None if registry.ready else {"Retry-After": str(settings.retry_after_s)}
+    return JSONResponse(body, status_code=200 if registry.ready else 503, headers=headers)
+
+
+@router.get(
+    "/metrics",
+    tags=["health"],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text format.",
+        }
+    },
+    summary="Prometheus metrics",
+)
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

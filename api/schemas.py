@@ -1,0 +1,196 @@
+"""Request and response bodies, with the examples the OpenAPI docs show."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Verdict = Literal["genuine", "counterfeit", "uncertain"]
+Modality = Literal["photo", "xray"]
+Label = Literal["genuine", "counterfeit"]
+
+EXAMPLE_SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Machine-readable reason, e.g. unsupported_media_type.")
+    message: str = Field(description="What went wrong, fit to show a user.")
+    request_id: str
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "error": {
+                    "code": "unsupported_media_type",
+                    "request_id": "5f0c6a2e9b3d4c1e8a7f6b5c4d3e2f10",
+                    "message": "Not a supported image: expected JPEG, PNG, WebP, GIF, BMP, TIFF or DICOM.",
+                }
+            }
+        }
+    )
+    error: ErrorDetail
+
+
+class OipError(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"error": "Unknown model 'shoes'."}})
+    error: str
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class ThresholdsOut(BaseModel):
+    alarm: float = Field(description="Counterfeit at or above this score.")
+    clear: float = Field(description="Genuine at or below this score; uncertain between.")
+
+
+class PredictionResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "verdict": "counterfeit",
+                "score": 0.93,
+                "thresholds": {"alarm": 0.71, "clear": 0.12},
+                "modality": "photo",
+                "model": {"name": "photo-default", "version": "2026.11.29"},
+                "image_sha256": EXAMPLE_SHA,
+                "request_id": "5f0c6a2e9b3d4c1e8a7f6b5c4d3e2f10",
+                "latency_ms": 18.4,
+                "station_id": "gate-3",
+                "case_id": "SEZ-2026-0412",
+                "heatmap_png": None,
+            }
+        }
+    )
+    verdict: Verdict
+    score: float = Field(ge=0.0, le=1.0, description="Calibrated probability that the item is counterfeit.")
+    thresholds: ThresholdsOut
+    modality: Modality
+    model: ModelRef
+    image_sha256: str
+    request_id: str = Field(description="Quote it in feedback; it keys the audit record.")
+    latency_ms: float
+    station_id: str | None = None
+    case_id: str | None = None
+    heatmap_png: str | None = Field(None, description="Base64 PNG: the evidence overlaid on the image.")
+
+
+class BatchItem(BaseModel):
+    index: int
+    filename: str | None = None
+    result: PredictionResult | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchResponse(BaseModel):
+    request_id: str
+    latency_ms: float
+    results: list[BatchItem] = Field(
+        description="One entry per file, in upload order; a bad file fails alone."
+    )
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    modality: Modality
+    default: bool
+    backbone: str | None = None
+    created: str | None = None
+    thresholds: ThresholdsOut
+    input_shape: list[int]
+    metrics: dict = Field(default_factory=dict)
+
+
+class ModelsResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "defaults": {"photo": "photo-default/2026.11.29"},
+                "models": [
+                    {
+                        "name": "photo-default",
+                        "version": "2026.11.29",
+                        "modality": "photo",
+                        "default": True,
+                        "backbone": "efficientnet_lite0",
+                        "created": "2026-11-29T01:00:00+00:00",
+                        "thresholds": {"alarm": 0.71, "clear": 0.12},
+                        "input_shape": [3, 224, 224],
+                        "metrics": {},
+                    }
+                ],
+            }
+        }
+    )
+    models: list[ModelInfo]
+    defaults: dict[str, str] = Field(description="modality -> name/version that /v1/predict uses.")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    defaults: dict[str, str] = Field(default_factory=dict)
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "request_id": "5f0c6a2e9b3d4c1e8a7f6b5c4d3e2f10",
+                "confirmed_label": "counterfeit",
+                "case_id": "SEZ-2026-0412",
+                "notes": "Hologram missing; seized.",
+            }
+        },
+    )
+    request_id: str = Field(min_length=1, max_length=100)
+    confirmed_label: Label
+    case_id: str | None = Field(None, max_length=200)
+    notes: str | None = Field(None, max_length=4000)
+
+
+class FeedbackOut(BaseModel):
+    request_id: str
+    confirmed_label: Label
+    recorded: bool = True
+
+
+class ReloadFailure(BaseModel):
+    path: str
+    error: str
+
+
+class ReloadResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "ok": False,
+                "loaded": ["photo-default/2026.12.01"],
+                "kept": ["xray-default/2026.11.29"],
+                "unloaded": [],
+                "defaults": {"photo": "photo-default/2026.12.01", "xray": "xray-default/2026.11.29"},
+                "failed": [
+                    {
+                        "path": "checkpoints/photo-default/2026.12.02/model.onnx",
+                        "error": "not a loadable model",
+                    }
+                ],
+            }
+        }
+    )
+    ok: bool = Field(description="False when a file failed to load; what served before keeps serving.")
+    loaded: list[str]
+    kept: list[str]
+    unloaded: list[str]
+    failed: list[ReloadFailure]
+    defaults: dict[str, str]

@@ -1,0 +1,74 @@
+"""Service settings, read from `VERITY_*` environment variables and an optional dotenv-style file.
+
+Precedence (pydantic-settings): explicit constructor arguments > environment > settings file > defaults.
+`verity serve --config FILE` or `VERITY_CONFIG=FILE` names the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from inference.decode import DecodeLimits
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything an operator may tune; every field is `VERITY_<FIELD>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="VERITY_", extra="ignore", env_file_encoding="utf-8")
+
+    # Models: checkpoints/<name>/<version>/model.onnx, several versions side by side.
+    models_dir: Path = Path("checkpoints")
+    # modality -> "name" or "name/version"; unpinned modalities serve their newest version.
+    pinned_models: dict[str, str] = Field(default_factory=dict)
+    provider: str | None = None
+    intra_op_threads: int = Field(1, ge=1, le=64)
+    warmup: bool = True
+    # Load models in the background so /healthz answers at once and /readyz says 503 until warm.
+    background_load: bool = True
+
+    # Request limits. The body limit is enforced while the body streams in, before it is all read.
+    max_upload_bytes: int = Field(20 * MiB, ge=1024)
+    max_batch_bytes: int = Field(64 * MiB, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_batch_files: int = Field(16, ge=1, le=256)
+
+    # Micro-batching (inference/batcher.py): send when full or when the oldest has waited the delay.
+    batch_max_size: int = Field(8, ge=1, le=256)
+    batch_max_delay_ms: float = Field(4.0, ge=0.0)
+    batch_max_queue: int = Field(128, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+
+    # Auth: station API keys, stored hashed. Required when set, and always when binding non-loopback.
+    require_api_keys: bool = False
+    keys_file: Path = Path("var/keys.json")
+
+    # Audit log: SQLite (WAL) at audit_db unless database_url names another store.
+    audit_db: Path = Path("var/audit.sqlite")
+    database_url: str | None = None
+    # "normal" survives a killed process (WAL); "full" also survives power loss, at some cost per write.
+    audit_synchronous: Literal["normal", "full"] = "normal"
+    # Keep uploaded images, content-addressed, so confirmed cases can become training data.
+    store_images: bool = False
+    image_store_dir: Path = Path("var/images")
+
+    log_level: str = "info"
+    log_json: bool = True
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: object) -> Settings:
+    """Builds Settings from the environment, the optional file (or $VERITY_CONFIG), then overrides."""
+    config_file = config_file or os.environ.get("VERITY_CONFIG")
+    if config_file is not None and not Path(config_file).is_file():
+        raise FileNotFoundError(f"Settings file {config_file} does not exist.")
+    return Settings(_env_file=config_file, **overrides)  # type: ignore[call-arg]

@@ -1,0 +1,394 @@
+"""The /v1 API in-process (TestClient): every route and error code, auth on and off, audit rows."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from api_fixtures import build_model_bytes, image_bytes, make_models_dir, write_model
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from api.app import create_app
+from api.audit import AuditError, SQLiteAuditStore
+from api.auth import KeyStore
+from api.cli import audit_main, keys_main
+from api.settings import Settings
+
+DARK, BRIGHT = image_bytes(0), image_bytes(255)
+
+
+def make_settings(tmp_path: Path, **overrides) -> Settings:
+    values = dict(
+        models_dir=tmp_path / "models",
+        audit_db=tmp_path / "audit.sqlite",
+        keys_file=tmp_path / "keys.json",
+        image_store_dir=tmp_path / "images",
+        background_load=False,
+        warmup=False,
+        store_images=True,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture()
+def models_dir(tmp_path: Path) -> Path:
+    return make_models_dir(tmp_path)
+
+
+@pytest.fixture()
+def client(tmp_path: Path, models_dir: Path):
+    with TestClient(create_app(make_settings(tmp_path))) as test_client:
+        yield test_client
+
+
+def predict(client: TestClient, data: bytes = DARK, modality: str = "photo", headers=None, **fields):
+    form = {"modality": modality, **{k: str(v) for k, v in fields.items()}}
+    return client.post(
+        "/v1/predict", files={"file": ("item.png", data, "image/png")}, data=form, headers=headers
+    )
+
+
+def audit_rows(tmp_path: Path) -> dict[str, tuple]:
+    with sqlite3.connect(tmp_path / "audit.sqlite") as db:
+        return {
+            row[0]: row
+            for row in db.execute("SELECT request_id, verdict, score, model_version FROM predictions")
+        }
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
+    assert "Traceback" not in response.text
+    if code:
+        assert body["error"]["code"] == code
+    return body
+
+
+def test_health_ready_and_models(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"ready": True, "defaults": {"photo": "photo-test/2", "xray": "xray-test/1"}}
+    models = client.get("/v1/models").json()
+    assert models["defaults"] == {"photo": "photo-test/2", "xray": "xray-test/1"}
+    listed = {(m["name"], m["version"]): m for m in models["models"]}
+    assert set(listed) == {("photo-test", "1"), ("photo-test", "2"), ("xray-test", "1")}
+    assert listed[("photo-test", "2")]["default"] and not listed[("photo-test", "1")]["default"]
+    assert listed[("xray-test", "1")]["input_shape"] == [1, 32, 32]
+
+
+def test_predict_verdicts_and_audit(client: TestClient, tmp_path: Path) -> None:
+    dark = predict(client, DARK, station_id="gate-3", case_id="SEZ-1")
+    bright = predict(client, BRIGHT)
+    xray = predict(client, image_bytes(0, mode="L"), modality="xray")
+    assert dark.status_code == bright.status_code == xray.status_code == 200
+    body = dark.json()
+    assert body["verdict"] == "genuine" and body["score"] <= body["thresholds"]["clear"]
+    assert bright.json()["verdict"] == "counterfeit" and bright.json()["score"] >= 0.6
+    assert body["thresholds"] == {"alarm": 0.6, "clear": 0.4}
+    assert body["model"] == {"name": "photo-test", "version": "2"} and body["modality"] == "photo"
+    assert body["station_id"] == "gate-3" and body["case_id"] == "SEZ-1" and body["heatmap_png"] is None
+    assert len(body["image_sha256"]) == 64 and body["latency_ms"] > 0
+    assert xray.json()["model"] == {"name": "xray-test", "version": "1"}
+    rows = audit_rows(tmp_path)
+    for response in (dark, bright, xray):
+        row = rows[response.json()["request_id"]]
+        assert row[1:] == (
+            response.json()["verdict"],
+            response.json()["score"],
+            response.json()["model"]["version"],
+        )
+
+
+def test_every_200_has_an_audit_row(client: TestClient, tmp_path: Path) -> None:
+    ids = []
+    for value in (0, 60, 190, 200, 255):
+        response = predict(client, image_bytes(value))
+        assert response.status_code == 200
+        ids.append(response.json()["request_id"])
+    assert predict(client, b"not an image").status_code == 415
+    batch = client.post(
+        "/v1/predict/batch",
+        data={"modality": "photo"},
+        files=[("files", ("a.png", DARK)), ("files", ("b.png", b"junk")), ("files", ("c.png", BRIGHT))],
+    )
+    ids += [
+        item["result"]["request_id"]
+        for item in batch.json()["results"]
+        if "result" in item and item["result"]
+    ]
+    rows = audit_rows(tmp_path)
+    assert len(ids) == 7 and set(ids) == set(rows)
+
+
+def test_heatmap_on_request(client: TestClient) -> None:
+    response = predict(client, BRIGHT, return_heatmap="true")
+    assert response.status_code == 200
+    png = base64.b64decode(response.json()["heatmap_png"])
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG" and min(image.size) >= 32
+
+
+def test_batch_bad_file_fails_alone(client: TestClient) -> None:
+    files = [
+        ("files", ("a.png", DARK)),
+        ("files", ("b.txt", b"hello")),
+        ("files", ("c.png", BRIGHT)),
+        ("files", ("d.png", DARK[:30])),
+    ]
+    response = client.post("/v1/predict/batch", data={"modality": "photo", "case_id": "SEZ-9"}, files=files)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["index"] for r in results] == [0, 1, 2, 3]
+    assert results[0]["result"]["verdict"] == "genuine" and results[2]["result"]["verdict"] == "counterfeit"
+    assert results[1]["error"]["code"] == "unsupported_media_type" and results[1]["result"] is None
+    assert results[3]["error"]["code"] == "undecodable_image"
+    assert results[0]["result"]["case_id"] == "SEZ-9"
+    assert results[0]["result"]["request_id"] == f"{response.json()['request_id']}-0"
+
+
+def test_batch_too_many_files(tmp_path: Path, models_dir: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path, max_batch_files=2))) as client:
+        files = [("files", (f"{i}.png", DARK)) for i in range(3)]
+        assert_error(
+            client.post("/v1/predict/batch", data={"modality": "photo"}, files=files), 422, "too_many_files"
+        )
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"", 400, "undecodable_image"),
+        (DARK[: len(DARK) // 2], 400, "undecodable_image"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", 415, "unsupported_media_type"),
+        (b"just some text pretending to be a jpg", 415, "unsupported_media_type"),
+    ],
+)
+def test_bad_images(client: TestClient, data: bytes, status: int, code: str) -> None:
+    assert_error(predict(client, data), status, code)
+    assert client.get("/healthz").status_code == 200
+
+
+def test_image_too_large_in_pixels(tmp_path: Path, models_dir: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path, max_pixels=1000))) as client:
+        assert_error(predict(client, image_bytes(0, size=(100, 100))), 413, "image_too_large")
+
+
+def test_body_limit_before_reading(tmp_path: Path, models_dir: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path, max_upload_bytes=4096))) as client:
+        big = image_bytes(0, size=(400, 400), fmt="BMP")
+        # Declared length over the limit: refused from the header.
+        assert_error(predict(client, big), 413, "request_too_large")
+        # Chunked (no Content-Length): counted while streaming and cut off.
+        seen = []
+
+        def chunks():
+            for start in range(0, 2_000_000, 65536):
+                seen.append(start)
+                yield b"x" * 65536
+
+        response = client.post(
+            "/v1/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=abc"}
+        )
+        assert_error(response, 413, "request_too_large")  # (the live-server suite checks the early cut-off)
+        assert predict(client, DARK).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "form", [{}, {"modality": "infrared"}, {"modality": "photo", "return_heatmap": "maybe"}]
+)
+def test_bad_fields_422(client: TestClient, form: dict) -> None:
+    body = assert_error(
+        client.post("/v1/predict", data=form, files={"file": ("a.png", DARK)}), 422, "invalid_fields"
+    )
+    assert body["error"]["message"]
+
+
+def test_missing_file_and_unknown_route(client: TestClient) -> None:
+    assert_error(client.post("/v1/predict", data={"modality": "photo"}), 422, "invalid_fields")
+    assert_error(client.get("/v1/nothing-here"), 404, "not_found")
+    assert_error(client.get("/v1/predict"), 405, "method_not_allowed")
+
+
+def test_auth_required(tmp_path: Path, models_dir: Path) -> None:
+    store = KeyStore(tmp_path / "keys.json")
+    _, station_key = store.add("gate-3")
+    _, admin_key = store.add("hq", role="admin")
+    with TestClient(create_app(make_settings(tmp_path, require_api_keys=True))) as client:
+        assert client.get("/healthz").status_code == 200
+        assert_error(predict(client), 401, "unauthorized")
+        assert_error(predict(client, headers={"X-API-Key": "vk_nope_nope"}), 401)
+        assert_error(client.get("/v1/models"), 401)
+        ok = predict(client, headers={"X-API-Key": station_key})
+        assert ok.status_code == 200 and ok.json()["station_id"] == "gate-3"
+        bearer = predict(client, headers={"Authorization": f"Bearer {station_key}"})
+        assert bearer.status_code == 200
+        assert_error(
+            predict(client, headers={"X-API-Key": station_key}, station_id="gate-9"), 403, "forbidden"
+        )
+        assert_error(client.post("/v1/models/reload", headers={"X-API-Key": station_key}), 403, "forbidden")
+        assert client.post("/v1/models/reload", headers={"X-API-Key": admin_key}).status_code == 200
+        # Revoked with the CLI, refused at once, no restart.
+        key_id = station_key.split("_")[1]
+        assert keys_main(["--keys-file", str(tmp_path / "keys.json"), "revoke", key_id]) == 0
+        time.sleep(0.01)
+        assert_error(predict(client, headers={"X-API-Key": station_key}), 401)
+
+
+def test_auth_off_allows_anonymous_but_checks_presented_keys(client: TestClient) -> None:
+    assert predict(client).status_code == 200
+    assert_error(predict(client, headers={"X-API-Key": "vk_bad_key"}), 401)
+    assert client.post("/v1/models/reload").status_code == 200
+
+
+def test_keys_cli_add_list(tmp_path: Path, capsys) -> None:
+    keys_file = str(tmp_path / "k.json")
+    assert keys_main(["--keys-file", keys_file, "add", "--station", "gate-1"]) == 0
+    secret = capsys.readouterr().out.strip()
+    assert secret.startswith("vk_") and secret not in (tmp_path / "k.json").read_text()
+    assert KeyStore(keys_file).verify(secret).station_id == "gate-1"
+    assert keys_main(["--keys-file", keys_file, "list"]) == 0
+    assert "gate-1" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="Known key ids"):
+        keys_main(["--keys-file", keys_file, "revoke", "deadbeef"])
+
+
+def test_feedback(client: TestClient, tmp_path: Path) -> None:
+    request_id = predict(client, BRIGHT).json()["request_id"]
+    ok = client.post(
+        "/v1/feedback", json={"request_id": request_id, "confirmed_label": "counterfeit", "notes": "seized"}
+    )
+    assert ok.status_code == 200 and ok.json() == {
+        "request_id": request_id,
+        "confirmed_label": "counterfeit",
+        "recorded": True,
+    }
+    assert_error(client.post("/v1/feedback", json={"request_id": "nope", "confirmed_label": "genuine"}), 404)
+    assert_error(
+        client.post("/v1/feedback", json={"request_id": request_id, "confirmed_label": "maybe"}), 422
+    )
+    assert_error(
+        client.post("/v1/feedback", content=b"{not json", headers={"content-type": "application/json"}), 422
+    )
+
+
+def test_reload_success_and_failure(client: TestClient, models_dir: Path) -> None:
+    before = predict(client, DARK).json()["model"]
+    assert before == {"name": "photo-test", "version": "2"}
+    write_model(models_dir, "photo-test", "10", "photo")
+    report = client.post("/v1/models/reload").json()
+    assert report["ok"] and report["loaded"] == ["photo-test/10"]
+    assert sorted(report["kept"]) == ["photo-test/1", "photo-test/2", "xray-test/1"]
+    assert report["defaults"]["photo"] == "photo-test/10"
+    assert predict(client, DARK).json()["model"]["version"] == "10"
+    # A corrupt new version, and a corrupted existing one: both reported, the old ones keep serving.
+    (models_dir / "photo-test" / "11").mkdir()
+    (models_dir / "photo-test" / "11" / "model.onnx").write_bytes(b"\x08\x01garbage")
+    (models_dir / "photo-test" / "10" / "model.onnx").write_bytes(build_model_bytes("x", "y")[:200])
+    failed = client.post("/v1/models/reload").json()
+    assert not failed["ok"] and len(failed["failed"]) == 2
+    assert failed["defaults"]["photo"] == "photo-test/10" and "photo-test/10" in failed["kept"]
+    response = predict(client, BRIGHT)
+    assert response.status_code == 200 and response.json()["model"]["version"] == "10"
+    # Removing a version unloads it.
+    for path in (models_dir / "photo-test").glob("1*/model.onnx"):
+        path.unlink()
+    report = client.post("/v1/models/reload").json()
+    assert "photo-test/10" in report["unloaded"] and report["defaults"]["photo"] == "photo-test/2"
+
+
+def test_pinned_version(tmp_path: Path, models_dir: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path, pinned_models={"photo": "photo-test/1"}))) as client:
+        assert predict(client).json()["model"] == {"name": "photo-test", "version": "1"}
+
+
+def test_readyz_503_until_loaded(tmp_path: Path, models_dir: Path) -> None:
+    from inference.engine import OnnxEngine
+
+    def slow_engine(path):
+        time.sleep(1.0)
+        return OnnxEngine(path, warmup=True)
+
+    app = create_app(make_settings(tmp_path, background_load=True), engine_factory=slow_engine)
+    with TestClient(app) as client:
+        first = client.get("/readyz")
+        assert first.status_code == 503 and first.headers["retry-after"] == "1"
+        assert client.get("/healthz").status_code == 200
+        assert_error(predict(client), 503, "not_ready")
+        for _ in range(100):
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.1)
+        assert predict(client).status_code == 200
+
+
+def test_no_model_for_modality(tmp_path: Path) -> None:
+    write_model(tmp_path / "models", "photo-test", "1", "photo")
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        response = predict(client, modality="xray")
+        assert_error(response, 503, "no_model")
+        assert response.headers["retry-after"] == "1"
+
+
+class BrokenAudit(SQLiteAuditStore):
+    def record(self, records):
+        raise AuditError("disk full")
+
+
+def test_audit_failure_gives_503_never_a_verdict(tmp_path: Path, models_dir: Path) -> None:
+    settings = make_settings(tmp_path)
+    with TestClient(create_app(settings, audit=BrokenAudit(tmp_path / "broken.sqlite"))) as client:
+        response = predict(client, BRIGHT)
+        body = assert_error(response, 503, "audit_unavailable")
+        assert '"score"' not in json.dumps(body) and response.headers["retry-after"]
+        batch = client.post(
+            "/v1/predict/batch", data={"modality": "photo"}, files=[("files", ("a.png", DARK))]
+        )
+        assert_error(batch, 503, "audit_unavailable")
+
+
+def test_metrics(client: TestClient) -> None:
+    predict(client, BRIGHT)
+    predict(client, b"junk")
+    text = client.get("/metrics").text
+    assert 'verity_requests_total{method="POST",route="/v1/predict",status="200"} 1.0' in text
+    assert 'verity_requests_total{method="POST",route="/v1/predict",status="415"} 1.0' in text
+    assert 'verity_predictions_total{modality="photo",model_version="2",verdict="counterfeit"} 1.0' in text
+    assert 'verity_model_info{modality="photo",name="photo-test",version="2"} 1.0' in text
+    assert "verity_request_latency_seconds_bucket" in text and "verity_batch_size_count" in text
+    assert "verity_queue_depth" in text
+
+
+def test_audit_export_cli(client: TestClient, tmp_path: Path, capsys) -> None:
+    ids = {predict(client, image_bytes(v)).json()["request_id"] for v in (0, 255)}
+    out = tmp_path / "audit.csv"
+    db = str(tmp_path / "audit.sqlite")
+    assert (
+        audit_main(["export", "--db", db, "--format", "csv", "--out", str(out), "--since", "2000-01-01"]) == 0
+    )
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("request_id,created,station_id") and len(lines) == 3
+    assert audit_main(["export", "--db", db, "--format", "jsonl", "--since", "2999-01-01"]) == 0
+    assert capsys.readouterr().out == ""
+    assert audit_main(["export", "--db", db]) == 0
+    assert {json.loads(line)["request_id"] for line in capsys.readouterr().out.splitlines()} == ids
+    with pytest.raises(ValueError, match="ISO 8601"):
+        audit_main(["export", "--db", db, "--since", "yesterday"])
+
+
+def test_openapi_documents_errors_and_examples(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    predict_op = schema["paths"]["/v1/predict"]["post"]
+    assert {"400", "401", "403", "413", "415", "422", "503"} <= set(predict_op["responses"])
+    assert "example" in schema["components"]["schemas"]["PredictionResult"]
+    assert "/v2/models/{name}/infer" in schema["paths"]
