@@ -1,0 +1,179 @@
+"""Open Inference Protocol v2 against a running server, with Triton's official HTTP client and with
+plain JSON requests built from the published spec."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+
+import httpx
+import numpy as np
+import pytest
+from api_fixtures import LiveServer, image_bytes, make_models_dir
+
+from inference.decode import load_for_model
+from inference.spec import PreprocessSpec
+
+pytestmark = pytest.mark.slow
+tritonclient_http = pytest.importorskip("tritonclient.http")
+
+PHOTO_SPEC = PreprocessSpec(modality="photo", in_chans=3, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("oip")
+    env = {
+        "VERITY_MODELS_DIR": str(make_models_dir(root)),
+        "VERITY_AUDIT_DB": str(root / "audit.sqlite"),
+        "VERITY_KEYS_FILE": str(root / "keys.json"),
+        "VERITY_LOG_JSON": "true",
+    }
+    live = LiveServer(env).start()
+    yield live
+    live.stop()
+
+
+def audit_ids(server: LiveServer) -> set[str]:
+    with sqlite3.connect(server.env["VERITY_AUDIT_DB"]) as db:
+        return {row[0] for row in db.execute("SELECT request_id FROM predictions WHERE api = 'v2'")}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return tritonclient_http.InferenceServerClient(url=server.url.removeprefix("http://"))
+
+
+def test_health_and_metadata_with_triton_client(client) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("photo-test") and client.is_model_ready("photo-test", "1")
+    assert not client.is_model_ready("shoes")
+    assert client.get_server_metadata()["name"] == "verity"
+    meta = client.get_model_metadata("photo-test")
+    assert meta["versions"] == ["1", "2"]
+    assert meta["inputs"][0] == {"name": "image", "datatype": "FP32", "shape": [-1, 3, 32, 32]}
+
+
+def test_infer_fp32_tensor_with_triton_client(client, server) -> None:
+    batch = np.stack([load_for_model(image_bytes(v), PHOTO_SPEC) for v in (0, 255)])
+    tensor = tritonclient_http.InferInput("image", list(batch.shape), "FP32")
+    tensor.set_data_from_numpy(batch, binary_data=True)
+    result = client.infer("photo-test", [tensor])
+    scores = result.as_numpy("score")
+    verdicts = [v.decode() for v in result.as_numpy("verdict")]
+    assert scores.shape == (2,) and scores[0] < 0.4 < 0.6 < scores[1]
+    assert verdicts == ["genuine", "counterfeit"]
+    assert result.as_numpy("logits").shape == (2, 2)
+    ids = {v.decode() for v in result.as_numpy("request_id")}
+    assert ids <= audit_ids(server)
+    assert result.get_response()["model_version"] == "2"
+
+
+def test_infer_bytes_with_triton_client(client) -> None:
+    images = np.array([image_bytes(255, fmt="JPEG")], dtype=np.object_)
+    tensor = tritonclient_http.InferInput("image_bytes", [1], "BYTES")
+    tensor.set_data_from_numpy(images, binary_data=True)
+    outputs = [
+        tritonclient_http.InferRequestedOutput("verdict", binary_data=False),
+        tritonclient_http.InferRequestedOutput("score", binary_data=True),
+    ]
+    result = client.infer("photo-test", [tensor], model_version="1", outputs=outputs)
+    assert result.as_numpy("verdict").tolist() == [b"counterfeit"] or result.as_numpy("verdict").tolist() == [
+        "counterfeit"
+    ]
+    assert result.as_numpy("score")[0] > 0.6 and result.get_response()["model_version"] == "1"
+
+
+def test_infer_json_both_input_kinds(server) -> None:
+    tensor = load_for_model(image_bytes(0), PHOTO_SPEC)
+    fp32 = {
+        "id": "c-1",
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [1, 3, 32, 32],
+                "datatype": "FP32",
+                "data": tensor.reshape(-1).tolist(),
+            }
+        ],
+    }
+    response = httpx.post(f"{server.url}/v2/models/photo-test/infer", json=fp32)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"] == "c-1" and body["model_name"] == "photo-test"
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert outputs["verdict"]["data"] == ["genuine"] and outputs["score"]["shape"] == [1]
+    assert outputs["request_id"]["data"][0] in audit_ids(server)
+    encoded = base64.b64encode(image_bytes(255)).decode()
+    as_bytes = {
+        "inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": [encoded]}],
+        "outputs": [{"name": "verdict"}],
+        "parameters": {"case_id": "SEZ-7"},
+    }
+    response = httpx.post(f"{server.url}/v2/models/xray-test/infer", json=as_bytes)
+    assert response.status_code == 200, response.text
+    assert [o["name"] for o in response.json()["outputs"]] == ["verdict"]
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status"),
+    [
+        (
+            "/v2/models/shoes/infer",
+            {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}]},
+            404,
+        ),
+        ("/v2/models/photo-test/infer", {"inputs": []}, 400),
+        (
+            "/v2/models/photo-test/infer",
+            {"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [0.0] * 192}]},
+            400,
+        ),
+        (
+            "/v2/models/photo-test/infer",
+            {"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0] * 5}]},
+            400,
+        ),
+        (
+            "/v2/models/photo-test/infer",
+            {"inputs": [{"name": "i", "shape": [1], "datatype": "INT8", "data": [1]}]},
+            400,
+        ),
+        (
+            "/v2/models/photo-test/infer",
+            {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}]},
+            400,
+        ),
+        (
+            "/v2/models/photo-test/infer",
+            {
+                "inputs": [
+                    {
+                        "name": "i",
+                        "shape": [1],
+                        "datatype": "BYTES",
+                        "data": [base64.b64encode(b"<html></html>").decode()],
+                    }
+                ]
+            },
+            415,
+        ),
+        ("/v2/models/photo-test/versions/9/infer", {"inputs": []}, 404),
+    ],
+)
+def test_errors_are_oip_shaped(server, path: str, payload: dict, status: int) -> None:
+    response = httpx.post(server.url + path, json=payload)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert list(body) == ["error"] and isinstance(body["error"], str) and body["error"]
+
+
+def test_bad_json_and_model_404(server) -> None:
+    response = httpx.post(
+        f"{server.url}/v2/models/photo-test/infer",
+        content=b"{nope",
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400 and isinstance(response.json()["error"], str)
+    assert httpx.get(f"{server.url}/v2/models/shoes").status_code == 404
+    assert httpx.get(f"{server.url}/v2/models/photo-test/versions/1/ready").json()["ready"] is True
