@@ -20,6 +20,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from api.settings import Settings
+from inference.batcher import BatcherClosedError, BatchStats, MicroBatcher
 from inference.engine import ModelLoadError, OnnxEngine, Prediction
 
 log = logging.getLogger("verity.api.registry")
@@ -68,43 +69,42 @@ class ServedModel:
     def modality(self) -> str:
         return str(self.engine.spec.modality)
 
-    def run_batch(self, inputs: list[np.ndarray]) -> list[Prediction]:
-        """Runs one batch; the CAM comes out of the same pass, so it is always returned."""
+    def run_batch(self, batch: np.ndarray | list[np.ndarray]) -> list[Prediction]:
+        """Runs one collated batch; the CAM comes out of the same pass, so it is always returned."""
+        return list(self.engine.predict(batch, with_cam=True))
+
+    def _observe(self, stats: BatchStats) -> None:
         if self._on_batch is not None:
-            self._on_batch(len(inputs))
-        return list(self.engine.predict(list(inputs), with_cam=True))
+            self._on_batch(stats.size)
 
     async def start(self) -> None:
-        try:
-            from inference.batcher import MicroBatcher
-        except ModuleNotFoundError:  # TEMPORARY until inference/batcher.py lands
-            return
         self._batcher = MicroBatcher(
             self.run_batch,
             max_batch_size=self.settings.batch_max_size,
             max_delay_ms=self.settings.batch_max_delay_ms,
             max_queue=self.settings.batch_max_queue,
+            on_batch=self._observe,
         )
-        started = self._batcher.start()
-        if asyncio.iscoroutine(started):
-            await started
+        await self._batcher.start()
 
     async def stop(self, drain: bool = True) -> None:
-        if self._batcher is None:
-            return
-        stopped = self._batcher.stop(drain=drain)
-        if asyncio.iscoroutine(stopped):
-            await stopped
+        if self._batcher is not None:
+            await self._batcher.stop(drain=drain)
 
     def queue_depth(self) -> int:
-        return int(getattr(self._batcher, "queue_depth", lambda: 0)()) if self._batcher is not None else 0
+        return self._batcher.queue_depth() if self._batcher is not None else 0
 
     async def predict(self, model_input: np.ndarray) -> Prediction:
-        """Scores one preprocessed CxSxS input, batched with concurrent requests."""
-        if self._batcher is None:
-            return (await run_in_threadpool(self.run_batch, [model_input]))[0]
-        result: Prediction = await self._batcher.submit(model_input)
-        return result
+        """Scores one CxSxS input, batched with concurrent requests; QueueFullError when the queue is full."""
+        if self._batcher is not None:
+            try:
+                result: Prediction = await self._batcher.submit(model_input)
+                return result
+            except BatcherClosedError:
+                # This version was swapped out by a reload after the request picked it: the engine is
+                # still loaded, so answer with it directly rather than fail the request.
+                pass
+        return (await run_in_threadpool(self.run_batch, [model_input]))[0]
 
     def describe(self, is_default: bool) -> dict[str, Any]:
         card = self.engine.card

@@ -23,6 +23,7 @@ from api.errors import decode_error_to_api, service_unavailable
 from api.metrics import Metrics
 from api.registry import ModelRegistry, ServedModel
 from api.settings import Settings
+from inference.batcher import QueueFullError
 from inference.decode import DecodeError, DecodeLimits, decode_image, sniff_format, to_model_input
 from inference.engine import Prediction
 from inference.spec import PreprocessSpec
@@ -51,14 +52,6 @@ def render_heatmap(prediction: Prediction, model_input: np.ndarray) -> str | Non
     from inference.heatmap import heatmap_png
 
     return base64.b64encode(heatmap_png(prediction.cam, model_input)).decode("ascii")
-
-
-def _queue_full_types() -> tuple[type[BaseException], ...]:
-    try:
-        from inference.batcher import QueueFullError
-    except ModuleNotFoundError:  # TEMPORARY until inference/batcher.py lands
-        return ()
-    return (QueueFullError,)
 
 
 @dataclass(frozen=True)
@@ -112,7 +105,7 @@ class PredictionService:
         started = time.perf_counter()
         try:
             prediction = await served.predict(model_input)
-        except _queue_full_types() as error:
+        except QueueFullError as error:
             self.metrics.rejected.labels("queue_full").inc()
             raise service_unavailable(
                 "queue_full", "The server is at capacity; retry shortly.", self.settings.retry_after_s

@@ -392,3 +392,45 @@ def test_openapi_documents_errors_and_examples(client: TestClient) -> None:
     assert {"400", "401", "403", "413", "415", "422", "503"} <= set(predict_op["responses"])
     assert "example" in schema["components"]["schemas"]["PredictionResult"]
     assert "/v2/models/{name}/infer" in schema["paths"]
+
+
+class SlowEngine:
+    """Wraps the real engine and makes each batch take a while, so the queue fills."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def predict(self, batch, with_cam=False):
+        time.sleep(0.3)
+        return self._engine.predict(batch, with_cam=with_cam)
+
+
+def test_queue_full_is_503_with_retry_after(tmp_path: Path, models_dir: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    from inference.engine import OnnxEngine
+
+    settings = make_settings(tmp_path, batch_max_size=1, batch_max_queue=1, retry_after_s=2)
+    app = create_app(settings, engine_factory=lambda path: SlowEngine(OnnxEngine(path, warmup=False)))
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await asyncio.gather(*(
+                    client.post("/v1/predict", data={"modality": "photo"}, files={"file": ("a.png", DARK)})
+                    for _ in range(6)))
+
+    responses = asyncio.run(scenario())
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert_error(response, 503, "queue_full")
+            assert response.headers["retry-after"] == "2"
+    assert len(audit_rows(tmp_path)) == statuses.count(200)
