@@ -248,26 +248,39 @@ def test_eval_of_checkpoint_matches_onnx(
 
 
 def test_eval_on_labelled_folder(trained: Path, dataset: Path, tmp_path: Path) -> None:
+    from datasets.ingest import IngestOptions, ingest
     from training.evaluate import evaluate
 
     folder = tmp_path / "folder"
-    for label, parity in (("genuine", 0), ("counterfeit", 1)):
-        (folder / label / "shoes").mkdir(parents=True)
-        for source in sorted((dataset / "images").glob("test_*.png")):
+    for label, parity in (("real", 0), ("fake", 1)):  # ingest's label folder names
+        (folder / label).mkdir(parents=True)
+        for source in sorted((dataset / "images").glob("*_*.png")):
             if int(source.stem.split("_")[1]) % 2 == parity:
-                (folder / label / "shoes" / source.name).write_bytes(source.read_bytes())
+                (folder / label / source.name).write_bytes(source.read_bytes())
+    # The test split is the one `verity data ingest` (and so `verity train --data DIR`) holds out.
+    reference = ingest(folder, tmp_path / "reference.jsonl", IngestOptions(modality="photo", progress=False))
+    held_out = reference.split_counts["test"]
     result = evaluate(trained / "model.onnx", folder, out_dir=tmp_path / "out", progress=False, worst=3)
-    assert result["metrics"]["n"] == 16
-    assert set(result["metrics"]["groups"]["product"]) == {"shoes"}
-    assert result["data"]["notes"] and "without split subfolders" in result["data"]["notes"][0]
-    # DIR/<split>/<label>/... picks the split's folder.
-    (folder / "test").mkdir()
-    (folder / "genuine").rename(folder / "test" / "genuine")
-    result = evaluate(trained / "model.onnx", folder, out_dir=tmp_path / "out2", progress=False, report=False)
+    assert result["metrics"]["n_genuine"] == held_out["genuine"] > 0
+    assert result["metrics"]["n_counterfeit"] == held_out["counterfeit"] > 0
+    assert "splits assigned as `verity data ingest`" in result["data"]["notes"][0]
+    everything = evaluate(
+        trained / "model.onnx", folder, split="all", out_dir=tmp_path / "all", progress=False
+    )
+    assert everything["metrics"]["n"] == 40
+
+    # DIR/<split>/<label>/... uses the split's folder; a product folder below the label names the product.
+    split_folder = tmp_path / "split_folder"
+    (split_folder / "test" / "genuine" / "shoes").mkdir(parents=True)
+    for source in sorted((folder / "real").glob("test_*.png")):
+        (split_folder / "test" / "genuine" / "shoes" / source.name).write_bytes(source.read_bytes())
+    result = evaluate(
+        trained / "model.onnx", split_folder, out_dir=tmp_path / "out2", progress=False, report=False
+    )
     assert result["metrics"]["n"] == 8 and result["metrics"]["n_counterfeit"] == 0
-    assert result["metrics"]["roc_auc"] is None and not result["data"]["notes"]
+    assert result["metrics"]["roc_auc"] is None and set(result["metrics"]["groups"]["product"]) == {"shoes"}
     with pytest.raises(ValueError, match="split folders test but no 'val'"):
-        evaluate(trained / "model.onnx", folder, split="val", out_dir=tmp_path / "out3", progress=False)
+        evaluate(trained / "model.onnx", split_folder, split="val", out_dir=tmp_path / "out3", progress=False)
 
 
 def test_export_cli_reexports_checkpoint(

@@ -194,18 +194,22 @@ def _folder_samples(root: Path, modality: str) -> list[Sample]:
     return samples
 
 
-def _manifest_samples(manifest: Path, split: str | None) -> tuple[list[Sample], list[str]]:
+def _manifest_samples(
+    manifest: Path, split: str | None, shown: Path | None = None
+) -> tuple[list[Sample], list[str]]:
+    """Rows of one split (all when the manifest has none) as samples; `shown` names the data in messages."""
+    shown = shown or manifest
     rows = list(read_manifest(manifest))
     notes = []
     if split is not None:
         splits = {row.split for row in rows}
         if splits == {None}:
-            notes.append(f"{manifest} has no splits: evaluating all {len(rows)} rows.")
+            notes.append(f"{shown} has no splits: evaluating all {len(rows)} rows.")
         else:
             chosen = [row for row in rows if row.split == split]
             if not chosen:
                 present = ", ".join(sorted(s for s in splits if s)) or "none"
-                raise ValueError(f"{manifest} has no rows in split {split!r}. Splits present: {present}.")
+                raise ValueError(f"{shown} has no rows in split {split!r}. Splits present: {present}.")
             rows = chosen
     samples = [
         Sample(
@@ -221,18 +225,36 @@ def _manifest_samples(manifest: Path, split: str | None) -> tuple[list[Sample], 
 
 
 def _load_folder(path: Path, split: str | None, modality: str) -> LoadedData:
-    """DIR/<split>/<label>/... when that split folder exists, else DIR/<label>/... (no splits)."""
+    """DIR/<split>/<label>/... when split folders exist; else the folder ingested as `verity train` does."""
     present = [name for name in SPLITS if any((path / name / label).is_dir() for label in LABELS)]
-    if split and present:
-        if split not in present:
+    if present:
+        if split and split not in present:
             raise ValueError(f"{path} has split folders {', '.join(present)} but no {split!r}.")
-        samples = _folder_samples(path / split, modality)
-        return LoadedData(samples, f"folder {path / split}") if samples else _no_images(path / split)
-    samples = _folder_samples(path, modality)
-    if not samples:
-        _no_images(path)
-    note = f"{path} is a labelled folder without split subfolders: all {len(samples)} images are evaluated."
-    return LoadedData(samples, f"folder {path}", notes=[note] if split else [])
+        roots = [path / split] if split else [path / name for name in present]
+        samples = [sample for root in roots for sample in _folder_samples(root, modality)]
+        return LoadedData(samples, f"folder {roots[0] if split else path}") if samples else _no_images(path)
+    return _ingest_folder(path, split, modality)
+
+
+def _ingest_folder(path: Path, split: str | None, modality: str) -> LoadedData:
+    """A plain labelled folder gets the splits `verity data ingest` assigns by default (seed 0, 15% val,
+    15% test: deterministic, grouped), which is what `verity train --data DIR` trains on; so the test
+    split evaluated here holds no training image. Label folder names follow ingest (genuine/real/...)."""
+    import tempfile
+
+    from datasets.ingest import IngestOptions, ingest
+
+    with tempfile.TemporaryDirectory(prefix="verity-eval-") as temporary:
+        manifest = Path(temporary) / "manifest.jsonl"
+        result = ingest(path, manifest, IngestOptions(modality=modality, progress=False))
+        if not result.accepted:
+            _no_images(path)
+        samples, notes = _manifest_samples(manifest, split, shown=path)
+    rejected = sum(result.rejected.values())
+    notes.insert(0, f"{path} has no manifest: splits assigned as `verity data ingest` does by default.")
+    if rejected or result.duplicates:
+        notes.append(f"Ingest left out {rejected} unusable files and {result.duplicates} duplicates.")
+    return LoadedData(samples, f"{f'split {split!r} of ' if split else ''}folder {path}", notes=notes)
 
 
 def _no_images(path: Path) -> LoadedData:
@@ -242,25 +264,26 @@ def _no_images(path: Path) -> LoadedData:
 def load_samples(data: str | Path, split: str | None, modality: str) -> LoadedData:
     """Reads the evaluation set; rows of another modality than the model's are counted, not scored."""
     path = Path(data)
-    if path.is_dir():
-        manifests = [path / name for name in MANIFEST_NAMES if (path / name).is_file()]
-        if manifests:
-            path = manifests[0]
-        else:
-            return _load_folder(path, split, modality)
-    if not path.is_file():
-        raise FileNotFoundError(f"No data at {data}: give a manifest (JSONL) or a folder.")
-    samples, notes = _manifest_samples(path, split)
-    kept = [s for s in samples if s.modality in (None, modality)]
-    skipped = len(samples) - len(kept)
-    if skipped:
-        notes.append(f"Skipped {skipped} rows of another modality than the model's ({modality}).")
-    if not kept:
-        raise ValueError(
-            f"{path} has no {modality} rows{f' in split {split!r}' if split else ''} to evaluate."
+    if path.is_dir() and not any((path / name).is_file() for name in MANIFEST_NAMES):
+        loaded = _load_folder(path, split, modality)
+    else:
+        if path.is_dir():
+            path = next(path / name for name in MANIFEST_NAMES if (path / name).is_file())
+        if not path.is_file():
+            raise FileNotFoundError(f"No data at {data}: give a manifest (JSONL) or a folder.")
+        samples, notes = _manifest_samples(path, split)
+        loaded = LoadedData(samples, f"{f'split {split!r} of ' if split else ''}manifest {path}", notes=notes)
+    kept = [s for s in loaded.samples if s.modality in (None, modality)]
+    loaded.skipped_other_modality = len(loaded.samples) - len(kept)
+    if loaded.skipped_other_modality:
+        loaded.notes.append(
+            f"Skipped {loaded.skipped_other_modality} rows of another modality than the model's ({modality})."
         )
-    description = f"{f'split {split!r} of ' if split else ''}manifest {path}"
-    return LoadedData(kept, description, notes=notes, skipped_other_modality=skipped)
+    if not kept:
+        where = f" in split {split!r}" if split else ""
+        raise ValueError(f"{data} has no {modality} images{where} to evaluate.")
+    loaded.samples = kept
+    return loaded
 
 
 def _load_one(sample: Sample, spec: PreprocessSpec) -> np.ndarray | str:
