@@ -133,8 +133,13 @@ def _finish(
     return candidate
 
 
-def iter_folder(root: Path, options: IngestOptions, hidden: list[int]) -> Iterator[Candidate]:
-    """Files under `root` in sorted order; label and modality from folder names at any depth."""
+def iter_folder(
+    root: Path, options: IngestOptions, hidden: list[int], exclude: frozenset[Path] = frozenset()
+) -> Iterator[Candidate]:
+    """Files under `root` in sorted order; label and modality from folder names at any depth.
+
+    `exclude` holds our own outputs (manifest, report) when they are written inside the tree."""
+    excluded_names = {path.name for path in exclude}
     for directory, dirnames, filenames in os.walk(root):
         hidden[0] += sum(name.startswith(".") for name in dirnames + filenames)
         dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
@@ -145,6 +150,8 @@ def iter_folder(root: Path, options: IngestOptions, hidden: list[int]) -> Iterat
             if name.startswith("."):
                 continue
             path = Path(directory) / name
+            if exclude and name in excluded_names and path.resolve() in exclude:
+                continue
             candidate = Candidate(path=path, shown=str(path.relative_to(root)), source=options.source)
             if options.case_from_folder:
                 case_parts = [
@@ -226,10 +233,12 @@ def count_items(src: Path) -> int:
     return lines - 1 if src.suffix.lower() == ".csv" else lines
 
 
-def iter_source(src: Path, options: IngestOptions, hidden: list[int]) -> Iterator[Candidate]:
+def iter_source(
+    src: Path, options: IngestOptions, hidden: list[int], exclude: frozenset[Path] = frozenset()
+) -> Iterator[Candidate]:
     """Candidates from a folder, CSV or JSONL; raises ValueError for anything else."""
     if src.is_dir():
-        return iter_folder(src, options, hidden)
+        return iter_folder(src, options, hidden, exclude)
     if src.is_file() and src.suffix.lower() in TABLE_SUFFIXES:
         return iter_table(src, options)
     if not src.exists():
@@ -485,7 +494,8 @@ def ingest(src: Path, out: Path, options: IngestOptions) -> IngestResult:
     result = IngestResult(manifest=out, report=report_path, existing=existing.rows)
     options = replace(options, source=options.source or src.resolve().name)
     hidden = [0]
-    candidates = iter_source(src, options, hidden)
+    own_files = frozenset(path.resolve() for path in (out, report_path, out.with_name(out.name + ".tmp")))
+    candidates = iter_source(src, options, hidden, own_files)
     bar = _progress(count_items(src), options.progress)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     with open(report_path, "w", encoding="utf-8") as report:

@@ -358,7 +358,7 @@ def _read_dicom(data: bytes, limits: DecodeLimits):  # noqa: ANN202 - (dataset, 
         dataset = pydicom.dcmread(io.BytesIO(data))
     except Exception as error:
         raise DecodeError(f"The DICOM object could not be read: {error}") from error
-    if "PixelData" not in dataset:
+    if not any(name in dataset for name in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DecodeError("The DICOM object holds no image (no Pixel Data element).")
     _check_pixels(int(dataset.get("Columns", 0) or 0), int(dataset.get("Rows", 0) or 0), limits)
     frames = int(dataset.get("NumberOfFrames", 1) or 1)

@@ -170,6 +170,18 @@ def test_tiff_16bit_rgb_and_float_nan():
     assert np.isfinite(decoded).all() and decoded[0, 0, 0] == 0.0
 
 
+def test_big_endian_tiff_and_rle_dicom():
+    import tifffile
+    from pydicom.uid import RLELossless
+
+    values = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, values, byteorder=">")
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.dtype == np.uint16 and np.array_equal(decoded[..., 0], values)
+    assert decode_image(_dicom(values, transfer_syntax=RLELossless))[..., 0] == pytest.approx(values / 65535)
+
+
 def test_lzw_tiff_falls_back_to_pillow():
     pixels = _gradient()
     decoded = decode_image(_save(Image.fromarray(pixels), "TIFF", compression="tiff_lzw"))
@@ -231,7 +243,9 @@ def test_dual_energy_pair_of_files():
 DICOS_DX = "1.2.840.10008.5.1.4.1.1.501.2.1"
 
 
-def _dicom(pixels: np.ndarray, sop_class: str = DICOS_DX, **elements: object) -> bytes:
+def _dicom(
+    pixels: np.ndarray, sop_class: str = DICOS_DX, transfer_syntax: str | None = None, **elements: object
+) -> bytes:
     """A Part-10 DICOM file; the default SOP class is DICOS Digital X-Ray (for presentation)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -257,6 +271,8 @@ def _dicom(pixels: np.ndarray, sop_class: str = DICOS_DX, **elements: object) ->
     for name, value in elements.items():
         setattr(dataset, name, value)
     dataset.PixelData = pixels.astype("<u2").tobytes()
+    if transfer_syntax:
+        dataset.compress(transfer_syntax, pixels.astype(np.uint16))
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -266,7 +282,11 @@ def test_dicos_dx_rescale_and_window():
     stored = np.array([[100, 200], [300, 400]], np.uint16)
     # rescale: value = 2 * stored - 100 -> 100, 300, 500, 700; window 400 +- 200 (LINEAR_EXACT)
     data = _dicom(
-        stored, RescaleSlope=2, RescaleIntercept=-100, WindowCenter=400, WindowWidth=400,
+        stored,
+        RescaleSlope=2,
+        RescaleIntercept=-100,
+        WindowCenter=400,
+        WindowWidth=400,
         VOILUTFunction="LINEAR_EXACT",
     )
     decoded = decode_image(data)

@@ -265,3 +265,18 @@ def test_cli_ingest_stats_and_dispatch(tmp_path, capsys):
     if importlib.util.find_spec("api.feedback") is None:
         with pytest.raises(RuntimeError, match="not available"):
             data_main(["from-feedback"])
+
+
+def test_manifest_inside_the_image_tree_is_not_ingested(tmp_path):
+    _write(tmp_path / "genuine" / "a.png", 1)
+    _write(tmp_path / "counterfeit" / "b.png", 2)
+    manifest = tmp_path / "manifest.jsonl"
+    first = ingest(tmp_path, manifest, OPTIONS)
+    assert first.accepted == 2 and not first.rejected
+    rows = list(read_manifest(manifest))
+    assert {row.path for row in rows} == {
+        "genuine/a.png",
+        "counterfeit/b.png",
+    }  # relative: below the manifest
+    again = ingest(tmp_path, manifest, OPTIONS)  # appends: manifest and report are not images to ingest
+    assert again.accepted == 0 and again.duplicates == 2 and not again.rejected
