@@ -69,7 +69,7 @@ def read_metadata(path: str | Path) -> tuple[PreprocessSpec, dict[str, Any]]:
     return _spec_and_card(session, path)
 
 
-def _open_session(path: str | Path, options: Any, providers: list[str]) -> Any:
+def _open_session(path: str | Path, options: Any, providers: list[Any]) -> Any:
     import onnxruntime as ort
 
     if not Path(path).is_file():
@@ -100,17 +100,93 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+PROVIDER_ORDER = (*GPU_PROVIDERS, "CPUExecutionProvider")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+# Sibling files of model.onnx that `precision` selects (written by training/quantize.py).
+VARIANT_FILES = {"int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+
+
+def provider_name(preferred: str) -> str:
+    """'cpu', 'cuda', 'tensorrt' (any case) or a full ORT provider name -> the ORT provider name."""
+    name = preferred if preferred.endswith("ExecutionProvider") else f"{preferred.upper()}ExecutionProvider"
+    return {"TENSORRTExecutionProvider": "TensorrtExecutionProvider", "TRTExecutionProvider":
+            "TensorrtExecutionProvider"}.get(name, name)
+
+
 def choose_providers(preferred: str | None = None, available: list[str] | None = None) -> list[str]:
-    """Best available provider first (TensorRT, CUDA, CPU), or exactly the one asked for."""
+    """Best available provider first (TensorRT, CUDA, CPU), or exactly the one asked for.
+
+    A GPU provider is always followed by the CPU one, so nodes a GPU provider cannot run fall back to
+    the CPU instead of failing the session.
+    """
     available = available_providers() if available is None else available
-    order = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     if preferred:
-        name = preferred if preferred.endswith("ExecutionProvider") else f"{preferred.upper()}ExecutionProvider"
-        name = {"TENSORRTExecutionProvider": "TensorrtExecutionProvider"}.get(name, name)
+        name = provider_name(preferred)
         if name not in available:
-            raise ModelLoadError(f"Provider {preferred!r} is not available here. Available: {', '.join(available)}.")
-        return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
-    return [p for p in order if p in available] or ["CPUExecutionProvider"]
+            raise ModelLoadError(
+                f"Provider {preferred!r} is not available here. Available: {', '.join(available)}."
+            )
+        if name == "CPUExecutionProvider":
+            return [name]
+        return [name, "CUDAExecutionProvider", "CPUExecutionProvider"] if (
+            name == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available
+        ) else [name, "CPUExecutionProvider"]
+    return [p for p in PROVIDER_ORDER if p in available] or ["CPUExecutionProvider"]
+
+
+def provider_options(
+    providers: list[str], fp16: bool = False, cache_dir: str | Path | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """Deliberate options per provider, in the (name, options) form InferenceSession accepts.
+
+    TensorRT: fp16 kernels when asked (TensorRT builds the fp16 engine itself from the fp32 graph) and an
+    engine cache, since building an engine takes minutes. CUDA: exhaustive cuDNN algorithm search once
+    (inputs have a fixed spatial size, so the search pays off), and no arena growth beyond what is used.
+    """
+    chosen: list[tuple[str, dict[str, Any]]] = []
+    for name in providers:
+        options: dict[str, Any] = {}
+        if name == "TensorrtExecutionProvider":
+            options = {"trt_fp16_enable": bool(fp16), "trt_max_workspace_size": 2 * 1024**3}
+            if cache_dir is not None:
+                options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir))
+        elif name == "CUDAExecutionProvider":
+            options = {"cudnn_conv_algo_search": "EXHAUSTIVE", "arena_extend_strategy": "kSameAsRequested"}
+        chosen.append((name, options))
+    return chosen
+
+
+def resolve_variant(path: str | Path, precision: str, providers: list[str]) -> tuple[Path, str]:
+    """Which file to load for the precision asked: (path, precision actually used).
+
+    "auto" takes model.int8.onnx on CPU and model.fp16.onnx on CUDA when they sit beside `path` (they
+    exist only if they passed their accuracy gate), else the fp32 file; TensorRT gets fp32 and builds
+    its own fp16 engine. "int8"/"fp16" insist on the variant file; fp16 only runs on a GPU provider.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"Invalid precision {precision!r}. Only {', '.join(PRECISIONS)} are supported.")
+    path = Path(path)
+    first = providers[0]
+    if precision == "auto":
+        if first == "CUDAExecutionProvider" and (path.parent / VARIANT_FILES["fp16"]).is_file():
+            return path.parent / VARIANT_FILES["fp16"], "fp16"
+        if first == "CPUExecutionProvider" and (path.parent / VARIANT_FILES["int8"]).is_file():
+            return path.parent / VARIANT_FILES["int8"], "int8"
+        return path, "fp16" if first == "TensorrtExecutionProvider" else "fp32"
+    if precision == "fp32":
+        return path, "fp32"
+    if precision == "fp16" and first not in GPU_PROVIDERS:
+        raise ModelLoadError("fp16 runs only on a GPU provider (cuda or tensorrt); on CPU use fp32 or int8.")
+    if precision == "fp16" and first == "TensorrtExecutionProvider":
+        return path, "fp16"
+    variant = path.parent / VARIANT_FILES[precision]
+    if not variant.is_file():
+        raise ModelLoadError(
+            f"No {precision} model at {variant}: write it with `verity export --{precision}` "
+            "(it is written only when it passes its accuracy gate)."
+        )
+    return variant, precision
 
 
 class OnnxEngine:
@@ -122,21 +198,38 @@ class OnnxEngine:
         provider: str | None = None,
         intra_op_threads: int = 1,
         warmup: bool = True,
+        *,
+        precision: str = "fp32",
+        allow_spinning: bool = False,
+        cache_dir: str | Path | None = None,
     ) -> None:
+        """Loads `path` (model.onnx) for `provider` ("cpu", "cuda", "tensorrt"; None: best available).
+
+        `precision` picks the file variant (see `resolve_variant`); `allow_spinning` lets idle intra-op
+        threads spin, which helps a lone benchmark but steals CPU from decoding under load (DESIGN.md §5).
+        """
         import onnxruntime as ort
 
+        providers = choose_providers(provider)
+        model_path, self.precision = resolve_variant(path, precision, providers)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # One intra-op thread per session beat two on 2 cores under concurrent load (DESIGN.md §5).
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
-        self.path = Path(path)
-        self.session = _open_session(path, options, choose_providers(provider))
-        self.spec, self.card = _spec_and_card(self.session, path)
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        self.path = Path(model_path)
+        fp16 = self.precision == "fp16"
+        self.session = _open_session(model_path, options, provider_options(providers, fp16, cache_dir))
+        self.spec, self.card = _spec_and_card(self.session, model_path)
         self.output_names = [output.name for output in self.session.get_outputs()]
         self.input_name = self.session.get_inputs()[0].name
         self.thresholds = Thresholds(**{k: self.card["thresholds"][k] for k in ("alarm", "clear")})
         self.temperature = float(self.card.get("calibration", {}).get("temperature", 1.0))
+        # IO binding on GPU: inputs are copied to the device once and outputs allocated by ORT, instead
+        # of the extra staging copies of session.run.
+        self.io_binding = self.providers[0] in GPU_PROVIDERS
         if warmup:
             self.warmup()
 
@@ -163,9 +256,21 @@ class OnnxEngine:
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Runs the graph on an NxCxSxS float32 batch; returns every output by name."""
         if batch.ndim != 4 or batch.shape[1:] != self.input_shape():
-            raise ValueError(f"Expected a batch of shape (N, {', '.join(map(str, self.input_shape()))}), got {batch.shape}.")
-        outputs = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+            shape = ", ".join(map(str, self.input_shape()))
+            raise ValueError(f"Expected a batch of shape (N, {shape}), got {batch.shape}.")
+        batch = np.ascontiguousarray(batch, np.float32)
+        if self.io_binding:
+            return self._run_bound(batch)
+        outputs = self.session.run(self.output_names, {self.input_name: batch})
         return dict(zip(self.output_names, outputs, strict=True))
+
+    def _run_bound(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, batch)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
 
     def predict(self, inputs: list[np.ndarray] | np.ndarray, with_cam: bool = False) -> list[Prediction]:
         """Scores preprocessed inputs in one batch and applies the model's thresholds."""
