@@ -14,6 +14,7 @@ every near-duplicate group; nothing is dropped silently.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -233,11 +234,19 @@ def count_items(src: Path) -> int:
     return lines - 1 if src.suffix.lower() == ".csv" else lines
 
 
+def _has_modality_folder(root: Path) -> bool:
+    return any(name.lower() in MODALITY_NAMES for _, dirnames, _ in os.walk(root) for name in dirnames)
+
+
 def iter_source(
     src: Path, options: IngestOptions, hidden: list[int], exclude: frozenset[Path] = frozenset()
 ) -> Iterator[Candidate]:
     """Candidates from a folder, CSV or JSONL; raises ValueError for anything else."""
     if src.is_dir():
+        if options.modality is None and not _has_modality_folder(src):
+            raise ValueError(
+                f"{src} has no photo/ or xray/ folder to tell the modality: pass --modality photo|xray."
+            )
         return iter_folder(src, options, hidden, exclude)
     if src.is_file() and src.suffix.lower() in TABLE_SUFFIXES:
         return iter_table(src, options)
@@ -315,8 +324,11 @@ def load_existing(manifest: Path) -> Existing:
         if row.split:
             existing.group_split.setdefault(group_key(row), row.split)
             existing.counts[row.split][row.label] += 1
-        if row.meta and isinstance(row.meta.get("dhash"), str):
-            existing.hashed.append((int(row.meta["dhash"], 16), row.path, row.label, row.split))
+        stored_hash = row.meta.get("dhash") if row.meta else None
+        if isinstance(stored_hash, str) and len(stored_hash) == 16:
+            # a hand-edited, unreadable hash just leaves that row out of the near-duplicate check
+            with contextlib.suppress(ValueError):
+                existing.hashed.append((int(stored_hash, 16), row.path, row.label, row.split))
     return existing
 
 

@@ -262,6 +262,8 @@ def test_cli_ingest_stats_and_dispatch(tmp_path, capsys):
     )
     with pytest.raises(SystemExit):
         data_main(["ingest", str(tmp_path / "src"), "--out", str(manifest), "--val", "1.5"])
+    with pytest.raises(ValueError, match="pass --modality"):
+        data_main(["ingest", str(tmp_path / "src"), "--out", str(tmp_path / "n.jsonl")])
     if importlib.util.find_spec("api.feedback") is None:
         with pytest.raises(RuntimeError, match="not available"):
             data_main(["from-feedback"])
