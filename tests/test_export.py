@@ -246,7 +246,6 @@ def test_build_card_and_checkpoint_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("modality", ["photo", "xray"])
 def test_registry_backbone_exports_with_parity(tmp_path: Path, modality: str) -> None:
     """The real model registry's default backbone, 64 px, through `verity export` (model.pt -> ONNX)."""
-    pytest.importorskip("training.models")
     from training import export_cli
     from training.export import build_registry_model
 
