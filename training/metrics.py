@@ -170,10 +170,9 @@ def verdict_figures(scores: Any, targets: Any, alarm: float, clear: float) -> di
     """
     scores, targets = _arrays(scores, targets)
     codes = verdicts(scores, alarm, clear)
-    column = {0: 0, 1: 1, -1: 2}
+    columns = np.where(codes == -1, 2, codes)  # genuine 0, counterfeit 1, uncertain 2
     matrix = np.zeros((2, 3), dtype=np.int64)
-    for target, code in zip(targets, codes, strict=True):
-        matrix[target, column[int(code)]] += 1
+    np.add.at(matrix, (targets, columns), 1)
     decided = int(matrix[:, :2].sum())
     correct = int(matrix[0, 0] + matrix[1, 1])
     n_genuine, n_counterfeit = int(matrix[0].sum()), int(matrix[1].sum())
