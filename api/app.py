@@ -87,10 +87,14 @@ def create_app(
     settings = settings or load_settings()
     metrics = Metrics()
     registry = registry or ModelRegistry(settings, engine_factory, on_batch=metrics.batch_size.observe)
-    audit_store = audit or open_audit_store(settings)
+    if audit is None:
+        open_audit_store(settings).close()  # fail fast, at build time, on an unusable audit location
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Opened per lifespan (and closed at its end), so an app can be started again after a stop.
+        audit_store = audit or await run_in_threadpool(open_audit_store, settings)
+        app.state.audit = audit_store
         loading = None
         if settings.background_load:
             loading = asyncio.create_task(_initial_load(registry))
@@ -106,14 +110,15 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await loading
             await registry.close()
-            await run_in_threadpool(audit_store.close)
+            if audit is None:  # a store passed in belongs to the caller
+                await run_in_threadpool(audit_store.close)
 
     app = FastAPI(
         title="Verity", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS, lifespan=lifespan
     )
     app.state.settings = settings
     app.state.registry = registry
-    app.state.audit = audit_store
+    app.state.audit = audit  # replaced by the lifespan's store when it starts
     app.state.keys = KeyStore(settings.keys_file)
     app.state.image_store = ImageStore(settings.image_store_dir) if settings.store_images else None
     app.state.metrics = metrics

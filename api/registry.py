@@ -255,6 +255,7 @@ class ModelRegistry:
 
     async def close(self) -> None:
         """Drains every batcher: queued requests get their answers before shutdown completes."""
-        for served in self.snapshot.models.values():
-            await served.stop(drain=True)
-        self.ready = False
+        async with self._reload_lock:
+            snapshot, self.snapshot, self.ready = self.snapshot, Snapshot(), False
+            for served in snapshot.models.values():
+                await served.stop(drain=True)

@@ -33,7 +33,7 @@ router = APIRouter()
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
-        400: "The upload is not a decodable image.",
+        400: "The upload is not a decodable image, or the body cannot be parsed.",
         401: "No API key, or an unknown or revoked one.",
         403: "The key may not do this.",
         404: "Not found.",
@@ -129,7 +129,7 @@ async def _batch_item(
     "/v1/predict/batch",
     response_model=BatchResponse,
     tags=["predict"],
-    responses=_errors(401, 403, 413, 422, 503),
+    responses=_errors(400, 401, 403, 413, 422, 503),
     summary="Verdicts for several images",
     description="Up to `max_batch_files` files (field `files`, repeated); one result per file in upload "
     "order. A file that cannot be decoded fails alone, with its own error entry.",
@@ -221,7 +221,7 @@ async def reload_models(registry: RegistryDep, admin: AdminDep) -> dict[str, Any
     "/v1/feedback",
     response_model=FeedbackOut,
     tags=["feedback"],
-    responses=_errors(401, 404, 422, 503),
+    responses=_errors(400, 401, 404, 413, 422, 503),
     summary="Record an officer's confirmed outcome for a prediction",
     description="Confirmed cases with stored images become training data: `verity data from-feedback`.",
 )
