@@ -1,0 +1,214 @@
+"""Augmentation presets, one per modality (albumentations 2.x), applied to the decoded HxWxC array.
+
+They sit between `decode_image` and `to_model_input`, for training only; evaluation and serving see the
+plain decoded image. What each preset leaves alone matters as much as what it does:
+
+- photo: the counterfeit cues are colour shifts, blurred reprints, altered text and missing holograms,
+  so hue moves by at most 2% of the colour wheel, blur is light and rare, and nothing mirrors the text.
+- xray: a transmission image has no colour; it varies in exposure (gamma, intensity), detector noise,
+  bag orientation (flips, 90-degree turns) and the clutter packed around the item (overlapping objects
+  multiply the transmission).
+
+X-ray arrays may be uint16 or float: they are mapped to float32 [0, 1] through the spec's window first
+(the mapping `to_model_input` would apply), augmented in float, and handed on with the window cleared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import albumentations as A
+import numpy as np
+
+from inference.spec import PreprocessSpec
+
+PRESETS = ("photo", "xray")
+
+
+class Glare(A.ImageOnlyTransform):
+    """A specular highlight: a soft elliptical white blob blended over the image (glossy packaging).
+
+    Hand-written because albumentations' RandomSunFlare draws lens-flare circles across the frame,
+    several times slower and unlike the glare of a phone flash on foil or film.
+    """
+
+    def __init__(
+        self,
+        strength: tuple[float, float] = (0.3, 0.8),
+        size: tuple[float, float] = (0.1, 0.35),
+        p: float = 0.5,
+    ):
+        super().__init__(p=p)
+        self.strength = strength
+        self.size = size
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        rng = self.random_generator
+        return {
+            "center": (rng.uniform(0, height), rng.uniform(0, width)),
+            "radii": (rng.uniform(*self.size) * height, rng.uniform(*self.size) * width),
+            "strength": rng.uniform(*self.strength),
+        }
+
+    def apply(
+        self, img: np.ndarray, center=(0.0, 0.0), radii=(1.0, 1.0), strength=0.5, **params
+    ) -> np.ndarray:
+        height, width = img.shape[:2]
+        ys = ((np.arange(height, dtype=np.float32) - center[0]) / radii[0]) ** 2
+        xs = ((np.arange(width, dtype=np.float32) - center[1]) / radii[1]) ** 2
+        alpha = (strength * np.exp(-(ys[:, None] + xs[None, :]) * 2.0))[..., None]
+        top = 255.0 if img.dtype == np.uint8 else 1.0
+        blended = img.astype(np.float32) * (1.0 - alpha) + top * alpha
+        return (
+            blended.astype(img.dtype)
+            if img.dtype != np.uint8
+            else np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+        )
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("strength", "size")
+
+
+class OverlapClutter(A.ImageOnlyTransform):
+    """Overlapping objects in a transmission image: each ellipse multiplies the transmission it covers.
+
+    Beer-Lambert: I = I0 * exp(-mu * t), so stacked items multiply; with 2 channels (dual-energy) the
+    low-energy channel attenuates more than the high-energy one, by a random material ratio.
+    Works on float32 images in [0, 1].
+    """
+
+    def __init__(
+        self,
+        count: tuple[int, int] = (1, 4),
+        attenuation: tuple[float, float] = (0.05, 0.6),
+        size: tuple[float, float] = (0.08, 0.35),
+        p: float = 0.5,
+    ):
+        super().__init__(p=p)
+        self.count = count
+        self.attenuation = attenuation
+        self.size = size
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        rng = self.random_generator
+        objects = []
+        for _ in range(int(rng.integers(self.count[0], self.count[1] + 1))):
+            objects.append(
+                (
+                    rng.uniform(0, height),
+                    rng.uniform(0, width),
+                    rng.uniform(*self.size) * height,
+                    rng.uniform(*self.size) * width,
+                    rng.uniform(*self.attenuation),
+                    rng.uniform(1.1, 1.8),  # mu, low/high energy ratio
+                )
+            )
+        return {"objects": objects}
+
+    def apply(self, img: np.ndarray, objects=(), **params) -> np.ndarray:
+        height, width = img.shape[:2]
+        thickness = np.zeros((height, width, img.shape[2]), dtype=np.float32)
+        ys = np.arange(height, dtype=np.float32)[:, None]
+        xs = np.arange(width, dtype=np.float32)[None, :]
+        for cy, cx, ry, rx, mu, ratio in objects:
+            inside = (((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2) <= 1.0
+            for channel in range(img.shape[2]):
+                # Channel 0 is the high-energy image; later channels (low energy) attenuate more.
+                thickness[..., channel] += inside * mu * (ratio if channel > 0 else 1.0)
+        return (img.astype(np.float32) * np.exp(-thickness)).astype(np.float32)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("count", "attenuation", "size")
+
+
+def photo_preset() -> A.Compose:
+    """Phone photos of labels: viewpoint, light, focus, compression and sensor noise."""
+    return A.Compose(
+        [
+            A.Perspective(scale=(0.02, 0.06), p=0.5),
+            A.Affine(scale=(0.9, 1.1), rotate=(-8, 8), translate_percent=(-0.04, 0.04), p=0.5),
+            # Brightness and contrast vary with the light; hue barely moves (a colour shift is a cue).
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.02, p=0.6),
+            Glare(p=0.25),
+            A.GaussianBlur(blur_limit=(3, 3), sigma_limit=(0.2, 0.7), p=0.1),
+            A.ImageCompression(quality_range=(60, 100), p=0.4),
+            A.GaussNoise(std_range=(0.005, 0.03), p=0.3),
+        ]
+    )
+
+
+def xray_preset() -> A.Compose:
+    """Transmission scans: exposure, detector noise, orientation, clutter; no colour jitter."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomRotate90(p=0.5),
+            OverlapClutter(p=0.4),
+            A.RandomGamma(gamma_limit=(75, 135), p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.15, p=0.5),
+            A.GaussNoise(std_range=(0.005, 0.03), p=0.4),
+        ]
+    )
+
+
+_BUILDERS = {"photo": photo_preset, "xray": xray_preset}
+
+
+def build_preset(modality: str) -> A.Compose:
+    """The augmentation pipeline for a modality."""
+    if modality not in _BUILDERS:
+        raise ValueError(
+            f"Invalid augmentation preset {modality!r}. Only {', '.join(PRESETS)} are supported."
+        )
+    return _BUILDERS[modality]()
+
+
+def describe_preset(modality: str) -> dict[str, Any]:
+    """The preset as plain data (albumentations' own serialization), saved with each run."""
+    return A.to_dict(build_preset(modality))
+
+
+def to_unit_float(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Maps a uint16 or float image to float32 [0, 1] with the spec's window, as to_model_input would."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if spec.window is None:
+        low, high = (0.0, 65535.0) if image.dtype == np.uint16 else (0.0, 1.0)
+    else:
+        low, high = spec.window
+    return np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+
+
+class Augmenter:
+    """Applies a preset to a decoded array and returns it with the spec to preprocess it with.
+
+    Photos (uint8 RGB) are augmented in uint8, the fast path of every transform. Everything else goes
+    to float32 [0, 1] first, so the returned spec has its window cleared (the window was applied here).
+    """
+
+    def __init__(self, modality: str, spec: PreprocessSpec) -> None:
+        self.pipeline = build_preset(modality)
+        self.spec = spec
+        self.float_spec = replace(spec, window=None)
+
+    def set_seed(self, seed: int) -> None:
+        """Seeds the pipeline: the trainer seeds per sample, so augmentations do not depend on workers."""
+        self.pipeline.set_random_seed(seed)
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, PreprocessSpec]:
+        if image.ndim == 2:
+            image = image[..., None]
+        if self.spec.in_chans == 3 and image.shape[2] != 3:
+            # Grey or RGBA photos: give the colour transforms the 3 channels to_model_input would make.
+            image = np.repeat(image[..., :1], 3, axis=2) if image.shape[2] < 3 else image[..., :3]
+        if image.dtype == np.uint8 and image.shape[2] == 3:
+            return self.pipeline(image=image)["image"], self.spec
+        unit = to_unit_float(image, self.spec)
+        augmented = self.pipeline(image=np.ascontiguousarray(unit))["image"]
+        if augmented.ndim == 2:  # some cv2 paths drop a single channel axis
+            augmented = augmented[..., None]
+        return np.clip(augmented, 0.0, 1.0).astype(np.float32), self.float_spec
