@@ -1,0 +1,100 @@
+"""INT8 static quantization behind its accuracy gate; the fp16 variant; the export CLI hook."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.models import tiny_onnx
+from inference.engine import OnnxEngine
+from training.quantize import add_export_arguments, export_fp16, quantize_model, run_export_variants
+
+
+def _png(value: int, rng: np.random.Generator) -> bytes:
+    array = np.clip(rng.normal(value, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def val_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DIR/val/<label>/*.png: dark genuine and bright counterfeit images (the tiny model's rule)."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for label, value in (("genuine", 50), ("counterfeit", 190)):
+        folder = root / "val" / label
+        folder.mkdir(parents=True)
+        for i in range(12):
+            (folder / f"{i}.png").write_bytes(_png(value, rng))
+    return root
+
+
+@pytest.fixture()
+def model(tmp_path: Path) -> Path:
+    return tiny_onnx(tmp_path / "model.onnx")
+
+
+def test_int8_passes_its_gate_and_records_it_in_the_card(model: Path, val_folder: Path) -> None:
+    result = quantize_model(model, val_folder, calibration_images=8)
+    assert result["passed"] and result["written"], result
+    assert result["auc_drop"] is not None and result["auc_drop"] <= 0.005
+    assert result["verdict_agreement"] >= 0.99 and result["images"] == 24
+    assert result["calibration_images"] == 8 and result["format"] == "QDQ" and result["per_channel"]
+    int8_path = model.with_name("model.int8.onnx")
+    engine = OnnxEngine(int8_path, provider="cpu")
+    assert engine.card["precision"] == "int8"
+    assert engine.card["int8_gate"]["verdict_agreement"] == result["verdict_agreement"]
+    assert engine.spec == OnnxEngine(model, provider="cpu").spec
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(int8_path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # static QDQ
+    assert not ops & {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}  # never dynamic
+    # OnnxEngine's precision="auto" picks the INT8 file on CPU now that it exists.
+    assert OnnxEngine(model, provider="cpu", precision="auto").precision == "int8"
+
+
+def test_gate_failure_writes_nothing(model: Path, val_folder: Path) -> None:
+    out = model.with_name("model.int8.onnx")
+    result = quantize_model(model, val_folder, out, calibration_images=4, auc_tolerance=-1.0)
+    assert not result["passed"] and not result["written"] and not out.exists()
+    assert any("ROC AUC drops" in reason for reason in result["reasons"])
+    result = quantize_model(model, val_folder, out, calibration_images=4, min_agreement=1.01)
+    assert not result["written"] and any("verdict agreement" in r for r in result["reasons"])
+
+
+def test_pairs_need_both_classes_for_the_gate(model: Path) -> None:
+    rng = np.random.default_rng(1)
+    pairs = [(_png(60, rng), "genuine") for _ in range(6)]
+    result = quantize_model(model, pairs, calibration_images=4)
+    assert not result["written"] and "both genuine and counterfeit" in result["reasons"][0]
+    with pytest.raises(ValueError, match="Invalid label 'fake'"):
+        quantize_model(model, [(pairs[0][0], "fake")])
+
+
+def test_fp16_variant_and_export_cli_hook(model: Path, val_folder: Path) -> None:
+    import onnx
+
+    fp16 = export_fp16(model)
+    proto = onnx.load(str(fp16))
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in proto.graph.initializer)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O
+    card = json.loads(next(p.value for p in proto.metadata_props if p.key == "verity.card"))
+    assert card["precision"] == "fp16"
+
+    parser = argparse.ArgumentParser()
+    add_export_arguments(parser)
+    with pytest.raises(ValueError, match="--int8 needs --val-data"):
+        run_export_variants(parser.parse_args(["--int8"]), model, {})
+    card = {}
+    lines = run_export_variants(
+        parser.parse_args(["--int8", "--val-data", str(val_folder), "--calibration-images", "4"]), model, card
+    )
+    assert card["int8"]["written"] and "written to" in lines[0]

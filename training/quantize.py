@@ -1,0 +1,306 @@
+"""INT8 (static QDQ, per-channel) and fp16 variants of an exported model, behind an accuracy gate.
+
+INT8 on CPU: onnxruntime's static quantization with QDQ nodes and per-channel weight scales, calibrated
+by running the SERVING preprocessor (`inference.decode.load_for_model`) on validation images, so the
+activation ranges are those the server will see. `quant_pre_process` (shape inference and graph
+folding) runs first, as onnxruntime recommends. Dynamic quantization is deliberately absent: for CNNs on
+this CPU it is 6 to 19 times slower than fp32 (DESIGN.md §5).
+
+The gate compares the INT8 model with the fp32 one on the validation images: ROC AUC may drop by at
+most 0.005 and the verdicts (with the model's own thresholds) must agree on at least 99% of images.
+Only a passing model is written (as model.int8.onnx beside model.onnx, which OnnxEngine's
+precision="auto" then picks on CPU); both figures go into its card metadata and into the returned dict
+(for card.json) whether it passed or not.
+
+fp16 for GPU: `export_fp16` converts weights and activations to float16 with float32 inputs/outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.decode import DecodeError, load_for_model
+from inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY, OnnxEngine
+from inference.spec import LABELS, PreprocessSpec
+
+AUC_TOLERANCE = 0.005
+MIN_AGREEMENT = 0.99
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+class QuantizationError(RuntimeError):
+    """Quantization could not run (no usable validation images, a graph onnxruntime cannot quantize)."""
+
+
+def _label_index(label: Any) -> int:
+    if isinstance(label, str):
+        if label not in LABELS:
+            raise ValueError(f"Invalid label {label!r}. Only {', '.join(LABELS)} are supported.")
+        return LABELS.index(label)
+    if int(label) not in (0, 1):
+        raise ValueError(f"Invalid label {label!r}: use 0 (genuine) or 1 (counterfeit).")
+    return int(label)
+
+
+def load_validation(
+    data: str | Path | Sequence[tuple[str | Path | bytes, Any]],
+    spec: PreprocessSpec,
+    split: str = "val",
+    limit: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validation inputs (N x C x S x S, through the serving preprocessor) and targets (0/1).
+
+    `data` is a manifest (rows of `split`), a folder (DIR/<split>/<label>/ or DIR/<label>/), or a list
+    of (image path or bytes, label) pairs. Images that fail to decode are skipped; none left is an error.
+    """
+    if isinstance(data, str | Path):
+        from training.evaluate import load_samples
+
+        samples = load_samples(data, split, spec.modality).samples
+        pairs: list[tuple[Any, int]] = [(s.path, s.target) for s in samples]
+    else:
+        pairs = [(source, _label_index(label)) for source, label in data]
+    if limit is not None and len(pairs) > limit:
+        # An even spread over the set rather than its first rows (manifests are often sorted by class).
+        pairs = [pairs[int(i)] for i in np.linspace(0, len(pairs) - 1, limit).round()]
+    inputs, targets = [], []
+    for source, target in pairs:
+        try:
+            inputs.append(load_for_model(source, spec))
+        except (DecodeError, OSError):
+            continue
+        targets.append(target)
+    if not inputs:
+        raise QuantizationError(f"None of the {len(pairs)} validation images could be decoded.")
+    return np.stack(inputs), np.asarray(targets, dtype=np.int64)
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over preprocessed inputs, in small batches."""
+
+    def __init__(self, input_name: str, inputs: np.ndarray, batch_size: int = 8) -> None:
+        self.input_name = input_name
+        self.inputs = inputs
+        self.batch_size = batch_size
+        self._iterator: Iterator[dict[str, np.ndarray]] = self._batches()
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(self.inputs), self.batch_size):
+            yield {self.input_name: np.ascontiguousarray(self.inputs[start : start + self.batch_size])}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iterator, None)
+
+    def rewind(self) -> None:
+        self._iterator = self._batches()
+
+
+def _scores_and_verdicts(
+    engine: OnnxEngine, inputs: np.ndarray, batch_size: int = 32
+) -> tuple[np.ndarray, list[str]]:
+    predictions = []
+    for start in range(0, len(inputs), batch_size):
+        predictions.extend(engine.predict(inputs[start : start + batch_size]))
+    return np.array([p.score for p in predictions]), [p.verdict for p in predictions]
+
+
+def accuracy_gate(
+    reference: OnnxEngine,
+    candidate: OnnxEngine,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    auc_tolerance: float = AUC_TOLERANCE,
+    min_agreement: float = MIN_AGREEMENT,
+) -> dict[str, Any]:
+    """ROC AUC of both models and their verdict agreement on the same inputs; `passed` applies the rule."""
+    from training.metrics import roc_auc
+
+    ref_scores, ref_verdicts = _scores_and_verdicts(reference, inputs)
+    new_scores, new_verdicts = _scores_and_verdicts(candidate, inputs)
+    auc_ref, auc_new = roc_auc(ref_scores, targets), roc_auc(new_scores, targets)
+    agreement = float(np.mean([a == b for a, b in zip(ref_verdicts, new_verdicts, strict=True)]))
+    reasons = []
+    if auc_ref is None or auc_new is None:
+        reasons.append("ROC AUC needs both genuine and counterfeit images in the validation set")
+        auc_drop = None
+    else:
+        auc_drop = float(auc_ref - auc_new)
+        if auc_drop > auc_tolerance:
+            reasons.append(f"ROC AUC drops by {auc_drop:.4f} > {auc_tolerance:g}")
+    if agreement < min_agreement:
+        reasons.append(f"verdict agreement {agreement:.2%} < {min_agreement:.0%}")
+    return {
+        "passed": not reasons,
+        "reasons": reasons,
+        "images": int(len(inputs)),
+        "auc_fp32": auc_ref,
+        "auc_int8": auc_new,
+        "auc_drop": auc_drop,
+        "auc_tolerance": auc_tolerance,
+        "verdict_agreement": agreement,
+        "min_agreement": min_agreement,
+        "max_abs_score_diff": float(np.abs(ref_scores - new_scores).max()),
+    }
+
+
+def _copy_metadata(source: Path, target: Path, card_update: dict[str, Any]) -> None:
+    """Quantization tools drop metadata_props: restore spec and card (with the gate figures)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
+    card = json.loads(props[METADATA_CARD_KEY])
+    card.update(card_update)
+    proto = onnx.load(str(target))
+    del proto.metadata_props[:]
+    for key, value in ((METADATA_SPEC_KEY, props[METADATA_SPEC_KEY]), (METADATA_CARD_KEY, json.dumps(card))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(target), save_as_external_data=False)
+
+
+def _quantize_static(source: Path, target: Path, inputs: np.ndarray, per_channel: bool, method: str) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    with tempfile.TemporaryDirectory(prefix="verity-quant-") as work:
+        prepared = Path(work) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
+        engine_input = OnnxEngine(source, provider="cpu", warmup=False).input_name
+        quantize_static(
+            str(prepared),
+            str(target),
+            _Reader(engine_input, inputs),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            # Symmetric int8 activations run on the VNNI int8 kernels of this CPU without the u8 overflow
+            # workaround; the augmented calibration model lives in the temporary folder.
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+
+
+def quantize_model(
+    onnx_path: str | Path,
+    data: str | Path | Sequence[tuple[str | Path | bytes, Any]],
+    out_path: str | Path | None = None,
+    *,
+    split: str = "val",
+    calibration_images: int = 200,
+    gate_images: int | None = None,
+    auc_tolerance: float = AUC_TOLERANCE,
+    min_agreement: float = MIN_AGREEMENT,
+    per_channel: bool = True,
+    method: str = "minmax",
+) -> dict[str, Any]:
+    """Quantizes model.onnx to INT8 (static QDQ) and writes `out_path` only if the accuracy gate passes.
+
+    `data`: validation images (see `load_validation`). Calibration uses up to `calibration_images` of
+    them; the gate uses all (or `gate_images`). Returns the gate figures plus "written" and "path".
+    """
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"Invalid method {method!r}. Only {', '.join(CALIBRATION_METHODS)} are supported.")
+    source = Path(onnx_path)
+    target = Path(out_path) if out_path is not None else source.with_name("model.int8.onnx")
+    reference = OnnxEngine(source, provider="cpu", warmup=False)
+    inputs, targets = load_validation(data, reference.spec, split, gate_images)
+    picks = np.linspace(0, len(inputs) - 1, min(calibration_images, len(inputs))).round().astype(int)
+    calibration = inputs[picks]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".int8.onnx.tmp", dir=target.parent)
+    os.close(handle)
+    temporary_path = Path(temporary)
+    try:
+        try:
+            _quantize_static(source, temporary_path, calibration, per_channel, method)
+        except Exception as error:  # onnxruntime raises assorted types for graphs it cannot quantize
+            raise QuantizationError(f"onnxruntime could not quantize {source}: {error}") from error
+        gate = accuracy_gate(
+            reference,
+            OnnxEngine(temporary_path, provider="cpu", warmup=False),
+            inputs,
+            targets,
+            auc_tolerance,
+            min_agreement,
+        )
+        settings = {"format": "QDQ", "per_channel": per_channel, "method": method,
+                    "calibration_images": int(len(calibration))}
+        result = {**gate, **settings, "written": False, "path": None}
+        if gate["passed"]:
+            card_update = {"precision": "int8", "int8_gate": gate, "quantization": settings}
+            _copy_metadata(source, temporary_path, card_update)
+            os.replace(temporary_path, target)
+            result.update(written=True, path=str(target), size_bytes=target.stat().st_size)
+    finally:
+        temporary_path.unlink(missing_ok=True)
+    return result
+
+
+def export_fp16(onnx_path: str | Path, out_path: str | Path | None = None) -> Path:
+    """The fp16 variant for GPU serving (model.fp16.onnx): float16 weights and compute, float32 I/O.
+
+    Not gated here: fp16 keeps about 3 significant digits, and on CPU onnxruntime would run it slower
+    than fp32, so its check belongs on a GPU host (`benchmarks/run_all.py --gpu`).
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    source = Path(onnx_path)
+    target = Path(out_path) if out_path is not None else source.with_name("model.fp16.onnx")
+    model = onnx.load(str(source))
+    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    converted.metadata_props.extend(model.metadata_props)
+    card = next((p for p in converted.metadata_props if p.key == METADATA_CARD_KEY), None)
+    if card is not None:
+        card.value = json.dumps({**json.loads(card.value), "precision": "fp16"})
+    onnx.save(converted, str(target), save_as_external_data=False)
+    return target
+
+
+# -- hooks for `verity export` ------------------------------------------------------------------------
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds --int8/--fp16 and their options to the `verity export` parser."""
+    parser.add_argument(
+        "--int8", action="store_true", help="also write model.int8.onnx if it passes its accuracy gate"
+    )
+    parser.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx for GPU serving")
+    parser.add_argument(
+        "--val-data", help="validation images for --int8: a manifest (its val split) or a labelled folder"
+    )
+    parser.add_argument("--calibration-images", type=int, default=200)
+
+
+def run_export_variants(args: argparse.Namespace, onnx_path: Path, card: dict[str, Any]) -> list[str]:
+    """Writes the variants asked for; records the INT8 gate in `card` (for card.json). Returns lines to
+    print. Raises ValueError when --int8 lacks --val-data."""
+    lines = []
+    if getattr(args, "int8", False):
+        if not args.val_data:
+            raise ValueError("--int8 needs --val-data (a manifest or labelled folder of validation images).")
+        result = quantize_model(onnx_path, args.val_data, calibration_images=args.calibration_images)
+        card["int8"] = {k: v for k, v in result.items() if k != "path"}
+        reasons = "; ".join(result["reasons"])
+        verdict = f"written to {result['path']}" if result["written"] else f"NOT written: {reasons}"
+        lines.append(
+            f"int8: AUC {result['auc_fp32']} -> {result['auc_int8']}, verdict agreement "
+            f"{result['verdict_agreement']:.2%} on {result['images']} images; {verdict}"
+        )
+    if getattr(args, "fp16", False):
+        lines.append(f"fp16: written to {export_fp16(onnx_path)}")
+    return lines
