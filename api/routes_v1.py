@@ -72,7 +72,7 @@ def _elapsed_ms(request: Request) -> float:
 async def _heatmap(service: PredictionService, scored: Scored, wanted: bool) -> str | None:
     if not wanted:
         return None
-    return await run_in_threadpool(render_heatmap, scored.prediction, scored.prepared.model_input)
+    return await run_in_threadpool(render_heatmap, scored)
 
 
 @router.post(
@@ -110,7 +110,7 @@ async def predict(
         image_path=image_path,
     )
     await service.write_audit([record])
-    return service.result(record, heatmap)
+    return service.result(record, heatmap, scored.tiles)
 
 
 async def _batch_item(
@@ -176,7 +176,9 @@ async def predict_batch(
             image_path=image_path,
         )
         records.append(record)
-        items.append({"index": index, "filename": filename, "result": service.result(record, heatmap)})
+        items.append(
+            {"index": index, "filename": filename, "result": service.result(record, heatmap, scored.tiles)}
+        )
     await service.write_audit(records)
     return {"request_id": request_id, "latency_ms": round(_elapsed_ms(request), 3), "results": items}
 

@@ -337,8 +337,7 @@ async def _infer(
         raise _bad(
             f"Unsupported datatype {tensor.datatype!r}: send FP32 (preprocessed tensor) or BYTES (image)."
         )
-    predictions = [await service.infer(served, p.model_input) for p in prepared]
-    scored = [Scored(p, pred, served) for p, pred in zip(prepared, predictions, strict=True)]
+    scored = [await service.score_prepared(served, p) for p in prepared]
     request_id = current_request_id(request)
     ids = [request_id] if len(scored) == 1 else [f"{request_id}-{i}" for i in range(len(scored))]
     params = infer.parameters or {}

@@ -64,6 +64,7 @@ class PredictionResult(BaseModel):
                 "station_id": "gate-3",
                 "case_id": "SEZ-2026-0412",
                 "heatmap_png": None,
+                "tiles": None,
             }
         }
     )
@@ -78,6 +79,7 @@ class PredictionResult(BaseModel):
     station_id: str | None = None
     case_id: str | None = None
     heatmap_png: str | None = Field(None, description="Base64 PNG: the evidence overlaid on the image.")
+    tiles: int | None = Field(None, description="Tiles scored when a large X-ray scan was tiled (else null).")
 
 
 class BatchItem(BaseModel):

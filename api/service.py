@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any
 
 import numpy as np
@@ -19,39 +21,54 @@ from starlette.concurrency import run_in_threadpool
 
 from api.audit import AuditError, AuditRecord, AuditStore, ImageStore, utc_now
 from api.deps import AuditDep, ImageStoreDep, MetricsDep, RegistryDep, SettingsDep
-from api.errors import decode_error_to_api, service_unavailable
+from api.errors import ApiError, decode_error_to_api, service_unavailable
 from api.metrics import Metrics
 from api.registry import ModelRegistry, ServedModel
 from api.settings import Settings
 from inference.batcher import QueueFullError
 from inference.decode import DecodeError, DecodeLimits, decode_image, sniff_format, to_model_input
 from inference.engine import Prediction
+from inference.heatmap import heatmap_png
 from inference.spec import PreprocessSpec
+from inference.tiling import ScanResult, TooManyTiles, score_scan, tile_size
 
 log = logging.getLogger("verity.api")
 
 
 @dataclass(frozen=True)
 class PreparedImage:
-    model_input: np.ndarray  # CxSxS float32 in [0, 1]
+    model_input: np.ndarray | None  # CxSxS float32 in [0, 1]; None for a scan that will be tiled
     sha256: str
     kind: str  # container format, by content
+    decoded: np.ndarray | None = None  # native-resolution pixels, kept only for tiling
 
 
-def prepare_image(data: bytes, spec: PreprocessSpec, limits: DecodeLimits) -> PreparedImage:
-    """Blocking: hashes, sniffs and decodes one upload into the model's input (the evaluation path)."""
+def prepare_image(
+    data: bytes, spec: PreprocessSpec, limits: DecodeLimits, tile_above: int | None = None
+) -> PreparedImage:
+    """Blocking: hashes, sniffs and decodes one upload into the model's input (the evaluation path).
+
+    With `tile_above`, an image whose longer side exceeds it is decoded at full resolution and kept
+    for tiling instead of being reduced to one model input.
+    """
     kind = sniff_format(data)
-    image = decode_image(data, limits, draft_size=spec.image_size)
-    return PreparedImage(to_model_input(image, spec), hashlib.sha256(data).hexdigest(), kind)
+    sha256 = hashlib.sha256(data).hexdigest()
+    if tile_above is None:
+        image = decode_image(data, limits, draft_size=spec.image_size)
+        return PreparedImage(to_model_input(image, spec), sha256, kind)
+    image = decode_image(data, limits)
+    if max(image.shape[:2]) > tile_above:
+        return PreparedImage(None, sha256, kind, decoded=image)
+    return PreparedImage(to_model_input(image, spec), sha256, kind)
 
 
-def render_heatmap(prediction: Prediction, model_input: np.ndarray) -> str | None:
-    """Base64 PNG of the class activation map over the model's view of the image."""
-    if prediction.cam is None:
+def render_heatmap(scored: Scored) -> str | None:
+    """Base64 PNG of the class activation map over the model's view (or the whole scan, when tiled)."""
+    if scored.scan is not None and scored.prepared.decoded is not None:
+        return base64.b64encode(scored.scan.heatmap_png(scored.prepared.decoded)).decode("ascii")
+    if scored.prediction.cam is None or scored.prepared.model_input is None:
         return None
-    from inference.heatmap import heatmap_png
-
-    return base64.b64encode(heatmap_png(prediction.cam, model_input)).decode("ascii")
+    return base64.b64encode(heatmap_png(scored.prediction.cam, scored.prepared.model_input)).decode("ascii")
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,11 @@ class Scored:
     prepared: PreparedImage
     prediction: Prediction
     model: ServedModel
+    scan: ScanResult | None = None  # set when a large scan was scored in tiles
+
+    @property
+    def tiles(self) -> int | None:
+        return len(self.scan.tiles) if self.scan is not None else None
 
 
 class PredictionService:
@@ -92,13 +114,44 @@ class PredictionService:
             "no_model", f"No {modality} model is loaded on this server.", self.settings.retry_after_s
         )
 
+    def _tile_above(self, served: ServedModel) -> int | None:
+        if self.settings.xray_tiling and served.modality == "xray":
+            return tile_size(served.engine.spec.image_size, self.settings.tile_scale)
+        return None
+
     async def prepare(self, data: bytes, served: ServedModel) -> PreparedImage:
         try:
             return await run_in_threadpool(
-                prepare_image, data, served.engine.spec, self.settings.decode_limits
+                prepare_image, data, served.engine.spec, self.settings.decode_limits, self._tile_above(served)
             )
         except DecodeError as error:
             raise decode_error_to_api(error) from error
+
+    async def score_tiles(self, served: ServedModel, prepared: PreparedImage) -> Scored:
+        """A large scan: tiles scored in their own batches on the threadpool, the highest tile decides."""
+        assert prepared.decoded is not None
+        try:
+            scan = await run_in_threadpool(
+                partial(
+                    score_scan,
+                    prepared.decoded,
+                    served.engine,
+                    scale=self.settings.tile_scale,
+                    overlap=self.settings.tile_overlap,
+                    max_tiles=self.settings.max_tiles,
+                    batch_size=self.settings.batch_max_size,
+                )
+            )
+        except TooManyTiles as error:
+            raise ApiError(413, "too_many_tiles", str(error)) from error
+        except DecodeError as error:
+            raise decode_error_to_api(error) from error
+        # Logits equivalent to the scan score (softmax of (0, log-odds) is the score), so /v2 can report them.
+        odds = min(max(scan.score, 1e-7), 1 - 1e-7)
+        prediction = Prediction(
+            score=scan.score, verdict=scan.verdict, logits=(0.0, math.log(odds / (1 - odds)))
+        )
+        return Scored(prepared, prediction, served, scan)
 
     async def infer(self, served: ServedModel, model_input: np.ndarray) -> Prediction:
         """Queues one input on the model's batcher; a full queue is an explicit 503 with Retry-After."""
@@ -114,7 +167,11 @@ class PredictionService:
         return prediction
 
     async def score(self, data: bytes, served: ServedModel) -> Scored:
-        prepared = await self.prepare(data, served)
+        return await self.score_prepared(served, await self.prepare(data, served))
+
+    async def score_prepared(self, served: ServedModel, prepared: PreparedImage) -> Scored:
+        if prepared.model_input is None:
+            return await self.score_tiles(served, prepared)
         return Scored(prepared, await self.infer(served, prepared.model_input), served)
 
     async def store_image(self, data: bytes, prepared: PreparedImage) -> str | None:
@@ -175,7 +232,9 @@ class PredictionService:
         for record in records:
             self.metrics.predictions.labels(record.modality, record.verdict, record.model_version).inc()
 
-    def result(self, record: AuditRecord, heatmap_png: str | None = None) -> dict[str, Any]:
+    def result(
+        self, record: AuditRecord, heatmap_png: str | None = None, tiles: int | None = None
+    ) -> dict[str, Any]:
         """The /v1 result body, built from the audit record so the answer is exactly what was logged."""
         return {
             "verdict": record.verdict,
@@ -189,6 +248,7 @@ class PredictionService:
             "station_id": record.station_id,
             "case_id": record.case_id,
             "heatmap_png": heatmap_png,
+            "tiles": tiles,
         }
 
 

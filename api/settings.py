@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     batch_max_queue: int = Field(128, ge=1)
     retry_after_s: int = Field(1, ge=1)
 
+    # Large X-ray scans: score overlapping tiles and take the highest (inference/tiling.py) instead of
+    # squeezing the scan into one model input. Off by default: thresholds chosen on whole images give
+    # more alarms on tiled scans, so turn it on with thresholds chosen for it.
+    xray_tiling: bool = False
+    tile_scale: float = Field(0.5, gt=0.0, le=4.0)
+    tile_overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    max_tiles: int = Field(128, ge=1, le=4096)
+
     # Auth: station API keys, stored hashed. Required when set, and always when binding non-loopback.
     require_api_keys: bool = False
     keys_file: Path = Path("var/keys.json")

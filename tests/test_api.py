@@ -434,3 +434,19 @@ def test_queue_full_is_503_with_retry_after(tmp_path: Path, models_dir: Path) ->
             assert_error(response, 503, "queue_full")
             assert response.headers["retry-after"] == "2"
     assert len(audit_rows(tmp_path)) == statuses.count(200)
+
+
+def test_large_xray_scan_is_tiled(tmp_path: Path, models_dir: Path) -> None:
+    settings = make_settings(tmp_path, xray_tiling=True, tile_scale=1.0, max_tiles=40)
+    scan = image_bytes(255, size=(200, 80), mode="L")  # 32 px tiles with overlap: several tiles
+    with TestClient(create_app(settings)) as client:
+        response = predict(client, scan, modality="xray", return_heatmap="true")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["tiles"] > 1 and body["verdict"] == "counterfeit"
+        assert Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"]))).size == (200, 80)
+        small = predict(client, image_bytes(255, size=(30, 20), mode="L"), modality="xray").json()
+        assert small["tiles"] is None  # fits one tile: scored whole, through the batcher
+        assert predict(client, image_bytes(0), modality="photo").json()["tiles"] is None
+        huge = predict(client, image_bytes(0, size=(2000, 2000), mode="L"), modality="xray")
+        assert_error(huge, 413, "too_many_tiles")
