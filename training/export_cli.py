@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample", action="append", default=[], help="an image to include in the parity check (repeatable)"
     )
     parser.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
+    from training.quantize import add_export_arguments
+
+    add_export_arguments(parser)  # --int8 (gated), --fp16, --val-data, --calibration-images
     return parser
 
 
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     sample = np.stack([load_for_model(Path(p), spec) for p in args.sample]) if args.sample else None
     out = Path(args.out) if args.out else checkpoint_path.with_name("model.onnx")
     result = export_onnx(model, spec, card, out, sample=sample, exporter=args.exporter)
+    from training.quantize import run_export_variants
+
+    variant_lines = run_export_variants(args, out, card)  # records the INT8 gate in the card
     card_path = out.with_name("card.json")
     card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     print(
@@ -80,4 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['exporter']} exporter); "
         f"parity max |delta logit| {result['max_abs_diff']:.2e} <= 1e-4; card {card_path}"
     )
+    for line in variant_lines:
+        print(line)
     return 0
