@@ -109,3 +109,56 @@ def test_engine_predicts_with_cam_and_refuses_bad_shapes(model_path: Path) -> No
     assert engine.precision == "fp32" and engine.providers == CPU_BOX
     with pytest.raises(ValueError, match=r"Expected a batch of shape \(N, 3, 32, 32\)"):
         engine.run(np.zeros((1, 3, 16, 16), np.float32))
+
+
+def _write_png(path: Path, array: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_predict_cli_prints_verdicts_heatmaps_and_clear_errors(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from inference.cli import main
+
+    bright = _write_png(tmp_path / "bright.png", np.full((50, 70, 3), 230, np.uint8))
+    dark = _write_png(tmp_path / "dark.png", np.zeros((50, 70, 3), np.uint8))
+    heat = str(tmp_path / "h.png")
+    assert main(["--model", str(model_path.parent), str(bright), str(dark), "--heatmap", heat]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{bright}: counterfeit (score") and lines[1].startswith(f"{dark}: genuine")
+    assert (tmp_path / "h-bright.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main(["--model", str(model_path), str(bright), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["verdict"] == "counterfeit" and result["model"]["name"] == "tiny-photo"
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    assert main(["--model", str(model_path), str(text)]) == 1
+    assert "notes.txt: Not a supported image" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="No model at"):
+        main(["--model", str(tmp_path / "missing"), str(bright)])
+
+
+def test_predict_cli_tiles_a_large_xray_scan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from benchmarks.models import tiny_spec
+    from inference.cli import main
+
+    model = tiny_onnx(tmp_path / "xray" / "model.onnx", tiny_spec("xray", 32))
+    scan = np.zeros((150, 400), np.uint16)
+    scan[40:100, 280:340] = 65535
+    path = _write_png(tmp_path / "scan.png", scan)
+    heat = str(tmp_path / "scan-heat.png")
+    assert main(["--model", str(model), str(path), "--json", "--heatmap", heat]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["verdict"] == "counterfeit" and result["tiles"] == 24 and result["grid"] == [3, 8]
+    assert (tmp_path / "scan-heat.png").is_file()
+    assert main(["--model", str(model), str(path), "--max-tiles", "5"]) == 1
+    assert "over the limit of 5 per request" in capsys.readouterr().err
