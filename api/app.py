@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,7 @@ from api import routes_v1, routes_v2
 from api.audit import AuditStore, ImageStore, open_audit_store
 from api.auth import KeyStore
 from api.errors import install_error_handlers
+from api.logs import configure_logging
 from api.metrics import Metrics
 from api.middleware import RequestContextMiddleware
 from api.registry import EngineFactory, ModelRegistry
@@ -85,6 +87,8 @@ def create_app(
     """Builds the service. Tests pass settings, a registry or an audit store; `verity serve` passes none
     (everything comes from VERITY_* variables and the optional settings file)."""
     settings = settings or load_settings()
+    if os.environ.get("VERITY_SERVE_PROCESS"):  # a `verity serve` worker: JSON logs with request_id
+        configure_logging(settings.log_level, settings.log_json)
     metrics = Metrics()
     registry = registry or ModelRegistry(settings, engine_factory, on_batch=metrics.batch_size.observe)
     if audit is None:
@@ -95,6 +99,7 @@ def create_app(
         # Opened per lifespan (and closed at its end), so an app can be started again after a stop.
         audit_store = audit or await run_in_threadpool(open_audit_store, settings)
         app.state.audit = audit_store
+        app.state.decode_slots = asyncio.Semaphore(settings.decode_concurrency)  # bound to this loop
         loading = None
         if settings.background_load:
             loading = asyncio.create_task(_initial_load(registry))

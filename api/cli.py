@@ -43,32 +43,42 @@ def _serve_parser() -> argparse.ArgumentParser:
 def serve_main(argv: list[str]) -> int:
     """Runs uvicorn with the app factory; refuses a non-loopback bind without any API key."""
     args = _serve_parser().parse_args(argv)
-    if args.config:
-        os.environ["VERITY_CONFIG"] = str(Path(args.config).resolve())
-    if args.models_dir:
-        os.environ["VERITY_MODELS_DIR"] = args.models_dir
-    if args.log_level:
-        os.environ["VERITY_LOG_LEVEL"] = args.log_level
-    if args.require_api_keys or not is_loopback(args.host):
-        os.environ["VERITY_REQUIRE_API_KEYS"] = "true"
-    settings = load_settings()  # validates the environment and file before uvicorn starts
-    if settings.require_api_keys and KeyStore(settings.keys_file).active_count() == 0:
-        reason = (
-            "binding non-loopback address " + args.host if not is_loopback(args.host) else "keys are required"
-        )
-        print(
-            f"verity serve: refusing to start: {reason} needs API keys, and {settings.keys_file} has none. "
-            "Create one with `verity keys add --station <id>` (or bind 127.0.0.1).",
-            file=sys.stderr,
-        )
-        return 2
     if not 1 <= args.workers <= 64:
         print("verity serve: --workers must lie between 1 and 64.", file=sys.stderr)
+        return 2
+    # Worker processes build the app from the environment, so every choice made here goes there too.
+    environment = {"VERITY_SERVE_PROCESS": "1"}
+    if args.config:
+        environment["VERITY_CONFIG"] = str(Path(args.config).resolve())
+    if args.models_dir:
+        environment["VERITY_MODELS_DIR"] = args.models_dir
+    if args.log_level:
+        environment["VERITY_LOG_LEVEL"] = args.log_level
+    if args.require_api_keys or not is_loopback(args.host):
+        environment["VERITY_REQUIRE_API_KEYS"] = "true"
+    overrides = {
+        k.removeprefix("VERITY_").lower(): v
+        for k, v in environment.items()
+        if k not in ("VERITY_SERVE_PROCESS", "VERITY_CONFIG")
+    }
+    settings = load_settings(environment.get("VERITY_CONFIG"), **overrides)  # validated before uvicorn starts
+    if settings.require_api_keys and KeyStore(settings.keys_file).active_count() == 0:
+        reason = (
+            f"binding the non-loopback address {args.host}"
+            if not is_loopback(args.host)
+            else "--require-api-keys"
+        )
+        print(
+            f"verity serve: refusing to start: {reason} requires API keys, and {settings.keys_file} has no "
+            "active key. Create one with `verity keys add --station <id>`, or bind 127.0.0.1.",
+            file=sys.stderr,
+        )
         return 2
     import uvicorn
 
     from api.logs import configure_logging
 
+    os.environ.update(environment)
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(
         "api.app:create_app",

@@ -6,7 +6,9 @@ written before any verdict leaves the server, and a failed write turns the answe
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import math
@@ -16,7 +18,7 @@ from functools import partial
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends
+from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from api.audit import AuditError, AuditRecord, AuditStore, ImageStore, utc_now
@@ -93,7 +95,9 @@ class PredictionService:
         audit: AuditStore,
         image_store: ImageStore | None,
         metrics: Metrics,
+        decode_slots: asyncio.Semaphore | None = None,
     ) -> None:
+        self.decode_slots = decode_slots
         self.settings = settings
         self.registry = registry
         self.audit = audit
@@ -120,10 +124,16 @@ class PredictionService:
         return None
 
     async def prepare(self, data: bytes, served: ServedModel) -> PreparedImage:
+        slots = self.decode_slots or contextlib.nullcontext()
         try:
-            return await run_in_threadpool(
-                prepare_image, data, served.engine.spec, self.settings.decode_limits, self._tile_above(served)
-            )
+            async with slots:
+                return await run_in_threadpool(
+                    prepare_image,
+                    data,
+                    served.engine.spec,
+                    self.settings.decode_limits,
+                    self._tile_above(served),
+                )
         except DecodeError as error:
             raise decode_error_to_api(error) from error
 
@@ -253,13 +263,15 @@ class PredictionService:
 
 
 def get_service(
+    request: Request,
     settings: SettingsDep,
     registry: RegistryDep,
     audit: AuditDep,
     image_store: ImageStoreDep,
     metrics: MetricsDep,
 ) -> PredictionService:
-    return PredictionService(settings, registry, audit, image_store, metrics)
+    slots = getattr(request.app.state, "decode_slots", None)
+    return PredictionService(settings, registry, audit, image_store, metrics, slots)
 
 
 ServiceDep = Annotated[PredictionService, Depends(get_service)]

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1)
     max_batch_files: int = Field(16, ge=1, le=256)
 
+    # Concurrent decodes (threadpool). About the core count: more only makes every decode slower and
+    # stretches the latency tail; waiting requests queue in arrival order instead.
+    decode_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1, le=256)
+
     # Micro-batching (inference/batcher.py): send when full or when the oldest has waited the delay.
     batch_max_size: int = Field(8, ge=1, le=256)
     batch_max_delay_ms: float = Field(4.0, ge=0.0)

@@ -450,3 +450,26 @@ def test_large_xray_scan_is_tiled(tmp_path: Path, models_dir: Path) -> None:
         assert predict(client, image_bytes(0), modality="photo").json()["tiles"] is None
         huge = predict(client, image_bytes(0, size=(2000, 2000), mode="L"), modality="xray")
         assert_error(huge, 413, "too_many_tiles")
+
+
+def test_settings_from_file_and_environment(tmp_path: Path, monkeypatch) -> None:
+    from api.settings import load_settings
+
+    config = tmp_path / "verity.env"
+    config.write_text("VERITY_MAX_BATCH_FILES=3\nVERITY_MODELS_DIR=/srv/models\n")
+    monkeypatch.setenv("VERITY_MODELS_DIR", "/from/env")
+    settings = load_settings(config)
+    assert settings.max_batch_files == 3 and str(settings.models_dir) == "/from/env"  # env beats the file
+    with pytest.raises(FileNotFoundError):
+        load_settings(tmp_path / "missing.env")
+
+
+def test_serve_refuses_non_loopback_without_keys(tmp_path: Path, monkeypatch, capsys) -> None:
+    from api.cli import is_loopback, serve_main
+
+    monkeypatch.setenv("VERITY_KEYS_FILE", str(tmp_path / "keys.json"))
+    assert serve_main(["--host", "0.0.0.0", "--port", "1"]) == 2
+    assert "refusing to start" in capsys.readouterr().err
+    assert serve_main(["--host", "127.0.0.1", "--require-api-keys"]) == 2
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("example.org")
