@@ -21,10 +21,24 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def dhash(model_input: np.ndarray) -> int:
+def _trim(grey: np.ndarray, value: float) -> np.ndarray:
+    """Crops border rows and columns that are entirely `value` (letterbox padding, air around a parcel)."""
+    rows = np.flatnonzero(~np.all(grey == value, axis=1))
+    cols = np.flatnonzero(~np.all(grey == value, axis=0))
+    if rows.size == 0 or cols.size == 0:
+        return grey
+    return grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def dhash(model_input: np.ndarray, trim_value: float | None = None) -> int:
     """64-bit difference hash of a CxHxW (or HxW) float image: is each of 8x8 cells brighter than its right
-    neighbour. Robust to re-encoding, resizing and small brightness changes; not to crops or rotations."""
+    neighbour. Robust to re-encoding, resizing and small brightness changes; not to crops or rotations.
+
+    `trim_value` crops uniform borders of that value first: X-ray inputs are letterboxed with air (1.0),
+    and hashing the padding would make every scan of the same aspect ratio look alike."""
     grey = model_input.mean(axis=0) if model_input.ndim == 3 else model_input
+    if trim_value is not None:
+        grey = _trim(grey, trim_value)
     plane = Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32), "F")
     small = plane.resize((9, 8), Image.Resampling.BOX)
     cells = np.asarray(small, dtype=np.float32)

@@ -280,7 +280,9 @@ def inspect(candidate: Candidate) -> Inspection:
         return Inspection(
             candidate, sha256=sha, problem=("decoder_failure", f"{type(error).__name__}: {error}")
         )
-    return Inspection(candidate, sha256=sha, dhash=dhash(model_input))
+    # X-ray inputs are letterboxed with air (1.0): hash the scan, not the padding.
+    trim = 1.0 if spec.resize_mode == "letterbox" and spec.modality == "xray" else None
+    return Inspection(candidate, sha256=sha, dhash=dhash(model_input, trim_value=trim))
 
 
 def bounded_map(function: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:

@@ -215,6 +215,10 @@ def test_near_duplicate_pairs_match_brute_force():
     assert (10, 500) in found and found == expected
     image = np.asarray(_image(1), dtype=np.float32).transpose(2, 0, 1) / 255
     assert dhash(image) == dhash(image * 0.9)  # brightness changes keep the hash
+    # letterbox padding is trimmed before hashing: the same scan padded differently hashes alike
+    padded = np.ones((3, 64, 64), np.float32)
+    padded[:, 16:48, 16:48] = image
+    assert dhash(padded, trim_value=1.0) == dhash(image, trim_value=1.0) != dhash(padded)
 
 
 def test_cli_ingest_stats_and_dispatch(tmp_path, capsys):
