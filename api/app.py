@@ -97,7 +97,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Opened per lifespan (and closed at its end), so an app can be started again after a stop.
-        audit_store = audit or await run_in_threadpool(open_audit_store, settings)
+        audit_store = audit
+        if audit_store is None:
+            audit_store = await run_in_threadpool(open_audit_store, settings)
         app.state.audit = audit_store
         app.state.decode_slots = asyncio.Semaphore(settings.decode_concurrency)  # bound to this loop
         loading = None

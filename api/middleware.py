@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -103,6 +104,7 @@ class RequestContextMiddleware:
     @staticmethod
     async def _send_413(send: Send, request_id: str, limit: int, path: str) -> None:
         message = f"The request body is larger than this route's limit of {limit:,} bytes."
+        body: dict[str, Any]
         if path.startswith("/v2"):
             body = {"error": message}
         else:

@@ -268,7 +268,7 @@ def _response(
     binary_all: bool,
 ) -> Response:
     n = len(scored)
-    values = {
+    values: dict[str, tuple[str, list[int], Any]] = {
         "score": ("FP32", [n], np.array([s.prediction.score for s in scored], dtype="<f4")),
         "verdict": ("BYTES", [n], [s.prediction.verdict for s in scored]),
         "logits": ("FP32", [n, 2], np.array([s.prediction.logits for s in scored], dtype="<f4")),
@@ -366,7 +366,7 @@ async def _infer(
     )
 
 
-INFER_DOC = dict(
+INFER_DOC: dict[str, Any] = dict(
     response_model=InferResponse,
     responses=_errors(400, 401, 404, 413, 415, 503),
     openapi_extra={

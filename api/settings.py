@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -78,9 +78,9 @@ class Settings(BaseSettings):
         return DecodeLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels)
 
 
-def load_settings(config_file: str | Path | None = None, **overrides: object) -> Settings:
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Builds Settings from the environment, the optional file (or $VERITY_CONFIG), then overrides."""
     config_file = config_file or os.environ.get("VERITY_CONFIG")
     if config_file is not None and not Path(config_file).is_file():
         raise FileNotFoundError(f"Settings file {config_file} does not exist.")
-    return Settings(_env_file=config_file, **overrides)  # type: ignore[call-arg]
+    return Settings(_env_file=config_file, **overrides)  # type: ignore[call-arg,arg-type]

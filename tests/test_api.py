@@ -422,9 +422,14 @@ def test_queue_full_is_503_with_retry_after(tmp_path: Path, models_dir: Path) ->
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                return await asyncio.gather(*(
-                    client.post("/v1/predict", data={"modality": "photo"}, files={"file": ("a.png", DARK)})
-                    for _ in range(6)))
+                return await asyncio.gather(
+                    *(
+                        client.post(
+                            "/v1/predict", data={"modality": "photo"}, files={"file": ("a.png", DARK)}
+                        )
+                        for _ in range(6)
+                    )
+                )
 
     responses = asyncio.run(scenario())
     statuses = sorted(r.status_code for r in responses)
@@ -473,3 +478,32 @@ def test_serve_refuses_non_loopback_without_keys(tmp_path: Path, monkeypatch, ca
     assert serve_main(["--host", "127.0.0.1", "--require-api-keys"]) == 2
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("example.org")
+
+
+def test_reload_under_load_never_fails_a_request(tmp_path: Path, models_dir: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    app = create_app(make_settings(tmp_path))
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+                async def one():
+                    return await client.post(
+                        "/v1/predict", data={"modality": "photo"}, files={"file": ("a.png", DARK)}
+                    )
+
+                first = [asyncio.create_task(one()) for _ in range(12)]
+                write_model(models_dir, "photo-test", "3", "photo")
+                reload = asyncio.create_task(client.post("/v1/models/reload"))
+                second = [asyncio.create_task(one()) for _ in range(12)]
+                return await asyncio.gather(*first, *second), await reload
+
+    responses, reload = asyncio.run(scenario())
+    assert reload.json()["loaded"] == ["photo-test/3"]
+    assert all(r.status_code == 200 for r in responses)
+    assert {r.json()["model"]["version"] for r in responses} <= {"2", "3"}

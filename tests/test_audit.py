@@ -15,6 +15,7 @@ from api.audit import AuditError, AuditRecord, FeedbackRecord, ImageStore, SQLit
 from api.feedback import from_feedback_main
 from api.settings import Settings
 from datasets.manifest import read_manifest, resolve_image_path
+from verity_cli import main as verity_main
 
 
 def record(request_id: str, created: str = "2026-11-29T10:00:00.000000+00:00", **overrides) -> AuditRecord:
@@ -112,7 +113,8 @@ def test_feedback_round_trip_into_manifest(tmp_path: Path) -> None:
             response = client.post("/v1/feedback", json={"request_id": ids[name], "confirmed_label": label})
             assert response.status_code == 200
     out = tmp_path / "from-feedback"
-    assert from_feedback_main(["--out", str(out), "--db", str(settings.audit_db)]) == 0
+    # Through the `verity data from-feedback` dispatcher, as a user runs it.
+    assert verity_main(["data", "from-feedback", "--out", str(out), "--db", str(settings.audit_db)]) == 0
     manifest = out / "manifest.jsonl"
     rows = list(read_manifest(manifest))
     assert sorted((row.label, row.case_id) for row in rows) == [

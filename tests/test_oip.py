@@ -177,3 +177,11 @@ def test_bad_json_and_model_404(server) -> None:
     assert response.status_code == 400 and isinstance(response.json()["error"], str)
     assert httpx.get(f"{server.url}/v2/models/shoes").status_code == 404
     assert httpx.get(f"{server.url}/v2/models/photo-test/versions/1/ready").json()["ready"] is True
+
+
+def test_version_metadata(server) -> None:
+    meta = httpx.get(f"{server.url}/v2/models/xray-test/versions/1").json()
+    assert meta["name"] == "xray-test" and meta["inputs"][0]["shape"] == [-1, 1, 32, 32]
+    assert meta["parameters"]["modality"] == "xray"
+    assert httpx.get(f"{server.url}/v2/models/xray-test/versions/7").status_code == 404
+    assert httpx.get(f"{server.url}/v2").json()["extensions"] == ["binary_tensor_data"]
