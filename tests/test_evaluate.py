@@ -247,23 +247,37 @@ def test_eval_of_checkpoint_matches_onnx(
     assert model.training
 
 
-def test_eval_on_labelled_folder(trained: Path, dataset: Path, tmp_path: Path) -> None:
-    from datasets.ingest import IngestOptions, ingest
+def test_eval_on_labelled_folder_uses_the_training_split(
+    trained: Path, dataset: Path, tmp_path: Path
+) -> None:
+    from datasets.torch_dataset import load_rows
     from training.evaluate import evaluate
 
     folder = tmp_path / "folder"
-    for label, parity in (("real", 0), ("fake", 1)):  # ingest's label folder names
-        (folder / label).mkdir(parents=True)
+    for label, parity in (("genuine", 0), ("counterfeit", 1)):
         for source in sorted((dataset / "images").glob("*_*.png")):
             if int(source.stem.split("_")[1]) % 2 == parity:
+                (folder / label).mkdir(parents=True, exist_ok=True)
                 (folder / label / source.name).write_bytes(source.read_bytes())
-    # The test split is the one `verity data ingest` (and so `verity train --data DIR`) holds out.
-    reference = ingest(folder, tmp_path / "reference.jsonl", IngestOptions(modality="photo", progress=False))
-    held_out = reference.split_counts["test"]
+    # The test split is the one `verity train --data DIR` holds out (same grouped split, same seed).
+    rows, _ = load_rows(folder, "photo", 0.15, 0.15, 0)
+    held_out = sorted(row.path for row in rows if row.split == "test")
     result = evaluate(trained / "model.onnx", folder, out_dir=tmp_path / "out", progress=False, worst=3)
-    assert result["metrics"]["n_genuine"] == held_out["genuine"] > 0
-    assert result["metrics"]["n_counterfeit"] == held_out["counterfeit"] > 0
-    assert "splits assigned as `verity data ingest`" in result["data"]["notes"][0]
+    evaluated = sorted(r["path"] for r in _read_predictions(tmp_path / "out" / "predictions.csv"))
+    assert evaluated == held_out and len(held_out) > 0
+    assert "grouped split `verity train` gives them" in result["data"]["notes"][0]
+    # A run's config.yaml beside the model decides the split: another seed, another held-out set.
+    (trained / "config.yaml").write_text("seed: 3\nval_fraction: 0.25\ntest_fraction: 0.25\n")
+    try:
+        result = evaluate(
+            trained / "model.onnx", folder, out_dir=tmp_path / "seeded", progress=False, report=False
+        )
+    finally:
+        (trained / "config.yaml").unlink()
+    rows, _ = load_rows(folder, "photo", 0.25, 0.25, 3)
+    evaluated = sorted(r["path"] for r in _read_predictions(tmp_path / "seeded" / "predictions.csv"))
+    assert evaluated == sorted(row.path for row in rows if row.split == "test")
+    assert "seed 3" in result["data"]["notes"][0]
     everything = evaluate(
         trained / "model.onnx", folder, split="all", out_dir=tmp_path / "all", progress=False
     )
@@ -272,7 +286,7 @@ def test_eval_on_labelled_folder(trained: Path, dataset: Path, tmp_path: Path) -
     # DIR/<split>/<label>/... uses the split's folder; a product folder below the label names the product.
     split_folder = tmp_path / "split_folder"
     (split_folder / "test" / "genuine" / "shoes").mkdir(parents=True)
-    for source in sorted((folder / "real").glob("test_*.png")):
+    for source in sorted((dataset / "images").glob("test_*.png"))[::2]:
         (split_folder / "test" / "genuine" / "shoes" / source.name).write_bytes(source.read_bytes())
     result = evaluate(
         trained / "model.onnx", split_folder, out_dir=tmp_path / "out2", progress=False, report=False

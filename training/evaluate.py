@@ -22,14 +22,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from datasets.manifest import LABELS, SPLITS, read_manifest, resolve_image_path
+from datasets.manifest import LABELS, SPLITS, read_manifest
 from inference.decode import DecodeError, load_for_model
 from inference.engine import OnnxEngine, calibrated_scores
 from inference.spec import PreprocessSpec
 from training.export import to_jsonable
 from training.metrics import compute_metrics
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".dcm", ".dicom"}
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.json")
 WORST_ERRORS = 12
 
@@ -180,110 +179,96 @@ def open_scorer(model: str | Path | Scorer, provider: str | None = None, threads
     return TorchScorer(path)
 
 
-def _folder_samples(root: Path, modality: str) -> list[Sample]:
-    samples = []
-    for target, label in enumerate(LABELS):
-        label_dir = root / label
-        if not label_dir.is_dir():
-            continue
-        for path in sorted(label_dir.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                relative = path.relative_to(label_dir)
-                product = relative.parts[0] if len(relative.parts) > 1 else None
-                samples.append(Sample(path=path, target=target, modality=modality, product=product))
-    return samples
+@dataclass(frozen=True)
+class SplitParams:
+    """How `verity train` splits rows that have no split; evaluation must reproduce it exactly."""
+
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
 
 
-def _manifest_samples(
-    manifest: Path, split: str | None, shown: Path | None = None
-) -> tuple[list[Sample], list[str]]:
-    """Rows of one split (all when the manifest has none) as samples; `shown` names the data in messages."""
-    shown = shown or manifest
-    rows = list(read_manifest(manifest))
-    notes = []
-    if split is not None:
-        splits = {row.split for row in rows}
-        if splits == {None}:
-            notes.append(f"{shown} has no splits: evaluating all {len(rows)} rows.")
-        else:
-            chosen = [row for row in rows if row.split == split]
-            if not chosen:
-                present = ", ".join(sorted(s for s in splits if s)) or "none"
-                raise ValueError(f"{shown} has no rows in split {split!r}. Splits present: {present}.")
-            rows = chosen
-    samples = [
-        Sample(
-            path=resolve_image_path(manifest, row),
-            target=row.target,
-            modality=row.modality,
-            product=row.product,
-            source=row.source,
-        )
-        for row in rows
-    ]
-    return samples, notes
+def split_params_for(model_path: Path | None) -> SplitParams:
+    """The split settings of the run that made the model: its config.yaml (or model.pt config), else
+    the training defaults."""
+    if model_path is None:
+        return SplitParams()
+    config: dict[str, Any] = {}
+    config_yaml = model_path.parent / "config.yaml"
+    if config_yaml.is_file():
+        import yaml
+
+        config = yaml.safe_load(config_yaml.read_text(encoding="utf-8")) or {}
+    elif model_path.suffix == ".pt":
+        from training.export import load_checkpoint
+
+        config = load_checkpoint(model_path).get("config") or {}
+    defaults = SplitParams()
+    return SplitParams(
+        val_fraction=float(config.get("val_fraction", defaults.val_fraction)),
+        test_fraction=float(config.get("test_fraction", defaults.test_fraction)),
+        seed=int(config.get("seed", defaults.seed)),
+    )
 
 
-def _load_folder(path: Path, split: str | None, modality: str) -> LoadedData:
-    """DIR/<split>/<label>/... when split folders exist; else the folder ingested as `verity train` does."""
+def _split_folder_samples(path: Path, split: str | None, modality: str) -> LoadedData | None:
+    """DIR/<split>/<label>/...: explicit split folders (a subfolder below the label names the product)."""
+    from datasets.torch_dataset import folder_rows
+
     present = [name for name in SPLITS if any((path / name / label).is_dir() for label in LABELS)]
-    if present:
-        if split and split not in present:
-            raise ValueError(f"{path} has split folders {', '.join(present)} but no {split!r}.")
-        roots = [path / split] if split else [path / name for name in present]
-        samples = [sample for root in roots for sample in _folder_samples(root, modality)]
-        return LoadedData(samples, f"folder {roots[0] if split else path}") if samples else _no_images(path)
-    return _ingest_folder(path, split, modality)
+    if not present:
+        return None
+    if split and split not in present:
+        raise ValueError(f"{path} has split folders {', '.join(present)} but no {split!r}.")
+    rows = [row for name in ([split] if split else present) for row in folder_rows(path / name, modality)]
+    samples = [Sample(Path(row.path), row.target, row.modality, row.product, None) for row in rows]
+    return LoadedData(samples, f"folder {path / split if split else path}")
 
 
-def _ingest_folder(path: Path, split: str | None, modality: str) -> LoadedData:
-    """A plain labelled folder gets the splits `verity data ingest` assigns by default (seed 0, 15% val,
-    15% test: deterministic, grouped), which is what `verity train --data DIR` trains on; so the test
-    split evaluated here holds no training image. Label folder names follow ingest (genuine/real/...)."""
-    import tempfile
+def load_samples(
+    data: str | Path, split: str | None, modality: str, params: SplitParams | None = None
+) -> LoadedData:
+    """Reads the evaluation set as `verity train` reads its data (`datasets.torch_dataset`): a manifest,
+    a folder with manifest.jsonl, or a labelled folder DIR/genuine, DIR/counterfeit. Rows without a split
+    get the same grouped split training gave them (`params`), so `--split test` never holds a training
+    image. DIR/<split>/<label>/... folders are read as they are split.
+    """
+    from datasets.torch_dataset import assign_missing_splits, folder_rows, manifest_rows
 
-    from datasets.ingest import IngestOptions, ingest
-
-    with tempfile.TemporaryDirectory(prefix="verity-eval-") as temporary:
-        manifest = Path(temporary) / "manifest.jsonl"
-        result = ingest(path, manifest, IngestOptions(modality=modality, progress=False))
-        if not result.accepted:
-            _no_images(path)
-        samples, notes = _manifest_samples(manifest, split, shown=path)
-    rejected = sum(result.rejected.values())
-    notes.insert(0, f"{path} has no manifest: splits assigned as `verity data ingest` does by default.")
-    if rejected or result.duplicates:
-        notes.append(f"Ingest left out {rejected} unusable files and {result.duplicates} duplicates.")
-    return LoadedData(samples, f"{f'split {split!r} of ' if split else ''}folder {path}", notes=notes)
-
-
-def _no_images(path: Path) -> LoadedData:
-    raise ValueError(f"{path} holds no manifest.jsonl and no images in genuine/ or counterfeit/ subfolders.")
-
-
-def load_samples(data: str | Path, split: str | None, modality: str) -> LoadedData:
-    """Reads the evaluation set; rows of another modality than the model's are counted, not scored."""
+    params = params or SplitParams()
     path = Path(data)
-    if path.is_dir() and not any((path / name).is_file() for name in MANIFEST_NAMES):
-        loaded = _load_folder(path, split, modality)
+    if path.is_dir():
+        manifests = [path / name for name in MANIFEST_NAMES if (path / name).is_file()]
+        if not manifests:
+            loaded = _split_folder_samples(path, split, modality)
+            if loaded is not None:
+                return loaded
+        path = manifests[0] if manifests else path
+    if path.is_dir():
+        rows, description, skipped = folder_rows(path, modality), f"folder {path}", 0
+    elif path.is_file():
+        skipped = sum(row.modality != modality for row in read_manifest(path))
+        rows, description = manifest_rows(path, modality), f"manifest {path}"
     else:
-        if path.is_dir():
-            path = next(path / name for name in MANIFEST_NAMES if (path / name).is_file())
-        if not path.is_file():
-            raise FileNotFoundError(f"No data at {data}: give a manifest (JSONL) or a folder.")
-        samples, notes = _manifest_samples(path, split)
-        loaded = LoadedData(samples, f"{f'split {split!r} of ' if split else ''}manifest {path}", notes=notes)
-    kept = [s for s in loaded.samples if s.modality in (None, modality)]
-    loaded.skipped_other_modality = len(loaded.samples) - len(kept)
-    if loaded.skipped_other_modality:
-        loaded.notes.append(
-            f"Skipped {loaded.skipped_other_modality} rows of another modality than the model's ({modality})."
+        raise FileNotFoundError(f"No data at {data}: give a manifest (JSONL) or a folder.")
+    notes = [f"Skipped {skipped} rows of another modality than the model's ({modality})."] if skipped else []
+    if any(row.split is None for row in rows):
+        rows = assign_missing_splits(rows, params.val_fraction, params.test_fraction, params.seed)
+        notes.insert(
+            0,
+            "Rows without a split got the grouped split `verity train` gives them "
+            f"(val {params.val_fraction:g}, test {params.test_fraction:g}, seed {params.seed}); "
+            "--split all evaluates every image.",
         )
-    if not kept:
-        where = f" in split {split!r}" if split else ""
-        raise ValueError(f"{data} has no {modality} images{where} to evaluate.")
-    loaded.samples = kept
-    return loaded
+    if split:
+        chosen = [row for row in rows if row.split == split]
+        if not chosen:
+            present = ", ".join(sorted({str(row.split) for row in rows}))
+            raise ValueError(f"{data} has no {modality} rows in split {split!r}. Splits present: {present}.")
+        rows = chosen
+    samples = [Sample(Path(row.path), row.target, row.modality, row.product, row.source) for row in rows]
+    where = f"split {split!r} of " if split else ""
+    return LoadedData(samples, f"{where}{description}", notes=notes, skipped_other_modality=skipped)
 
 
 def _load_one(sample: Sample, spec: PreprocessSpec) -> np.ndarray | str:
@@ -441,11 +426,14 @@ def evaluate(
     progress: bool = True,
     report: bool = True,
     worst: int = WORST_ERRORS,
+    split_params: SplitParams | None = None,
 ) -> dict[str, Any]:
     """Evaluates a model on a data set; writes metrics.json, predictions.csv and report.html to `out_dir`.
 
     `model` is a path (see `resolve_model_path`) or a ready Scorer, e.g. `ModuleScorer` around the
-    trainer's model. `split` None (or "all") evaluates every row. Returns the result in metrics.json.
+    trainer's model. `split` None (or "all") evaluates every row. Rows without a split are split as the
+    model's training run split them (`split_params`, default: read from the run's config.yaml or model.pt).
+    Returns the result in metrics.json.
     """
     if split == "all":
         split = None
@@ -454,7 +442,8 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     scorer = open_scorer(model, provider=provider, threads=threads)
-    loaded = load_samples(data, split, scorer.spec.modality)
+    params = split_params or split_params_for(None if scorer.path.name == "<in memory>" else scorer.path)
+    loaded = load_samples(data, split, scorer.spec.modality, params)
     started = time.perf_counter()
     scored = score_samples(scorer, loaded.samples, batch_size, workers, progress)
     seconds = time.perf_counter() - started
