@@ -507,3 +507,28 @@ def test_reload_under_load_never_fails_a_request(tmp_path: Path, models_dir: Pat
     assert reload.json()["loaded"] == ["photo-test/3"]
     assert all(r.status_code == 200 for r in responses)
     assert {r.json()["model"]["version"] for r in responses} <= {"2", "3"}
+
+
+def test_json_logs_carry_request_id() -> None:
+    import logging
+
+    from api.logs import JsonFormatter, request_id_var
+
+    token = request_id_var.set("abc123")
+    try:
+        record = logging.makeLogRecord(
+            {
+                "name": "verity.api",
+                "levelno": 20,
+                "levelname": "INFO",
+                "msg": "scored %s",
+                "args": ("x",),
+                "verdict": "genuine",
+                "color_message": "\x1b[1m",
+            }
+        )
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        request_id_var.reset(token)
+    assert line["request_id"] == "abc123" and line["message"] == "scored x" and line["verdict"] == "genuine"
+    assert "color_message" not in line and line["level"] == "info"
