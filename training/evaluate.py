@@ -550,8 +550,8 @@ def format_summary(result: dict[str, Any]) -> str:
         f"                    counterfeit     {counts[1][0]:>7}  {counts[1][1]:>11}  {counts[1][2]:>9}",
     ]
     for group, values in metrics["groups"].items():
-        if len(values) < 2 and group != "product":
-            continue
+        if list(values) == ["unknown"] or (len(values) < 2 and group != "product"):
+            continue  # nothing to break down
         lines.append(f"  per {group}:")
         for name, figures in values.items():
             lines.append(
