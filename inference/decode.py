@@ -18,12 +18,13 @@ Limits are checked from the header, before any pixel is decoded, so a decompress
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from inference.spec import PreprocessSpec
 
@@ -166,12 +167,18 @@ def _decode_pil(data: bytes, limits: DecodeLimits, draft_size: int | None) -> np
             image.draft(image.mode if image.mode in ("RGB", "L") else "RGB", (draft_size, draft_size))
         image.seek(0)  # first frame of an animation
         image.load()
-        ImageOps.exif_transpose(image, in_place=True)
+        _apply_exif_orientation(image)
         return _pil_to_array(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
-        if isinstance(error, DecodeError):
-            raise
+    except DecodeError:
+        raise
+    except Exception as error:  # Pillow raises OSError, SyntaxError, struct.error... for corrupt files
         raise DecodeError(f"The image could not be decoded: {error}") from error
+
+
+def _apply_exif_orientation(image: Image.Image) -> None:
+    """Turns the pixels upright per EXIF; a damaged EXIF block is ignored rather than losing the photo."""
+    with contextlib.suppress(Exception):  # any EXIF parsing failure means "orientation unknown"
+        ImageOps.exif_transpose(image, in_place=True)
 
 
 # --------------------------------------------------------------------------------------------- TIFF
