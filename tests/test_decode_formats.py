@@ -64,6 +64,13 @@ def test_jpeg_exif_orientation_is_applied():
     assert np.abs(decoded.astype(int) - expected.astype(int)).mean() < 6
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_jpeg_with_damaged_exif_still_decodes():
+    damaged = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\xff\xff\xff\xff"
+    data = _save(Image.new("RGB", (20, 10), (10, 200, 30)), "JPEG", quality=95, exif=damaged)
+    assert decode_image(data).shape == (10, 20, 3)
+
+
 def test_jpeg_draft_decodes_reduced_but_large_enough():
     data = _save(Image.fromarray(_gradient(480, 640)), "JPEG", quality=90)
     assert decode_image(data).shape == (480, 640, 3)
