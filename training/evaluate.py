@@ -54,7 +54,7 @@ class Scorer(Protocol):
     """What evaluation needs from a model, whichever runtime runs it."""
 
     kind: str
-    path: Path
+    path: Path | None  # None for an in-memory model
     spec: PreprocessSpec
     name: str
     version: str
@@ -75,7 +75,7 @@ class OnnxScorer:
         self.name, self.version = self.engine.name, self.engine.version
         self.temperature = self.engine.temperature
         self.thresholds: dict[str, Any] | None = dict(self.engine.card["thresholds"])
-        self.path = path
+        self.path: Path | None = path
 
     def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outputs = self.engine.run(batch)
@@ -102,7 +102,7 @@ class ModuleScorer:
         self.spec, self.name, self.version = spec, name, version
         self.temperature = float(temperature)
         self.thresholds = dict(thresholds) if thresholds and "alarm" in thresholds else None
-        self.path = path or Path("<in memory>")
+        self.path: Path | None = path
 
     def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
@@ -442,28 +442,55 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     scorer = open_scorer(model, provider=provider, threads=threads)
-    params = split_params or split_params_for(None if scorer.path.name == "<in memory>" else scorer.path)
-    loaded = load_samples(data, split, scorer.spec.modality, params)
+    loaded = load_samples(data, split, scorer.spec.modality, split_params or split_params_for(scorer.path))
     started = time.perf_counter()
     scored = score_samples(scorer, loaded.samples, batch_size, workers, progress)
     seconds = time.perf_counter() - started
     if not len(scored.indices):
         raise ValueError(
-            f"None of the {len(loaded.samples)} images could be decoded; first: {scored.failures[0][1]}"
+            f"None of the {len(loaded.samples)} images could be decoded: {scored.failures[0][1]}"
         )
     targets = np.array([loaded.samples[i].target for i in scored.indices])
-    metrics = compute_metrics(
-        scored.scores, targets, groups=_groups(loaded.samples, scored), thresholds=scorer.thresholds
-    )
+    groups = _groups(loaded.samples, scored)
+    metrics = compute_metrics(scored.scores, targets, groups=groups, thresholds=scorer.thresholds)
     out = (
         Path(out_dir)
         if out_dir
         else Path("runs") / "eval" / f"{scorer.name}-{scorer.version}-{split or 'all'}"
     )
     out.mkdir(parents=True, exist_ok=True)
-    result = {
+    result = _result_record(scorer, data, split, loaded, scored, metrics, seconds)
+    result["outputs"] = {
+        "metrics_json": str(out / "metrics.json"),
+        "predictions_csv": str(out / "predictions.csv"),
+    }
+    _write_predictions(out / "predictions.csv", loaded.samples, scored, scorer.thresholds)
+    if report:
+        from training.report import write_report
+
+        examples = _report_examples(loaded.samples, scored, scorer.spec, scorer.thresholds, worst)
+        details = {"model": result["model"], "data": result["data"]}
+        title = f"{scorer.name} {scorer.version} on {loaded.description}"
+        path = write_report(out / "report.html", metrics, scored.scores, targets, examples, title, details)
+        result["outputs"]["report_html"] = str(path)
+    result = to_jsonable(result)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def _result_record(
+    scorer: Scorer,
+    data: str | Path,
+    split: str | None,
+    loaded: LoadedData,
+    scored: ScoredSet,
+    metrics: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """What metrics.json says about the model, the data and the run, beside the metrics."""
+    return {
         "model": {
-            "path": str(scorer.path),
+            "path": str(scorer.path or "in memory"),
             "kind": scorer.kind,
             "name": scorer.name,
             "version": scorer.version,
@@ -487,31 +514,7 @@ def evaluate(
             "seconds": seconds,
             "images_per_second": len(loaded.samples) / seconds if seconds else None,
         },
-        "outputs": {
-            "metrics_json": str(out / "metrics.json"),
-            "predictions_csv": str(out / "predictions.csv"),
-        },
     }
-    _write_predictions(out / "predictions.csv", loaded.samples, scored, scorer.thresholds)
-    if report:
-        from training.report import write_report
-
-        examples = _report_examples(loaded.samples, scored, scorer.spec, scorer.thresholds, worst)
-        title = f"{scorer.name} {scorer.version} on {loaded.description}"
-        result["outputs"]["report_html"] = str(
-            write_report(
-                out / "report.html",
-                metrics,
-                scored.scores,
-                targets,
-                examples=examples,
-                title=title,
-                details={"model": result["model"], "data": result["data"]},
-            )
-        )
-    result = to_jsonable(result)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    return result
 
 
 def _figure(value: float | None, digits: int = 4) -> str:
