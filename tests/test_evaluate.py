@@ -361,3 +361,19 @@ def test_report_images_for_every_channel_count(tmp_path: Path) -> None:
     text = path.read_text()
     assert "<script>" not in text and "&lt;script&gt;" in text  # captions are escaped
     assert "ROC AUC 0.0000" in text
+
+
+def test_resolve_model_path_prefers_onnx_and_the_newest_version(tmp_path: Path) -> None:
+    from training.evaluate import resolve_model_path
+
+    for version in ("1.9", "1.10", "1.2"):
+        (tmp_path / "name" / version).mkdir(parents=True)
+        (tmp_path / "name" / version / "model.pt").write_bytes(b"x")
+    (tmp_path / "name" / "1.10" / "model.onnx").write_bytes(b"x")
+    assert resolve_model_path(tmp_path / "name") == tmp_path / "name" / "1.10" / "model.onnx"
+    assert resolve_model_path(tmp_path / "name" / "1.9") == tmp_path / "name" / "1.9" / "model.pt"
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="neither an ONNX model"):
+        resolve_model_path(tmp_path / "weights.bin")
+    with pytest.raises(FileNotFoundError, match="holds no model.onnx"):
+        resolve_model_path(tmp_path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -139,6 +140,11 @@ class TorchScorer(ModuleScorer):
         )
 
 
+def _version_key(path: Path) -> list[tuple[int, int | str]]:
+    """Natural order of version folder names, so 1.10 comes after 1.9 and v10 after v9."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", path.name) if part]
+
+
 def resolve_model_path(model: str | Path) -> Path:
     """A model file, or a folder: checkpoints/<name>/<version>/ or checkpoints/<name>/ (newest version).
 
@@ -154,9 +160,12 @@ def resolve_model_path(model: str | Path) -> Path:
             if (path / name).is_file():
                 return path / name
         versions = sorted(
-            p
-            for p in path.iterdir()
-            if p.is_dir() and any((p / n).is_file() for n in ("model.onnx", "model.pt"))
+            (
+                p
+                for p in path.iterdir()
+                if p.is_dir() and any((p / n).is_file() for n in ("model.onnx", "model.pt"))
+            ),
+            key=_version_key,
         )
         if versions:
             return resolve_model_path(versions[-1])
