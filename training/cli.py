@@ -24,7 +24,7 @@ _HELP = {
     "balance": "class imbalance: loss (weighted cross-entropy, default), sampler, none",
     "resume": "continue a run: its folder or last.pt (other flags override its config, e.g. --epochs)",
     "init_from": "fine-tune from a previous model.pt (or its folder)",
-    "max_steps": "stop after this many optimizer steps in all",
+    "max_steps": "stop after this many optimizer steps in all (the schedule still spans --epochs)",
     "workers": "DataLoader decode workers (default: CPU cores - 1, at most 8)",
 }
 
@@ -129,7 +129,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from training.trainer import train
 
     outputs = train(config)
-    if outputs:  # rank 0
+    if outputs.get("model_pt"):  # rank 0 writes and reports; other ranks return a digest only
         _print_outputs(outputs)
     return 0
 

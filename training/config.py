@@ -35,7 +35,7 @@ class TrainConfig:
     image_size: int | None = None  # override the spec's image size
     in_chans: int | None = None  # override the spec's input channels (2 = dual-energy X-ray)
     epochs: int = 6
-    max_steps: int | None = None  # stop after this many optimizer steps in all (benchmarks, smoke tests)
+    max_steps: int | None = None  # stop after this many steps in all; the schedule still spans epochs
     batch_size: int = 32
     lr: float = 1e-3  # peak learning rate of AdamW
     weight_decay: float = 0.05

@@ -52,6 +52,18 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
+def sync_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Copies rank 0's buffers (batch-norm statistics) to every rank.
+
+    DDP averages gradients, so parameters agree; but each rank updates its running statistics from its
+    own last batch, after DDP's per-step buffer broadcast. One broadcast at the end makes ranks identical.
+    """
+    if not info.enabled:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -10,6 +10,7 @@ model.onnx, card.json and report.html in <out>/<name>/<version>/.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -29,7 +30,14 @@ from datasets.manifest import LABELS, ManifestRow, write_manifest
 from datasets.torch_dataset import ManifestDataset, data_fingerprint, load_rows, split_counts
 from inference.spec import PreprocessSpec, resolve_spec
 from training.config import TrainConfig, build_config, save_config
-from training.distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
+from training.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_flag,
+    cleanup,
+    init_distributed,
+    sync_buffers,
+)
 from training.models import build_for_spec, get_entry
 
 LAST, BEST, FINAL = "last.pt", "best.pt", "model.pt"
@@ -187,8 +195,19 @@ def checkpoint_dict(run: Run, state_dict: dict[str, torch.Tensor], with_optimize
     }
     if with_optimizer:
         data["optimizer"] = run.optimizer.state_dict()
+        # Dropout draws from the global generator: restoring it makes a resumed run match an unbroken one.
+        data["torch_rng_state"] = torch.get_rng_state()
         data["scaler"] = run.scaler.state_dict() if run.scaler is not None else None
     return data
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer, in state-dict order (equal weights, equal digests)."""
+    digest = hashlib.sha256()
+    for key, value in _unwrap(model).state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_atomic(data: dict[str, Any], path: Path) -> Path:
@@ -210,7 +229,7 @@ def _to_device(images: torch.Tensor, run: Run) -> torch.Tensor:
 
 
 def train_one_epoch(
-    run: Run, loader: DataLoader, criterion: nn.Module, total_steps: int, warmup_steps: int, writer: Any
+    run: Run, loader: DataLoader, criterion: nn.Module, plan: Schedule, writer: Any
 ) -> dict[str, float]:
     """One pass over the training shard; returns mean loss and images/s. Reads the loss every log_every
     steps only, because each reading waits for the device."""
@@ -228,11 +247,11 @@ def train_one_epoch(
         leave=False,
     )
     for images, targets in bar:
-        if state.step >= total_steps:
+        if state.step >= plan.stop_at:
             break
-        factor = lr_factor(state.step, total_steps, warmup_steps, config.min_lr_ratio)
+        lr = plan.lr(config, state.step)
         for group in run.optimizer.param_groups:
-            group["lr"] = config.lr * factor
+            group["lr"] = lr
         images, targets = _to_device(images, run), targets.to(run.device, non_blocking=True)
         with _autocast(run):
             logits, _ = model(images)
@@ -252,10 +271,10 @@ def train_one_epoch(
         state.epoch_step += 1
         if state.step % config.log_every == 0 and run.info.is_main:
             mean = float(loss_sum) / loss_count
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{config.lr * factor:.2e}")
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
             if writer is not None:
                 writer.add_scalar("train/loss_running", mean, state.step)
-                writer.add_scalar("train/lr", config.lr * factor, state.step)
+                writer.add_scalar("train/lr", lr, state.step)
     bar.close()
     seconds = time.perf_counter() - started
     return {
@@ -377,6 +396,8 @@ def build_run(config: TrainConfig) -> tuple[Run, dict[str, Any] | None]:
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
         state = RunState(**resumed["run_state"])
+        if resumed.get("torch_rng_state") is not None:
+            torch.set_rng_state(resumed["torch_rng_state"])
     if info.enabled:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -407,6 +428,8 @@ def make_loaders(run: Run) -> tuple[DataLoader, EpochSampler, DataLoader, int]:
         "num_workers": workers,
         "pin_memory": run.device.type == "cuda",
         "persistent_workers": workers > 0,
+        # Its own generator, so iterating a loader never draws from the global one (dropout's).
+        "generator": torch.Generator().manual_seed(config.seed),
     }
     drop_last = sampler.per_rank > config.batch_size  # a last batch of 1 breaks batch norm
     train_loader = DataLoader(train_set, config.batch_size, sampler=sampler, drop_last=drop_last, **common)
@@ -482,13 +505,24 @@ def _selection_score(figures: dict[str, Any], train_loss: float) -> float:
     return -float(figures["val_loss"] if figures["val_loss"] is not None else train_loss)
 
 
-def schedule(run: Run, steps_per_epoch: int) -> tuple[int, int]:
-    """(total optimizer steps, warm-up steps)."""
-    total = run.config.epochs * steps_per_epoch
-    if run.config.max_steps is not None:
-        total = min(total, run.config.max_steps)
-    warmup = min(round(run.config.warmup_epochs * steps_per_epoch), total // 2)
-    return total, warmup
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate schedule spans all epochs; max_steps only says where to stop, so a run stopped
+    early and resumed follows the very schedule of an unbroken one."""
+
+    total_steps: int
+    warmup_steps: int
+    stop_at: int
+
+    @classmethod
+    def for_run(cls, config: TrainConfig, steps_per_epoch: int) -> Schedule:
+        total = config.epochs * steps_per_epoch
+        warmup = min(round(config.warmup_epochs * steps_per_epoch), total // 2)
+        stop_at = total if config.max_steps is None else min(total, config.max_steps)
+        return cls(total, warmup, stop_at)
+
+    def lr(self, config: TrainConfig, step: int) -> float:
+        return config.lr * lr_factor(step, self.total_steps, self.warmup_steps, config.min_lr_ratio)
 
 
 def fit(run: Run) -> dict[str, torch.Tensor]:
@@ -498,13 +532,13 @@ def fit(run: Run) -> dict[str, torch.Tensor]:
     criterion = make_criterion(run)
     sampler.set_epoch(0)
     steps_per_epoch = len(train_loader)
-    total_steps, warmup_steps = schedule(run, steps_per_epoch)
+    plan = Schedule.for_run(config, steps_per_epoch)
     log = MetricsLog(run.run_dir, main)
     best_path = run.run_dir / BEST
     try:
-        while state.epoch < config.epochs and state.step < total_steps:
+        while state.epoch < config.epochs and state.step < plan.stop_at:
             sampler.set_epoch(state.epoch, skip=state.epoch_step * config.batch_size)
-            figures = train_one_epoch(run, train_loader, criterion, total_steps, warmup_steps, log.writer)
+            figures = train_one_epoch(run, train_loader, criterion, plan, log.writer)
             epoch_done = state.epoch_step >= steps_per_epoch
             stop = False
             if main:
@@ -515,6 +549,7 @@ def fit(run: Run) -> dict[str, torch.Tensor]:
                 break
     finally:
         log.close()
+    sync_buffers(run.model, run.info)
     barrier(run.info)
     if main and best_path.is_file():
         return torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
@@ -662,9 +697,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
             run.fingerprint = data_fingerprint(run.rows)
             print(f"data: {run.data_description}; counts {json.dumps(split_counts(run.rows))}", flush=True)
         best_state = fit(run)
+        # Every rank reports a digest of its final weights: under DDP they must all agree.
+        digest = {"rank": run.info.rank, "last_weights_digest": weights_digest(run.model)}
         if not run.info.is_main:
-            return {}
-        return finish(run, best_state)
+            return digest
+        return {**finish(run, best_state), **digest}
     finally:
         cleanup(run.info)
 
