@@ -243,6 +243,28 @@ def _groups_html(metrics: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def curves_html(metrics: dict[str, Any], scores: np.ndarray, targets: np.ndarray) -> str:
+    """ROC and PR curves (when both classes are present) and the reliability diagram, with a legend."""
+    plots = []
+    if targets.any() and not targets.all():
+        roc = roc_curve(scores, targets)
+        title = f"ROC (AUC {_fmt(metrics.get('roc_auc'))})"
+        plots.append(svg_curve(title, roc["fpr"], roc["tpr"], "false-alarm rate", "recall", diagonal=True))
+        pr = precision_recall_curve(scores, targets)
+        # The curve starts at recall 0 with the precision of the highest threshold.
+        recall, precision = [0.0, *pr["recall"]], [pr["precision"][0], *pr["precision"]]
+        title = f"Precision-recall (AP {_fmt(metrics.get('pr_auc'))})"
+        plots.append(svg_curve(title, recall, precision, "recall", "precision"))
+    plots.append(svg_reliability(reliability_bins(scores, targets)))
+    note = "" if len(plots) == 3 else "<p>ROC and PR curves need both genuine and counterfeit images.</p>"
+    legend = (
+        "<p>Reliability: bars show the observed counterfeit share in each score bin, red dots sit at the "
+        "bin's mean score; on the dashed diagonal scores are exact probabilities "
+        f"(ECE {_fmt(metrics.get('ece'))}).</p>"
+    )
+    return f'{note}<div class="plots">{"".join(plots)}</div>{legend}'
+
+
 def write_report(
     path: str | Path,
     metrics: dict[str, Any],
@@ -260,33 +282,6 @@ def write_report(
     """
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(targets).astype(np.int64)
-    plots = []
-    if targets.any() and not targets.all():
-        roc = roc_curve(scores, targets)
-        plots.append(
-            svg_curve(
-                f"ROC (AUC {_fmt(metrics.get('roc_auc'))})",
-                roc["fpr"],
-                roc["tpr"],
-                "false-alarm rate",
-                "recall",
-                diagonal=True,
-            )
-        )
-        pr = precision_recall_curve(scores, targets)
-        plots.append(
-            svg_curve(
-                f"Precision-recall (AP {_fmt(metrics.get('pr_auc'))})",
-                [0.0, *pr["recall"]],
-                [pr["precision"][0], *pr["precision"]],
-                "recall",
-                "precision",
-            )
-        )
-    plots.append(svg_reliability(reliability_bins(scores, targets)))
-    curves_note = (
-        "" if len(plots) == 3 else "<p>ROC and PR curves need both genuine and counterfeit images.</p>"
-    )
     errors = "".join(_example_html(example) for example in examples or [])
     sections = [
         f"<h1>{html.escape(title)}</h1>",
@@ -294,11 +289,7 @@ def write_report(
         "<h2>Summary</h2>",
         _summary_table(metrics),
         "<h2>Curves</h2>",
-        curves_note,
-        f'<div class="plots">{"".join(plots)}</div>',
-        "<p>Reliability: bars show the observed counterfeit share in each score bin, red dots sit at the "
-        "bin's mean score; on the dashed diagonal scores are exact probabilities "
-        f"(ECE {_fmt(metrics.get('ece'))}).</p>",
+        curves_html(metrics, scores, targets),
         "<h2>Confusion matrix (true label x verdict)</h2>",
         confusion_table(metrics),
         "<h2>Breakdown</h2>",
