@@ -163,12 +163,17 @@ class ModelRegistry:
         self._reload_lock = asyncio.Lock()
 
     def _onnx_engine(self, path: Path) -> OnnxEngine:
-        return OnnxEngine(
+        engine = OnnxEngine(
             path,
             provider=self.settings.provider,
             intra_op_threads=self.settings.intra_op_threads,
-            warmup=self.settings.warmup,
+            warmup=False,
         )
+        if self.settings.warmup:
+            # Every batch size the batcher can form: onnxruntime sizes its memory arena per shape, so
+            # warming them all makes resident memory plateau at start instead of creeping up in service.
+            engine.warmup(tuple(range(1, self.settings.batch_max_size + 1)))
+        return engine
 
     def _load_files(self, current: Snapshot) -> tuple[dict[ModelKey, ServedModel], ReloadReport]:
         """Blocking: loads and warms every new or changed file; keeps what is unchanged or broken."""

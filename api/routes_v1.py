@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from api.audit import FeedbackRecord, utc_now
 from api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
 from api.errors import ApiError, current_request_id
+from api.registry import ServedModel
 from api.schemas import (
     BatchResponse,
     ErrorBody,
@@ -69,7 +70,7 @@ def _elapsed_ms(request: Request) -> float:
     return (time.perf_counter() - request.state.started) * 1000.0
 
 
-async def _heatmap(service: PredictionService, scored: Scored, wanted: bool) -> str | None:
+async def _heatmap(scored: Scored, wanted: bool) -> str | None:
     if not wanted:
         return None
     return await run_in_threadpool(render_heatmap, scored)
@@ -99,7 +100,7 @@ async def predict(
     served = service.model_for(modality)
     data = await file.read()
     scored = await service.score(data, served)
-    heatmap = await _heatmap(service, scored, return_heatmap)
+    heatmap = await _heatmap(scored, return_heatmap)
     image_path = await service.store_image(data, scored.prepared)
     record = service.record(
         current_request_id(request),
@@ -114,12 +115,13 @@ async def predict(
 
 
 async def _batch_item(
-    service: PredictionService, index: int, upload: UploadFile, served, wanted_heatmap: bool
-):
+    service: PredictionService, index: int, upload: UploadFile, served: ServedModel, wanted_heatmap: bool
+) -> tuple[int, str | None, bytes, Scored | None, str | None, ApiError | None]:
+    """One file of a batch: its result or its own error, never the whole batch's."""
     data = await upload.read()
     try:
         scored = await service.score(data, served)
-        heatmap = await _heatmap(service, scored, wanted_heatmap)
+        heatmap = await _heatmap(scored, wanted_heatmap)
         return index, upload.filename, data, scored, heatmap, None
     except ApiError as error:
         return index, upload.filename, data, None, None, error
@@ -157,7 +159,8 @@ async def predict_batch(
     request_id = current_request_id(request)
     records, items = [], []
     for index, filename, data, scored, heatmap, error in outcomes:
-        if error is not None:
+        if scored is None:
+            assert error is not None  # each outcome holds a result or an error
             items.append(
                 {
                     "index": index,
