@@ -23,6 +23,8 @@ from PIL import Image
 from datasets.torch_dataset import ManifestDataset, load_rows
 from inference.spec import resolve_spec
 from training.augment import Augmenter
+from training.config import TrainConfig
+from training.distributed import DistInfo
 from training.models import build_for_spec
 from training.trainer import EpochSampler, train_from_options, worker_count
 
@@ -60,8 +62,8 @@ def bare_loop(data: Path, args: argparse.Namespace) -> float:
     rows = [row for row in load_rows(data, "photo", val=0.1, test=0.1)[0] if row.split == "train"]
     augmenter = Augmenter("photo", spec)
     dataset = ManifestDataset(rows, spec, augmenter, augmenter.set_seed)
-    sampler = EpochSampler(len(dataset), 0, __import__("training.distributed").distributed.DistInfo())
-    workers = worker_count(__import__("training.config").config.TrainConfig(workers=args.workers))
+    sampler = EpochSampler(len(dataset), 0, DistInfo())
+    workers = worker_count(TrainConfig(workers=args.workers))
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=workers,
                                          drop_last=True, persistent_workers=workers > 0)  # fmt: skip
     model = build_for_spec(args.model, spec).to(memory_format=torch.channels_last).train()
