@@ -270,3 +270,32 @@ def test_training_refuses_without_counterfeits_in_validation(tiny_folder, tmp_pa
     manifest = _write(tmp_path / "m.jsonl", [replace(r, split=s) for r, s in zip(rows, split, strict=True)])
     with pytest.raises(ThresholdError, match="no counterfeit"):
         train_from_options(data=str(manifest), epochs=1, out=str(tmp_path), **FAST)
+
+
+def test_init_from_fine_tunes_a_previous_model_with_its_spec(tiny_folder, tmp_path) -> None:
+    options = {**FAST, "image_size": None, "model": "resnet18", "pretrained": False, "epochs": 1}
+    data, out = str(tiny_folder), str(tmp_path)
+    base = train_from_options(data=data, out=out, name="base", **{**options, "image_size": 48})
+    # A vanishing learning rate: the fine-tuned weights must still be the base model's.
+    tuned = train_from_options(
+        data=data, out=out, name="tuned", init_from=base["model_pt"], **{**options, "lr": 1e-12}
+    )
+    base_weights = torch.load(base["model_pt"], weights_only=True)
+    checkpoint = torch.load(tuned["model_pt"], weights_only=True)
+    assert checkpoint["spec"]["image_size"] == 48, "the fine-tuned model keeps the stored spec"
+    assert checkpoint["config"]["init_from"] == base["model_pt"]
+    key = "features.0.weight"
+    torch.testing.assert_close(
+        checkpoint["state_dict"][key], base_weights["state_dict"][key], rtol=0, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="--model resnet18"):
+        train_from_options(data=data, out=out, name="wrong", init_from=base["model_pt"], **FAST)
+
+
+def test_cli_bad_options_exit_2_with_a_message(capsys) -> None:
+    from training.cli import train_main
+
+    assert train_main(["--data", "x", "--epochs", "0"]) == 2
+    assert "epochs must be positive" in capsys.readouterr().err
+    assert train_main(["--data", "x", "--modle", "resnet18"]) == 2
+    assert "did you mean --model" in capsys.readouterr().err
