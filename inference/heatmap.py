@@ -67,6 +67,8 @@ def to_display_rgb(image: np.ndarray) -> np.ndarray:
         array = array.transpose(1, 2, 0)  # CxHxW model input
     if array.ndim == 2:
         array = array[..., None]
+    if array.shape[2] != 3:
+        array = array[..., :1]  # select the plane before converting: 3x less work for grey scans
     if array.dtype == np.uint16:
         array = (array >> 8).astype(np.uint8)
     elif array.dtype != np.uint8:

@@ -73,10 +73,13 @@ class ScanResult:
         from inference.heatmap import to_display_rgb
 
         height, width = self.evidence.shape
-        rgb = to_display_rgb(image)
-        if rgb.shape[:2] != (height, width):
-            rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR))
-        return heatmap_png(self.evidence, rgb, alpha=alpha, max_side=None)
+        if image.ndim == 3 and image.shape[2] != 3:
+            image = image[..., 0]  # grey or dual-energy: shrink one plane, not three
+        # Shrink before colour conversion: a 4000 px scan is 6 M pixels, its overlay a fraction of that.
+        shown = to_display_rgb(image)[..., 0] if image.ndim == 2 else to_display_rgb(image)
+        if shown.shape[:2] != (height, width):
+            shown = np.asarray(Image.fromarray(shown).resize((width, height), Image.Resampling.BILINEAR))
+        return heatmap_png(self.evidence, to_display_rgb(shown), alpha=alpha, max_side=None)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,144 @@
+"""Engine throughput: images/s at batch 1, 8, 32 for PyTorch eager, ORT fp32 and ORT INT8.
+
+The model is the registry's efficientnet_lite0 (photo, 224 px), exported through the real exporter
+(parity gate) and quantized with the real static QDQ per-channel path, calibrated on photo-like JPEGs
+through the serving preprocessor (random weights: only speed is measured here; the accuracy gate is
+exercised in tests/test_quantize.py and by `verity export --int8` on a trained model).
+
+The share of peak FLOP/s uses the model's multiply-add count (Conv and Linear layers, counted with
+forward hooks; 2 FLOP per multiply-add) and benchmarks.common.cpu_info's peak estimate. INT8 is
+reported against both the fp32 peak and the VNNI int8 peak.
+
+    .venv/bin/python benchmarks/engine_bench.py [--seconds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import cpu_info, load_average, photo_jpeg, time_per_call  # noqa: E402
+
+BATCH_SIZES = (1, 8, 32)
+
+
+def model_flops(model: Any, shape: tuple[int, ...]) -> float:
+    """FLOPs of one forward pass for one image (2 x multiply-adds of Conv2d and Linear layers)."""
+    import torch
+
+    total = [0.0]
+
+    def conv_hook(module: torch.nn.Conv2d, _inputs: Any, output: torch.Tensor) -> None:
+        kernel = module.kernel_size[0] * module.kernel_size[1] * (module.in_channels // module.groups)
+        total[0] += 2.0 * kernel * output.numel()
+
+    def linear_hook(module: torch.nn.Linear, _inputs: Any, output: torch.Tensor) -> None:
+        total[0] += 2.0 * module.in_features * output.numel()
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    with torch.inference_mode():
+        model(torch.zeros(1, *shape))
+    for handle in handles:
+        handle.remove()
+    return total[0]
+
+
+def build_models(workdir: Path, size: int = 224) -> dict[str, Any]:
+    """fp32 ONNX (exported with the parity gate), INT8 ONNX (static QDQ), and the torch model."""
+    from benchmarks.models import lite0_onnx, lite0_torch
+    from inference.decode import load_for_model
+    from training.quantize import quantize_static_model
+
+    fp32 = lite0_onnx(workdir / "photo" / "0.0.0" / "model.onnx", "photo", size)
+    model, spec = lite0_torch("photo", size)  # same architecture; its weights need not match (speed only)
+    calibration = np.stack([load_for_model(photo_jpeg(seed=s), spec) for s in range(16)])
+    int8 = fp32.with_name("model.int8.onnx")
+    quantize_static_model(fp32, int8, calibration)
+    return {"fp32": fp32, "int8": int8, "torch": model, "spec": spec}
+
+
+def run(workdir: Path, seconds: float = 2.0, size: int = 224) -> dict[str, Any]:
+    import torch
+
+    from inference.engine import OnnxEngine
+
+    info = cpu_info()
+    models = build_models(workdir, size)
+    spec = models["spec"]
+    shape = (spec.in_chans, spec.image_size, spec.image_size)
+    flops = model_flops(models["torch"], shape)
+    torch.set_num_threads(info["cores"])
+    rng = np.random.default_rng(0)
+    engines = {
+        "ort_fp32": OnnxEngine(
+            models["fp32"], provider="cpu", intra_op_threads=info["cores"], allow_spinning=True
+        ),
+        "ort_int8": OnnxEngine(
+            models["int8"], provider="cpu", intra_op_threads=info["cores"], allow_spinning=True
+        ),
+    }
+    rows = []
+    for batch_size in BATCH_SIZES:
+        batch = rng.random((batch_size, *shape), dtype=np.float32)
+        tensor = torch.from_numpy(batch)
+        runners = {
+            "torch_eager": lambda t=tensor: _torch_forward(models["torch"], t),
+            "ort_fp32": lambda b=batch: engines["ort_fp32"].run(b),
+            "ort_int8": lambda b=batch: engines["ort_int8"].run(b),
+        }
+        for name, runner in runners.items():
+            timing = time_per_call(runner, seconds)
+            images_per_s = batch_size / (timing["median_ms"] / 1000)
+            peak = info["peak_int8_gops"] * 1e9 if name == "ort_int8" else info["peak_fp32_gflops"] * 1e9
+            rows.append(
+                {
+                    "runtime": name,
+                    "batch": batch_size,
+                    "images_per_s": images_per_s,
+                    "ms_per_batch": timing["median_ms"],
+                    "gflops_per_s": images_per_s * flops / 1e9,
+                    "share_of_peak": images_per_s * flops / peak,
+                    "share_of_fp32_peak": images_per_s * flops / (info["peak_fp32_gflops"] * 1e9),
+                }
+            )
+    by = {(r["runtime"], r["batch"]): r["images_per_s"] for r in rows}
+    return {
+        "model": f"efficientnet_lite0 photo {size}px",
+        "gflops_per_image": flops / 1e9,
+        "cpu": info,
+        "threads": info["cores"],
+        "rows": rows,
+        "int8_speedup_batch8": by[("ort_int8", 8)] / by[("ort_fp32", 8)],
+        "ort_vs_torch_batch8": by[("ort_fp32", 8)] / by[("torch_eager", 8)],
+        "target_int8_speedup": 2.0,
+        "load_average": load_average(),
+    }
+
+
+def _torch_forward(model: Any, tensor: Any) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return model(tensor)
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        print(json.dumps(run(Path(work), args.seconds), indent=2))

@@ -1,0 +1,177 @@
+"""`make bench`: engine, server, decoding and large-scan benchmarks; prints a table, writes JSON.
+
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only engine,server,decode,scan]
+
+(a) engine images/s at batch 1, 8, 32 for PyTorch eager, ORT fp32 and ORT INT8, with the share of
+    this CPU's peak FLOP/s; (b) server throughput and p50/p99 latency at concurrency 1, 8, 32 with
+    batching on and off (real HTTP load against `verity serve` on 127.0.0.1, fp32 and INT8 models);
+    (c) decode + preprocess cost of a 1024x768 JPEG; (d) a 4000x1500 X-ray scan with tile heatmap.
+
+Results go to benchmarks/results/bench-<UTC time>.json and benchmarks/results/latest.json. The
+machine's load average is recorded with each part: figures taken while other work shares the cores
+are lower than the hardware allows. Exit code 0 (targets are reported, not enforced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import decode_bench, engine_bench, scan_bench, server_bench  # noqa: E402
+from benchmarks.common import RESULTS, cpu_info, load_average  # noqa: E402
+
+PARTS = ("decode", "engine", "server", "scan")
+
+
+def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
+    cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def report(results: dict[str, Any]) -> str:
+    """The printed summary of whatever parts ran."""
+    out = []
+    cpu = results["cpu"]
+    out.append(
+        f"CPU: {cpu['model']} | {cpu['cores']} cores @ {cpu['ghz']} GHz, {cpu['simd']}, VNNI {cpu['vnni']} | "
+        f"peak fp32 {cpu['peak_fp32_gflops']:.0f} GFLOP/s, int8 {cpu['peak_int8_gops']:.0f} GOP/s "
+        f"(assumes {cpu['fma_units_assumed']} FMA units/core)"
+    )
+    if "decode" in results:
+        d = results["decode"]
+        out.append(
+            f"\n(c) decode+preprocess {d['image']}: {d['load_for_model_cpu_ms']:.2f} ms CPU/image "
+            f"(wall {d['load_for_model_wall_ms']:.2f}; "
+            f"naive full decode {d['naive_full_decode_cpu_ms']:.2f}); "
+            f"target <= {d['target_ms']} ms: {'met' if d['meets_target'] else 'NOT met'} "
+            f"(load average {d['load_average']:.1f})"
+        )
+    if "engine" in results:
+        e = results["engine"]
+        rows = [
+            [
+                r["runtime"],
+                r["batch"],
+                r["images_per_s"],
+                r["ms_per_batch"],
+                r["gflops_per_s"],
+                f"{100 * r['share_of_peak']:.1f}%",
+            ]
+            for r in e["rows"]
+        ]
+        out.append(
+            "\n"
+            + _table(
+                f"(a) engine, {e['model']} ({e['gflops_per_image']:.2f} GFLOP/image, {e['threads']} threads)",
+                ["runtime", "batch", "img/s", "ms/batch", "GFLOP/s", "of peak"],
+                rows,
+            )
+        )
+        out.append(
+            f"INT8 / fp32 at batch 8: {e['int8_speedup_batch8']:.2f}x (target >= 2x); "
+            f"ORT fp32 / torch eager: {e['ort_vs_torch_batch8']:.1f}x (load average {e['load_average']:.1f})"
+        )
+    for server in results.get("server", []):
+        rows = [
+            [r["batching"], r["concurrency"], r["rps"], r["p50_ms"], r["p99_ms"], r["errors"]]
+            for r in server["rows"]
+        ]
+        out.append(
+            "\n"
+            + _table(
+                f"(b) server, {server['model']} model, {server['image']}, "
+                f"load by {server['rows'][0]['load_generator']}",
+                ["batching", "conc.", "req/s", "p50 ms", "p99 ms", "errors"],
+                rows,
+            )
+        )
+        out.append(
+            f"batching on/off at c=32: {server['batching_gain_c32']:.2f}x (target >= 2x); p99 at c=32 "
+            f"{server['p99_ms_c32_batching_on']:.0f} ms (target <= 100 ms) "
+            f"(load average {server['load_average']:.1f})"
+        )
+    if "scan" in results:
+        s = results["scan"]
+        rows = [
+            [r["precision"], r["seconds"], r["tiles"], "x".join(map(str, r["grid"])), r["verdict"]]
+            for r in s["rows"]
+        ]
+        out.append(
+            "\n"
+            + _table(
+                f"(d) {s['scan']} scan: decode, tiles, verdict, heatmap PNG ({s['threads']} threads)",
+                ["precision", "seconds", "tiles", "grid", "verdict"],
+                rows,
+            )
+        )
+        out.append(f"target <= {s['target_s']} s (load average {s['load_average']:.1f})")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the Verity benchmarks.")
+    parser.add_argument("--quick", action="store_true", help="shorter measurements (about 3 minutes)")
+    parser.add_argument(
+        "--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results")
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    seconds = 1.0 if args.quick else 2.0
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu_info(),
+        "load_average_start": load_average(),
+    }
+    with tempfile.TemporaryDirectory(prefix="verity-bench-") as work:
+        workdir = Path(work)
+        if "decode" in parts:
+            print("decode ...", file=sys.stderr, flush=True)
+            results["decode"] = decode_bench.run(seconds)
+        if "engine" in parts or "server" in parts:
+            print("engine (export, quantize, time) ...", file=sys.stderr, flush=True)
+            results["engine"] = engine_bench.run(workdir / "engine", seconds)
+        if "server" in parts:
+            models = workdir / "engine" / "photo" / "0.0.0"
+            results["server"] = []
+            for label, name in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
+                print(f"server ({label}) ...", file=sys.stderr, flush=True)
+                results["server"].append(
+                    server_bench.run(
+                        models / name, workdir / f"server-{label}", 4.0 if args.quick else 8.0, label
+                    )
+                )
+        if "engine" not in parts:
+            results.pop("engine", None)
+        if "scan" in parts:
+            print("scan ...", file=sys.stderr, flush=True)
+            results["scan"] = scan_bench.run(workdir / "scan", seconds * 1.5)
+    results["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    text = json.dumps(results, indent=2)
+    (args.out / f"bench-{stamp}.json").write_text(text + "\n")
+    (args.out / "latest.json").write_text(text + "\n")
+    print(report(results))
+    print(f"\nJSON: {args.out / f'bench-{stamp}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
