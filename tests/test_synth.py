@@ -1,0 +1,222 @@
+"""Synthetic generators: determinism, manifest, balance, grouped split, cues, EAN-13, X-ray physics."""
+
+from __future__ import annotations
+
+import colorsys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasets import synth_photo, synth_xray
+from datasets.manifest import read_manifest, resolve_image_path
+from datasets.synth import (
+    DIFFICULTIES,
+    CaseInfo,
+    ImageJob,
+    cue_policy,
+    generate,
+    plan_cases,
+    synth_main,
+)
+from inference.decode import decode_image
+
+
+def _rows(out: Path) -> list:
+    return list(read_manifest(out / "manifest.jsonl"))
+
+
+def _hashes(out: Path) -> dict[str, str]:
+    return {row.path: row.sha256 for row in _rows(out)}
+
+
+@pytest.mark.parametrize("modality", ["photo", "xray"])
+def test_same_seed_same_images_and_other_seed_differs(modality: str, tmp_path: Path) -> None:
+    generate(modality, 8, tmp_path / "a", seed=5, size=64)
+    generate(modality, 8, tmp_path / "b", seed=5, size=64)
+    generate(modality, 8, tmp_path / "c", seed=6, size=64)
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+    assert set(_hashes(tmp_path / "a").values()).isdisjoint(_hashes(tmp_path / "c").values())
+
+
+def test_an_image_depends_on_seed_and_index_only(tmp_path: Path) -> None:
+    """Image i is the same whether 5 or 12 are generated, and whether one or two workers render it."""
+    generate("photo", 5, tmp_path / "few", seed=2, size=64)
+    generate("photo", 12, tmp_path / "more", seed=2, size=64, workers=2)
+    few, more = _hashes(tmp_path / "few"), _hashes(tmp_path / "more")
+    assert all(more[path] == digest for path, digest in few.items())
+
+
+def test_manifest_rows_are_complete_and_true(tmp_path: Path) -> None:
+    generate("photo", 12, tmp_path, seed=1, size=64, difficulty="hard")
+    rows = _rows(tmp_path)
+    assert len(rows) == 12
+    for row in rows:
+        image = resolve_image_path(tmp_path / "manifest.jsonl", row)
+        assert not Path(row.path).is_absolute() and image.is_file()
+        import hashlib
+
+        assert hashlib.sha256(image.read_bytes()).hexdigest() == row.sha256
+        assert row.source == "synthetic" and row.modality == "photo"
+        assert row.product in synth_photo.PRODUCTS and row.case_id and row.split in ("train", "val", "test")
+        assert row.meta["difficulty"] == "hard"
+        assert (row.meta["cues"] == []) == (row.label == "genuine")
+        assert decode_image(image.read_bytes()).shape == (64, 64, 3)
+
+
+def test_labels_balanced_and_cases_grouped() -> None:
+    policy = cue_policy(synth_photo)
+    cases = plan_cases(0, 600, policy)
+    labels = Counter(case.label for case in cases)
+    assert abs(labels["genuine"] - labels["counterfeit"]) <= 12
+    sizes = Counter(case.number for case in cases)
+    assert all(2 <= size <= 6 for number, size in sizes.items() if number < max(sizes) - 1)
+    per_case = defaultdict(set)
+    for case in cases:
+        per_case[case.number].add((case.label, case.product, case.cues))
+    assert all(len(v) == 1 for v in per_case.values())  # a shipment is one product, one label, one defect
+
+
+def test_split_is_grouped_by_case_and_roughly_70_15_15(tmp_path: Path) -> None:
+    rows = generate("xray", 120, tmp_path, seed=3, size=48)
+    splits_of_case = defaultdict(set)
+    for row in rows:
+        splits_of_case[row.case_id].add(row.split)
+    assert all(len(s) == 1 for s in splits_of_case.values())
+    counts = Counter(row.split for row in rows)
+    assert 0.6 <= counts["train"] / 120 <= 0.8 and counts["val"] >= 8 and counts["test"] >= 8
+    for split in ("train", "val", "test"):
+        labels = Counter(row.label for row in rows if row.split == split)
+        assert labels["genuine"] and labels["counterfeit"]
+
+
+@pytest.mark.parametrize(
+    "modality,held", [("photo", ["hologram", "misspelling"]), ("xray", ["filler_density"])]
+)
+def test_holdout_cues_never_appear(modality: str, held: list[str]) -> None:
+    generator = synth_photo if modality == "photo" else synth_xray
+    cases = plan_cases(4, 400, cue_policy(generator, holdout=held))
+    seen = {cue for case in cases for cue in case.cues}
+    assert seen and seen.isdisjoint(held)
+    only = plan_cases(4, 200, cue_policy(generator, only=held[:1]))
+    assert {cue for case in only for cue in case.cues} == set(held[:1])
+    assert Counter(case.label for case in only)["counterfeit"] > 50
+
+
+def test_only_cues_keeps_product_pools_equal_for_both_labels() -> None:
+    # substituted_part exists only for electronics: genuine cases must come from the same products
+    cases = plan_cases(0, 400, cue_policy(synth_xray, only=["substituted_part"]))
+    products = {label: {c.product for c in cases if c.label == label} for label in ("genuine", "counterfeit")}
+    assert products["genuine"] == products["counterfeit"] == {"power-banks", "phones"}
+
+
+def test_ean13_check_digit_and_modules() -> None:
+    assert synth_photo.ean13_check_digit("400638133393") == 1  # a published EAN-13: 4006381333931
+    assert synth_photo.ean13_is_valid("4006381333931") and not synth_photo.ean13_is_valid("4006381333932")
+    code = "5901234123457"
+    modules = synth_photo.ean13_modules(code)
+    assert modules.size == 95 and synth_photo.ean13_decode(modules) == code
+
+
+def test_printed_barcode_right_for_genuine_wrong_under_the_cue(tmp_path: Path) -> None:
+    generate("photo", 60, tmp_path, seed=9, size=64)
+    rows = _rows(tmp_path)
+    for row in rows:
+        valid = synth_photo.ean13_is_valid(row.meta["ean"])
+        assert valid == ("barcode_check" not in row.meta["cues"]), row
+    assert any("barcode_check" in row.meta["cues"] for row in rows)
+
+
+def test_xray_png_is_16_bit_and_dual_energy_tiff_has_two_channels(tmp_path: Path) -> None:
+    generate("xray", 4, tmp_path / "single", seed=1, size=96)
+    generate("xray", 4, tmp_path / "dual", seed=1, size=96, dual_energy=True)
+    for name, channels in (("single", 1), ("dual", 2)):
+        for row in _rows(tmp_path / name):
+            image = decode_image(resolve_image_path(tmp_path / name / "manifest.jsonl", row).read_bytes())
+            assert image.dtype == np.uint16 and image.shape[2] == channels and max(image.shape[:2]) == 96
+            assert image.max() > 50000 and image.min() < 40000  # air is bright, goods attenuate
+    dual = decode_image((tmp_path / "dual" / _rows(tmp_path / "dual")[0].path).read_bytes()).astype(float)
+    assert dual[..., 1].mean() < dual[..., 0].mean()  # the low-energy image is the darker one
+
+
+def test_beer_lambert_denser_or_thicker_is_darker() -> None:
+    organic, talc, steel = synth_xray.mu("organic"), synth_xray.mu("talc"), synth_xray.mu("steel")
+    thickness = np.array([0.5, 1.0, 2.0, 4.0])
+    for material in (organic, talc, steel):
+        transmitted = synth_xray.transmission(material, thickness)
+        assert np.all(np.diff(transmitted, axis=0) < 0)  # thicker: darker, at both energies
+    assert np.all(synth_xray.transmission(talc, 2.0) < synth_xray.transmission(organic, 2.0))
+    # the low/high attenuation ratio separates organics < minerals < metals
+    ratio = {name: synth_xray.mu(name)[0] / synth_xray.mu(name)[1] for name in ("organic", "talc", "steel")}
+    assert ratio["organic"] < ratio["talc"] < ratio["steel"]
+    # and the rendered detector signal follows: a slab of filler reads darker than the same slab of tablets
+    canvas = synth_xray.Canvas(20, 40, 1.0)
+    canvas.slab(0, 0, 20, 20, 3.0, organic)
+    canvas.slab(20, 0, 20, 20, 3.0, talc)
+    signal = synth_xray.detect(canvas.att[0], np.random.default_rng(0), 0.5, 1e6)
+    assert signal[5:15, 25:35].mean() < signal[5:15, 5:15].mean() < 1.0
+
+
+def _job(modality_module, difficulty: str, cues: tuple[str, ...], product: str) -> ImageJob:  # noqa: ANN001
+    case = CaseInfo(3, "counterfeit", product, cues)
+    return ImageJob(0, 0, case, DIFFICULTIES[difficulty], 64)
+
+
+def test_difficulty_scales_cue_strength() -> None:
+    genuine = synth_photo.PRODUCT_SPECS["solvex-tablets"].brand.colour
+    hue = colorsys.rgb_to_hsv(*(c / 255 for c in genuine))[0]
+
+    def hue_shift(difficulty: str) -> float:
+        look = synth_photo.label_look(
+            _job(synth_photo, difficulty, ("colour_shift",), "solvex-tablets"),
+            synth_photo.PRODUCT_SPECS["solvex-tablets"],
+        )
+        shifted = colorsys.rgb_to_hsv(*(c / 255 for c in look.brand_colour))[0]
+        return min(abs(shifted - hue), 1 - abs(shifted - hue))
+
+    assert hue_shift("easy") > hue_shift("medium") > hue_shift("hard") > 0
+    fractions = [
+        synth_xray.deviation(_job(synth_xray, d, ("filler_density",), "pill-bottles"))[0].filler_fraction
+        for d in ("easy", "medium", "hard")
+    ]
+    assert fractions[0] > fractions[1] > fractions[2] > 0
+
+
+def test_counterfeit_cue_changes_the_pixels() -> None:
+    """The same image index rendered genuine and with a cue differs where the cue acts, not everywhere."""
+    for generator, product, cue in (
+        (synth_photo, "velmor-tea", "hologram"),
+        (synth_xray, "power-banks", "missing_part"),
+    ):
+        base = ImageJob(0, 0, CaseInfo(0, "genuine", product, ()), DIFFICULTIES["easy"], 128)
+        fake = ImageJob(0, 0, CaseInfo(0, "counterfeit", product, (cue,)), DIFFICULTIES["easy"], 128)
+        a = decode_image(generator.render(base)[0]).astype(float)
+        b = decode_image(generator.render(fake)[0]).astype(float)
+        changed = np.abs(a - b).max(axis=2) > (20 if generator is synth_photo else 2000)
+        assert 0.002 < changed.mean() < 0.5, (cue, changed.mean())
+
+
+def test_cli_writes_set_and_preview_and_refuses_bad_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "set"
+    code = synth_main(
+        [
+            "--modality",
+            "xray",
+            "--n",
+            "12",
+            "--size",
+            "64",
+            "--out",
+            str(out),
+            "--preview",
+            str(tmp_path / "g.png"),
+        ]
+    )
+    assert code == 0 and (out / "manifest.jsonl").is_file() and (tmp_path / "g.png").stat().st_size > 1000
+    assert synth_main(["--modality", "photo", "--n", "4", "--out", str(out), "--holdout-cues", "nope"]) == 2
+    assert "Valid cues: colour_shift" in capsys.readouterr().err
+    assert synth_main(["--modality", "photo", "--n", "4", "--out", str(out), "--dual-energy"]) == 2
+    assert synth_main(["--modality", "xray", "--n", "4", "--out", str(out), "--size", "9000"]) == 2
