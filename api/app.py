@@ -10,6 +10,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -102,6 +103,7 @@ def create_app(
             audit_store = await run_in_threadpool(open_audit_store, settings)
         app.state.audit = audit_store
         app.state.decode_slots = asyncio.Semaphore(settings.decode_concurrency)  # bound to this loop
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threadpool_size
         loading = None
         if settings.background_load:
             loading = asyncio.create_task(_initial_load(registry))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import ipaddress
 import json
 import os
@@ -24,6 +25,21 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name that may resolve anywhere: treat as exposed
+
+
+def limit_malloc_arenas(count: int) -> bool:
+    """Caps glibc's malloc arenas in this process (mallopt) and in worker processes (environment).
+
+    Returns False where the C library is not glibc (nothing to do there)."""
+    if count <= 0:
+        return False
+    os.environ.setdefault("MALLOC_ARENA_MAX", str(count))  # read by spawned workers at their start
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_arena_max = -8  # from glibc's malloc.h
+        return bool(libc.mallopt(m_arena_max, count))
+    except (OSError, AttributeError):
+        return False
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -79,6 +95,7 @@ def serve_main(argv: list[str]) -> int:
     from api.logs import configure_logging
 
     os.environ.update(environment)
+    limit_malloc_arenas(settings.malloc_arena_max)
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(
         "api.app:create_app",
