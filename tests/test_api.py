@@ -532,3 +532,17 @@ def test_json_logs_carry_request_id() -> None:
         request_id_var.reset(token)
     assert line["request_id"] == "abc123" and line["message"] == "scored x" and line["verdict"] == "genuine"
     assert "color_message" not in line and line["level"] == "info"
+
+
+def test_limit_malloc_arenas(monkeypatch) -> None:
+    import platform
+
+    from api.cli import limit_malloc_arenas
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert limit_malloc_arenas(0) is False
+    applied = limit_malloc_arenas(4)
+    assert applied is (platform.libc_ver()[0] == "glibc")
+    import os
+
+    assert os.environ["MALLOC_ARENA_MAX"] == "4"  # inherited by worker processes
