@@ -368,6 +368,14 @@ async def _infer(
 
 INFER_DOC: dict[str, Any] = dict(
     response_model=InferResponse,
+    description=(
+        "One input: `image` FP32 [N, C, S, S] (preprocessed, values in [0, 1], no normalization) or "
+        "`image_bytes` BYTES [N] (encoded image files: base64 strings in JSON, raw bytes with the binary "
+        "tensor data extension and the `Inference-Header-Content-Length` header). Outputs `score` FP32 [N], "
+        "`verdict` BYTES [N], `logits` FP32 [N, 2], `request_id` BYTES [N]; request `parameters` may carry "
+        "`case_id` and `station_id`; `binary_data_output: true` returns binary outputs. Every answer is "
+        "audited under its request_id before it is sent."
+    ),
     responses=_errors(400, 401, 404, 413, 415, 503),
     openapi_extra={
         "requestBody": {
