@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import threading
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROLES = ("station", "admin")
+log = logging.getLogger("verity.api.auth")
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,18 @@ class KeyStore:
         with self._lock:
             keys: dict[str, ApiKey] = {}
             if stamp is not None:
-                data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-                keys = {entry["key_id"]: ApiKey(**entry) for entry in data.get("keys", [])}
+                try:
+                    data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+                    keys = {entry["key_id"]: ApiKey(**entry) for entry in data.get("keys", [])}
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+                    # A hand-edited, broken key file: keep the keys we had (and retry on the next
+                    # change) rather than fail requests with a 500 or open the door.
+                    log.error(
+                        "key file unreadable; keeping the previous keys",
+                        extra={"path": str(self.path), "error": str(error)},
+                    )
+                    self._stamp = stamp
+                    return self._keys
             self._keys, self._stamp = keys, stamp
             return keys
 

@@ -546,3 +546,13 @@ def test_limit_malloc_arenas(monkeypatch) -> None:
     import os
 
     assert os.environ["MALLOC_ARENA_MAX"] == "4"  # inherited by worker processes
+
+
+def test_broken_key_file_keeps_previous_keys(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys.json")
+    _, secret = store.add("gate-1")
+    assert store.verify(secret) is not None
+    time.sleep(0.01)
+    (tmp_path / "keys.json").write_text("{ this is not json")
+    assert store.verify(secret) is not None  # still the keys it had, no exception
+    assert store.verify("vk_x_y") is None
