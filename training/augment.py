@@ -4,7 +4,8 @@ They sit between `decode_image` and `to_model_input`, for training only; evaluat
 plain decoded image. What each preset leaves alone matters as much as what it does:
 
 - photo: the counterfeit cues are colour shifts, blurred reprints, altered text and missing holograms,
-  so hue moves by at most 2% of the colour wheel, blur is light and rare, and nothing mirrors the text.
+  so hue moves by at most 1% of the colour wheel (3.6 degrees; a medium synthetic colour-shift cue is 22),
+  blur is light and rare (sigma <= 0.4, 5%), and nothing mirrors the text.
 - xray: a transmission image has no colour; it varies in exposure (gamma, intensity), detector noise,
   bag orientation (flips, 90-degree turns) and the clutter packed around the item (overlapping objects
   multiply the transmission).
@@ -131,10 +132,10 @@ def photo_preset() -> A.Compose:
             A.Perspective(scale=(0.02, 0.06), p=0.5),
             A.Affine(scale=(0.9, 1.1), rotate=(-8, 8), translate_percent=(-0.04, 0.04), p=0.5),
             # Brightness and contrast vary with the light; hue barely moves (a colour shift is a cue).
-            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.02, p=0.6),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.01, p=0.6),
             Glare(p=0.25),
-            A.GaussianBlur(blur_limit=(3, 3), sigma_limit=(0.2, 0.7), p=0.1),
-            A.ImageCompression(quality_range=(60, 100), p=0.4),
+            A.GaussianBlur(blur_limit=(3, 3), sigma_limit=(0.1, 0.4), p=0.05),
+            A.ImageCompression(quality_range=(70, 100), p=0.4),
             A.GaussNoise(std_range=(0.005, 0.03), p=0.3),
         ]
     )
