@@ -56,13 +56,17 @@ def folder_rows(root: str | Path, modality: str) -> list[ManifestRow]:
 
 def manifest_rows(manifest: str | Path, modality: str) -> list[ManifestRow]:
     """The manifest's rows of `modality`, with absolute image paths."""
-    rows = [
-        replace(row, path=str(resolve_image_path(manifest, row)))
-        for row in read_manifest(manifest)
-        if row.modality == modality
-    ]
+    rows, others = [], Counter()
+    for row in read_manifest(manifest):
+        if row.modality == modality:
+            rows.append(replace(row, path=str(resolve_image_path(manifest, row))))
+        else:
+            others[row.modality] += 1
     if not rows:
-        raise ValueError(f"{manifest} has no {modality} rows.")
+        present = ", ".join(f"{n} {name}" for name, n in sorted(others.items())) or "none"
+        raise ValueError(
+            f"{manifest} has no {modality} rows (rows by modality: {present}); check --modality."
+        )
     return rows
 
 
