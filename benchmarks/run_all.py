@@ -5,7 +5,8 @@
 (a) engine images/s at batch 1, 8, 32 for PyTorch eager, ORT fp32 and ORT INT8, with the share of
     this CPU's peak FLOP/s; (b) server throughput and p50/p99 latency at concurrency 1, 8, 32 with
     batching on and off (real HTTP load against `verity serve` on 127.0.0.1, fp32 and INT8 models);
-    (c) decode + preprocess cost of a 1024x768 JPEG; (d) a 4000x1500 X-ray scan with tile heatmap.
+    (c) decode + preprocess cost of a 1024x768 JPEG; (d) a 4000x1500 X-ray scan with tile heatmap;
+    (e) on a machine with CUDA/TensorRT, GPU providers, fp16 and IO binding (skipped otherwise).
 
 Results go to benchmarks/results/bench-<UTC time>.json and benchmarks/results/latest.json. The
 machine's load average is recorded with each part: figures taken while other work shares the cores
@@ -25,10 +26,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import decode_bench, engine_bench, scan_bench, server_bench  # noqa: E402
+from benchmarks import decode_bench, engine_bench, gpu_bench, scan_bench, server_bench  # noqa: E402
 from benchmarks.common import RESULTS, cpu_info, load_average  # noqa: E402
 
-PARTS = ("decode", "engine", "server", "scan")
+PARTS = ("decode", "engine", "server", "scan", "gpu")
 
 
 def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
@@ -117,6 +118,13 @@ def report(results: dict[str, Any]) -> str:
             )
         )
         out.append(f"target <= {s['target_s']} s (load average {s['load_average']:.1f})")
+    if "gpu" in results:
+        g = results["gpu"]
+        if "skipped" in g:
+            out.append(f"\n(e) GPU: skipped, {g['skipped']}")
+        else:
+            header = list(g["rows"][0])
+            out.append("\n" + _table(f"(e) GPU, {g['model']}", header, [list(r.values()) for r in g["rows"]]))
     return "\n".join(out)
 
 
@@ -162,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         if "scan" in parts:
             print("scan ...", file=sys.stderr, flush=True)
             results["scan"] = scan_bench.run(workdir / "scan", seconds * 1.5)
+        if "gpu" in parts:
+            print("gpu ...", file=sys.stderr, flush=True)
+            results["gpu"] = gpu_bench.run(workdir / "gpu", seconds)
     results["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -8,7 +8,8 @@ on 2 cores; scale 1.0 looks at native resolution at about 4x the tiles). Neighbo
 positions are spread evenly so the last tile ends exactly at the image border.
 
 Each tile goes through `inference.decode.to_model_input` with the model's own spec, i.e. exactly the
-serving preprocessing (intensity window, resize, letterbox of edge tiles narrower than a tile).
+serving preprocessing (intensity window, resize; a scan thinner than one tile gives tiles that a
+letterbox spec pads and a stretch spec stretches, exactly as for a whole image).
 
 Scan score (documented choice):
 - "max" (default): the highest tile score. One counterfeit region is enough to raise an alarm, which

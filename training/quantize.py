@@ -266,7 +266,7 @@ def export_fp16(onnx_path: str | Path, out_path: str | Path | None = None) -> Pa
     """The fp16 variant for GPU serving (model.fp16.onnx): float16 weights and compute, float32 I/O.
 
     Not gated here: fp16 keeps about 3 significant digits, and on CPU onnxruntime would run it slower
-    than fp32, so its check belongs on a GPU host (`benchmarks/run_all.py --gpu`).
+    than fp32, so its check belongs on a GPU host (`benchmarks/gpu_bench.py`: scores against CPU fp32).
     """
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
