@@ -69,6 +69,8 @@ def report(results: dict[str, Any]) -> str:
                 r["ms_per_batch"],
                 r["gflops_per_s"],
                 f"{100 * r['share_of_peak']:.1f}%",
+                r["cpu_ms_per_image_1thread"],
+                r["images_per_s_unshared_estimate"],
             ]
             for r in e["rows"]
         ]
@@ -76,13 +78,29 @@ def report(results: dict[str, Any]) -> str:
             "\n"
             + _table(
                 f"(a) engine, {e['model']} ({e['gflops_per_image']:.2f} GFLOP/image, {e['threads']} threads)",
-                ["runtime", "batch", "img/s", "ms/batch", "GFLOP/s", "of peak"],
+                [
+                    "runtime",
+                    "batch",
+                    "img/s",
+                    "ms/batch",
+                    "GFLOP/s",
+                    "of peak",
+                    "CPU ms/img 1 thr",
+                    "img/s unshared",
+                ],
                 rows,
             )
         )
         out.append(
             f"INT8 / fp32 at batch 8: {e['int8_speedup_batch8']:.2f}x (target >= 2x); "
             f"ORT fp32 / torch eager: {e['ort_vs_torch_batch8']:.1f}x (load average {e['load_average']:.1f})"
+        )
+        gain = e["batch8_gain_cpu_time"]
+        out.append(
+            f"In CPU time (1 thread, robust to shared cores): INT8 / fp32 at batch 8 "
+            f"{e['int8_speedup_batch8_cpu_time']:.2f}x; per-image cost batch 1 / batch 8: fp32 "
+            f"{gain['ort_fp32']:.2f}x, INT8 {gain['ort_int8']:.2f}x (the most batching can gain in compute). "
+            "'img/s unshared' = cores / CPU time per image."
         )
     for server in results.get("server", []):
         rows = [
@@ -106,14 +124,21 @@ def report(results: dict[str, Any]) -> str:
     if "scan" in results:
         s = results["scan"]
         rows = [
-            [r["precision"], r["seconds"], r["tiles"], "x".join(map(str, r["grid"])), r["verdict"]]
+            [
+                r["precision"],
+                r["seconds"],
+                r["cpu_seconds"],
+                r["tiles"],
+                "x".join(map(str, r["grid"])),
+                r["verdict"],
+            ]
             for r in s["rows"]
         ]
         out.append(
             "\n"
             + _table(
                 f"(d) {s['scan']} scan: decode, tiles, verdict, heatmap PNG ({s['threads']} threads)",
-                ["precision", "seconds", "tiles", "grid", "verdict"],
+                ["precision", "seconds", "CPU s (all threads)", "tiles", "grid", "verdict"],
                 rows,
             )
         )
