@@ -48,7 +48,7 @@ class Difficulty:
 DIFFICULTIES: dict[str, Difficulty] = {
     "easy": Difficulty("easy", strength=1.0, nuisance=0.6),
     "medium": Difficulty("medium", strength=0.55, nuisance=1.0),
-    "hard": Difficulty("hard", strength=0.3, nuisance=1.25),
+    "hard": Difficulty("hard", strength=0.25, nuisance=1.35),
 }
 
 # Streams keep the (seed, index) generators of different purposes independent of each other.
@@ -262,7 +262,7 @@ def write_preview(
     from PIL import Image, ImageDraw, ImageFont
 
     generator = generator_for(modality)
-    tile, caption = 200, 30
+    tile, caption = 200, 44
     picks: dict[str, list[ManifestRow]] = {"genuine": [], "counterfeit": []}
     seen: set[str | None] = set()
     for row in rows:  # one image per case, so the grid shows different products and cues
@@ -280,8 +280,10 @@ def write_preview(
             data = (Path(out) / row.path).read_bytes()
             image = Image.fromarray(generator.preview_tile(data, tile))
             grid.paste(image, (column * tile, top))
-            cues = ", ".join((row.meta or {}).get("cues", [])) or "-"
-            text = f"{label} {row.product}\n{cues}"
+            cues = (row.meta or {}).get("cues", []) or ["-"]
+            text = f"{label} {row.product}\n" + "\n".join(
+                ", ".join(cues[k : k + 2]) for k in range(0, len(cues), 2)
+            )
             draw.multiline_text((column * tile + 3, top + tile + 1), text, fill="black", font=font, spacing=1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

@@ -620,7 +620,15 @@ def render(job: ImageJob) -> tuple[bytes, str, dict]:
         import tifffile
 
         buffer = io.BytesIO()
-        tifffile.imwrite(buffer, planes, photometric="minisblack")
+        # large scans get deflate (tifffile reads it without extra codecs); small ones stay fast to write
+        big = planes[0].size > 1 << 20
+        tifffile.imwrite(
+            buffer,
+            planes,
+            photometric="minisblack",
+            compression="zlib" if big else None,
+            compressionargs={"level": 1} if big else None,
+        )
         return buffer.getvalue(), ".tiff", {"energies": ["high", "low"]}
     return encode_png16(planes[0]), ".png", {}
 
