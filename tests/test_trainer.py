@@ -226,6 +226,9 @@ def test_resume_continues_from_the_saved_step_exactly(tiny_folder, tmp_path) -> 
     assert Path(result["model_pt"]).is_file()
     # header, 2 rows before the break (epoch 1, half of epoch 2), 2 after (epochs 2 and 3)
     assert len((broken_dir / "metrics.csv").read_text().strip().splitlines()) == 1 + 2 + 2
+    # A finished run can be extended: one more epoch continues from step 6.
+    train_from_options(resume=str(broken_dir), epochs=4)
+    assert torch.load(broken_dir / "last.pt", weights_only=True)["step"] == 4 * 2
 
 
 def test_verity_train_writes_every_artifact_and_prints_where(tiny_folder, tmp_path, capsys) -> None:

@@ -551,8 +551,10 @@ def fit(run: Run) -> dict[str, torch.Tensor]:
         log.close()
     sync_buffers(run.model, run.info)
     barrier(run.info)
-    if main and best_path.is_file():
-        return torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+    # The best weights: this run's best.pt, else (a finished run resumed without improving) its model.pt.
+    for path in (best_path, run.run_dir / FINAL):
+        if main and path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     return _cpu_state_dict(run.model)
 
 
@@ -688,6 +690,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         check_validation_split(run.rows, run.data_description)
         if run.info.is_main:
             run.run_dir.mkdir(parents=True, exist_ok=True)
+            if not config.resume:  # a fresh run in an old folder replaces it; its log must not mix in
+                for stale in (run.run_dir / "metrics.csv", run.run_dir / BEST, run.run_dir / LAST):
+                    stale.unlink(missing_ok=True)
             save_config(run.config, run.run_dir / "config.yaml")
             from training.augment import describe_preset
 
