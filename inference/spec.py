@@ -21,6 +21,10 @@ class SpecError(ValueError):
     """A spec that is inconsistent or names an unsupported option."""
 
 
+def _invalid(field: str, value: object, valid: tuple[str, ...]) -> str:
+    return f"Invalid {field} {value!r}. Only {', '.join(valid)} are supported."
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     modality: str
@@ -38,17 +42,17 @@ class PreprocessSpec:
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
-            raise SpecError(f"Invalid modality {self.modality!r}. Only {', '.join(MODALITIES)} are supported.")
+            raise SpecError(_invalid("modality", self.modality, MODALITIES))
         if self.in_chans not in (1, 2, 3):
-            raise SpecError(f"Invalid in_chans {self.in_chans}. Only 1 (X-ray), 2 (dual-energy) and 3 are supported.")
+            raise SpecError(
+                f"Invalid in_chans {self.in_chans}. Only 1 (X-ray), 2 (dual-energy) and 3 are supported."
+            )
         if not 16 <= self.image_size <= 4096:
             raise SpecError(f"Invalid image_size {self.image_size}: it must lie between 16 and 4096.")
         if self.resize_mode not in RESIZE_MODES:
-            raise SpecError(f"Invalid resize_mode {self.resize_mode!r}. Only {', '.join(RESIZE_MODES)} are supported.")
+            raise SpecError(_invalid("resize_mode", self.resize_mode, RESIZE_MODES))
         if self.interpolation not in INTERPOLATIONS:
-            raise SpecError(
-                f"Invalid interpolation {self.interpolation!r}. Only {', '.join(INTERPOLATIONS)} are supported."
-            )
+            raise SpecError(_invalid("interpolation", self.interpolation, INTERPOLATIONS))
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise SpecError(f"mean and std need {self.in_chans} values each, one per input channel.")
         if any(s <= 0 for s in self.std):
@@ -69,7 +73,9 @@ class PreprocessSpec:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise SpecError(f"Unknown spec fields: {', '.join(sorted(unknown))}. Known: {', '.join(sorted(known))}.")
+            raise SpecError(
+                f"Unknown spec fields: {', '.join(sorted(unknown))}. Known: {', '.join(sorted(known))}."
+            )
         values = dict(data)
         for key in ("mean", "std", "labels", "window"):
             if values.get(key) is not None:
@@ -98,7 +104,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 def default_spec(modality: str) -> PreprocessSpec:
     """The defaults for a modality; `PreprocessSpec` validation names the valid modalities."""
     if modality not in _DEFAULTS:
-        raise SpecError(f"Invalid modality {modality!r}. Only {', '.join(MODALITIES)} are supported.")
+        raise SpecError(_invalid("modality", modality, MODALITIES))
     return PreprocessSpec(modality=modality, **_DEFAULTS[modality])
 
 

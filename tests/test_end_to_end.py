@@ -26,7 +26,8 @@ def trained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("e2e")
     data = root / "synth-photo"
     assert verity_cli.main(
-        ["data", "synth", "--modality", "photo", "--n", "48", "--size", "96", "--seed", "3", "--out", str(data)]
+        ["data", "synth", "--modality", "photo", "--n", "48", "--size", "96", "--seed", "3",
+         "--out", str(data)]
     ) == 0
     assert (data / "manifest.jsonl").is_file()
     models = root / "checkpoints"
@@ -70,7 +71,8 @@ def test_served_verdict_from_the_trained_model(trained_models: Path, tmp_path: P
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").status_code == 200
         response = client.post(
-            "/v1/predict", files={"file": ("label.jpg", image.getvalue(), "image/jpeg")}, data={"modality": "photo"}
+            "/v1/predict", files={"file": ("label.jpg", image.getvalue(), "image/jpeg")},
+            data={"modality": "photo"},
         )
         assert response.status_code == 200, response.text
         body = response.json()
@@ -80,7 +82,8 @@ def test_served_verdict_from_the_trained_model(trained_models: Path, tmp_path: P
         assert body["modality"] == "photo" and body["request_id"] and body["latency_ms"] >= 0
 
         not_an_image = client.post(
-            "/v1/predict", files={"file": ("x.jpg", b"hello, not an image", "image/jpeg")}, data={"modality": "photo"}
+            "/v1/predict", files={"file": ("x.jpg", b"hello, not an image", "image/jpeg")},
+            data={"modality": "photo"},
         )
         assert 400 <= not_an_image.status_code < 500
         assert "error" in not_an_image.json()
