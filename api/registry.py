@@ -168,6 +168,8 @@ class ModelRegistry:
             provider=self.settings.provider,
             intra_op_threads=self.settings.intra_op_threads,
             warmup=False,
+            precision=self.settings.precision,
+            cache_dir=self.settings.engine_cache_dir,
         )
         if self.settings.warmup:
             # Every batch size the batcher can form: onnxruntime sizes its memory arena per shape, so

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     # modality -> "name" or "name/version"; unpinned modalities serve their newest version.
     pinned_models: dict[str, str] = Field(default_factory=dict)
     provider: str | None = None
+    # Which file variant to serve: "auto" takes model.int8.onnx on CPU (written only when it passed its
+    # accuracy gate) and model.fp16.onnx on CUDA when present; "fp32" always serves model.onnx.
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    # Where TensorRT keeps its compiled engines between starts (GPU servers only).
+    engine_cache_dir: Path | None = None
     intra_op_threads: int = Field(1, ge=1, le=64)
     warmup: bool = True
     # Load models in the background so /healthz answers at once and /readyz says 503 until warm.
