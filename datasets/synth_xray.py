@@ -518,8 +518,10 @@ def _scene(job: ImageJob, rng: np.random.Generator) -> Canvas:
         scene_w = max(carton_w * 2 + 30, 120.0) * rng.uniform(1.0, 1.15)
         scene_h = max(carton_h + 30, scene_w * rng.uniform(0.55, 0.75))
     else:
-        scene_w = carton_w * rng.uniform(1.25, 1.7) + 8
-        scene_h = carton_h * rng.uniform(1.25, 1.7) + 8
+        # parcel sizes are drawn independently of the carton (which a counterfeit packing changes), so
+        # image aspect and scale say little about the label; only a carton that does not fit grows it
+        scene_w = max(carton_w + 10, rng.uniform(40, 65))
+        scene_h = max(carton_h + 10, rng.uniform(35, 60))
     long_cm = max(scene_w, scene_h)
     ppc = job.size / long_cm
     canvas = Canvas(max(16, round(scene_h * ppc)), max(16, round(scene_w * ppc)), ppc)
