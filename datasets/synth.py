@@ -306,8 +306,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder (images/ and manifest.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=256, help="long side in pixels (default 256, max 4096)")
-    parser.add_argument("--holdout-cues", type=_cue_list, default=[], help="cues counterfeits never carry")
-    parser.add_argument("--only-cues", type=_cue_list, default=[], help="the only cues counterfeits carry")
+    cues = "; ".join(f"{m}: {', '.join(generator_for(m).CUES)}" for m in MODALITIES)
+    parser.add_argument(
+        "--holdout-cues",
+        type=_cue_list,
+        default=[],
+        help=f"comma-separated cues counterfeits never carry ({cues})",
+    )
+    parser.add_argument(
+        "--only-cues", type=_cue_list, default=[], help="comma-separated: the only cues counterfeits carry"
+    )
     parser.add_argument("--preview", type=Path, help="also write a genuine-vs-counterfeit grid PNG here")
     parser.add_argument("--dual-energy", action="store_true", help="X-ray: 2-page 16-bit TIFF (high, low)")
     parser.add_argument("--workers", type=int, default=1, help="processes to render with (default 1)")
