@@ -681,18 +681,24 @@ def _place(scene: Image.Image, package: Image.Image, rng: np.random.Generator, n
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     dst = corners @ rotation.T + (cx, cy) + rng.normal(0, 0.035 * nuisance * size, (4, 2))
     src = [(0, 0), (pw, 0), (pw, ph), (0, ph)]
+    # warp into the package's bounding box only: most of the frame is background
+    x0, y0 = (max(0, int(np.floor(v))) for v in dst.min(axis=0))
+    x1, y1 = (min(size, int(np.ceil(v)) + 1) for v in dst.max(axis=0))
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return
     warped = package.transform(
-        (size, size),
+        (x1 - x0, y1 - y0),
         Image.PERSPECTIVE,
-        _perspective_coefficients([tuple(p) for p in dst], src),
+        _perspective_coefficients([(px - x0, py - y0) for px, py in dst], src),
         Image.BILINEAR,
     )
-    alpha = warped.getchannel("A")
+    alpha = Image.new("L", (size, size), 0)
+    alpha.paste(warped.getchannel("A"), (x0, y0))
     small = max(4, size // 12)  # a soft shadow: down- and up-sampling blurs as well as a Gaussian, faster
     shadow = alpha.resize((small, small), Image.BILINEAR).resize((size, size), Image.BILINEAR)
     offset = (round(rng.uniform(0.01, 0.04) * size), round(rng.uniform(0.01, 0.04) * size))
     scene.paste((0, 0, 0), offset, shadow.point(lambda a: int(a * 0.45)))
-    scene.paste(warped, (0, 0), alpha)
+    scene.paste(warped, (x0, y0), warped.getchannel("A"))
 
 
 @lru_cache(maxsize=1)
@@ -711,12 +717,10 @@ def _noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _defocus(radius: float) -> ImageFilter.Filter:
-    """Slight defocus: a 3x3 Gaussian for small radii (5x faster than GaussianBlur), else the real one."""
+    """Slight defocus: a fractional box blur for small radii, else a Gaussian."""
     if radius > 1.0:
         return ImageFilter.GaussianBlur(radius)
-    side = float(np.exp(-1 / (2 * max(radius, 0.05) ** 2)))
-    weights = np.outer([side, 1, side], [side, 1, side]).ravel()
-    return ImageFilter.Kernel((3, 3), weights.tolist(), scale=float(weights.sum()))
+    return ImageFilter.BoxBlur(radius)  # one box pass: a third of GaussianBlur's cost, alike at this size
 
 
 def _photograph(scene: Image.Image, rng: np.random.Generator, nuisance: float) -> np.ndarray:
@@ -728,7 +732,8 @@ def _photograph(scene: Image.Image, rng: np.random.Generator, nuisance: float) -
     light = rng.uniform(1 - 0.3 * nuisance, 1 + 0.3 * nuisance, (3, 3)).astype(np.float32)
     field = np.asarray(Image.fromarray(light, "F").resize((size, size), Image.BILINEAR))
     gains = (1 + rng.uniform(-0.07, 0.07, 3) * nuisance).astype(np.float32)
-    array *= field[..., None] * gains
+    array *= field[..., None]
+    array *= gains
     if rng.random() < 0.6 * nuisance:
         gy, gx = rng.uniform(0.2, 0.8, 2) * size
         radius = rng.uniform(0.05, 0.15) * size
