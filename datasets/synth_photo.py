@@ -189,8 +189,9 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=max(6, size))
 
 
+@lru_cache(maxsize=1024)
 def _text_mask(text: str, height: int, style: FontStyle) -> Image.Image:
-    """The text as an "L" mask about `height` px tall, in the given style."""
+    """The text as an "L" mask about `height` px tall, in the given style (cached: never modified)."""
     if style.bitmap:
         bitmap = ImageFont.load_default_imagefont()
         left, top, right, bottom = bitmap.getbbox(text)
@@ -329,6 +330,7 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=256)
 def _barcode(code: str, width: int, height: int) -> Image.Image:
     modules = ean13_modules(code)
     row = np.repeat(np.pad(modules, 7), 4)  # quiet zone, 4 px per module, then resized (anti-aliased)
