@@ -41,14 +41,17 @@ class Difficulty:
     """How strong the counterfeit cues are (1 = blatant) and how much nuisance variation there is."""
 
     name: str
-    strength: float
+    strength: float  # X-ray cue strength
     nuisance: float
+    # Photo cues are small, local print defects that an ImageNet backbone finds harder than the X-ray
+    # cues (densities, missing parts), so photos get their own scale for the same named difficulty.
+    photo_strength: float = 1.0
 
 
 DIFFICULTIES: dict[str, Difficulty] = {
-    "easy": Difficulty("easy", strength=1.0, nuisance=0.6),
-    "medium": Difficulty("medium", strength=0.55, nuisance=1.0),
-    "hard": Difficulty("hard", strength=0.25, nuisance=1.35),
+    "easy": Difficulty("easy", strength=1.0, nuisance=0.6, photo_strength=1.0),
+    "medium": Difficulty("medium", strength=0.55, nuisance=1.0, photo_strength=0.7),
+    "hard": Difficulty("hard", strength=0.25, nuisance=1.35, photo_strength=0.3),
 }
 
 # Streams keep the (seed, index) generators of different purposes independent of each other.
@@ -130,10 +133,18 @@ def cue_policy(generator: Generator, holdout: Sequence[str] = (), only: Sequence
     return CuePolicy(allowed, products, per_product)
 
 
+# Cues no image model can see (a wrong check digit reads only with a barcode scanner): never the only
+# cue of a counterfeit when a visible one is allowed, so a label never rests on an invisible difference.
+INVISIBLE_CUES = frozenset({"barcode_check"})
+
+
 def _draw_cues(rng: np.random.Generator, available: tuple[str, ...]) -> tuple[str, ...]:
     count = int(rng.integers(1, min(3, len(available)) + 1))
-    picked = rng.choice(len(available), size=count, replace=False)
-    return tuple(sorted(available[i] for i in picked))
+    picked = [available[i] for i in rng.choice(len(available), size=count, replace=False)]
+    visible = [c for c in available if c not in INVISIBLE_CUES and c not in picked]
+    if all(c in INVISIBLE_CUES for c in picked) and visible:
+        picked.append(visible[int(rng.integers(len(visible)))])
+    return tuple(sorted(picked))
 
 
 def plan_cases(seed: int, n: int, policy: CuePolicy) -> list[CaseInfo]:

@@ -405,7 +405,7 @@ def label_look(job: ImageJob, product: Product) -> LabelLook:
     """The case's label design, with per-image jitter only in the cue strength."""
     brand, cues = product.brand, set(job.case.cues)
     rng = case_rng(job)
-    strength = job.difficulty.strength * float(image_rng(job).uniform(0.85, 1.15))
+    strength = job.difficulty.photo_strength * float(image_rng(job).uniform(0.85, 1.15))
     look = LabelLook(
         brand.colour,
         brand.name,

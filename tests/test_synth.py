@@ -220,3 +220,11 @@ def test_cli_writes_set_and_preview_and_refuses_bad_options(
     assert "Valid cues: colour_shift" in capsys.readouterr().err
     assert synth_main(["--modality", "photo", "--n", "4", "--out", str(out), "--dual-energy"]) == 2
     assert synth_main(["--modality", "xray", "--n", "4", "--out", str(out), "--size", "9000"]) == 2
+
+
+def test_an_invisible_cue_never_stands_alone_unless_asked_for() -> None:
+    cases = plan_cases(1, 1500, cue_policy(synth_photo))
+    assert any("barcode_check" in case.cues for case in cases)
+    assert all(case.cues != ("barcode_check",) for case in cases)
+    only = plan_cases(1, 40, cue_policy(synth_photo, only=["barcode_check"]))
+    assert {case.cues for case in only if case.label == "counterfeit"} == {("barcode_check",)}
