@@ -100,13 +100,11 @@ class Generator(Protocol):
 
 def generator_for(modality: str) -> Generator:
     """The generator module of a modality."""
-    if modality == "photo":
-        from datasets import synth_photo as module
-    elif modality == "xray":
-        from datasets import synth_xray as module
-    else:
+    if modality not in MODALITIES:
         raise ValueError(f"Invalid modality {modality!r}. Only {', '.join(MODALITIES)} are supported.")
-    return module  # type: ignore[return-value]
+    import importlib
+
+    return importlib.import_module(f"datasets.synth_{modality}")  # type: ignore[return-value]
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import colorsys
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -185,7 +186,7 @@ def printed_ean(job: ImageJob, product: Product) -> str:
 
 
 @lru_cache(maxsize=64)
-def _font(size: int) -> ImageFont.FreeTypeFont:
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=max(6, size))
 
 
@@ -197,25 +198,26 @@ def _text_mask(text: str, height: int, style: FontStyle) -> Image.Image:
         left, top, right, bottom = bitmap.getbbox(text)
         small = Image.new("L", (right - left + 2, bottom - top + 2), 0)
         ImageDraw.Draw(small).text((1 - left, 1 - top), text, fill=255, font=bitmap)
-        scale = height / small.height
-        mask = small.resize((max(1, round(small.width * scale)), height), Image.NEAREST)
+        mask = small.resize(
+            (max(1, round(small.width * height / small.height)), height), Image.Resampling.NEAREST
+        )
     else:
         font = _font(round(height * 1.25))
-        left, top, right, bottom = font.getbbox(text, stroke_width=style.stroke)
+        left, top, right, bottom = (int(v) for v in font.getbbox(text, stroke_width=style.stroke))
         mask = Image.new("L", (right - left + 2, bottom - top + 2), 0)
         ImageDraw.Draw(mask).text(
             (1 - left, 1 - top), text, fill=255, font=font, stroke_width=style.stroke, stroke_fill=255
         )
     width = max(1, round(mask.width * style.width))
     if width != mask.width:
-        mask = mask.resize((width, mask.height), Image.BILINEAR)
+        mask = mask.resize((width, mask.height), Image.Resampling.BILINEAR)
     if style.shear:
         extra = round(abs(style.shear) * mask.height)
         mask = mask.transform(
             (mask.width + extra, mask.height),
-            Image.AFFINE,
+            Image.Transform.AFFINE,
             (1, style.shear, -extra if style.shear > 0 else 0, 0, 1, 0),
-            Image.BILINEAR,
+            Image.Resampling.BILINEAR,
         )
     return mask
 
@@ -232,7 +234,9 @@ def _put_text(
     x0, y0, x1, y1 = box
     mask = _text_mask(text, max(4, y1 - y0), style)
     if mask.width > x1 - x0:
-        mask = mask.resize((x1 - x0, max(1, round(mask.height * (x1 - x0) / mask.width))), Image.BILINEAR)
+        mask = mask.resize(
+            (x1 - x0, max(1, round(mask.height * (x1 - x0) / mask.width))), Image.Resampling.BILINEAR
+        )
     x = x0 + ((x1 - x0) - mask.width) // 2 if align == "centre" else x0
     y = y0 + ((y1 - y0) - mask.height) // 2
     canvas.paste(Image.new("RGB", mask.size, colour), (x, y), mask)
@@ -267,14 +271,14 @@ def _logo_polygons(kind: str, params: tuple[float, ...], size: int) -> list[tupl
         thickness, depth, gap = params
         shapes = []
         for k in range(2):
-            top = c - 0.8 * r + k * (0.8 + gap) * r
-            outer = [(c - r, top), (c, top + depth * r), (c + r, top)]
-            inner = [
-                (c + r, top + thickness * 2 * r),
-                (c, top + (depth + 2 * thickness) * r),
-                (c - r, top + thickness * 2 * r),
+            row_top = c - 0.8 * r + k * (0.8 + gap) * r
+            outer = [(c - r, row_top), (c, row_top + depth * r), (c + r, row_top)]
+            lower = [
+                (c + r, row_top + thickness * 2 * r),
+                (c, row_top + (depth + 2 * thickness) * r),
+                (c - r, row_top + thickness * 2 * r),
             ]
-            shapes.append(("fill", outer + inner))
+            shapes.append(("fill", outer + lower))
         return shapes
     raise ValueError(f"Unknown logo kind {kind!r}.")
 
@@ -335,7 +339,7 @@ def _barcode(code: str, width: int, height: int) -> Image.Image:
     modules = ean13_modules(code)
     row = np.repeat(np.pad(modules, 7), 4)  # quiet zone, 4 px per module, then resized (anti-aliased)
     bars = np.tile((1 - row) * 255, (8, 1)).astype(np.uint8)
-    return Image.fromarray(bars).resize((width, height), Image.BOX)
+    return Image.fromarray(bars).resize((width, height), Image.Resampling.BOX)
 
 
 _SIMILAR = {
@@ -423,7 +427,8 @@ def label_look(job: ImageJob, product: Product) -> LabelLook:
         h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in brand.colour))
         h = (h + sign() * 40.0 * strength / 360.0) % 1.0
         v = float(np.clip(v * (1 + sign() * 0.2 * strength), 0.1, 1.0))
-        look = replace(look, brand_colour=tuple(round(255 * c) for c in colorsys.hsv_to_rgb(h, s, v)))
+        red, green, blue = (round(255 * c) for c in colorsys.hsv_to_rgb(h, s, v))
+        look = replace(look, brand_colour=(red, green, blue))
     if "logo_geometry" in cues:
         look = replace(look, logo_params=_perturbed_logo(brand.logo, brand.logo_params, strength, rng))
     if "font_substitution" in cues:
@@ -520,8 +525,10 @@ def render_label(
         label.paste(patch, holo_xy)
     if look.reprint > 0:
         factor = 1 + 2.5 * look.reprint
-        small = label.resize((max(8, round(width / factor)), max(8, round(height / factor))), Image.BILINEAR)
-        label = small.resize((width, height), Image.BILINEAR).filter(
+        small = label.resize(
+            (max(8, round(width / factor)), max(8, round(height / factor))), Image.Resampling.BILINEAR
+        )
+        label = small.resize((width, height), Image.Resampling.BILINEAR).filter(
             ImageFilter.GaussianBlur(0.6 * look.reprint)
         )
     if look.registration != (0, 0):
@@ -588,7 +595,7 @@ def _package(product: Product, label: Image.Image, look: LabelLook, size: int) -
     dx, dy, angle = look.misplace
     rgba = label.convert("RGBA")
     if angle:
-        rgba = rgba.rotate(angle, resample=Image.BILINEAR, expand=True)
+        rgba = rgba.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
     x = round(centre[0] + dx * lw - rgba.width / 2)
     y = round(centre[1] + dy * lh - rgba.height / 2)
     package.alpha_composite(rgba, (max(0, x), max(0, y)))
@@ -652,15 +659,19 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
         t = 0.5 + 0.5 * np.sin(xx * rng.uniform(10, 30) + 2 * np.sin(yy * 3 + rng.uniform(0, 6)))
     elif kind == 2:  # cloth: blotches
         blotches = rng.random((4, 4)).astype(np.float32)
-        t = np.asarray(Image.fromarray(blotches, "F").resize((small, small), Image.BILINEAR))
+        t = np.asarray(Image.fromarray(blotches, "F").resize((small, small), Image.Resampling.BILINEAR))
     else:  # plain table
         t = np.full((small, small), 0.5, dtype=np.float32)
     t = np.broadcast_to(t, (small, small))[..., None]
     field = base * (1 - t) + other * t + _noise(rng, (small, small, 1)) * 6
-    return Image.fromarray(field.clip(0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    return Image.fromarray(field.clip(0, 255).astype(np.uint8)).resize(
+        (size, size), Image.Resampling.BILINEAR
+    )
 
 
-def _perspective_coefficients(dst: list[tuple[float, float]], src: list[tuple[float, float]]) -> list[float]:
+def _perspective_coefficients(
+    dst: Sequence[tuple[float, float]], src: Sequence[tuple[float, float]]
+) -> list[float]:
     """PIL PERSPECTIVE data mapping output points dst onto input points src."""
     matrix, vector = [], []
     for (x, y), (u, v) in zip(dst, src, strict=True):
@@ -690,14 +701,16 @@ def _place(scene: Image.Image, package: Image.Image, rng: np.random.Generator, n
         return
     warped = package.transform(
         (x1 - x0, y1 - y0),
-        Image.PERSPECTIVE,
+        Image.Transform.PERSPECTIVE,
         _perspective_coefficients([(px - x0, py - y0) for px, py in dst], src),
-        Image.BILINEAR,
+        Image.Resampling.BILINEAR,
     )
     alpha = Image.new("L", (size, size), 0)
     alpha.paste(warped.getchannel("A"), (x0, y0))
     small = max(4, size // 12)  # a soft shadow: down- and up-sampling blurs as well as a Gaussian, faster
-    shadow = alpha.resize((small, small), Image.BILINEAR).resize((size, size), Image.BILINEAR)
+    shadow = alpha.resize((small, small), Image.Resampling.BILINEAR).resize(
+        (size, size), Image.Resampling.BILINEAR
+    )
     offset = (round(rng.uniform(0.01, 0.04) * size), round(rng.uniform(0.01, 0.04) * size))
     scene.paste((0, 0, 0), offset, shadow.point(lambda a: int(a * 0.45)))
     scene.paste(warped, (x0, y0), warped.getchannel("A"))
@@ -732,7 +745,7 @@ def _photograph(scene: Image.Image, rng: np.random.Generator, nuisance: float) -
         scene = scene.filter(_defocus(rng.uniform(0, 0.7) * nuisance * size / 256))
     array = np.asarray(scene, dtype=np.float32)
     light = rng.uniform(1 - 0.3 * nuisance, 1 + 0.3 * nuisance, (3, 3)).astype(np.float32)
-    field = np.asarray(Image.fromarray(light, "F").resize((size, size), Image.BILINEAR))
+    field = np.asarray(Image.fromarray(light, "F").resize((size, size), Image.Resampling.BILINEAR))
     gains = (1 + rng.uniform(-0.07, 0.07, 3) * nuisance).astype(np.float32)
     array *= field[..., None]
     array *= gains
@@ -775,4 +788,6 @@ def render(job: ImageJob) -> tuple[bytes, str, dict]:
 
 def preview_tile(data: bytes, tile: int) -> np.ndarray:
     """The photo scaled to tile x tile for the preview grid."""
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((tile, tile), Image.BILINEAR))
+    return np.asarray(
+        Image.open(io.BytesIO(data)).convert("RGB").resize((tile, tile), Image.Resampling.BILINEAR)
+    )

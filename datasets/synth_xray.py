@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -435,7 +436,7 @@ def deviation(job: ImageJob) -> tuple[Deviation, Packing]:
     return dev, packing
 
 
-def _replace(dev: Deviation, **changes: object) -> Deviation:
+def _replace(dev: Deviation, **changes: Any) -> Deviation:
     from dataclasses import replace
 
     return replace(dev, **changes)
@@ -569,8 +570,10 @@ def _blur_small(plane: np.ndarray) -> np.ndarray:
 
 def _broad_blur(plane: np.ndarray) -> np.ndarray:
     height, width = plane.shape
-    small = Image.fromarray(plane, "F").resize((max(1, width // 16), max(1, height // 16)), Image.BOX)
-    return np.asarray(small.resize((width, height), Image.BILINEAR), dtype=np.float32)
+    small = Image.fromarray(plane, "F").resize(
+        (max(1, width // 16), max(1, height // 16)), Image.Resampling.BOX
+    )
+    return np.asarray(small.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def detect(att: np.ndarray, rng: np.random.Generator, nuisance: float, photons: float) -> np.ndarray:
@@ -605,7 +608,10 @@ def render_planes(job: ImageJob) -> np.ndarray:
     angle = rng.uniform(-8, 8) * job.difficulty.nuisance
     if abs(angle) > 0.5:
         att = np.stack(
-            [np.asarray(Image.fromarray(a, "F").rotate(angle, Image.BILINEAR), dtype=np.float32) for a in att]
+            [
+                np.asarray(Image.fromarray(a, "F").rotate(angle, Image.Resampling.BILINEAR), dtype=np.float32)
+                for a in att
+            ]
         )
     photons = rng.uniform(3000, 8000) / job.difficulty.nuisance
     if job.dual_energy:
@@ -650,7 +656,7 @@ def preview_tile(data: bytes, tile: int) -> np.ndarray:
     else:
         view = np.repeat(image, 3, axis=2)
     pil = Image.fromarray((np.clip(view, 0, 1) * 255).astype(np.uint8))
-    pil.thumbnail((tile, tile), Image.BILINEAR)
+    pil.thumbnail((tile, tile), Image.Resampling.BILINEAR)
     canvas = Image.new("RGB", (tile, tile), (255, 255, 255))
     canvas.paste(pil, ((tile - pil.width) // 2, (tile - pil.height) // 2))
     return np.asarray(canvas)
