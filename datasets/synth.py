@@ -50,7 +50,7 @@ class Difficulty:
 
 DIFFICULTIES: dict[str, Difficulty] = {
     "easy": Difficulty("easy", strength=1.0, nuisance=0.6, photo_strength=1.0),
-    "medium": Difficulty("medium", strength=0.55, nuisance=1.0, photo_strength=0.7),
+    "medium": Difficulty("medium", strength=0.55, nuisance=1.0, photo_strength=0.8),
     "hard": Difficulty("hard", strength=0.25, nuisance=1.35, photo_strength=0.3),
 }
 
