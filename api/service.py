@@ -28,7 +28,14 @@ from api.metrics import Metrics
 from api.registry import ModelRegistry, ServedModel
 from api.settings import Settings
 from inference.batcher import QueueFullError
-from inference.decode import DecodeError, DecodeLimits, decode_image, sniff_format, to_model_input
+from inference.decode import (
+    DecodeError,
+    DecodeLimits,
+    decode_for_model,
+    decode_image,
+    sniff_format,
+    to_model_input,
+)
 from inference.engine import Prediction
 from inference.heatmap import heatmap_png
 from inference.spec import PreprocessSpec
@@ -56,8 +63,7 @@ def prepare_image(
     kind = sniff_format(data)
     sha256 = hashlib.sha256(data).hexdigest()
     if tile_above is None:
-        image = decode_image(data, limits, draft_size=spec.image_size)
-        return PreparedImage(to_model_input(image, spec), sha256, kind)
+        return PreparedImage(decode_for_model(data, spec, limits), sha256, kind)
     image = decode_image(data, limits)
     if max(image.shape[:2]) > tile_above:
         return PreparedImage(None, sha256, kind, decoded=image)

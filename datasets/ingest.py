@@ -31,7 +31,12 @@ import numpy as np
 from datasets.hashing import UnionFind, dhash, near_duplicate_pairs, sha256_hex
 from datasets.manifest import LABELS, MODALITIES, SPLITS, ManifestRow, read_manifest, write_manifest
 from datasets.split import assign_groups, group_key, split_fractions
-from inference.decode import DEFAULT_LIMITS, DecodeError, decode_image, read_image_bytes, to_model_input
+from inference.decode import (
+    DEFAULT_LIMITS,
+    DecodeError,
+    decode_for_model,
+    read_image_bytes,
+)
 from inference.spec import default_spec
 
 # Folder and column names accepted for each label and modality (compared in lower case).
@@ -273,7 +278,7 @@ def inspect(candidate: Candidate) -> Inspection:
     sha = sha256_hex(data)
     spec = default_spec(candidate.modality or "photo")
     try:
-        model_input = to_model_input(decode_image(data, DEFAULT_LIMITS, draft_size=spec.image_size), spec)
+        model_input = decode_for_model(data, spec, DEFAULT_LIMITS)
     except DecodeError as error:
         return Inspection(candidate, sha256=sha, problem=(error.code, str(error)))
     except Exception as error:  # a decoder failure we did not foresee must still be reported, not crash

@@ -16,7 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from inference.decode import DEFAULT_LIMITS, DecodeError, decode_image, read_image_bytes, to_model_input
+from inference.decode import (
+    DEFAULT_LIMITS,
+    DecodeError,
+    decode_for_model,
+    decode_image,
+    read_image_bytes,
+)
 from inference.engine import PRECISIONS, OnnxEngine
 from inference.heatmap import heatmap_png
 from inference.tiling import AGGREGATES, score_scan, tile_size
@@ -89,7 +95,7 @@ def predict_file(
                 "aggregate": scan.aggregate,
             }
             return result, scan.heatmap_png(decoded) if args.heatmap else None
-    model_input = to_model_input(decode_image(data, DEFAULT_LIMITS, draft_size=spec.image_size), spec)
+    model_input = decode_for_model(data, spec, DEFAULT_LIMITS)
     prediction = engine.predict([model_input], with_cam=bool(args.heatmap))[0]
     png = heatmap_png(prediction.cam, model_input) if args.heatmap and prediction.cam is not None else None
     return {"score": prediction.score, "verdict": prediction.verdict, "tiles": 1}, png
