@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.settings import Settings
 from inference.batcher import BatcherClosedError, BatchStats, MicroBatcher
-from inference.engine import ModelLoadError, OnnxEngine, Prediction
+from inference.engine import GPU_PROVIDERS, ModelLoadError, OnnxEngine, Prediction, usable_cores
 
 log = logging.getLogger("verity.api.registry")
 
@@ -84,8 +84,16 @@ class ServedModel:
             max_delay_ms=self.settings.batch_max_delay_ms,
             max_queue=self.settings.batch_max_queue,
             on_batch=self._observe,
+            workers=self._batch_workers(),
         )
         await self._batcher.start()
+
+    def _batch_workers(self) -> int:
+        if self.settings.batch_workers is not None:
+            return self.settings.batch_workers
+        if self.engine.providers[0] in GPU_PROVIDERS:
+            return 1  # one stream of batches keeps a GPU busy; more would only queue on the device
+        return usable_cores()
 
     async def stop(self, drain: bool = True) -> None:
         if self._batcher is not None:

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(8, ge=1, le=256)
     batch_max_delay_ms: float = Field(4.0, ge=0.0)
     batch_max_queue: int = Field(128, ge=1)
+    # Batches computed at once per model (Triton's instance count), each on one intra-op thread: one
+    # per core keeps every core on the model under load. Unset: one per core on CPU, one on a GPU.
+    batch_workers: int | None = Field(None, ge=1, le=64)
     retry_after_s: int = Field(1, ge=1)
 
     # Large X-ray scans: score overlapping tiles and take the highest (inference/tiling.py) instead of

@@ -219,3 +219,36 @@ def test_submit_before_start_and_bad_settings_are_clear_errors() -> None:
         MicroBatcher(Recorder(), max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue"):
         MicroBatcher(Recorder(), max_queue=0)
+
+
+def test_two_workers_compute_two_batches_at_the_same_time() -> None:
+    # Each batch waits at the barrier until another batch is in flight: one worker alone would break it.
+    barrier = threading.Barrier(2, timeout=5)
+
+    def model(batch: np.ndarray) -> list[float]:
+        barrier.wait()
+        return [float(x.flat[0]) for x in batch]
+
+    async def scenario() -> list[float]:
+        async with MicroBatcher(model, max_batch_size=4, max_delay_ms=20, workers=2) as batcher:
+            return await asyncio.gather(*(batcher.submit(item(i)) for i in range(8)))
+
+    assert run(scenario()) == [float(i) for i in range(8)]
+
+
+def test_served_model_runs_one_batch_worker_per_core_on_cpu_and_one_on_gpu(tmp_path) -> None:  # noqa: ANN001
+    from api.registry import ServedModel
+    from api.settings import Settings
+    from inference.engine import usable_cores
+
+    class FakeEngine:
+        def __init__(self, provider: str) -> None:
+            self.providers = [provider]
+
+    def workers(provider: str, **settings: object) -> int:
+        served = ServedModel(FakeEngine(provider), tmp_path / "model.onnx", Settings(**settings))
+        return served._batch_workers()
+
+    assert workers("CPUExecutionProvider") == usable_cores() >= 1
+    assert workers("CUDAExecutionProvider") == 1
+    assert workers("CPUExecutionProvider", batch_workers=3) == 3
