@@ -103,6 +103,7 @@ def test_export_metadata_dynamic_batch_and_parity(tmp_path: Path, modality: str)
     path = tmp_path / "model.onnx"
     result = export_onnx(model, spec, card, path)
     assert result["path"] == str(path) and path.is_file()
+    assert path.stat().st_mode & 0o777 == 0o644, "a server running as another user must read the model"
     assert result["opset"] >= 17
     assert result["max_abs_diff"] <= 1e-4
     assert model.training, "export must not change the caller's model mode"

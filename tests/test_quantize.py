@@ -48,6 +48,7 @@ def test_int8_passes_its_gate_and_records_it_in_the_card(model: Path, val_folder
     assert result["verdict_agreement"] >= 0.99 and result["images"] == 24
     assert result["calibration_images"] == 8 and result["format"] == "QDQ" and result["per_channel"]
     int8_path = model.with_name("model.int8.onnx")
+    assert int8_path.stat().st_mode & 0o777 == 0o644
     engine = OnnxEngine(int8_path, provider="cpu")
     assert engine.card["precision"] == "int8"
     assert engine.card["int8_gate"]["verdict_agreement"] == result["verdict_agreement"]
@@ -98,3 +99,7 @@ def test_fp16_variant_and_export_cli_hook(model: Path, val_folder: Path) -> None
         parser.parse_args(["--int8", "--val-data", str(val_folder), "--calibration-images", "4"]), model, card
     )
     assert card["int8"]["written"] and "written to" in lines[0]
+    assert card["int8"]["method"] == "minmax"
+    args = ["--int8", "--val-data", str(val_folder), "--calibration-method", "percentile"]
+    run_export_variants(parser.parse_args(args), model, card)
+    assert card["int8"]["method"] == "percentile"

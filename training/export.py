@@ -44,6 +44,14 @@ class ExportError(RuntimeError):
     """The model cannot be exported (bad inputs, exporter failure, or a broken graph)."""
 
 
+def publish(temporary: Path, path: Path) -> None:
+    """Moves a finished temporary file into place atomically, readable by all like any model file.
+
+    mkstemp creates files 0600; a server running as another user must still be able to load the model.
+    """
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
+
 def to_jsonable(value: Any) -> Any:
     """Plain JSON types for cards and metrics: numpy scalars and arrays become floats and lists,
     tuples become lists, and NaN or infinity become None (JSON has no NaN)."""
@@ -350,7 +358,7 @@ def export_onnx(
                 f"{worst['largest_logit']:.3g}; float32 rounding alone gives about 1e-6 of it). "
                 "The ONNX model was not written."
             )
-        os.replace(temporary_path, path)
+        publish(temporary_path, path)
     finally:
         temporary_path.unlink(missing_ok=True)
     return {

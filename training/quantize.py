@@ -30,6 +30,7 @@ import numpy as np
 from inference.decode import DecodeError, load_for_model
 from inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY, OnnxEngine
 from inference.spec import LABELS, PreprocessSpec
+from training.export import publish
 
 AUC_TOLERANCE = 0.005
 MIN_AGREEMENT = 0.99
@@ -255,7 +256,7 @@ def quantize_model(
         if gate["passed"]:
             card_update = {"precision": "int8", "int8_gate": gate, "quantization": settings}
             _copy_metadata(source, temporary_path, card_update)
-            os.replace(temporary_path, target)
+            publish(temporary_path, target)
             result.update(written=True, path=str(target), size_bytes=target.stat().st_size)
     finally:
         temporary_path.unlink(missing_ok=True)
@@ -296,6 +297,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--val-data", help="validation images for --int8: a manifest (its val split) or a labelled folder"
     )
     parser.add_argument("--calibration-images", type=int, default=200)
+    parser.add_argument(
+        "--calibration-method",
+        choices=CALIBRATION_METHODS,
+        default="minmax",
+        help="how --int8 chooses activation ranges; try percentile or entropy when minmax fails the gate",
+    )
 
 
 def run_export_variants(args: argparse.Namespace, onnx_path: Path, card: dict[str, Any]) -> list[str]:
@@ -305,7 +312,12 @@ def run_export_variants(args: argparse.Namespace, onnx_path: Path, card: dict[st
     if getattr(args, "int8", False):
         if not args.val_data:
             raise ValueError("--int8 needs --val-data (a manifest or labelled folder of validation images).")
-        result = quantize_model(onnx_path, args.val_data, calibration_images=args.calibration_images)
+        result = quantize_model(
+            onnx_path,
+            args.val_data,
+            calibration_images=args.calibration_images,
+            method=getattr(args, "calibration_method", "minmax"),
+        )
         card["int8"] = {k: v for k, v in result.items() if k != "path"}
         reasons = "; ".join(result["reasons"])
         verdict = f"written to {result['path']}" if result["written"] else f"NOT written: {reasons}"
