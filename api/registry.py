@@ -127,6 +127,9 @@ class ServedModel:
             "thresholds": {"alarm": thresholds.alarm, "clear": thresholds.clear},
             "input_shape": list(self.engine.input_shape()),
             "metrics": card.get("metrics", {}),
+            # Which file variant and execution provider answer: an INT8 model is a different file.
+            "precision": getattr(self.engine, "precision", "fp32"),
+            "provider": (getattr(self.engine, "providers", None) or [None])[0],
         }
 
 

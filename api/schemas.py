@@ -107,6 +107,8 @@ class ModelInfo(BaseModel):
     thresholds: ThresholdsOut
     input_shape: list[int]
     metrics: dict = Field(default_factory=dict)
+    precision: str = Field("fp32", description="the served file variant: fp32, int8 or fp16")
+    provider: str | None = Field(None, description="the onnxruntime execution provider running it")
 
 
 class ModelsResponse(BaseModel):

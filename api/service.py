@@ -156,6 +156,7 @@ class PredictionService:
                     overlap=self.settings.tile_overlap,
                     max_tiles=self.settings.max_tiles,
                     batch_size=self.settings.batch_max_size,
+                    workers=self.settings.batch_workers,
                 )
             )
         except TooManyTiles as error:

@@ -55,7 +55,8 @@ def run(workdir: Path, seconds: float = 3.0) -> dict[str, Any]:
     models = build_models(workdir, scan)
     rows = []
     for precision, path in models.items():
-        engine = OnnxEngine(path, provider="cpu", intra_op_threads=info["cores"])
+        # As the server runs it: one intra-op thread per session, one tile batch per core at a time.
+        engine = OnnxEngine(path, provider="cpu", intra_op_threads=1)
         last: dict[str, Any] = {}
 
         def once(engine: OnnxEngine = engine, last: dict[str, Any] = last) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from inference.decode import to_model_input
+from inference.engine import usable_cores
 from inference.heatmap import heatmap_png, upsample
 
 AGGREGATES = ("max", "topk")
@@ -153,9 +154,11 @@ def score_scan(
     max_tiles: int = 128,
     batch_size: int = 16,
     heatmap_max_side: int = 1024,
+    workers: int | None = None,
 ) -> ScanResult:
     """Scores a decoded HxWxC image (from `decode_image`) with `engine` (an OnnxEngine), tiled when its
-    longer side exceeds one tile; smaller images are scored whole (one "tile")."""
+    longer side exceeds one tile; smaller images are scored whole (one "tile"). Tile batches run on
+    `workers` threads at once (default: one per CPU core)."""
     if not 0.0 < scale <= 4.0:
         raise ValueError(f"Invalid scale {scale}: it must lie in (0, 4].")
     if not 0.0 <= overlap < 1.0:
@@ -171,7 +174,8 @@ def score_scan(
         boxes, grid, tile = [(0, 0)], (1, 1), max(height, width)
     else:
         boxes, grid = plan_tiles(height, width, tile, overlap, max_tiles)
-    predictions = _predict_tiles(image, engine, boxes, tile, batch_size)
+    workers = usable_cores() if workers is None else workers
+    predictions = _predict_tiles(image, engine, boxes, tile, batch_size, workers)
     tiles = [
         TileScore(top, left, min(tile, height - top), min(tile, width - left), p.score, p.verdict)
         for (top, left), p in zip(boxes, predictions, strict=True)
@@ -191,25 +195,22 @@ def score_scan(
 
 
 def _predict_tiles(
-    image: np.ndarray, engine: Any, boxes: list[tuple[int, int]], tile: int, batch_size: int
+    image: np.ndarray, engine: Any, boxes: list[tuple[int, int]], tile: int, batch_size: int, workers: int
 ) -> list[Any]:
-    """Runs the tiles in batches; the next batch is preprocessed on a second thread while the model
-    runs the current one (both release the GIL), which keeps 2 cores busy."""
+    """Runs the tiles in batches on `workers` threads at once; each thread preprocesses its batch and
+    runs the model on it (both release the GIL), so every core works on the one scan."""
     spec = engine.spec
 
-    def prepare(chunk: list[tuple[int, int]]) -> np.ndarray:
-        return np.stack([to_model_input(image[t : t + tile, x : x + tile], spec) for t, x in chunk])
+    def score(chunk: list[tuple[int, int]]) -> list[Any]:
+        batch = np.stack([to_model_input(image[t : t + tile, x : x + tile], spec) for t, x in chunk])
+        return list(engine.predict(batch, with_cam=True))
 
-    chunks = [boxes[i : i + max(1, batch_size)] for i in range(0, len(boxes), max(1, batch_size))]
-    predictions: list[Any] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verity-tiles") as pool:
-        pending = pool.submit(prepare, chunks[0])
-        for index in range(len(chunks)):
-            batch = pending.result()
-            if index + 1 < len(chunks):
-                pending = pool.submit(prepare, chunks[index + 1])
-            predictions.extend(engine.predict(batch, with_cam=True))
-    return predictions
+    step = max(1, batch_size)
+    chunks = [boxes[i : i + step] for i in range(0, len(boxes), step)]
+    if workers <= 1 or len(chunks) == 1:
+        return [prediction for chunk in chunks for prediction in score(chunk)]
+    with ThreadPoolExecutor(max_workers=min(workers, len(chunks)), thread_name_prefix="verity-tiles") as pool:
+        return [prediction for result in pool.map(score, chunks) for prediction in result]
 
 
 def _assemble_evidence(

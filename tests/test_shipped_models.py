@@ -33,6 +33,12 @@ def test_shipped_model_files_and_card(modality: str) -> None:
     assert card["modality"] == modality
     assert card["metrics"]["test"]["roc_auc"] >= 0.95
     assert 0.0 < card["thresholds"]["clear"] <= card["thresholds"]["alarm"] < 1.0
+    int8 = card.get("int8")
+    # An INT8 variant is shipped exactly when it passed its accuracy gate, and the card says so.
+    assert (run / "model.int8.onnx").is_file() == bool(int8 and int8["written"])
+    if int8 and int8["written"]:
+        assert int8["passed"] and int8["auc_drop"] <= 0.005 and int8["verdict_agreement"] >= 0.99
+        assert (run / "model.int8.onnx").stat().st_size <= MAX_ONNX_BYTES / 3
 
 
 @pytest.mark.parametrize("modality", sorted(SHIPPED))
@@ -54,6 +60,9 @@ def test_shipped_model_separates_unseen_synthetic_images(modality: str, tmp_path
     targets: list[int] = []
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").status_code == 200
+        served = next(m for m in client.get("/v1/models").json()["models"] if m["modality"] == modality)
+        expected = "int8" if (SHIPPED[modality] / "model.int8.onnx").is_file() else "fp32"
+        assert served["precision"] == expected and served["provider"] == "CPUExecutionProvider"
         for row in rows:
             path = data / row["path"]
             response = client.post(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,25 @@ def test_heatmap_normalisation_colours_and_png() -> None:
     assert to_display_rgb(np.full((4, 5), 65535, np.uint16)).shape == (4, 5, 3)
     big = Image.open(io.BytesIO(heatmap_png(cam, np.zeros((3000, 1500), np.uint8), max_side=300)))
     assert big.size == (150, 300)
+
+
+def test_tile_batches_run_on_several_threads_with_the_same_result(xray_engine: OnnxEngine) -> None:
+    scan = np.zeros((150, 400, 1), np.uint16)
+    scan[40:100, 280:340] = 65535
+    alone = score_scan(scan, xray_engine, batch_size=4, workers=1)
+
+    class TwoAtOnce:
+        """The engine, but each batch waits until a second batch is in flight (one thread breaks it)."""
+
+        def __init__(self, engine: OnnxEngine) -> None:
+            self.engine, self.spec, self.thresholds = engine, engine.spec, engine.thresholds
+            self.barrier = threading.Barrier(2, timeout=5)
+
+        def predict(self, batch: np.ndarray, with_cam: bool = False) -> list:
+            self.barrier.wait()
+            return self.engine.predict(batch, with_cam=with_cam)
+
+    together = score_scan(scan, TwoAtOnce(xray_engine), batch_size=4, workers=2)  # 24 tiles: 6 batches
+    assert [t.score for t in together.tiles] == [t.score for t in alone.tiles]
+    assert together.score == alone.score and together.verdict == alone.verdict
+    np.testing.assert_array_equal(together.evidence, alone.evidence)
