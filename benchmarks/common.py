@@ -130,6 +130,32 @@ def time_per_call(
     }
 
 
+def interleaved(
+    functions: dict[str, Callable[[], Any]], min_seconds: float = 2.0
+) -> dict[str, dict[str, float]]:
+    """Times several functions in turn, round after round, so a slow phase of a shared host (these
+    VMs drift by 1.5x within a minute) falls on all of them alike: their ratios stay fair."""
+    for function in functions.values():
+        function()
+    walls: dict[str, list[float]] = {name: [] for name in functions}
+    cpus: dict[str, list[float]] = {name: [] for name in functions}
+    started = time.perf_counter()
+    while time.perf_counter() - started < min_seconds or len(next(iter(walls.values()))) < 5:
+        for name, function in functions.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            function()
+            cpus[name].append(time.process_time() - c0)
+            walls[name].append(time.perf_counter() - t0)
+    return {
+        name: {
+            "median_ms": statistics.median(walls[name]) * 1000,
+            "process_cpu_median_ms": statistics.median(cpus[name]) * 1000,
+            "calls": len(walls[name]),
+        }
+        for name in functions
+    }
+
+
 def load_average() -> float:
     """1-minute load average: above the core count, other work competed with the measurement."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import cpu_info, load_average, photo_jpeg, time_per_call  # noqa: E402
+from benchmarks.common import REPO, cpu_info, interleaved, load_average, photo_jpeg, time_per_call  # noqa: E402
 
 BATCH_SIZES = (1, 8, 32)
 
@@ -142,7 +142,41 @@ def run(workdir: Path, seconds: float = 2.0, size: int = 224) -> dict[str, Any]:
         # What micro-batching can gain in compute on this CPU: per-image cost at batch 1 over batch 8.
         "batch8_gain_cpu_time": {k: cpu[(k, 1)] / cpu[(k, 8)] for k in ("ort_fp32", "ort_int8")},
         "target_int8_speedup": 2.0,
+        "shipped_default": shipped_default(),
         "load_average": load_average(),
+    }
+
+
+def shipped_default(seconds: float = 4.0, batch_size: int = 8) -> dict[str, Any] | None:
+    """INT8 / fp32 of the shipped default photo model (what `make serve` serves), batch 8, timed in
+    turns: 2-thread wall time, and CPU time of 1-thread sessions. None when no INT8 variant is shipped."""
+    from inference.engine import OnnxEngine, usable_cores
+
+    candidates = sorted((REPO / "checkpoints" / "photo-default").glob("*/model.int8.onnx"))
+    if not candidates:
+        return None
+    fp32_path = candidates[-1].with_name("model.onnx")
+    cores = usable_cores()
+    engines = {
+        (precision, threads): OnnxEngine(
+            fp32_path, provider="cpu", precision=precision, intra_op_threads=threads
+        )
+        for precision in ("fp32", "int8")
+        for threads in (1, cores)
+    }
+    batch = np.random.default_rng(0).random((batch_size, *engines["fp32", 1].input_shape()), dtype=np.float32)
+    timings = interleaved(
+        {f"{p}/{t}": (lambda e=engine: e.run(batch)) for (p, t), engine in engines.items()}, seconds
+    )
+    wall = {p: timings[f"{p}/{cores}"]["median_ms"] for p in ("fp32", "int8")}
+    cpu = {p: timings[f"{p}/1"]["process_cpu_median_ms"] for p in ("fp32", "int8")}
+    return {
+        "model": f"{fp32_path.parent.parent.name} {fp32_path.parent.name}",
+        "input_shape": list(engines["fp32", 1].input_shape()),
+        "batch": batch_size,
+        "images_per_s": {p: batch_size / (ms / 1000) for p, ms in wall.items()},
+        "int8_speedup_wall": wall["fp32"] / wall["int8"],
+        "int8_speedup_cpu_time": cpu["fp32"] / cpu["int8"],
     }
 
 

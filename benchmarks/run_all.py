@@ -102,6 +102,15 @@ def report(results: dict[str, Any]) -> str:
             f"{gain['ort_fp32']:.2f}x, INT8 {gain['ort_int8']:.2f}x (the most batching can gain in compute). "
             "'img/s unshared' = cores / CPU time per image."
         )
+        shipped = e.get("shipped_default")
+        if shipped:
+            rate = shipped["images_per_s"]
+            out.append(
+                f"Shipped default model {shipped['model']} ({shipped['input_shape'][-1]} px), batch "
+                f"{shipped['batch']}, timed in turns: INT8 / fp32 {shipped['int8_speedup_wall']:.2f}x "
+                f"({rate['int8']:.0f} vs {rate['fp32']:.0f} img/s), in CPU time "
+                f"{shipped['int8_speedup_cpu_time']:.2f}x (target >= 2x)"
+            )
     for server in results.get("server", []):
         rows = [
             [r["batching"], r["concurrency"], r["rps"], r["p50_ms"], r["p99_ms"], r["errors"]]
