@@ -269,7 +269,7 @@ class PredictionService:
         }
 
 
-def get_service(
+async def get_service(
     request: Request,
     settings: SettingsDep,
     registry: RegistryDep,

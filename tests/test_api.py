@@ -556,3 +556,45 @@ def test_broken_key_file_keeps_previous_keys(tmp_path: Path) -> None:
     (tmp_path / "keys.json").write_text("{ this is not json")
     assert store.verify(secret) is not None  # still the keys it had, no exception
     assert store.verify("vk_x_y") is None
+
+
+def test_no_route_dependency_runs_in_the_threadpool(tmp_path: Path) -> None:
+    """FastAPI runs a plain `def` dependency in the threadpool: one thread hop per dependency per request.
+    Every dependency of every route must be a coroutine (or an object with an async __call__)."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    settings = Settings(
+        models_dir=make_models_dir(tmp_path),
+        audit_db=tmp_path / "a.sqlite",
+        keys_file=tmp_path / "keys.json",
+        background_load=False,
+    )
+    app = create_app(settings)
+
+    def sync_dependencies(dependant) -> list[str]:  # noqa: ANN001 - fastapi Dependant
+        found = []
+        for sub in dependant.dependencies:
+            call = sub.call
+            is_async = inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(
+                type(call).__call__
+            )
+            if not is_async:
+                found.append(getattr(call, "__qualname__", repr(call)))
+            found += sync_dependencies(sub)
+        return found
+
+    def api_routes(routes: list) -> list[APIRoute]:
+        found = []
+        for route in routes:
+            if isinstance(route, APIRoute):
+                found.append(route)
+            elif hasattr(route, "original_router"):  # an included router (FastAPI >= 0.16x)
+                found += api_routes(route.original_router.routes)
+        return found
+
+    routes = api_routes(app.routes)
+    assert any(route.path == "/v1/predict" for route in routes)
+    offenders = {route.path: sync_dependencies(route.dependant) for route in routes}
+    assert not {path: names for path, names in offenders.items() if names}
