@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import cpu_info, load_average, png_bytes, time_per_call, xray_scan  # noqa: E402
+from benchmarks.common import REPO, cpu_info, load_average, png_bytes, time_per_call, xray_scan  # noqa: E402
 
 TARGET_S = 1.0
 
@@ -52,11 +52,16 @@ def run(workdir: Path, seconds: float = 3.0) -> dict[str, Any]:
     info = cpu_info()
     scan = xray_scan()
     data = png_bytes(scan)
-    models = build_models(workdir, scan)
+    models: dict[str, tuple[Path, str]] = {
+        precision: (path, precision) for precision, path in build_models(workdir, scan).items()
+    }
+    shipped = sorted((REPO / "checkpoints" / "xray-default").glob("*/model.onnx"))
+    if shipped:  # what `make serve` answers a scan with: its own tile size and served precision
+        models[f"shipped {shipped[-1].parent.parent.name} {shipped[-1].parent.name}"] = (shipped[-1], "auto")
     rows = []
-    for precision, path in models.items():
+    for label, (path, precision) in models.items():
         # As the server runs it: one intra-op thread per session, one tile batch per core at a time.
-        engine = OnnxEngine(path, provider="cpu", intra_op_threads=1)
+        engine = OnnxEngine(path, provider="cpu", intra_op_threads=1, precision=precision)
         last: dict[str, Any] = {}
 
         def once(engine: OnnxEngine = engine, last: dict[str, Any] = last) -> None:
@@ -69,7 +74,7 @@ def run(workdir: Path, seconds: float = 3.0) -> dict[str, Any]:
         result = last["result"]
         rows.append(
             {
-                "precision": precision,
+                "precision": label if precision != "auto" else f"{label} ({engine.precision})",
                 "seconds": timing["median_ms"] / 1000,
                 # CPU-seconds of all threads: / cores = the wall time on an unshared machine at best.
                 "cpu_seconds": timing["process_cpu_median_ms"] / 1000,
