@@ -130,6 +130,15 @@ def report(results: dict[str, Any]) -> str:
             f"{server['p99_ms_c32_batching_on']:.0f} ms (target <= 100 ms) "
             f"(load average {server['load_average']:.1f})"
         )
+        engine_rows = {(r["runtime"], r["batch"]): r for r in results.get("engine", {}).get("rows", [])}
+        peak = engine_rows.get((f"ort_{server['model']}", 8))
+        if peak:
+            # Closed loop: latency = concurrency / throughput, so the engine alone bounds the server.
+            out.append(
+                f"Ceiling from (a): the engine alone computes {peak['images_per_s']:.0f} img/s at batch 8 on "
+                f"all cores, so 32 concurrent clients wait at least {32000 / peak['images_per_s']:.0f} ms "
+                f"each on average, and a p99 <= 100 ms at c=32 needs >= 320 img/s"
+            )
     if "scan" in results:
         s = results["scan"]
         rows = [
