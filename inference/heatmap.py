@@ -62,6 +62,15 @@ def to_display_rgb(image: np.ndarray) -> np.ndarray:
     Accepts a model input (CxSxS float in [0, 1]) or a decoded image (HxW or HxWxC, uint8, uint16 or
     float in [0, 1]). Grey and dual-energy images show their first channel in grey.
     """
+    array = to_display_uint8(image)
+    if array.shape[2] != 3:
+        array = np.repeat(array, 3, axis=2)
+    return np.ascontiguousarray(array)
+
+
+def to_display_uint8(image: np.ndarray) -> np.ndarray:
+    """`to_display_rgb` before grey is spread to 3 channels: HxWx3, or HxWx1 for grey and dual-energy
+    (a large scan is shrunk in this form, a third of the pixels)."""
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[0] in (1, 2, 3) and array.shape[2] not in (1, 2, 3):
         array = array.transpose(1, 2, 0)  # CxHxW model input
@@ -73,9 +82,7 @@ def to_display_rgb(image: np.ndarray) -> np.ndarray:
         array = (array >> 8).astype(np.uint8)
     elif array.dtype != np.uint8:
         array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    if array.shape[2] != 3:
-        array = np.repeat(array[..., :1], 3, axis=2)
-    return np.ascontiguousarray(array)
+    return array
 
 
 def overlay(image_rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -72,13 +72,12 @@ class ScanResult:
         """PNG overlay of the evidence on the decoded scan, at the evidence map's size."""
         from PIL import Image
 
-        from inference.heatmap import to_display_rgb
+        from inference.heatmap import to_display_rgb, to_display_uint8
 
         height, width = self.evidence.shape
-        if image.ndim == 3 and image.shape[2] != 3:
-            image = image[..., 0]  # grey or dual-energy: shrink one plane, not three
         # Shrink before colour conversion: a 4000 px scan is 6 M pixels, its overlay a fraction of that.
-        shown = to_display_rgb(image)[..., 0] if image.ndim == 2 else to_display_rgb(image)
+        shown = to_display_uint8(image)
+        shown = shown[..., 0] if shown.shape[2] == 1 else shown
         if shown.shape[:2] != (height, width):
             shown = np.asarray(Image.fromarray(shown).resize((width, height), Image.Resampling.BILINEAR))
         return heatmap_png(self.evidence, to_display_rgb(shown), alpha=alpha, max_side=None)
