@@ -13,7 +13,13 @@ from PIL import Image
 
 from benchmarks.models import tiny_onnx
 from inference.engine import OnnxEngine
-from training.quantize import add_export_arguments, export_fp16, quantize_model, run_export_variants
+from training.quantize import (
+    add_export_arguments,
+    export_fp16,
+    quantize_model,
+    run_export_variants,
+    sensitive_nodes,
+)
 
 
 def _png(value: int, rng: np.random.Generator) -> bytes:
@@ -103,3 +109,73 @@ def test_fp16_variant_and_export_cli_hook(model: Path, val_folder: Path) -> None
     args = ["--int8", "--val-data", str(val_folder), "--calibration-method", "percentile"]
     run_export_variants(parser.parse_args(args), model, card)
     assert card["int8"]["method"] == "percentile"
+
+
+def _float_weight_convs(path: Path) -> set[str]:
+    """Conv nodes whose weights come straight from a float initializer (not through DequantizeLinear)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    initializers = {init.name for init in graph.initializer}
+    return {node.name for node in graph.node if node.op_type == "Conv" and node.input[1] in initializers}
+
+
+def _named_graph(model: Path):  # noqa: ANN202 - onnx GraphProto
+    import onnx
+
+    from training.quantize import _name_nodes
+
+    graph = onnx.load(str(model)).graph
+    _name_nodes(graph)
+    return graph
+
+
+def test_sensitive_layers_are_the_first_conv_and_the_output_writers(model: Path) -> None:
+    graph = _named_graph(model)
+    nodes = sensitive_nodes(graph)
+    assert nodes[0] == next(node.name for node in graph.node if node.op_type == "Conv")
+    outputs = {o.name for o in graph.output}
+    writers = {node.name for node in graph.node if outputs & set(node.output)}
+    assert writers and set(nodes[1:]) == writers
+
+
+def test_failed_gate_is_retried_with_the_sensitive_layers_in_float(
+    model: Path, val_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.quantize as quantize
+
+    real_gate = quantize.accuracy_gate
+    calls: list[int] = []
+
+    def gate_failing_once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - wraps the real gate
+        result = real_gate(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:  # the all-INT8 model "loses accuracy"
+            return {**result, "passed": False, "reasons": ["verdict agreement 98.00% < 99%"]}
+        return result
+
+    monkeypatch.setattr(quantize, "accuracy_gate", gate_failing_once)
+    result = quantize_model(model, val_folder, calibration_images=8)
+    assert len(calls) == 2 and result["passed"] and result["written"]
+    expected = sensitive_nodes(_named_graph(model))
+    assert result["float_nodes"] == expected and len(expected) == 3  # first conv, CAM conv, logits
+    assert result["first_attempt"]["reasons"] == ["verdict agreement 98.00% < 99%"]
+    int8_path = model.with_name("model.int8.onnx")
+    assert expected[0] in _float_weight_convs(int8_path)
+    engine = OnnxEngine(int8_path, provider="cpu")
+    assert engine.card["quantization"]["float_nodes"] == expected
+
+    calls.clear()  # `verity export --int8` says what happened and records it in card.json
+    parser = argparse.ArgumentParser()
+    add_export_arguments(parser)
+    card: dict = {}
+    args = parser.parse_args(["--int8", "--val-data", str(val_folder), "--calibration-images", "8"])
+    lines = run_export_variants(args, model, card)
+    assert "NOT kept: verdict agreement 98.00% < 99%" in lines[0] and "Retried with" in lines[0]
+    assert "written to" in lines[1] and card["int8"]["float_nodes"] == expected
+
+
+def test_all_layers_are_int8_when_the_first_attempt_passes(model: Path, val_folder: Path) -> None:
+    result = quantize_model(model, val_folder, calibration_images=8)
+    assert result["written"] and result["float_nodes"] == [] and "first_attempt" not in result
+    assert not _float_weight_convs(model.with_name("model.int8.onnx"))
