@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,18 @@ from inference.decode import DEFAULT_LIMITS, decode_image, load_for_model, to_mo
 from inference.spec import default_spec  # noqa: E402
 
 TARGET_MS = 3.5
+
+
+def best_of_repeats(function: Callable[[], Any], repeats: int = 5, calls: int = 100) -> float:
+    """CPU ms per call: the lowest of `repeats` means over `calls` calls (timeit's recommendation)."""
+    function()
+    means = []
+    for _ in range(repeats):
+        started = time.process_time()
+        for _ in range(calls):
+            function()
+        means.append((time.process_time() - started) / calls * 1000)
+    return min(means)
 
 
 def run(seconds: float = 2.0) -> dict[str, Any]:
@@ -37,6 +51,7 @@ def run(seconds: float = 2.0) -> dict[str, Any]:
         naive = time_per_call(
             lambda: to_model_input(decode_image(data, DEFAULT_LIMITS, draft_size=None), spec), seconds
         )
+        best = best_of_repeats(lambda: load_for_model(data, spec))
     finally:
         if cores:
             os.sched_setaffinity(0, cores)  # the other benchmarks (and their subprocesses) need every core
@@ -46,6 +61,9 @@ def run(seconds: float = 2.0) -> dict[str, Any]:
         "load_for_model_cpu_ms": serving["cpu_median_ms"],
         "load_for_model_wall_ms": serving["median_ms"],
         "naive_full_decode_cpu_ms": naive["cpu_median_ms"],
+        # timeit's convention: the fastest of 5 repeats (each a mean over 100 calls). This VM's speed
+        # drifts by up to 1.7x within minutes; the best repeat is the code's cost with the VM at speed.
+        "load_for_model_cpu_best_of_5_ms": best,
         "decoded_shape": list(decode_image(data, DEFAULT_LIMITS, draft_size=spec.image_size).shape),
         "target_ms": TARGET_MS,
         "meets_target": serving["cpu_median_ms"] <= TARGET_MS,
