@@ -16,11 +16,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import load_average, photo_jpeg, time_per_call  # noqa: E402
-from inference.decode import DEFAULT_LIMITS, decode_image, load_for_model, to_model_input  # noqa: E402
-from inference.spec import default_spec  # noqa: E402
+from benchmarks.common import interleaved, load_average, photo_jpeg, time_per_call  # noqa: E402
+from inference.decode import (  # noqa: E402
+    DEFAULT_LIMITS,
+    _open_pil,
+    decode_image,
+    load_for_model,
+    to_model_input,
+)
+from inference.spec import PreprocessSpec, default_spec  # noqa: E402
 
 TARGET_MS = 3.5
 
@@ -35,6 +44,23 @@ def best_of_repeats(function: Callable[[], Any], repeats: int = 5, calls: int = 
             function()
         means.append((time.process_time() - started) / calls * 1000)
     return min(means)
+
+
+def stage_costs(data: bytes, spec: PreprocessSpec, seconds: float = 2.0) -> dict[str, float]:
+    """The serving path's stages, timed in turns (CPU ms, median): libjpeg's reduced-scale decode, the
+    PIL resize to the model size, and the uint8 -> float CHW scaling."""
+    decoded = _open_pil(data, DEFAULT_LIMITS, spec.image_size)
+    size = (spec.image_size, spec.image_size)
+    resized = np.asarray(decoded.resize(size, Image.Resampling.BILINEAR))
+    timings = interleaved(
+        {
+            "jpeg_draft_decode": lambda: _open_pil(data, DEFAULT_LIMITS, spec.image_size),
+            "resize": lambda: decoded.resize(size, Image.Resampling.BILINEAR),
+            "scale_to_chw": lambda: np.ascontiguousarray(resized.transpose(2, 0, 1)) / np.float32(255.0),
+        },
+        seconds,
+    )
+    return {name: timing["process_cpu_median_ms"] for name, timing in timings.items()}
 
 
 def run(seconds: float = 2.0) -> dict[str, Any]:
@@ -52,6 +78,7 @@ def run(seconds: float = 2.0) -> dict[str, Any]:
             lambda: to_model_input(decode_image(data, DEFAULT_LIMITS, draft_size=None), spec), seconds
         )
         best = best_of_repeats(lambda: load_for_model(data, spec))
+        stages = stage_costs(data, spec)
     finally:
         if cores:
             os.sched_setaffinity(0, cores)  # the other benchmarks (and their subprocesses) need every core
@@ -64,6 +91,7 @@ def run(seconds: float = 2.0) -> dict[str, Any]:
         # timeit's convention: the fastest of 5 repeats (each a mean over 100 calls). This VM's speed
         # drifts by up to 1.7x within minutes; the best repeat is the code's cost with the VM at speed.
         "load_for_model_cpu_best_of_5_ms": best,
+        "stages_cpu_median_ms": stages,
         "decoded_shape": list(decode_image(data, DEFAULT_LIMITS, draft_size=spec.image_size).shape),
         "target_ms": TARGET_MS,
         "meets_target": serving["cpu_median_ms"] <= TARGET_MS,

@@ -1,11 +1,12 @@
 """`make bench`: engine, server, decoding and large-scan benchmarks; prints a table, writes JSON.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--only engine,server,decode,scan]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only engine,server,overhead,decode,scan]
 
 (a) engine images/s at batch 1, 8, 32 for PyTorch eager, ORT fp32 and ORT INT8, with the share of
     this CPU's peak FLOP/s; (b) server throughput and p50/p99 latency at concurrency 1, 8, 32 with
-    batching on and off (real HTTP load against `verity serve` on 127.0.0.1, fp32 and INT8 models);
-    (c) decode + preprocess cost of a 1024x768 JPEG; (d) a 4000x1500 X-ray scan with tile heatmap;
+    batching on and off (real HTTP load against `verity serve` on 127.0.0.1, fp32 and INT8 models),
+    and the server's own CPU cost per request with a trivial model; (c) decode + preprocess cost of
+    a 1024x768 JPEG; (d) a 4000x1500 X-ray scan with tile heatmap;
     (e) on a machine with CUDA/TensorRT, GPU providers, fp16 and IO binding (skipped otherwise).
 
 Results go to benchmarks/results/bench-<UTC time>.json and benchmarks/results/latest.json. The
@@ -26,10 +27,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import decode_bench, engine_bench, gpu_bench, scan_bench, server_bench  # noqa: E402
+from benchmarks import (  # noqa: E402
+    decode_bench,
+    engine_bench,
+    gpu_bench,
+    scan_bench,
+    server_bench,
+    server_overhead,
+)
 from benchmarks.common import RESULTS, cpu_info, load_average  # noqa: E402
 
-PARTS = ("decode", "engine", "server", "scan", "gpu")
+PARTS = ("decode", "engine", "server", "overhead", "scan", "gpu")
 
 
 def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
@@ -60,6 +68,10 @@ def report(results: dict[str, Any]) -> str:
             f"target <= {d['target_ms']} ms: {'met' if d['meets_target'] else 'NOT met'} "
             f"(load average {d['load_average']:.1f})"
         )
+        stages = d.get("stages_cpu_median_ms")
+        if stages:
+            parts = ", ".join(f"{name} {ms:.2f} ms" for name, ms in stages.items())
+            out.append(f"    stages, timed in turns: {parts}")
     if "engine" in results:
         e = results["engine"]
         rows = [
@@ -140,6 +152,15 @@ def report(results: dict[str, Any]) -> str:
                 f"all cores, so 32 concurrent clients wait at least {32000 / peak['images_per_s']:.0f} ms "
                 f"each on average, and a p99 <= 100 ms at c=32 needs >= 320 img/s"
             )
+    overhead = results.get("overhead")
+    if overhead:
+        out.append(
+            f"\nServer cost besides the model ({overhead['model']}, {overhead['image']}, c="
+            f"{overhead['concurrency']}): {overhead['rps']:.0f} req/s, {overhead['cpu_ms_per_request']:.1f} "
+            f"CPU ms per request, {overhead['event_loop_cpu_ms_per_request']:.1f} of them on the event loop "
+            f"(GIL held), {overhead['cores_used']:.2f} cores used "
+            f"(load average {overhead['load_average']:.1f})"
+        )
     if "scan" in results:
         s = results["scan"]
         rows = [
@@ -209,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                         models / name, workdir / f"server-{label}", 4.0 if args.quick else 8.0, label
                     )
                 )
+        if "overhead" in parts:
+            print("server overhead ...", file=sys.stderr, flush=True)
+            results["overhead"] = server_overhead.run(workdir / "overhead", 4.0 if args.quick else 6.0)
         if "engine" not in parts:
             results.pop("engine", None)
         if "scan" in parts:

@@ -1,0 +1,37 @@
+"""The benchmark machinery itself works: short runs of the decode and server-overhead parts, reported.
+
+The figures are `make bench`'s job; here only that the parts run, measure something and print it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from benchmarks import decode_bench, run_all, server_overhead
+from benchmarks.common import cpu_info
+
+pytestmark = pytest.mark.slow
+
+
+def test_decode_bench_reports_the_serving_path_and_its_stages() -> None:
+    figures = decode_bench.run(seconds=0.2)
+    assert figures["decoded_shape"] == [192, 256, 3]  # the 1024x768 JPEG decoded at 1/4 scale
+    assert 0 < figures["load_for_model_cpu_best_of_5_ms"] <= figures["naive_full_decode_cpu_ms"] * 2
+    stages = figures["stages_cpu_median_ms"]
+    assert set(stages) == {"jpeg_draft_decode", "resize", "scale_to_chw"} and min(stages.values()) > 0
+    text = run_all.report({"cpu": cpu_info(), "decode": figures})
+    assert "(c) decode+preprocess" in text and "stages, timed in turns: jpeg_draft_decode" in text
+
+
+def test_server_overhead_measures_a_real_server(tmp_path: Path) -> None:
+    figures = server_overhead.run(tmp_path, seconds=2)
+    if shutil.which("wrk") is None:
+        assert figures is None  # nothing to drive the server with: the part says so and is left out
+        return
+    assert figures is not None and figures["errors"] == 0 and figures["rps"] > 0
+    assert 0 < figures["event_loop_cpu_ms_per_request"] < figures["cpu_ms_per_request"]
+    text = run_all.report({"cpu": cpu_info(), "overhead": figures})
+    assert "Server cost besides the model" in text
