@@ -24,7 +24,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, cpu_info, interleaved, load_average, photo_jpeg, time_per_call  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cpu_info,
+    interleaved,
+    load_average,
+    newest_shipped,
+    photo_jpeg,
+    shipped_label,
+    time_per_call,
+)
 
 BATCH_SIZES = (1, 8, 32)
 
@@ -152,10 +160,9 @@ def shipped_default(seconds: float = 4.0, batch_size: int = 8) -> dict[str, Any]
     turns: 2-thread wall time, and CPU time of 1-thread sessions. None when no INT8 variant is shipped."""
     from inference.engine import OnnxEngine, usable_cores
 
-    candidates = sorted((REPO / "checkpoints" / "photo-default").glob("*/model.int8.onnx"))
-    if not candidates:
+    fp32_path = newest_shipped("photo-default")
+    if fp32_path is None or not fp32_path.with_name("model.int8.onnx").is_file():
         return None
-    fp32_path = candidates[-1].with_name("model.onnx")
     cores = usable_cores()
     engines = {
         (precision, threads): OnnxEngine(
@@ -171,7 +178,7 @@ def shipped_default(seconds: float = 4.0, batch_size: int = 8) -> dict[str, Any]
     wall = {p: timings[f"{p}/{cores}"]["median_ms"] for p in ("fp32", "int8")}
     cpu = {p: timings[f"{p}/1"]["process_cpu_median_ms"] for p in ("fp32", "int8")}
     return {
-        "model": f"{fp32_path.parent.parent.name} {fp32_path.parent.name}",
+        "model": shipped_label(fp32_path),
         "input_shape": list(engines["fp32", 1].input_shape()),
         "batch": batch_size,
         "images_per_s": {p: batch_size / (ms / 1000) for p, ms in wall.items()},

@@ -19,7 +19,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, cpu_info, load_average, png_bytes, time_per_call, xray_scan  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cpu_info,
+    load_average,
+    newest_shipped,
+    png_bytes,
+    shipped_label,
+    time_per_call,
+    xray_scan,
+)
 
 TARGET_S = 1.0
 
@@ -55,9 +63,9 @@ def run(workdir: Path, seconds: float = 3.0) -> dict[str, Any]:
     models: dict[str, tuple[Path, str]] = {
         precision: (path, precision) for precision, path in build_models(workdir, scan).items()
     }
-    shipped = sorted((REPO / "checkpoints" / "xray-default").glob("*/model.onnx"))
-    if shipped:  # what `make serve` answers a scan with: its own tile size and served precision
-        models[f"shipped {shipped[-1].parent.parent.name} {shipped[-1].parent.name}"] = (shipped[-1], "auto")
+    shipped = newest_shipped("xray-default")
+    if shipped is not None:  # what `make serve` answers a scan with: its own tile size and served precision
+        models[f"shipped {shipped_label(shipped)}"] = (shipped, "auto")
     rows = []
     for label, (path, precision) in models.items():
         # As the server runs it: one intra-op thread per session, one tile batch per core at a time.
