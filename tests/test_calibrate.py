@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+from datasets.manifest import ManifestRow
 from inference.engine import Thresholds, calibrated_scores
 from training.calibrate import (
     MIN_TEMPERATURE,
     ThresholdError,
+    card_warnings,
     choose_thresholds,
+    clopper_pearson,
     fit_temperature,
     operating_point,
+    sample_size_warnings,
     temperature_nll,
+    validation_size_warnings,
 )
 
 
@@ -158,3 +165,66 @@ def test_threshold_error_is_a_value_error_and_checks_inputs() -> None:
         choose_thresholds(np.array([0.1, 0.5]), np.array([0]))
     with pytest.raises(ThresholdError, match="strictly between"):
         choose_thresholds(np.array([0.1, 0.5]), np.array([0, 1]), target_false_alarm_rate=0.0)
+
+
+def test_clopper_pearson_known_values() -> None:
+    assert clopper_pearson(0, 100) == (0.0, pytest.approx(0.0362, abs=1e-4))
+    assert clopper_pearson(5, 100) == (pytest.approx(0.0164, abs=1e-4), pytest.approx(0.1128, abs=1e-4))
+    assert clopper_pearson(1, 10) == (pytest.approx(0.00253, abs=1e-5), pytest.approx(0.4450, abs=1e-4))
+    assert clopper_pearson(100, 100) == (pytest.approx(0.9638, abs=1e-4), 1.0)
+    # 0 of n, one-sided 95% (two-sided 90%): 1 - 0.05 ** (1 / n), about 3 / n.
+    assert clopper_pearson(0, 300, 0.90)[1] == pytest.approx(1 - 0.05 ** (1 / 300))
+    with pytest.raises(ValueError, match="successes"):
+        clopper_pearson(3, 2)
+    with pytest.raises(ValueError, match="trials >= 1"):
+        clopper_pearson(0, 0)
+
+
+def test_thresholds_carry_exact_intervals_of_their_validation_rates() -> None:
+    genuine = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.6, 0.9]
+    counterfeit = [0.3, 0.5, 0.55, 0.65, 0.7, 0.75, 0.8, 0.85, 0.95, 0.99]
+    result = choose_thresholds(np.array(genuine + counterfeit), np.array([0] * 10 + [1] * 10), 0.1, 0.1)
+    assert result["val_false_alarms"] == 1 and result["val_misses"] == 1
+    assert result["n_val_genuine"] == 10 and result["n_val_counterfeit"] == 10
+    assert result["val_false_alarm_rate_ci"] == pytest.approx([0.00253, 0.4450], abs=1e-4)
+    assert result["val_miss_rate_ci"] == pytest.approx([0.00253, 0.4450], abs=1e-4)
+    scores, targets = _validation_scores()
+    result = choose_thresholds(scores, targets, 0.01, 0.05)
+    low, high = result["val_false_alarm_rate_ci"]
+    assert low <= result["val_false_alarm_rate"] <= high
+    assert result["val_false_alarms"] == round(result["val_false_alarm_rate"] * result["n_val_genuine"])
+    low, high = result["val_miss_rate_ci"]
+    assert low <= result["val_miss_rate"] <= high
+
+
+def _rows(n_genuine: int, n_counterfeit: int) -> list[ManifestRow]:
+    rows = [ManifestRow(f"g{i}.png", "genuine", "photo", split="val") for i in range(n_genuine)]
+    rows += [ManifestRow(f"c{i}.png", "counterfeit", "photo", split="val") for i in range(n_counterfeit)]
+    return rows + [ManifestRow("t.png", "genuine", "photo", split="train")] * 1000  # not validation
+
+
+def test_validation_size_warnings_follow_the_rule_of_three() -> None:
+    config = SimpleNamespace(target_false_alarm_rate=0.01, target_miss_rate=0.05)
+    assert validation_size_warnings(_rows(300, 60), config) == []
+    warnings = validation_size_warnings(_rows(299, 60), config)
+    assert len(warnings) == 1 and "299 genuine" in warnings[0] and "300" in warnings[0]
+    assert "1.0%" in warnings[0]  # 0 of 299: one-sided upper bound just above the 1% target
+    warnings = validation_size_warnings(_rows(120, 20), config)
+    assert [w.split(",")[0] for w in warnings] == [
+        "validation holds 120 genuine images",
+        "validation holds 20 counterfeit images",
+    ]
+    assert "fewer than the 60" in warnings[1] and "--val-fraction" in warnings[1]
+    assert (
+        validation_size_warnings(
+            _rows(30, 6), SimpleNamespace(target_false_alarm_rate=0.1, target_miss_rate=0.5)
+        )
+        == []
+    )
+    assert sample_size_warnings(0, 100, 0.01, 0.05)[0].startswith("validation holds 0 genuine")
+    # The card derives the same warnings from choose_thresholds' counts and targets.
+    scores, targets = _validation_scores(n_genuine=150, n_counterfeit=500)
+    thresholds = choose_thresholds(scores, targets, 0.01, 0.05)
+    assert card_warnings(thresholds) == sample_size_warnings(150, 500, 0.01, 0.05)
+    assert len(card_warnings(thresholds)) == 1
+    assert card_warnings({"alarm": 0.7, "clear": 0.3}) == []

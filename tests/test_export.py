@@ -244,6 +244,23 @@ def test_build_card_and_checkpoint_round_trip(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "junk.pt")
 
 
+def test_build_card_states_threshold_intervals_and_validation_warnings() -> None:
+    from training.calibrate import choose_thresholds, sample_size_warnings
+
+    spec = tiny_spec()
+    # 100 genuine (fewer than the 300 a 1% false-alarm target needs), 200 counterfeit (enough for 5%).
+    rng = np.random.default_rng(0)
+    scores = np.r_[rng.beta(2, 6, 100), rng.beta(6, 2, 200)]
+    thresholds = choose_thresholds(scores, np.r_[np.zeros(100), np.ones(200)], 0.01, 0.05)
+    card = build_card("n", "1", "photo", "b", spec, {}, "f", {}, 1.0, thresholds, "c")
+    assert card["warnings"] == sample_size_warnings(100, 200, 0.01, 0.05)
+    assert len(card["warnings"]) == 1 and "100 genuine" in card["warnings"][0]
+    for key in ("val_false_alarm_rate_ci", "val_miss_rate_ci", "n_val_genuine", "n_val_counterfeit"):
+        assert key in card["thresholds"]
+    assert json.loads(json.dumps(card)) == card
+    assert tiny_card(spec)["warnings"] == []  # hand-made thresholds without counts: nothing to judge
+
+
 @pytest.mark.parametrize("modality", ["photo", "xray"])
 def test_registry_backbone_exports_with_parity(tmp_path: Path, modality: str) -> None:
     """The real model registry's default backbone, 64 px, through `verity export` (model.pt -> ONNX)."""

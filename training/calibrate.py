@@ -13,6 +13,7 @@ single counterfeit in validation would be a number with nothing behind it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,11 @@ import numpy as np
 # at a bound instead of returning a temperature that turns every score into exactly 0 or 1.
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 20.0
+CONFIDENCE = 0.95
+# With no false alarm among n genuine images the 95% upper bound on the false-alarm rate is about 3/n
+# (the "rule of three"), so fewer than 3/target genuine images cannot show the target is met even
+# when the model makes no false alarm at all. The same holds for counterfeits and the miss rate.
+RULE_OF_THREE = 3.0
 
 
 class ThresholdError(ValueError):
@@ -170,6 +176,67 @@ def verdicts(scores: Any, alarm: float, clear: float) -> np.ndarray:
     return codes
 
 
+def clopper_pearson(successes: int, trials: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) two-sided interval of a binomial proportion, e.g. 5 of 100 false alarms.
+
+    The bounds are beta quantiles: lower Beta(a/2; k, n-k+1), upper Beta(1-a/2; k+1, n-k), with the lower
+    bound 0 at k = 0 and the upper 1 at k = n. Conservative: it covers at least `confidence` for any n.
+    """
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"Need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}.")
+    from scipy.stats import beta  # imported here: scipy takes a while to load and only cards need it
+
+    alpha = 1.0 - confidence
+    low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    return low, high
+
+
+def sample_size_warnings(
+    n_genuine: int, n_counterfeit: int, target_false_alarm_rate: float, target_miss_rate: float
+) -> list[str]:
+    """Warnings when validation is too small to show the target rates are met (see RULE_OF_THREE)."""
+    warnings = []
+    for n, rate, images, figure, error in (
+        (n_genuine, target_false_alarm_rate, "genuine", "false-alarm", "false alarm"),
+        (n_counterfeit, target_miss_rate, "counterfeit", "miss", "miss"),
+    ):
+        needed = math.ceil(RULE_OF_THREE / rate - 1e-9)
+        if n >= needed:
+            continue
+        # One-sided 95% bound (the upper end of a two-sided 90% interval), the one the rule of three
+        # approximates: at n = needed it falls just below the target.
+        bound = f"{100 * clopper_pearson(0, n, 0.90)[1]:.1f}%" if n else "100%"
+        warnings.append(
+            f"validation holds {n} {images} images, fewer than the {needed} (3 / {rate:g}) needed to "
+            f"show a {figure} rate at or below {100 * rate:g}%: even with no {error} at all its "
+            f"one-sided 95% upper bound is {bound}. Add {images} images to the validation split "
+            "(or raise --val-fraction)."
+        )
+    return warnings
+
+
+def validation_size_warnings(rows: Iterable[Any], config: Any) -> list[str]:
+    """`sample_size_warnings` for a training run: manifest rows with splits, and its TrainConfig
+    (target_false_alarm_rate, target_miss_rate). Printed when training starts, kept in the card."""
+    labels = [row.label for row in rows if row.split == "val"]
+    return sample_size_warnings(
+        labels.count("genuine"),
+        labels.count("counterfeit"),
+        float(config.target_false_alarm_rate),
+        float(config.target_miss_rate),
+    )
+
+
+def card_warnings(thresholds: dict[str, Any]) -> list[str]:
+    """`sample_size_warnings` from a card's thresholds (choose_thresholds' counts and targets); none
+    when the thresholds do not carry the validation counts (e.g. written by hand)."""
+    keys = ("n_val_genuine", "n_val_counterfeit", "target_false_alarm_rate", "target_miss_rate")
+    if any(thresholds.get(key) is None for key in keys):
+        return []
+    return sample_size_warnings(*(thresholds[key] for key in keys))
+
+
 def operating_point(scores: Any, targets: Any, alarm: float, clear: float) -> dict[str, float]:
     """False-alarm, miss, uncertain and recall rates of a threshold pair, by the serving verdict rule."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -214,6 +281,9 @@ def choose_thresholds(
         alarm = clear = (alarm + clear) / 2.0
     point = operating_point(scores, targets, alarm, clear)
     n_genuine, n_counterfeit = int((targets == 0).sum()), int(targets.sum())
+    codes = verdicts(scores, alarm, clear)
+    false_alarms = int(((codes == 1) & (targets == 0)).sum())
+    misses = int(((codes == 0) & (targets == 1)).sum())
     return {
         "alarm": float(alarm),
         "clear": float(clear),
@@ -221,6 +291,11 @@ def choose_thresholds(
         "target_miss_rate": miss,
         "val_false_alarm_rate": point["false_alarm_rate"],
         "val_miss_rate": point["miss_rate"],
+        # What those validation rates can tell about new images: exact 95% binomial intervals.
+        "val_false_alarms": false_alarms,
+        "val_misses": misses,
+        "val_false_alarm_rate_ci": list(clopper_pearson(false_alarms, n_genuine)),
+        "val_miss_rate_ci": list(clopper_pearson(misses, n_counterfeit)),
         "val_recall": point["recall"],
         "val_uncertain_rate": point["uncertain_rate"],
         "n_val_genuine": n_genuine,

@@ -128,6 +128,8 @@ def build_card(
         )
     if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"The calibration temperature must be a positive number, got {temperature!r}.")
+    from training.calibrate import card_warnings
+
     return to_jsonable(
         {
             "name": name,
@@ -141,6 +143,9 @@ def build_card(
             "thresholds": thresholds,
             "spec": spec_dict,
             "code_version": code_version,
+            # What a reader of the card must know before trusting the thresholds (e.g. too few
+            # validation images for the target rates); the same lines `verity train` printed.
+            "warnings": card_warnings(thresholds),
         }
     )
 

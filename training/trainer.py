@@ -701,6 +701,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             (run.run_dir / "augment.json").write_text(text + "\n", encoding="utf-8")
             run.fingerprint = data_fingerprint(run.rows)
             print(f"data: {run.data_description}; counts {json.dumps(split_counts(run.rows))}", flush=True)
+            from training.calibrate import validation_size_warnings  # the card repeats these warnings
+
+            for warning in validation_size_warnings(run.rows, run.config):
+                print(f"WARNING: {warning}", flush=True)
         best_state = fit(run)
         # Every rank reports a digest of its final weights: under DDP they must all agree.
         digest = {"rank": run.info.rank, "last_weights_digest": weights_digest(run.model)}
