@@ -190,6 +190,15 @@ def test_eval_cli_onnx_end_to_end(
     metrics = result["metrics"]
     # The printed ROC AUC is the one in the JSON and the one a reviewer recomputes from predictions.csv.
     assert f"ROC AUC           {metrics['roc_auc']:.4f}" in printed
+    # ... with its 95% bootstrap interval in brackets, and one recall line per false-alarm rate.
+    low, high = metrics["roc_auc_ci"]
+    assert low <= metrics["roc_auc"] <= high
+    assert f"ROC AUC           {metrics['roc_auc']:.4f} [{low:.4f}, {high:.4f}]" in printed
+    for rate, entry in metrics["recall_at_false_alarm_rate"].items():
+        recall_low, recall_high = entry["recall_ci"]
+        line = f"{100 * float(rate):.1f}%: {entry['recall']:.3f} [{recall_low:.3f}, {recall_high:.3f}]"
+        assert line in printed
+    assert "[lo, hi] are 95% percentile bootstrap intervals (1000 resamples within each label)" in printed
     assert "unreadable: " in printed and "broken.png" in printed
     predictions = _read_predictions(out / "predictions.csv")
     recomputed = roc_auc(
@@ -208,6 +217,7 @@ def test_eval_cli_onnx_end_to_end(
     report = (out / "report.html").read_text()
     for marker in ("<svg", "ROC", "Reliability", "Confusion matrix", "data:image/png;base64,", "per product"):
         assert marker in report
+    assert f"(95% CI {low:.4f} to {high:.4f})" in report and "percentile bootstrap" in report
     for svg in re.findall(r"<svg.*?</svg>", report, re.S):
         ElementTree.fromstring(svg)  # well-formed: a browser will draw it
     assert "http://" not in report.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from training.metrics import (
+    FALSE_ALARM_RATES,
+    _resample_statistics,
+    _resampled_counts,
     average_precision,
     average_ranks,
+    bootstrap_intervals,
     compute_metrics,
     expected_calibration_error,
     recall_at_false_alarm_rate,
@@ -140,3 +144,75 @@ def test_bad_inputs_are_refused() -> None:
         compute_metrics([], [])
     with pytest.raises(ValueError, match="values for"):
         compute_metrics(SCORES, TARGETS, groups={"product": ["A"]})
+
+
+def _scored_set(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n scores, about half counterfeit, overlapping (ROC AUC near 0.9)."""
+    rng = np.random.default_rng(seed)
+    targets = (rng.random(n) < 0.5).astype(np.int64)
+    return 1.0 / (1.0 + np.exp(-(rng.normal(0.0, 1.0, n) + 1.8 * targets))), targets
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data() -> None:
+    widths = []
+    for n in (200, 3200):
+        scores, targets = _scored_set(n)
+        intervals = bootstrap_intervals(scores, targets)
+        low, high = intervals["roc_auc"]
+        assert low < roc_auc(scores, targets) < high
+        for rate in ("0.01", "0.05"):
+            low_r, high_r = intervals["recall"][rate]
+            assert low_r <= recall_at_false_alarm_rate(scores, targets, float(rate))["recall"] <= high_r
+        widths.append(high - low)
+    # The interval shrinks like 1/sqrt(n): 16 times the data, about a quarter of the width.
+    assert widths[1] < widths[0] / 2.5
+
+
+def test_bootstrap_resamples_match_the_point_definitions_and_keep_both_classes() -> None:
+    """Each resample's AUC and recall, computed from counts, equal roc_auc / recall_at_false_alarm_rate
+    on that resample written out; every resample holds each class at its own size."""
+    scores, targets = _scored_set(60, seed=3)
+    scores = np.round(scores, 1)  # heavy ties
+    distinct, codes = np.unique(scores, return_inverse=True)
+    rng = np.random.default_rng(5)
+    pos = _resampled_counts(codes[targets == 1], len(distinct), 20, rng)
+    neg = _resampled_counts(codes[targets == 0], len(distinct), 20, rng)
+    assert (pos.sum(axis=1) == targets.sum()).all() and (neg.sum(axis=1) == (targets == 0).sum()).all()
+    auc, recalls = _resample_statistics(pos, neg, FALSE_ALARM_RATES)
+    for b in range(20):
+        sample = np.r_[np.repeat(distinct, pos[b].astype(int)), np.repeat(distinct, neg[b].astype(int))]
+        labels = np.r_[np.ones(int(pos[b].sum())), np.zeros(int(neg[b].sum()))]
+        assert auc[b] == pytest.approx(roc_auc(sample, labels))
+        for i, rate in enumerate(FALSE_ALARM_RATES):
+            assert recalls[b, i] == pytest.approx(recall_at_false_alarm_rate(sample, labels, rate)["recall"])
+    # One counterfeit among many genuine: an unstratified resample would often lose it; ours never does.
+    one = bootstrap_intervals([0.9, *np.linspace(0.0, 0.8, 30)], [1] + [0] * 30)
+    assert one is not None and one["roc_auc"] == [1.0, 1.0]
+
+
+def test_bootstrap_is_reproducible_fast_and_undefined_with_one_class() -> None:
+    import time
+
+    scores, targets = _scored_set(3000, seed=1)
+    started = time.perf_counter()
+    first = bootstrap_intervals(scores, targets, resamples=1000)
+    assert time.perf_counter() - started < 1.5  # about 0.1 s here; "well under a second" with slack
+    assert bootstrap_intervals(scores, targets, resamples=1000) == first
+    assert bootstrap_intervals(scores, targets, seed=1) != first
+    assert bootstrap_intervals([0.2, 0.4], [0, 0]) is None
+    assert bootstrap_intervals(scores, targets, resamples=0) is None
+
+
+def test_compute_metrics_carries_the_intervals() -> None:
+    scores, targets = _scored_set(400)
+    metrics = compute_metrics(scores, targets)
+    low, high = metrics["roc_auc_ci"]
+    assert low < metrics["roc_auc"] < high
+    for entry in metrics["recall_at_false_alarm_rate"].values():
+        assert len(entry["recall_ci"]) == 2 and entry["recall_ci"][0] <= entry["recall_ci"][1]
+    assert metrics["bootstrap"]["resamples"] == 1000 and metrics["bootstrap"]["confidence"] == 0.95
+    assert json.loads(json.dumps(metrics)) == metrics
+    single = compute_metrics([0.1, 0.3], [0, 0])
+    assert single["roc_auc_ci"] is None
+    assert all(e["recall_ci"] is None for e in single["recall_at_false_alarm_rate"].values())
+    assert compute_metrics(scores, targets, bootstrap_resamples=0)["roc_auc_ci"] is None

@@ -534,6 +534,22 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _interval(bounds: list[float] | None, digits: int = 4) -> str:
+    """The " [lo, hi]" that follows a figure, or nothing when no interval could be computed."""
+    return "" if not bounds else f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
+
+
+def _interval_note(metrics: dict[str, Any]) -> list[str]:
+    """One line saying what the brackets are, when any are printed."""
+    bootstrap = metrics.get("bootstrap") or {}
+    if not metrics.get("roc_auc_ci"):
+        return []
+    return [
+        f"  intervals         [lo, hi] are {100 * bootstrap.get('confidence', 0.95):g}% percentile "
+        f"bootstrap intervals ({bootstrap.get('resamples')} resamples within each label)"
+    ]
+
+
 def format_summary(result: dict[str, Any]) -> str:
     """A readable summary, ROC AUC first; figures match metrics.json."""
     model, data, metrics = result["model"], result["data"], result["metrics"]
@@ -544,7 +560,7 @@ def format_summary(result: dict[str, Any]) -> str:
         f"verity eval: {model['name']} {model['version']} ({model['kind']}) on {data['description']}",
         f"  images            {metrics['n']} evaluated ({metrics['n_genuine']} genuine, "
         f"{metrics['n_counterfeit']} counterfeit), {data['n_failed']} unreadable",
-        f"  ROC AUC           {_figure(metrics['roc_auc'])}{auc_note}",
+        f"  ROC AUC           {_figure(metrics['roc_auc'])}{_interval(metrics.get('roc_auc_ci'))}{auc_note}",
         f"  PR AUC            {_figure(metrics['pr_auc'])}",
         f"  accuracy          {_percent(metrics['accuracy'])} "
         f"(of decided: {_percent(metrics['accuracy_decided'])}, "
@@ -552,11 +568,13 @@ def format_summary(result: dict[str, Any]) -> str:
         f"{metrics['clear']:.4f} [{metrics['operating_point']}]",
         f"  false alarms      {_percent(metrics['false_alarm_rate'])}   "
         f"misses {_percent(metrics['miss_rate'])}",
-        "  recall at FAR     "
-        + "   ".join(
-            f"{_percent(float(rate))}: {_figure(entry['recall'], 3)}" for rate, entry in recall.items()
+        *(
+            f"  {'recall at FAR' if number == 0 else '':<18}{_percent(float(rate)):>5}: "
+            f"{_figure(entry['recall'], 3)}{_interval(entry.get('recall_ci'), 3)}"
+            for number, (rate, entry) in enumerate(recall.items())
         ),
         f"  ECE               {_figure(metrics['ece'])} ({metrics['ece_bins']} bins)",
+        *_interval_note(metrics),
         "  confusion         true \\ verdict   genuine  counterfeit  uncertain",
         f"                    genuine         {counts[0][0]:>7}  {counts[0][1]:>11}  {counts[0][2]:>9}",
         f"                    counterfeit     {counts[1][0]:>7}  {counts[1][1]:>11}  {counts[1][2]:>9}",

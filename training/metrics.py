@@ -8,6 +8,9 @@ Conventions: `scores` are calibrated P(counterfeit); `targets` are 0 (genuine) o
 * Recall at a false-alarm rate: the best recall of any threshold whose false-alarm rate is at or below it.
 * ECE: scores in equal-width bins; the mean |observed counterfeit share - mean score| weighted by bin size.
 * Verdict figures use the served rule (counterfeit >= alarm, genuine <= clear, uncertain between).
+* 95% intervals of ROC AUC and of recall at each false-alarm rate: percentile bootstrap, resampling the
+  genuine and the counterfeit scores separately (each resample keeps both classes and the class sizes),
+  BOOTSTRAP_RESAMPLES resamples from a fixed seed, so the same scores always give the same interval.
 Figures that a split cannot support (AUC with one class) are None, never a made-up number.
 """
 
@@ -25,6 +28,12 @@ ECE_BINS = 10
 DEFAULT_THRESHOLD = 0.5
 VERDICT_NAMES = ("genuine", "counterfeit", "uncertain")
 LABEL_NAMES = ("genuine", "counterfeit")
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+# Resamples are processed in chunks of about this many matrix cells, so memory stays in the tens of MB
+# for any test set size.
+_BOOTSTRAP_CELLS = 2_000_000
 
 
 def _arrays(scores: Any, targets: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -128,6 +137,80 @@ def recall_at_false_alarm_rate(scores: Any, targets: Any, rate: float) -> dict[s
     }
 
 
+def _resampled_counts(
+    codes: np.ndarray, n_values: int, resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(resamples, n_values) counts: how often each distinct score is drawn in each bootstrap resample.
+
+    `codes` are the class's scores as indices into the sorted distinct scores; each resample draws
+    len(codes) of them with replacement. Counting per distinct score (one bincount) replaces a sort per
+    resample, which keeps 1000 resamples of thousands of scores well under a second.
+    """
+    draws = codes[rng.integers(0, len(codes), size=(resamples, len(codes)))]
+    flat = (np.arange(resamples)[:, None] * n_values + draws).ravel()
+    return np.bincount(flat, minlength=resamples * n_values).reshape(resamples, n_values).astype(np.float64)
+
+
+def _resample_statistics(
+    pos: np.ndarray, neg: np.ndarray, rates: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """ROC AUC and recall at each rate for resamples given as counts per distinct score (ascending).
+
+    Same definitions as `roc_auc` and `recall_at_false_alarm_rate`: a genuine tied with a counterfeit
+    counts one half; recall is the best of any threshold whose false-alarm rate is <= the rate.
+    """
+    n_pos, n_neg = pos[0].sum(), neg[0].sum()
+    below = np.cumsum(neg, axis=1) - neg  # genuine strictly below each distinct score
+    auc = (pos * (below + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg)
+    # Thresholds at each distinct score, highest first: counts scored at or above it.
+    true_pos = np.cumsum(pos[:, ::-1], axis=1)
+    false_pos = np.cumsum(neg[:, ::-1], axis=1)
+    recalls = np.stack(
+        [np.where(false_pos <= (rate + 1e-12) * n_neg, true_pos, 0.0).max(axis=1) / n_pos for rate in rates],
+        axis=1,
+    )
+    return auc, recalls
+
+
+def bootstrap_intervals(
+    scores: Any,
+    targets: Any,
+    rates: Sequence[float] = FALSE_ALARM_RATES,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any] | None:
+    """Percentile-bootstrap intervals of ROC AUC and of recall at each false-alarm rate.
+
+    Resampling is stratified by label: genuine and counterfeit scores are each resampled with
+    replacement to their own count, so every resample has both classes and the test set's class
+    balance. Returns {"roc_auc": [lo, hi], "recall": {"0.01": [lo, hi], ...}}, or None when a class
+    is missing or `resamples` is 0.
+    """
+    scores, targets = _arrays(scores, targets)
+    if not _both_classes(targets) or resamples < 1:
+        return None
+    distinct, codes = np.unique(scores, return_inverse=True)
+    pos_codes, neg_codes = codes[targets == 1], codes[targets == 0]
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CELLS // max(len(distinct), len(targets)))
+    aucs, recalls = [], []
+    for start in range(0, resamples, chunk):
+        size = min(chunk, resamples - start)
+        pos = _resampled_counts(pos_codes, len(distinct), size, rng)
+        neg = _resampled_counts(neg_codes, len(distinct), size, rng)
+        auc, recall = _resample_statistics(pos, neg, rates)
+        aucs.append(auc)
+        recalls.append(recall)
+    tails = [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2]
+    auc_interval = np.percentile(np.concatenate(aucs), tails)
+    recall_intervals = np.percentile(np.concatenate(recalls), tails, axis=0)
+    return {
+        "roc_auc": [float(v) for v in auc_interval],
+        "recall": {f"{rate:g}": [float(v) for v in recall_intervals[:, i]] for i, rate in enumerate(rates)},
+    }
+
+
 def reliability_bins(scores: Any, targets: Any, n_bins: int = ECE_BINS) -> list[dict[str, Any]]:
     """Equal-width score bins with count, mean score and observed counterfeit share (empty bins kept)."""
     scores, targets = _arrays(scores, targets)
@@ -225,12 +308,14 @@ def compute_metrics(
     targets: Any,
     groups: Mapping[str, Sequence[Any]] | None = None,
     thresholds: dict[str, Any] | None = None,
+    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> dict[str, Any]:
     """Every evaluation figure as plain JSON types.
 
     `thresholds` is the card's dict ({"alarm", "clear", ...}); without it, one threshold at 0.5 is used
     and "operating_point" says so. `groups` maps a grouping name (product, modality...) to one value per
-    score; each gets a breakdown.
+    score; each gets a breakdown. `roc_auc_ci` and each recall's `recall_ci` are 95% bootstrap
+    intervals (`bootstrap_intervals`; None with one class, or with `bootstrap_resamples` 0).
     """
     scores, targets = _arrays(scores, targets)
     if scores.size == 0:
@@ -241,11 +326,24 @@ def compute_metrics(
     else:
         alarm, clear = float(thresholds["alarm"]), float(thresholds["clear"])
         operating_point = "model thresholds"
+    intervals = bootstrap_intervals(scores, targets, FALSE_ALARM_RATES, bootstrap_resamples)
+    recall = {
+        f"{rate:g}": {
+            **recall_at_false_alarm_rate(scores, targets, rate),
+            "recall_ci": intervals["recall"][f"{rate:g}"] if intervals else None,
+        }
+        for rate in FALSE_ALARM_RATES
+    }
     metrics = {
         **_summary(scores, targets, alarm, clear),
+        "roc_auc_ci": intervals["roc_auc"] if intervals else None,
         "operating_point": operating_point,
-        "recall_at_false_alarm_rate": {
-            f"{rate:g}": recall_at_false_alarm_rate(scores, targets, rate) for rate in FALSE_ALARM_RATES
+        "recall_at_false_alarm_rate": recall,
+        "bootstrap": {
+            "method": "percentile bootstrap, resampled within each label",
+            "confidence": CONFIDENCE,
+            "resamples": bootstrap_resamples,
+            "seed": BOOTSTRAP_SEED,
         },
         "ece": expected_calibration_error(scores, targets),
         "ece_bins": ECE_BINS,

@@ -192,9 +192,14 @@ def _example_html(example: dict[str, Any]) -> str:
     )
 
 
+def _ci(bounds: Sequence[float] | None, digits: int = 4) -> str:
+    """The " (95% CI lo to hi)" that follows a figure; nothing without an interval."""
+    return "" if not bounds else f" (95% CI {bounds[0]:.{digits}f} to {bounds[1]:.{digits}f})"
+
+
 def _summary_table(metrics: dict[str, Any]) -> str:
     rows = [
-        ("ROC AUC", _fmt(metrics.get("roc_auc"))),
+        ("ROC AUC", _fmt(metrics.get("roc_auc")) + _ci(metrics.get("roc_auc_ci"))),
         ("PR AUC (average precision)", _fmt(metrics.get("pr_auc"))),
         ("accuracy (uncertain counts as not correct)", _fmt(metrics.get("accuracy"))),
         ("accuracy of decided verdicts", _fmt(metrics.get("accuracy_decided"))),
@@ -217,12 +222,26 @@ def _summary_table(metrics: dict[str, Any]) -> str:
         rows.append(
             (
                 f"recall at false-alarm rate {100 * float(rate):g}%",
-                f"{_fmt(entry['recall'])} (threshold {_fmt(entry['threshold'])}, "
+                f"{_fmt(entry['recall'])}{_ci(entry.get('recall_ci'))} "
+                f"(threshold {_fmt(entry['threshold'])}, "
                 f"achieved rate {_fmt(entry['achieved_false_alarm_rate'])})",
             )
         )
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
-    return f"<table>{body}</table>"
+    return f"<table>{body}</table>{_interval_legend(metrics)}"
+
+
+def _interval_legend(metrics: dict[str, Any]) -> str:
+    """Says how the intervals were made, so a reader can judge them (and re-derive them)."""
+    bootstrap = metrics.get("bootstrap")
+    if not bootstrap or not metrics.get("roc_auc_ci"):
+        return ""
+    return (
+        f"<p>Intervals: {100 * bootstrap['confidence']:g}% percentile bootstrap, "
+        f"{bootstrap['resamples']} resamples (seed {bootstrap['seed']}), genuine and counterfeit images "
+        "resampled separately so each resample keeps both classes. They show how much the figures could "
+        "move on another test set of this size.</p>"
+    )
 
 
 def _groups_html(metrics: dict[str, Any]) -> str:
@@ -285,7 +304,7 @@ def write_report(
     errors = "".join(_example_html(example) for example in examples or [])
     sections = [
         f"<h1>{html.escape(title)}</h1>",
-        f'<p class="headline">ROC AUC {_fmt(metrics.get("roc_auc"))}</p>',
+        f'<p class="headline">ROC AUC {_fmt(metrics.get("roc_auc"))}{_ci(metrics.get("roc_auc_ci"), 3)}</p>',
         "<h2>Summary</h2>",
         _summary_table(metrics),
         "<h2>Curves</h2>",
