@@ -54,8 +54,14 @@ DIFFICULTIES: dict[str, Difficulty] = {
     "hard": Difficulty("hard", strength=0.25, nuisance=1.35, photo_strength=0.3),
 }
 
-# Streams keep the (seed, index) generators of different purposes independent of each other.
-STREAM_PAIR, STREAM_CASE, STREAM_IMAGE = 1, 2, 3
+# Streams keep the (seed, index) generators of different purposes independent of each other. The export
+# stream (an image's console style and crop) is its own, so choosing a style never moves the scene's draws:
+# image i shows the same parcel in every style, and png16 stays byte-identical to before styles existed.
+STREAM_PAIR, STREAM_CASE, STREAM_IMAGE, STREAM_EXPORT = 1, 2, 3, 4
+
+# How an X-ray leaves the console (datasets.synth_xray explains each); `mixed` draws one per image, with a
+# crop. The first is the default.
+EXPORT_STYLES = ("png16", "grey8-png", "grey8-jpeg", "rgb-grey-jpeg", "pseudo-colour", "mixed")
 
 
 def rng_for(seed: int, number: int, stream: int) -> np.random.Generator:
@@ -83,6 +89,8 @@ class ImageJob:
     difficulty: Difficulty
     size: int
     dual_energy: bool = False
+    export_style: str = EXPORT_STYLES[0]
+    crops: bool = False  # crop each scan to a drawn size and aspect (always on for `mixed`)
 
 
 class Generator(Protocol):
@@ -208,21 +216,28 @@ def generate(
     dual_energy: bool = False,
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    export_style: str | None = None,
+    crops: bool = False,
 ) -> list[ManifestRow]:
-    """Renders n images into out/images and writes out/manifest.jsonl; returns the rows."""
+    """Renders n images into out/images and writes out/manifest.jsonl; returns the rows.
+
+    `export_style` (X-ray only, one of EXPORT_STYLES; None: png16) is the form each scan is written in;
+    `crops` crops scans to a drawn size and aspect around the goods (`mixed` always does; one in five
+    crops is the whole scan).
+    """
     if n < 1:
         raise ValueError(f"--n must be at least 1, not {n}.")
     if not 32 <= size <= MAX_SIZE:
         raise ValueError(f"--size must lie between 32 and {MAX_SIZE} pixels, not {size}.")
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"Invalid difficulty {difficulty!r}. Only {', '.join(DIFFICULTIES)} are supported.")
-    if dual_energy and modality != "xray":
-        raise ValueError("--dual-energy applies to --modality xray only.")
+    _check_xray_options(modality, dual_energy, export_style, crops)
     generator = generator_for(modality)
     policy = cue_policy(generator, holdout_cues, only_cues)
     cases = plan_cases(seed, n, policy)
     level = DIFFICULTIES[difficulty]
-    jobs = [ImageJob(i, seed, cases[i], level, size, dual_energy) for i in range(n)]
+    style = export_style or EXPORT_STYLES[0]
+    jobs = [ImageJob(i, seed, cases[i], level, size, dual_energy, style, crops) for i in range(n)]
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows: list[ManifestRow] = []
@@ -248,6 +263,15 @@ def generate(
     rows = assign_splits(rows, seed)
     write_manifest(out / "manifest.jsonl", rows)
     return rows
+
+
+def _check_xray_options(modality: str, dual_energy: bool, export_style: str | None, crops: bool) -> None:
+    """Raises ValueError for X-ray-only options on photos and for an unknown style, naming the valid ones."""
+    for name, given in (("--dual-energy", dual_energy), ("--export-style", export_style), ("--crops", crops)):
+        if given and modality != "xray":
+            raise ValueError(f"{name} applies to --modality xray only.")
+    if export_style is not None and export_style not in EXPORT_STYLES:
+        raise ValueError(f"Unknown export style {export_style!r}. Valid styles: {', '.join(EXPORT_STYLES)}.")
 
 
 def assign_splits(rows: list[ManifestRow], seed: int) -> list[ManifestRow]:
@@ -327,6 +351,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preview", type=Path, help="also write a genuine-vs-counterfeit grid PNG here")
     parser.add_argument("--dual-energy", action="store_true", help="X-ray: 2-page 16-bit TIFF (high, low)")
+    # Validated by generate(), not argparse choices, so a wrong name gets our one-line message and exit 2.
+    parser.add_argument(
+        "--export-style",
+        metavar="STYLE",
+        help=f"X-ray: the form a console exports ({', '.join(EXPORT_STYLES)}; default {EXPORT_STYLES[0]}). "
+        "mixed draws one per image and crops it",
+    )
+    parser.add_argument(
+        "--crops", action="store_true", help="X-ray: crop each scan to a drawn size and aspect near the goods"
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes to render with (default 1)")
     return parser
 
@@ -358,6 +392,8 @@ def synth_main(argv: list[str]) -> int:
             dual_energy=args.dual_energy,
             workers=min(args.workers, os.cpu_count() or 1),
             progress=progress,
+            export_style=args.export_style,
+            crops=args.crops,
         )
     except ValueError as error:
         print(f"verity data synth: {error}", file=sys.stderr)

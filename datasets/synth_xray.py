@@ -11,6 +11,13 @@ the counts here) and line artefacts (gain per detector element, source flicker p
 Genuine goods follow their product's spec (structure, fill material and level, parts, packing pattern);
 counterfeits deviate in one to three cues (CUES) drawn per case. Scene type, parcel size and pose, clutter,
 dose and artefacts are drawn per image, identically for both labels.
+
+Console export styles (EXPORT_STYLES): a scan leaves the generator in one of the forms real scanner consoles
+send (DESIGN.md section 6): 16-bit grey PNG (or the dual-energy 2-page TIFF), 8-bit grey PNG or JPEG,
+grey saved as RGB JPEG, or the dual-energy pseudo-colour view (see pseudo_colour). `mixed` draws a style
+and a crop per image (one in five keeps the whole scan; see crop_box). Style and crop come from their own
+per-image stream (seed, index), never from the label, so neither form nor crop size says anything about
+genuine vs counterfeit.
 """
 
 from __future__ import annotations
@@ -23,7 +30,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from datasets.synth import ImageJob, case_rng, encode_png16, image_rng
+from datasets.synth import (
+    EXPORT_STYLES,
+    STREAM_EXPORT,
+    ImageJob,
+    case_rng,
+    encode_png16,
+    image_rng,
+    rng_for,
+)
 
 CUES = ("filler_density", "fill_level", "missing_part", "substituted_part", "packing_pattern")
 
@@ -72,6 +87,8 @@ class Canvas:
     def __init__(self, height: int, width: int, px_per_cm: float) -> None:
         self.att = np.zeros((2, height, width), dtype=np.float32)
         self.ppc = px_per_cm
+        # Where the goods lie (x0, y0, x1, y1 in cm), so crops can keep the evidence in view.
+        self.goods: tuple[float, float, float, float] | None = None
 
     def _box(
         self, x: float, y: float, w: float, h: float
@@ -507,6 +524,61 @@ def _clutter(c: Canvas, x: float, y: float, w: float, h: float, rng: np.random.G
             c.slab(cx, cy + 0.15, rng.uniform(10, 25), 0.1, 0.1, mu("copper"))
 
 
+def _container(
+    canvas: Canvas,
+    scene_w: float,
+    scene_h: float,
+    spec: ProductSpec,
+    packing: Packing,
+    dev: Deviation,
+    rng: np.random.Generator,
+) -> None:
+    """A section of a container: corrugated steel walls around two stacked cartons."""
+    carton_h = packing.rows * spec.unit_size[1] + (packing.rows + 1) * packing.gap
+    period = rng.uniform(8, 12)
+    ribs = lambda xs, ys: 0.12 + 0.1 * (np.sin(xs * 2 * np.pi / period) > 0)  # noqa: E731
+    canvas.add(0, 0, scene_w, scene_h, mu("steel") * 0.35, ribs)
+    canvas.slab(0, scene_h - 6, scene_w, 6, 0.8, mu("steel"))  # floor cross-member
+    x = first = rng.uniform(3, 8)
+    right = x
+    for _ in range(2):
+        width, height = _carton(canvas, x, scene_h - 7 - carton_h, spec, packing, dev, rng)
+        right = x + width
+        x += width + rng.uniform(2, 8)
+    canvas.goods = (first, scene_h - 7 - carton_h, right, scene_h - 7)
+    _clutter(canvas, x, 5, max(5.0, scene_w - x - 5), scene_h - 15, rng, int(rng.integers(0, 3)))
+
+
+def _parcel(
+    canvas: Canvas,
+    job: ImageJob,
+    size: tuple[float, float, float, float],
+    packing: Packing,
+    dev: Deviation,
+    rng: np.random.Generator,
+) -> None:
+    """A parcel: cardboard walls, clutter, and the carton of goods somewhere inside."""
+    spec = PRODUCT_SPECS[job.case.product]
+    scene_w, scene_h, carton_w, carton_h = size
+    margin = 3.0
+    canvas.frame(
+        margin,
+        margin,
+        scene_w - 2 * margin,
+        scene_h - 2 * margin,
+        0.5,
+        rng.uniform(4, 8),
+        mu("cardboard"),
+    )  # walls bulge and sag: not edge-on all along
+    free_w, free_h = scene_w - 2 * margin - carton_w - 1, scene_h - 2 * margin - carton_h - 1
+    cx = margin + 0.5 + rng.uniform(0, max(0.1, free_w))
+    cy = margin + 0.5 + rng.uniform(0, max(0.1, free_h))
+    count = int(rng.integers(0, 3 + round(job.difficulty.nuisance)))
+    _clutter(canvas, margin, margin, scene_w - 2 * margin, scene_h - 2 * margin, rng, count)
+    _carton(canvas, cx, cy, spec, packing, dev, rng)
+    canvas.goods = (cx, cy, cx + carton_w, cy + carton_h)
+
+
 def _scene(job: ImageJob, rng: np.random.Generator) -> Canvas:
     spec = PRODUCT_SPECS[job.case.product]
     dev, packing = deviation(job)
@@ -515,7 +587,6 @@ def _scene(job: ImageJob, rng: np.random.Generator) -> Canvas:
     carton_h = packing.rows * uh + (packing.rows + 1) * packing.gap
     container = rng.random() < 0.2
     if container:
-        # a section of a container: corrugated steel walls around stacked cartons
         scene_w = max(carton_w * 2 + 30, 120.0) * rng.uniform(1.0, 1.15)
         scene_h = max(carton_h + 30, scene_w * rng.uniform(0.55, 0.75))
     else:
@@ -527,32 +598,9 @@ def _scene(job: ImageJob, rng: np.random.Generator) -> Canvas:
     ppc = job.size / long_cm
     canvas = Canvas(max(16, round(scene_h * ppc)), max(16, round(scene_w * ppc)), ppc)
     if container:
-        period = rng.uniform(8, 12)
-        ribs = lambda xs, ys: 0.12 + 0.1 * (np.sin(xs * 2 * np.pi / period) > 0)  # noqa: E731
-        canvas.add(0, 0, scene_w, scene_h, mu("steel") * 0.35, ribs)
-        canvas.slab(0, scene_h - 6, scene_w, 6, 0.8, mu("steel"))  # floor cross-member
-        x = rng.uniform(3, 8)
-        for _ in range(2):
-            width, height = _carton(canvas, x, scene_h - 7 - carton_h, spec, packing, dev, rng)
-            x += width + rng.uniform(2, 8)
-        _clutter(canvas, x, 5, max(5.0, scene_w - x - 5), scene_h - 15, rng, int(rng.integers(0, 3)))
+        _container(canvas, scene_w, scene_h, spec, packing, dev, rng)
     else:
-        margin = 3.0
-        canvas.frame(
-            margin,
-            margin,
-            scene_w - 2 * margin,
-            scene_h - 2 * margin,
-            0.5,
-            rng.uniform(4, 8),
-            mu("cardboard"),
-        )  # walls bulge and sag: not edge-on all along
-        free_w, free_h = scene_w - 2 * margin - carton_w - 1, scene_h - 2 * margin - carton_h - 1
-        cx = margin + 0.5 + rng.uniform(0, max(0.1, free_w))
-        cy = margin + 0.5 + rng.uniform(0, max(0.1, free_h))
-        count = int(rng.integers(0, 3 + round(job.difficulty.nuisance)))
-        _clutter(canvas, margin, margin, scene_w - 2 * margin, scene_h - 2 * margin, rng, count)
-        _carton(canvas, cx, cy, spec, packing, dev, rng)
+        _parcel(canvas, job, (scene_w, scene_h, carton_w, carton_h), packing, dev, rng)
     return canvas
 
 
@@ -599,8 +647,8 @@ def to_uint16(unit: np.ndarray) -> np.ndarray:
     return np.clip(unit * 62000.0 + 300.0, 0, 65535).astype(np.uint16)
 
 
-def render_planes(job: ImageJob) -> np.ndarray:
-    """The scan as uint16: 1 x H x W (single energy, mean of the two mu) or 2 x H x W (high, low)."""
+def _scan(job: ImageJob, dual: bool) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The scan as uint16 planes (see render_planes) and the goods' pixel box (x0, y0, x1, y1)."""
     rng = image_rng(job)
     rng.uniform()  # the first draw is the cue-strength jitter
     canvas = _scene(job, rng)
@@ -613,50 +661,221 @@ def render_planes(job: ImageJob) -> np.ndarray:
                 for a in att
             ]
         )
+    _, height, width = att.shape
+    x0, y0, x1, y1 = canvas.goods or (0.0, 0.0, width / canvas.ppc, height / canvas.ppc)
+    goods = (
+        max(0, int(x0 * canvas.ppc)),
+        max(0, int(y0 * canvas.ppc)),
+        min(width, int(np.ceil(x1 * canvas.ppc))),
+        min(height, int(np.ceil(y1 * canvas.ppc))),
+    )
     photons = rng.uniform(3000, 8000) / job.difficulty.nuisance
-    if job.dual_energy:
+    if dual:
         high = detect(att[1], rng, job.difficulty.nuisance, photons)
         low = detect(att[0], rng, job.difficulty.nuisance, photons * 0.6)
-        return np.stack([to_uint16(high), to_uint16(low)])
-    return to_uint16(detect(0.5 * (att[0] + att[1]), rng, job.difficulty.nuisance, photons))[None]
+        return np.stack([to_uint16(high), to_uint16(low)]), goods
+    return to_uint16(detect(0.5 * (att[0] + att[1]), rng, job.difficulty.nuisance, photons))[None], goods
+
+
+def render_planes(job: ImageJob) -> np.ndarray:
+    """The scan as uint16: 1 x H x W (single energy, mean of the two mu) or 2 x H x W (high, low)."""
+    return _scan(job, job.dual_energy)[0]
+
+
+# ------------------------------------------------------------------------------------ console export
+
+SINGLE_STYLES = tuple(style for style in EXPORT_STYLES if style != "mixed")
+# Consoles save their JPEGs at about this quality (and so do we, pseudo-colour included).
+JPEG_QUALITY = 90
+# The 8-bit display window, in detector counts: the dark offset (300, nothing gets through) to the open
+# beam (62300, air), mapped linearly to 0..255, with no gamma. That is a console's default "full range"
+# view: air is white, opaque black, and grey levels stay proportional to transmission, as in the 16-bit
+# export, so the evidence a model learns from keeps its contrast in every form.
+DISPLAY_WINDOW = (300.0, 62300.0)
+# Pseudo-colour hue (degrees) at anchor values of the low/high attenuation ratio, interpolated between:
+# orange for organics (ratio up to 1.6, so paper and cardboard at 1.5-1.55 stay orange despite noise),
+# through yellow to green for mixed and minerals (2-2.5), to blue for metals (3 and above).
+HUE_ANCHORS = ((0.0, 30.0), (1.6, 30.0), (2.0, 120.0), (2.5, 120.0), (3.0, 220.0), (1e9, 220.0))
+# Attenuation (-ln T at the high energy) below which the material estimate is noise: drawn unsaturated.
+MIN_COLOUR_ATT, FULL_COLOUR_ATT = 0.03, 0.18
+
+
+def export_rng(job: ImageJob) -> np.random.Generator:
+    """The image's own stream for its export style and crop: depends on (seed, index), never the label."""
+    return rng_for(job.seed, job.index, STREAM_EXPORT)
+
+
+def to_display8(counts: np.ndarray) -> np.ndarray:
+    """16-bit detector counts to an 8-bit display image through DISPLAY_WINDOW."""
+    low, high = DISPLAY_WINDOW
+    unit = (counts.astype(np.float32) - np.float32(low)) / np.float32(high - low)
+    return np.round(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def pseudo_colour(high: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """A dual-energy scan (uint16 counts, H x W each) as a baggage scanner's colour view, H x W x 3 uint8.
+
+    Mapping, per pixel, from the transmissions T = (counts - 300) / 62000 at each energy:
+    - material: the attenuation ratio r = ln(T_low) / ln(T_high) = mu_low / mu_high, after a small blur of
+      both attenuations (consoles smooth their material estimate too). Hue follows HUE_ANCHORS: orange
+      (30 deg) for organics (r ~1.4-1.55, up to 1.6: tablets, sugar, plastic, paper, cardboard), through
+      yellow to green (120 deg) for mixed and minerals (r 2-2.5: talc, gypsum, sand, glass, aluminium),
+      to blue (220 deg) for metals (r >= 3: battery stacks, steel, copper), linear in r between.
+    - saturation: grows with the high-energy attenuation from 0 at -ln T_high = 0.03 to 0.9 at 0.18, so air
+      and the noise around it stay white instead of speckled with colour.
+    - brightness: sqrt(T_high), so thick goods darken but keep their hue visible.
+    """
+    unit_high = np.clip((high.astype(np.float32) - 300.0) / 62000.0, 1e-4, 1.0)
+    unit_low = np.clip((low.astype(np.float32) - 300.0) / 62000.0, 1e-4, 1.0)
+    # two passes of the point-spread kernel (a 5-tap binomial): shot noise on thin cardboard would
+    # otherwise speckle the hue between orange and yellow
+    att_high = _blur_small(_blur_small(-np.log(unit_high)))
+    att_low = _blur_small(_blur_small(-np.log(unit_low)))
+    ratio = att_low / np.maximum(att_high, MIN_COLOUR_ATT)
+    anchors = np.array(HUE_ANCHORS, dtype=np.float32)
+    hue = np.interp(ratio, anchors[:, 0], anchors[:, 1]) / 360.0
+    saturation = 0.9 * np.clip((att_high - MIN_COLOUR_ATT) / (FULL_COLOUR_ATT - MIN_COLOUR_ATT), 0.0, 1.0)
+    value = np.sqrt(unit_high)
+    planes = (hue, saturation, value)
+    hsv = [Image.fromarray(np.round(plane * 255.0).astype(np.uint8), "L") for plane in planes]
+    return np.asarray(Image.merge("HSV", hsv).convert("RGB"))
+
+
+# Crops never exceed this fraction of --size in either dimension: every scene's short side is at least
+# 0.54 of its long side (parcels 35/65 cm, containers 0.55), so a crop always fits whole and its size is
+# a function of the draws and --size alone. Clipping it to the image instead would pass on the image's
+# own shape, which a counterfeit packing can change when its carton grows the parcel.
+CROP_BOUND = 0.5
+FULL_SCAN, SMALL_PATCH = 0.2, 0.3  # shares of crops that are the whole scan, and 32-64 px patches
+
+
+def crop_box(
+    rng: np.random.Generator, size: int, shape: tuple[int, int], goods: tuple[int, int, int, int]
+) -> tuple[int, int, int, int] | None:
+    """A crop (x0, y0, w, h) of an H x W scan as consoles export regions, or None for the whole scan.
+
+    Aspect 1:3 to 3:1; 30% are patches with a 32-64 px short side, half are regions up to CROP_BOUND x
+    size. The same draws happen whatever the outcome, and size and aspect depend on rng and `size` only
+    (the same for both labels). The crop is centred within the goods box (x0, y0, x1, y1), so the
+    evidence stays in view: the goods fill it, or it holds all of them along an axis where it is larger.
+    """
+    outcome, aspect = rng.random(), float(np.exp(rng.uniform(np.log(1 / 3), np.log(3))))  # aspect: w / h
+    short, fraction = rng.uniform(32, 64), rng.uniform(0.3, 1.0)
+    jitter_x, jitter_y = rng.uniform(-1, 1, 2)
+    if outcome < FULL_SCAN:
+        return None
+    bound = max(1, int(CROP_BOUND * size))
+    if outcome < FULL_SCAN + SMALL_PATCH:
+        w, h = (short * aspect, short) if aspect >= 1 else (short, short / aspect)
+    else:
+        long = fraction * bound
+        w, h = (long, long / aspect) if aspect >= 1 else (long * aspect, long)
+    height, width = shape
+    # the image bound never binds for generated scenes (see CROP_BOUND); it guards odd callers
+    cw = min(width, int(np.clip(round(w), min(32, bound), bound)))
+    ch = min(height, int(np.clip(round(h), min(32, bound), bound)))
+    gx0, gy0, gx1, gy1 = goods
+    cx = (gx0 + gx1) / 2 + jitter_x * max(0.0, (gx1 - gx0 - cw) / 2)
+    cy = (gy0 + gy1) / 2 + jitter_y * max(0.0, (gy1 - gy0 - ch) / 2)
+    x0 = int(np.clip(round(cx - cw / 2), 0, width - cw))
+    y0 = int(np.clip(round(cy - ch / 2), 0, height - ch))
+    return x0, y0, cw, ch
+
+
+def _encode(image: np.ndarray, kind: str) -> bytes:
+    """An 8-bit L or RGB array as PNG or JPEG."""
+    buffer = io.BytesIO()
+    pil = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    if kind == "png":
+        pil.save(buffer, "PNG", compress_level=1)  # noisy scans barely compress: favour speed
+    else:
+        pil.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def _encode_16bit(planes: np.ndarray) -> tuple[bytes, str, dict]:
+    """A 16-bit PNG, or with two planes a 2-page 16-bit TIFF (page 0 high, page 1 low)."""
+    if planes.shape[0] == 1:
+        return encode_png16(planes[0]), ".png", {}
+    import tifffile
+
+    buffer = io.BytesIO()
+    # large scans get deflate (tifffile reads it without extra codecs); small ones stay fast to write
+    big = planes[0].size > 1 << 20
+    tifffile.imwrite(
+        buffer,
+        planes,
+        photometric="minisblack",
+        compression="zlib" if big else None,
+        compressionargs={"level": 1} if big else None,
+    )
+    return buffer.getvalue(), ".tiff", {"energies": ["high", "low"]}
+
+
+def export(planes: np.ndarray, style: str) -> tuple[bytes, str, dict]:
+    """Writes uint16 planes (1 or 2 x H x W) in a console style (one of SINGLE_STYLES).
+
+    png16 keeps both planes of a dual-energy scan (a 2-page TIFF); the 8-bit grey styles show the first
+    plane (the high energy of a dual scan: what a console's grey view shows); pseudo-colour needs both.
+    """
+    if style == "png16":
+        return _encode_16bit(planes)
+    if style == "pseudo-colour":
+        if planes.shape[0] != 2:
+            raise ValueError("pseudo-colour needs a dual-energy scan (high and low planes).")
+        return _encode(pseudo_colour(planes[0], planes[1]), "jpeg"), ".jpg", {}
+    grey = to_display8(planes[0])
+    if style == "grey8-png":
+        return _encode(grey, "png"), ".png", {}
+    if style == "grey8-jpeg":
+        return _encode(grey, "jpeg"), ".jpg", {}
+    if style == "rgb-grey-jpeg":
+        return _encode(np.repeat(grey[..., None], 3, axis=2), "jpeg"), ".jpg", {}
+    raise ValueError(f"Unknown export style {style!r}. Valid styles: {', '.join(EXPORT_STYLES)}.")
 
 
 def render(job: ImageJob) -> tuple[bytes, str, dict]:
-    """One scan: a 16-bit PNG, or with dual energy a 2-page 16-bit TIFF (page 0 high, page 1 low)."""
-    planes = render_planes(job)
-    if job.dual_energy:
-        import tifffile
+    """One scan in the job's export style; meta names the style, and the crop (x0, y0, w, h) if cropped.
 
-        buffer = io.BytesIO()
-        # large scans get deflate (tifffile reads it without extra codecs); small ones stay fast to write
-        big = planes[0].size > 1 << 20
-        tifffile.imwrite(
-            buffer,
-            planes,
-            photometric="minisblack",
-            compression="zlib" if big else None,
-            compressionargs={"level": 1} if big else None,
-        )
-        return buffer.getvalue(), ".tiff", {"energies": ["high", "low"]}
-    return encode_png16(planes[0]), ".png", {}
+    Default (png16, no crop): a 16-bit PNG, or with dual energy a 2-page 16-bit TIFF (high, low).
+    """
+    rng = export_rng(job)
+    drawn = SINGLE_STYLES[int(rng.integers(len(SINGLE_STYLES)))]  # always drawn, so crops draw alike
+    style = drawn if job.export_style == "mixed" else job.export_style
+    planes, goods = _scan(job, job.dual_energy or style == "pseudo-colour")
+    meta: dict[str, Any] = {"export_style": style}
+    cropped = job.crops or job.export_style == "mixed"
+    box = crop_box(rng, job.size, (planes.shape[1], planes.shape[2]), goods) if cropped else None
+    if box is not None:  # None: the whole scan, as consoles also send
+        x0, y0, w, h = box
+        planes = planes[:, y0 : y0 + h, x0 : x0 + w]
+        meta["crop"] = [x0, y0, w, h]
+    data, suffix, more = export(planes, style)
+    return data, suffix, {**more, **meta}
+
+
+def _unit(image: np.ndarray) -> np.ndarray:
+    scale = 255.0 if image.dtype == np.uint8 else 65535.0
+    return image.astype(np.float32) / scale
 
 
 def preview_tile(data: bytes, tile: int) -> np.ndarray:
-    """An 8-bit RGB view: grey for single energy; a false-colour material view for dual energy."""
+    """An 8-bit RGB view fitted to the tile: grey, colour as exported, or pseudo-colour for dual energy."""
     from inference.decode import decode_image
 
-    image = decode_image(data).astype(np.float32) / 65535.0
+    image = decode_image(data)
     if image.shape[2] == 2:
-        high, low = image[..., 0], image[..., 1]
-        ratio = np.log(np.clip(low, 1e-4, 1)) / np.log(np.clip(high, 1e-4, 0.9999))
-        # organics (ratio < 1.6) orange, minerals green, metals (ratio > 2.4) blue, brightness from high
-        hue = np.clip((ratio - 1.3) / 1.4, 0, 1)
-        rgb = np.stack([1 - hue, 0.6 + 0.4 * (1 - abs(hue - 0.5) * 2) - 0.3 * hue, hue], axis=2)
-        view = np.where(high[..., None] > 0.9, 1.0, rgb * high[..., None] ** 0.5)  # air stays white
+        view = pseudo_colour(image[..., 0], image[..., 1])
     else:
-        view = np.repeat(image, 3, axis=2)
-    pil = Image.fromarray((np.clip(view, 0, 1) * 255).astype(np.uint8))
-    pil.thumbnail((tile, tile), Image.Resampling.BILINEAR)
+        view = (np.clip(_unit(image), 0, 1) * 255).astype(np.uint8)
+        if view.shape[2] == 1:
+            view = np.repeat(view, 3, axis=2)
+    pil = Image.fromarray(view)
+    # small crops are scaled up too, so a 32 px patch is not a speck on the grid
+    scale = tile / max(pil.width, pil.height)
+    pil = pil.resize(
+        (max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.Resampling.BILINEAR
+    )
     canvas = Image.new("RGB", (tile, tile), (255, 255, 255))
     canvas.paste(pil, ((tile - pil.width) // 2, (tile - pil.height) // 2))
     return np.asarray(canvas)

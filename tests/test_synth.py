@@ -228,3 +228,155 @@ def test_an_invisible_cue_never_stands_alone_unless_asked_for() -> None:
     assert all(case.cues != ("barcode_check",) for case in cases)
     only = plan_cases(1, 40, cue_policy(synth_photo, only=["barcode_check"]))
     assert {case.cues for case in only if case.label == "counterfeit"} == {("barcode_check",)}
+
+
+# ------------------------------------------------------------------------------- console export styles
+
+SINGLE_STYLES = ("png16", "grey8-png", "grey8-jpeg", "rgb-grey-jpeg", "pseudo-colour")
+MAGIC = {".png": b"\x89PNG", ".jpg": b"\xff\xd8\xff"}
+
+
+def _images(out: Path) -> list[tuple[object, np.ndarray]]:
+    return [(row, decode_image((out / row.path).read_bytes())) for row in _rows(out)]
+
+
+@pytest.mark.parametrize(
+    "style,suffix,dtype,channels",
+    [
+        ("png16", ".png", np.uint16, 1),
+        ("grey8-png", ".png", np.uint8, 1),
+        ("grey8-jpeg", ".jpg", np.uint8, 1),
+        ("rgb-grey-jpeg", ".jpg", np.uint8, 3),
+        ("pseudo-colour", ".jpg", np.uint8, 3),
+    ],
+)
+def test_each_export_style_decodes_to_the_form_a_console_sends(
+    style: str, suffix: str, dtype: type, channels: int, tmp_path: Path
+) -> None:
+    generate("xray", 4, tmp_path, seed=2, size=64, export_style=style)
+    for row, image in _images(tmp_path):
+        assert row.path.endswith(suffix) and (tmp_path / row.path).read_bytes().startswith(MAGIC[suffix])
+        assert row.meta["export_style"] == style and "crop" not in row.meta
+        assert image.dtype == dtype and image.shape[2] == channels and max(image.shape[:2]) == 64
+        full = 65535 if dtype == np.uint16 else 255
+        assert image.max() > 0.8 * full and image.min() < 0.65 * full  # air bright, goods darker
+        if style == "rgb-grey-jpeg":  # grey saved as RGB: R = G = B up to JPEG rounding
+            assert np.abs(image.astype(int) - image[..., :1].astype(int)).max() <= 2
+        if style == "pseudo-colour":  # real colour, not grey in three channels
+            spread = image.astype(float).max(axis=2) - image.astype(float).min(axis=2)
+            assert spread.mean() > 25 and spread.max() > 120
+
+
+def test_pseudo_colour_hue_follows_the_material() -> None:
+    """Organics orange, minerals green, metals blue, from the real low/high attenuation ratio."""
+    canvas = synth_xray.Canvas(20, 80, 1.0)
+    for k, (material, thickness) in enumerate((("organic", 4.0), ("talc", 2.0), ("steel", 0.3), ("air", 1))):
+        canvas.slab(20 * k, 0, 20, 20, thickness, synth_xray.mu(material))
+    rng = np.random.default_rng(0)
+    high = synth_xray.to_uint16(synth_xray.detect(canvas.att[1], rng, 0.6, 5000))
+    low = synth_xray.to_uint16(synth_xray.detect(canvas.att[0], rng, 0.6, 3000))
+    rgb = synth_xray.pseudo_colour(high, low).astype(float) / 255
+
+    def hsv(k: int) -> tuple[float, float, float]:
+        h, s, v = colorsys.rgb_to_hsv(*rgb[5:15, 20 * k + 5 : 20 * k + 15].reshape(-1, 3).mean(axis=0))
+        return h * 360, s, v
+
+    organic, mineral, metal, air = (hsv(k) for k in range(4))
+    assert 15 < organic[0] < 45 and 90 < mineral[0] < 150 and 190 < metal[0] < 250
+    assert min(organic[1], mineral[1], metal[1]) > 0.6 and air[1] < 0.2 and air[2] > 0.9  # air stays white
+
+
+@pytest.mark.parametrize("style", [*SINGLE_STYLES, "mixed"])
+def test_export_styles_are_deterministic_and_preview(style: str, tmp_path: Path) -> None:
+    from datasets.synth import write_preview
+
+    rows = generate("xray", 4, tmp_path / "a", seed=4, size=64, export_style=style)
+    generate("xray", 4, tmp_path / "b", seed=4, size=64, export_style=style)
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+    write_preview("xray", tmp_path / "a", rows, tmp_path / "grid.png")
+    grid = decode_image((tmp_path / "grid.png").read_bytes())
+    assert grid.shape[2] == 3 and grid.std() > 20
+
+
+def test_png16_style_is_the_unchanged_default(tmp_path: Path) -> None:
+    for dual in (False, True):
+        generate("xray", 4, tmp_path / f"default{dual}", seed=1, size=64, dual_energy=dual)
+        generate(
+            "xray", 4, tmp_path / f"png16{dual}", seed=1, size=64, dual_energy=dual, export_style="png16"
+        )
+        assert list(_hashes(tmp_path / f"default{dual}").values()) == list(
+            _hashes(tmp_path / f"png16{dual}").values()
+        )
+
+
+def test_mixed_covers_styles_sizes_and_aspects(tmp_path: Path) -> None:
+    generate("xray", 8, tmp_path, seed=0, size=256, export_style="mixed")
+    images = _images(tmp_path)
+    assert len({row.meta["export_style"] for row, _ in images}) >= 3
+    shapes = set()
+    for row, image in images:
+        if "crop" not in row.meta:  # a whole scan, also one of the forms
+            assert max(image.shape[:2]) == 256
+            continue
+        x0, y0, w, h = row.meta["crop"]
+        assert (
+            image.shape[:2] == (h, w) and min(w, h) >= 32 and max(w, h) <= 128 and 1 / 3.05 <= w / h <= 3.05
+        )
+        shapes.add((w, h))
+    assert len(shapes) >= 5
+    assert any(w > h for w, h in shapes) and any(h > w for w, h in shapes)  # landscape and portrait
+    assert min(min(s) for s in shapes) <= 64 and max(max(s) for s in shapes) >= 96  # patches and regions
+
+
+def _xray_job(index: int, label: str, cues: tuple[str, ...], style: str, crops: bool = False) -> ImageJob:
+    case = CaseInfo(
+        0, label, "pill-bottles" if label == "genuine" or "fill_level" in cues else "power-banks", cues
+    )
+    return ImageJob(index, 5, case, DIFFICULTIES["easy"], 160, False, style, crops)
+
+
+def test_crops_alone_keep_the_style_and_the_goods_in_view(tmp_path: Path) -> None:
+    rows = generate("xray", 8, tmp_path, seed=5, size=160, export_style="grey8-png", crops=True)
+    assert {row.meta["export_style"] for row in rows} == {"grey8-png"}
+    assert len({tuple(row.meta["crop"][2:]) for row in rows if "crop" in row.meta}) >= 4
+    for index in range(12):
+        job = _xray_job(index, "counterfeit", ("missing_part",), "grey8-png", crops=True)
+        meta = synth_xray.render(job)[2]
+        if "crop" not in meta:
+            continue
+        x0, y0, w, h = meta["crop"]
+        gx0, gy0, gx1, gy1 = synth_xray._scan(job, False)[1]
+        overlap = max(0, min(x0 + w, gx1) - max(x0, gx0)) * max(0, min(y0 + h, gy1) - max(y0, gy0))
+        # the crop shows goods, not background: all it can of them along each axis
+        assert overlap >= 0.95 * min(w, gx1 - gx0) * min(h, gy1 - gy0), (
+            index,
+            meta["crop"],
+            (gx0, gy0, gx1, gy1),
+        )
+
+
+def test_export_style_and_crop_size_do_not_depend_on_the_label() -> None:
+    """A counterfeit packing can grow the parcel and so the scan's shape; the crop's size must not follow."""
+    for index in range(16):
+        genuine, fake = (
+            synth_xray.render(_xray_job(index, label, cues, "mixed"))[2]
+            for label, cues in (("genuine", ()), ("counterfeit", ("packing_pattern", "fill_level")))
+        )
+        assert genuine["export_style"] == fake["export_style"]
+        assert ("crop" in genuine) == ("crop" in fake)
+        if "crop" in genuine:
+            assert genuine["crop"][2:] == fake["crop"][2:]
+
+
+def test_cli_unknown_export_style_names_the_valid_ones(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["--modality", "xray", "--n", "2", "--size", "64", "--out", str(tmp_path)]
+    assert synth_main([*base, "--export-style", "sepia"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown export style 'sepia'" in err and "Traceback" not in err
+    assert "Valid styles: png16, grey8-png, grey8-jpeg, rgb-grey-jpeg, pseudo-colour, mixed" in err
+    assert (
+        synth_main(["--modality", "photo", "--n", "2", "--out", str(tmp_path), "--export-style", "mixed"])
+        == 2
+    )
+    assert "--export-style applies to --modality xray only" in capsys.readouterr().err
+    assert synth_main([*base, "--export-style", "rgb-grey-jpeg", "--crops"]) == 0
