@@ -385,5 +385,36 @@ def test_resolve_model_path_prefers_onnx_and_the_newest_version(tmp_path: Path) 
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="neither an ONNX model"):
         resolve_model_path(tmp_path / "weights.bin")
-    with pytest.raises(FileNotFoundError, match="holds no model.onnx"):
+    # The --out folder of `verity train` holding one model: that model's newest version.
+    assert resolve_model_path(tmp_path) == tmp_path / "name" / "1.10" / "model.onnx"
+    (tmp_path / "other" / "v10").mkdir(parents=True)
+    (tmp_path / "other" / "v10" / "model.pt").write_bytes(b"x")
+    (tmp_path / "other" / "v9").mkdir()
+    (tmp_path / "other" / "v9" / "model.onnx").write_bytes(b"x")
+    assert resolve_model_path(tmp_path / "other") == tmp_path / "other" / "v10" / "model.pt"  # 10 > 9
+    with pytest.raises(ValueError, match=r"holds 2 models \(name, other\); choose one"):
         resolve_model_path(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no model.onnx"):
+        resolve_model_path(tmp_path / "empty")
+
+
+def test_eval_finds_the_model_in_the_folder_train_wrote(
+    trained: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`verity train --out DIR` writes DIR/<name>/<version>/; `verity eval --model DIR` finds it."""
+    out_dir = trained.parent.parent
+    code = eval_cli.main(
+        [
+            "--model",
+            str(out_dir),
+            "--data",
+            str(dataset),
+            "--out",
+            str(tmp_path),
+            "--no-report",
+            "--no-progress",
+        ]
+    )
+    assert code == 0 and "verity eval: contrast 1 (onnx)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.json").read_text())["model"]["path"] == str(trained / "model.onnx")

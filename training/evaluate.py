@@ -145,32 +145,50 @@ def _version_key(path: Path) -> list[tuple[int, int | str]]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", path.name) if part]
 
 
-def resolve_model_path(model: str | Path) -> Path:
-    """A model file, or a folder: checkpoints/<name>/<version>/ or checkpoints/<name>/ (newest version).
+MODEL_FILES = ("model.onnx", "model.pt")
 
-    In a folder the ONNX export is preferred to model.pt: it is what the server runs.
+
+def _model_file(folder: Path) -> Path | None:
+    """The folder's model.onnx, else its model.pt: the ONNX export is what the server runs."""
+    return next((folder / name for name in MODEL_FILES if (folder / name).is_file()), None)
+
+
+def _version_folders(folder: Path) -> list[Path]:
+    """Sub-folders holding a model file, oldest to newest in natural version order."""
+    return sorted((p for p in folder.iterdir() if p.is_dir() and _model_file(p)), key=_version_key)
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A model file, or a folder at any of the three levels `verity train --out DIR` writes:
+
+    * a run folder DIR/<name>/<version>/ holding model.onnx (preferred) or model.pt;
+    * a model folder DIR/<name>/: its newest version, in natural order (10 after 9);
+    * the --out folder DIR/ itself, when it holds exactly one model (several: an error that lists them).
     """
     path = Path(model)
     if path.is_file():
         if path.suffix not in (".onnx", ".pt"):
             raise ValueError(f"{path} is neither an ONNX model (.onnx) nor a checkpoint (.pt).")
         return path
-    if path.is_dir():
-        for name in ("model.onnx", "model.pt"):
-            if (path / name).is_file():
-                return path / name
-        versions = sorted(
-            (
-                p
-                for p in path.iterdir()
-                if p.is_dir() and any((p / n).is_file() for n in ("model.onnx", "model.pt"))
-            ),
-            key=_version_key,
+    if not path.is_dir():
+        raise FileNotFoundError(f"No model at {path}: give a .onnx, a model.pt or a checkpoint folder.")
+    found = _model_file(path)
+    if found:
+        return found
+    versions = _version_folders(path)
+    if versions:
+        return _model_file(versions[-1]) or versions[-1]
+    models = sorted(p for p in path.iterdir() if p.is_dir() and _version_folders(p))
+    if len(models) == 1:
+        return resolve_model_path(models[0])
+    if models:
+        raise ValueError(
+            f"{path} holds {len(models)} models ({', '.join(p.name for p in models)}); "
+            f"choose one, e.g. --model {models[0]}."
         )
-        if versions:
-            return resolve_model_path(versions[-1])
-        raise FileNotFoundError(f"{path} holds no model.onnx or model.pt (nor version folders with one).")
-    raise FileNotFoundError(f"No model at {path}: give a .onnx, a model.pt or a checkpoint folder.")
+    raise FileNotFoundError(
+        f"{path} holds no model.onnx or model.pt, nor <version>/ or <name>/<version>/ folders with one."
+    )
 
 
 def open_scorer(model: str | Path | Scorer, provider: str | None = None, threads: int = 1) -> Scorer:
