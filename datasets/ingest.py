@@ -29,7 +29,16 @@ from typing import Any, TextIO
 import numpy as np
 
 from datasets.hashing import UnionFind, dhash, near_duplicate_pairs, sha256_hex
-from datasets.manifest import LABELS, MODALITIES, SPLITS, ManifestRow, read_manifest, write_manifest
+from datasets.manifest import (
+    LABEL_SYNONYMS,
+    LABELS,
+    MODALITIES,
+    SPLITS,
+    ManifestRow,
+    label_for_folder,
+    read_manifest,
+    write_manifest,
+)
 from datasets.split import assign_groups, group_key, split_fractions
 from inference.decode import (
     DEFAULT_LIMITS,
@@ -39,14 +48,8 @@ from inference.decode import (
 )
 from inference.spec import default_spec
 
-# Folder and column names accepted for each label and modality (compared in lower case).
-LABEL_NAMES = {
-    "genuine": "genuine",
-    "real": "genuine",
-    "authentic": "genuine",
-    "counterfeit": "counterfeit",
-    "fake": "counterfeit",
-}
+# Folder and column names accepted for each modality (compared in lower case); the label names are
+# datasets.manifest.LABEL_SYNONYMS, shared with training and evaluation.
 MODALITY_NAMES = {"photo": "photo", "photos": "photo", "xray": "xray", "x-ray": "xray", "x_ray": "xray"}
 TABLE_COLUMNS = ("path", "label", "modality", "product", "case_id", "source")
 TABLE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
@@ -112,7 +115,14 @@ class IngestResult:
 
 
 def _label(value: object) -> str | None:
-    return LABEL_NAMES.get(str(value).strip().lower()) if value not in (None, "") else None
+    return label_for_folder(str(value)) if value not in (None, "") else None
+
+
+def _label_folder_names() -> str:
+    """E.g. "genuine/real/authentic or counterfeit/fake", from the shared synonyms."""
+    return " or ".join(
+        "/".join(name for name, target in LABEL_SYNONYMS.items() if target == label) for label in LABELS
+    )
 
 
 def _modality(value: object) -> str | None:
@@ -128,7 +138,7 @@ def _finish(
     if candidate.problem:
         return candidate
     if candidate.label is None:
-        valid = ", ".join(sorted(LABEL_NAMES))
+        valid = ", ".join(sorted(LABEL_SYNONYMS))
         candidate.problem = ("bad_label", f"label {raw_label!r} is not one of {valid}")
     elif candidate.modality is None:
         candidate.problem = (
@@ -150,7 +160,7 @@ def iter_folder(
         hidden[0] += sum(name.startswith(".") for name in dirnames + filenames)
         dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
         parts = Path(directory).relative_to(root).parts
-        labels = {LABEL_NAMES[p.lower()] for p in parts if p.lower() in LABEL_NAMES}
+        labels = {label for label in map(label_for_folder, parts) if label is not None}
         modalities = {MODALITY_NAMES[p.lower()] for p in parts if p.lower() in MODALITY_NAMES}
         for name in sorted(filenames):
             if name.startswith("."):
@@ -161,7 +171,7 @@ def iter_folder(
             candidate = Candidate(path=path, shown=str(path.relative_to(root)), source=options.source)
             if options.case_from_folder:
                 case_parts = [
-                    p for p in parts if p.lower() not in LABEL_NAMES and p.lower() not in MODALITY_NAMES
+                    p for p in parts if label_for_folder(p) is None and p.lower() not in MODALITY_NAMES
                 ]
                 candidate.case_id = "/".join(case_parts) or None
             if len(labels) > 1 or len(modalities) > 1:
@@ -172,7 +182,7 @@ def iter_folder(
             elif not labels:
                 candidate.problem = (
                     "no_label",
-                    "no label folder above this file (genuine/real/authentic or counterfeit/fake)",
+                    f"no label folder above this file ({_label_folder_names()})",
                 )
             yield _finish(candidate, next(iter(labels), "genuine"), next(iter(modalities), None), options)
 

@@ -21,7 +21,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets.manifest import LABELS, SPLITS, ManifestRow, read_manifest, resolve_image_path
+from datasets.manifest import (
+    LABEL_SYNONYMS,
+    LABELS,
+    SPLITS,
+    ManifestRow,
+    label_folders,
+    read_manifest,
+    resolve_image_path,
+)
 from datasets.split import assign_groups, group_key, split_fractions
 from inference.decode import decode_image, to_model_input
 from inference.spec import PreprocessSpec
@@ -34,21 +42,24 @@ Augment = Callable[[np.ndarray], tuple[np.ndarray, PreprocessSpec]]
 
 
 def folder_rows(root: str | Path, modality: str) -> list[ManifestRow]:
-    """Rows for DIR/genuine/** and DIR/counterfeit/** (absolute paths, product = first subfolder)."""
+    """Rows for DIR/<label folder>/** (absolute paths, product = first subfolder).
+
+    Label folders are named as `verity data ingest` accepts them (datasets.manifest.LABEL_SYNONYMS:
+    genuine/, real/, fake/, ...), so train, eval and ingest read one folder alike.
+    """
     root = Path(root).resolve()
     rows = []
-    for label in LABELS:
-        label_dir = root / label
-        if not label_dir.is_dir():
-            continue
+    for label, label_dir in label_folders(root):
         for path in sorted(label_dir.rglob("*")):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
                 relative = path.relative_to(label_dir)
                 product = relative.parts[0] if len(relative.parts) > 1 else None
                 rows.append(ManifestRow(str(path), label, modality, product=product, source=str(root)))
     if not rows:
+        synonyms = ", ".join(f"{name}/" for name in LABEL_SYNONYMS if name not in LABELS)
         raise ValueError(
             f"{root} holds no manifest.jsonl and no images in genuine/ or counterfeit/ subfolders "
+            f"(nor {synonyms}) "
             f"(image types: {', '.join(sorted(IMAGE_SUFFIXES))})."
         )
     return rows

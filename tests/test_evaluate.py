@@ -418,3 +418,41 @@ def test_eval_finds_the_model_in_the_folder_train_wrote(
     )
     assert code == 0 and "verity eval: contrast 1 (onnx)" in capsys.readouterr().out
     assert json.loads((tmp_path / "metrics.json").read_text())["model"]["path"] == str(trained / "model.onnx")
+
+
+def test_train_eval_and_ingest_read_a_real_fake_folder_alike(dataset: Path, tmp_path: Path) -> None:
+    """Label folder names are one definition (datasets.manifest.LABEL_SYNONYMS) for all three readers."""
+    from datasets.ingest import IngestOptions, ingest
+    from datasets.manifest import label_for_folder, read_manifest, resolve_image_path
+    from datasets.torch_dataset import load_rows
+    from training.evaluate import load_samples
+
+    assert [label_for_folder(n) for n in ("Real", "fake", "AUTHENTIC", "genuine", "other")] == [
+        "genuine",
+        "counterfeit",
+        "genuine",
+        "genuine",
+        None,
+    ]
+    folder = tmp_path / "seizure"
+    for source in sorted((dataset / "images").glob("*_*.png")):
+        label = "fake" if int(source.stem.split("_")[1]) % 2 else "real"
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        (folder / label / source.name).write_bytes(source.read_bytes())
+    trained_rows, _ = load_rows(folder, "photo")
+    evaluated = load_samples(folder, None, "photo").samples
+    manifest = tmp_path / "ingested" / "manifest.jsonl"
+    ingest(folder, manifest, IngestOptions(modality="photo", progress=False, workers=1))
+    ingested = list(read_manifest(manifest))
+    target_names = ("genuine", "counterfeit")
+    as_train = sorted((str(Path(row.path).resolve()), row.label) for row in trained_rows)
+    as_eval = sorted((str(s.path.resolve()), target_names[s.target]) for s in evaluated)
+    as_ingest = sorted((str(resolve_image_path(manifest, row).resolve()), row.label) for row in ingested)
+    assert as_train == as_eval == as_ingest
+    assert len(as_train) == 40 and {label for _, label in as_train} == set(target_names)
+    # DIR/<split>/<label synonym>/... is read as split folders too.
+    (tmp_path / "split" / "test" / "Fake").mkdir(parents=True)
+    for source in sorted((folder / "fake").iterdir())[:3]:
+        (tmp_path / "split" / "test" / "Fake" / source.name).write_bytes(source.read_bytes())
+    samples = load_samples(tmp_path / "split", "test", "photo").samples
+    assert [s.target for s in samples] == [1, 1, 1]

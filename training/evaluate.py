@@ -6,7 +6,8 @@ the figures the service will show. A `model.pt` is evaluated in torch with the s
 
 Data: a manifest (JSONL, rows filtered by split), a folder holding a manifest.jsonl, or a folder laid out
 as DIR/genuine/... and DIR/counterfeit/... or DIR/<split>/genuine/... (a subfolder below the label names
-the product).
+the product; label folders may have any name ingest accepts: real/, fake/, ..., see
+datasets.manifest.LABEL_SYNONYMS).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from datasets.manifest import LABELS, SPLITS, read_manifest
+from datasets.manifest import LABELS, SPLITS, label_folders, read_manifest
 from inference.decode import DecodeError, load_for_model
 from inference.engine import OnnxEngine, calibrated_scores
 from inference.spec import PreprocessSpec
@@ -242,7 +243,7 @@ def _split_folder_samples(path: Path, split: str | None, modality: str) -> Loade
     """DIR/<split>/<label>/...: explicit split folders (a subfolder below the label names the product)."""
     from datasets.torch_dataset import folder_rows
 
-    present = [name for name in SPLITS if any((path / name / label).is_dir() for label in LABELS)]
+    present = [name for name in SPLITS if label_folders(path / name)]
     if not present:
         return None
     if split and split not in present:
