@@ -478,25 +478,63 @@ def decode_dual_energy(high: bytes, low: bytes, limits: DecodeLimits = DEFAULT_L
     return np.stack([high_plane, low_plane], axis=2)
 
 
-def _match_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
-    channels = image.shape[2]
+# A channel spread (max - min over R, G, B) of at most this many 8-bit levels is JPEG noise on grey
+# content: encoding R = G = B through YCbCr and back moves a channel by 1-2 levels, never by 4.
+GREY_SPREAD_LEVELS = 3
+# An image whose pixels stay within that spread but for this fraction (stray chroma at sharp edges) is grey.
+GREY_OUTLIER_FRACTION = 0.001
+
+
+def is_grey_content(image: np.ndarray) -> bool:
+    """Whether an HxWx3 image is grey content stored as colour (R = G = B up to JPEG noise).
+
+    Most X-ray files that leave a scanner console are such RGB-encoded grey; pseudo-colour exports
+    (orange organic, green mixed, blue metal) spread their channels by tens of levels.
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        return False
+    levels = 1.0 if image.dtype == np.uint8 else (257.0 if image.dtype == np.uint16 else 1 / 255)
+    spread = image.max(axis=2).astype(np.float32) - image.min(axis=2).astype(np.float32)
+    outliers = np.count_nonzero(spread > GREY_SPREAD_LEVELS * levels)
+    return outliers <= GREY_OUTLIER_FRACTION * spread.size
+
+
+def _luma(image: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of an HxWx3 image, HxWx1 of the same dtype.
+
+    8-bit uses PIL's own fixed-point formula ("L" conversion), so R = G = B = v gives exactly v and an
+    RGB JPEG of grey content lands on the numbers of the same image saved as grey.
+    """
+    if image.dtype == np.uint8:
+        weighted = image[..., 0].astype(np.uint32) * 19595 + image[..., 1].astype(np.uint32) * 38470
+        weighted += image[..., 2].astype(np.uint32) * 7471 + 0x8000
+        return (weighted >> 16).astype(np.uint8)[..., None]
+    luma = image[..., 0] * 0.299 + image[..., 1] * 0.587 + image[..., 2] * 0.114
+    return luma.astype(image.dtype)[..., None]
+
+
+def match_channels(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Brings a decoded HxWxC image to the model's channels: the colour rule of the spec module.
+
+    Grey content is one plane whatever its encoding: for an X-ray model, RGB-encoded grey becomes its
+    luma plane first, so the grey PNG and its RGB JPEG give the same tensor. A 1-channel model sees
+    colour as luma; a 3-channel model keeps colour (a pseudo-colour scan's hue is its material) and
+    sees a grey plane repeated three times. A single-energy model given a dual-energy pair sees the
+    high-energy image, which is what a single-energy scanner records.
+    """
+    if image.ndim == 2:
+        image = image[..., None]
+    in_chans, channels = spec.in_chans, image.shape[2]
+    if channels == 4:
+        image, channels = image[..., :3], 3
+    if channels == 3 and (in_chans == 1 or (spec.modality == "xray" and is_grey_content(image))):
+        image, channels = _luma(image), 1
+    if channels == 2 and in_chans != 2:
+        image, channels = image[..., :1], 1
     if channels == in_chans:
         return image
-    if in_chans == 3 and channels == 1:
+    if channels == 1 and in_chans == 3:
         return np.repeat(image, 3, axis=2)
-    if in_chans == 1 and channels in (3, 4):
-        # ITU-R 601 luma, as PIL's "L" conversion uses
-        luma = image[..., 0] * 0.299 + image[..., 1] * 0.587 + image[..., 2] * 0.114
-        # 8-bit luma stays float (no rounding); deeper images keep their type so the window still applies
-        return (luma.astype(np.float32) if image.dtype == np.uint8 else luma.astype(image.dtype))[..., None]
-    if in_chans == 1 and channels == 2:
-        # A single-energy model given a dual-energy scan sees the high-energy image, which is what a
-        # single-energy scanner records.
-        return image[..., :1]
-    if in_chans == 3 and channels == 4:
-        return image[..., :3]
-    if in_chans == 3 and channels == 2:
-        return np.repeat(image[..., :1], 3, axis=2)
     raise DecodeError(
         f"The image has {channels} channel(s) but the model needs {in_chans}"
         + (" (a dual-energy high/low pair)." if in_chans == 2 else ".")
@@ -558,15 +596,15 @@ def _uint8_to_model_input(image: Image.Image, spec: PreprocessSpec) -> np.ndarra
     return _letterbox(chw, spec) if spec.resize_mode == "letterbox" else chw
 
 
-def _is_plain_uint8(image: Image.Image, in_chans: int) -> bool:
-    return (image.mode, in_chans) in (("RGB", 3), ("L", 1))
+def _is_plain_uint8(image: Image.Image, spec: PreprocessSpec) -> bool:
+    # An X-ray RGB image must first be checked for grey content (match_channels), so it takes the array path.
+    plain = {("RGB", 3), ("L", 1)} if spec.modality == "photo" else {("L", 1)}
+    return (image.mode, spec.in_chans) in plain
 
 
 def to_model_input(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Turns a decoded HxWxC image into the model's CxSxS float32 input in [0, 1]."""
-    if image.ndim == 2:
-        image = image[..., None]
-    image = _match_channels(image, spec.in_chans)
+    image = match_channels(image, spec)
     if image.dtype == np.uint8 and spec.in_chans in (1, 3):
         return _uint8_to_model_input(Image.fromarray(image if spec.in_chans == 3 else image[..., 0]), spec)
     height, width = _target_shape(image.shape[0], image.shape[1], spec)
@@ -596,7 +634,7 @@ def decode_for_model(data: bytes, spec: PreprocessSpec, limits: DecodeLimits = D
         return to_model_input(decode_image(data, limits, draft_size=spec.image_size), spec)
     with _pil_errors():
         image = _open_pil(data, limits, spec.image_size)
-        if _is_plain_uint8(image, spec.in_chans):
+        if _is_plain_uint8(image, spec):
             return _uint8_to_model_input(image, spec)
         pixels = _pil_to_array(image)
     return to_model_input(pixels, spec)

@@ -22,9 +22,11 @@ from typing import Any
 import albumentations as A
 import numpy as np
 
+from inference.decode import match_channels
 from inference.spec import PreprocessSpec
 
 PRESETS = ("photo", "xray")
+VARIANTS = ("full", "patch")
 
 
 class Glare(A.ImageOnlyTransform):
@@ -141,36 +143,39 @@ def photo_preset() -> A.Compose:
     )
 
 
-def xray_preset() -> A.Compose:
-    """Transmission scans: exposure, detector noise, orientation, clutter; no colour jitter."""
+def xray_preset(variant: str = "full") -> A.Compose:
+    """Transmission scans: orientation and exposure always; clutter and detector noise on full scans.
+
+    The "patch" variant is for images smaller than the model input (defect patches, tiny crops): they
+    are upsampled, so per-pixel noise and clutter ellipses become blobs the size of the evidence and
+    erase or imitate it (measured in README.md, "Training defaults").
+    """
+    geometric = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
+    exposure = [
+        A.RandomGamma(gamma_limit=(75, 135), p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.15, p=0.5),
+    ]
+    if variant == "patch":
+        return A.Compose([*geometric, *exposure])
     return A.Compose(
-        [
-            A.HorizontalFlip(p=0.5),
-            A.VerticalFlip(p=0.5),
-            A.RandomRotate90(p=0.5),
-            OverlapClutter(p=0.4),
-            A.RandomGamma(gamma_limit=(75, 135), p=0.5),
-            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.15, p=0.5),
-            A.GaussNoise(std_range=(0.005, 0.03), p=0.4),
-        ]
+        [*geometric, OverlapClutter(p=0.4), *exposure, A.GaussNoise(std_range=(0.005, 0.03), p=0.4)]
     )
 
 
-_BUILDERS = {"photo": photo_preset, "xray": xray_preset}
-
-
-def build_preset(modality: str) -> A.Compose:
-    """The augmentation pipeline for a modality."""
-    if modality not in _BUILDERS:
+def build_preset(modality: str, variant: str = "full") -> A.Compose:
+    """The augmentation pipeline for a modality ("patch" changes the X-ray preset only)."""
+    if modality not in PRESETS:
         raise ValueError(
             f"Invalid augmentation preset {modality!r}. Only {', '.join(PRESETS)} are supported."
         )
-    return _BUILDERS[modality]()
+    if variant not in VARIANTS:
+        raise ValueError(f"Invalid preset variant {variant!r}. Only {', '.join(VARIANTS)} are supported.")
+    return photo_preset() if modality == "photo" else xray_preset(variant)
 
 
-def describe_preset(modality: str) -> dict[str, Any]:
+def describe_preset(modality: str, variant: str = "full") -> dict[str, Any]:
     """The preset as plain data (albumentations' own serialization), saved with each run."""
-    return A.to_dict(build_preset(modality))
+    return A.to_dict(build_preset(modality, variant))
 
 
 def to_unit_float(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -191,8 +196,8 @@ class Augmenter:
     to float32 [0, 1] first, so the returned spec has its window cleared (the window was applied here).
     """
 
-    def __init__(self, modality: str, spec: PreprocessSpec) -> None:
-        self.pipeline = build_preset(modality)
+    def __init__(self, modality: str, spec: PreprocessSpec, variant: str = "full") -> None:
+        self.pipeline = build_preset(modality, variant)
         self.spec = spec
         self.float_spec = replace(spec, window=None)
 
@@ -201,11 +206,9 @@ class Augmenter:
         self.pipeline.set_random_seed(seed)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, PreprocessSpec]:
-        if image.ndim == 2:
-            image = image[..., None]
-        if self.spec.in_chans == 3 and image.shape[2] != 3:
-            # Grey or RGBA photos: give the colour transforms the 3 channels to_model_input would make.
-            image = np.repeat(image[..., :1], 3, axis=2) if image.shape[2] < 3 else image[..., :3]
+        # The channels the model will see (grey collapsed, colour kept or made luma, see match_channels),
+        # so training augments what evaluation and serving preprocess.
+        image = match_channels(image, self.spec)
         if image.dtype == np.uint8 and image.shape[2] == 3:
             return self.pipeline(image=image)["image"], self.spec
         unit = to_unit_float(image, self.spec)
