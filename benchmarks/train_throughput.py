@@ -50,6 +50,7 @@ def ours(data: Path, out: Path, args: argparse.Namespace) -> float:
         data=str(data), out=str(out), name="bench", model=args.model, pretrained=False, epochs=1,
         max_steps=args.steps, image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
         val_fraction=0.1, test_fraction=0.1, export=False, report=False, progress=False, amp=args.amp,
+        allow_weak=True,
     )  # fmt: skip
     history = torch.load(out / "bench" / "dev" / "last.pt", weights_only=True)["run_state"]["history"]
     return float(history[0]["train_images_per_s"])

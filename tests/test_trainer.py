@@ -26,8 +26,8 @@ torch.set_num_threads(1)
 
 FAST = dict(
     image_size=32, batch_size=8, workers=0, progress=False, export=False, report=False, log_every=1,
-    warmup_epochs=0.0, lr=3e-3,
-)  # fmt: skip
+    warmup_epochs=0.0, lr=3e-3, allow_weak=True,
+)  # fmt: skip  (these tests check the plumbing of a few steps, not learning: the weak-run guard has its own)
 
 
 def make_folder(root: Path, per_class: int = 16, size: int = 40, seed: int = 0) -> Path:
@@ -236,7 +236,7 @@ def test_verity_train_writes_every_artifact_and_prints_where(tiny_folder, tmp_pa
 
     argv = ["--data", str(tiny_folder), "--epochs", "1", "--name", "tiny", "--version", "v1",
             "--out", str(tmp_path), "--image-size", "32", "--batch-size", "8", "--workers", "1",
-            "--no-progress"]  # fmt: skip
+            "--no-progress", "--allow-weak"]  # fmt: skip
     assert train_main(argv) == 0
     run_dir = tmp_path / "tiny" / "v1"
     printed = capsys.readouterr().out

@@ -126,9 +126,14 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"verity train: error: {error}", file=sys.stderr)
         return 2
+    from training.guard import WeakRunError
     from training.trainer import train
 
-    outputs = train(config)
+    try:
+        outputs = train(config)
+    except WeakRunError as error:
+        print(f"verity train: {error}", file=sys.stderr)
+        return 3
     if outputs.get("model_pt"):  # rank 0 writes and reports; other ranks return a digest only
         _print_outputs(outputs)
     return 0

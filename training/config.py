@@ -17,6 +17,7 @@ from typing import Any
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 BALANCE_MODES = ("none", "loss", "sampler")
 DEVICES = ("auto", "cpu", "cuda")
+AUGMENT_PRESETS = ("full", "patch")
 
 
 class ConfigError(ValueError):
@@ -32,14 +33,16 @@ class TrainConfig:
     model: str = "efficientnet_lite0"  # registry name (see training.models.MODELS)
     pretrained: bool = True  # start from ImageNet weights (the packaged file, or --weights)
     weights: str | None = None  # a local weights file for the backbone (any registry model)
-    image_size: int | None = None  # override the spec's image size
-    in_chans: int | None = None  # override the spec's input channels (2 = dual-energy X-ray)
-    epochs: int = 6
+    # Knobs left at None are chosen from the data (training/recipe.py) and the choice is printed.
+    image_size: int | None = None  # model input size (default: chosen from the data)
+    in_chans: int | None = None  # input channels, 2 = dual-energy X-ray (default: chosen from the data)
+    resize_mode: str | None = None  # stretch or letterbox (default: chosen from the aspect ratios)
+    epochs: int | None = None  # passes over the training split (default: chosen from the set size)
     max_steps: int | None = None  # stop after this many steps in all; the schedule still spans epochs
     batch_size: int = 32
     lr: float = 1e-3  # peak learning rate of AdamW
     weight_decay: float = 0.05
-    warmup_epochs: float = 0.5  # linear warm-up length, then cosine decay to min_lr_ratio * lr
+    warmup_epochs: float | None = None  # linear warm-up, then cosine decay (default: 5% of the steps)
     min_lr_ratio: float = 0.01
     label_smoothing: float = 0.0
     seed: int = 0
@@ -50,6 +53,8 @@ class TrainConfig:
     patience: int = 3  # early stopping: epochs without a better validation ROC AUC
     balance: str = "loss"  # class imbalance: none, loss (weighted cross-entropy) or sampler
     augment: bool = True  # the modality's augmentation preset (training/augment.py)
+    augment_preset: str | None = None  # full or patch (X-ray; default: patch for images under the input size)
+    allow_weak: bool = False  # write the model even when the run did not learn (training/guard.py)
     val_fraction: float = 0.15  # grouped split of data without splits
     test_fraction: float = 0.15
     target_false_alarm_rate: float = 0.01
@@ -75,18 +80,22 @@ class TrainConfig:
             "balance": BALANCE_MODES,
             "device": DEVICES,
             "modality": ("photo", "xray"),
+            "resize_mode": (None, "stretch", "letterbox"),
+            "augment_preset": (None, *AUGMENT_PRESETS),
         }
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
+                valid = tuple(option for option in valid if option is not None)
                 raise ConfigError(
                     f"Invalid {key} {getattr(self, key)!r}. Only {', '.join(valid)} are supported."
                 )
         positive = ("epochs", "batch_size", "lr", "log_every")
         for key in positive:
-            if not getattr(self, key) > 0:
+            value = getattr(self, key)
+            if value is not None and not value > 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)!r}.")
         for key in ("weight_decay", "warmup_epochs", "min_lr_ratio", "label_smoothing"):
-            if getattr(self, key) < 0:
+            if (getattr(self, key) or 0) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)!r}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}.")

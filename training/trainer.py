@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -243,7 +244,9 @@ def train_one_epoch(
         loader,
         desc=f"epoch {state.epoch + 1}/{config.epochs}",
         unit="batch",
-        disable=not (config.progress and run.info.is_main),
+        # A bar redraws in place on a terminal only; in a CI log or a file each redraw would be a line,
+        # and the epoch line below says what the bar would.
+        disable=not (config.progress and run.info.is_main and sys.stderr.isatty()),
         leave=False,
     )
     for images, targets in bar:
@@ -358,7 +361,21 @@ def resolve_run_spec(config: TrainConfig, stored: dict[str, Any] | None) -> Prep
         override["image_size"] = config.image_size
     if config.in_chans is not None:
         override["in_chans"] = config.in_chans
+    if config.resize_mode is not None:
+        override["resize_mode"] = config.resize_mode
     return resolve_spec(config.modality, stored=stored, override=override or None)
+
+
+def choose_from_data(
+    config: TrainConfig, rows: list[ManifestRow], spec_fixed: bool, verbose: bool
+) -> TrainConfig:
+    """Fills the knobs left unset from the data (training/recipe.py) and says what it chose."""
+    from training.recipe import apply_recipe
+
+    chosen, _, reasons = apply_recipe(config, rows, spec_fixed)
+    if verbose and reasons:
+        print("chosen from the data: " + "; ".join(reasons), flush=True)
+    return chosen
 
 
 def build_run(config: TrainConfig) -> tuple[Run, dict[str, Any] | None]:
@@ -374,10 +391,11 @@ def build_run(config: TrainConfig) -> tuple[Run, dict[str, Any] | None]:
             f"{config.resume or config.init_from} is a {source['model_name']!r} model; "
             f"pass --model {source['model_name']} to continue from it."
         )
-    spec = resolve_run_spec(config, source["spec"] if source is not None else None)
     rows, description = load_rows(
-        config.data, spec.modality, config.val_fraction, config.test_fraction, config.seed
+        config.data, config.modality, config.val_fraction, config.test_fraction, config.seed
     )
+    config = choose_from_data(config, rows, spec_fixed=source is not None, verbose=info.is_main)
+    spec = resolve_run_spec(config, source["spec"] if source is not None else None)
     pretrained = config.pretrained and source is None  # the loaded weights replace ImageNet's anyway
     model = build_for_spec(
         config.model, spec, pretrained=pretrained, weights_path=None if source else config.weights
@@ -416,7 +434,8 @@ def make_loaders(run: Run) -> tuple[DataLoader, EpochSampler, DataLoader, int]:
     config, train_rows = run.config, run.split("train")
     if not train_rows:
         raise ValueError(f"No training rows in {run.data_description}.")
-    augmenter = Augmenter(run.spec.modality, run.spec) if config.augment else None
+    variant = config.augment_preset or "full"
+    augmenter = Augmenter(run.spec.modality, run.spec, variant) if config.augment else None
     train_set = ManifestDataset(train_rows, run.spec, augmenter, augmenter.set_seed if augmenter else None)
     weights = None
     if config.balance == "sampler":
@@ -606,6 +625,28 @@ def _groups(rows: list[ManifestRow]) -> dict[str, list[str]]:
     return {"product": [row.product or "unknown" for row in rows]}
 
 
+def guard_run(
+    run: Run, val_scores: np.ndarray, val_targets: np.ndarray, temperature: float, thresholds: dict[str, Any]
+) -> list[str]:
+    """The weak-run guard (training/guard.py): raises WeakRunError before anything is written."""
+    from training.calibrate import verdicts
+    from training.guard import check_run, weak_signs
+    from training.metrics import roc_auc
+
+    uncertain = verdicts(val_scores, thresholds["alarm"], thresholds["clear"]) == -1
+    refuse, report = weak_signs(
+        roc_auc(val_scores, val_targets),
+        val_targets,
+        float(np.mean(uncertain)) if len(uncertain) else 0.0,
+        temperature,
+        run.state.history,
+    )
+    warnings = check_run(refuse, report, run.config.allow_weak)
+    for warning in warnings:
+        print(f"warning: {warning}", flush=True)
+    return warnings
+
+
 def finish(run: Run, best_state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Calibrates and chooses thresholds on validation, evaluates on test, writes every artifact.
 
@@ -628,6 +669,7 @@ def finish(run: Run, best_state: dict[str, torch.Tensor]) -> dict[str, Any]:
     thresholds = choose_thresholds(
         val_scores, val_targets, config.target_false_alarm_rate, config.target_miss_rate
     )
+    weak_warnings = guard_run(run, val_scores, val_targets, temperature, thresholds)
     metrics = {
         "val": compute_metrics(val_scores, val_targets, _groups(run.split("val")), thresholds),
         "test": None,
@@ -663,6 +705,7 @@ def finish(run: Run, best_state: dict[str, torch.Tensor]) -> dict[str, Any]:
         thresholds,
         code_version(),
     )
+    card["warnings"] = [*card.get("warnings", []), *weak_warnings]
     checkpoint = checkpoint_dict(run, best_state, with_optimizer=False)
     checkpoint.update(
         metrics=json.loads(json.dumps(card["metrics"])),
@@ -696,7 +739,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             save_config(run.config, run.run_dir / "config.yaml")
             from training.augment import describe_preset
 
-            run.augment_preset = describe_preset(run.spec.modality) if config.augment else None
+            variant = config.augment_preset or "full"
+            run.augment_preset = describe_preset(run.spec.modality, variant) if config.augment else None
             text = json.dumps(run.augment_preset, indent=2)
             (run.run_dir / "augment.json").write_text(text + "\n", encoding="utf-8")
             run.fingerprint = data_fingerprint(run.rows)

@@ -1,0 +1,76 @@
+"""Training defaults chosen from the data (training/recipe.py): each rule on the data it is meant for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datasets.manifest import ManifestRow
+from training.config import TrainConfig
+from training.recipe import CPU_IMAGE_BUDGET, MAX_EPOCHS, DataProfile, apply_recipe, choose
+
+
+def _rows(root: Path, size: tuple[int, int], count: int = 6, colour: bool = False) -> list[ManifestRow]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(count):
+        width, height = size
+        grey = rng.integers(0, 255, (height, width), dtype=np.uint8)
+        if colour:
+            pixels = np.stack([grey, grey // 2, 255 - grey], axis=2)  # pseudo-colour: channels differ
+        else:
+            pixels = np.repeat(grey[..., None], 3, axis=2)  # RGB-encoded grey
+        path = root / f"{index}.jpg"
+        Image.fromarray(pixels).save(path, quality=95)
+        label = ("genuine", "counterfeit")[index % 2]
+        rows.append(ManifestRow(str(path), label, "xray", split="train"))
+    return rows
+
+
+def _profile(n: int, long: float = 300, short: float = 300, colour: float = 0.0) -> DataProfile:
+    return DataProfile(n, long, short, long / short, colour)
+
+
+def test_profile_reads_sizes_aspect_and_colour(tmp_path) -> None:
+    grey = apply_recipe(TrainConfig(modality="xray"), _rows(tmp_path, (120, 40)), spec_fixed=False)
+    config, profile, reasons = grey
+    assert (profile.median_long_side, profile.median_short_side, profile.median_aspect) == (120, 40, 3.0)
+    assert profile.colour_share == 0.0  # RGB-encoded grey is grey
+    assert config.resize_mode == "letterbox" and config.in_chans == 1 and config.image_size == 224
+    assert config.augment_preset == "patch"  # 40 px patches are under the 224 px input
+    assert any(reason.startswith("resize letterbox") for reason in reasons)
+    (tmp_path / "c").mkdir()
+    colour_rows = _rows(tmp_path / "c", (64, 64), colour=True)
+    colour, profile, _ = apply_recipe(TrainConfig(modality="xray"), colour_rows, spec_fixed=False)
+    assert profile.colour_share == 1.0 and colour.in_chans == 3 and colour.resize_mode == "stretch"
+
+
+@pytest.mark.parametrize(
+    ("train_images", "expected"),
+    [(128, MAX_EPOCHS), (900, 9), (1400, 6), (20_000, 2)],
+)
+def test_epochs_follow_the_set_size_within_the_cpu_budget(train_images: int, expected: int) -> None:
+    chosen, reasons = choose(TrainConfig(), _profile(train_images), spec_fixed=False)
+    assert chosen["epochs"] == expected
+    assert chosen["epochs"] * train_images <= max(CPU_IMAGE_BUDGET, 2 * train_images)
+    assert chosen["warmup_epochs"] == pytest.approx(0.05 * expected, abs=1e-3)
+    assert reasons[0].startswith(f"epochs {expected} ")
+    # A set of tens of thousands also drops to the smaller input to fit the budget.
+    assert chosen["image_size"] == (160 if train_images == 20_000 else 224)
+
+
+def test_flags_given_win_and_a_fine_tuned_spec_is_kept() -> None:
+    given = TrainConfig(modality="xray", epochs=3, warmup_epochs=0.0, image_size=96, resize_mode="stretch",
+                        in_chans=2, augment_preset="full")  # fmt: skip
+    chosen, reasons = choose(given, _profile(500, 4000, 1500, colour=1.0), spec_fixed=False)
+    assert chosen == {} and reasons == []
+    chosen, _ = choose(TrainConfig(modality="xray"), _profile(500, 4000, 1500), spec_fixed=True)
+    assert set(chosen) == {"epochs", "warmup_epochs", "augment_preset"}  # size and channels are the model's
+
+
+def test_photos_keep_their_preset_and_channels() -> None:
+    chosen, _ = choose(TrainConfig(modality="photo"), _profile(500, 64, 64, colour=1.0), spec_fixed=False)
+    assert chosen["augment_preset"] == "full" and "in_chans" not in chosen
