@@ -1,0 +1,81 @@
+"""Manifests over the real sets in ../shared/real/, with one fixed split each, for measurement only.
+
+The images stay where they are (they are not ours to ship): the manifests name them by absolute path
+and live under data/real/ (ignored by git). Each set's labels.csv gives label, modality and case_id;
+splits are grouped by case_id so one acquisition group never lands on both sides. A set whose
+SOURCE.txt gives its own test split (gdxray_fishbones: the book's orig_split) keeps it; the rest of it
+is split into train and val by case. The split is fixed (seed 0), so every training seed and the
+baseline see the same test images.
+
+    .venv/bin/python benchmarks/real_sets.py            # writes data/real/<set>/manifest.jsonl, prints counts
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from datasets.manifest import ManifestRow, write_manifest
+from datasets.torch_dataset import assign_missing_splits, split_counts
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "real"
+OUT = ROOT / "data" / "real"
+# The sets their SOURCE.txt calls large enough to train and measure on.
+TRAINABLE = ("gdxray_fishbones", "magnetic_tiles")
+
+
+def read_labels(folder: Path) -> list[ManifestRow]:
+    """labels.csv -> rows; the set's own test split (orig_split = test) is kept, the rest left open."""
+    rows = []
+    with open(folder / "labels.csv", encoding="utf-8", newline="") as handle:
+        for record in csv.DictReader(handle):
+            split = "test" if record.get("orig_split") == "test" else None
+            rows.append(
+                ManifestRow(
+                    str(folder / record["path"]), record["label"], record["modality"],
+                    case_id=record["case_id"], source=folder.name, sha256=record.get("sha256"), split=split,
+                )
+            )
+    return rows
+
+
+def split_rows(rows: list[ManifestRow]) -> list[ManifestRow]:
+    """Grouped splits: 15% val / 15% test by case where the set has no test split, else 20% of the
+    remaining training cases for validation."""
+    if any(row.split == "test" for row in rows):
+        open_rows = [row for row in rows if row.split is None]
+        placed = assign_missing_splits(open_rows, 0.2, 0.0, seed=0)
+        by_path = {row.path: row for row in placed}
+        return [by_path.get(row.path, row) for row in rows]
+    return assign_missing_splits(rows, 0.15, 0.15, seed=0)
+
+
+def write_set(name: str, out: Path = OUT) -> Path:
+    """Writes data/real/<name>/manifest.jsonl and returns its path."""
+    rows = split_rows(read_labels(REAL / name))
+    path = out / name / "manifest.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(path, [replace(row) for row in rows])
+    return path
+
+
+def main() -> None:
+    if not REAL.is_dir():
+        raise SystemExit(f"No real sets at {REAL}: they live beside the repository, in ../shared/real/.")
+    for name in sorted(p.name for p in REAL.iterdir() if (p / "labels.csv").is_file()):
+        path = write_set(name)
+        counts = split_counts(list(_read(path)))
+        print(f"{name}: {path} {json.dumps(counts)}")
+
+
+def _read(path: Path):  # noqa: ANN202 - iterator of rows
+    from datasets.manifest import read_manifest
+
+    return read_manifest(path)
+
+
+if __name__ == "__main__":
+    main()
