@@ -32,9 +32,9 @@ from benchmarks.real_sets import REAL, TRAINABLE, write_set  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "real_data.jsonl"
 RUNS = ROOT / "data" / "bench-runs"
 SYNTH = {  # name: (modality, `verity data synth` options)
-    "synth_photo_medium": ("photo", ["--n", "700", "--difficulty", "medium", "--seed", "11"]),
+    "synth_photo_medium": ("photo", ["--n", "500", "--difficulty", "medium", "--seed", "11"]),
     "synth_xray_medium_console": (
-        "xray", ["--n", "700", "--difficulty", "medium", "--seed", "11", "--export-style", "mixed"],
+        "xray", ["--n", "500", "--difficulty", "medium", "--seed", "11", "--export-style", "mixed"],
     ),
 }
 MODALITY = {"gdxray_fishbones": "xray", "magnetic_tiles": "photo"}
