@@ -18,7 +18,6 @@ import contextlib
 import csv
 import json
 import os
-import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from datasets.manifest import (
     read_manifest,
     write_manifest,
 )
+from datasets.progress import progress_bar
 from datasets.split import assign_groups, group_key, split_fractions
 from inference.decode import (
     DEFAULT_LIMITS,
@@ -365,22 +365,6 @@ def _write(report: TextIO, record: dict[str, Any]) -> None:
     report.write(json.dumps(record, sort_keys=False) + "\n")
 
 
-def _progress(total: int, enabled: bool):  # noqa: ANN202 - a tqdm bar or a no-op stand-in
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the serving install has no tqdm; ingest still works, silently
-        enabled = False
-    if not enabled:
-        return _NoBar()
-    return tqdm(total=total, unit="img", file=sys.stderr, mininterval=0.5, dynamic_ncols=True, desc="ingest")
-
-
-class _NoBar:
-    def update(self, _: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _collect(
@@ -525,7 +509,7 @@ def ingest(src: Path, out: Path, options: IngestOptions) -> IngestResult:
     hidden = [0]
     own_files = frozenset(path.resolve() for path in (out, report_path, out.with_name(out.name + ".tmp")))
     candidates = iter_source(src, options, hidden, own_files)
-    bar = _progress(count_items(src), options.progress)
+    bar = progress_bar(options.progress, total=count_items(src), unit="img", desc="ingest")
     report_path.parent.mkdir(parents=True, exist_ok=True)
     with open(report_path, "w", encoding="utf-8") as report:
         try:

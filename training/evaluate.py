@@ -345,13 +345,13 @@ def score_samples(
     scorer: Scorer, samples: list[Sample], batch_size: int = 32, workers: int = 2, progress: bool = True
 ) -> ScoredSet:
     """Runs every sample through the model in batches, with a progress bar; unreadable images are listed."""
-    from tqdm import tqdm
+    from datasets.progress import progress_bar
 
     indices: list[int] = []
     logits: list[np.ndarray] = []
     cams: list[np.ndarray | None] = []
     failures: list[tuple[int, str]] = []
-    bar = tqdm(total=len(samples), unit="img", desc="evaluating", disable=not progress, leave=False)
+    bar = progress_bar(progress, total=len(samples), unit="img", desc="evaluating", leave=False)
     for chunk, batch, chunk_failures in decoded_batches(samples, scorer.spec, batch_size, workers):
         failures += chunk_failures
         if batch is not None:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -234,21 +233,16 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over the training shard; returns mean loss and images/s. Reads the loss every log_every
     steps only, because each reading waits for the device."""
-    from tqdm import tqdm
+    from datasets.progress import progress_bar
 
     config, state, model = run.config, run.state, run.model
     model.train()
     loss_sum, loss_count, images_seen = torch.zeros((), device=run.device), 0, 0
     started = time.perf_counter()
-    bar = tqdm(
-        loader,
-        desc=f"epoch {state.epoch + 1}/{config.epochs}",
-        unit="batch",
-        # A bar redraws in place on a terminal only; in a CI log or a file each redraw would be a line,
-        # and the epoch line below says what the bar would.
-        disable=not (config.progress and run.info.is_main and sys.stderr.isatty()),
-        leave=False,
-    )
+    # The epoch line that _after_epoch prints says off a terminal what the bar would.
+    enabled = config.progress and run.info.is_main
+    description = f"epoch {state.epoch + 1}/{config.epochs}"
+    bar = progress_bar(enabled, loader, desc=description, unit="batch", leave=False)
     for images, targets in bar:
         if state.step >= plan.stop_at:
             break
