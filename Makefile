@@ -15,6 +15,10 @@ TRAIN_N_photo ?= 4000
 TRAIN_N_xray ?= 2400
 TRAIN_EPOCHS_photo ?= 5
 TRAIN_EPOCHS_xray ?= 4
+# X-ray sets are written in the forms scanner consoles export (8-bit grey, RGB-encoded grey, pseudo-colour,
+# 16-bit; whole scans, crops and small patches), so the shipped model serves what consoles send.
+SYNTH_OPTIONS_photo ?=
+SYNTH_OPTIONS_xray ?= --export-style mixed
 TRAIN_DIFFICULTY ?= easy
 TRAIN_IMAGE_SIZE ?= 160
 TRAIN_SEED ?= 7
@@ -53,7 +57,7 @@ train: train-photo train-xray
 
 train-photo train-xray: train-%: $(STAMP)
 	$(BIN)/verity data synth --modality $* --n $(TRAIN_N_$*) --difficulty $(TRAIN_DIFFICULTY) --seed $(TRAIN_SEED) \
-		--out data/synth-$*-$(TRAIN_DIFFICULTY)
+		$(SYNTH_OPTIONS_$*) --out data/synth-$*-$(TRAIN_DIFFICULTY)
 	$(BIN)/verity train --data data/synth-$*-$(TRAIN_DIFFICULTY)/manifest.jsonl --modality $* \
 		--epochs $(TRAIN_EPOCHS_$*) --image-size $(TRAIN_IMAGE_SIZE) --name $*-default --version $(VERSION) --out checkpoints
 	$(BIN)/verity export --checkpoint checkpoints/$*-default/$(VERSION)/model.pt --int8 \
