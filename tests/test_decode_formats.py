@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datasets.encode import encode_dicom as _dicom
 from inference.decode import (
     DecodeError,
     DecodeLimits,
@@ -245,44 +246,6 @@ def test_dual_energy_pair_of_files():
 
 
 # ----------------------------------------------------------------------------------------------- DICOM
-
-
-DICOS_DX = "1.2.840.10008.5.1.4.1.1.501.2.1"
-
-
-def _dicom(
-    pixels: np.ndarray, sop_class: str = DICOS_DX, transfer_syntax: str | None = None, **elements: object
-) -> bytes:
-    """A Part-10 DICOM file; the default SOP class is DICOS Digital X-Ray (for presentation)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = FileDataset("scan.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
-    dataset.SOPClassUID = sop_class
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "DX"
-    frames = pixels.shape[0] if pixels.ndim == 3 else 1
-    dataset.Rows, dataset.Columns = pixels.shape[-2:]
-    if frames > 1:
-        dataset.NumberOfFrames = frames
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = "MONOCHROME2"
-    dataset.BitsAllocated = 16
-    dataset.BitsStored = 16
-    dataset.HighBit = 15
-    dataset.PixelRepresentation = 0
-    for name, value in elements.items():
-        setattr(dataset, name, value)
-    dataset.PixelData = pixels.astype("<u2").tobytes()
-    if transfer_syntax:
-        dataset.compress(transfer_syntax, pixels.astype(np.uint16))
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def test_dicos_dx_rescale_and_window():

@@ -19,7 +19,19 @@ from training.metrics import roc_auc
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = {modality: ROOT / "checkpoints" / f"{modality}-default" / "1.0.0" for modality in ("photo", "xray")}
+
+
+def _newest(name: str) -> Path:
+    """The version the server serves: the newest in the registry's natural version order."""
+    from api.registry import version_sort_key
+
+    runs = [path.parent for path in (ROOT / "checkpoints" / name).glob("*/model.onnx")]
+    return max(runs, key=lambda run: version_sort_key(run.name))
+
+
+SHIPPED = {modality: _newest(f"{modality}-default") for modality in ("photo", "xray")}
+# X-ray as consoles export it: 8-bit grey, RGB-encoded grey, pseudo-colour, 16-bit, crops and patches.
+SYNTH_OPTIONS = {"photo": [], "xray": ["--export-style", "mixed"]}
 MAX_ONNX_BYTES = 20 * 1024 * 1024
 
 
@@ -49,7 +61,7 @@ def test_shipped_model_separates_unseen_synthetic_images(modality: str, tmp_path
     data = tmp_path / "fresh"
     assert verity_cli.main(
         ["data", "synth", "--modality", modality, "--n", "160", "--difficulty", "easy", "--seed", "101",
-         "--out", str(data)]
+         "--out", str(data), *SYNTH_OPTIONS[modality]]
     ) == 0
     rows = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
     settings = Settings(
@@ -70,9 +82,55 @@ def test_shipped_model_separates_unseen_synthetic_images(modality: str, tmp_path
             )
             assert response.status_code == 200, response.text
             body = response.json()
-            assert body["model"] == {"name": f"{modality}-default", "version": "1.0.0"}
+            assert body["model"] == {"name": f"{modality}-default", "version": SHIPPED[modality].name}
             scores.append(body["score"])
             targets.append(int(row["label"] == "counterfeit"))
     assert 60 <= sum(targets) <= len(targets) - 60
     auc = roc_auc(scores, targets)
     assert auc is not None and auc >= 0.85
+
+
+def _jpeg(pixels) -> bytes:  # noqa: ANN001 - HxWx3 uint8 array
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_shipped_xray_model_sees_what_rgb_jpegs_hold(tmp_path: Path) -> None:
+    """The fault this pins: every 8-bit RGB JPEG reached the X-ray model as one constant image, so flat
+    colours, noise and drawn shapes all scored 0.554."""
+    import numpy as np
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    rng = np.random.default_rng(5)
+    shapes = np.full((240, 320, 3), 230, np.uint8)
+    shapes[60:180, 40:140] = 90
+    shapes[100:140, 200:300] = (30, 60, 200)
+    grey_noise = np.repeat(rng.integers(0, 255, (240, 320, 1), dtype=np.uint8), 3, axis=2)
+    images = {
+        "flat red": np.full((240, 320, 3), (200, 30, 30), np.uint8),
+        "white": np.full((240, 320, 3), 255, np.uint8),
+        "black": np.zeros((240, 320, 3), np.uint8),
+        "colour noise": rng.integers(0, 255, (240, 320, 3), dtype=np.uint8),
+        "grey noise": grey_noise,
+        "shapes": shapes,
+    }
+    settings = Settings(
+        models_dir=ROOT / "checkpoints", audit_db=tmp_path / "audit.sqlite", keys_file=tmp_path / "keys.json",
+        background_load=False,
+    )
+    with TestClient(create_app(settings)) as client:
+        scores = {}
+        for name, pixels in images.items():
+            response = client.post(
+                "/v1/predict", files={"file": (f"{name}.jpg", _jpeg(pixels))}, data={"modality": "xray"}
+            )
+            assert response.status_code == 200, response.text
+            scores[name] = round(response.json()["score"], 6)
+    assert len(set(scores.values())) == len(scores), scores

@@ -16,9 +16,9 @@ import pytest
 import tifffile
 from PIL import Image
 
+from datasets.encode import encode_dicom
 from inference.decode import decode_for_model, decode_image, is_grey_content, match_channels, to_model_input
 from inference.spec import resolve_spec
-from tests.test_decode_formats import _dicom
 
 
 def _scan(height: int = 90, width: int = 120) -> np.ndarray:
@@ -50,7 +50,7 @@ LOSSLESS = {
     "RGB PNG of grey content": _save(GREY, "PNG", mode="RGB"),
     "8-bit grey TIFF": _tiff(GREY),
     "16-bit grey TIFF": _tiff(GREY.astype(np.uint16) * 257),
-    "16-bit DICOS DX": _dicom(GREY.astype(np.uint16) * 257),
+    "16-bit DICOS DX": encode_dicom(GREY.astype(np.uint16) * 257),
 }
 LOSSY = {
     "8-bit grey JPEG": _save(GREY, "JPEG", quality=92),
