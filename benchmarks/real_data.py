@@ -34,7 +34,8 @@ RUNS = ROOT / "data" / "bench-runs"
 SYNTH = {  # name: (modality, `verity data synth` options)
     "synth_photo_medium": ("photo", ["--n", "500", "--difficulty", "medium", "--seed", "11"]),
     "synth_xray_medium_console": (
-        "xray", ["--n", "500", "--difficulty", "medium", "--seed", "11", "--export-style", "mixed"],
+        "xray",
+        ["--n", "500", "--difficulty", "medium", "--seed", "11", "--export-style", "mixed"],
     ),
 }
 MODALITY = {"gdxray_fishbones": "xray", "magnetic_tiles": "photo"}
@@ -57,8 +58,22 @@ def manifest_for(name: str) -> tuple[Path, str]:
 
 def run_verity(name: str, manifest: Path, modality: str, seed: int) -> dict[str, Any]:
     """`verity train` with its defaults; the test figures come from the metrics it wrote."""
-    command = [str(ROOT / ".venv/bin/verity"), "train", "--data", str(manifest), "--modality", modality,
-               "--seed", str(seed), "--name", name, "--version", f"seed{seed}", "--out", str(RUNS)]
+    command = [
+        str(ROOT / ".venv/bin/verity"),
+        "train",
+        "--data",
+        str(manifest),
+        "--modality",
+        modality,
+        "--seed",
+        str(seed),
+        "--name",
+        name,
+        "--version",
+        f"seed{seed}",
+        "--out",
+        str(RUNS),
+    ]
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -68,13 +83,24 @@ def run_verity(name: str, manifest: Path, modality: str, seed: int) -> dict[str,
     card = json.loads((RUNS / name / f"seed{seed}" / "card.json").read_text())
     test = card["metrics"]["test"]
     chosen = next((line for line in log.splitlines() if line.startswith("chosen from the data")), "")
-    return {"test_roc_auc": test["roc_auc"], "test_roc_auc_ci": test.get("roc_auc_ci"),
-            "val_roc_auc": card["metrics"]["val"]["roc_auc"], "seconds": seconds, "chosen": chosen}
+    return {
+        "test_roc_auc": test["roc_auc"],
+        "test_roc_auc_ci": test.get("roc_auc_ci"),
+        "val_roc_auc": card["metrics"]["val"]["roc_auc"],
+        "seconds": seconds,
+        "chosen": chosen,
+    }
 
 
 def run_baseline(manifest: Path, seed: int) -> dict[str, Any]:
-    command = [sys.executable, str(ROOT / "benchmarks" / "baseline_finetune.py"), "--data", str(manifest),
-               "--seed", str(seed)]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "baseline_finetune.py"),
+        "--data",
+        str(manifest),
+        "--seed",
+        str(seed),
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -99,8 +125,8 @@ def table(results: dict[tuple[str, str, int], dict[str, Any]]) -> str:
                 continue
             aucs = [run["test_roc_auc"] for run in runs]
             seeds = "; ".join(
-                f"{run['test_roc_auc']:.4f}" + (" [{:.3f}, {:.3f}]".format(*run["test_roc_auc_ci"])
-                                                if run.get("test_roc_auc_ci") else "")
+                f"{run['test_roc_auc']:.4f}"
+                + (" [{:.3f}, {:.3f}]".format(*run["test_roc_auc_ci"]) if run.get("test_roc_auc_ci") else "")
                 for run in runs
             )
             minutes = sum(run["seconds"] for run in runs) / len(runs) / 60
