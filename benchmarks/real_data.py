@@ -27,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.real_sets import REAL, TRAINABLE, write_set  # noqa: E402
+from benchmarks.real_sets import REAL, TRAINABLE, train_command, write_set  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "real_data.jsonl"
 RUNS = ROOT / "data" / "bench-runs"
@@ -58,22 +58,7 @@ def manifest_for(name: str) -> tuple[Path, str]:
 
 def run_verity(name: str, manifest: Path, modality: str, seed: int) -> dict[str, Any]:
     """`verity train` with its defaults; the test figures come from the metrics it wrote."""
-    command = [
-        str(ROOT / ".venv/bin/verity"),
-        "train",
-        "--data",
-        str(manifest),
-        "--modality",
-        modality,
-        "--seed",
-        str(seed),
-        "--name",
-        name,
-        "--version",
-        f"seed{seed}",
-        "--out",
-        str(RUNS),
-    ]
+    command = train_command(manifest, modality, seed, name, RUNS)
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started

@@ -62,6 +62,13 @@ def write_set(name: str, out: Path = OUT) -> Path:
     return path
 
 
+def train_command(manifest: Path, modality: str, seed: int, name: str, out: Path, *extra: str) -> list[str]:
+    """`verity train` with its defaults: only data, modality, seed, where to write, and `extra`."""
+    verity = str(ROOT / ".venv" / "bin" / "verity")
+    return [verity, "train", "--data", str(manifest), "--modality", modality, "--seed", str(seed),
+            "--name", name, "--version", f"seed{seed}", "--out", str(out), *extra]  # fmt: skip
+
+
 def main() -> None:
     if not REAL.is_dir():
         raise SystemExit(f"No real sets at {REAL}: they live beside the repository, in ../shared/real/.")

@@ -27,7 +27,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.real_sets import write_set  # noqa: E402
+from benchmarks.real_sets import train_command, write_set  # noqa: E402
 from datasets.manifest import read_manifest, write_manifest  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "xray_recipe_choices.jsonl"
@@ -86,26 +86,9 @@ def pseudo_colour_set() -> Path:
 
 
 def validation_auc(name: str, manifest: Path, options: list[str], seed: int) -> dict[str, float]:
-    command = [
-        VERITY,
-        "train",
-        "--data",
-        str(manifest),
-        "--modality",
-        "xray",
-        "--seed",
-        str(seed),
-        "--name",
-        name,
-        "--version",
-        f"seed{seed}",
-        "--out",
-        str(RUNS),
-        "--no-report",
-        "--no-export",
-        "--allow-weak",
-        *options,
-    ]
+    command = train_command(
+        manifest, "xray", seed, name, RUNS, "--no-report", "--no-export", "--allow-weak", *options
+    )
     subprocess.run(command, check=True, capture_output=True)
     card = json.loads((RUNS / name / f"seed{seed}" / "card.json").read_text())
     return {"val_roc_auc": card["metrics"]["val"]["roc_auc"]}
