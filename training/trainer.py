@@ -623,15 +623,13 @@ def guard_run(
     run: Run, val_scores: np.ndarray, val_targets: np.ndarray, temperature: float, thresholds: dict[str, Any]
 ) -> list[str]:
     """The weak-run guard (training/guard.py): raises WeakRunError before anything is written."""
-    from training.calibrate import verdicts
     from training.guard import check_run, weak_signs
     from training.metrics import roc_auc
 
-    uncertain = verdicts(val_scores, thresholds["alarm"], thresholds["clear"]) == -1
     refuse, report = weak_signs(
         roc_auc(val_scores, val_targets),
         val_targets,
-        float(np.mean(uncertain)) if len(uncertain) else 0.0,
+        thresholds["val_uncertain_rate"],
         temperature,
         run.state.history,
     )
