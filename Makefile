@@ -8,13 +8,13 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 # Synthetic data and training settings for `make train`: the recipe behind the shipped models
-# (`make train VERSION=1.0.0` rebuilds checkpoints/{photo,xray}-default/1.0.0; about 15 and 8 minutes
-# on 2 cores). Photo labels carry finer cues (a misspelt word, a small colour shift) and need more
+# (`make train-photo VERSION=1.0.0` and `make train-xray VERSION=1.1.0` rebuild the shipped
+# checkpoints/photo-default/1.0.0 and xray-default/1.1.0; about 15 and 9 minutes on 2 cores). Photo labels carry finer cues (a misspelt word, a small colour shift) and need more
 # examples than X-ray parcels. TRAIN_DIFFICULTY=medium gives the harder sets of the Datasets figures.
 TRAIN_N_photo ?= 4000
 TRAIN_N_xray ?= 2400
 TRAIN_EPOCHS_photo ?= 5
-TRAIN_EPOCHS_xray ?= 4
+TRAIN_EPOCHS_xray ?= 8
 # X-ray sets are written in the forms scanner consoles export (8-bit grey, RGB-encoded grey, pseudo-colour,
 # 16-bit; whole scans, crops and small patches), so the shipped model serves what consoles send.
 SYNTH_OPTIONS_photo ?=
