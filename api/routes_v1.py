@@ -27,7 +27,7 @@ from api.schemas import (
     Readiness,
     ReloadResponse,
 )
-from api.service import PredictionService, Scored, ServiceDep, render_heatmap
+from api.service import PredictionService, Scored, ServiceDep, render_heatmap, station_for
 
 router = APIRouter()
 
@@ -55,15 +55,6 @@ CaseField = Annotated[
     str | None, Form(max_length=200, description="Seizure or shipment this image belongs to.")
 ]
 HeatmapField = Annotated[bool, Form(description="Return the evidence heatmap as a base64 PNG.")]
-
-
-def _station(principal_station: str | None, form_station: str | None) -> str | None:
-    """A keyed station speaks for itself only; an unkeyed caller may name its station."""
-    if principal_station and form_station and form_station != principal_station:
-        raise ApiError(
-            403, "forbidden", f"This key belongs to station {principal_station!r}, not {form_station!r}."
-        )
-    return principal_station or form_station
 
 
 def _elapsed_ms(request: Request) -> float:
@@ -96,21 +87,15 @@ async def predict(
     case_id: CaseField = None,
     return_heatmap: HeatmapField = False,
 ) -> dict[str, Any]:
-    station = _station(principal.station_id, station_id)
+    station = station_for(principal.station_id, station_id)
     served = service.model_for(modality)
     data = await file.read()
     scored = await service.score(data, served)
     heatmap = await _heatmap(scored, return_heatmap)
-    image_path = await service.store_image(data, scored.prepared)
-    record = service.record(
-        current_request_id(request),
-        scored,
-        station_id=station,
-        case_id=case_id,
-        latency_ms=_elapsed_ms(request),
-        image_path=image_path,
+    items = [(current_request_id(request), scored, data)]
+    (record,) = await service.answer(
+        items, station_id=station, case_id=case_id, started=request.state.started
     )
-    await service.write_audit([record])
     return service.result(record, heatmap, scored.tiles)
 
 
@@ -151,38 +136,31 @@ async def predict_batch(
         raise ApiError(
             422, "too_many_files", f"{len(files)} files sent; at most {settings.max_batch_files} per batch."
         )
-    station = _station(principal.station_id, station_id)
+    station = station_for(principal.station_id, station_id)
     served = service.model_for(modality)
     outcomes = await asyncio.gather(
         *(_batch_item(service, i, f, served, return_heatmap) for i, f in enumerate(files))
     )
     request_id = current_request_id(request)
-    records, items = [], []
-    for index, filename, data, scored, heatmap, error in outcomes:
-        if scored is None:
+    done = [outcome for outcome in outcomes if outcome[3] is not None]
+    records = await service.answer(
+        [(f"{request_id}-{index}", scored, data) for index, _, data, scored, _, _ in done],
+        station_id=station,
+        case_id=case_id,
+        started=request.state.started,
+    )
+    results = {
+        index: service.result(record, heatmap, scored.tiles)
+        for (index, _, _, scored, heatmap, _), record in zip(done, records, strict=True)
+    }
+    items = []
+    for index, filename, _, _, _, error in outcomes:
+        if index in results:
+            items.append({"index": index, "filename": filename, "result": results[index]})
+        else:
             assert error is not None  # each outcome holds a result or an error
-            items.append(
-                {
-                    "index": index,
-                    "filename": filename,
-                    "error": {"code": error.code, "message": error.message, "request_id": request_id},
-                }
-            )
-            continue
-        image_path = await service.store_image(data, scored.prepared)
-        record = service.record(
-            f"{request_id}-{index}",
-            scored,
-            station_id=station,
-            case_id=case_id,
-            latency_ms=_elapsed_ms(request),
-            image_path=image_path,
-        )
-        records.append(record)
-        items.append(
-            {"index": index, "filename": filename, "result": service.result(record, heatmap, scored.tiles)}
-        )
-    await service.write_audit(records)
+            failure = {"code": error.code, "message": error.message, "request_id": request_id}
+            items.append({"index": index, "filename": filename, "error": failure})
     return {"request_id": request_id, "latency_ms": round(_elapsed_ms(request), 3), "results": items}
 
 

@@ -8,12 +8,12 @@ bytes with the binary tensor data extension). Outputs: score FP32 [N], verdict B
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import json
 import struct
-import time
 from typing import Annotated, Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from api.deps import PrincipalDep, RegistryDep
 from api.errors import ApiError, current_request_id
 from api.registry import ServedModel
 from api.schemas import OipError
-from api.service import PreparedImage, Scored, ServiceDep
+from api.service import PreparedImage, Scored, ServiceDep, station_for
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
@@ -331,36 +331,28 @@ async def _infer(
         datas: list[bytes | None] = [None] * len(prepared)
     elif tensor.datatype == "BYTES":
         items = _bytes_items(tensor, binary)
-        prepared = [await service.prepare(item, served) for item in items]
+        prepared = list(await asyncio.gather(*(service.prepare(item, served) for item in items)))
         datas = list(items)
     else:
         raise _bad(
             f"Unsupported datatype {tensor.datatype!r}: send FP32 (preprocessed tensor) or BYTES (image)."
         )
-    scored = [await service.score_prepared(served, p) for p in prepared]
-    request_id = current_request_id(request)
-    ids = [request_id] if len(scored) == 1 else [f"{request_id}-{i}" for i in range(len(scored))]
     params = infer.parameters or {}
     case_id = params.get("case_id") if isinstance(params.get("case_id"), str) else None
-    station = principal.station_id or (
-        params.get("station_id") if isinstance(params.get("station_id"), str) else None
+    named = params.get("station_id") if isinstance(params.get("station_id"), str) else None
+    station = station_for(principal.station_id, named)
+    # The items of one request are scored concurrently, as the files of a /v1 batch are: the batcher
+    # gathers them into one model batch.
+    scored = list(await asyncio.gather(*(service.score_prepared(served, p) for p in prepared)))
+    request_id = current_request_id(request)
+    ids = [request_id] if len(scored) == 1 else [f"{request_id}-{i}" for i in range(len(scored))]
+    await service.answer(
+        list(zip(ids, scored, datas, strict=True)),
+        station_id=station,
+        case_id=case_id,
+        started=request.state.started,
+        api="v2",
     )
-    records = []
-    for rid, item, data in zip(ids, scored, datas, strict=True):
-        image_path = await service.store_image(data, item.prepared) if data is not None else None
-        latency = (time.perf_counter() - request.state.started) * 1000.0
-        records.append(
-            service.record(
-                rid,
-                item,
-                station_id=station,
-                case_id=case_id,
-                latency_ms=latency,
-                image_path=image_path,
-                api="v2",
-            )
-        )
-    await service.write_audit(records)
     return _response(
         served, infer.id, scored, ids, infer.outputs, bool(params.get("binary_data_output", False))
     )

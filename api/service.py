@@ -52,6 +52,16 @@ class PreparedImage:
     decoded: np.ndarray | None = None  # native-resolution pixels, kept only for tiling
 
 
+def station_for(key_station: str | None, named_station: str | None) -> str | None:
+    """The station a verdict is recorded for, by one rule on every route: a keyed station speaks for
+    itself only (naming another is 403); an unkeyed caller may name its station."""
+    if key_station and named_station and named_station != key_station:
+        raise ApiError(
+            403, "forbidden", f"This key belongs to station {key_station!r}, not {named_station!r}."
+        )
+    return key_station or named_station
+
+
 def prepare_image(
     data: bytes, spec: PreprocessSpec, limits: DecodeLimits, tile_above: int | None = None
 ) -> PreparedImage:
@@ -231,6 +241,35 @@ class PredictionService:
             image_path=image_path,
             api=api,
         )
+
+    async def answer(
+        self,
+        items: list[tuple[str, Scored, bytes | None]],
+        *,
+        station_id: str | None,
+        case_id: str | None,
+        started: float,
+        api: str = "v1",
+    ) -> list[AuditRecord]:
+        """The one path from scored images to an answer, for every prediction route: each image is
+        stored (when it came as a file), recorded, and the records written to the audit log before any
+        verdict leaves the server. `items` are (request id, scored image, uploaded bytes or None)."""
+        records = []
+        for request_id, scored, data in items:
+            image_path = await self.store_image(data, scored.prepared) if data is not None else None
+            records.append(
+                self.record(
+                    request_id,
+                    scored,
+                    station_id=station_id,
+                    case_id=case_id,
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                    image_path=image_path,
+                    api=api,
+                )
+            )
+        await self.write_audit(records)
+        return records
 
     async def write_audit(self, records: list[AuditRecord]) -> None:
         """Writes before the answer; no record, no verdict."""

@@ -220,6 +220,29 @@ def test_missing_file_and_unknown_route(client: TestClient) -> None:
     assert_error(client.get("/v1/predict"), 405, "method_not_allowed")
 
 
+def test_every_route_records_a_keyed_station_as_itself(tmp_path: Path, models_dir: Path) -> None:
+    """One rule on /v1 and /v2: a station key naming another station is refused, never replaced."""
+    store = KeyStore(tmp_path / "keys.json")
+    _, station_key = store.add("gate-3")
+    headers = {"X-API-Key": station_key}
+    image = base64.b64encode(DARK).decode()
+    infer = {"inputs": [{"name": "image_bytes", "shape": [2], "datatype": "BYTES", "data": [image, image]}]}
+    with TestClient(create_app(make_settings(tmp_path, require_api_keys=True))) as client:
+        route = "/v2/models/photo-test/infer"
+        other = client.post(route, json={**infer, "parameters": {"station_id": "gate-9"}}, headers=headers)
+        assert other.status_code == 403 and "gate-3" in other.json()["error"]  # OIP errors: {"error": text}
+        own = client.post(route, json={**infer, "parameters": {"station_id": "gate-3"}}, headers=headers)
+        assert own.status_code == 200, own.text
+        batch = client.post(
+            "/v1/predict/batch", files=[("files", ("a.png", DARK)), ("files", ("b.png", DARK))],
+            data={"modality": "photo", "station_id": "gate-9"}, headers=headers,
+        )  # fmt: skip
+        assert_error(batch, 403, "forbidden")
+    with sqlite3.connect(tmp_path / "audit.sqlite") as db:
+        stations = {row[0] for row in db.execute("SELECT station_id FROM predictions")}
+    assert stations == {"gate-3"}
+
+
 def test_auth_required(tmp_path: Path, models_dir: Path) -> None:
     store = KeyStore(tmp_path / "keys.json")
     _, station_key = store.add("gate-3")
