@@ -2,7 +2,8 @@
 
 - app.py: `create_app(settings, registry, audit, engine_factory)`, the factory `verity serve` runs.
 - settings.py: `Settings` (VERITY_* variables and an optional file), `load_settings`.
-- routes_v1.py / routes_v2.py: the /v1 API and the Open Inference Protocol under /v2.
+- routes_v1.py / routes_v2.py: the /v1 API and the Open Inference Protocol under /v2; oip_codec.py: the
+  protocol's request and answer encoding.
 - service.py: the prediction path (decode off the loop, micro-batch, score, audit, answer).
 - registry.py: models under <models_dir>/<name>/<version>/model.onnx, defaults, hot reload.
 - auth.py (hashed station keys), audit.py (SQLite WAL audit log, image store), metrics.py, logs.py,

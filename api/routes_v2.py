@@ -9,77 +9,24 @@ bytes with the binary tensor data extension). Outputs: score FP32 [N], verdict B
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
-import json
-import struct
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
+from api import oip_codec as oip
 from api.deps import PrincipalDep, RegistryDep
 from api.errors import ApiError, current_request_id
 from api.registry import ServedModel
 from api.schemas import OipError
-from api.service import PreparedImage, Scored, ServiceDep, station_for
+from api.service import PreparedImage, ServiceDep, station_for
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
 SERVER_NAME = "verity"
 SERVER_VERSION = "0.1.0"
-BINARY_HEADER = "Inference-Header-Content-Length"
-OUTPUTS = ("score", "verdict", "logits", "request_id")
-
-
-class TensorIn(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: Any = None
-
-
-class OutputRequest(BaseModel):
-    name: str
-    parameters: dict[str, Any] | None = None
-
-
-class InferRequest(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "example": {
-                "id": "console-42",
-                "parameters": {"case_id": "SEZ-2026-0412"},
-                "inputs": [
-                    {"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": ["<base64 JPEG>"]}
-                ],
-            }
-        }
-    )
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[TensorIn] = Field(min_length=1)
-    outputs: list[OutputRequest] | None = None
-
-
-class TensorOut(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any] | None = None
-
-
-class InferResponse(BaseModel):
-    model_name: str
-    model_version: str
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    outputs: list[TensorOut]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -169,172 +116,32 @@ async def model_version_ready(
 # Parsing ---------------------------------------------------------------------------------------
 
 
-def _bad(message: str) -> ApiError:
-    return ApiError(400, "bad_request", message)
-
-
-def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
-    """The JSON header and the binary tail (binary tensor data extension), or all JSON."""
-    try:
-        if header_length is None:
-            return json.loads(body or b"null"), b""
-        size = int(header_length)
-        if not 0 < size <= len(body):
-            raise _bad(f"{BINARY_HEADER} {size} does not fit a body of {len(body)} bytes.")
-        return json.loads(body[:size]), body[size:]
-    except (ValueError, UnicodeDecodeError) as error:
-        if isinstance(error, ApiError):
-            raise
-        raise _bad(f"The request is not valid JSON: {error}") from error
-
-
-def _binary_part(tensor: TensorIn, tail: bytes, offset: int) -> tuple[bytes | None, int]:
-    size = (tensor.parameters or {}).get("binary_data_size")
-    if size is None:
-        return None, offset
-    if not isinstance(size, int) or size < 0 or offset + size > len(tail):
-        raise _bad(f"Input {tensor.name!r}: binary_data_size {size} runs past the end of the body.")
-    return tail[offset : offset + size], offset + size
-
-
-def _unpack_bytes(blob: bytes) -> list[bytes]:
-    """BYTES elements in the binary extension: each a 4-byte little-endian length, then the bytes."""
-    items, offset = [], 0
-    while offset < len(blob):
-        if offset + 4 > len(blob):
-            raise _bad("A BYTES element is cut short.")
-        (length,) = struct.unpack_from("<I", blob, offset)
-        if offset + 4 + length > len(blob):
-            raise _bad("A BYTES element is longer than the data sent.")
-        items.append(blob[offset + 4 : offset + 4 + length])
-        offset += 4 + length
-    return items
-
-
-def _fp32_batch(tensor: TensorIn, binary: bytes | None, expected: tuple[int, int, int]) -> np.ndarray:
-    shape = tuple(tensor.shape)
-    if len(shape) == 3:
-        shape = (1, *shape)
-    if len(shape) != 4 or shape[1:] != expected or not 1 <= shape[0] <= 256:
-        raise _bad(
-            f"Input {tensor.name!r} must have shape [N, {', '.join(map(str, expected))}] with 1 <= N <= 256, "
-            f"got {tensor.shape}."
-        )
-    try:
-        if binary is not None:
-            array = np.frombuffer(binary, dtype="<f4").reshape(shape)
-        else:
-            array = np.asarray(tensor.data, dtype=np.float32).reshape(shape)
-    except (ValueError, TypeError) as error:
-        raise _bad(
-            f"Input {tensor.name!r}: the data does not fill shape {list(shape)} with FP32 values."
-        ) from error
-    if not np.isfinite(array).all():
-        raise _bad(f"Input {tensor.name!r} holds NaN or infinite values.")
-    return np.ascontiguousarray(array, dtype=np.float32)
-
-
-def _bytes_items(tensor: TensorIn, binary: bytes | None) -> list[bytes]:
-    if binary is not None:
-        items = _unpack_bytes(binary)
-    else:
-        if not isinstance(tensor.data, list) or not all(isinstance(x, str) for x in tensor.data):
-            raise _bad(f"Input {tensor.name!r}: JSON BYTES data must be a list of base64 strings.")
-        try:
-            items = [base64.b64decode(x, validate=True) for x in tensor.data]
-        except binascii.Error as error:
-            raise _bad(f"Input {tensor.name!r}: an element is not valid base64: {error}") from error
-    count = int(np.prod(tensor.shape)) if tensor.shape else 0
-    if len(items) != count or not 1 <= count <= 256:
-        raise _bad(
-            f"Input {tensor.name!r} has shape {tensor.shape} but holds {len(items)} elements (1 to 256)."
-        )
-    return items
-
-
-# Answering -------------------------------------------------------------------------------------
-
-
-def _encode_bytes(values: list[str]) -> bytes:
-    return b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in values)
-
-
-def _response(
-    model: ServedModel,
-    request_id: str | None,
-    scored: list[Scored],
-    ids: list[str],
-    wanted: list[OutputRequest] | None,
-    binary_all: bool,
-) -> Response:
-    n = len(scored)
-    values: dict[str, tuple[str, list[int], Any]] = {
-        "score": ("FP32", [n], np.array([s.prediction.score for s in scored], dtype="<f4")),
-        "verdict": ("BYTES", [n], [s.prediction.verdict for s in scored]),
-        "logits": ("FP32", [n, 2], np.array([s.prediction.logits for s in scored], dtype="<f4")),
-        "request_id": ("BYTES", [n], ids),
-    }
-    requested = {o.name: o for o in wanted} if wanted else {name: None for name in OUTPUTS}
-    unknown = sorted(set(requested) - set(OUTPUTS))
-    if unknown:
-        raise _bad(f"Unknown output(s) {', '.join(unknown)}. Outputs: {', '.join(OUTPUTS)}.")
-    outputs, blobs = [], []
-    for name, spec in requested.items():
-        datatype, shape, data = values[name]
-        binary = binary_all if spec is None else bool((spec.parameters or {}).get("binary_data", binary_all))
-        if binary:
-            blob = _encode_bytes(data) if datatype == "BYTES" else data.tobytes()
-            blobs.append(blob)
-            outputs.append(
-                {
-                    "name": name,
-                    "datatype": datatype,
-                    "shape": shape,
-                    "parameters": {"binary_data_size": len(blob)},
-                }
-            )
-        else:
-            listed = data if datatype == "BYTES" else data.reshape(-1).astype(float).tolist()
-            outputs.append({"name": name, "datatype": datatype, "shape": shape, "data": listed})
-    body = {"model_name": model.engine.name, "model_version": model.engine.version, "outputs": outputs}
-    if request_id is not None:
-        body["id"] = request_id
-    header = json.dumps(body).encode()
-    if not blobs:
-        return Response(header, media_type="application/json")
-    return Response(
-        header + b"".join(blobs),
-        media_type="application/octet-stream",
-        headers={BINARY_HEADER: str(len(header))},
-    )
-
-
 async def _infer(
     request: Request, service, principal, name: str, version: str | None, header_length: str | None
 ) -> Response:
     served = _model(service.registry, name, version)
-    header, tail = _split_body(await request.body(), header_length)
+    header, tail = oip.split_body(await request.body(), header_length)
     try:
-        infer = InferRequest.model_validate(header)
+        infer = oip.InferRequest.model_validate(header)
     except ValidationError as error:
-        raise _bad(
+        raise oip.bad_request(
             "Invalid inference request: "
             + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
         ) from error
     if len(infer.inputs) != 1:
-        raise _bad("Send exactly one input: 'image' (FP32) or 'image_bytes' (BYTES).")
+        raise oip.bad_request("Send exactly one input: 'image' (FP32) or 'image_bytes' (BYTES).")
     tensor = infer.inputs[0]
-    binary, _ = _binary_part(tensor, tail, 0)
+    binary, _ = oip.binary_part(tensor, tail, 0)
     if tensor.datatype == "FP32":
-        batch = _fp32_batch(tensor, binary, served.engine.input_shape())
+        batch = oip.fp32_batch(tensor, binary, served.engine.input_shape())
         prepared = [PreparedImage(x, hashlib.sha256(x.tobytes()).hexdigest(), "tensor") for x in batch]
         datas: list[bytes | None] = [None] * len(prepared)
     elif tensor.datatype == "BYTES":
-        items = _bytes_items(tensor, binary)
+        items = oip.bytes_items(tensor, binary)
         prepared = list(await asyncio.gather(*(service.prepare(item, served) for item in items)))
         datas = list(items)
     else:
-        raise _bad(
+        raise oip.bad_request(
             f"Unsupported datatype {tensor.datatype!r}: send FP32 (preprocessed tensor) or BYTES (image)."
         )
     params = infer.parameters or {}
@@ -353,13 +160,13 @@ async def _infer(
         started=request.state.started,
         api="v2",
     )
-    return _response(
+    return oip.response(
         served, infer.id, scored, ids, infer.outputs, bool(params.get("binary_data_output", False))
     )
 
 
 INFER_DOC: dict[str, Any] = dict(
-    response_model=InferResponse,
+    response_model=oip.InferResponse,
     description=(
         "One input: `image` FP32 [N, C, S, S] (preprocessed, values in [0, 1], no normalization) or "
         "`image_bytes` BYTES [N] (encoded image files: base64 strings in JSON, raw bytes with the binary "
@@ -373,7 +180,7 @@ INFER_DOC: dict[str, Any] = dict(
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": InferRequest.model_json_schema()},
+                "application/json": {"schema": oip.InferRequest.model_json_schema()},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             },
         }
@@ -387,7 +194,7 @@ async def infer(
     request: Request,
     service: ServiceDep,
     principal: PrincipalDep,
-    header_length: Annotated[str | None, Header(alias=BINARY_HEADER, include_in_schema=False)] = None,
+    header_length: Annotated[str | None, Header(alias=oip.BINARY_HEADER, include_in_schema=False)] = None,
 ) -> Response:
     return await _infer(request, service, principal, name, None, header_length)
 
@@ -399,6 +206,6 @@ async def infer_version(
     request: Request,
     service: ServiceDep,
     principal: PrincipalDep,
-    header_length: Annotated[str | None, Header(alias=BINARY_HEADER, include_in_schema=False)] = None,
+    header_length: Annotated[str | None, Header(alias=oip.BINARY_HEADER, include_in_schema=False)] = None,
 ) -> Response:
     return await _infer(request, service, principal, name, version, header_length)
