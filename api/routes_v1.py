@@ -142,16 +142,16 @@ async def predict_batch(
         *(_batch_item(service, i, f, served, return_heatmap) for i, f in enumerate(files))
     )
     request_id = current_request_id(request)
-    done = [outcome for outcome in outcomes if outcome[3] is not None]
+    done = [(i, data, scored, heatmap) for i, _, data, scored, heatmap, _ in outcomes if scored is not None]
     records = await service.answer(
-        [(f"{request_id}-{index}", scored, data) for index, _, data, scored, _, _ in done],
+        [(f"{request_id}-{index}", scored, data) for index, data, scored, _ in done],
         station_id=station,
         case_id=case_id,
         started=request.state.started,
     )
     results = {
         index: service.result(record, heatmap, scored.tiles)
-        for (index, _, _, scored, heatmap, _), record in zip(done, records, strict=True)
+        for (index, _, scored, heatmap), record in zip(done, records, strict=True)
     }
     items = []
     for index, filename, _, _, _, error in outcomes:

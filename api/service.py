@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
@@ -244,7 +245,7 @@ class PredictionService:
 
     async def answer(
         self,
-        items: list[tuple[str, Scored, bytes | None]],
+        items: Sequence[tuple[str, Scored, bytes | None]],
         *,
         station_id: str | None,
         case_id: str | None,
