@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
 from pathlib import Path
 
-from datasets.manifest import ManifestRow, write_manifest
+from datasets.manifest import ManifestRow, read_manifest, write_manifest
 from datasets.torch_dataset import assign_missing_splits, split_counts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +57,7 @@ def write_set(name: str, out: Path = OUT) -> Path:
     rows = split_rows(read_labels(REAL / name))
     path = out / name / "manifest.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_manifest(path, [replace(row) for row in rows])
+    write_manifest(path, rows)
     return path
 
 
@@ -74,14 +73,8 @@ def main() -> None:
         raise SystemExit(f"No real sets at {REAL}: they live beside the repository, in ../shared/real/.")
     for name in sorted(p.name for p in REAL.iterdir() if (p / "labels.csv").is_file()):
         path = write_set(name)
-        counts = split_counts(list(_read(path)))
+        counts = split_counts(list(read_manifest(path)))
         print(f"{name}: {path} {json.dumps(counts)}")
-
-
-def _read(path: Path):  # noqa: ANN202 - iterator of rows
-    from datasets.manifest import read_manifest
-
-    return read_manifest(path)
 
 
 if __name__ == "__main__":

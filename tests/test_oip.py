@@ -9,13 +9,13 @@ import sqlite3
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as tritonclient_http  # a dev dependency: a missing client fails, never skips
 from api_fixtures import LiveServer, image_bytes, make_models_dir
 
 from inference.decode import load_for_model
 from inference.spec import PreprocessSpec
 
 pytestmark = pytest.mark.slow
-tritonclient_http = pytest.importorskip("tritonclient.http")
 
 PHOTO_SPEC = PreprocessSpec(modality="photo", in_chans=3, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
 
