@@ -13,16 +13,15 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
-
-from api import routes_v1, routes_v2
-from api.audit import AuditStore, ImageStore, open_audit_store
-from api.auth import KeyStore
-from api.errors import install_error_handlers
-from api.logs import configure_logging
-from api.metrics import Metrics
-from api.middleware import RequestContextMiddleware
-from api.registry import EngineFactory, ModelRegistry
-from api.settings import Settings, load_settings
+from verity.api import routes_v1, routes_v2
+from verity.api.audit import AuditStore, ImageStore, open_audit_store
+from verity.api.auth import KeyStore
+from verity.api.errors import install_error_handlers
+from verity.api.logs import configure_logging
+from verity.api.metrics import Metrics
+from verity.api.middleware import RequestContextMiddleware
+from verity.api.registry import EngineFactory, ModelRegistry
+from verity.api.settings import Settings, load_settings
 
 log = logging.getLogger("verity.api")
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from api.settings import Settings
+from verity.api.settings import Settings
 
 
 class AuditError(RuntimeError):

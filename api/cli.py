@@ -13,9 +13,9 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from api.audit import AUDIT_FIELDS, open_audit_store
-from api.auth import KeyStore
-from api.settings import load_settings
+from verity.api.audit import AUDIT_FIELDS, open_audit_store
+from verity.api.auth import KeyStore
+from verity.api.settings import load_settings
 
 
 def is_loopback(host: str) -> bool:
@@ -91,14 +91,13 @@ def serve_main(argv: list[str]) -> int:
         )
         return 2
     import uvicorn
-
-    from api.logs import configure_logging
+    from verity.api.logs import configure_logging
 
     os.environ.update(environment)
     limit_malloc_arenas(settings.malloc_arena_max)
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(
-        "api.app:create_app",
+        "verity.api.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,

@@ -12,13 +12,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-
-from api.audit import AuditStore, ImageStore
-from api.auth import KeyStore
-from api.errors import ApiError
-from api.metrics import Metrics
-from api.registry import ModelRegistry
-from api.settings import Settings
+from verity.api.audit import AuditStore, ImageStore
+from verity.api.auth import KeyStore
+from verity.api.errors import ApiError
+from verity.api.metrics import Metrics
+from verity.api.registry import ModelRegistry
+from verity.api.settings import Settings
 
 
 async def get_settings(request: Request) -> Settings:

@@ -13,9 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from api.logs import request_id_var
-from inference.decode import DecodeError, ImageTooLarge, UnsupportedFormat
+from verity.api.logs import request_id_var
+from verity.inference.decode import DecodeError, ImageTooLarge, UnsupportedFormat
 
 log = logging.getLogger("verity.api")
 

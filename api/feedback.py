@@ -12,9 +12,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from api.audit import open_audit_store
-from api.settings import load_settings
-from datasets.manifest import ManifestRow, write_manifest
+from verity.api.audit import open_audit_store
+from verity.api.settings import load_settings
+from verity.datasets.manifest import ManifestRow, write_manifest
 
 
 def from_feedback_main(argv: list[str]) -> int:

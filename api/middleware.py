@@ -15,9 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from api.logs import request_id_var
-from api.metrics import Metrics
+from verity.api.logs import request_id_var
+from verity.api.metrics import Metrics
 
 log = logging.getLogger("verity.api.access")
 

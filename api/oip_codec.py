@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
-
-from api.errors import ApiError
-from api.registry import ServedModel
-from api.service import Scored
+from verity.api.errors import ApiError
+from verity.api.registry import ServedModel
+from verity.api.service import Scored
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 OUTPUTS = ("score", "verdict", "logits", "request_id")

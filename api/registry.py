@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
-
-from api.settings import Settings
-from inference.batcher import BatcherClosedError, BatchStats, MicroBatcher
-from inference.engine import GPU_PROVIDERS, ModelLoadError, OnnxEngine, Prediction, usable_cores
+from verity.api.settings import Settings
+from verity.inference.batcher import BatcherClosedError, BatchStats, MicroBatcher
+from verity.inference.engine import GPU_PROVIDERS, ModelLoadError, OnnxEngine, Prediction, usable_cores
 
 log = logging.getLogger("verity.api.registry")
 

@@ -10,12 +10,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
-
-from api.audit import FeedbackRecord, utc_now
-from api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
-from api.errors import ApiError, current_request_id
-from api.registry import ServedModel
-from api.schemas import (
+from verity.api.audit import FeedbackRecord, utc_now
+from verity.api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
+from verity.api.errors import ApiError, current_request_id
+from verity.api.registry import ServedModel
+from verity.api.schemas import (
     BatchResponse,
     ErrorBody,
     FeedbackIn,
@@ -27,7 +26,7 @@ from api.schemas import (
     Readiness,
     ReloadResponse,
 )
-from api.service import PredictionService, Scored, ServiceDep, render_heatmap, station_for
+from verity.api.service import PredictionService, Scored, ServiceDep, render_heatmap, station_for
 
 router = APIRouter()
 

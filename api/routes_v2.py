@@ -15,13 +15,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-
-from api import oip_codec as oip
-from api.deps import PrincipalDep, RegistryDep
-from api.errors import ApiError, current_request_id
-from api.registry import ServedModel
-from api.schemas import OipError
-from api.service import PreparedImage, ServiceDep, station_for
+from verity.api import oip_codec as oip
+from verity.api.deps import PrincipalDep, RegistryDep
+from verity.api.errors import ApiError, current_request_id
+from verity.api.registry import ServedModel
+from verity.api.schemas import OipError
+from verity.api.service import PreparedImage, ServiceDep, station_for
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 

@@ -21,15 +21,14 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
-
-from api.audit import AuditError, AuditRecord, AuditStore, ImageStore, utc_now
-from api.deps import AuditDep, ImageStoreDep, MetricsDep, RegistryDep, SettingsDep
-from api.errors import ApiError, decode_error_to_api, service_unavailable
-from api.metrics import Metrics
-from api.registry import ModelRegistry, ServedModel
-from api.settings import Settings
-from inference.batcher import QueueFullError
-from inference.decode import (
+from verity.api.audit import AuditError, AuditRecord, AuditStore, ImageStore, utc_now
+from verity.api.deps import AuditDep, ImageStoreDep, MetricsDep, RegistryDep, SettingsDep
+from verity.api.errors import ApiError, decode_error_to_api, service_unavailable
+from verity.api.metrics import Metrics
+from verity.api.registry import ModelRegistry, ServedModel
+from verity.api.settings import Settings
+from verity.inference.batcher import QueueFullError
+from verity.inference.decode import (
     DecodeError,
     DecodeLimits,
     decode_for_model,
@@ -37,10 +36,10 @@ from inference.decode import (
     sniff_format,
     to_model_input,
 )
-from inference.engine import Prediction
-from inference.heatmap import heatmap_png
-from inference.spec import PreprocessSpec
-from inference.tiling import ScanResult, TooManyTiles, score_scan, tile_size
+from verity.inference.engine import Prediction
+from verity.inference.heatmap import heatmap_png
+from verity.inference.spec import PreprocessSpec
+from verity.inference.tiling import ScanResult, TooManyTiles, score_scan, tile_size
 
 log = logging.getLogger("verity.api")
 

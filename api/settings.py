@@ -12,8 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from inference.decode import DecodeLimits
+from verity.inference.decode import DecodeLimits
 
 MiB = 1024 * 1024
 

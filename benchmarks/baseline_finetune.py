@@ -19,10 +19,9 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-
-from datasets.manifest import read_manifest, resolve_image_path
-from training.metrics import bootstrap_intervals, roc_auc
-from training.models import build_model
+from verity.datasets.manifest import read_manifest, resolve_image_path
+from verity.training.metrics import bootstrap_intervals, roc_auc
+from verity.training.models import build_model
 
 SIZE = 224
 

@@ -21,15 +21,16 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import interleaved, load_average, photo_jpeg, time_per_call  # noqa: E402
-from inference.decode import (  # noqa: E402
+from verity.inference.decode import (  # noqa: E402
     DEFAULT_LIMITS,
     _open_pil,
     decode_image,
     load_for_model,
     to_model_input,
 )
-from inference.spec import PreprocessSpec, default_spec  # noqa: E402
+from verity.inference.spec import PreprocessSpec, default_spec  # noqa: E402
+
+from benchmarks.common import interleaved, load_average, photo_jpeg, time_per_call  # noqa: E402
 
 TARGET_MS = 3.5
 

@@ -65,9 +65,10 @@ def model_flops(model: Any, shape: tuple[int, ...]) -> float:
 
 def build_models(workdir: Path, size: int = 224) -> dict[str, Any]:
     """fp32 ONNX (exported with the parity gate), INT8 ONNX (static QDQ), and the torch model."""
+    from verity.inference.decode import load_for_model
+    from verity.training.quantize import quantize_static_model
+
     from benchmarks.models import lite0_onnx, lite0_torch
-    from inference.decode import load_for_model
-    from training.quantize import quantize_static_model
 
     fp32 = lite0_onnx(workdir / "photo" / "0.0.0" / "model.onnx", "photo", size)
     model, spec = lite0_torch("photo", size)  # same architecture; its weights need not match (speed only)
@@ -79,8 +80,7 @@ def build_models(workdir: Path, size: int = 224) -> dict[str, Any]:
 
 def run(workdir: Path, seconds: float = 2.0, size: int = 224) -> dict[str, Any]:
     import torch
-
-    from inference.engine import OnnxEngine
+    from verity.inference.engine import OnnxEngine
 
     info = cpu_info()
     models = build_models(workdir, size)
@@ -158,7 +158,7 @@ def run(workdir: Path, seconds: float = 2.0, size: int = 224) -> dict[str, Any]:
 def shipped_default(seconds: float = 4.0, batch_size: int = 8) -> dict[str, Any] | None:
     """INT8 / fp32 of the shipped default photo model (what `make serve` serves), batch 8, timed in
     turns: 2-thread wall time, and CPU time of 1-thread sessions. None when no INT8 variant is shipped."""
-    from inference.engine import OnnxEngine, usable_cores
+    from verity.inference.engine import OnnxEngine, usable_cores
 
     fp32_path = newest_shipped("photo-default")
     if fp32_path is None or not fp32_path.with_name("model.int8.onnx").is_file():

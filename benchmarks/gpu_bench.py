@@ -27,13 +27,14 @@ BATCH_SIZES = (1, 8, 32)
 
 
 def run(workdir: Path, seconds: float = 2.0) -> dict[str, Any]:
-    from inference.engine import GPU_PROVIDERS, OnnxEngine, available_providers
+    from verity.inference.engine import GPU_PROVIDERS, OnnxEngine, available_providers
 
     gpus = [p for p in GPU_PROVIDERS if p in available_providers()]
     if not gpus:
         return {"skipped": f"no GPU provider in onnxruntime here ({', '.join(available_providers())})"}
+    from verity.training.quantize import export_fp16
+
     from benchmarks.models import lite0_onnx
-    from training.quantize import export_fp16
 
     fp32 = lite0_onnx(workdir / "photo" / "0.0.0" / "model.onnx")
     export_fp16(fp32)

@@ -43,7 +43,7 @@ def run_ingest(src: Path, manifest: Path, workers: int) -> tuple[int, float, int
     command = [
         sys.executable,
         "-m",
-        "datasets.cli",
+        "verity.datasets.cli",
         "ingest",
         str(src),
         "--out",

@@ -65,7 +65,7 @@ def start_server(models_dir: str, workdir: Path) -> tuple[subprocess.Popen, str]
     }
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(
-        [sys.executable, "-m", "verity_cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "verity", "serve", "--port", str(port)],
         cwd=REPO,
         env=env,
         stdout=log,

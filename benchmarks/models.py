@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY
-from inference.spec import PreprocessSpec, default_spec, resolve_spec
+from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY
+from verity.inference.spec import PreprocessSpec, default_spec, resolve_spec
 
 
 def tiny_card(
@@ -111,7 +110,7 @@ def tiny_onnx(
 
 def lite0_torch(modality: str = "photo", size: int = 224) -> Any:
     """The registry's efficientnet_lite0 (random weights) for `modality` at `size` px, eval mode."""
-    from training.models import build_for_spec
+    from verity.training.models import build_for_spec
 
     spec = resolve_spec(modality, override={"image_size": size})
     return build_for_spec("efficientnet_lite0", spec).eval(), spec
@@ -119,7 +118,7 @@ def lite0_torch(modality: str = "photo", size: int = 224) -> Any:
 
 def lite0_onnx(path: str | Path, modality: str = "photo", size: int = 224) -> Path:
     """Exports the registry efficientnet_lite0 through training.export.export_onnx (parity gate on)."""
-    from training.export import build_card, export_onnx
+    from verity.training.export import build_card, export_onnx
 
     model, spec = lite0_torch(modality, size)
     card = build_card(

@@ -16,8 +16,8 @@ import csv
 import json
 from pathlib import Path
 
-from datasets.manifest import ManifestRow, read_manifest, write_manifest
-from datasets.torch_dataset import assign_missing_splits, split_counts
+from verity.datasets.manifest import ManifestRow, read_manifest, write_manifest
+from verity.datasets.torch_dataset import assign_missing_splits, split_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "real"

@@ -33,10 +33,11 @@ TARGET_S = 1.0
 
 
 def build_models(workdir: Path, scan: np.ndarray) -> dict[str, Path]:
+    from verity.inference.decode import to_model_input
+    from verity.inference.spec import resolve_spec
+    from verity.training.quantize import quantize_static_model
+
     from benchmarks.models import lite0_onnx
-    from inference.decode import to_model_input
-    from inference.spec import resolve_spec
-    from training.quantize import quantize_static_model
 
     fp32 = lite0_onnx(workdir / "xray" / "0.0.0" / "model.onnx", "xray", 224)
     spec = resolve_spec("xray")
@@ -53,9 +54,9 @@ def build_models(workdir: Path, scan: np.ndarray) -> dict[str, Path]:
 
 
 def run(workdir: Path, seconds: float = 3.0) -> dict[str, Any]:
-    from inference.decode import DEFAULT_LIMITS, decode_image
-    from inference.engine import OnnxEngine
-    from inference.tiling import score_scan
+    from verity.inference.decode import DEFAULT_LIMITS, decode_image
+    from verity.inference.engine import OnnxEngine
+    from verity.inference.tiling import score_scan
 
     info = cpu_info()
     scan = xray_scan()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from datasets.synth import DIFFICULTIES, ImageJob, cue_policy, generator_for, plan_cases
+from verity.datasets.synth import DIFFICULTIES, ImageJob, cue_policy, generator_for, plan_cases
 
 
 def measure(

@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
-from datasets.torch_dataset import ManifestDataset, load_rows
-from inference.spec import resolve_spec
-from training.augment import Augmenter
-from training.config import TrainConfig
-from training.distributed import DistInfo
-from training.models import build_for_spec
-from training.trainer import EpochSampler, train_from_options, worker_count
+from verity.datasets.torch_dataset import ManifestDataset, load_rows
+from verity.inference.spec import resolve_spec
+from verity.training.augment import Augmenter
+from verity.training.config import TrainConfig
+from verity.training.distributed import DistInfo
+from verity.training.models import build_for_spec
+from verity.training.trainer import EpochSampler, train_from_options, worker_count
 
 
 def make_images(root: Path, count: int, size: int) -> Path:

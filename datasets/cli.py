@@ -11,15 +11,15 @@ from pathlib import Path
 
 # subcommand -> (module, function, one-line help). Functions take argv and return an exit code.
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "synth": ("datasets.synth", "synth_main", "generate synthetic photos or X-rays with a manifest"),
+    "synth": ("verity.datasets.synth", "synth_main", "generate synthetic photos or X-rays with a manifest"),
     "ingest": (
-        "datasets.cli",
+        "verity.datasets.cli",
         "ingest_main",
         "validate, dedupe and split a folder, CSV or JSONL into a manifest",
     ),
-    "stats": ("datasets.cli", "stats_main", "print counts per label, modality, product and split"),
+    "stats": ("verity.datasets.cli", "stats_main", "print counts per label, modality, product and split"),
     "from-feedback": (
-        "api.feedback",
+        "verity.api.feedback",
         "from_feedback_main",
         "turn confirmed outcomes from the audit log into rows",
     ),
@@ -71,7 +71,8 @@ def _fraction(text: str) -> float:
 
 def ingest_main(argv: list[str]) -> int:
     """`verity data ingest SRC --out MANIFEST ...`; returns 1 when no image could be accepted."""
-    parser = argparse.ArgumentParser(prog="verity data ingest", description=_load_doc("datasets.ingest"))
+    description = _load_doc("verity.datasets.ingest")
+    parser = argparse.ArgumentParser(prog="verity data ingest", description=description)
     parser.add_argument(
         "src", type=Path, help="a folder tree (genuine/ counterfeit/ ...), a .csv or a .jsonl"
     )
@@ -103,7 +104,7 @@ def ingest_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.near_threshold <= 32:
         parser.error("--near-threshold must lie between 0 and 32")
-    from datasets.ingest import IngestOptions, format_summary, ingest
+    from verity.datasets.ingest import IngestOptions, format_summary, ingest
 
     options = IngestOptions(
         modality=args.modality,
@@ -134,7 +135,7 @@ def stats_main(argv: list[str]) -> int:
     parser.add_argument("manifest", type=Path)
     parser.add_argument("--products", type=int, default=30, help="products listed before the rest are summed")
     args = parser.parse_args(argv)
-    from datasets.stats import manifest_stats
+    from verity.datasets.stats import manifest_stats
 
     print(manifest_stats(args.manifest, max_products=max(1, args.products)))
     return 0

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-
-from datasets.hashing import UnionFind, dhash, near_duplicate_pairs, sha256_hex
-from datasets.manifest import (
+from verity.datasets.hashing import UnionFind, dhash, near_duplicate_pairs, sha256_hex
+from verity.datasets.manifest import (
     LABEL_SYNONYMS,
     LABELS,
     MODALITIES,
@@ -38,15 +37,15 @@ from datasets.manifest import (
     read_manifest,
     write_manifest,
 )
-from datasets.progress import progress_bar
-from datasets.split import assign_groups, group_key, split_fractions
-from inference.decode import (
+from verity.datasets.progress import progress_bar
+from verity.datasets.split import assign_groups, group_key, split_fractions
+from verity.inference.decode import (
     DEFAULT_LIMITS,
     DecodeError,
     decode_for_model,
     read_image_bytes,
 )
-from inference.spec import default_spec
+from verity.inference.spec import default_spec
 
 # Folder and column names accepted for each modality (compared in lower case); the label names are
 # datasets.manifest.LABEL_SYNONYMS, shared with training and evaluation.

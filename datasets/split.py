@@ -12,7 +12,7 @@ import random
 from collections import Counter
 from collections.abc import Mapping
 
-from datasets.manifest import LABELS, SPLITS, ManifestRow
+from verity.datasets.manifest import LABELS, SPLITS, ManifestRow
 
 
 def group_key(row: ManifestRow) -> str:

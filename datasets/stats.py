@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from datasets.manifest import LABELS, SPLITS, read_manifest
-from datasets.split import group_key
+from verity.datasets.manifest import LABELS, SPLITS, read_manifest
+from verity.datasets.split import group_key
 
 _NONE = "(none)"
 

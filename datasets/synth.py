@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-
-from datasets.manifest import ManifestRow, write_manifest
-from datasets.split import assign_groups, split_fractions
+from verity.datasets.manifest import ManifestRow, write_manifest
+from verity.datasets.split import assign_groups, split_fractions
 
 MODALITIES = ("photo", "xray")
 MIN_CASE, MAX_CASE = 2, 6
@@ -112,7 +111,7 @@ def generator_for(modality: str) -> Generator:
         raise ValueError(f"Invalid modality {modality!r}. Only {', '.join(MODALITIES)} are supported.")
     import importlib
 
-    return importlib.import_module(f"datasets.synth_{modality}")  # type: ignore[return-value]
+    return importlib.import_module(f"verity.datasets.synth_{modality}")  # type: ignore[return-value]
 
 
 @dataclass

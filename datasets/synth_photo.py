@@ -20,8 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-
-from datasets.synth import STREAM_CASE, ImageJob, case_rng, image_rng, rng_for
+from verity.datasets.synth import STREAM_CASE, ImageJob, case_rng, image_rng, rng_for
 
 CUES = (
     "colour_shift",

@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
-from datasets.synth import (
+from verity.datasets.synth import (
     EXPORT_STYLES,
     STREAM_EXPORT,
     ImageJob,
@@ -861,7 +860,7 @@ def _unit(image: np.ndarray) -> np.ndarray:
 
 def preview_tile(data: bytes, tile: int) -> np.ndarray:
     """An 8-bit RGB view fitted to the tile: grey, colour as exported, or pseudo-colour for dual energy."""
-    from inference.decode import decode_image
+    from verity.inference.decode import decode_image
 
     image = decode_image(data)
     if image.shape[2] == 2:

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-
-from datasets.manifest import (
+from verity.datasets.manifest import (
     LABEL_SYNONYMS,
     LABELS,
     SPLITS,
@@ -30,9 +29,9 @@ from datasets.manifest import (
     read_manifest,
     resolve_image_path,
 )
-from datasets.split import assign_groups, group_key, split_fractions
-from inference.decode import decode_image, to_model_input
-from inference.spec import PreprocessSpec
+from verity.datasets.split import assign_groups, group_key, split_fractions
+from verity.inference.decode import decode_image, to_model_input
+from verity.inference.spec import PreprocessSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".dcm", ".dicom"}
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.json")

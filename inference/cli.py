@@ -16,16 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from inference.decode import (
+from verity.inference.decode import (
     DEFAULT_LIMITS,
     DecodeError,
     decode_for_model,
     decode_image,
     read_image_bytes,
 )
-from inference.engine import PRECISIONS, OnnxEngine
-from inference.heatmap import heatmap_png
-from inference.tiling import AGGREGATES, score_scan, tile_size
+from verity.inference.engine import PRECISIONS, OnnxEngine
+from verity.inference.heatmap import heatmap_png
+from verity.inference.tiling import AGGREGATES, score_scan, tile_size
 
 
 def build_parser() -> argparse.ArgumentParser:

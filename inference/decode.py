@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
-
-from inference.spec import PreprocessSpec
+from verity.inference.spec import PreprocessSpec
 
 # We check the pixel count ourselves, before decoding, with our own limit and message.
 Image.MAX_IMAGE_PIXELS = None

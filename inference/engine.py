@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from inference.spec import PreprocessSpec
+from verity.inference.spec import PreprocessSpec
 
 METADATA_SPEC_KEY = "verity.spec"
 METADATA_CARD_KEY = "verity.card"

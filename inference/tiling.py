@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from inference.decode import to_model_input
-from inference.engine import usable_cores
-from inference.heatmap import heatmap_png, upsample
+from verity.inference.decode import to_model_input
+from verity.inference.engine import usable_cores
+from verity.inference.heatmap import heatmap_png, upsample
 
 AGGREGATES = ("max", "topk")
 
@@ -71,8 +70,7 @@ class ScanResult:
     def heatmap_png(self, image: np.ndarray, alpha: float = 0.5) -> bytes:
         """PNG overlay of the evidence on the decoded scan, at the evidence map's size."""
         from PIL import Image
-
-        from inference.heatmap import to_display_rgb, to_display_uint8
+        from verity.inference.heatmap import to_display_rgb, to_display_uint8
 
         height, width = self.evidence.shape
         # Shrink before colour conversion: a 4000 px scan is 6 M pixels, its overlay a fraction of that.

@@ -20,8 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
-
-from inference.spec import PreprocessSpec
+from verity.inference.spec import PreprocessSpec
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
@@ -158,7 +157,7 @@ class LiveServer:
             [
                 sys.executable,
                 "-m",
-                "verity_cli",
+                "verity",
                 "serve",
                 "--host",
                 "127.0.0.1",

@@ -13,12 +13,11 @@ import pytest
 from api_fixtures import build_model_bytes, image_bytes, make_models_dir, write_model
 from fastapi.testclient import TestClient
 from PIL import Image
-
-from api.app import create_app
-from api.audit import AuditError, SQLiteAuditStore
-from api.auth import KeyStore
-from api.cli import audit_main, keys_main
-from api.settings import Settings
+from verity.api.app import create_app
+from verity.api.audit import AuditError, SQLiteAuditStore
+from verity.api.auth import KeyStore
+from verity.api.cli import audit_main, keys_main
+from verity.api.settings import Settings
 
 DARK, BRIGHT = image_bytes(0), image_bytes(255)
 
@@ -336,7 +335,7 @@ def test_pinned_version(tmp_path: Path, models_dir: Path) -> None:
 
 
 def test_readyz_503_until_loaded(tmp_path: Path, models_dir: Path) -> None:
-    from inference.engine import OnnxEngine
+    from verity.inference.engine import OnnxEngine
 
     def slow_engine(path):
         time.sleep(1.0)
@@ -435,8 +434,7 @@ def test_queue_full_is_503_with_retry_after(tmp_path: Path, models_dir: Path) ->
     import asyncio
 
     import httpx
-
-    from inference.engine import OnnxEngine
+    from verity.inference.engine import OnnxEngine
 
     settings = make_settings(tmp_path, batch_max_size=1, batch_max_queue=1, retry_after_s=2)
     app = create_app(settings, engine_factory=lambda path: SlowEngine(OnnxEngine(path, warmup=False)))
@@ -481,7 +479,7 @@ def test_large_xray_scan_is_tiled(tmp_path: Path, models_dir: Path) -> None:
 
 
 def test_settings_from_file_and_environment(tmp_path: Path, monkeypatch) -> None:
-    from api.settings import load_settings
+    from verity.api.settings import load_settings
 
     config = tmp_path / "verity.env"
     config.write_text("VERITY_MAX_BATCH_FILES=3\nVERITY_MODELS_DIR=/srv/models\n")
@@ -493,7 +491,7 @@ def test_settings_from_file_and_environment(tmp_path: Path, monkeypatch) -> None
 
 
 def test_serve_refuses_non_loopback_without_keys(tmp_path: Path, monkeypatch, capsys) -> None:
-    from api.cli import is_loopback, serve_main
+    from verity.api.cli import is_loopback, serve_main
 
     monkeypatch.setenv("VERITY_KEYS_FILE", str(tmp_path / "keys.json"))
     assert serve_main(["--host", "0.0.0.0", "--port", "1"]) == 2
@@ -535,7 +533,7 @@ def test_reload_under_load_never_fails_a_request(tmp_path: Path, models_dir: Pat
 def test_json_logs_carry_request_id() -> None:
     import logging
 
-    from api.logs import JsonFormatter, request_id_var
+    from verity.api.logs import JsonFormatter, request_id_var
 
     token = request_id_var.set("abc123")
     try:
@@ -560,7 +558,7 @@ def test_json_logs_carry_request_id() -> None:
 def test_limit_malloc_arenas(monkeypatch) -> None:
     import platform
 
-    from api.cli import limit_malloc_arenas
+    from verity.api.cli import limit_malloc_arenas
 
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     assert limit_malloc_arenas(0) is False

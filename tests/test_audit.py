@@ -9,13 +9,20 @@ from pathlib import Path
 import pytest
 from api_fixtures import image_bytes, make_models_dir
 from fastapi.testclient import TestClient
+from verity.api.app import create_app
+from verity.api.audit import (
+    AuditError,
+    AuditRecord,
+    FeedbackRecord,
+    ImageStore,
+    SQLiteAuditStore,
+    open_audit_store,
+)
+from verity.api.feedback import from_feedback_main
+from verity.api.settings import Settings
+from verity.datasets.manifest import read_manifest, resolve_image_path
 
-from api.app import create_app
-from api.audit import AuditError, AuditRecord, FeedbackRecord, ImageStore, SQLiteAuditStore, open_audit_store
-from api.feedback import from_feedback_main
-from api.settings import Settings
-from datasets.manifest import read_manifest, resolve_image_path
-from verity_cli import main as verity_main
+from verity.cli import main as verity_main
 
 
 def record(request_id: str, created: str = "2026-11-29T10:00:00.000000+00:00", **overrides) -> AuditRecord:

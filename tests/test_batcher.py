@@ -8,8 +8,7 @@ import time
 
 import numpy as np
 import pytest
-
-from inference.batcher import BatcherClosedError, BatchStats, MicroBatcher, QueueFullError
+from verity.inference.batcher import BatcherClosedError, BatchStats, MicroBatcher, QueueFullError
 
 
 class Recorder:
@@ -237,9 +236,9 @@ def test_two_workers_compute_two_batches_at_the_same_time() -> None:
 
 
 def test_served_model_runs_one_batch_worker_per_core_on_cpu_and_one_on_gpu(tmp_path) -> None:  # noqa: ANN001
-    from api.registry import ServedModel
-    from api.settings import Settings
-    from inference.engine import usable_cores
+    from verity.api.registry import ServedModel
+    from verity.api.settings import Settings
+    from verity.inference.engine import usable_cores
 
     class FakeEngine:
         def __init__(self, provider: str) -> None:

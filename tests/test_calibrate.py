@@ -6,10 +6,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from datasets.manifest import ManifestRow
-from inference.engine import Thresholds, calibrated_scores
-from training.calibrate import (
+from verity.datasets.manifest import ManifestRow
+from verity.inference.engine import Thresholds, calibrated_scores
+from verity.training.calibrate import (
     MIN_TEMPERATURE,
     ThresholdError,
     card_warnings,

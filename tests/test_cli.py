@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-import verity_cli
+from verity import cli as verity_cli
 
 
 def test_help_lists_every_command(capsys) -> None:
@@ -32,7 +32,7 @@ def test_every_command_module_resolves() -> None:
 def test_bad_image_path_gives_message_not_traceback(tmp_path) -> None:
     missing = tmp_path / "nope.jpg"
     result = subprocess.run(
-        [sys.executable, "-m", "verity_cli", "predict", "--model", str(tmp_path), str(missing)],
+        [sys.executable, "-m", "verity", "predict", "--model", str(tmp_path), str(missing)],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0

@@ -8,8 +8,7 @@ import time
 import httpx
 import pytest
 from api_fixtures import LiveServer, image_bytes, make_models_dir
-
-from api.audit import SQLiteAuditStore
+from verity.api.audit import SQLiteAuditStore
 
 pytestmark = pytest.mark.slow
 

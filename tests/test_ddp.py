@@ -19,7 +19,7 @@ _RANK_SCRIPT = textwrap.dedent(
     import json, os, sys
     import torch
     torch.set_num_threads(1)
-    from training.trainer import train_from_options
+    from verity.training.trainer import train_from_options
     data, out = sys.argv[1], sys.argv[2]
     result = train_from_options(
         data=data, out=out, name="ddp", model="resnet18", pretrained=False, epochs=2, image_size=32,

@@ -9,9 +9,8 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-
-from datasets.encode import encode_dicom as _dicom
-from inference.decode import (
+from verity.datasets.encode import encode_dicom as _dicom
+from verity.inference.decode import (
     DecodeError,
     DecodeLimits,
     ImageTooLarge,
@@ -22,7 +21,7 @@ from inference.decode import (
     load_for_model,
     to_model_input,
 )
-from inference.spec import default_spec, resolve_spec
+from verity.inference.spec import default_spec, resolve_spec
 
 
 def _gradient(height: int = 40, width: int = 56) -> np.ndarray:

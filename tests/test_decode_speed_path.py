@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-
-from inference.decode import (
+from verity.inference.decode import (
     DecodeError,
     DecodeLimits,
     ImageTooLarge,
@@ -23,7 +22,7 @@ from inference.decode import (
     load_for_model,
     to_model_input,
 )
-from inference.spec import default_spec, resolve_spec
+from verity.inference.spec import default_spec, resolve_spec
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:

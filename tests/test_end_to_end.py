@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import verity_cli
+from verity import cli as verity_cli
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +59,8 @@ def test_checkpoint_reads_without_unpickling_objects(trained_models: Path) -> No
 
 
 def test_served_verdict_from_the_trained_model(trained_models: Path, tmp_path: Path) -> None:
-    from api.app import create_app
-    from api.settings import Settings
+    from verity.api.app import create_app
+    from verity.api.settings import Settings
 
     settings = Settings(
         models_dir=trained_models, audit_db=tmp_path / "audit.sqlite", keys_file=tmp_path / "keys.json",

@@ -8,16 +8,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-import inference.engine as engine_module
-from benchmarks.models import tiny_onnx
-from inference.engine import (
+import verity.inference.engine as engine_module
+from verity.inference.engine import (
     ModelLoadError,
     OnnxEngine,
     choose_providers,
     provider_options,
     resolve_variant,
 )
+
+from benchmarks.models import tiny_onnx
 
 GPU_BOX = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 CUDA_BOX = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -123,7 +123,7 @@ def test_predict_cli_prints_verdicts_heatmaps_and_clear_errors(
 ) -> None:
     import json
 
-    from inference.cli import main
+    from verity.inference.cli import main
 
     bright = _write_png(tmp_path / "bright.png", np.full((50, 70, 3), 230, np.uint8))
     dark = _write_png(tmp_path / "dark.png", np.zeros((50, 70, 3), np.uint8))
@@ -148,8 +148,9 @@ def test_predict_cli_prints_verdicts_heatmaps_and_clear_errors(
 def test_predict_cli_tiles_a_large_xray_scan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
+    from verity.inference.cli import main
+
     from benchmarks.models import tiny_spec
-    from inference.cli import main
 
     model = tiny_onnx(tmp_path / "xray" / "model.onnx", tiny_spec("xray", 32))
     scan = np.zeros((150, 400), np.uint16)

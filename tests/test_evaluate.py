@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from verity.datasets.manifest import ManifestRow, write_manifest
+from verity.inference.decode import load_for_model
+from verity.inference.spec import PreprocessSpec, default_spec
+from verity.training import eval_cli, export_cli
+from verity.training.calibrate import choose_thresholds, fit_temperature
+from verity.training.export import build_card, export_onnx
+from verity.training.metrics import compute_metrics, roc_auc
 
-import verity_cli
-from datasets.manifest import ManifestRow, write_manifest
-from inference.decode import load_for_model
-from inference.spec import PreprocessSpec, default_spec
-from training import eval_cli, export_cli
-from training.calibrate import choose_thresholds, fit_temperature
-from training.export import build_card, export_onnx
-from training.metrics import compute_metrics, roc_auc
+from verity import cli as verity_cli
 
 torch.set_num_threads(1)
 SIZE = 32
@@ -146,7 +146,7 @@ def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """A model registry that knows ContrastNet, standing in for training.models in these tests."""
-    module = types.ModuleType("training.models")
+    module = types.ModuleType("verity.training.models")
 
     def build_model(
         name: str,
@@ -159,7 +159,7 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> None:
         return ContrastNet(spec or _spec())
 
     module.build_model = build_model
-    monkeypatch.setitem(sys.modules, "training.models", module)
+    monkeypatch.setitem(sys.modules, "verity.training.models", module)
 
 
 def _read_predictions(path: Path) -> list[dict[str, str]]:
@@ -226,7 +226,7 @@ def test_eval_cli_onnx_end_to_end(
 def test_eval_of_checkpoint_matches_onnx(
     dataset: Path, trained: Path, tmp_path: Path, registry: None
 ) -> None:
-    from training.evaluate import ModuleScorer, evaluate
+    from verity.training.evaluate import ModuleScorer, evaluate
 
     onnx_result = evaluate(
         trained, dataset / "manifest.jsonl", out_dir=tmp_path / "a", progress=False, report=False
@@ -260,8 +260,8 @@ def test_eval_of_checkpoint_matches_onnx(
 def test_eval_on_labelled_folder_uses_the_training_split(
     trained: Path, dataset: Path, tmp_path: Path
 ) -> None:
-    from datasets.torch_dataset import load_rows
-    from training.evaluate import evaluate
+    from verity.datasets.torch_dataset import load_rows
+    from verity.training.evaluate import evaluate
 
     folder = tmp_path / "folder"
     for label, parity in (("genuine", 0), ("counterfeit", 1)):
@@ -310,7 +310,7 @@ def test_eval_on_labelled_folder_uses_the_training_split(
 def test_export_cli_reexports_checkpoint(
     trained: Path, dataset: Path, tmp_path: Path, registry: None, capsys: pytest.CaptureFixture
 ) -> None:
-    from inference.engine import OnnxEngine
+    from verity.inference.engine import OnnxEngine
 
     out = tmp_path / "re" / "model.onnx"
     code = export_cli.main(
@@ -347,7 +347,7 @@ def test_cli_errors_are_one_line(
 
 
 def test_report_images_for_every_channel_count(tmp_path: Path) -> None:
-    from training.report import cam_overlay, image_to_rgb, write_report
+    from verity.training.report import cam_overlay, image_to_rgb, write_report
 
     for channels in (1, 2, 3):
         image = np.random.default_rng(channels).random((channels, 20, 20), dtype=np.float32)
@@ -374,7 +374,7 @@ def test_report_images_for_every_channel_count(tmp_path: Path) -> None:
 
 
 def test_resolve_model_path_prefers_onnx_and_the_newest_version(tmp_path: Path) -> None:
-    from training.evaluate import resolve_model_path
+    from verity.training.evaluate import resolve_model_path
 
     for version in ("1.9", "1.10", "1.2"):
         (tmp_path / "name" / version).mkdir(parents=True)
@@ -422,10 +422,10 @@ def test_eval_finds_the_model_in_the_folder_train_wrote(
 
 def test_train_eval_and_ingest_read_a_real_fake_folder_alike(dataset: Path, tmp_path: Path) -> None:
     """Label folder names are one definition (datasets.manifest.LABEL_SYNONYMS) for all three readers."""
-    from datasets.ingest import IngestOptions, ingest
-    from datasets.manifest import label_for_folder, read_manifest, resolve_image_path
-    from datasets.torch_dataset import load_rows
-    from training.evaluate import load_samples
+    from verity.datasets.ingest import IngestOptions, ingest
+    from verity.datasets.manifest import label_for_folder, read_manifest, resolve_image_path
+    from verity.datasets.torch_dataset import load_rows
+    from verity.training.evaluate import load_samples
 
     assert [label_for_folder(n) for n in ("Real", "fake", "AUTHENTIC", "genuine", "other")] == [
         "genuine",

@@ -9,11 +9,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-from inference.engine import ModelLoadError, OnnxEngine, calibrated_scores, read_metadata
-from inference.spec import PreprocessSpec, default_spec
-from training import export as export_module
-from training.export import (
+from verity.inference.engine import ModelLoadError, OnnxEngine, calibrated_scores, read_metadata
+from verity.inference.spec import PreprocessSpec, default_spec
+from verity.training import export as export_module
+from verity.training.export import (
     ExportError,
     ExportParityError,
     build_card,
@@ -245,7 +244,7 @@ def test_build_card_and_checkpoint_round_trip(tmp_path: Path) -> None:
 
 
 def test_build_card_states_threshold_intervals_and_validation_warnings() -> None:
-    from training.calibrate import choose_thresholds, sample_size_warnings
+    from verity.training.calibrate import choose_thresholds, sample_size_warnings
 
     spec = tiny_spec()
     # 100 genuine (fewer than the 300 a 1% false-alarm target needs), 200 counterfeit (enough for 5%).
@@ -264,8 +263,8 @@ def test_build_card_states_threshold_intervals_and_validation_warnings() -> None
 @pytest.mark.parametrize("modality", ["photo", "xray"])
 def test_registry_backbone_exports_with_parity(tmp_path: Path, modality: str) -> None:
     """The real model registry's default backbone, 64 px, through `verity export` (model.pt -> ONNX)."""
-    from training import export_cli
-    from training.export import build_registry_model
+    from verity.training import export_cli
+    from verity.training.export import build_registry_model
 
     spec = tiny_spec(modality, size=64)
     torch.manual_seed(0)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from verity.training.guard import WeakRunError, auc_interval, check_run, weak_signs
 
 from tests.test_trainer import FAST, make_folder
-from training.guard import WeakRunError, auc_interval, check_run, weak_signs
 
 torch.set_num_threads(1)
 
@@ -30,7 +30,7 @@ def shuffled_copy(source: Path, target: Path, seed: int = 0) -> Path:
 
 @pytest.mark.slow
 def test_shuffled_labels_are_refused_and_say_why(tmp_path, capsys) -> None:
-    from training.cli import train_main
+    from verity.training.cli import train_main
 
     data = shuffled_copy(make_folder(tmp_path / "tidy", per_class=24), tmp_path / "shuffled")
     argv = ["--data", str(data), "--model", "resnet18", "--no-pretrained", "--epochs", "3",
@@ -50,7 +50,7 @@ def test_shuffled_labels_are_refused_and_say_why(tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_a_run_that_learns_passes_the_guard(tmp_path) -> None:
-    from training.trainer import train_from_options
+    from verity.training.trainer import train_from_options
 
     data = make_folder(tmp_path / "tidy", per_class=24)
     options = {**FAST, "allow_weak": False, "export": False}

@@ -12,11 +12,11 @@ FORBIDDEN = ("torch", "torchvision", "albumentations", "timm", "training")
 
 PROBE = """
 import json, sys, tempfile
-import api.app, api.cli, api.feedback, verity_cli
+import verity.api.app, verity.api.cli, verity.api.feedback, verity.cli
 import uvicorn  # what `verity serve` runs
-from api.settings import Settings
+from verity.api.settings import Settings
 tmp = tempfile.mkdtemp()
-app = api.app.create_app(Settings(models_dir=tmp, audit_db=tmp + "/a.sqlite", keys_file=tmp + "/k.json"))
+app = verity.api.app.create_app(Settings(models_dir=tmp, audit_db=tmp + "/a.sqlite", keys_file=tmp + "/k.json"))
 app.openapi()
 print(json.dumps(sorted(name for name in sys.modules)))
 """
@@ -30,7 +30,7 @@ def test_api_and_serve_path_load_neither_torch_nor_albumentations() -> None:
     modules = json.loads(result.stdout.strip().splitlines()[-1])
     loaded = [m for m in modules if m.split(".")[0] in FORBIDDEN]
     assert not loaded, f"serving imported {loaded[:10]}"
-    assert "fastapi" in modules and "api.app" in modules
+    assert "fastapi" in modules and "verity.api.app" in modules
 
 
 def test_api_sources_never_import_training_packages() -> None:

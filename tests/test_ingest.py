@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from datasets.cli import main as data_main
-from datasets.hashing import dhash, near_duplicate_pairs
-from datasets.ingest import IngestOptions, ingest
-from datasets.manifest import read_manifest
-from datasets.split import assign_groups, split_fractions
+from verity.datasets.cli import main as data_main
+from verity.datasets.hashing import dhash, near_duplicate_pairs
+from verity.datasets.ingest import IngestOptions, ingest
+from verity.datasets.manifest import read_manifest
+from verity.datasets.split import assign_groups, split_fractions
 
 OPTIONS = IngestOptions(modality="photo", progress=False, workers=2)
 
@@ -268,7 +267,7 @@ def test_cli_ingest_stats_and_dispatch(tmp_path, capsys):
         data_main(["ingest", str(tmp_path / "src"), "--out", str(manifest), "--val", "1.5"])
     with pytest.raises(ValueError, match="pass --modality"):
         data_main(["ingest", str(tmp_path / "src"), "--out", str(tmp_path / "n.jsonl")])
-    if importlib.util.find_spec("api.feedback") is None:
+    if importlib.util.find_spec("verity.api.feedback") is None:
         with pytest.raises(RuntimeError, match="not available"):
             data_main(["from-feedback"])
 

@@ -7,8 +7,7 @@ import json
 
 import numpy as np
 import pytest
-
-from training.metrics import (
+from verity.training.metrics import (
     FALSE_ALARM_RATES,
     _resample_statistics,
     _resampled_counts,

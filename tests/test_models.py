@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from training.models import (
+from verity.training.models import (
     MODELS,
     ModelError,
     Normalize,
@@ -86,8 +85,8 @@ def test_unknown_model_and_missing_pretrained_weights_name_the_options() -> None
 
 
 def test_model_follows_the_spec_normalization() -> None:
-    from inference.spec import default_spec
-    from training.models import build_for_spec
+    from verity.inference.spec import default_spec
+    from verity.training.models import build_for_spec
 
     spec = default_spec("xray")
     model = build_for_spec("resnet18", spec)

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import tritonclient.http as tritonclient_http  # a dev dependency: a missing client fails, never skips
 from api_fixtures import LiveServer, image_bytes, make_models_dir
-
-from inference.decode import load_for_model
-from inference.spec import PreprocessSpec
+from verity.inference.decode import load_for_model
+from verity.inference.spec import PreprocessSpec
 
 pytestmark = pytest.mark.slow
 

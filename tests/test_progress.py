@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import sys
 
-from datasets.progress import NoBar, progress_bar
+from verity.datasets.progress import NoBar, progress_bar
 
 
 class _Terminal(io.StringIO):
@@ -30,8 +30,9 @@ def test_no_bar_off_a_terminal_and_a_bar_on_one(monkeypatch) -> None:
 
 
 def test_training_log_has_one_line_per_epoch_off_a_terminal(tmp_path, capfd) -> None:
+    from verity.training.trainer import train_from_options
+
     from tests.test_trainer import FAST, make_folder
-    from training.trainer import train_from_options
 
     options = {**FAST, "progress": True}
     train_from_options(data=str(make_folder(tmp_path / "d", per_class=8)), model="resnet18", pretrained=False,

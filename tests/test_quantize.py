@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from benchmarks.models import tiny_onnx
-from inference.engine import OnnxEngine
-from training.quantize import (
+from verity.inference.engine import OnnxEngine
+from verity.training.quantize import (
     add_export_arguments,
     export_fp16,
     quantize_model,
     run_export_variants,
     sensitive_nodes,
 )
+
+from benchmarks.models import tiny_onnx
 
 
 def _png(value: int, rng: np.random.Generator) -> bytes:
@@ -122,8 +122,7 @@ def _float_weight_convs(path: Path) -> set[str]:
 
 def _named_graph(model: Path):  # noqa: ANN202 - onnx GraphProto
     import onnx
-
-    from training.quantize import _name_nodes
+    from verity.training.quantize import _name_nodes
 
     graph = onnx.load(str(model)).graph
     _name_nodes(graph)
@@ -142,7 +141,7 @@ def test_sensitive_layers_are_the_first_conv_and_the_output_writers(model: Path)
 def test_failed_gate_is_retried_with_the_sensitive_layers_in_float(
     model: Path, val_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import training.quantize as quantize
+    import verity.training.quantize as quantize
 
     real_gate = quantize.accuracy_gate
     calls: list[int] = []

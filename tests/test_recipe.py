@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from datasets.manifest import ManifestRow
-from training.config import TrainConfig
-from training.recipe import CPU_IMAGE_BUDGET, MAX_EPOCHS, DataProfile, apply_recipe, choose
+from verity.datasets.manifest import ManifestRow
+from verity.training.config import TrainConfig
+from verity.training.recipe import CPU_IMAGE_BUDGET, MAX_EPOCHS, DataProfile, apply_recipe, choose
 
 
 def _rows(root: Path, size: tuple[int, int], count: int = 6, colour: bool = False) -> list[ManifestRow]:

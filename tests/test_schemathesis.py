@@ -19,9 +19,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-
-from api.app import create_app
-from api.settings import Settings
+from verity.api.app import create_app
+from verity.api.settings import Settings
 
 pytestmark = pytest.mark.slow
 

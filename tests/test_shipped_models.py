@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from verity.training.metrics import roc_auc
 
-import verity_cli
-from training.metrics import roc_auc
+from verity import cli as verity_cli
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _newest(name: str) -> Path:
     """The version the server serves: the newest in the registry's natural version order."""
-    from api.registry import version_sort_key
+    from verity.api.registry import version_sort_key
 
     runs = [path.parent for path in (ROOT / "checkpoints" / name).glob("*/model.onnx")]
     return max(runs, key=lambda run: version_sort_key(run.name))
@@ -57,8 +57,8 @@ def test_shipped_model_files_and_card(modality: str) -> None:
 
 @pytest.mark.parametrize("modality", sorted(SHIPPED))
 def test_shipped_model_separates_unseen_synthetic_images(modality: str, tmp_path: Path) -> None:
-    from api.app import create_app
-    from api.settings import Settings
+    from verity.api.app import create_app
+    from verity.api.settings import Settings
 
     data = tmp_path / "fresh"
     assert verity_cli.main(
@@ -106,9 +106,8 @@ def test_shipped_xray_model_sees_what_rgb_jpegs_hold(tmp_path: Path) -> None:
     """The fault this pins: every 8-bit RGB JPEG reached the X-ray model as one constant image, so flat
     colours, noise and drawn shapes all scored 0.554."""
     import numpy as np
-
-    from api.app import create_app
-    from api.settings import Settings
+    from verity.api.app import create_app
+    from verity.api.settings import Settings
 
     rng = np.random.default_rng(5)
     shapes = np.full((240, 320, 3), 230, np.uint8)

@@ -1,8 +1,7 @@
 """PreprocessSpec: validation, JSON round trip and the one precedence rule."""
 
 import pytest
-
-from inference.spec import PreprocessSpec, SpecError, default_spec, resolve_spec
+from verity.inference.spec import PreprocessSpec, SpecError, default_spec, resolve_spec
 
 
 @pytest.mark.parametrize("modality", ["photo", "xray"])

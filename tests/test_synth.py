@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from datasets import synth_photo, synth_xray
-from datasets.manifest import read_manifest, resolve_image_path
-from datasets.synth import (
+from verity.datasets import synth_photo, synth_xray
+from verity.datasets.manifest import read_manifest, resolve_image_path
+from verity.datasets.synth import (
     DIFFICULTIES,
     CaseInfo,
     ImageJob,
@@ -20,7 +19,7 @@ from datasets.synth import (
     plan_cases,
     synth_main,
 )
-from inference.decode import decode_image
+from verity.inference.decode import decode_image
 
 
 def _rows(out: Path) -> list:
@@ -288,7 +287,7 @@ def test_pseudo_colour_hue_follows_the_material() -> None:
 
 @pytest.mark.parametrize("style", [*SINGLE_STYLES, "mixed"])
 def test_export_styles_are_deterministic_and_preview(style: str, tmp_path: Path) -> None:
-    from datasets.synth import write_preview
+    from verity.datasets.synth import write_preview
 
     rows = generate("xray", 4, tmp_path / "a", seed=4, size=64, export_style=style)
     generate("xray", 4, tmp_path / "b", seed=4, size=64, export_style=style)

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from verity.inference.engine import OnnxEngine
+from verity.inference.heatmap import colour_map, heatmap_png, normalise_cam, to_display_rgb
+from verity.inference.tiling import TooManyTiles, aggregate_scores, plan_tiles, score_scan, tile_starts
 
 from benchmarks.models import tiny_onnx, tiny_spec
-from inference.engine import OnnxEngine
-from inference.heatmap import colour_map, heatmap_png, normalise_cam, to_display_rgb
-from inference.tiling import TooManyTiles, aggregate_scores, plan_tiles, score_scan, tile_starts
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_small_image_is_scored_whole(xray_engine: OnnxEngine) -> None:
 
 
 def _model_input(image: np.ndarray, engine: OnnxEngine) -> np.ndarray:
-    from inference.decode import to_model_input
+    from verity.inference.decode import to_model_input
 
     return to_model_input(image[..., None] if image.ndim == 2 else image, engine.spec)
 

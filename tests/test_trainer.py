@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from datasets.manifest import ManifestRow, write_manifest
-from datasets.torch_dataset import ManifestDataset, folder_rows, load_rows
-from inference.spec import PreprocessSpec, resolve_spec
-from training.augment import Augmenter, build_preset
-from training.config import ConfigError, build_config, load_yaml
-from training.trainer import EpochSampler, lr_factor, train_from_options
+from verity.datasets.manifest import ManifestRow, write_manifest
+from verity.datasets.torch_dataset import ManifestDataset, folder_rows, load_rows
+from verity.inference.spec import PreprocessSpec, resolve_spec
+from verity.training.augment import Augmenter, build_preset
+from verity.training.config import ConfigError, build_config, load_yaml
+from verity.training.trainer import EpochSampler, lr_factor, train_from_options
 
 torch.set_num_threads(1)
 
@@ -63,7 +62,7 @@ def test_config_unknown_keys_name_close_matches(tmp_path) -> None:
 
 
 def test_config_precedence_defaults_yaml_flags(tmp_path) -> None:
-    from training.cli import parse_config
+    from verity.training.cli import parse_config
 
     (tmp_path / "run.yaml").write_text("epochs: 3\nlr: 0.01\npretrained: false\n")
     config = parse_config(["--data", "x", "--config", str(tmp_path / "run.yaml"), "--lr", "0.5"])
@@ -103,7 +102,7 @@ def test_augmentation_presets_keep_shapes_and_dtypes(modality, shape, dtype, in_
         else:  # X-ray is augmented in float [0, 1]; the window was applied, so the spec's is cleared
             assert out.dtype == np.float32 and out.min() >= 0.0 and out.max() <= 1.0
             assert out_spec.window is None
-        from inference.decode import to_model_input
+        from verity.inference.decode import to_model_input
 
         assert to_model_input(out, out_spec).shape == (spec.in_chans, 32, 32)
 
@@ -161,7 +160,7 @@ def _write(path: Path, rows: list[ManifestRow]) -> Path:
 
 
 def test_epoch_sampler_shards_and_resumes_mid_epoch() -> None:
-    from training.distributed import DistInfo
+    from verity.training.distributed import DistInfo
 
     whole = EpochSampler(10, seed=3, info=DistInfo())
     whole.set_epoch(2)
@@ -193,7 +192,7 @@ def _train_loss(model: torch.nn.Module, folder: Path) -> float:
 
 
 def test_a_few_steps_lower_the_loss(tiny_folder, tmp_path) -> None:
-    from training.models import build_for_spec
+    from verity.training.models import build_for_spec
 
     torch.manual_seed(0)
     spec = resolve_spec("photo", override={"image_size": 32})
@@ -232,7 +231,7 @@ def test_resume_continues_from_the_saved_step_exactly(tiny_folder, tmp_path) -> 
 
 
 def test_verity_train_writes_every_artifact_and_prints_where(tiny_folder, tmp_path, capsys) -> None:
-    from training.cli import train_main
+    from verity.training.cli import train_main
 
     argv = ["--data", str(tiny_folder), "--epochs", "1", "--name", "tiny", "--version", "v1",
             "--out", str(tmp_path), "--image-size", "32", "--batch-size", "8", "--workers", "1",
@@ -264,7 +263,7 @@ def test_verity_train_writes_every_artifact_and_prints_where(tiny_folder, tmp_pa
 
 
 def test_training_refuses_without_counterfeits_in_validation(tiny_folder, tmp_path) -> None:
-    from training.calibrate import ThresholdError
+    from verity.training.calibrate import ThresholdError
 
     rows = folder_rows(tiny_folder, "photo")
     split = [
@@ -296,7 +295,7 @@ def test_init_from_fine_tunes_a_previous_model_with_its_spec(tiny_folder, tmp_pa
 
 
 def test_cli_bad_options_exit_2_with_a_message(capsys) -> None:
-    from training.cli import train_main
+    from verity.training.cli import train_main
 
     assert train_main(["--data", "x", "--epochs", "0"]) == 2
     assert "epochs must be positive" in capsys.readouterr().err

@@ -15,10 +15,15 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-
-from datasets.encode import encode_dicom
-from inference.decode import decode_for_model, decode_image, is_grey_content, match_channels, to_model_input
-from inference.spec import resolve_spec
+from verity.datasets.encode import encode_dicom
+from verity.inference.decode import (
+    decode_for_model,
+    decode_image,
+    is_grey_content,
+    match_channels,
+    to_model_input,
+)
+from verity.inference.spec import resolve_spec
 
 
 def _scan(height: int = 90, width: int = 120) -> np.ndarray:

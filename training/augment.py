@@ -21,9 +21,8 @@ from typing import Any
 
 import albumentations as A
 import numpy as np
-
-from inference.decode import match_channels
-from inference.spec import PreprocessSpec
+from verity.inference.decode import match_channels
+from verity.inference.spec import PreprocessSpec
 
 PRESETS = ("photo", "xray")
 VARIANTS = ("full", "patch")

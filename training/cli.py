@@ -11,7 +11,7 @@ import sys
 from dataclasses import MISSING, fields
 from typing import Any
 
-from training.config import ConfigError, TrainConfig, build_config, field_types
+from verity.training.config import ConfigError, TrainConfig, build_config, field_types
 
 # Flags worth a line of help beyond the field comment; the rest explain themselves.
 _HELP = {
@@ -77,7 +77,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
     yaml_path = overrides.pop("config", None)
     base = None
     if overrides.get("resume"):
-        from training.trainer import resume_base_config
+        from verity.training.trainer import resume_base_config
 
         base = resume_base_config(overrides["resume"])
     config = build_config(yaml_path, overrides, base)
@@ -126,8 +126,8 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"verity train: error: {error}", file=sys.stderr)
         return 2
-    from training.guard import WeakRunError
-    from training.trainer import train
+    from verity.training.guard import WeakRunError
+    from verity.training.trainer import train
 
     try:
         outputs = train(config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from datasets.manifest import SPLITS
+from verity.datasets.manifest import SPLITS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the evaluation and prints its summary (ROC AUC first). Returns the exit code."""
-    from training.evaluate import evaluate, format_summary
+    from verity.training.evaluate import evaluate, format_summary
 
     args = build_parser().parse_args(argv)
     result = evaluate(

@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-
-from datasets.manifest import LABELS, SPLITS, label_folders, read_manifest
-from inference.decode import DecodeError, load_for_model
-from inference.engine import OnnxEngine, calibrated_scores
-from inference.spec import PreprocessSpec
-from training.export import to_jsonable
-from training.metrics import compute_metrics
+from verity.datasets.manifest import LABELS, SPLITS, label_folders, read_manifest
+from verity.inference.decode import DecodeError, load_for_model
+from verity.inference.engine import OnnxEngine, calibrated_scores
+from verity.inference.spec import PreprocessSpec
+from verity.training.export import to_jsonable
+from verity.training.metrics import compute_metrics
 
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.json")
 WORST_ERRORS = 12
@@ -124,7 +123,7 @@ class TorchScorer(ModuleScorer):
     """A model.pt rebuilt through the model registry; figures before export."""
 
     def __init__(self, path: Path) -> None:
-        from training.export import load_checkpoint, model_from_checkpoint
+        from verity.training.export import load_checkpoint, model_from_checkpoint
 
         checkpoint = load_checkpoint(path)
         card = checkpoint.get("card") or {}
@@ -228,7 +227,7 @@ def split_params_for(model_path: Path | None) -> SplitParams:
 
         config = yaml.safe_load(config_yaml.read_text(encoding="utf-8")) or {}
     elif model_path.suffix == ".pt":
-        from training.export import load_checkpoint
+        from verity.training.export import load_checkpoint
 
         config = load_checkpoint(model_path).get("config") or {}
     defaults = SplitParams()
@@ -241,7 +240,7 @@ def split_params_for(model_path: Path | None) -> SplitParams:
 
 def _split_folder_samples(path: Path, split: str | None, modality: str) -> LoadedData | None:
     """DIR/<split>/<label>/...: explicit split folders (a subfolder below the label names the product)."""
-    from datasets.torch_dataset import folder_rows
+    from verity.datasets.torch_dataset import folder_rows
 
     present = [name for name in SPLITS if label_folders(path / name)]
     if not present:
@@ -261,7 +260,7 @@ def load_samples(
     get the same grouped split training gave them (`params`), so `--split test` never holds a training
     image. DIR/<split>/<label>/... folders are read as they are split.
     """
-    from datasets.torch_dataset import assign_missing_splits, folder_rows, manifest_rows
+    from verity.datasets.torch_dataset import assign_missing_splits, folder_rows, manifest_rows
 
     params = params or SplitParams()
     path = Path(data)
@@ -345,7 +344,7 @@ def score_samples(
     scorer: Scorer, samples: list[Sample], batch_size: int = 32, workers: int = 2, progress: bool = True
 ) -> ScoredSet:
     """Runs every sample through the model in batches, with a progress bar; unreadable images are listed."""
-    from datasets.progress import progress_bar
+    from verity.datasets.progress import progress_bar
 
     indices: list[int] = []
     logits: list[np.ndarray] = []
@@ -376,7 +375,7 @@ def worst_errors(scores: np.ndarray, targets: np.ndarray, count: int = WORST_ERR
 def _write_predictions(
     path: Path, samples: list[Sample], scored: ScoredSet, thresholds: dict[str, Any] | None
 ) -> None:
-    from training.calibrate import verdicts
+    from verity.training.calibrate import verdicts
 
     alarm, clear = (thresholds["alarm"], thresholds["clear"]) if thresholds else (0.5, 0.5)
     codes = verdicts(scored.scores, alarm, clear)
@@ -421,7 +420,7 @@ def _report_examples(
     count: int,
 ) -> list[dict[str, Any]]:
     """The worst errors with their model input (re-decoded: only a dozen) and their CAM."""
-    from training.calibrate import verdicts
+    from verity.training.calibrate import verdicts
 
     targets = np.array([samples[i].target for i in scored.indices])
     alarm, clear = (thresholds["alarm"], thresholds["clear"]) if thresholds else (0.5, 0.5)
@@ -494,7 +493,7 @@ def evaluate(
     }
     _write_predictions(out / "predictions.csv", loaded.samples, scored, scorer.thresholds)
     if report:
-        from training.report import write_report
+        from verity.training.report import write_report
 
         examples = _report_examples(loaded.samples, scored, scorer.spec, scorer.thresholds, worst)
         details = {"model": result["model"], "data": result["data"]}

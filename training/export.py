@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY
-from inference.spec import PreprocessSpec
+from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY
+from verity.inference.spec import PreprocessSpec
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
@@ -128,7 +127,7 @@ def build_card(
         )
     if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"The calibration temperature must be a positive number, got {temperature!r}.")
-    from training.calibrate import card_warnings
+    from verity.training.calibrate import card_warnings
 
     return to_jsonable(
         {
@@ -181,7 +180,7 @@ def _strip_wrapper_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 def build_registry_model(name: str, spec: PreprocessSpec, pretrained: bool = False) -> torch.nn.Module:
     """`training.models.build_model` for a spec: 2 classes, the spec's channels and normalization."""
-    from training.models import build_model
+    from verity.training.models import build_model
 
     options: dict[str, Any] = {"num_classes": 2, "in_chans": spec.in_chans, "pretrained": pretrained}
     accepted = inspect.signature(build_model).parameters
@@ -303,7 +302,7 @@ def check_parity(
     model: torch.nn.Module, onnx_path: str | Path, batches: list[np.ndarray]
 ) -> dict[str, float]:
     """Runs the batches through torch and through OnnxEngine (the server path); returns max |delta|."""
-    from inference.engine import OnnxEngine
+    from verity.inference.engine import OnnxEngine
 
     engine = OnnxEngine(onnx_path, provider="cpu", warmup=False)
     worst = {"logits": 0.0, "cam": 0.0, "largest_logit": 0.0}

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from inference.spec import resolve_spec
+from verity.inference.spec import resolve_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample", action="append", default=[], help="an image to include in the parity check (repeatable)"
     )
     parser.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
-    from training.quantize import add_export_arguments
+    from verity.training.quantize import add_export_arguments
 
     add_export_arguments(parser)  # --int8 (gated), --fp16, --val-data, --calibration-images
     return parser
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def card_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
     """The card stored in the checkpoint, or one built from the checkpoint's fields."""
-    from training.export import build_card
+    from verity.training.export import build_card
 
     if isinstance(checkpoint.get("card"), dict):
         return checkpoint["card"]
@@ -63,9 +63,8 @@ def card_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     """Exports, prints where the model went and the parity figure. Returns the exit code."""
     import numpy as np
-
-    from inference.decode import load_for_model
-    from training.export import export_onnx, load_checkpoint, model_from_checkpoint
+    from verity.inference.decode import load_for_model
+    from verity.training.export import export_onnx, load_checkpoint, model_from_checkpoint
 
     args = build_parser().parse_args(argv)
     checkpoint_path = Path(args.checkpoint)
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     sample = np.stack([load_for_model(Path(p), spec) for p in args.sample]) if args.sample else None
     out = Path(args.out) if args.out else checkpoint_path.with_name("model.onnx")
     result = export_onnx(model, spec, card, out, sample=sample, exporter=args.exporter)
-    from training.quantize import run_export_variants
+    from verity.training.quantize import run_export_variants
 
     variant_lines = run_export_variants(args, out, card)  # records the INT8 gate in the card
     card_path = out.with_name("card.json")

@@ -18,8 +18,7 @@ import math
 from typing import Any
 
 import numpy as np
-
-from training.calibrate import MAX_TEMPERATURE, MIN_TEMPERATURE
+from verity.training.calibrate import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 UNCERTAIN_SHARE_LIMIT = 0.9
 LOSS_DROP_MIN = 0.05  # the best epoch's training loss at least 5% below the first epoch's

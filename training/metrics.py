@@ -20,8 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from training.calibrate import verdicts
+from verity.training.calibrate import verdicts
 
 FALSE_ALARM_RATES = (0.001, 0.01, 0.05)
 ECE_BINS = 10

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from inference.decode import DecodeError, load_for_model
-from inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY, OnnxEngine
-from inference.spec import LABELS, PreprocessSpec
-from training.export import publish
+from verity.inference.decode import DecodeError, load_for_model
+from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY, OnnxEngine
+from verity.inference.spec import LABELS, PreprocessSpec
+from verity.training.export import publish
 
 AUC_TOLERANCE = 0.005
 MIN_AGREEMENT = 0.99
@@ -64,7 +63,7 @@ def load_validation(
     of (image path or bytes, label) pairs. Images that fail to decode are skipped; none left is an error.
     """
     if isinstance(data, str | Path):
-        from training.evaluate import load_samples
+        from verity.training.evaluate import load_samples
 
         samples = load_samples(data, split, spec.modality).samples
         pairs: list[tuple[Any, int]] = [(s.path, s.target) for s in samples]
@@ -123,7 +122,7 @@ def accuracy_gate(
     min_agreement: float = MIN_AGREEMENT,
 ) -> dict[str, Any]:
     """ROC AUC of both models and their verdict agreement on the same inputs; `passed` applies the rule."""
-    from training.metrics import roc_auc
+    from verity.training.metrics import roc_auc
 
     ref_scores, ref_verdicts = _scores_and_verdicts(reference, inputs)
     new_scores, new_verdicts = _scores_and_verdicts(candidate, inputs)

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from datasets.manifest import ManifestRow
-from inference.decode import decode_image, is_grey_content
-from training.config import TrainConfig
+from verity.datasets.manifest import ManifestRow
+from verity.inference.decode import decode_image, is_grey_content
+from verity.training.config import TrainConfig
 
 MODEL_SIZE = 224
 BUDGET_SIZE = 160

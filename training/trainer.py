@@ -25,12 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
-
-from datasets.manifest import LABELS, ManifestRow, write_manifest
-from datasets.torch_dataset import ManifestDataset, data_fingerprint, load_rows, split_counts
-from inference.spec import PreprocessSpec, resolve_spec
-from training.config import TrainConfig, build_config, save_config
-from training.distributed import (
+from verity.datasets.manifest import LABELS, ManifestRow, write_manifest
+from verity.datasets.torch_dataset import ManifestDataset, data_fingerprint, load_rows, split_counts
+from verity.inference.spec import PreprocessSpec, resolve_spec
+from verity.training.config import TrainConfig, build_config, save_config
+from verity.training.distributed import (
     DistInfo,
     barrier,
     broadcast_flag,
@@ -38,7 +37,7 @@ from training.distributed import (
     init_distributed,
     sync_buffers,
 )
-from training.models import build_for_spec, get_entry
+from verity.training.models import build_for_spec, get_entry
 
 LAST, BEST, FINAL = "last.pt", "best.pt", "model.pt"
 
@@ -178,7 +177,7 @@ def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def checkpoint_dict(run: Run, state_dict: dict[str, torch.Tensor], with_optimizer: bool) -> dict[str, Any]:
     """The model.pt contract: plain types only (torch.load(weights_only=True) reads it)."""
-    from training.export import code_version
+    from verity.training.export import code_version
 
     data = {
         "state_dict": state_dict,
@@ -233,7 +232,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over the training shard; returns mean loss and images/s. Reads the loss every log_every
     steps only, because each reading waits for the device."""
-    from datasets.progress import progress_bar
+    from verity.datasets.progress import progress_bar
 
     config, state, model = run.config, run.state, run.model
     model.train()
@@ -299,7 +298,7 @@ def predict_logits(run: Run, loader: DataLoader) -> tuple[np.ndarray, np.ndarray
 
 def validation_figures(logits: np.ndarray, targets: np.ndarray) -> dict[str, float | None]:
     """Val loss, accuracy and ROC AUC (None when validation lacks a class)."""
-    from training.metrics import roc_auc
+    from verity.training.metrics import roc_auc
 
     if len(targets) == 0:
         return {"val_loss": None, "val_accuracy": None, "val_roc_auc": None}
@@ -342,7 +341,7 @@ def _load_resume(config: TrainConfig) -> dict[str, Any] | None:
 def _load_init(config: TrainConfig) -> dict[str, Any] | None:
     if not config.init_from:
         return None
-    from training.export import load_checkpoint
+    from verity.training.export import load_checkpoint
 
     path = Path(config.init_from)
     return load_checkpoint(path / FINAL if path.is_dir() else path)
@@ -364,7 +363,7 @@ def choose_from_data(
     config: TrainConfig, rows: list[ManifestRow], spec_fixed: bool, verbose: bool
 ) -> TrainConfig:
     """Fills the knobs left unset from the data (training/recipe.py) and says what it chose."""
-    from training.recipe import apply_recipe
+    from verity.training.recipe import apply_recipe
 
     chosen, _, reasons = apply_recipe(config, rows, spec_fixed)
     if verbose and reasons:
@@ -423,7 +422,7 @@ def build_run(config: TrainConfig) -> tuple[Run, dict[str, Any] | None]:
 
 def make_loaders(run: Run) -> tuple[DataLoader, EpochSampler, DataLoader, int]:
     """Train loader (augmented, sharded, balanced as configured), val loader, and the worker count."""
-    from training.augment import Augmenter
+    from verity.training.augment import Augmenter
 
     config, train_rows = run.config, run.split("train")
     if not train_rows:
@@ -469,7 +468,7 @@ def make_criterion(run: Run) -> nn.Module:
 
 def check_validation_split(rows: list[ManifestRow], description: str) -> None:
     """Thresholds are chosen on validation data: refuse before training when it cannot hold them."""
-    from training.calibrate import ThresholdError
+    from verity.training.calibrate import ThresholdError
 
     present = {row.label for row in rows if row.split == "val"}
     missing = [label for label in LABELS if label not in present]
@@ -623,8 +622,8 @@ def guard_run(
     run: Run, val_scores: np.ndarray, val_targets: np.ndarray, temperature: float, thresholds: dict[str, Any]
 ) -> list[str]:
     """The weak-run guard (training/guard.py): raises WeakRunError before anything is written."""
-    from training.guard import check_run, weak_signs
-    from training.metrics import roc_auc
+    from verity.training.guard import check_run, weak_signs
+    from verity.training.metrics import roc_auc
 
     refuse, report = weak_signs(
         roc_auc(val_scores, val_targets),
@@ -644,11 +643,11 @@ def finish(run: Run, best_state: dict[str, torch.Tensor]) -> dict[str, Any]:
 
     Returns {"run_dir", "model_pt", "card_json", "model_onnx", "report_html", "metrics", ...}.
     """
-    from inference.engine import calibrated_scores
-    from training.calibrate import choose_thresholds, fit_temperature
-    from training.evaluate import ModuleScorer, evaluate
-    from training.export import build_card, code_version, export_onnx
-    from training.metrics import compute_metrics
+    from verity.inference.engine import calibrated_scores
+    from verity.training.calibrate import choose_thresholds, fit_temperature
+    from verity.training.evaluate import ModuleScorer, evaluate
+    from verity.training.export import build_card, code_version, export_onnx
+    from verity.training.metrics import compute_metrics
 
     config, run_dir = run.config, run.run_dir
     model = _unwrap(run.model)
@@ -729,7 +728,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 for stale in (run.run_dir / "metrics.csv", run.run_dir / BEST, run.run_dir / LAST):
                     stale.unlink(missing_ok=True)
             save_config(run.config, run.run_dir / "config.yaml")
-            from training.augment import describe_preset
+            from verity.training.augment import describe_preset
 
             variant = config.augment_preset or "full"
             run.augment_preset = describe_preset(run.spec.modality, variant) if config.augment else None
@@ -737,7 +736,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             (run.run_dir / "augment.json").write_text(text + "\n", encoding="utf-8")
             run.fingerprint = data_fingerprint(run.rows)
             print(f"data: {run.data_description}; counts {json.dumps(split_counts(run.rows))}", flush=True)
-            from training.calibrate import validation_size_warnings  # the card repeats these warnings
+            from verity.training.calibrate import validation_size_warnings  # the card repeats these warnings
 
             for warning in validation_size_warnings(run.rows, run.config):
                 print(f"WARNING: {warning}", flush=True)

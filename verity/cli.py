@@ -12,14 +12,14 @@ import sys
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "data": ("datasets.cli", "main", "generate synthetic data, ingest images, print manifest stats"),
-    "train": ("training.cli", "train_main", "train a model on a manifest or a folder of images"),
-    "eval": ("training.eval_cli", "main", "evaluate a model on a manifest or folder"),
-    "export": ("training.export_cli", "main", "export a checkpoint to ONNX with its spec and card"),
-    "serve": ("api.cli", "serve_main", "run the HTTP service"),
-    "predict": ("inference.cli", "main", "give a verdict for image files from the command line"),
-    "keys": ("api.cli", "keys_main", "add, revoke and list station API keys"),
-    "audit": ("api.cli", "audit_main", "export the audit log"),
+    "data": ("verity.datasets.cli", "main", "generate synthetic data, ingest images, print manifest stats"),
+    "train": ("verity.training.cli", "train_main", "train a model on a manifest or a folder of images"),
+    "eval": ("verity.training.eval_cli", "main", "evaluate a model on a manifest or folder"),
+    "export": ("verity.training.export_cli", "main", "export a checkpoint to ONNX with its spec and card"),
+    "serve": ("verity.api.cli", "serve_main", "run the HTTP service"),
+    "predict": ("verity.inference.cli", "main", "give a verdict for image files from the command line"),
+    "keys": ("verity.api.cli", "keys_main", "add, revoke and list station API keys"),
+    "audit": ("verity.api.cli", "audit_main", "export the audit log"),
 }
 
 

@@ -1,0 +1,7 @@
+"""`python -m verity ...` is the `verity` command."""
+
+import sys
+
+from verity.cli import main
+
+sys.exit(main())
