@@ -13,9 +13,11 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from verity.api.audit import AUDIT_FIELDS, open_audit_store
+from verity.api.audit import AUDIT_FIELDS, AuditStore, open_audit_store
 from verity.api.auth import KeyStore
+from verity.api.feedback import export_confirmed
 from verity.api.settings import load_settings
+from verity.inference.vocabulary import MODALITIES
 
 
 def is_loopback(host: str) -> bool:
@@ -157,19 +159,33 @@ def _parse_since(text: str | None) -> str | None:
 
 
 def audit_main(argv: list[str]) -> int:
-    """`verity audit export --since T --format csv|jsonl [--out FILE]`."""
+    """`verity audit export --since T --format csv|jsonl [--out FILE]`, `verity audit confirmed --out DIR`."""
     parser = argparse.ArgumentParser(prog="verity audit", description="Read the audit log.")
     sub = parser.add_subparsers(dest="action", required=True)
     export = sub.add_parser("export", help="write audit records as CSV or JSONL")
     export.add_argument("--since", help="ISO 8601 date or time (UTC unless it says otherwise)")
     export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
     export.add_argument("--out", default="-", help="output file (default: standard output)")
-    export.add_argument("--db", help="SQLite audit database (default: VERITY_AUDIT_DB or var/audit.sqlite)")
+    confirmed = sub.add_parser(
+        "confirmed",
+        help="write officers' confirmed cases with their stored images for `verity data ingest`",
+    )
+    confirmed.add_argument("--out", required=True, type=Path, help="folder for confirmed.jsonl and images/")
+    confirmed.add_argument("--modality", choices=list(MODALITIES), help="only this modality")
+    for action in (export, confirmed):
+        action.add_argument("--db", help="SQLite audit database (default: VERITY_AUDIT_DB, var/audit.sqlite)")
     args = parser.parse_args(argv)
     settings = load_settings(**({"audit_db": args.db} if args.db else {}))
     if settings.database_url is None and not Path(settings.audit_db).is_file():
         raise FileNotFoundError(f"No audit database at {settings.audit_db}.")
     store = open_audit_store(settings)
+    try:
+        return _export_confirmed(store, args) if args.action == "confirmed" else _export_records(store, args)
+    finally:
+        store.close()
+
+
+def _export_records(store: AuditStore, args: argparse.Namespace) -> int:
     since = _parse_since(args.since)
     handle = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8", newline="")  # noqa: SIM115
     count = 0
@@ -184,6 +200,13 @@ def audit_main(argv: list[str]) -> int:
     finally:
         if handle is not sys.stdout:
             handle.close()
-        store.close()
     print(f"exported {count} audit records", file=sys.stderr)
+    return 0
+
+
+def _export_confirmed(store: AuditStore, args: argparse.Namespace) -> int:
+    result = export_confirmed(store, args.out, args.modality)
+    skipped = f"; skipped {result.missing_image} without a stored image" if result.missing_image else ""
+    print(f"wrote {result.written} confirmed cases to {result.table}{skipped}", file=sys.stderr)
+    print(f"next: verity data ingest {result.table} --out MANIFEST.jsonl", file=sys.stderr)
     return 0

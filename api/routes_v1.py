@@ -205,7 +205,7 @@ async def reload_models(registry: RegistryDep, admin: AdminDep) -> dict[str, Any
     tags=["feedback"],
     responses=_errors(400, 401, 404, 413, 422, 503),
     summary="Record an officer's confirmed outcome for a prediction",
-    description="Confirmed cases with stored images become training data: `verity data from-feedback`.",
+    description="Confirmed cases with stored images become training data: `verity audit confirmed`, then `verity data ingest`.",
 )
 async def feedback(
     request: Request, body: FeedbackIn, audit: AuditDep, principal: PrincipalDep, settings: SettingsDep

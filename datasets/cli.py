@@ -1,4 +1,8 @@
-"""`verity data`: synth, ingest, stats and from-feedback, each imported only when used."""
+"""`verity data`: synth, ingest and stats, each imported only when used.
+
+Officers' confirmed cases come from the service as a table (`verity audit confirmed --out DIR`) that
+`verity data ingest DIR/confirmed.jsonl` reads like any other: `datasets` never imports `api`.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +22,6 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "validate, dedupe and split a folder, CSV or JSONL into a manifest",
     ),
     "stats": ("verity.datasets.cli", "stats_main", "print counts per label, modality, product and split"),
-    "from-feedback": (
-        "verity.api.feedback",
-        "from_feedback_main",
-        "turn confirmed outcomes from the audit log into rows",
-    ),
 }
 
 
@@ -35,15 +34,7 @@ def _usage() -> str:
 
 def _load(name: str) -> Callable[[list[str]], int]:
     module_name, function_name, _ = SUBCOMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise  # a dependency of the module is missing: let that message through
-        raise RuntimeError(
-            f"`verity data {name}` is not available in this installation ({module_name} is missing)."
-        ) from None
-    return getattr(module, function_name)
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ from verity.api.audit import (
     SQLiteAuditStore,
     open_audit_store,
 )
-from verity.api.feedback import from_feedback_main
 from verity.api.settings import Settings
 from verity.datasets.manifest import read_manifest, resolve_image_path
 
@@ -95,7 +94,7 @@ def test_image_store_is_content_addressed(tmp_path: Path) -> None:
     assert Path(path).parent.name == sha[:2] and Path(path).read_bytes() == data
 
 
-def test_feedback_round_trip_into_manifest(tmp_path: Path) -> None:
+def test_confirmed_cases_round_trip_through_ingest_into_a_manifest(tmp_path: Path) -> None:
     settings = Settings(
         models_dir=make_models_dir(tmp_path),
         audit_db=tmp_path / "audit.sqlite",
@@ -119,10 +118,12 @@ def test_feedback_round_trip_into_manifest(tmp_path: Path) -> None:
         for name, label in confirmed.items():
             response = client.post("/v1/feedback", json={"request_id": ids[name], "confirmed_label": label})
             assert response.status_code == 200
-    out = tmp_path / "from-feedback"
-    # Through the `verity data from-feedback` dispatcher, as a user runs it.
-    assert verity_main(["data", "from-feedback", "--out", str(out), "--db", str(settings.audit_db)]) == 0
-    manifest = out / "manifest.jsonl"
+    # As a user runs it: the service writes the confirmed cases, the data tools ingest them.
+    out = tmp_path / "confirmed"
+    assert verity_main(["audit", "confirmed", "--out", str(out), "--db", str(settings.audit_db)]) == 0
+    manifest = tmp_path / "manifest.jsonl"
+    ingest_argv = [str(out / "confirmed.jsonl"), "--out", str(manifest), "--no-progress"]
+    assert verity_main(["data", "ingest", *ingest_argv]) == 0
     rows = list(read_manifest(manifest))
     assert sorted((row.label, row.case_id) for row in rows) == [
         ("counterfeit", "SEZ-bright"),
@@ -130,7 +131,7 @@ def test_feedback_round_trip_into_manifest(tmp_path: Path) -> None:
     ]
     for row in rows:
         image = resolve_image_path(manifest, row).read_bytes()
-        assert hashlib.sha256(image).hexdigest() == row.sha256
+        assert hashlib.sha256(image).hexdigest() == row.sha256 == row.meta["image_sha256"]
         assert row.source == "feedback" and row.meta["request_id"] in ids.values()
-    with pytest.raises(FileNotFoundError):
-        from_feedback_main(["--out", str(out), "--db", str(tmp_path / "none.sqlite")])
+        assert row.modality == "photo" and row.split in ("train", "val", "test")
+    assert verity_main(["audit", "confirmed", "--out", str(out), "--db", str(tmp_path / "none.sqlite")]) == 1
