@@ -28,16 +28,10 @@ from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry, ServedModel
 from verity.api.settings import Settings
 from verity.inference.batcher import QueueFullError
-from verity.inference.decode import (
-    DecodeError,
-    DecodeLimits,
-    decode_for_model,
-    decode_image,
-    sniff_format,
-    to_model_input,
-)
+from verity.inference.decode import DecodeError, DecodeLimits, decode_image, sniff_format
 from verity.inference.engine import Prediction
 from verity.inference.heatmap import heatmap_png
+from verity.inference.preprocess import load_for_model, to_model_input
 from verity.inference.spec import PreprocessSpec
 from verity.inference.tiling import ScanResult, TooManyTiles, score_scan, tile_size
 
@@ -73,7 +67,7 @@ def prepare_image(
     kind = sniff_format(data)
     sha256 = hashlib.sha256(data).hexdigest()
     if tile_above is None:
-        return PreparedImage(decode_for_model(data, spec, limits), sha256, kind)
+        return PreparedImage(load_for_model(data, spec, limits), sha256, kind)
     image = decode_image(data, limits)
     if max(image.shape[:2]) > tile_above:
         return PreparedImage(None, sha256, kind, decoded=image)

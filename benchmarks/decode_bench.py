@@ -1,6 +1,6 @@
 """Decode + preprocess cost of a 1024x768 photo JPEG on one core (target <= 3.5 ms).
 
-Measures `inference.decode.load_for_model` (the one path evaluation and the server use: JPEG draft
+Measures `inference.preprocess.load_for_model` (the one path evaluation and the server use: JPEG draft
 decoding at reduced scale, resize, [0, 1] scaling) against the naive full-resolution decode, on a
 photo-like JPEG (see benchmarks.common.photo_jpeg), in this single thread.
 
@@ -21,13 +21,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from verity.inference.decode import (  # noqa: E402
-    DEFAULT_LIMITS,
-    _open_pil,
-    decode_image,
-    load_for_model,
-    to_model_input,
-)
+from verity.inference.decode import DEFAULT_LIMITS, decode_image, open_image  # noqa: E402
+from verity.inference.preprocess import load_for_model, to_model_input  # noqa: E402
 from verity.inference.spec import PreprocessSpec, default_spec  # noqa: E402
 
 from benchmarks.common import interleaved, load_average, photo_jpeg, time_per_call  # noqa: E402
@@ -50,12 +45,12 @@ def best_of_repeats(function: Callable[[], Any], repeats: int = 5, calls: int = 
 def stage_costs(data: bytes, spec: PreprocessSpec, seconds: float = 2.0) -> dict[str, float]:
     """The serving path's stages, timed in turns (CPU ms, median): libjpeg's reduced-scale decode, the
     PIL resize to the model size, and the uint8 -> float CHW scaling."""
-    decoded = _open_pil(data, DEFAULT_LIMITS, spec.image_size)
+    decoded = open_image(data, DEFAULT_LIMITS, spec.image_size)
     size = (spec.image_size, spec.image_size)
     resized = np.asarray(decoded.resize(size, Image.Resampling.BILINEAR))
     timings = interleaved(
         {
-            "jpeg_draft_decode": lambda: _open_pil(data, DEFAULT_LIMITS, spec.image_size),
+            "jpeg_draft_decode": lambda: open_image(data, DEFAULT_LIMITS, spec.image_size),
             "resize": lambda: decoded.resize(size, Image.Resampling.BILINEAR),
             "scale_to_chw": lambda: np.ascontiguousarray(resized.transpose(2, 0, 1)) / np.float32(255.0),
         },

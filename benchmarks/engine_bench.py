@@ -65,7 +65,7 @@ def model_flops(model: Any, shape: tuple[int, ...]) -> float:
 
 def build_models(workdir: Path, size: int = 224) -> dict[str, Any]:
     """fp32 ONNX (exported with the parity gate), INT8 ONNX (static QDQ), and the torch model."""
-    from verity.inference.decode import load_for_model
+    from verity.inference.preprocess import load_for_model
     from verity.training.quantize import quantize_static_model
 
     from benchmarks.models import lite0_onnx, lite0_torch

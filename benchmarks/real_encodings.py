@@ -2,7 +2,7 @@
 
 Each image of the real X-ray sets in ../shared/real/ (riawelc_welds: 8-bit grey PNG; gdxray_fishbones:
 RGB JPEG of grey content) is re-encoded as RGB JPEG, grey JPEG, RGB PNG, 16-bit PNG, 16-bit TIFF and
-16-bit DICOS, and each form goes through the serving path (`decode_for_model`) with the shipped X-ray
+16-bit DICOS, and each form goes through the serving path (`load_for_model`) with the shipped X-ray
 model's spec. Printed per form: the mean and largest difference from the original's tensor, how many
 tensors came out constant (the old fault: every 8-bit RGB JPEG became all 1.0), and the largest score
 difference the shipped model gives the same image in two forms.
@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from verity.datasets.encode import encode_dicom  # noqa: E402
-from verity.inference.decode import decode_for_model, decode_image, is_grey_content  # noqa: E402
+from verity.inference.decode import decode_image  # noqa: E402
 from verity.inference.engine import OnnxEngine  # noqa: E402
+from verity.inference.preprocess import is_grey_content, load_for_model  # noqa: E402
 
 from benchmarks.common import newest_shipped  # noqa: E402
 
@@ -69,11 +70,11 @@ def measure(paths: list[Path], engine: OnnxEngine) -> None:
     rows = {name: {"mean": [], "max": [], "constant": 0, "score": []} for name in FORMS}
     for path in paths:
         original = path.read_bytes()
-        reference = decode_for_model(original, spec)
+        reference = load_for_model(original, spec)
         reference_score = float(engine.predict(reference[None])[0].score)
         grey = grey_of(path)
         for name, encode in FORMS.items():
-            tensor = decode_for_model(encode(grey), spec)
+            tensor = load_for_model(encode(grey), spec)
             difference = np.abs(tensor - reference)
             rows[name]["mean"].append(float(difference.mean()))
             rows[name]["max"].append(float(difference.max()))

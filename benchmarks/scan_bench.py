@@ -33,7 +33,7 @@ TARGET_S = 1.0
 
 
 def build_models(workdir: Path, scan: np.ndarray) -> dict[str, Path]:
-    from verity.inference.decode import to_model_input
+    from verity.inference.preprocess import to_model_input
     from verity.inference.spec import resolve_spec
     from verity.training.quantize import quantize_static_model
 

@@ -39,12 +39,8 @@ from verity.datasets.manifest import (
 )
 from verity.datasets.progress import progress_bar
 from verity.datasets.split import assign_groups, group_key, split_fractions
-from verity.inference.decode import (
-    DEFAULT_LIMITS,
-    DecodeError,
-    decode_for_model,
-    read_image_bytes,
-)
+from verity.inference.decode import DEFAULT_LIMITS, DecodeError, read_image_bytes
+from verity.inference.preprocess import load_for_model
 from verity.inference.spec import default_spec
 
 # Folder and column names accepted for each modality (compared in lower case); the label names are
@@ -287,7 +283,7 @@ def inspect(candidate: Candidate) -> Inspection:
     sha = sha256_hex(data)
     spec = default_spec(candidate.modality or "photo")
     try:
-        model_input = decode_for_model(data, spec, DEFAULT_LIMITS)
+        model_input = load_for_model(data, spec, DEFAULT_LIMITS)
     except DecodeError as error:
         return Inspection(candidate, sha256=sha, problem=(error.code, str(error)))
     except Exception as error:  # a decoder failure we did not foresee must still be reported, not crash

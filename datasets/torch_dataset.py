@@ -30,7 +30,8 @@ from verity.datasets.manifest import (
     resolve_image_path,
 )
 from verity.datasets.split import assign_groups, group_key, split_fractions
-from verity.inference.decode import decode_image, to_model_input
+from verity.inference.decode import decode_image
+from verity.inference.preprocess import to_model_input
 from verity.inference.spec import PreprocessSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".dcm", ".dicom"}

@@ -16,15 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from verity.inference.decode import (
-    DEFAULT_LIMITS,
-    DecodeError,
-    decode_for_model,
-    decode_image,
-    read_image_bytes,
-)
+from verity.inference.decode import DEFAULT_LIMITS, DecodeError, decode_image, read_image_bytes
 from verity.inference.engine import PRECISIONS, OnnxEngine
 from verity.inference.heatmap import heatmap_png
+from verity.inference.preprocess import load_for_model
 from verity.inference.tiling import AGGREGATES, score_scan, tile_size
 
 
@@ -95,7 +90,7 @@ def predict_file(
                 "aggregate": scan.aggregate,
             }
             return result, scan.heatmap_png(decoded) if args.heatmap else None
-    model_input = decode_for_model(data, spec, DEFAULT_LIMITS)
+    model_input = load_for_model(data, spec, DEFAULT_LIMITS)
     prediction = engine.predict([model_input], with_cam=bool(args.heatmap))[0]
     png = heatmap_png(prediction.cam, model_input) if args.heatmap and prediction.cam is not None else None
     return {"score": prediction.score, "verdict": prediction.verdict, "tiles": 1}, png

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from verity.inference.decode import to_model_input
 from verity.inference.engine import usable_cores
 from verity.inference.heatmap import heatmap_png, upsample
+from verity.inference.preprocess import to_model_input
 
 AGGREGATES = ("max", "topk")
 

@@ -17,10 +17,8 @@ from verity.inference.decode import (
     UnsupportedFormat,
     decode_dual_energy,
     decode_image,
-    load_dual_energy_for_model,
-    load_for_model,
-    to_model_input,
 )
+from verity.inference.preprocess import load_for_model, to_model_input
 from verity.inference.spec import default_spec, resolve_spec
 
 
@@ -224,14 +222,18 @@ def test_dual_energy_two_page_and_two_sample_tiff():
     assert single[0, 112, 112] == pytest.approx(40000 / 65535, abs=1e-4)
 
 
-def test_dual_energy_pair_of_files():
+def test_dual_energy_pair_of_files(tmp_path):
     high = _save(Image.fromarray(np.full((12, 16), 30000, np.uint16)), "PNG")
     low = _save(Image.fromarray(np.full((12, 16), 5000, np.uint16)), "PNG")
     pair = decode_dual_energy(high, low)
     assert pair.shape == (12, 16, 2) and pair.dtype == np.uint16
     assert tuple(pair[0, 0]) == (30000, 5000)
+    (tmp_path / "high.png").write_bytes(high)
+    (tmp_path / "low.png").write_bytes(low)
     spec = resolve_spec("xray", override={"in_chans": 2})
-    assert load_dual_energy_for_model(high, low, spec).shape == (2, 224, 224)
+    model_input = to_model_input(decode_dual_energy(tmp_path / "high.png", tmp_path / "low.png"), spec)
+    assert model_input.shape == (2, 224, 224)
+    assert model_input[:, 112, 112] == pytest.approx((30000 / 65535, 5000 / 65535), abs=1e-4)
 
     other_size = _save(Image.fromarray(np.zeros((13, 16), np.uint16)), "PNG")
     with pytest.raises(DecodeError, match="differ in size"):

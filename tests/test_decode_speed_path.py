@@ -1,6 +1,6 @@
-"""The fast decode path (`decode_for_model`) gives the same numbers as the general one.
+"""The fast decode path (`load_for_model`) gives the same numbers as the general one.
 
-Serving and evaluation use `decode_for_model`; training uses `decode_image` + augmentation +
+Serving and evaluation use `load_for_model`; training uses `decode_image` + augmentation +
 `to_model_input`. These tests pin the two together value for value, and pin the 8-bit path to the
 plain formula (PIL resize in uint8, then float32 / 255), so the shortcut cannot drift.
 """
@@ -8,20 +8,14 @@ plain formula (PIL resize in uint8, then float32 / 255), so the shortcut cannot 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from verity.inference.decode import (
-    DecodeError,
-    DecodeLimits,
-    ImageTooLarge,
-    decode_for_model,
-    decode_image,
-    load_for_model,
-    to_model_input,
-)
+from verity.inference.decode import DecodeError, DecodeLimits, ImageTooLarge, decode_image
+from verity.inference.preprocess import load_for_model, to_model_input
 from verity.inference.spec import default_spec, resolve_spec
 
 
@@ -73,36 +67,37 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_fast_path_equals_general_path(name: str) -> None:
+def test_fast_path_equals_general_path(name: str, tmp_path: Path) -> None:
     data, spec = CASES[name]
     general = to_model_input(decode_image(data, draft_size=spec.image_size), spec)
-    fast = decode_for_model(data, spec)
+    fast = load_for_model(data, spec)
     assert fast.dtype == np.float32 and fast.flags.c_contiguous
     assert fast.shape == (spec.in_chans, spec.image_size, spec.image_size)
     np.testing.assert_array_equal(fast, general)
-    np.testing.assert_array_equal(load_for_model(data, spec), general)
+    (tmp_path / "image").write_bytes(data)
+    np.testing.assert_array_equal(load_for_model(tmp_path / "image", spec), general)
 
 
 def test_uint8_path_is_pil_resize_then_divide_by_255() -> None:
     data = _encode(_photo(192, 256), "PNG")
     expected = np.asarray(Image.open(io.BytesIO(data)).resize((224, 224), Image.Resampling.BILINEAR))
     expected = expected.astype(np.float32).transpose(2, 0, 1) / 255.0
-    np.testing.assert_array_equal(decode_for_model(data, PHOTO), expected)
+    np.testing.assert_array_equal(load_for_model(data, PHOTO), expected)
 
 
 def test_letterbox_pads_x_ray_with_air_and_photos_with_black() -> None:
     wide = _encode(_photo(100, 200)[..., 0], "PNG")
-    xray = decode_for_model(wide, XRAY)
+    xray = load_for_model(wide, XRAY)
     assert np.all(xray[:, :56] == 1.0) and np.all(xray[:, -56:] == 1.0)  # 224 - 112 rows of air
     photo_spec = resolve_spec("photo", override={"resize_mode": "letterbox"})
-    photo = decode_for_model(_encode(_photo(100, 200), "PNG"), photo_spec)
+    photo = load_for_model(_encode(_photo(100, 200), "PNG"), photo_spec)
     assert np.all(photo[:, :56] == 0.0) and photo[:, 56:-56].max() > 0.5
 
 
 def test_fast_path_keeps_the_errors_and_limits() -> None:
     with pytest.raises(DecodeError, match="could not be decoded"):
-        decode_for_model(_encode(_photo(300, 300), "JPEG")[:400], PHOTO)
+        load_for_model(_encode(_photo(300, 300), "JPEG")[:400], PHOTO)
     with pytest.raises(ImageTooLarge):
-        decode_for_model(_encode(_photo(300, 300), "PNG"), PHOTO, DecodeLimits(max_pixels=1000))
+        load_for_model(_encode(_photo(300, 300), "PNG"), PHOTO, DecodeLimits(max_pixels=1000))
     with pytest.raises(ImageTooLarge):
-        decode_for_model(b"\xff\xd8\xff" + b"0" * 2000, PHOTO, DecodeLimits(max_bytes=1000))
+        load_for_model(b"\xff\xd8\xff" + b"0" * 2000, PHOTO, DecodeLimits(max_bytes=1000))

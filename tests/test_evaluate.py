@@ -14,57 +14,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch_models import contrast_net
 from verity.datasets.manifest import ManifestRow, write_manifest
-from verity.inference.decode import load_for_model
-from verity.inference.spec import PreprocessSpec, default_spec
+from verity.inference.card import ModelCard
+from verity.inference.preprocess import load_for_model
+from verity.inference.spec import PreprocessSpec
 from verity.training import eval_cli, export_cli
-from verity.training.calibrate import choose_thresholds, fit_temperature
-from verity.training.export import build_card, export_onnx
-from verity.training.metrics import compute_metrics, roc_auc
+from verity.training.calibrate import card_warnings, choose_thresholds, fit_temperature
+from verity.training.export import export_onnx
+from verity.training.metrics import roc_auc
 
+from benchmarks.models import tiny_spec
 from verity import cli as verity_cli
 
-torch.set_num_threads(1)
-SIZE = 32
-
-
-class Normalize(torch.nn.Module):
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class ContrastNet(torch.nn.Module):
-    """Model contract (Normalize first, returns logits and CAM) with weights that read red minus blue."""
-
-    def __init__(self, spec: PreprocessSpec) -> None:
-        super().__init__()
-        self.normalize = Normalize(spec.mean, spec.std)
-        self.features = torch.nn.Conv2d(3, 2, 1)
-        self.classifier = torch.nn.Linear(2, 2)
-        with torch.no_grad():
-            self.features.weight.zero_()
-            self.features.bias.zero_()
-            self.features.weight[1, 0] = 1.0  # red
-            self.features.weight[1, 2] = -1.0  # minus blue
-            self.classifier.weight.copy_(torch.tensor([[0.0, -1.0], [0.0, 1.0]]))
-            self.classifier.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.features(self.normalize(x))
-        logits = self.classifier(features.mean(dim=(2, 3)))
-        cam = torch.einsum("kc,nchw->nkhw", self.classifier.weight, features) + self.classifier.bias.view(
-            1, -1, 1, 1
-        )
-        return logits, cam
-
-
-def _spec() -> PreprocessSpec:
-    return PreprocessSpec.from_dict({**default_spec("photo").to_dict(), "image_size": SIZE})
+pytestmark = pytest.mark.torch
 
 
 def _image(path: Path, counterfeit: bool, rng: np.random.Generator) -> None:
@@ -101,9 +64,9 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Calibrates and thresholds ContrastNet on val, saves model.pt, exports model.onnx: as training does."""
-    spec = _spec()
-    model = ContrastNet(spec).eval()
+    """Calibrates and thresholds contrast_net on val, saves model.pt, exports model.onnx: as training does."""
+    spec = tiny_spec()
+    model = contrast_net(spec).eval()
     val = sorted((dataset / "images").glob("val_*.png"))
     batch = np.stack([load_for_model(p, spec) for p in val])
     targets = np.array([int(p.stem.split("_")[1]) % 2 for p in val])
@@ -112,18 +75,19 @@ def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     temperature = fit_temperature(logits, targets)
     scaled = torch.softmax(torch.from_numpy(logits) / temperature, dim=1)[:, 1].numpy()
     thresholds = choose_thresholds(scaled, targets, 0.1, 0.1)
-    card = build_card(
-        "contrast",
-        "1",
-        "photo",
-        "contrastnet",
-        spec,
-        {"val": {"genuine": 12, "counterfeit": 12}},
-        "fp",
-        {"val": {"roc_auc": roc_auc(scaled, targets)}},
-        temperature,
-        thresholds,
-        "test",
+    card = ModelCard(
+        name="contrast",
+        version="1",
+        modality="photo",
+        backbone="contrastnet",
+        spec=spec,
+        thresholds=thresholds,
+        temperature=temperature,
+        metrics={"val": {"roc_auc": roc_auc(scaled, targets)}},
+        data_fingerprint="fp",
+        data_counts={"val": {"genuine": 12, "counterfeit": 12}},
+        code_version="test",
+        warnings=tuple(card_warnings(thresholds)),
     )
     folder = tmp_path_factory.mktemp("checkpoints") / "contrast" / "1"
     folder.mkdir(parents=True)
@@ -135,7 +99,7 @@ def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
             "config": {},
             "thresholds": thresholds,
             "calibration": {"temperature": temperature},
-            "card": card,
+            "card": card.to_dict(),
         },
         folder / "model.pt",
     )
@@ -145,20 +109,14 @@ def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model registry that knows ContrastNet, standing in for training.models in these tests."""
+    """A model registry that knows contrast_net, standing in for training.models in these tests."""
     module = types.ModuleType("verity.training.models")
 
-    def build_model(
-        name: str,
-        num_classes: int = 2,
-        in_chans: int = 3,
-        pretrained: bool = False,
-        spec: PreprocessSpec | None = None,
-    ) -> torch.nn.Module:
-        assert name == "contrastnet" and num_classes == 2 and not pretrained
-        return ContrastNet(spec or _spec())
+    def build_for_spec(name: str, spec: PreprocessSpec, pretrained: bool = False) -> torch.nn.Module:
+        assert name == "contrastnet" and not pretrained
+        return contrast_net(spec)
 
-    module.build_model = build_model
+    module.build_for_spec = build_for_spec
     monkeypatch.setitem(sys.modules, "verity.training.models", module)
 
 
@@ -242,10 +200,10 @@ def test_eval_of_checkpoint_matches_onnx(
     assert onnx_result["metrics"]["roc_auc"] == pytest.approx(torch_result["metrics"]["roc_auc"])
     assert not (tmp_path / "a" / "report.html").exists()
     # The trainer's in-memory model gives the same figures, and keeps its training mode.
-    model = ContrastNet(_spec()).train()
+    model = contrast_net(tiny_spec()).train()
     scorer = ModuleScorer(
         model,
-        _spec(),
+        tiny_spec(),
         temperature=torch_result["model"]["temperature"],
         thresholds=torch_result["model"]["thresholds"],
     )
@@ -260,7 +218,7 @@ def test_eval_of_checkpoint_matches_onnx(
 def test_eval_on_labelled_folder_uses_the_training_split(
     trained: Path, dataset: Path, tmp_path: Path
 ) -> None:
-    from verity.datasets.torch_dataset import load_rows
+    from verity.datasets.rows import load_rows
     from verity.training.evaluate import evaluate
 
     folder = tmp_path / "folder"
@@ -346,57 +304,30 @@ def test_cli_errors_are_one_line(
     assert "No checkpoint at" in capsys.readouterr().err
 
 
-def test_report_images_for_every_channel_count(tmp_path: Path) -> None:
-    from verity.training.report import cam_overlay, image_to_rgb, write_report
-
-    for channels in (1, 2, 3):
-        image = np.random.default_rng(channels).random((channels, 20, 20), dtype=np.float32)
-        rgb = image_to_rgb(image)
-        assert rgb.shape == (20, 20, 3) and rgb.dtype == np.uint8
-        assert np.array_equal(rgb[..., 0], (np.clip(image[0], 0, 1) * 255 + 0.5).astype(np.uint8))
-        overlay = cam_overlay(rgb, np.arange(25, dtype=np.float32).reshape(5, 5))
-        assert overlay.shape == rgb.shape
-        # The strongest evidence (bottom right) is tinted red, the weakest (top left) blue.
-        assert overlay[-1, -1, 0] > overlay[-1, -1, 2] and overlay[0, 0, 2] > overlay[0, 0, 0]
-    example = {
-        "image": np.zeros((1, 8, 8)),
-        "cam": None,
-        "score": 0.2,
-        "label": "counterfeit",
-        "verdict": "genuine",
-        "caption": "<script>x</script>.png",
-    }
-    metrics = compute_metrics([0.2, 0.9], [1, 0])
-    path = write_report(tmp_path / "r.html", metrics, [0.2, 0.9], [1, 0], examples=[example])
-    text = path.read_text()
-    assert "<script>" not in text and "&lt;script&gt;" in text  # captions are escaped
-    assert "ROC AUC 0.0000" in text
-
-
-def test_resolve_model_path_prefers_onnx_and_the_newest_version(tmp_path: Path) -> None:
-    from verity.training.evaluate import resolve_model_path
+def test_resolve_model_prefers_onnx_and_the_newest_version(tmp_path: Path) -> None:
+    from verity.inference.artifacts import resolve_model
 
     for version in ("1.9", "1.10", "1.2"):
         (tmp_path / "name" / version).mkdir(parents=True)
         (tmp_path / "name" / version / "model.pt").write_bytes(b"x")
     (tmp_path / "name" / "1.10" / "model.onnx").write_bytes(b"x")
-    assert resolve_model_path(tmp_path / "name") == tmp_path / "name" / "1.10" / "model.onnx"
-    assert resolve_model_path(tmp_path / "name" / "1.9") == tmp_path / "name" / "1.9" / "model.pt"
+    assert resolve_model(tmp_path / "name") == tmp_path / "name" / "1.10" / "model.onnx"
+    assert resolve_model(tmp_path / "name" / "1.9") == tmp_path / "name" / "1.9" / "model.pt"
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="neither an ONNX model"):
-        resolve_model_path(tmp_path / "weights.bin")
+        resolve_model(tmp_path / "weights.bin")
     # The --out folder of `verity train` holding one model: that model's newest version.
-    assert resolve_model_path(tmp_path) == tmp_path / "name" / "1.10" / "model.onnx"
+    assert resolve_model(tmp_path) == tmp_path / "name" / "1.10" / "model.onnx"
     (tmp_path / "other" / "v10").mkdir(parents=True)
     (tmp_path / "other" / "v10" / "model.pt").write_bytes(b"x")
     (tmp_path / "other" / "v9").mkdir()
     (tmp_path / "other" / "v9" / "model.onnx").write_bytes(b"x")
-    assert resolve_model_path(tmp_path / "other") == tmp_path / "other" / "v10" / "model.pt"  # 10 > 9
+    assert resolve_model(tmp_path / "other") == tmp_path / "other" / "v10" / "model.pt"  # 10 > 9
     with pytest.raises(ValueError, match=r"holds 2 models \(name, other\); choose one"):
-        resolve_model_path(tmp_path)
+        resolve_model(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no model.onnx"):
-        resolve_model_path(tmp_path / "empty")
+        resolve_model(tmp_path / "empty")
 
 
 def test_eval_finds_the_model_in_the_folder_train_wrote(
@@ -421,10 +352,10 @@ def test_eval_finds_the_model_in_the_folder_train_wrote(
 
 
 def test_train_eval_and_ingest_read_a_real_fake_folder_alike(dataset: Path, tmp_path: Path) -> None:
-    """Label folder names are one definition (datasets.manifest.LABEL_SYNONYMS) for all three readers."""
+    """Label folder names are one definition (datasets.rows.LABEL_SYNONYMS) for all three readers."""
     from verity.datasets.ingest import IngestOptions, ingest
-    from verity.datasets.manifest import label_for_folder, read_manifest, resolve_image_path
-    from verity.datasets.torch_dataset import load_rows
+    from verity.datasets.manifest import read_manifest, resolve_image_path
+    from verity.datasets.rows import label_for_folder, load_rows
     from verity.training.evaluate import load_samples
 
     assert [label_for_folder(n) for n in ("Real", "fake", "AUTHENTIC", "genuine", "other")] == [

@@ -10,25 +10,20 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as tritonclient_http  # a dev dependency: a missing client fails, never skips
-from api_fixtures import LiveServer, image_bytes, make_models_dir
-from verity.inference.decode import load_for_model
-from verity.inference.spec import PreprocessSpec
+from api_fixtures import IMAGE_SIZE, LiveServer, image_bytes, server_env
+from verity.inference.preprocess import load_for_model
+
+from benchmarks.models import tiny_spec
 
 pytestmark = pytest.mark.slow
 
-PHOTO_SPEC = PreprocessSpec(modality="photo", in_chans=3, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+PHOTO_SPEC = tiny_spec("photo", IMAGE_SIZE)  # the served photo-test models' spec
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("oip")
-    env = {
-        "VERITY_MODELS_DIR": str(make_models_dir(root)),
-        "VERITY_AUDIT_DB": str(root / "audit.sqlite"),
-        "VERITY_KEYS_FILE": str(root / "keys.json"),
-        "VERITY_LOG_JSON": "true",
-    }
-    live = LiveServer(env).start()
+    live = LiveServer(server_env(root, VERITY_LOG_JSON="true")).start()
     yield live
     live.stop()
 

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 from verity.inference.engine import OnnxEngine
 from verity.inference.heatmap import colour_map, heatmap_png, normalise_cam, to_display_rgb
-from verity.inference.tiling import TooManyTiles, aggregate_scores, plan_tiles, score_scan, tile_starts
+from verity.inference.tiling import (
+    TilingOptions,
+    TooManyTiles,
+    aggregate_scores,
+    plan_tiles,
+    score_scan,
+    tile_starts,
+)
 
 from benchmarks.models import tiny_onnx, tiny_spec
 
@@ -57,7 +64,7 @@ def test_scan_finds_the_bright_object_and_locates_it(xray_engine: OnnxEngine) ->
     must peak on the object."""
     scan = np.zeros((150, 400, 1), np.uint16)
     scan[40:100, 280:340] = 65535
-    result = score_scan(scan, xray_engine, scale=0.5, overlap=0.25)
+    result = score_scan(scan, xray_engine, TilingOptions(scale=0.5, overlap=0.25))
     assert result.tiled and result.grid == (3, 8) and len(result.tiles) == 24
     assert result.verdict == "counterfeit"
     assert result.score == max(t.score for t in result.tiles)
@@ -65,12 +72,12 @@ def test_scan_finds_the_bright_object_and_locates_it(xray_engine: OnnxEngine) ->
     assert result.evidence.shape == (150, 400)
     peak_y, peak_x = np.unravel_index(result.evidence.argmax(), result.evidence.shape)
     assert 40 <= peak_y < 100 and 280 <= peak_x < 340
-    top_mean = score_scan(scan, xray_engine, aggregate="topk", top_k=5)
+    top_mean = score_scan(scan, xray_engine, TilingOptions(aggregate="topk", top_k=5))
     assert top_mean.score < result.score
     png = Image.open(io.BytesIO(result.heatmap_png(scan)))
     assert png.format == "PNG" and png.size == (400, 150)
     with pytest.raises(TooManyTiles):
-        score_scan(scan, xray_engine, scale=1.0, max_tiles=10)
+        score_scan(scan, xray_engine, TilingOptions(scale=1.0, max_tiles=10))
 
 
 def test_small_image_is_scored_whole(xray_engine: OnnxEngine) -> None:
@@ -82,7 +89,7 @@ def test_small_image_is_scored_whole(xray_engine: OnnxEngine) -> None:
 
 
 def _model_input(image: np.ndarray, engine: OnnxEngine) -> np.ndarray:
-    from verity.inference.decode import to_model_input
+    from verity.inference.preprocess import to_model_input
 
     return to_model_input(image[..., None] if image.ndim == 2 else image, engine.spec)
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 from verity.datasets.manifest import ManifestRow, write_manifest
-from verity.datasets.torch_dataset import ManifestDataset, folder_rows, load_rows
+from verity.datasets.rows import folder_rows, load_rows
+from verity.datasets.torch_dataset import ManifestDataset
 from verity.inference.spec import PreprocessSpec, resolve_spec
 from verity.training.augment import Augmenter, build_preset
 from verity.training.config import ConfigError, build_config, load_yaml
@@ -102,7 +103,7 @@ def test_augmentation_presets_keep_shapes_and_dtypes(modality, shape, dtype, in_
         else:  # X-ray is augmented in float [0, 1]; the window was applied, so the spec's is cleared
             assert out.dtype == np.float32 and out.min() >= 0.0 and out.max() <= 1.0
             assert out_spec.window is None
-        from verity.inference.decode import to_model_input
+        from verity.inference.preprocess import to_model_input
 
         assert to_model_input(out, out_spec).shape == (spec.in_chans, 32, 32)
 

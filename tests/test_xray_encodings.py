@@ -2,9 +2,10 @@
 
 The failure this pins: an 8-bit RGB JPEG of grey content (the most common X-ray export) reached the
 X-ray model as a constant image of 1.0, so real baggage scans scored at chance. Each encoding below is
-decoded by the serving path (`decode_for_model`) and by the training path (`decode_image` then
+decoded by the serving path (`load_for_model`) and by the training path (`decode_image` then
 `to_model_input`) and compared with the 8-bit grey PNG: lossless forms to within one 8-bit level,
-JPEG forms within JPEG's error. Pseudo-colour follows the colour rule of `inference.decode.match_channels`.
+JPEG forms within JPEG's error. Pseudo-colour follows the colour rule of
+`inference.preprocess.match_channels`.
 """
 
 from __future__ import annotations
@@ -16,13 +17,8 @@ import pytest
 import tifffile
 from PIL import Image
 from verity.datasets.encode import encode_dicom
-from verity.inference.decode import (
-    decode_for_model,
-    decode_image,
-    is_grey_content,
-    match_channels,
-    to_model_input,
-)
+from verity.inference.decode import decode_image
+from verity.inference.preprocess import is_grey_content, load_for_model, match_channels, to_model_input
 from verity.inference.spec import resolve_spec
 
 
@@ -73,7 +69,7 @@ SPECS = {
 
 
 def _both_paths(data: bytes, spec) -> np.ndarray:  # noqa: ANN001 - PreprocessSpec
-    served = decode_for_model(data, spec)
+    served = load_for_model(data, spec)
     trained = to_model_input(decode_image(data, draft_size=spec.image_size), spec)
     np.testing.assert_allclose(served, trained, atol=1e-6)
     return served

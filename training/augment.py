@@ -21,10 +21,10 @@ from typing import Any
 
 import albumentations as A
 import numpy as np
-from verity.inference.decode import match_channels
+from verity.inference.preprocess import match_channels
 from verity.inference.spec import PreprocessSpec
+from verity.inference.vocabulary import MODALITIES
 
-PRESETS = ("photo", "xray")
 VARIANTS = ("full", "patch")
 
 
@@ -163,9 +163,9 @@ def xray_preset(variant: str = "full") -> A.Compose:
 
 def build_preset(modality: str, variant: str = "full") -> A.Compose:
     """The augmentation pipeline for a modality ("patch" changes the X-ray preset only)."""
-    if modality not in PRESETS:
+    if modality not in MODALITIES:
         raise ValueError(
-            f"Invalid augmentation preset {modality!r}. Only {', '.join(PRESETS)} are supported."
+            f"Invalid augmentation preset {modality!r}. Only {', '.join(MODALITIES)} are supported."
         )
     if variant not in VARIANTS:
         raise ValueError(f"Invalid preset variant {variant!r}. Only {', '.join(VARIANTS)} are supported.")

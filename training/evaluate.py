@@ -24,8 +24,9 @@ from typing import Any, Protocol
 
 import numpy as np
 from verity.datasets.manifest import LABELS, SPLITS, label_folders, read_manifest
-from verity.inference.decode import DecodeError, load_for_model
+from verity.inference.decode import DecodeError
 from verity.inference.engine import OnnxEngine, calibrated_scores
+from verity.inference.preprocess import load_for_model
 from verity.inference.spec import PreprocessSpec
 from verity.training.export import to_jsonable
 from verity.training.metrics import compute_metrics

@@ -63,7 +63,7 @@ def card_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     """Exports, prints where the model went and the parity figure. Returns the exit code."""
     import numpy as np
-    from verity.inference.decode import load_for_model
+    from verity.inference.preprocess import load_for_model
     from verity.training.export import export_onnx, load_checkpoint, model_from_checkpoint
 
     args = build_parser().parse_args(argv)

@@ -1,7 +1,7 @@
 """INT8 (static QDQ, per-channel) and fp16 variants of an exported model, behind an accuracy gate.
 
 INT8 on CPU: onnxruntime's static quantization with QDQ nodes and per-channel weight scales, calibrated
-by running the SERVING preprocessor (`inference.decode.load_for_model`) on validation images, so the
+by running the SERVING preprocessor (`inference.preprocess.load_for_model`) on validation images, so the
 activation ranges are those the server will see. `quant_pre_process` (shape inference and graph
 folding) runs first, as onnxruntime recommends. Dynamic quantization is deliberately absent: for CNNs on
 this CPU it is 6 to 19 times slower than fp32 (DESIGN.md §5).
@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from verity.inference.decode import DecodeError, load_for_model
+from verity.inference.decode import DecodeError
 from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY, OnnxEngine
+from verity.inference.preprocess import load_for_model
 from verity.inference.spec import LABELS, PreprocessSpec
 from verity.training.export import publish
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 from verity.datasets.manifest import ManifestRow
-from verity.inference.decode import decode_image, is_grey_content
+from verity.inference.decode import decode_image
+from verity.inference.preprocess import is_grey_content
 from verity.training.config import TrainConfig
 
 MODEL_SIZE = 224
