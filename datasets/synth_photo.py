@@ -1,5 +1,8 @@
 """Synthetic product photos: fictitious brands, each with a genuine design spec, and counterfeits.
 
+The brands and products are datasets/catalogue.py; the barcode they print is datasets/ean13.py. This
+module draws the label, the package and the photograph.
+
 A photo shows one package (box, bottle, pouch or tube) on a background. Its label carries the brand band
 and name (brand colour and font), a logo of a given geometry, the product line, a batch/expiry print, an
 EAN-13 barcode and a hologram patch. Counterfeits deviate from the spec in one to three cues (CUES); the
@@ -20,6 +23,8 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from verity.datasets.catalogue import PRODUCT_SPECS, FontStyle, Product
+from verity.datasets.ean13 import ean13_barcode, ean13_check_digit
 from verity.datasets.synth import STREAM_CASE, ImageJob, case_rng, image_rng, rng_for
 
 CUES = (
@@ -33,144 +38,12 @@ CUES = (
     "barcode_check",
     "misplaced_label",
 )
-
-
-@dataclass(frozen=True)
-class FontStyle:
-    """How a brand sets its name: FreeType outline (or the blocky bitmap font), weight, width, slant."""
-
-    bitmap: bool = False
-    stroke: int = 0
-    width: float = 1.0
-    shear: float = 0.0
-
-
-@dataclass(frozen=True)
-class Brand:
-    name: str
-    colour: tuple[int, int, int]
-    text_colour: tuple[int, int, int]
-    logo: str
-    logo_params: tuple[float, ...]
-    font: FontStyle
-
-
-@dataclass(frozen=True)
-class Product:
-    brand: Brand
-    line: str
-    shape: str
-    package_colour: tuple[int, int, int]
-    label_colour: tuple[int, int, int]
-    ean12: str
-
-
-BRANDS = {
-    "solvex": Brand("SOLVEX", (200, 30, 45), (255, 255, 255), "ring", (0.28, 0.35, 0.0), FontStyle(stroke=1)),
-    "aurelo": Brand(
-        "AURELO", (30, 90, 170), (255, 255, 255), "star", (5.0, 0.45, 0.0), FontStyle(width=1.1, shear=0.2)
-    ),
-    "kestra": Brand(
-        "KESTRA", (240, 170, 20), (30, 30, 30), "triangle", (0.32, 0.0, 0.0), FontStyle(stroke=1, width=0.85)
-    ),
-    "velmor": Brand("VELMOR", (30, 130, 70), (255, 255, 255), "chevron", (0.22, 0.5, 0.0), FontStyle()),
-}
-
-PRODUCT_SPECS: dict[str, Product] = {
-    "solvex-tablets": Product(
-        BRANDS["solvex"], "Ibuprofen 200 mg", "box", (235, 235, 238), (250, 250, 250), "590123412345"
-    ),
-    "solvex-syrup": Product(
-        BRANDS["solvex"], "Cough Syrup", "bottle", (120, 60, 30), (252, 250, 245), "590123498761"
-    ),
-    "aurelo-cream": Product(
-        BRANDS["aurelo"], "Day Cream SPF15", "tube", (225, 230, 240), (250, 250, 252), "400638133393"
-    ),
-    "aurelo-serum": Product(
-        BRANDS["aurelo"], "Night Serum", "bottle", (40, 40, 60), (245, 245, 250), "400638154321"
-    ),
-    "kestra-cells": Product(
-        BRANDS["kestra"], "AA Alkaline x4", "box", (40, 40, 45), (250, 248, 240), "871234567890"
-    ),
-    "kestra-charger": Product(
-        BRANDS["kestra"], "USB-C Charger", "pouch", (210, 210, 215), (250, 250, 250), "871234511116"
-    ),
-    "velmor-coffee": Product(
-        BRANDS["velmor"], "Espresso Beans", "pouch", (60, 45, 35), (245, 240, 225), "761234500017"
-    ),
-    "velmor-tea": Product(
-        BRANDS["velmor"], "Green Tea 20", "box", (240, 245, 235), (250, 252, 248), "761234500024"
-    ),
-}
 PRODUCTS = tuple(PRODUCT_SPECS)
 
 
 def cues_for(product: str) -> tuple[str, ...]:
     """Every photo cue applies to every product."""
     return CUES
-
-
-# ------------------------------------------------------------------------------------------ EAN-13
-
-_L_CODES = (
-    "0001101",
-    "0011001",
-    "0010011",
-    "0111101",
-    "0100011",
-    "0110001",
-    "0101111",
-    "0111011",
-    "0110111",
-    "0001011",
-)
-_G_CODES = tuple(code.translate(str.maketrans("01", "10"))[::-1] for code in _L_CODES)
-_R_CODES = tuple(code.translate(str.maketrans("01", "10")) for code in _L_CODES)
-_PARITY = ("LLLLLL", "LLGLGG", "LLGGLG", "LLGGGL", "LGLLGG", "LGGLLG", "LGGGLG", "LGLGGL", "LGLGLG", "LGGLGL")
-
-
-def ean13_check_digit(first12: str) -> int:
-    """The EAN-13 check digit of 12 digits (weights 1, 3, 1, 3, ... from the left)."""
-    if len(first12) != 12 or not first12.isdigit():
-        raise ValueError(f"An EAN-13 body is 12 digits, not {first12!r}.")
-    total = sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(first12))
-    return (10 - total % 10) % 10
-
-
-def ean13_is_valid(code: str) -> bool:
-    return len(code) == 13 and code.isdigit() and ean13_check_digit(code[:12]) == int(code[12])
-
-
-def ean13_modules(code: str) -> np.ndarray:
-    """The 95 bar modules (1 = dark) of a 13-digit code, whatever its check digit."""
-    if len(code) != 13 or not code.isdigit():
-        raise ValueError(f"An EAN-13 code is 13 digits, not {code!r}.")
-    parity = _PARITY[int(code[0])]
-    bits = "101"
-    for digit, side in zip(code[1:7], parity, strict=True):
-        bits += (_L_CODES if side == "L" else _G_CODES)[int(digit)]
-    bits += "01010"
-    bits += "".join(_R_CODES[int(d)] for d in code[7:])
-    bits += "101"
-    return np.frombuffer(bits.encode(), dtype=np.uint8) - ord("0")
-
-
-def ean13_decode(modules: np.ndarray) -> str:
-    """Reads 95 modules back to 13 digits (inverse of ean13_modules); raises ValueError if unreadable."""
-    bits = "".join(str(int(b)) for b in modules)
-    if len(bits) != 95 or bits[:3] != "101" or bits[45:50] != "01010" or bits[-3:] != "101":
-        raise ValueError("Not an EAN-13 module pattern.")
-    left, parity = "", ""
-    for k in range(6):
-        chunk = bits[3 + 7 * k : 10 + 7 * k]
-        if chunk in _L_CODES:
-            left, parity = left + str(_L_CODES.index(chunk)), parity + "L"
-        elif chunk in _G_CODES:
-            left, parity = left + str(_G_CODES.index(chunk)), parity + "G"
-        else:
-            raise ValueError("Unreadable left digit.")
-    right = "".join(str(_R_CODES.index(bits[50 + 7 * k : 57 + 7 * k])) for k in range(6))
-    return str(_PARITY.index(parity)) + left + right
 
 
 def printed_ean(job: ImageJob, product: Product) -> str:
@@ -331,14 +204,6 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
         m = i == k
         out[m, 0], out[m, 1], out[m, 2] = r[m], g[m], b[m]
     return out
-
-
-@lru_cache(maxsize=256)
-def _barcode(code: str, width: int, height: int) -> Image.Image:
-    modules = ean13_modules(code)
-    row = np.repeat(np.pad(modules, 7), 4)  # quiet zone, 4 px per module, then resized (anti-aliased)
-    bars = np.tile((1 - row) * 255, (8, 1)).astype(np.uint8)
-    return Image.fromarray(bars).resize((width, height), Image.Resampling.BOX)
 
 
 _SIMILAR = {
@@ -514,7 +379,7 @@ def render_label(
     )
     bar_w, bar_h = round(0.5 * width), round(0.2 * height)
     label.paste(
-        _barcode(ean, bar_w, bar_h).convert("RGB"),
+        ean13_barcode(ean, bar_w, bar_h).convert("RGB"),
         (round(0.04 * width), height - bar_h - round(0.04 * height)),
     )
     holo = round(0.3 * height)
@@ -522,6 +387,12 @@ def render_label(
     if look.hologram_present:
         patch = _hologram(holo, holo_phase, 0.85 * look.hologram_saturation, look.hologram_saturation)
         label.paste(patch, holo_xy)
+    return _print_defects(label, look)
+
+
+def _print_defects(label: Image.Image, look: LabelLook) -> Image.Image:
+    """The label as the counterfeiter's press prints it: a blurred reprint, one ink off register."""
+    width, height = label.size
     if look.reprint > 0:
         factor = 1 + 2.5 * look.reprint
         small = label.resize(
@@ -541,16 +412,37 @@ def render_label(
 # ------------------------------------------------------------------------------------------ package
 
 
-def _package(product: Product, label: Image.Image, look: LabelLook, size: int) -> Image.Image:
+def _package(product: Product, label: Image.Image, look: LabelLook) -> Image.Image:
     """The package front (RGBA, transparent around its shape) with the label applied."""
     lw, lh = label.size
     shape = product.shape
     pw = round(lw * (1.18 if shape != "bottle" else 1.12))
     ph = round(lh * {"box": 1.9, "bottle": 2.3, "pouch": 2.0, "tube": 2.2}[shape])
     package = Image.new("RGBA", (pw, ph), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(package)
-    colour = product.package_colour + (255,)
-    darker = tuple(round(c * 0.7) for c in product.package_colour) + (255,)
+    centre = _draw_body(ImageDraw.Draw(package), shape, (pw, ph), product.package_colour)
+    dx, dy, angle = look.misplace
+    rgba = label.convert("RGBA")
+    if angle:
+        rgba = rgba.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
+    x = round(centre[0] + dx * lw - rgba.width / 2)
+    y = round(centre[1] + dy * lh - rgba.height / 2)
+    package.alpha_composite(rgba, (max(0, x), max(0, y)))
+    # keep the label inside the package outline
+    alpha = np.asarray(package.getchannel("A"))
+    outline = np.asarray(_outline_alpha(draw_shape=shape, size=package.size))
+    package.putalpha(Image.fromarray(np.minimum(alpha, outline)))
+    if shape in ("bottle", "tube"):
+        package = _cylinder_shading(package)
+    return package
+
+
+def _draw_body(
+    draw: ImageDraw.ImageDraw, shape: str, size: tuple[int, int], package_colour: tuple[int, int, int]
+) -> tuple[float, float]:
+    """Draws the package's body (box, bottle, pouch or tube); returns where the label's centre goes."""
+    pw, ph = size
+    colour = package_colour + (255,)
+    darker = tuple(round(c * 0.7) for c in package_colour) + (255,)
     if shape == "box":
         side = round(0.08 * pw)
         draw.rectangle((0, side, pw - side, ph), fill=colour)
@@ -559,7 +451,7 @@ def _package(product: Product, label: Image.Image, look: LabelLook, size: int) -
             [(0, side), (side, 0), (pw, 0), (pw - side, side)],
             fill=tuple(min(255, round(c * 1.1)) for c in colour),
         )
-        centre = ((pw - side) / 2, side + (ph - side) * 0.52)
+        return ((pw - side) / 2, side + (ph - side) * 0.52)
     elif shape == "bottle":
         neck = round(0.34 * pw)
         draw.rectangle(((pw - neck) // 2, 0, (pw + neck) // 2, round(0.14 * ph)), fill=(30, 30, 30, 255))
@@ -567,13 +459,13 @@ def _package(product: Product, label: Image.Image, look: LabelLook, size: int) -
             ((pw - neck) // 2 + 2, round(0.12 * ph), (pw + neck) // 2 - 2, round(0.22 * ph)), fill=colour
         )
         draw.rounded_rectangle((0, round(0.2 * ph), pw - 1, ph - 1), radius=round(0.15 * pw), fill=colour)
-        centre = (pw / 2, ph * 0.6)
+        return (pw / 2, ph * 0.6)
     elif shape == "pouch":
         draw.rounded_rectangle((0, round(0.06 * ph), pw - 1, ph - 1), radius=round(0.05 * pw), fill=colour)
         teeth = np.linspace(0, pw, 25)
         zigzag = [(x, round(0.06 * ph) - (3 if k % 2 else 0)) for k, x in enumerate(teeth)]
         draw.polygon([(0, round(0.1 * ph))] + zigzag + [(pw, round(0.1 * ph))], fill=darker)
-        centre = (pw / 2, ph * 0.55)
+        return (pw / 2, ph * 0.55)
     else:  # tube: crimped end on top, cap below
         draw.polygon(
             [
@@ -590,21 +482,7 @@ def _package(product: Product, label: Image.Image, look: LabelLook, size: int) -
         draw.rectangle(
             (round(0.3 * pw), round(0.88 * ph), round(0.7 * pw), ph - 1), fill=(240, 240, 240, 255)
         )
-        centre = (pw / 2, ph * 0.45)
-    dx, dy, angle = look.misplace
-    rgba = label.convert("RGBA")
-    if angle:
-        rgba = rgba.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
-    x = round(centre[0] + dx * lw - rgba.width / 2)
-    y = round(centre[1] + dy * lh - rgba.height / 2)
-    package.alpha_composite(rgba, (max(0, x), max(0, y)))
-    # keep the label inside the package outline
-    alpha = np.asarray(package.getchannel("A"))
-    outline = np.asarray(_outline_alpha(draw_shape=shape, size=package.size))
-    package.putalpha(Image.fromarray(np.minimum(alpha, outline)))
-    if shape in ("bottle", "tube"):
-        package = _cylinder_shading(package)
-    return package
+        return (pw / 2, ph * 0.45)
 
 
 def _outline_alpha(draw_shape: str, size: tuple[int, int]) -> Image.Image:
@@ -775,7 +653,7 @@ def render(job: ImageJob) -> tuple[bytes, str, dict]:
     lot = f"LOT {letter}{number}  EXP {int(crng.integers(1, 13)):02d}/{int(crng.integers(27, 31))}"
     ean = printed_ean(job, product)
     label = render_label(product, look, round(0.5 * size), lot, ean, float(rng.uniform(0, 1)))
-    package = _package(product, label, look, size)
+    package = _package(product, label, look)
     scene = _background(rng, size)
     _place(scene, package, rng, job.difficulty.nuisance)
     pixels = _photograph(scene, rng, job.difficulty.nuisance)

@@ -9,6 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from verity.datasets import synth_photo, synth_xray
+from verity.datasets.catalogue import PRODUCT_SPECS
+from verity.datasets.ean13 import (
+    ean13_barcode,
+    ean13_check_digit,
+    ean13_decode,
+    ean13_is_valid,
+    ean13_modules,
+)
 from verity.datasets.manifest import read_manifest, resolve_image_path
 from verity.datasets.synth import (
     DIFFICULTIES,
@@ -111,18 +119,27 @@ def test_only_cues_keeps_product_pools_equal_for_both_labels() -> None:
 
 
 def test_ean13_check_digit_and_modules() -> None:
-    assert synth_photo.ean13_check_digit("400638133393") == 1  # a published EAN-13: 4006381333931
-    assert synth_photo.ean13_is_valid("4006381333931") and not synth_photo.ean13_is_valid("4006381333932")
+    assert ean13_check_digit("400638133393") == 1  # a published EAN-13: 4006381333931
+    assert ean13_is_valid("4006381333931") and not ean13_is_valid("4006381333932")
     code = "5901234123457"
-    modules = synth_photo.ean13_modules(code)
-    assert modules.size == 95 and synth_photo.ean13_decode(modules) == code
+    modules = ean13_modules(code)
+    assert modules.size == 95 and ean13_decode(modules) == code
+
+
+@pytest.mark.parametrize("pixels_per_module", [4, 2])
+def test_printed_bars_read_back_to_the_code(pixels_per_module: int) -> None:
+    code = "4006381333931"
+    width = (95 + 2 * 7) * pixels_per_module  # the bars and a 7-module quiet zone each side
+    bars = np.asarray(ean13_barcode(code, width, 20))
+    row = bars[10, pixels_per_module // 2 :: pixels_per_module][7:-7]  # the centre of each bar module
+    assert ean13_decode((row < 128).astype(np.uint8)) == code
 
 
 def test_printed_barcode_right_for_genuine_wrong_under_the_cue(tmp_path: Path) -> None:
     generate("photo", 60, tmp_path, seed=9, size=64)
     rows = _rows(tmp_path)
     for row in rows:
-        valid = synth_photo.ean13_is_valid(row.meta["ean"])
+        valid = ean13_is_valid(row.meta["ean"])
         assert valid == ("barcode_check" not in row.meta["cues"]), row
     assert any("barcode_check" in row.meta["cues"] for row in rows)
 
@@ -163,13 +180,13 @@ def _job(modality_module, difficulty: str, cues: tuple[str, ...], product: str) 
 
 
 def test_difficulty_scales_cue_strength() -> None:
-    genuine = synth_photo.PRODUCT_SPECS["solvex-tablets"].brand.colour
+    genuine = PRODUCT_SPECS["solvex-tablets"].brand.colour
     hue = colorsys.rgb_to_hsv(*(c / 255 for c in genuine))[0]
 
     def hue_shift(difficulty: str) -> float:
         look = synth_photo.label_look(
             _job(synth_photo, difficulty, ("colour_shift",), "solvex-tablets"),
-            synth_photo.PRODUCT_SPECS["solvex-tablets"],
+            PRODUCT_SPECS["solvex-tablets"],
         )
         shifted = colorsys.rgb_to_hsv(*(c / 255 for c in look.brand_colour))[0]
         return min(abs(shifted - hue), 1 - abs(shifted - hue))
