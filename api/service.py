@@ -11,7 +11,6 @@ import base64
 import contextlib
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,12 +27,11 @@ from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry, ServedModel
 from verity.api.settings import Settings
 from verity.inference.batcher import QueueFullError
-from verity.inference.decode import DecodeError, DecodeLimits, decode_image, sniff_format
+from verity.inference.decode import DecodeError, DecodeLimits, sniff_format
 from verity.inference.engine import Prediction
 from verity.inference.heatmap import heatmap_png
-from verity.inference.preprocess import load_for_model, to_model_input
 from verity.inference.spec import PreprocessSpec
-from verity.inference.tiling import ScanResult, TooManyTiles, score_scan, tile_size
+from verity.inference.tiling import ScanResult, TilingOptions, TooManyTiles, load_for_scoring, score_scan
 
 log = logging.getLogger("verity.api")
 
@@ -57,21 +55,13 @@ def station_for(key_station: str | None, named_station: str | None) -> str | Non
 
 
 def prepare_image(
-    data: bytes, spec: PreprocessSpec, limits: DecodeLimits, tile_above: int | None = None
+    data: bytes, spec: PreprocessSpec, limits: DecodeLimits, tiling: TilingOptions
 ) -> PreparedImage:
-    """Blocking: hashes, sniffs and decodes one upload into the model's input (the evaluation path).
-
-    With `tile_above`, an image whose longer side exceeds it is decoded at full resolution and kept
-    for tiling instead of being reduced to one model input.
-    """
+    """Blocking: hashes, sniffs and decodes one upload as the one tiling rule wants it: the model's
+    input (the evaluation path), or the full-resolution pixels of a scan to tile."""
     kind = sniff_format(data)
-    sha256 = hashlib.sha256(data).hexdigest()
-    if tile_above is None:
-        return PreparedImage(load_for_model(data, spec, limits), sha256, kind)
-    image = decode_image(data, limits)
-    if max(image.shape[:2]) > tile_above:
-        return PreparedImage(None, sha256, kind, decoded=image)
-    return PreparedImage(to_model_input(image, spec), sha256, kind)
+    loaded = load_for_scoring(data, spec, tiling, limits)
+    return PreparedImage(loaded.model_input, hashlib.sha256(data).hexdigest(), kind, loaded.pixels)
 
 
 def render_heatmap(scored: Scored) -> str | None:
@@ -128,11 +118,6 @@ class PredictionService:
             "no_model", f"No {modality} model is loaded on this server.", self.settings.retry_after_s
         )
 
-    def _tile_above(self, served: ServedModel) -> int | None:
-        if self.settings.xray_tiling and served.modality == "xray":
-            return tile_size(served.engine.spec.image_size, self.settings.tile_scale)
-        return None
-
     async def prepare(self, data: bytes, served: ServedModel) -> PreparedImage:
         slots = self.decode_slots or contextlib.nullcontext()
         try:
@@ -142,7 +127,7 @@ class PredictionService:
                     data,
                     served.engine.spec,
                     self.settings.decode_limits,
-                    self._tile_above(served),
+                    self.settings.tiling_options,
                 )
         except DecodeError as error:
             raise decode_error_to_api(error) from error
@@ -156,9 +141,7 @@ class PredictionService:
                     score_scan,
                     prepared.decoded,
                     served.engine,
-                    scale=self.settings.tile_scale,
-                    overlap=self.settings.tile_overlap,
-                    max_tiles=self.settings.max_tiles,
+                    self.settings.tiling_options,
                     batch_size=self.settings.batch_max_size,
                     workers=self.settings.batch_workers,
                 )
@@ -167,11 +150,7 @@ class PredictionService:
             raise ApiError(413, "too_many_tiles", str(error)) from error
         except DecodeError as error:
             raise decode_error_to_api(error) from error
-        # Logits equivalent to the scan score (softmax of (0, log-odds) is the score), so /v2 can report them.
-        odds = min(max(scan.score, 1e-7), 1 - 1e-7)
-        prediction = Prediction(
-            score=scan.score, verdict=scan.verdict, logits=(0.0, math.log(odds / (1 - odds)))
-        )
+        prediction = Prediction(score=scan.score, verdict=scan.verdict, logits=scan.logits)
         return Scored(prepared, prediction, served, scan)
 
     async def infer(self, served: ServedModel, model_input: np.ndarray) -> Prediction:

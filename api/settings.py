@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from verity.inference.decode import DecodeLimits
+from verity.inference.tiling import TilingOptions
 
 MiB = 1024 * 1024
 
@@ -65,10 +66,11 @@ class Settings(BaseSettings):
     batch_workers: int | None = Field(None, ge=1, le=64)
     retry_after_s: int = Field(1, ge=1)
 
-    # Large X-ray scans: score overlapping tiles and take the highest (inference/tiling.py) instead of
-    # squeezing the scan into one model input. Off by default: thresholds chosen on whole images give
-    # more alarms on tiled scans, so turn it on with thresholds chosen for it.
-    xray_tiling: bool = False
+    # Tiling of large scans, by the one rule of inference/tiling.py that `verity predict` and `verity
+    # eval` follow too: "auto" scores X-ray scans longer than 8 model inputs as overlapping tiles (the
+    # highest decides) and every other image whole; "on" tiles any image larger than one tile; "off"
+    # never tiles. The defaults are TilingOptions', so the three give an image the same score.
+    tiling: Literal["auto", "on", "off"] = "auto"
     tile_scale: float = Field(0.5, gt=0.0, le=4.0)
     tile_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     max_tiles: int = Field(128, ge=1, le=4096)
@@ -92,6 +94,12 @@ class Settings(BaseSettings):
     @property
     def decode_limits(self) -> DecodeLimits:
         return DecodeLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels)
+
+    @property
+    def tiling_options(self) -> TilingOptions:
+        return TilingOptions(
+            mode=self.tiling, scale=self.tile_scale, overlap=self.tile_overlap, max_tiles=self.max_tiles
+        )
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

@@ -1,20 +1,41 @@
-"""Large scans: tile an image bigger than the model input, score the tiles in batches, aggregate.
+"""Large scans: one rule for when an image is tiled, then tiles scored in batches and aggregated.
 
-A 4000 x 1500 X-ray scan squeezed into 224 px loses the detail that tells a counterfeit; tiling keeps
-it. Tiles are squares of `spec.image_size / scale` native pixels (default scale 0.5: a 224 px model
+`verity predict`, the server (every route) and `verity eval` all go through `load_for_scoring`, which
+asks `should_tile` (the one rule) and hands back either the model input of an image scored whole or
+the native pixels of a scan to tile; `score_scan` then scores the tiles. `TilingOptions` holds the one
+default the three share.
+
+When to tile (`should_tile`, mode "auto", the default everywhere):
+- only X-ray. A transmission scan is a lane of objects and a counterfeit is one region of it; the
+  X-ray model is trained on whole scans, crops and patches, so a tile is an image it knows. A photo
+  frames one product: its model has only seen whole products, and the max over crops of a 12 MP
+  phone photo (about 220 tiles) would be neither meaningful nor within the tile limit.
+- only when resizing the whole scan to the model input would shrink it more than `TILE_ABOVE_INPUTS`
+  (8) times along its longer side: above 1280 px for a 160 px model. Below that the whole image keeps
+  its detail about as well as the training images did (whole scans of up to 256 px), and scoring it
+  whole keeps the thresholds it was calibrated with: the maximum over tiles is higher than one
+  whole-image score, so thresholds chosen on whole images give more alarms on tiled scans. A
+  640 x 480 image is therefore scored whole; a 4000 x 1500 scan (25 times the input) is tiled.
+"on" tiles any image larger than one tile (any modality); "off" never tiles.
+
+Tiles are squares of `spec.image_size / scale` native pixels (default scale 0.5: a 224 px model
 sees 448 px tiles at half resolution, which keeps a 4000 x 1500 scan at 60 tiles, under the 1 s budget
 on 2 cores; scale 1.0 looks at native resolution at about 4x the tiles). Neighbouring tiles overlap by
-`overlap` (default 25%) so an object on a tile border is seen whole by at least one tile; tile
-positions are spread evenly so the last tile ends exactly at the image border.
+`overlap` (default 25%) so an object on a tile border is seen whole by at least one tile.
 
-Each tile goes through `inference.decode.to_model_input` with the model's own spec, i.e. exactly the
-serving preprocessing (intensity window, resize; a scan thinner than one tile gives tiles that a
-letterbox spec pads and a stretch spec stretches, exactly as for a whole image).
+Padding never raises a scan score: every tile lies fully inside the image (positions are spread evenly
+so the last tile ends exactly at the border, never past it), so no tile is padded or empty. Along an
+axis shorter than one tile the tile is as long as the image, and the spec handles that crop as it
+handles a whole image (letterbox pads it, stretch stretches it), exactly as the model was trained.
+(The constant 0.554 once seen for every 640 x 480 RGB image was not padding: the decoder of that time
+clipped 8-bit RGB X-ray to a constant 1.0, and 0.554 was xray-default 1.0.0's score of pure air.)
+
+Each tile goes through `inference.preprocess.to_model_input` with the model's own spec, i.e. exactly
+the serving preprocessing (intensity window, resize).
 
 Scan score (documented choice):
 - "max" (default): the highest tile score. One counterfeit region is enough to raise an alarm, which
-  is what an inspection lane needs. Note that the maximum over many tiles is higher than a single
-  whole-image score, so thresholds chosen on whole images give more alarms on tiled scans.
+  is what an inspection lane needs.
 - "topk": the mean of the `top_k` highest tile scores; less sensitive to one noisy tile.
 The verdict applies the model's thresholds to that score.
 
@@ -25,21 +46,102 @@ is kept at most `heatmap_max_side` pixels long.
 
 from __future__ import annotations
 
+import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits, decode_image, sniff_format
 from verity.inference.engine import usable_cores
 from verity.inference.heatmap import heatmap_png, upsample
-from verity.inference.preprocess import to_model_input
+from verity.inference.preprocess import load_for_model, to_model_input
+from verity.inference.spec import PreprocessSpec
 
 AGGREGATES = ("max", "topk")
+TILING_MODES = ("auto", "on", "off")
+# Modalities "auto" tiles: a scan is a lane of objects, a photo frames one product (module docstring).
+TILED_MODALITIES = ("xray",)
+# "auto" tiles a scan whose longer side is more than this many model inputs (1280 px at 160 px).
+TILE_ABOVE_INPUTS = 8
 
 
 class TooManyTiles(ValueError):
     """The scan would need more tiles than the per-request limit allows."""
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    """How images are tiled: one default shared by `verity predict`, the server and `verity eval`."""
+
+    mode: str = "auto"  # auto | on | off (see `should_tile`)
+    scale: float = 0.5  # model pixels per native pixel: tiles of image_size / scale native pixels
+    overlap: float = 0.25
+    aggregate: str = "max"
+    top_k: int = 3
+    max_tiles: int = 128
+
+    def __post_init__(self) -> None:
+        if self.mode not in TILING_MODES:
+            raise ValueError(
+                f"Invalid tiling mode {self.mode!r}. Only {', '.join(TILING_MODES)} are supported."
+            )
+        if not 0.0 < self.scale <= 4.0:
+            raise ValueError(f"Invalid scale {self.scale}: it must lie in (0, 4].")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"Invalid overlap {self.overlap}: it must lie in [0, 1).")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(
+                f"Invalid aggregate {self.aggregate!r}. Only {', '.join(AGGREGATES)} are supported."
+            )
+
+
+def should_tile(image_shape: tuple[int, ...], spec: PreprocessSpec, options: TilingOptions) -> bool:
+    """The one tiling rule (module docstring): whether an image of `image_shape` (height, width, ...)
+    is scored in tiles by a model of `spec`, rather than whole."""
+    longer = max(image_shape[:2])
+    if options.mode == "off" or longer <= tile_size(spec.image_size, options.scale):
+        return False
+    if options.mode == "on":
+        return True
+    return spec.modality in TILED_MODALITIES and longer > TILE_ABOVE_INPUTS * spec.image_size
+
+
+@dataclass(frozen=True)
+class ScoringInput:
+    """What `load_for_scoring` gives: exactly one of the two is set."""
+
+    model_input: np.ndarray | None  # CxSxS float32 in [0, 1]: the image is scored whole
+    pixels: np.ndarray | None  # native HxWxC pixels: the image is scored in tiles (`score_scan`)
+
+
+def _native_shape(data: bytes) -> tuple[int, int] | None:
+    """Height and width from the header alone (Pillow reads no pixels until asked); None when Pillow
+    cannot read it, and the decoder then says why. EXIF rotation swaps the sides, not the longer one."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.height, image.width
+    except Exception:  # noqa: BLE001 - any failure here is reported by the real decode that follows
+        return None
+
+
+def load_for_scoring(
+    data: bytes, spec: PreprocessSpec, options: TilingOptions, limits: DecodeLimits = DEFAULT_LIMITS
+) -> ScoringInput:
+    """Decodes an upload or a file's bytes as the one tiling rule wants it: an image scored whole gets
+    exactly `load_for_model` (JPEG draft included), a scan to tile its full-resolution pixels."""
+    if sniff_format(data) in ("tiff", "dicom"):
+        # Their readers decode the whole image in any case; `load_for_model` is to_model_input of it.
+        pixels = decode_image(data, limits)
+        if should_tile(pixels.shape, spec, options):
+            return ScoringInput(None, pixels)
+        return ScoringInput(to_model_input(pixels, spec), None)
+    shape = _native_shape(data)
+    if shape is not None and should_tile(shape, spec, options):
+        return ScoringInput(None, decode_image(data, limits))
+    return ScoringInput(load_for_model(data, spec, limits), None)
 
 
 @dataclass(frozen=True)
@@ -66,6 +168,13 @@ class ScanResult:
     @property
     def tiled(self) -> bool:
         return len(self.tiles) > 1
+
+    @property
+    def logits(self) -> tuple[float, float]:
+        """Logits equivalent to the scan score: softmax of (0, log-odds) is the score (for /v2 and
+        evaluation's predictions table, which report logits)."""
+        odds = min(max(self.score, 1e-7), 1 - 1e-7)
+        return 0.0, math.log(odds / (1 - odds))
 
     def heatmap_png(self, image: np.ndarray, alpha: float = 0.5) -> bytes:
         """PNG overlay of the evidence on the decoded scan, at the evidence map's size."""
@@ -143,46 +252,37 @@ def _content_box(crop_h: int, crop_w: int, spec: Any) -> tuple[int, int, int, in
 def score_scan(
     image: np.ndarray,
     engine: Any,
+    options: TilingOptions = TilingOptions(),
     *,
-    scale: float = 0.5,
-    overlap: float = 0.25,
-    aggregate: str = "max",
-    top_k: int = 3,
-    max_tiles: int = 128,
     batch_size: int = 16,
     heatmap_max_side: int = 1024,
     workers: int | None = None,
 ) -> ScanResult:
-    """Scores a decoded HxWxC image (from `decode_image`) with `engine` (an OnnxEngine), tiled when its
-    longer side exceeds one tile; smaller images are scored whole (one "tile"). Tile batches run on
-    `workers` threads at once (default: one per CPU core)."""
-    if not 0.0 < scale <= 4.0:
-        raise ValueError(f"Invalid scale {scale}: it must lie in (0, 4].")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"Invalid overlap {overlap}: it must lie in [0, 1).")
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"Invalid aggregate {aggregate!r}. Only {', '.join(AGGREGATES)} are supported.")
+    """Scores a decoded HxWxC image (from `decode_image`) with `engine` (an OnnxEngine) in tiles of
+    `options`; an image no longer than one tile is scored whole (one "tile"). Which images to tile is
+    `should_tile`'s decision, made before this is called. Tile batches run on `workers` threads at
+    once (default: one per CPU core)."""
     if image.ndim == 2:
         image = image[..., None]
     spec = engine.spec
     height, width = image.shape[:2]
-    tile = tile_size(spec.image_size, scale)
+    tile = tile_size(spec.image_size, options.scale)
     if max(height, width) <= tile:
         boxes, grid, tile = [(0, 0)], (1, 1), max(height, width)
     else:
-        boxes, grid = plan_tiles(height, width, tile, overlap, max_tiles)
+        boxes, grid = plan_tiles(height, width, tile, options.overlap, options.max_tiles)
     workers = usable_cores() if workers is None else workers
     predictions = _predict_tiles(image, engine, boxes, tile, batch_size, workers)
     tiles = [
         TileScore(top, left, min(tile, height - top), min(tile, width - left), p.score, p.verdict)
         for (top, left), p in zip(boxes, predictions, strict=True)
     ]
-    score = aggregate_scores(np.array([t.score for t in tiles]), aggregate, top_k)
+    score = aggregate_scores(np.array([t.score for t in tiles]), options.aggregate, options.top_k)
     evidence, factor = _assemble_evidence(tiles, predictions, (height, width), spec, heatmap_max_side)
     return ScanResult(
         score=score,
         verdict=engine.thresholds.verdict(score),
-        aggregate=aggregate,
+        aggregate=options.aggregate,
         tiles=tiles,
         grid=grid,
         image_shape=(height, width),
