@@ -118,21 +118,23 @@ def lite0_torch(modality: str = "photo", size: int = 224) -> Any:
 
 def lite0_onnx(path: str | Path, modality: str = "photo", size: int = 224) -> Path:
     """Exports the registry efficientnet_lite0 through training.export.export_onnx (parity gate on)."""
-    from verity.training.export import build_card, export_onnx
+    from verity.inference.card import ModelCard
+    from verity.training.export import export_onnx
 
     model, spec = lite0_torch(modality, size)
-    card = build_card(
+    card = ModelCard(
         name=f"bench-{modality}",
         version="0.0.0",
         modality=modality,
         backbone="efficientnet_lite0",
         spec=spec,
-        data_counts={},
-        data_fingerprint="none",
-        metrics={},
-        temperature=1.0,
         thresholds={"alarm": 0.9, "clear": 0.1},
+        temperature=1.0,
+        metrics={},
+        data_fingerprint="none",
+        data_counts={},
         code_version="bench",
+        warnings=(),
     )
     export_onnx(model, spec, card, path)
     return Path(path)

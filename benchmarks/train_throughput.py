@@ -25,7 +25,8 @@ from verity.training.augment import Augmenter
 from verity.training.config import TrainConfig
 from verity.training.distributed import DistInfo
 from verity.training.models import build_for_spec
-from verity.training.trainer import EpochSampler, train_from_options, worker_count
+from verity.training.run import worker_count
+from verity.training.trainer import EpochSampler, train_from_options
 
 
 def make_images(root: Path, count: int, size: int) -> Path:

@@ -7,13 +7,13 @@ can never apply the wrong preprocessing or thresholds to a model.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from verity.inference.card import ModelCard
 from verity.inference.spec import PreprocessSpec
 
 METADATA_SPEC_KEY = "verity.spec"
@@ -61,7 +61,7 @@ def calibrated_scores(logits: np.ndarray, temperature: float) -> np.ndarray:
     return (exp[:, 1] / exp.sum(axis=1)).astype(np.float64)
 
 
-def read_metadata(path: str | Path) -> tuple[PreprocessSpec, dict[str, Any]]:
+def read_metadata(path: str | Path) -> tuple[PreprocessSpec, ModelCard]:
     """Reads spec and card from an ONNX file's metadata without building a session for it."""
     import onnxruntime as ort
 
@@ -80,7 +80,7 @@ def _open_session(path: str | Path, options: Any, providers: list[Any]) -> Any:
         raise ModelLoadError(f"{path} is not a loadable ONNX model: {error}") from error
 
 
-def _spec_and_card(session: Any, path: str | Path) -> tuple[PreprocessSpec, dict[str, Any]]:
+def _spec_and_card(session: Any, path: str | Path) -> tuple[PreprocessSpec, ModelCard]:
     props = session.get_modelmeta().custom_metadata_map
     missing = [key for key in (METADATA_SPEC_KEY, METADATA_CARD_KEY) if key not in props]
     if missing:
@@ -89,7 +89,8 @@ def _spec_and_card(session: Any, path: str | Path) -> tuple[PreprocessSpec, dict
             "carry the preprocessing spec and thresholds the server needs."
         )
     try:
-        return PreprocessSpec.from_json(props[METADATA_SPEC_KEY]), json.loads(props[METADATA_CARD_KEY])
+        spec = PreprocessSpec.from_json(props[METADATA_SPEC_KEY])
+        return spec, ModelCard.from_json(props[METADATA_CARD_KEY])
     except (ValueError, TypeError) as error:
         raise ModelLoadError(f"{path} has unreadable spec or card metadata: {error}") from error
 
@@ -232,8 +233,8 @@ class OnnxEngine:
         self.spec, self.card = _spec_and_card(self.session, model_path)
         self.output_names = [output.name for output in self.session.get_outputs()]
         self.input_name = self.session.get_inputs()[0].name
-        self.thresholds = Thresholds(**{k: self.card["thresholds"][k] for k in ("alarm", "clear")})
-        self.temperature = float(self.card.get("calibration", {}).get("temperature", 1.0))
+        self.thresholds = Thresholds(alarm=self.card.thresholds["alarm"], clear=self.card.thresholds["clear"])
+        self.temperature = self.card.temperature
         # IO binding on GPU: inputs are copied to the device once and outputs allocated by ORT, instead
         # of the extra staging copies of session.run.
         self.io_binding = self.providers[0] in GPU_PROVIDERS
@@ -242,11 +243,11 @@ class OnnxEngine:
 
     @property
     def name(self) -> str:
-        return str(self.card["name"])
+        return self.card.name
 
     @property
     def version(self) -> str:
-        return str(self.card["version"])
+        return self.card.version
 
     @property
     def providers(self) -> list[str]:

@@ -9,17 +9,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from verity.inference.card import ModelCard, to_jsonable
 from verity.inference.engine import ModelLoadError, OnnxEngine, calibrated_scores, read_metadata
 from verity.inference.spec import PreprocessSpec, default_spec
 from verity.training import export as export_module
-from verity.training.export import (
-    ExportError,
-    ExportParityError,
-    build_card,
-    export_onnx,
-    load_checkpoint,
-    to_jsonable,
-)
+from verity.training.calibrate import card_warnings
+from verity.training.checkpoint import load_checkpoint
+from verity.training.export import ExportError, ExportParityError, export_onnx
 
 torch.set_num_threads(1)
 
@@ -62,26 +58,28 @@ def tiny_spec(modality: str = "photo", size: int = 32) -> PreprocessSpec:
     return PreprocessSpec.from_dict({**base.to_dict(), "image_size": size})
 
 
-def tiny_card(spec: PreprocessSpec, temperature: float = 1.5) -> dict:
-    return build_card(
+def tiny_card(spec: PreprocessSpec, temperature: float = 1.5) -> ModelCard:
+    thresholds = {
+        "alarm": 0.7,
+        "clear": 0.3,
+        "target_false_alarm_rate": 0.01,
+        "target_miss_rate": 0.05,
+        "val_false_alarm_rate": 0.0,
+        "val_miss_rate": 0.0,
+    }
+    return ModelCard(
         name="tiny",
         version="0.0.1",
         modality=spec.modality,
         backbone="tinynet",
         spec=spec,
-        data_counts={"train": {"genuine": 4, "counterfeit": 4}},
-        data_fingerprint="abc123",
-        metrics={"val": {"roc_auc": 0.9}},
+        thresholds=thresholds,
         temperature=temperature,
-        thresholds={
-            "alarm": 0.7,
-            "clear": 0.3,
-            "target_false_alarm_rate": 0.01,
-            "target_miss_rate": 0.05,
-            "val_false_alarm_rate": 0.0,
-            "val_miss_rate": 0.0,
-        },
+        metrics={"val": {"roc_auc": 0.9}},
+        data_fingerprint="abc123",
+        data_counts={"train": {"genuine": 4, "counterfeit": 4}},
         code_version="test",
+        warnings=tuple(card_warnings(thresholds)),
     )
 
 
@@ -120,7 +118,7 @@ def test_export_metadata_dynamic_batch_and_parity(tmp_path: Path, modality: str)
     assert json.loads(props["verity.card"])["name"] == "tiny"
 
     stored_spec, stored_card = read_metadata(path)
-    assert stored_spec == spec and stored_card["thresholds"]["alarm"] == 0.7
+    assert stored_spec == spec and stored_card == card
 
     engine = OnnxEngine(path, warmup=False)
     model.eval()
@@ -168,10 +166,8 @@ def test_export_refuses_mismatched_normalization_and_bad_card(tmp_path: Path) ->
     other = PreprocessSpec.from_dict({**spec.to_dict(), "mean": (0.5, 0.5, 0.5)})
     with pytest.raises(ExportError, match="normalizes with mean"):
         export_onnx(trained_tiny(spec), other, tiny_card(other), tmp_path / "a.onnx")
-    card = tiny_card(spec)
-    del card["thresholds"]["alarm"]
-    with pytest.raises(ExportError, match="thresholds.alarm"):
-        export_onnx(trained_tiny(spec), spec, card, tmp_path / "b.onnx")
+    with pytest.raises(ExportError, match="card says modality 'xray'"):
+        export_onnx(trained_tiny(spec), spec, tiny_card(tiny_spec("xray")), tmp_path / "b.onnx")
     with pytest.raises(ExportError, match="parity sample"):
         export_onnx(
             trained_tiny(spec), spec, tiny_card(spec), tmp_path / "c.onnx", sample=np.zeros((1, 3, 8, 8))
@@ -208,16 +204,8 @@ def test_export_with_sample_and_dynamo_exporter(tmp_path: Path) -> None:
     assert engine.run(sample)["logits"].shape == (3, 2)
 
 
-def test_build_card_and_checkpoint_round_trip(tmp_path: Path) -> None:
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
     spec = tiny_spec()
-    card = tiny_card(spec)
-    assert card["calibration"] == {"temperature": 1.5}
-    assert card["created"].endswith("+00:00")
-    assert json.loads(json.dumps(card)) == card
-    with pytest.raises(ValueError, match="differs from the spec"):
-        build_card("n", "1", "xray", "b", spec, {}, "f", {}, 1.0, {"alarm": 0.5, "clear": 0.5}, "c")
-    with pytest.raises(ValueError, match="temperature"):
-        build_card("n", "1", "photo", "b", spec, {}, "f", {}, 0.0, {"alarm": 0.5, "clear": 0.5}, "c")
     assert to_jsonable({"a": np.float32(0.5), "b": (np.int64(2), float("nan"))}) == {"a": 0.5, "b": [2, None]}
 
     model = trained_tiny(spec)
@@ -243,7 +231,7 @@ def test_build_card_and_checkpoint_round_trip(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "junk.pt")
 
 
-def test_build_card_states_threshold_intervals_and_validation_warnings() -> None:
+def test_card_states_threshold_intervals_and_validation_warnings() -> None:
     from verity.training.calibrate import choose_thresholds, sample_size_warnings
 
     spec = tiny_spec()
@@ -251,24 +239,28 @@ def test_build_card_states_threshold_intervals_and_validation_warnings() -> None
     rng = np.random.default_rng(0)
     scores = np.r_[rng.beta(2, 6, 100), rng.beta(6, 2, 200)]
     thresholds = choose_thresholds(scores, np.r_[np.zeros(100), np.ones(200)], 0.01, 0.05)
-    card = build_card("n", "1", "photo", "b", spec, {}, "f", {}, 1.0, thresholds, "c")
-    assert card["warnings"] == sample_size_warnings(100, 200, 0.01, 0.05)
-    assert len(card["warnings"]) == 1 and "100 genuine" in card["warnings"][0]
+    card = ModelCard(
+        name="n", version="1", modality="photo", backbone="b", spec=spec, thresholds=thresholds,
+        temperature=1.0, metrics={}, data_fingerprint="f", data_counts={}, code_version="c",
+        warnings=tuple(card_warnings(thresholds)),
+    )  # fmt: skip
+    assert card.warnings == tuple(sample_size_warnings(100, 200, 0.01, 0.05))
+    assert len(card.warnings) == 1 and "100 genuine" in card.warnings[0]
     for key in ("val_false_alarm_rate_ci", "val_miss_rate_ci", "n_val_genuine", "n_val_counterfeit"):
-        assert key in card["thresholds"]
-    assert json.loads(json.dumps(card)) == card
-    assert tiny_card(spec)["warnings"] == []  # hand-made thresholds without counts: nothing to judge
+        assert key in card.thresholds
+    assert ModelCard.from_json(card.to_json()) == card
+    assert tiny_card(spec).warnings == ()  # hand-made thresholds without counts: nothing to judge
 
 
 @pytest.mark.parametrize("modality", ["photo", "xray"])
 def test_registry_backbone_exports_with_parity(tmp_path: Path, modality: str) -> None:
     """The real model registry's default backbone, 64 px, through `verity export` (model.pt -> ONNX)."""
     from verity.training import export_cli
-    from verity.training.export import build_registry_model
+    from verity.training.models import build_for_spec
 
     spec = tiny_spec(modality, size=64)
     torch.manual_seed(0)
-    model = build_registry_model("efficientnet_lite0", spec, pretrained=False)
+    model = build_for_spec("efficientnet_lite0", spec, pretrained=False)
     folder = tmp_path / "lite" / "1"
     folder.mkdir(parents=True)
     torch.save(
@@ -277,7 +269,7 @@ def test_registry_backbone_exports_with_parity(tmp_path: Path, modality: str) ->
             "spec": spec.to_dict(),
             "state_dict": model.state_dict(),
             "config": {},
-            "card": tiny_card(spec),
+            "card": tiny_card(spec).to_dict(),
         },
         folder / "model.pt",
     )

@@ -57,7 +57,7 @@ def test_a_run_that_learns_passes_the_guard(tmp_path) -> None:
     result = train_from_options(data=str(data), model="resnet18", pretrained=False, epochs=4,
                                 out=str(tmp_path), name="learns", **options)  # fmt: skip
     assert Path(result["model_pt"]).is_file()
-    assert not [w for w in result["card"].get("warnings", []) if w.startswith("weak run")]
+    assert not [w for w in result["card"].warnings if w.startswith("weak run")]
 
 
 def test_signs_of_a_weak_run() -> None:

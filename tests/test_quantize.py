@@ -56,8 +56,9 @@ def test_int8_passes_its_gate_and_records_it_in_the_card(model: Path, val_folder
     int8_path = model.with_name("model.int8.onnx")
     assert int8_path.stat().st_mode & 0o777 == 0o644
     engine = OnnxEngine(int8_path, provider="cpu")
-    assert engine.card["precision"] == "int8"
-    assert engine.card["int8_gate"]["verdict_agreement"] == result["verdict_agreement"]
+    assert engine.card.precision == "int8"
+    assert engine.card.int8_gate is not None
+    assert engine.card.int8_gate["verdict_agreement"] == result["verdict_agreement"]
     assert engine.spec == OnnxEngine(model, provider="cpu").spec
     import onnx
 
@@ -99,16 +100,16 @@ def test_fp16_variant_and_export_cli_hook(model: Path, val_folder: Path) -> None
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)
     with pytest.raises(ValueError, match="--int8 needs --val-data"):
-        run_export_variants(parser.parse_args(["--int8"]), model, {})
-    card = {}
-    lines = run_export_variants(
-        parser.parse_args(["--int8", "--val-data", str(val_folder), "--calibration-images", "4"]), model, card
+        run_export_variants(parser.parse_args(["--int8"]), model)
+    lines, int8 = run_export_variants(
+        parser.parse_args(["--int8", "--val-data", str(val_folder), "--calibration-images", "4"]), model
     )
-    assert card["int8"]["written"] and "written to" in lines[0]
-    assert card["int8"]["method"] == "minmax"
+    assert int8 is not None and int8["written"] and "written to" in lines[0]
+    assert int8["method"] == "minmax"
     args = ["--int8", "--val-data", str(val_folder), "--calibration-method", "percentile"]
-    run_export_variants(parser.parse_args(args), model, card)
-    assert card["int8"]["method"] == "percentile"
+    _, int8 = run_export_variants(parser.parse_args(args), model)
+    assert int8 is not None and int8["method"] == "percentile"
+    assert run_export_variants(parser.parse_args([]), model) == ([], None)
 
 
 def _float_weight_convs(path: Path) -> set[str]:
@@ -162,16 +163,15 @@ def test_failed_gate_is_retried_with_the_sensitive_layers_in_float(
     int8_path = model.with_name("model.int8.onnx")
     assert expected[0] in _float_weight_convs(int8_path)
     engine = OnnxEngine(int8_path, provider="cpu")
-    assert engine.card["quantization"]["float_nodes"] == expected
+    assert engine.card.quantization is not None and engine.card.quantization["float_nodes"] == expected
 
     calls.clear()  # `verity export --int8` says what happened and records it in card.json
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)
-    card: dict = {}
     args = parser.parse_args(["--int8", "--val-data", str(val_folder), "--calibration-images", "8"])
-    lines = run_export_variants(args, model, card)
+    lines, int8 = run_export_variants(args, model)
     assert "NOT kept: verdict agreement 98.00% < 99%" in lines[0] and "Retried with" in lines[0]
-    assert "written to" in lines[1] and card["int8"]["float_nodes"] == expected
+    assert "written to" in lines[1] and int8 is not None and int8["float_nodes"] == expected
 
 
 def test_all_layers_are_int8_when_the_first_attempt_passes(model: Path, val_folder: Path) -> None:

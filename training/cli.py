@@ -77,7 +77,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
     yaml_path = overrides.pop("config", None)
     base = None
     if overrides.get("resume"):
-        from verity.training.trainer import resume_base_config
+        from verity.training.checkpoint import resume_base_config
 
         base = resume_base_config(overrides["resume"])
     config = build_config(yaml_path, overrides, base)

@@ -24,11 +24,11 @@ from typing import Any, Protocol
 
 import numpy as np
 from verity.datasets.manifest import LABELS, SPLITS, label_folders, read_manifest
+from verity.inference.card import ModelCard, to_jsonable
 from verity.inference.decode import DecodeError
 from verity.inference.engine import OnnxEngine, calibrated_scores
 from verity.inference.preprocess import load_for_model
 from verity.inference.spec import PreprocessSpec
-from verity.training.export import to_jsonable
 from verity.training.metrics import compute_metrics
 
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.json")
@@ -76,7 +76,7 @@ class OnnxScorer:
         self.spec = self.engine.spec
         self.name, self.version = self.engine.name, self.engine.version
         self.temperature = self.engine.temperature
-        self.thresholds: dict[str, Any] | None = dict(self.engine.card["thresholds"])
+        self.thresholds: dict[str, Any] | None = dict(self.engine.card.thresholds)
         self.path: Path | None = path
 
     def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -124,17 +124,17 @@ class TorchScorer(ModuleScorer):
     """A model.pt rebuilt through the model registry; figures before export."""
 
     def __init__(self, path: Path) -> None:
-        from verity.training.export import load_checkpoint, model_from_checkpoint
+        from verity.training.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
 
         checkpoint = load_checkpoint(path)
-        card = checkpoint.get("card") or {}
+        card = ModelCard.from_dict(checkpoint["card"]) if checkpoint.get("card") else None
         config = checkpoint.get("config") or {}
         calibration = checkpoint.get("calibration") or {}
         super().__init__(
             model_from_checkpoint(checkpoint),
-            PreprocessSpec.from_dict(checkpoint["spec"]),
-            name=str(card.get("name") or config.get("name") or path.parent.parent.name or "model"),
-            version=str(card.get("version") or config.get("version") or path.parent.name or "unversioned"),
+            checkpoint_spec(checkpoint),
+            name=card.name if card else str(config.get("name") or path.parent.parent.name or "model"),
+            version=card.version if card else str(config.get("version") or path.parent.name or "unversioned"),
             temperature=float(calibration.get("temperature", 1.0)) if isinstance(calibration, dict) else 1.0,
             thresholds=checkpoint.get("thresholds"),
             path=path,
@@ -228,7 +228,7 @@ def split_params_for(model_path: Path | None) -> SplitParams:
 
         config = yaml.safe_load(config_yaml.read_text(encoding="utf-8")) or {}
     elif model_path.suffix == ".pt":
-        from verity.training.export import load_checkpoint
+        from verity.training.checkpoint import load_checkpoint
 
         config = load_checkpoint(model_path).get("config") or {}
     defaults = SplitParams()

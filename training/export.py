@@ -13,26 +13,21 @@ the default; `exporter="dynamo"` selects the other, and a TorchScript failure fa
 from __future__ import annotations
 
 import copy
-import inspect
-import json
-import math
 import os
-import subprocess
 import tempfile
 import warnings
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from verity.inference.card import ModelCard
 from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY
 from verity.inference.spec import PreprocessSpec
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
 EXPORTERS = ("torchscript", "dynamo")
-CHECKPOINT_KEYS = ("model_name", "spec", "state_dict")
 
 
 class ExportParityError(RuntimeError):
@@ -50,159 +45,6 @@ def publish(temporary: Path, path: Path) -> None:
     """
     os.chmod(temporary, 0o644)
     os.replace(temporary, path)
-
-def to_jsonable(value: Any) -> Any:
-    """Plain JSON types for cards and metrics: numpy scalars and arrays become floats and lists,
-    tuples become lists, and NaN or infinity become None (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(key): to_jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_jsonable(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(float(value)) else None
-    return value
-
-
-def code_version() -> str:
-    """The git commit of the code (with "-dirty" for uncommitted changes), or the package version."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return f"verity-{version('verity')}"
-        except PackageNotFoundError:
-            return "unknown"
-
-
-def build_card(
-    name: str,
-    version: str,
-    modality: str,
-    backbone: str,
-    spec: PreprocessSpec | dict[str, Any],
-    data_counts: dict[str, dict[str, int]],
-    data_fingerprint: str,
-    metrics: dict[str, Any],
-    temperature: float,
-    thresholds: dict[str, Any],
-    code_version: str,
-) -> dict[str, Any]:
-    """The model card (DESIGN.md §3, team contract): plain JSON types, ready for card.json and ONNX."""
-    spec_dict = (
-        spec.to_dict() if isinstance(spec, PreprocessSpec) else PreprocessSpec.from_dict(spec).to_dict()
-    )
-    if spec_dict["modality"] != modality:
-        raise ValueError(
-            f"The card's modality {modality!r} differs from the spec's {spec_dict['modality']!r}."
-        )
-    missing = [key for key in ("alarm", "clear") if key not in thresholds]
-    if missing:
-        raise ValueError(
-            f"thresholds lack {', '.join(missing)}: a served model needs both (see choose_thresholds)."
-        )
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"The calibration temperature must be a positive number, got {temperature!r}.")
-    from verity.training.calibrate import card_warnings
-
-    return to_jsonable(
-        {
-            "name": name,
-            "version": version,
-            "modality": modality,
-            "backbone": backbone,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "data": {"fingerprint": data_fingerprint, "counts": data_counts},
-            "metrics": metrics,
-            "calibration": {"temperature": float(temperature)},
-            "thresholds": thresholds,
-            "spec": spec_dict,
-            "code_version": code_version,
-            # What a reader of the card must know before trusting the thresholds (e.g. too few
-            # validation images for the target rates); the same lines `verity train` printed.
-            "warnings": card_warnings(thresholds),
-        }
-    )
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Reads a model.pt with `weights_only=True` (plain types, never unpickled objects); checks its keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise ValueError(f"{path} is not a readable Verity checkpoint (plain types only): {error}") from error
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a Verity checkpoint dict.")
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        raise ValueError(
-            f"{path} lacks the checkpoint keys {', '.join(missing)} (needed to rebuild the model)."
-        )
-    return checkpoint
-
-
-def _strip_wrapper_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Keys saved from a DistributedDataParallel ("module.") or torch.compile ("_orig_mod.") wrapper."""
-    stripped = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        stripped[key] = value
-    return stripped
-
-
-def build_registry_model(name: str, spec: PreprocessSpec, pretrained: bool = False) -> torch.nn.Module:
-    """`training.models.build_model` for a spec: 2 classes, the spec's channels and normalization."""
-    from verity.training.models import build_model
-
-    options: dict[str, Any] = {"num_classes": 2, "in_chans": spec.in_chans, "pretrained": pretrained}
-    accepted = inspect.signature(build_model).parameters
-    # The registry takes the spec (or its mean/std) to build the Normalize layer; a checkpoint's state
-    # dict then restores the very values training used.
-    if "spec" in accepted:
-        options["spec"] = spec
-    for key in ("mean", "std"):
-        if key in accepted:
-            options[key] = getattr(spec, key)
-    return build_model(name, **options)
-
-
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> torch.nn.Module:
-    """Rebuilds the trained model (eval mode, CPU) from a checkpoint dict via the model registry."""
-    model = build_registry_model(checkpoint["model_name"], PreprocessSpec.from_dict(checkpoint["spec"]))
-    try:
-        model.load_state_dict(_strip_wrapper_prefixes(checkpoint["state_dict"]))
-    except RuntimeError as error:
-        name = checkpoint["model_name"]
-        raise ValueError(f"The checkpoint's weights do not fit model {name!r}: {error}") from error
-    return model.eval()
 
 
 def _find_normalize(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -257,14 +99,14 @@ def _export_graph(model: torch.nn.Module, example: torch.Tensor, path: Path, exp
     return "dynamo"
 
 
-def _add_metadata(path: Path, spec: PreprocessSpec, card: dict[str, Any]) -> None:
+def _add_metadata(path: Path, spec: PreprocessSpec, card: ModelCard) -> None:
     import onnx
 
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
     for key, value in (
         (METADATA_SPEC_KEY, spec.to_json()),
-        (METADATA_CARD_KEY, json.dumps(card, sort_keys=True)),
+        (METADATA_CARD_KEY, card.to_json(sort_keys=True)),
     ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -272,14 +114,10 @@ def _add_metadata(path: Path, spec: PreprocessSpec, card: dict[str, Any]) -> Non
     onnx.save(proto, str(path), save_as_external_data=False)
 
 
-def _check_card(card: dict[str, Any], spec: PreprocessSpec) -> None:
-    """The server refuses a model whose card lacks these; refuse it here, before exporting."""
-    missing = [key for key in ("name", "version", "thresholds") if key not in card]
-    missing += [f"thresholds.{key}" for key in ("alarm", "clear") if key not in card.get("thresholds", {})]
-    if missing:
-        raise ExportError(f"The card lacks {', '.join(missing)}; build it with training.export.build_card.")
-    if card.get("modality", spec.modality) != spec.modality:
-        raise ExportError(f"The card says modality {card['modality']!r} but the spec says {spec.modality!r}.")
+def _check_card(card: ModelCard, spec: PreprocessSpec) -> None:
+    """A card is complete by construction (ModelCard); it must still be the card of this modality."""
+    if card.modality != spec.modality:
+        raise ExportError(f"The card says modality {card.modality!r} but the spec says {spec.modality!r}.")
 
 
 def _parity_inputs(spec: PreprocessSpec, sample: np.ndarray | None) -> list[np.ndarray]:
@@ -324,8 +162,8 @@ def check_parity(
 
 def export_onnx(
     model: torch.nn.Module,
-    spec: PreprocessSpec | dict[str, Any],
-    card: dict[str, Any],
+    spec: PreprocessSpec,
+    card: ModelCard,
     path: str | Path,
     sample: np.ndarray | None = None,
     exporter: str = "torchscript",
@@ -339,7 +177,6 @@ def export_onnx(
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"Invalid exporter {exporter!r}. Only {', '.join(EXPORTERS)} are supported.")
-    spec = spec if isinstance(spec, PreprocessSpec) else PreprocessSpec.from_dict(spec)
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     model = getattr(model, "_orig_mod", model)  # and torch.compile
     model = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
@@ -353,7 +190,7 @@ def export_onnx(
     temporary_path = Path(temporary)
     try:
         used = _export_graph(model, torch.from_numpy(batches[1][:2].copy()), temporary_path, exporter)
-        _add_metadata(temporary_path, spec, to_jsonable(card))
+        _add_metadata(temporary_path, spec, card)
         worst = check_parity(model, temporary_path, batches)
         if not worst["logits"] <= PARITY_TOLERANCE:
             raise ExportParityError(

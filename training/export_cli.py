@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from verity.inference.spec import resolve_spec
+from verity.inference.card import ModelCard
+from verity.training.checkpoint import checkpoint_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,33 +31,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def card_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+def card_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> ModelCard:
     """The card stored in the checkpoint, or one built from the checkpoint's fields."""
-    from verity.training.export import build_card
+    from verity.training.calibrate import card_warnings
 
     if isinstance(checkpoint.get("card"), dict):
-        return checkpoint["card"]
+        return ModelCard.from_dict(checkpoint["card"])
     thresholds = checkpoint.get("thresholds")
     if not thresholds or "alarm" not in thresholds:
         raise ValueError(
             f"{path} has no decision thresholds (was validation missing counterfeits?); the server refuses a "
             "model without them. Retrain with counterfeits in the validation split."
         )
-    spec = resolve_spec(stored=checkpoint["spec"])
+    spec = checkpoint_spec(checkpoint)
     config = checkpoint.get("config") or {}
     calibration = checkpoint.get("calibration") or {}
-    return build_card(
+    return ModelCard(
         name=str(config.get("name") or path.resolve().parent.parent.name),
         version=str(config.get("version") or path.resolve().parent.name),
         modality=spec.modality,
         backbone=str(checkpoint["model_name"]),
         spec=spec,
-        data_counts=checkpoint.get("data_counts") or config.get("data_counts") or {},
-        data_fingerprint=str(checkpoint.get("data_fingerprint", "unknown")),
-        metrics=checkpoint.get("metrics") or {},
-        temperature=float(calibration.get("temperature", 1.0)),
         thresholds=thresholds,
+        temperature=float(calibration.get("temperature", 1.0)),
+        metrics=checkpoint.get("metrics") or {},
+        data_fingerprint=str(checkpoint.get("data_fingerprint", "unknown")),
+        data_counts=checkpoint.get("data_counts") or config.get("data_counts") or {},
         code_version=str(checkpoint.get("code_version", "unknown")),
+        warnings=tuple(card_warnings(thresholds)),
     )
 
 
@@ -64,12 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     """Exports, prints where the model went and the parity figure. Returns the exit code."""
     import numpy as np
     from verity.inference.preprocess import load_for_model
-    from verity.training.export import export_onnx, load_checkpoint, model_from_checkpoint
+    from verity.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from verity.training.export import export_onnx
 
     args = build_parser().parse_args(argv)
     checkpoint_path = Path(args.checkpoint)
     checkpoint = load_checkpoint(checkpoint_path)
-    spec = resolve_spec(stored=checkpoint["spec"])
+    spec = checkpoint_spec(checkpoint)
     card = card_from_checkpoint(checkpoint, checkpoint_path)
     model = model_from_checkpoint(checkpoint)
     sample = np.stack([load_for_model(Path(p), spec) for p in args.sample]) if args.sample else None
@@ -77,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     result = export_onnx(model, spec, card, out, sample=sample, exporter=args.exporter)
     from verity.training.quantize import run_export_variants
 
-    variant_lines = run_export_variants(args, out, card)  # records the INT8 gate in the card
+    variant_lines, int8_gate = run_export_variants(args, out)
+    if int8_gate is not None:  # card.json records the INT8 gate, passed or not
+        card = replace(card, int8=int8_gate)
     card_path = out.with_name("card.json")
-    card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    card_path.write_text(card.to_json(indent=2) + "\n", encoding="utf-8")
     print(
         f"exported {out} ({result['size_bytes'] / 1e6:.1f} MB, opset {result['opset']}, "
         f"{result['exporter']} exporter); "

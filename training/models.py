@@ -18,9 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from verity.inference.spec import PreprocessSpec, resolve_spec
 
 
 class ModelError(ValueError):
@@ -261,8 +259,9 @@ def build_model(
 
     Pretrained weights come from `weights_path` when given (any backbone), else from the backbone's
     packaged file (efficientnet_lite0); they are loaded into the published RGB model before the first
-    convolution is adapted to `in_chans`. `mean`/`std` default to ImageNet statistics (averaged for
-    fewer channels); pass the spec's values, as `build_for_spec` does.
+    convolution is adapted to `in_chans`. `mean`/`std` default to the photo spec's ImageNet statistics
+    (averaged for fewer channels, as `resolve_spec` fits them); pass the spec's values, as
+    `build_for_spec` does.
     """
     entry = get_entry(name)
     if in_chans not in (1, 2, 3):
@@ -284,13 +283,13 @@ def build_model(
     if in_chans != 3:
         _replace_first_conv(features, in_chans)
     if mean is None or std is None:
-        mean = IMAGENET_MEAN if in_chans == 3 else (sum(IMAGENET_MEAN) / 3,) * in_chans
-        std = IMAGENET_STD if in_chans == 3 else (sum(IMAGENET_STD) / 3,) * in_chans
+        imagenet = resolve_spec("photo", override={"in_chans": in_chans})
+        mean, std = imagenet.mean, imagenet.std
     return VerityNet(features, channels, num_classes, tuple(mean), tuple(std))
 
 
 def build_for_spec(
-    name: str, spec: Any, pretrained: bool = False, weights_path: str | Path | None = None
+    name: str, spec: PreprocessSpec, pretrained: bool = False, weights_path: str | Path | None = None
 ) -> VerityNet:
     """`build_model` for a PreprocessSpec: 2 classes, the spec's channels and normalization."""
     return build_model(

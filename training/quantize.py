@@ -18,14 +18,15 @@ fp16 for GPU: `export_fp16` converts weights and activations to float16 with flo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from verity.inference.card import ModelCard
 from verity.inference.decode import DecodeError
 from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY, OnnxEngine
 from verity.inference.preprocess import load_for_model
@@ -158,11 +159,10 @@ def _copy_metadata(source: Path, target: Path, card_update: dict[str, Any]) -> N
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
-    card = json.loads(props[METADATA_CARD_KEY])
-    card.update(card_update)
+    card = replace(ModelCard.from_json(props[METADATA_CARD_KEY]), **card_update)
     proto = onnx.load(str(target))
     del proto.metadata_props[:]
-    for key, value in ((METADATA_SPEC_KEY, props[METADATA_SPEC_KEY]), (METADATA_CARD_KEY, json.dumps(card))):
+    for key, value in ((METADATA_SPEC_KEY, props[METADATA_SPEC_KEY]), (METADATA_CARD_KEY, card.to_json())):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(target), save_as_external_data=False)
@@ -355,7 +355,7 @@ def export_fp16(onnx_path: str | Path, out_path: str | Path | None = None) -> Pa
     converted.metadata_props.extend(model.metadata_props)
     card = next((p for p in converted.metadata_props if p.key == METADATA_CARD_KEY), None)
     if card is not None:
-        card.value = json.dumps({**json.loads(card.value), "precision": "fp16"})
+        card.value = replace(ModelCard.from_json(card.value), precision="fp16").to_json()
     onnx.save(converted, str(target), save_as_external_data=False)
     return target
 
@@ -381,10 +381,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_export_variants(args: argparse.Namespace, onnx_path: Path, card: dict[str, Any]) -> list[str]:
-    """Writes the variants asked for; records the INT8 gate in `card` (for card.json). Returns lines to
-    print. Raises ValueError when --int8 lacks --val-data."""
-    lines = []
+def run_export_variants(args: argparse.Namespace, onnx_path: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """Writes the variants asked for. Returns the lines to print and the INT8 gate's record for card.json
+    (None without --int8). Raises ValueError when --int8 lacks --val-data."""
+    lines, int8_gate = [], None
     if getattr(args, "int8", False):
         if not args.val_data:
             raise ValueError("--int8 needs --val-data (a manifest or labelled folder of validation images).")
@@ -394,7 +394,7 @@ def run_export_variants(args: argparse.Namespace, onnx_path: Path, card: dict[st
             calibration_images=args.calibration_images,
             method=getattr(args, "calibration_method", "minmax"),
         )
-        card["int8"] = {k: v for k, v in result.items() if k != "path"}
+        int8_gate = {k: v for k, v in result.items() if k != "path"}
         reasons = "; ".join(result["reasons"])
         verdict = f"written to {result['path']}" if result["written"] else f"NOT written: {reasons}"
         if "first_attempt" in result:
@@ -410,4 +410,4 @@ def run_export_variants(args: argparse.Namespace, onnx_path: Path, card: dict[st
         )
     if getattr(args, "fp16", False):
         lines.append(f"fp16: written to {export_fp16(onnx_path)}")
-    return lines
+    return lines, int8_gate
