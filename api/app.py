@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI
@@ -78,28 +78,13 @@ async def _initial_load(registry: ModelRegistry) -> None:
         log.exception("model loading failed")
 
 
-def create_app(
-    settings: Settings | None = None,
-    registry: ModelRegistry | None = None,
-    audit: AuditStore | None = None,
-    engine_factory: EngineFactory | None = None,
-) -> FastAPI:
-    """Builds the service. Tests pass settings, a registry or an audit store; `verity serve` passes none
-    (everything comes from VERITY_* variables and the optional settings file)."""
-    settings = settings or load_settings()
-    if os.environ.get("VERITY_SERVE_PROCESS"):  # a `verity serve` worker: JSON logs with request_id
-        configure_logging(settings.log_level, settings.log_json)
-    metrics = Metrics()
-    registry = registry or ModelRegistry(settings, engine_factory, on_batch=metrics.batch_size.observe)
-    if audit is None:
-        open_audit_store(settings).close()  # fail fast, at build time, on an unusable audit location
-
+def _lifespan(
+    settings: Settings, registry: ModelRegistry, audit: AuditStore | None
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Opened per lifespan (and closed at its end), so an app can be started again after a stop.
-        audit_store = audit
-        if audit_store is None:
-            audit_store = await run_in_threadpool(open_audit_store, settings)
+        audit_store = audit if audit is not None else await run_in_threadpool(open_audit_store, settings)
         app.state.audit = audit_store
         app.state.decode_slots = asyncio.Semaphore(settings.decode_concurrency)  # bound to this loop
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threadpool_size
@@ -121,8 +106,41 @@ def create_app(
             if audit is None:  # a store passed in belongs to the caller
                 await run_in_threadpool(audit_store.close)
 
+    return lifespan
+
+
+def _served_models(registry: ModelRegistry) -> list[tuple[str, str, str, bool, int]]:
+    """(modality, name, version, is default, queue depth) of each loaded model, for the metrics gauges."""
+    snapshot = registry.snapshot
+    defaults = set(snapshot.defaults.values())
+    return [
+        (m.modality, m.engine.name, m.engine.version, key in defaults, m.queue_depth())
+        for key, m in snapshot.models.items()
+    ]
+
+
+def create_app(
+    settings: Settings | None = None,
+    registry: ModelRegistry | None = None,
+    audit: AuditStore | None = None,
+    engine_factory: EngineFactory | None = None,
+) -> FastAPI:
+    """Builds the service. Tests pass settings, a registry or an audit store; `verity serve` passes none
+    (everything comes from VERITY_* variables and the optional settings file)."""
+    settings = settings or load_settings()
+    if os.environ.get("VERITY_SERVE_PROCESS"):  # a `verity serve` worker: JSON logs with request_id
+        configure_logging(settings.log_level, settings.log_json)
+    metrics = Metrics()
+    registry = registry or ModelRegistry(settings, engine_factory, on_batch=metrics.batch_size.observe)
+    if audit is None:
+        open_audit_store(settings).close()  # fail fast, at build time, on an unusable audit location
+
     app = FastAPI(
-        title="Verity", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS, lifespan=lifespan
+        title="Verity",
+        version="0.1.0",
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=_lifespan(settings, registry, audit),
     )
     app.state.settings = settings
     app.state.registry = registry
@@ -130,18 +148,7 @@ def create_app(
     app.state.keys = KeyStore(settings.keys_file)
     app.state.image_store = ImageStore(settings.image_store_dir) if settings.store_images else None
     app.state.metrics = metrics
-    metrics.watch_models(
-        lambda: [
-            (
-                m.modality,
-                m.engine.name,
-                m.engine.version,
-                key in registry.snapshot.defaults.values(),
-                m.queue_depth(),
-            )
-            for key, m in registry.snapshot.models.items()
-        ]
-    )
+    metrics.watch_models(lambda: _served_models(registry))
     install_error_handlers(app)
     app.include_router(routes_v1.router)
     app.include_router(routes_v2.router)
