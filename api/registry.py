@@ -1,16 +1,16 @@
 """Model registry: every <name>/<version>/model.onnx under the models folder, loaded side by side.
 
-The default per modality is the newest version (or the one pinned in settings). Reload loads new or
-changed files beside the serving ones, warms them, then swaps the whole snapshot in one assignment,
-so a request sees either the old set or the new one, never a mix. A file that fails to load is
-reported and the version it would have replaced keeps serving.
+The default per modality is the newest version in the natural version order of
+`inference.artifacts` (or the one pinned in settings). Reload loads new or changed files beside the
+serving ones, warms them, then swaps the whole snapshot in one assignment, so a request sees either the
+old set or the new one, never a mix. A file that fails to load is reported and the version it would
+have replaced keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 from verity.api.settings import Settings
+from verity.inference.artifacts import scan_model_files, version_sort_key
 from verity.inference.batcher import BatcherClosedError, BatchStats, MicroBatcher
 from verity.inference.engine import GPU_PROVIDERS, ModelLoadError, OnnxEngine, Prediction, usable_cores
 
@@ -26,20 +27,6 @@ log = logging.getLogger("verity.api.registry")
 
 ModelKey = tuple[str, str]  # (name, version)
 EngineFactory = Callable[[Path], Any]
-
-
-def version_sort_key(version: str) -> tuple:
-    """Natural order: 2026.11.2 < 2026.11.10, v9 < v10; numbers compare as numbers."""
-    return tuple(
-        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.findall(r"\d+|\D+", version)
-    )
-
-
-def scan_model_files(models_dir: Path) -> list[Path]:
-    """<models_dir>/<name>/<version>/model.onnx, sorted; other files (model.int8.onnx, ...) are ignored."""
-    if not models_dir.is_dir():
-        return []
-    return sorted(models_dir.glob("*/*/model.onnx"))
 
 
 def _file_stamp(path: Path) -> tuple[int, int]:

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# inference.vocabulary spelled out as Literal types, so OpenAPI lists the values (a Literal cannot be
+# built from a tuple and still be read by type checkers); tests/test_vocabulary.py keeps them equal.
 Verdict = Literal["genuine", "counterfeit", "uncertain"]
 Modality = Literal["photo", "xray"]
 Label = Literal["genuine", "counterfeit"]

@@ -133,7 +133,7 @@ def time_per_call(
 def newest_shipped(name: str) -> Path | None:
     """checkpoints/<name>/<newest version>/model.onnx: the version `make serve` serves by default
     (versions in the registry's natural order, so 1.10.0 is newer than 1.9.0)."""
-    from verity.api.registry import version_sort_key
+    from verity.inference.artifacts import version_sort_key
 
     files = (REPO / "checkpoints" / name).glob("*/model.onnx")
     return max(files, key=lambda path: version_sort_key(path.parent.name), default=None)

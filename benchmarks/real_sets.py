@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 from verity.datasets.manifest import ManifestRow, read_manifest, write_manifest
-from verity.datasets.torch_dataset import assign_missing_splits, split_counts
+from verity.datasets.rows import assign_missing_splits, split_counts
+from verity.inference.vocabulary import DEFAULT_SPLIT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "real"
@@ -42,14 +43,14 @@ def read_labels(folder: Path) -> list[ManifestRow]:
 
 
 def split_rows(rows: list[ManifestRow]) -> list[ManifestRow]:
-    """Grouped splits: 15% val / 15% test by case where the set has no test split, else 20% of the
-    remaining training cases for validation."""
+    """Grouped splits: the training defaults (15% val / 15% test) by case where the set has no test
+    split, else 20% of the remaining training cases for validation."""
     if any(row.split == "test" for row in rows):
         open_rows = [row for row in rows if row.split is None]
         placed = assign_missing_splits(open_rows, 0.2, 0.0, seed=0)
         by_path = {row.path: row for row in placed}
         return [by_path.get(row.path, row) for row in rows]
-    return assign_missing_splits(rows, 0.15, 0.15, seed=0)
+    return assign_missing_splits(rows, DEFAULT_VAL_FRACTION, DEFAULT_TEST_FRACTION, seed=DEFAULT_SPLIT_SEED)
 
 
 def write_set(name: str, out: Path = OUT) -> Path:

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from verity.datasets.torch_dataset import ManifestDataset, load_rows
+from verity.datasets.rows import load_rows
+from verity.datasets.torch_dataset import ManifestDataset
 from verity.inference.spec import resolve_spec
 from verity.training.augment import Augmenter
 from verity.training.config import TrainConfig

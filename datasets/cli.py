@@ -13,6 +13,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from verity.inference.vocabulary import (
+    DEFAULT_SPLIT_SEED,
+    DEFAULT_TEST_FRACTION,
+    DEFAULT_VAL_FRACTION,
+    MODALITIES,
+)
+
 # subcommand -> (module, function, one-line help). Functions take argv and return an exit code.
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "synth": ("verity.datasets.synth", "synth_main", "generate synthetic photos or X-rays with a manifest"),
@@ -68,10 +75,17 @@ def ingest_main(argv: list[str]) -> int:
         "src", type=Path, help="a folder tree (genuine/ counterfeit/ ...), a .csv or a .jsonl"
     )
     parser.add_argument("--out", type=Path, required=True, help="manifest JSONL; appended to when it exists")
-    parser.add_argument("--modality", choices=("photo", "xray"), help="modality of rows that do not name one")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split (default 0)")
-    parser.add_argument("--val", type=_fraction, default=0.15, help="share of groups for validation (0.15)")
-    parser.add_argument("--test", type=_fraction, default=0.15, help="share of groups for test (0.15)")
+    parser.add_argument("--modality", choices=MODALITIES, help="modality of rows that do not name one")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SPLIT_SEED, help="split seed (%(default)s)")
+    parser.add_argument(
+        "--val",
+        type=_fraction,
+        default=DEFAULT_VAL_FRACTION,
+        help="share of groups for validation (%(default)s)",
+    )
+    parser.add_argument(
+        "--test", type=_fraction, default=DEFAULT_TEST_FRACTION, help="share of groups for test (%(default)s)"
+    )
     parser.add_argument("--report", type=Path, help="report JSONL (default: <out stem>.report.jsonl)")
     parser.add_argument(
         "--source", help="source name stored in each row (default: the SRC folder or file name)"

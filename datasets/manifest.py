@@ -11,41 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-LABELS = ("genuine", "counterfeit")
-MODALITIES = ("photo", "xray")
-SPLITS = ("train", "val", "test")
-
-# Folder (and column) names accepted for each label, compared in lower case. The one definition that
-# `verity data ingest`, `verity train --data DIR` and `verity eval --data DIR` share, so the three read a
-# folder of real/ and fake/ images alike.
-LABEL_SYNONYMS: dict[str, str] = {
-    "genuine": "genuine",
-    "real": "genuine",
-    "authentic": "genuine",
-    "counterfeit": "counterfeit",
-    "fake": "counterfeit",
-}
-
-
-def label_for_folder(name: str) -> str | None:
-    """The label a folder (or table cell) name stands for, e.g. "Real" -> "genuine"; None if none."""
-    return LABEL_SYNONYMS.get(name.strip().lower())
-
-
-def label_folders(root: str | Path) -> list[tuple[str, Path]]:
-    """(label, folder) for the sub-folders of `root` that name a label, genuine ones first.
-
-    Labels come in LABELS order and folders by name within a label, so DIR/genuine and DIR/counterfeit
-    are read in the order they always were (the grouped split depends on row order).
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(label_for_folder(child.name), child) for child in root.iterdir() if child.is_dir()]
-    return sorted(
-        ((label, child) for label, child in found if label is not None),
-        key=lambda item: (LABELS.index(item[0]), item[1].name),
-    )
+from verity.inference.vocabulary import LABELS, MODALITIES, SPLITS
 
 
 class ManifestError(ValueError):

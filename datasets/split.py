@@ -12,7 +12,8 @@ import random
 from collections import Counter
 from collections.abc import Mapping
 
-from verity.datasets.manifest import LABELS, SPLITS, ManifestRow
+from verity.datasets.manifest import ManifestRow
+from verity.inference.vocabulary import LABELS, SPLITS
 
 
 def group_key(row: ManifestRow) -> str:

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from verity.datasets.manifest import LABELS, SPLITS, read_manifest
+from verity.datasets.manifest import read_manifest
 from verity.datasets.split import group_key
+from verity.inference.vocabulary import LABELS, SPLITS
 
 _NONE = "(none)"
 

@@ -29,8 +29,8 @@ from typing import Protocol
 import numpy as np
 from verity.datasets.manifest import ManifestRow, write_manifest
 from verity.datasets.split import assign_groups, split_fractions
+from verity.inference.vocabulary import DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, LABELS, MODALITIES
 
-MODALITIES = ("photo", "xray")
 MIN_CASE, MAX_CASE = 2, 6
 MAX_SIZE = 4096
 
@@ -159,7 +159,7 @@ def plan_cases(seed: int, n: int, policy: CuePolicy) -> list[CaseInfo]:
     while len(per_index) < n:
         pair_rng = rng_for(seed, pair, STREAM_PAIR)
         size = int(pair_rng.integers(MIN_CASE, MAX_CASE + 1))
-        labels = ("genuine", "counterfeit") if pair_rng.random() < 0.5 else ("counterfeit", "genuine")
+        labels = LABELS if pair_rng.random() < 0.5 else LABELS[::-1]
         for offset, label in enumerate(labels):
             number = 2 * pair + offset
             case_rng = rng_for(seed, number, STREAM_CASE)
@@ -274,13 +274,14 @@ def _check_xray_options(modality: str, dual_energy: bool, export_style: str | No
 
 
 def assign_splits(rows: list[ManifestRow], seed: int) -> list[ManifestRow]:
-    """70/15/15 train/val/test, grouped by case_id and stratified by label, reproducible by seed."""
+    """Train/val/test at the default fractions (70/15/15), grouped by case_id and stratified by label,
+    reproducible by seed."""
     from dataclasses import replace
 
     groups: dict[str, Counter] = {}
     for row in rows:
         groups.setdefault(str(row.case_id), Counter())[row.label] += 1
-    assignment = assign_groups(groups, split_fractions(0.15, 0.15), seed)
+    assignment = assign_groups(groups, split_fractions(DEFAULT_VAL_FRACTION, DEFAULT_TEST_FRACTION), seed)
     return [replace(row, split=assignment[str(row.case_id)]) for row in rows]
 
 
@@ -295,7 +296,7 @@ def write_preview(
 
     generator = generator_for(modality)
     tile, caption = 200, 44
-    picks: dict[str, list[ManifestRow]] = {"genuine": [], "counterfeit": []}
+    picks: dict[str, list[ManifestRow]] = {label: [] for label in LABELS}
     seen: set[str | None] = set()
     for row in rows:  # one image per case, so the grid shows different products and cues
         if row.case_id not in seen and len(picks[row.label]) < per_label:
@@ -306,7 +307,7 @@ def write_preview(
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default(size=12)
     draw.text((4, 4), f"{modality}: genuine (top) vs counterfeit (bottom)", fill="black", font=font)
-    for row_number, label in enumerate(("genuine", "counterfeit")):
+    for row_number, label in enumerate(LABELS):
         top = 24 + row_number * (tile + caption)
         for column, row in enumerate(picks[label]):
             data = (Path(out) / row.path).read_bytes()

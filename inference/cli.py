@@ -2,7 +2,8 @@
 
     verity predict --model checkpoints/photo-default IMAGE... [--heatmap out.png] [--json]
 
-`--model` takes a model.onnx, a version folder holding one, or a model folder (its newest version).
+`--model` takes a model.onnx, a version folder holding one, a model folder (its newest version, in the
+natural version order the server uses: `inference.artifacts`) or a folder holding one model.
 Whole images go through exactly the server's preprocessing (decode with JPEG draft, `to_model_input`).
 X-ray scans larger than one tile are tiled (`inference.tiling`; `--tiles on|off` to force). No torch:
 this runs on a scanner console with the base install.
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from verity.inference.artifacts import ONNX_FILES, resolve_model
 from verity.inference.decode import DEFAULT_LIMITS, DecodeError, decode_image, read_image_bytes
 from verity.inference.engine import PRECISIONS, OnnxEngine
 from verity.inference.heatmap import heatmap_png
@@ -28,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, TIFF, DICOM, ...)"
     )
-    parser.add_argument("--model", required=True, help="model.onnx, its version folder, or a model folder")
+    parser.add_argument(
+        "--model", required=True, help="model.onnx, its version folder, or a model folder (newest version)"
+    )
     parser.add_argument("--heatmap", metavar="PNG", help="write the evidence overlay here (one per image)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--provider", help="force an execution provider: cpu, cuda or tensorrt")
@@ -46,21 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--aggregate", default="max", choices=AGGREGATES, help="scan score from tile scores")
     parser.add_argument("--max-tiles", type=int, default=128)
     return parser
-
-
-def resolve_model(path: str | Path) -> Path:
-    """model.onnx itself, DIR/model.onnx, or the newest DIR/<version>/model.onnx."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if (path / "model.onnx").is_file():
-        return path / "model.onnx"
-    versions = sorted(path.glob("*/model.onnx")) if path.is_dir() else []
-    if versions:
-        return versions[-1]
-    raise FileNotFoundError(
-        f"No model at {path}: give a model.onnx, a folder holding one, or a folder of <version>/model.onnx."
-    )
 
 
 def _heatmap_path(base: str, image: Path, several: bool) -> Path:
@@ -100,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prints a verdict per image; returns 0, or 1 when any image could not be read."""
     args = build_parser().parse_args(argv)
     engine = OnnxEngine(
-        resolve_model(args.model),
+        resolve_model(args.model, ONNX_FILES),
         provider=args.provider,
         intra_op_threads=args.threads,
         warmup=False,

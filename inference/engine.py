@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 from verity.inference.card import ModelCard
 from verity.inference.spec import PreprocessSpec
+from verity.inference.vocabulary import VERDICTS, verdict_codes
 
 METADATA_SPEC_KEY = "verity.spec"
 METADATA_CARD_KEY = "verity.card"
-VERDICTS = ("genuine", "counterfeit", "uncertain")
 
 
 class ModelLoadError(RuntimeError):
@@ -37,11 +37,8 @@ class Thresholds:
             raise ValueError(f"Thresholds must satisfy 0 <= clear <= alarm <= 1, got {self}.")
 
     def verdict(self, score: float) -> str:
-        if score >= self.alarm:
-            return "counterfeit"
-        if score <= self.clear:
-            return "genuine"
-        return "uncertain"
+        """The verdict name of one score, by the one verdict rule (`vocabulary.verdict_codes`)."""
+        return VERDICTS[int(verdict_codes(score, self.alarm, self.clear))]
 
 
 @dataclass(frozen=True)

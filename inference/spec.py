@@ -11,8 +11,8 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-LABELS = ("genuine", "counterfeit")
-MODALITIES = ("photo", "xray")
+from verity.inference.vocabulary import LABELS, MODALITIES
+
 RESIZE_MODES = ("stretch", "letterbox")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
 

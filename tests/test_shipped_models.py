@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _newest(name: str) -> Path:
     """The version the server serves: the newest in the registry's natural version order."""
-    from verity.api.registry import version_sort_key
+    from verity.inference.artifacts import version_sort_key
 
     runs = [path.parent for path in (ROOT / "checkpoints" / name).glob("*/model.onnx")]
     return max(runs, key=lambda run: version_sort_key(run.name))

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from verity.inference.vocabulary import UNCERTAIN, verdict_codes
 
 # Bounds for T. A model that separates validation perfectly drives the NLL optimum to T -> 0; we stop
 # at a bound instead of returning a temperature that turns every score into exactly 0 or 1.
@@ -164,18 +165,6 @@ def _clear_threshold(scores: np.ndarray, targets: np.ndarray, rate: float) -> fl
     return (float(bound) + lower) / 2.0
 
 
-def verdicts(scores: Any, alarm: float, clear: float) -> np.ndarray:
-    """Verdict codes per score: 1 counterfeit (score >= alarm), 0 genuine (score <= clear), -1 uncertain.
-
-    The same rule as `inference.engine.Thresholds.verdict`, vectorised; alarm is checked first.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    codes = np.full(scores.shape, -1, dtype=np.int64)
-    codes[scores <= clear] = 0
-    codes[scores >= alarm] = 1
-    return codes
-
-
 def clopper_pearson(successes: int, trials: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Exact (Clopper-Pearson) two-sided interval of a binomial proportion, e.g. 5 of 100 false alarms.
 
@@ -241,7 +230,7 @@ def operating_point(scores: Any, targets: Any, alarm: float, clear: float) -> di
     """False-alarm, miss, uncertain and recall rates of a threshold pair, by the serving verdict rule."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     targets = np.asarray(targets).astype(np.int64).reshape(-1)
-    codes = verdicts(scores, alarm, clear)
+    codes = verdict_codes(scores, alarm, clear)
     genuine, counterfeit = targets == 0, targets == 1
 
     def share(mask: np.ndarray, within: np.ndarray) -> float:
@@ -251,7 +240,7 @@ def operating_point(scores: Any, targets: Any, alarm: float, clear: float) -> di
         "false_alarm_rate": share(codes == 1, genuine),
         "miss_rate": share(codes == 0, counterfeit),
         "recall": share(codes == 1, counterfeit),
-        "uncertain_rate": float((codes == -1).mean()) if codes.size else float("nan"),
+        "uncertain_rate": float((codes == UNCERTAIN).mean()) if codes.size else float("nan"),
     }
 
 
@@ -281,7 +270,7 @@ def choose_thresholds(
         alarm = clear = (alarm + clear) / 2.0
     point = operating_point(scores, targets, alarm, clear)
     n_genuine, n_counterfeit = int((targets == 0).sum()), int(targets.sum())
-    codes = verdicts(scores, alarm, clear)
+    codes = verdict_codes(scores, alarm, clear)
     false_alarms = int(((codes == 1) & (targets == 0)).sum())
     misses = int(((codes == 0) & (targets == 1)).sum())
     return {

@@ -14,6 +14,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from verity.inference.vocabulary import (
+    DEFAULT_SPLIT_SEED,
+    DEFAULT_TEST_FRACTION,
+    DEFAULT_VAL_FRACTION,
+    MODALITIES,
+)
+
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 BALANCE_MODES = ("none", "loss", "sampler")
 DEVICES = ("auto", "cpu", "cuda")
@@ -45,7 +52,7 @@ class TrainConfig:
     warmup_epochs: float | None = None  # linear warm-up, then cosine decay (default: 5% of the steps)
     min_lr_ratio: float = 0.01
     label_smoothing: float = 0.0
-    seed: int = 0
+    seed: int = DEFAULT_SPLIT_SEED  # also seeds the split of data without one, as evaluation does
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU where it measured slower), off, bf16, fp16
     device: str = "auto"  # auto, cpu, cuda
     channels_last: bool = True  # about 1.8x faster convolutions on CPU here
@@ -55,8 +62,8 @@ class TrainConfig:
     augment: bool = True  # the modality's augmentation preset (training/augment.py)
     augment_preset: str | None = None  # full or patch (X-ray; default: patch for images under the input size)
     allow_weak: bool = False  # write the model even when the run did not learn (training/guard.py)
-    val_fraction: float = 0.15  # grouped split of data without splits
-    test_fraction: float = 0.15
+    val_fraction: float = DEFAULT_VAL_FRACTION  # grouped split of data without splits
+    test_fraction: float = DEFAULT_TEST_FRACTION
     target_false_alarm_rate: float = 0.01
     target_miss_rate: float = 0.05
     out: str = "checkpoints"
@@ -79,7 +86,7 @@ class TrainConfig:
             "amp": AMP_MODES,
             "balance": BALANCE_MODES,
             "device": DEVICES,
-            "modality": ("photo", "xray"),
+            "modality": MODALITIES,
             "resize_mode": (None, "stretch", "letterbox"),
             "augment_preset": (None, *AUGMENT_PRESETS),
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from verity.datasets.manifest import SPLITS
+from verity.inference.vocabulary import SPLITS
 
 
 def build_parser() -> argparse.ArgumentParser:

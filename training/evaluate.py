@@ -7,14 +7,13 @@ the figures the service will show. A `model.pt` is evaluated in torch with the s
 Data: a manifest (JSONL, rows filtered by split), a folder holding a manifest.jsonl, or a folder laid out
 as DIR/genuine/... and DIR/counterfeit/... or DIR/<split>/genuine/... (a subfolder below the label names
 the product; label folders may have any name ingest accepts: real/, fake/, ..., see
-datasets.manifest.LABEL_SYNONYMS).
+datasets.rows.LABEL_SYNONYMS).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,15 +22,25 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from verity.datasets.manifest import LABELS, SPLITS, label_folders, read_manifest
+from verity.datasets.rows import MANIFEST_NAMES, assign_missing_splits, read_rows, split_folder_rows
+from verity.inference.artifacts import resolve_model
 from verity.inference.card import ModelCard, to_jsonable
 from verity.inference.decode import DecodeError
 from verity.inference.engine import OnnxEngine, calibrated_scores
 from verity.inference.preprocess import load_for_model
 from verity.inference.spec import PreprocessSpec
+from verity.inference.vocabulary import (
+    DEFAULT_SPLIT_SEED,
+    DEFAULT_TEST_FRACTION,
+    DEFAULT_VAL_FRACTION,
+    LABELS,
+    SPLITS,
+    VERDICTS,
+    verdict_codes,
+    verdict_names,
+)
 from verity.training.metrics import compute_metrics
 
-MANIFEST_NAMES = ("manifest.jsonl", "manifest.json")
 WORST_ERRORS = 12
 
 
@@ -141,57 +150,6 @@ class TorchScorer(ModuleScorer):
         )
 
 
-def _version_key(path: Path) -> list[tuple[int, int | str]]:
-    """Natural order of version folder names, so 1.10 comes after 1.9 and v10 after v9."""
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", path.name) if part]
-
-
-MODEL_FILES = ("model.onnx", "model.pt")
-
-
-def _model_file(folder: Path) -> Path | None:
-    """The folder's model.onnx, else its model.pt: the ONNX export is what the server runs."""
-    return next((folder / name for name in MODEL_FILES if (folder / name).is_file()), None)
-
-
-def _version_folders(folder: Path) -> list[Path]:
-    """Sub-folders holding a model file, oldest to newest in natural version order."""
-    return sorted((p for p in folder.iterdir() if p.is_dir() and _model_file(p)), key=_version_key)
-
-
-def resolve_model_path(model: str | Path) -> Path:
-    """A model file, or a folder at any of the three levels `verity train --out DIR` writes:
-
-    * a run folder DIR/<name>/<version>/ holding model.onnx (preferred) or model.pt;
-    * a model folder DIR/<name>/: its newest version, in natural order (10 after 9);
-    * the --out folder DIR/ itself, when it holds exactly one model (several: an error that lists them).
-    """
-    path = Path(model)
-    if path.is_file():
-        if path.suffix not in (".onnx", ".pt"):
-            raise ValueError(f"{path} is neither an ONNX model (.onnx) nor a checkpoint (.pt).")
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"No model at {path}: give a .onnx, a model.pt or a checkpoint folder.")
-    found = _model_file(path)
-    if found:
-        return found
-    versions = _version_folders(path)
-    if versions:
-        return _model_file(versions[-1]) or versions[-1]
-    models = sorted(p for p in path.iterdir() if p.is_dir() and _version_folders(p))
-    if len(models) == 1:
-        return resolve_model_path(models[0])
-    if models:
-        raise ValueError(
-            f"{path} holds {len(models)} models ({', '.join(p.name for p in models)}); "
-            f"choose one, e.g. --model {models[0]}."
-        )
-    raise FileNotFoundError(
-        f"{path} holds no model.onnx or model.pt, nor <version>/ or <name>/<version>/ folders with one."
-    )
-
-
 def open_scorer(model: str | Path | Scorer, provider: str | None = None, threads: int = 1) -> Scorer:
     """Opens a model for scoring: ONNX through OnnxEngine, a checkpoint through the model registry.
 
@@ -199,7 +157,7 @@ def open_scorer(model: str | Path | Scorer, provider: str | None = None, threads
     """
     if not isinstance(model, str | Path):
         return model
-    path = resolve_model_path(model)
+    path = resolve_model(model)
     if path.suffix == ".onnx":
         return OnnxScorer(path, provider=provider, threads=threads)
     if provider:
@@ -211,9 +169,9 @@ def open_scorer(model: str | Path | Scorer, provider: str | None = None, threads
 class SplitParams:
     """How `verity train` splits rows that have no split; evaluation must reproduce it exactly."""
 
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    test_fraction: float = DEFAULT_TEST_FRACTION
+    seed: int = DEFAULT_SPLIT_SEED
 
 
 def split_params_for(model_path: Path | None) -> SplitParams:
@@ -239,46 +197,22 @@ def split_params_for(model_path: Path | None) -> SplitParams:
     )
 
 
-def _split_folder_samples(path: Path, split: str | None, modality: str) -> LoadedData | None:
-    """DIR/<split>/<label>/...: explicit split folders (a subfolder below the label names the product)."""
-    from verity.datasets.torch_dataset import folder_rows
-
-    present = [name for name in SPLITS if label_folders(path / name)]
-    if not present:
-        return None
-    if split and split not in present:
-        raise ValueError(f"{path} has split folders {', '.join(present)} but no {split!r}.")
-    rows = [row for name in ([split] if split else present) for row in folder_rows(path / name, modality)]
-    samples = [Sample(Path(row.path), row.target, row.modality, row.product, None) for row in rows]
-    return LoadedData(samples, f"folder {path / split if split else path}")
-
-
 def load_samples(
     data: str | Path, split: str | None, modality: str, params: SplitParams | None = None
 ) -> LoadedData:
-    """Reads the evaluation set as `verity train` reads its data (`datasets.torch_dataset`): a manifest,
-    a folder with manifest.jsonl, or a labelled folder DIR/genuine, DIR/counterfeit. Rows without a split
-    get the same grouped split training gave them (`params`), so `--split test` never holds a training
-    image. DIR/<split>/<label>/... folders are read as they are split.
+    """Reads the evaluation set as `verity train` reads its data (`datasets.rows`): a manifest, a folder
+    with manifest.jsonl, or a labelled folder DIR/genuine, DIR/counterfeit. Rows without a split get the
+    same grouped split training gave them (`params`), so `--split test` never holds a training image.
+    DIR/<split>/<label>/... folders are read as they are split.
     """
-    from verity.datasets.torch_dataset import assign_missing_splits, folder_rows, manifest_rows
-
     params = params or SplitParams()
     path = Path(data)
-    if path.is_dir():
-        manifests = [path / name for name in MANIFEST_NAMES if (path / name).is_file()]
-        if not manifests:
-            loaded = _split_folder_samples(path, split, modality)
-            if loaded is not None:
-                return loaded
-        path = manifests[0] if manifests else path
-    if path.is_dir():
-        rows, description, skipped = folder_rows(path, modality), f"folder {path}", 0
-    elif path.is_file():
-        skipped = sum(row.modality != modality for row in read_manifest(path))
-        rows, description = manifest_rows(path, modality), f"manifest {path}"
-    else:
-        raise FileNotFoundError(f"No data at {data}: give a manifest (JSONL) or a folder.")
+    if path.is_dir() and not any((path / name).is_file() for name in MANIFEST_NAMES):
+        folders = split_folder_rows(path, split, modality)
+        if folders is not None:
+            samples = [Sample(Path(row.path), row.target, row.modality, row.product, None) for row in folders]
+            return LoadedData(samples, f"folder {path / split if split else path}")
+    rows, description, skipped = read_rows(data, modality)
     notes = [f"Skipped {skipped} rows of another modality than the model's ({modality})."] if skipped else []
     if any(row.split is None for row in rows):
         rows = assign_missing_splits(rows, params.val_fraction, params.test_fraction, params.seed)
@@ -376,11 +310,8 @@ def worst_errors(scores: np.ndarray, targets: np.ndarray, count: int = WORST_ERR
 def _write_predictions(
     path: Path, samples: list[Sample], scored: ScoredSet, thresholds: dict[str, Any] | None
 ) -> None:
-    from verity.training.calibrate import verdicts
-
     alarm, clear = (thresholds["alarm"], thresholds["clear"]) if thresholds else (0.5, 0.5)
-    codes = verdicts(scored.scores, alarm, clear)
-    names = {0: "genuine", 1: "counterfeit", -1: "uncertain"}
+    names = verdict_names(verdict_codes(scored.scores, alarm, clear))
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(
@@ -395,7 +326,7 @@ def _write_predictions(
                     sample.modality or "",
                     sample.product or "",
                     f"{scored.scores[position]:.6f}",
-                    names[int(codes[position])],
+                    names[position],
                     f"{scored.logits[position, 0]:.6f}",
                     f"{scored.logits[position, 1]:.6f}",
                 ]
@@ -421,21 +352,19 @@ def _report_examples(
     count: int,
 ) -> list[dict[str, Any]]:
     """The worst errors with their model input (re-decoded: only a dozen) and their CAM."""
-    from verity.training.calibrate import verdicts
-
     targets = np.array([samples[i].target for i in scored.indices])
     alarm, clear = (thresholds["alarm"], thresholds["clear"]) if thresholds else (0.5, 0.5)
     examples = []
     for position in worst_errors(scored.scores, targets, count):
         sample = samples[scored.indices[position]]
-        code = int(verdicts(scored.scores[position : position + 1], alarm, clear)[0])
+        code = int(verdict_codes(scored.scores[position], alarm, clear))
         examples.append(
             {
                 "image": load_for_model(sample.path, spec),
                 "cam": scored.cams[position],
                 "score": float(scored.scores[position]),
                 "label": LABELS[sample.target],
-                "verdict": {0: "genuine", 1: "counterfeit", -1: "uncertain"}[code],
+                "verdict": VERDICTS[code],
                 "caption": f"{sample.path.name}" + (f" ({sample.product})" if sample.product else ""),
             }
         )
@@ -458,10 +387,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluates a model on a data set; writes metrics.json, predictions.csv and report.html to `out_dir`.
 
-    `model` is a path (see `resolve_model_path`) or a ready Scorer, e.g. `ModuleScorer` around the
-    trainer's model. `split` None (or "all") evaluates every row. Rows without a split are split as the
-    model's training run split them (`split_params`, default: read from the run's config.yaml or model.pt).
-    Returns the result in metrics.json.
+    `model` is a path (see `inference.artifacts.resolve_model`) or a ready Scorer, e.g. `ModuleScorer`
+    around the trainer's model. `split` None (or "all") evaluates every row. Rows without a split are split
+    as the model's training run split them (`split_params`, default: read from the run's config.yaml or
+    model.pt). Returns the result in metrics.json.
     """
     if split == "all":
         split = None

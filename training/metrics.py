@@ -20,13 +20,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from verity.training.calibrate import verdicts
+from verity.inference.vocabulary import LABELS, UNCERTAIN, VERDICTS, verdict_codes
 
 FALSE_ALARM_RATES = (0.001, 0.01, 0.05)
 ECE_BINS = 10
 DEFAULT_THRESHOLD = 0.5
-VERDICT_NAMES = ("genuine", "counterfeit", "uncertain")
-LABEL_NAMES = ("genuine", "counterfeit")
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
@@ -251,9 +249,10 @@ def verdict_figures(scores: Any, targets: Any, alarm: float, clear: float) -> di
     accuracy_decided: the same among images that got a definite verdict.
     """
     scores, targets = _arrays(scores, targets)
-    codes = verdicts(scores, alarm, clear)
-    columns = np.where(codes == -1, 2, codes)  # genuine 0, counterfeit 1, uncertain 2
-    matrix = np.zeros((2, 3), dtype=np.int64)
+    codes = verdict_codes(scores, alarm, clear)
+    # Columns in VERDICTS order: genuine 0, counterfeit 1, uncertain 2 (its code is -1).
+    columns = np.where(codes == UNCERTAIN, VERDICTS.index("uncertain"), codes)
+    matrix = np.zeros((len(LABELS), len(VERDICTS)), dtype=np.int64)
     np.add.at(matrix, (targets, columns), 1)
     decided = int(matrix[:, :2].sum())
     correct = int(matrix[0, 0] + matrix[1, 1])
@@ -262,8 +261,8 @@ def verdict_figures(scores: Any, targets: Any, alarm: float, clear: float) -> di
         "alarm": float(alarm),
         "clear": float(clear),
         "confusion_matrix": {
-            "rows": list(LABEL_NAMES),
-            "columns": list(VERDICT_NAMES),
+            "rows": list(LABELS),
+            "columns": list(VERDICTS),
             "counts": matrix.tolist(),
         },
         "accuracy": correct / len(targets) if len(targets) else None,
@@ -271,7 +270,7 @@ def verdict_figures(scores: Any, targets: Any, alarm: float, clear: float) -> di
         "uncertain_rate": float(matrix[:, 2].sum() / len(targets)) if len(targets) else None,
         "false_alarm_rate": float(matrix[0, 1] / n_genuine) if n_genuine else None,
         "miss_rate": float(matrix[1, 0] / n_counterfeit) if n_counterfeit else None,
-        "verdicts": dict(zip(VERDICT_NAMES, matrix.sum(axis=0).tolist(), strict=True)),
+        "verdicts": dict(zip(VERDICTS, matrix.sum(axis=0).tolist(), strict=True)),
     }
 
 

@@ -30,7 +30,8 @@ from verity.inference.card import ModelCard
 from verity.inference.decode import DecodeError
 from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY, OnnxEngine
 from verity.inference.preprocess import load_for_model
-from verity.inference.spec import LABELS, PreprocessSpec
+from verity.inference.spec import PreprocessSpec
+from verity.inference.vocabulary import LABELS
 from verity.training.export import publish
 
 AUC_TOLERANCE = 0.005

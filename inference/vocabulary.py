@@ -1,0 +1,45 @@
+"""Verity's vocabulary, defined once: labels, modalities, splits, verdicts, the split defaults and the
+verdict rule.
+
+Data, training, evaluation and serving all import these names from here, so a manifest, a model card and
+an API answer can never disagree on what a label or a verdict is called. It lives in `inference` because
+that is the one package every other one may import (`api` may import nothing else).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# A label's index is the class index of the model's logits and a row's target; the score is the
+# calibrated probability of LABELS[1].
+LABELS = ("genuine", "counterfeit")
+MODALITIES = ("photo", "xray")
+SPLITS = ("train", "val", "test")
+# The answers the service gives. A verdict code indexes this tuple: 0 genuine and 1 counterfeit (the
+# label index, so code == target means right), UNCERTAIN (-1) the last entry.
+VERDICTS = ("genuine", "counterfeit", "uncertain")
+UNCERTAIN = -1
+
+# How rows without a split are split (grouped by case or product, stratified by label). Ingest, training
+# and evaluation must share them: if evaluation re-split differently from training, test images would
+# have been trained on.
+DEFAULT_VAL_FRACTION = 0.15
+DEFAULT_TEST_FRACTION = 0.15
+DEFAULT_SPLIT_SEED = 0
+
+
+def verdict_codes(scores: Any, alarm: float, clear: float) -> np.ndarray:
+    """Verdict codes per score: 1 counterfeit (score >= alarm), 0 genuine (score <= clear), UNCERTAIN
+    between. Alarm is checked first, so with alarm == clear a score at the threshold is counterfeit."""
+    scores = np.asarray(scores, dtype=np.float64)
+    codes = np.full(scores.shape, UNCERTAIN, dtype=np.int64)
+    codes[scores <= clear] = 0
+    codes[scores >= alarm] = 1
+    return codes
+
+
+def verdict_names(codes: Any) -> list[str]:
+    """The VERDICTS name of each code, e.g. [1, -1] -> ["counterfeit", "uncertain"]."""
+    return [VERDICTS[int(code)] for code in np.asarray(codes).reshape(-1)]
