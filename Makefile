@@ -41,8 +41,9 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Everything but the tests that train, export, start servers or load torch: under a minute on 2 cores.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not torch"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,7 +4,9 @@
 contract: input "image" (N x C x S x S in [0, 1]), normalization as its first op, outputs "logits" and
 "cam" (class activation map = 1x1 classifier applied to the final feature map; logits = its spatial
 mean), spec and card in the metadata. Its "counterfeit" evidence is brightness: a bright region scores
-high and lights up the CAM, which makes tiling and heatmap tests checkable.
+high and lights up the CAM, which makes tiling and heatmap tests checkable: a black image scores about
+0.2, a white one about 0.95. It is the one tiny model of the project: the API tests' model folders
+(tests/api_fixtures.py) are made of it too.
 
 `lite0_onnx` builds the default backbone through the training registry and the real exporter (with its
 parity gate); random weights, since only speed is measured.
@@ -18,16 +20,21 @@ from typing import Any
 
 import numpy as np
 from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY
-from verity.inference.spec import PreprocessSpec, default_spec, resolve_spec
+from verity.inference.spec import PreprocessSpec, resolve_spec
 
 
 def tiny_card(
-    spec: PreprocessSpec, alarm: float = 0.8, clear: float = 0.3, temperature: float = 1.0
+    spec: PreprocessSpec,
+    name: str | None = None,
+    version: str = "0.0.1",
+    alarm: float = 0.8,
+    clear: float = 0.3,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
-    """A minimal card with every key the engine and the API read."""
+    """A minimal card with every key the engine and the API read (`name` defaults to tiny-<modality>)."""
     return {
-        "name": f"tiny-{spec.modality}",
-        "version": "0.0.1",
+        "name": name or f"tiny-{spec.modality}",
+        "version": version,
         "modality": spec.modality,
         "backbone": "tiny-brightness",
         "created": "2026-01-01T00:00:00Z",
@@ -43,39 +50,29 @@ def tiny_card(
 
 
 def tiny_spec(modality: str = "photo", size: int = 32) -> PreprocessSpec:
+    """The modality's default spec at `size` px."""
     return resolve_spec(modality, override={"image_size": size})
 
 
-def tiny_onnx(
-    path: str | Path,
-    spec: PreprocessSpec | None = None,
-    card: dict[str, Any] | None = None,
-    features: int = 4,
-    seed: int = 0,
-) -> Path:
-    """Writes the tiny contract model to `path` (stride-4 conv, ReLU, 1x1 classifier as CAM, mean)."""
-    import onnx
+def tiny_graph(spec: PreprocessSpec, features: int = 4, seed: int = 0) -> Any:
+    """The tiny contract graph: Normalize, stride-4 conv, ReLU, 1x1 classifier as CAM, spatial mean."""
     from onnx import TensorProto, helper, numpy_helper
 
-    spec = spec or tiny_spec()
-    card = card or tiny_card(spec)
     c = spec.in_chans
     rng = np.random.default_rng(seed)
     conv_w = rng.normal(0, 0.05, (features, c, 4, 4)).astype(np.float32)
     conv_w[0] = 1.0 / (c * 16)  # feature 0 = mean brightness of the 4x4 cell (normalized)
-    conv_b = np.zeros(features, np.float32)
     cls_w = np.zeros((2, features, 1, 1), np.float32)
     cls_w[1, 0, 0, 0] = 2.0  # counterfeit evidence grows with brightness
     cls_w[:, 1:, 0, 0] = rng.normal(0, 0.1, (2, features - 1))
-    cls_b = np.array([0.0, -1.5], np.float32)
-    inits = [
-        numpy_helper.from_array(np.array(spec.mean, np.float32).reshape(1, c, 1, 1), "mean"),
-        numpy_helper.from_array(np.array(spec.std, np.float32).reshape(1, c, 1, 1), "std"),
-        numpy_helper.from_array(conv_w, "conv_w"),
-        numpy_helper.from_array(conv_b, "conv_b"),
-        numpy_helper.from_array(cls_w, "cls_w"),
-        numpy_helper.from_array(cls_b, "cls_b"),
-    ]
+    weights = {
+        "mean": np.array(spec.mean, np.float32).reshape(1, c, 1, 1),
+        "std": np.array(spec.std, np.float32).reshape(1, c, 1, 1),
+        "conv_w": conv_w,
+        "conv_b": np.zeros(features, np.float32),
+        "cls_w": cls_w,
+        "cls_b": np.array([0.0, -1.5], np.float32),
+    }
     nodes = [
         helper.make_node("Sub", ["image", "mean"], ["centred"]),
         helper.make_node("Div", ["centred", "std"], ["normalized"]),
@@ -86,7 +83,7 @@ def tiny_onnx(
         helper.make_node("Flatten", ["pooled"], ["logits"], axis=1),
     ]
     s = spec.image_size
-    graph = helper.make_graph(
+    return helper.make_graph(
         nodes,
         "tiny_verity",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", c, s, s])],
@@ -94,9 +91,24 @@ def tiny_onnx(
             helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2]),
             helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", 2, s // 4, s // 4]),
         ],
-        inits,
+        [numpy_helper.from_array(value, key) for key, value in weights.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def tiny_onnx(
+    path: str | Path,
+    spec: PreprocessSpec | None = None,
+    card: dict[str, Any] | None = None,
+    features: int = 4,
+    seed: int = 0,
+) -> Path:
+    """Writes the tiny contract model with its spec and card in the metadata to `path`."""
+    import onnx
+    from onnx import helper
+
+    spec = spec or tiny_spec()
+    card = card or tiny_card(spec)
+    model = helper.make_model(tiny_graph(spec, features, seed), opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     for key, value in ((METADATA_SPEC_KEY, spec.to_json()), (METADATA_CARD_KEY, json.dumps(card))):
         entry = model.metadata_props.add()
@@ -140,4 +152,4 @@ def lite0_onnx(path: str | Path, modality: str = "photo", size: int = 224) -> Pa
     return Path(path)
 
 
-__all__ = ["default_spec", "lite0_onnx", "lite0_torch", "tiny_card", "tiny_onnx", "tiny_spec"]
+__all__ = ["lite0_onnx", "lite0_torch", "tiny_card", "tiny_graph", "tiny_onnx", "tiny_spec"]

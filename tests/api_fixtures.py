@@ -1,116 +1,43 @@
-"""Helpers for the API tests: tiny real ONNX models with Verity metadata, images, and a live server.
+"""Helpers for the API tests: model folders of the tiny ONNX model, settings, images, requests, a live server.
 
-The models are built directly with onnx.helper (no torch needed, built in milliseconds): Normalize ->
-3x3 conv -> ReLU -> 4x4 average pool -> 1x1 conv (the classifier, giving the CAM) -> global average
-pool (the logits). Brighter images score as more counterfeit, so tests can steer the verdict.
+The models are `benchmarks.models.tiny_onnx` (onnx.helper only, no torch, built in milliseconds): brighter
+images score as more counterfeit (black about 0.2, white about 0.95), so tests can steer the verdict
+against the thresholds written here (alarm 0.6, clear 0.4). The pytest fixtures built on these
+(`models_dir`, `settings`, `client`) are in conftest.py.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
-from verity.inference.spec import PreprocessSpec
+
+from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
+
+if TYPE_CHECKING:
+    import httpx
+    from fastapi.testclient import TestClient
+    from verity.api.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
 
 
-def build_model_bytes(
-    name: str,
-    version: str,
-    modality: str = "photo",
-    gain: float = 6.0,
-    alarm: float = 0.6,
-    clear: float = 0.4,
-    image_size: int = IMAGE_SIZE,
-) -> bytes:
-    """A valid Verity ONNX model: input "image" [N,C,S,S], outputs "logits" [N,2] and "cam" [N,2,S/4,S/4]."""
-    channels = 3 if modality == "photo" else 1
-    spec = PreprocessSpec(
-        modality=modality,
-        in_chans=channels,
-        image_size=image_size,
-        resize_mode="stretch" if modality == "photo" else "letterbox",
-        mean=(0.5,) * channels,
-        std=(0.5,) * channels,
-    )
-    conv1 = np.zeros((4, channels, 3, 3), np.float32)
-    conv1[:, :, 1, 1] = 1.0 / channels  # each feature: the mean intensity, shifted by its bias
-    conv1_bias = np.array([0.0, 0.5, -0.5, 0.25], np.float32)
-    classifier = np.zeros((2, 4, 1, 1), np.float32)
-    classifier[1, 0, 0, 0], classifier[0, 0, 0, 0] = gain / 2, -gain / 2
-    classifier_bias = np.array([gain / 4, -gain / 4], np.float32)  # mid-grey lands near 0.5
-    initializers = [
-        numpy_helper.from_array(np.full((1, channels, 1, 1), 0.5, np.float32), "mean"),
-        numpy_helper.from_array(np.full((1, channels, 1, 1), 0.5, np.float32), "std"),
-        numpy_helper.from_array(conv1, "w1"),
-        numpy_helper.from_array(conv1_bias, "b1"),
-        numpy_helper.from_array(classifier, "w2"),
-        numpy_helper.from_array(classifier_bias, "b2"),
-    ]
-    nodes = [
-        helper.make_node("Sub", ["image", "mean"], ["centred"]),
-        helper.make_node("Div", ["centred", "std"], ["normalized"]),
-        helper.make_node("Conv", ["normalized", "w1", "b1"], ["conv"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["conv"], ["features"]),
-        helper.make_node("AveragePool", ["features"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
-        helper.make_node("Conv", ["pooled", "w2", "b2"], ["cam"]),
-        helper.make_node("GlobalAveragePool", ["cam"], ["gap"]),
-        helper.make_node("Flatten", ["gap"], ["logits"]),
-    ]
-    grid = image_size // 4
-    graph = helper.make_graph(
-        nodes,
-        "verity_tiny",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", channels, image_size, image_size])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2]),
-            helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", 2, grid, grid]),
-        ],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    card = {
-        "name": name,
-        "version": version,
-        "modality": modality,
-        "backbone": "tiny-test",
-        "created": "2026-11-29T00:00:00+00:00",
-        "data": {"fingerprint": "test", "counts": {}},
-        "metrics": {"val": {"roc_auc": 1.0}},
-        "calibration": {"temperature": 1.0},
-        "thresholds": {
-            "alarm": alarm,
-            "clear": clear,
-            "target_false_alarm_rate": 0.01,
-            "target_miss_rate": 0.05,
-        },
-        "spec": spec.to_dict(),
-        "code_version": "test",
-    }
-    onnx.helper.set_model_props(model, {"verity.spec": spec.to_json(), "verity.card": json.dumps(card)})
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
-def write_model(models_dir: Path, name: str, version: str, modality: str = "photo", **kwargs) -> Path:
-    """Writes <models_dir>/<name>/<version>/model.onnx and returns its path."""
-    path = Path(models_dir) / name / version / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(build_model_bytes(name, version, modality, **kwargs))
-    return path
+def write_model(
+    models_dir: Path, name: str, version: str, modality: str = "photo", alarm: float = 0.6, clear: float = 0.4
+) -> Path:
+    """Writes the tiny model as <models_dir>/<name>/<version>/model.onnx and returns its path."""
+    spec = tiny_spec(modality, IMAGE_SIZE)
+    card = tiny_card(spec, name, version, alarm=alarm, clear=clear)
+    return tiny_onnx(Path(models_dir) / name / version / "model.onnx", spec, card)
 
 
 def make_models_dir(root: Path) -> Path:
@@ -122,6 +49,23 @@ def make_models_dir(root: Path) -> Path:
     return models
 
 
+def make_settings(root: Path, **overrides: Any) -> Settings:
+    """Settings with every file under `root` (models in root/models), loading at start, no warm-up."""
+    from verity.api.settings import Settings
+
+    values: dict[str, Any] = dict(
+        models_dir=root / "models",
+        audit_db=root / "audit.sqlite",
+        keys_file=root / "keys.json",
+        image_store_dir=root / "images",
+        background_load=False,
+        warmup=False,
+        store_images=True,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
 def image_bytes(
     value: int = 128, size: tuple[int, int] = (48, 40), fmt: str = "PNG", mode: str = "RGB"
 ) -> bytes:
@@ -130,6 +74,54 @@ def image_bytes(
     color = value if mode in ("L", "I;16") else (value,) * len(mode)
     Image.new(mode, size, color).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+DARK, BRIGHT = image_bytes(0), image_bytes(255)
+
+
+def predict(
+    client: TestClient,
+    data: bytes = DARK,
+    modality: str = "photo",
+    headers: dict[str, str] | None = None,
+    **fields: Any,
+) -> httpx.Response:
+    """POST /v1/predict with one image and the form fields given."""
+    form = {"modality": modality, **{k: str(v) for k, v in fields.items()}}
+    return client.post(
+        "/v1/predict", files={"file": ("item.png", data, "image/png")}, data=form, headers=headers
+    )
+
+
+def audit_rows(root: Path) -> dict[str, tuple]:
+    """request_id -> (request_id, verdict, score, model_version) of root/audit.sqlite."""
+    with sqlite3.connect(root / "audit.sqlite") as db:
+        return {
+            row[0]: row
+            for row in db.execute("SELECT request_id, verdict, score, model_version FROM predictions")
+        }
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    """The response is the API's error envelope with this status (and code), and no traceback."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
+    assert "Traceback" not in response.text
+    if code:
+        assert body["error"]["code"] == code
+    return body
+
+
+def server_env(root: Path, **extra: str) -> dict[str, str]:
+    """The environment of a live server on the tiny models, with its audit log and keys under `root`."""
+    return {
+        "VERITY_MODELS_DIR": str(make_models_dir(root)),
+        "VERITY_AUDIT_DB": str(root / "audit.sqlite"),
+        "VERITY_KEYS_FILE": str(root / "keys.json"),
+        **extra,
+    }
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from api_fixtures import image_bytes, make_models_dir
+from api_fixtures import image_bytes
 from fastapi.testclient import TestClient
 from verity.api.app import create_app
 from verity.api.audit import (
@@ -94,16 +94,9 @@ def test_image_store_is_content_addressed(tmp_path: Path) -> None:
     assert Path(path).parent.name == sha[:2] and Path(path).read_bytes() == data
 
 
-def test_confirmed_cases_round_trip_through_ingest_into_a_manifest(tmp_path: Path) -> None:
-    settings = Settings(
-        models_dir=make_models_dir(tmp_path),
-        audit_db=tmp_path / "audit.sqlite",
-        keys_file=tmp_path / "keys.json",
-        image_store_dir=tmp_path / "images",
-        store_images=True,
-        background_load=False,
-        warmup=False,
-    )
+def test_confirmed_cases_round_trip_through_ingest_into_a_manifest(
+    tmp_path: Path, settings: Settings
+) -> None:
     uploads = {"dark": image_bytes(0), "bright": image_bytes(255), "grey": image_bytes(190)}
     with TestClient(create_app(settings)) as client:
         ids = {}

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from verity import cli as verity_cli
 
 
@@ -22,6 +24,7 @@ def test_unknown_command_names_valid_ones(capsys) -> None:
     assert "Valid commands: data, train" in capsys.readouterr().err
 
 
+@pytest.mark.torch  # the train, eval and export command modules load torch
 def test_every_command_module_resolves() -> None:
     import importlib
 

@@ -7,18 +7,14 @@ import time
 
 import httpx
 import pytest
-from api_fixtures import LiveServer, image_bytes, make_models_dir
+from api_fixtures import LiveServer, image_bytes, server_env
 from verity.api.audit import SQLiteAuditStore
 
 pytestmark = pytest.mark.slow
 
 
 def test_every_200_survives_kill_9(tmp_path) -> None:
-    env = {
-        "VERITY_MODELS_DIR": str(make_models_dir(tmp_path)),
-        "VERITY_AUDIT_DB": str(tmp_path / "audit.sqlite"),
-        "VERITY_KEYS_FILE": str(tmp_path / "keys.json"),
-    }
+    env = server_env(tmp_path)
     server = LiveServer(env).start()
     answered: list[str] = []
     stop = threading.Event()
@@ -61,11 +57,7 @@ def test_every_200_survives_kill_9(tmp_path) -> None:
 
 def test_graceful_shutdown_finishes_in_flight_requests(tmp_path) -> None:
     """SIGTERM under load: requests already accepted are answered and audited, and the process exits 0."""
-    env = {
-        "VERITY_MODELS_DIR": str(make_models_dir(tmp_path)),
-        "VERITY_AUDIT_DB": str(tmp_path / "audit.sqlite"),
-        "VERITY_KEYS_FILE": str(tmp_path / "keys.json"),
-    }
+    env = server_env(tmp_path)
     server = LiveServer(env).start()
     answered: list[str] = []
     failures: list[int] = []

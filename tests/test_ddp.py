@@ -13,6 +13,8 @@ import pytest
 
 from tests.test_trainer import make_folder
 
+pytestmark = pytest.mark.torch
+
 # Each rank trains through the same entry point as `verity train` and writes its final weight digest.
 _RANK_SCRIPT = textwrap.dedent(
     """

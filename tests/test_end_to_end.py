@@ -17,7 +17,7 @@ from PIL import Image
 
 from verity import cli as verity_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
 
 @pytest.fixture(scope="module")

@@ -9,53 +9,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch_models import CamNet, tiny_net
 from verity.inference.card import ModelCard, to_jsonable
 from verity.inference.engine import ModelLoadError, OnnxEngine, calibrated_scores, read_metadata
-from verity.inference.spec import PreprocessSpec, default_spec
+from verity.inference.spec import PreprocessSpec
 from verity.training import export as export_module
 from verity.training.calibrate import card_warnings
 from verity.training.checkpoint import load_checkpoint
 from verity.training.export import ExportError, ExportParityError, export_onnx
 
-torch.set_num_threads(1)
+from benchmarks.models import tiny_spec
 
-
-class Normalize(torch.nn.Module):
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class TinyNet(torch.nn.Module):
-    """The model contract in miniature: Normalize first, forward -> (logits, cam)."""
-
-    def __init__(self, spec: PreprocessSpec, width: int = 8) -> None:
-        super().__init__()
-        self.normalize = Normalize(spec.mean, spec.std)
-        self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(spec.in_chans, width, 3, stride=2, padding=1),
-            torch.nn.BatchNorm2d(width),
-            torch.nn.ReLU(),
-            torch.nn.Conv2d(width, width, 3, stride=2, padding=1),
-            torch.nn.ReLU(),
-        )
-        self.classifier = torch.nn.Linear(width, 2)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.features(self.normalize(x))
-        logits = self.classifier(features.mean(dim=(2, 3)))
-        cam = torch.einsum("kc,nchw->nkhw", self.classifier.weight, features)
-        cam = cam + self.classifier.bias.view(1, -1, 1, 1)
-        return logits, cam
-
-
-def tiny_spec(modality: str = "photo", size: int = 32) -> PreprocessSpec:
-    base = default_spec(modality)
-    return PreprocessSpec.from_dict({**base.to_dict(), "image_size": size})
+pytestmark = pytest.mark.torch
 
 
 def tiny_card(spec: PreprocessSpec, temperature: float = 1.5) -> ModelCard:
@@ -83,13 +48,26 @@ def tiny_card(spec: PreprocessSpec, temperature: float = 1.5) -> ModelCard:
     )
 
 
-def trained_tiny(spec: PreprocessSpec, seed: int = 0) -> TinyNet:
+def trained_tiny(spec: PreprocessSpec, seed: int = 0) -> CamNet:
     torch.manual_seed(seed)
-    model = TinyNet(spec)
+    model = tiny_net(spec)
     model.train()
     with torch.no_grad():  # give BatchNorm non-trivial running statistics
         model(torch.rand(8, spec.in_chans, spec.image_size, spec.image_size))
     return model
+
+
+def torch_runs(model: CamNet, spec: PreprocessSpec) -> list[tuple[np.ndarray, np.ndarray, tuple[int, ...]]]:
+    """(batch, torch logits, torch CAM shape) for random batches of 1 and 5 images, in eval mode."""
+    model.eval()
+    runs = []
+    for batch_size in (1, 5):
+        shape = (batch_size, spec.in_chans, spec.image_size, spec.image_size)
+        batch = np.random.default_rng(batch_size).random(shape, dtype=np.float32)
+        with torch.no_grad():
+            logits, cam = model(torch.from_numpy(batch))
+        runs.append((batch, logits.numpy(), tuple(cam.shape)))
+    return runs
 
 
 @pytest.mark.parametrize("modality", ["photo", "xray"])
@@ -121,20 +99,14 @@ def test_export_metadata_dynamic_batch_and_parity(tmp_path: Path, modality: str)
     assert stored_spec == spec and stored_card == card
 
     engine = OnnxEngine(path, warmup=False)
-    model.eval()
-    for batch_size in (1, 5):
-        batch = np.random.default_rng(batch_size).random(
-            (batch_size, spec.in_chans, 32, 32), dtype=np.float32
-        )
-        with torch.no_grad():
-            logits, cam = model(torch.from_numpy(batch))
+    for batch, logits, cam_shape in torch_runs(model, spec):
         predictions = engine.predict(batch, with_cam=True)
-        assert len(predictions) == batch_size
+        assert len(predictions) == len(batch)
         onnx_logits = np.array([p.logits for p in predictions])
-        assert np.abs(onnx_logits - logits.numpy()).max() <= 1e-4
-        expected_scores = calibrated_scores(logits.numpy(), 1.5)
+        assert np.abs(onnx_logits - logits).max() <= 1e-4
+        expected_scores = calibrated_scores(logits, 1.5)
         assert np.allclose([p.score for p in predictions], expected_scores, atol=1e-5)
-        assert predictions[0].cam.shape == tuple(cam.shape[2:])
+        assert predictions[0].cam.shape == cam_shape[2:]
 
 
 def test_parity_gate_fails_loudly_and_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,13 +247,7 @@ def test_registry_backbone_exports_with_parity(tmp_path: Path, modality: str) ->
     )
     assert export_cli.main(["--checkpoint", str(folder / "model.pt")]) == 0
     engine = OnnxEngine(folder / "model.onnx", warmup=False)
-    model.eval()
-    for batch_size in (1, 5):
-        batch = np.random.default_rng(batch_size).random(
-            (batch_size, spec.in_chans, 64, 64), dtype=np.float32
-        )
-        with torch.no_grad():
-            logits, cam = model(torch.from_numpy(batch))
+    for batch, logits, cam_shape in torch_runs(model, spec):
         outputs = engine.run(batch)
-        assert np.abs(outputs["logits"] - logits.numpy()).max() <= 1e-4
-        assert outputs["cam"].shape == tuple(cam.shape)
+        assert np.abs(outputs["logits"] - logits).max() <= 1e-4
+        assert outputs["cam"].shape == cam_shape

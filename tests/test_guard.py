@@ -14,6 +14,7 @@ from verity.training.guard import WeakRunError, auc_interval, check_run, weak_si
 from tests.test_trainer import FAST, make_folder
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.torch
 
 
 def shuffled_copy(source: Path, target: Path, seed: int = 0) -> Path:

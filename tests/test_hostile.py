@@ -12,7 +12,7 @@ import zlib
 
 import httpx
 import pytest
-from api_fixtures import LiveServer, image_bytes, make_models_dir
+from api_fixtures import LiveServer, image_bytes, server_env
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -95,13 +95,7 @@ INVALID = {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    env = {
-        "VERITY_MODELS_DIR": str(make_models_dir(root)),
-        "VERITY_AUDIT_DB": str(root / "audit.sqlite"),
-        "VERITY_KEYS_FILE": str(root / "keys.json"),
-        "VERITY_MAX_UPLOAD_BYTES": str(20 * 1024 * 1024),
-    }
-    live = LiveServer(env).start()
+    live = LiveServer(server_env(root, VERITY_MAX_UPLOAD_BYTES=str(20 * 1024 * 1024))).start()
     yield live
     live.stop()
 

@@ -16,6 +16,7 @@ from verity.training.models import (
 )
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.torch
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 
+import pytest
 from verity.datasets.progress import NoBar, progress_bar
 
 
@@ -29,6 +30,7 @@ def test_no_bar_off_a_terminal_and_a_bar_on_one(monkeypatch) -> None:
     assert isinstance(progress_bar(False, total=3), NoBar)  # --no-progress wins on a terminal too
 
 
+@pytest.mark.torch
 def test_training_log_has_one_line_per_epoch_off_a_terminal(tmp_path, capfd) -> None:
     from verity.training.trainer import train_from_options
 

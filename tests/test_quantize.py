@@ -21,6 +21,8 @@ from verity.training.quantize import (
 
 from benchmarks.models import tiny_onnx
 
+pytestmark = pytest.mark.torch  # training.quantize loads the exporter, which imports torch
+
 
 def _png(value: int, rng: np.random.Generator) -> bytes:
     array = np.clip(rng.normal(value, 30, (40, 40, 3)), 0, 255).astype(np.uint8)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from api_fixtures import make_models_dir
+from api_fixtures import make_models_dir, make_settings
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -20,7 +20,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 from verity.api.app import create_app
-from verity.api.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +36,8 @@ def _build_app():
     """Built at import (schemathesis parametrizes at collection): tiny models in a temporary folder."""
     root = Path(tempfile.mkdtemp(prefix="verity-schemathesis-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
-    return create_app(
-        Settings(
-            models_dir=make_models_dir(root),
-            audit_db=root / "audit.sqlite",
-            keys_file=root / "keys.json",
-            background_load=False,
-            warmup=False,
-        )
-    )
+    make_models_dir(root)
+    return create_app(make_settings(root))
 
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", _build_app())

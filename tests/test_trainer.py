@@ -23,6 +23,7 @@ from verity.training.config import ConfigError, build_config, load_yaml
 from verity.training.trainer import EpochSampler, lr_factor, train_from_options
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.torch
 
 FAST = dict(
     image_size=32, batch_size=8, workers=0, progress=False, export=False, report=False, log_every=1,
