@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
 import os
 import platform
 import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -173,3 +176,12 @@ def interleaved(
 def load_average() -> float:
     """1-minute load average: above the core count, other work competed with the measurement."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def print_run(run: Callable[[Path, float], Any], description: str, seconds: float) -> None:
+    """A benchmark part's command line: `--seconds`, a scratch folder, the figures printed as JSON."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seconds", type=float, default=seconds)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        print(json.dumps(run(Path(work), args.seconds), indent=2))

@@ -14,8 +14,6 @@ reported against both the fp32 peak and the VNNI int8 peak.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from benchmarks.common import (  # noqa: E402
     load_average,
     newest_shipped,
     photo_jpeg,
+    print_run,
     shipped_label,
     time_per_call,
 )
@@ -78,9 +77,65 @@ def build_models(workdir: Path, size: int = 224) -> dict[str, Any]:
     return {"fp32": fp32, "int8": int8, "torch": model, "spec": spec}
 
 
+def ort_sessions(models: dict[str, Any], cores: int) -> dict[tuple[str, str], Any]:
+    """(runtime, "all" or "one") -> OnnxEngine for fp32 and INT8: sessions on all cores (spinning, as a
+    busy server), and single-thread ones, timed in CPU time: robust to other processes sharing the cores,
+    and x cores = what the machine gives when it is not shared (ORT scales near-linearly to 2 threads)."""
+    from verity.inference.engine import OnnxEngine
+
+    sessions = {}
+    for runtime, path in (("ort_fp32", models["fp32"]), ("ort_int8", models["int8"])):
+        sessions[runtime, "all"] = OnnxEngine(
+            path, provider="cpu", intra_op_threads=cores, allow_spinning=True
+        )
+        sessions[runtime, "one"] = OnnxEngine(path, provider="cpu", intra_op_threads=1)
+    return sessions
+
+
+def batch_rows(
+    models: dict[str, Any], sessions: dict[tuple[str, str], Any], batch: np.ndarray, info: dict[str, Any],
+    flops: float, seconds: float,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per runtime for this batch: throughput on every core, CPU time on one thread, peak shares."""
+    import torch
+
+    cores, batch_size = info["cores"], len(batch)
+    tensor = torch.from_numpy(batch)
+    runners = {
+        "torch_eager": lambda: _torch_forward(models["torch"], tensor),
+        "ort_fp32": lambda: sessions["ort_fp32", "all"].run(batch),
+        "ort_int8": lambda: sessions["ort_int8", "all"].run(batch),
+    }
+    single_runners = {
+        "torch_eager": lambda: _torch_forward(models["torch"], tensor, threads=1),
+        "ort_fp32": lambda: sessions["ort_fp32", "one"].run(batch),
+        "ort_int8": lambda: sessions["ort_int8", "one"].run(batch),
+    }
+    rows = []
+    for name, runner in runners.items():
+        cpu_ms = time_per_call(single_runners[name], seconds / 2)["cpu_median_ms"]
+        torch.set_num_threads(cores)
+        timing = time_per_call(runner, seconds)
+        images_per_s = batch_size / (timing["median_ms"] / 1000)
+        peak = info["peak_int8_gops"] * 1e9 if name == "ort_int8" else info["peak_fp32_gflops"] * 1e9
+        rows.append(
+            {
+                "runtime": name,
+                "batch": batch_size,
+                "images_per_s": images_per_s,
+                "ms_per_batch": timing["median_ms"],
+                "gflops_per_s": images_per_s * flops / 1e9,
+                "share_of_peak": images_per_s * flops / peak,
+                "share_of_fp32_peak": images_per_s * flops / (info["peak_fp32_gflops"] * 1e9),
+                "cpu_ms_per_image_1thread": cpu_ms / batch_size,
+                "images_per_s_unshared_estimate": cores * batch_size / (cpu_ms / 1000),
+            }
+        )
+    return rows
+
+
 def run(workdir: Path, seconds: float = 2.0, size: int = 224) -> dict[str, Any]:
     import torch
-    from verity.inference.engine import OnnxEngine
 
     info = cpu_info()
     models = build_models(workdir, size)
@@ -88,54 +143,12 @@ def run(workdir: Path, seconds: float = 2.0, size: int = 224) -> dict[str, Any]:
     shape = (spec.in_chans, spec.image_size, spec.image_size)
     flops = model_flops(models["torch"], shape)
     torch.set_num_threads(info["cores"])
+    sessions = ort_sessions(models, info["cores"])
     rng = np.random.default_rng(0)
-    engines = {
-        "ort_fp32": OnnxEngine(
-            models["fp32"], provider="cpu", intra_op_threads=info["cores"], allow_spinning=True
-        ),
-        "ort_int8": OnnxEngine(
-            models["int8"], provider="cpu", intra_op_threads=info["cores"], allow_spinning=True
-        ),
-    }
-    # Single-thread sessions timed in CPU time: robust to other processes sharing the cores, and
-    # x cores = what the machine gives when it is not shared (ORT scales near-linearly to 2 threads).
-    single = {
-        "ort_fp32": OnnxEngine(models["fp32"], provider="cpu", intra_op_threads=1),
-        "ort_int8": OnnxEngine(models["int8"], provider="cpu", intra_op_threads=1),
-    }
     rows = []
     for batch_size in BATCH_SIZES:
         batch = rng.random((batch_size, *shape), dtype=np.float32)
-        tensor = torch.from_numpy(batch)
-        runners = {
-            "torch_eager": lambda t=tensor: _torch_forward(models["torch"], t),
-            "ort_fp32": lambda b=batch: engines["ort_fp32"].run(b),
-            "ort_int8": lambda b=batch: engines["ort_int8"].run(b),
-        }
-        single_runners = {
-            "torch_eager": lambda t=tensor: _torch_forward(models["torch"], t, threads=1),
-            "ort_fp32": lambda b=batch: single["ort_fp32"].run(b),
-            "ort_int8": lambda b=batch: single["ort_int8"].run(b),
-        }
-        for name, runner in runners.items():
-            cpu_ms = time_per_call(single_runners[name], seconds / 2)["cpu_median_ms"]
-            torch.set_num_threads(info["cores"])
-            timing = time_per_call(runner, seconds)
-            images_per_s = batch_size / (timing["median_ms"] / 1000)
-            peak = info["peak_int8_gops"] * 1e9 if name == "ort_int8" else info["peak_fp32_gflops"] * 1e9
-            rows.append(
-                {
-                    "runtime": name,
-                    "batch": batch_size,
-                    "images_per_s": images_per_s,
-                    "ms_per_batch": timing["median_ms"],
-                    "gflops_per_s": images_per_s * flops / 1e9,
-                    "share_of_peak": images_per_s * flops / peak,
-                    "share_of_fp32_peak": images_per_s * flops / (info["peak_fp32_gflops"] * 1e9),
-                    "cpu_ms_per_image_1thread": cpu_ms / batch_size,
-                    "images_per_s_unshared_estimate": info["cores"] * batch_size / (cpu_ms / 1000),
-                }
-            )
+        rows += batch_rows(models, sessions, batch, info, flops, seconds)
     by = {(r["runtime"], r["batch"]): r["images_per_s"] for r in rows}
     cpu = {(r["runtime"], r["batch"]): r["cpu_ms_per_image_1thread"] for r in rows}
     return {
@@ -197,10 +210,4 @@ def _torch_forward(model: Any, tensor: Any, threads: int | None = None) -> Any:
 
 
 if __name__ == "__main__":
-    import tempfile
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
-        print(json.dumps(run(Path(work), args.seconds), indent=2))
+    print_run(run, __doc__.splitlines()[0], seconds=2.0)

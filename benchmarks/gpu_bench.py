@@ -6,14 +6,12 @@ score|) and measures images/s at batch 1, 8 and 32. Without a GPU provider it sa
 {"skipped": reason}; the provider selection itself is unit-tested with mocked availability
 (tests/test_engine.py).
 
-    .venv/bin/python benchmarks/gpu_bench.py
+    .venv/bin/python benchmarks/gpu_bench.py [--seconds 2]
 """
 
 from __future__ import annotations
 
-import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import time_per_call  # noqa: E402
+from benchmarks.common import print_run, time_per_call  # noqa: E402
 
 BATCH_SIZES = (1, 8, 32)
 
@@ -66,5 +64,4 @@ def run(workdir: Path, seconds: float = 2.0) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as work:
-        print(json.dumps(run(Path(work)), indent=2))
+    print_run(run, __doc__.splitlines()[0], seconds=2.0)

@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,156 +41,155 @@ from benchmarks.common import RESULTS, cpu_info, load_average  # noqa: E402
 PARTS = ("decode", "engine", "server", "overhead", "scan", "gpu")
 
 
-def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
-    cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+# Table columns: header -> the row's key, or a function of the row for a cell that is formatted.
+ENGINE_COLUMNS: dict[str, str | Callable[[dict[str, Any]], Any]] = {
+    "runtime": "runtime",
+    "batch": "batch",
+    "img/s": "images_per_s",
+    "ms/batch": "ms_per_batch",
+    "GFLOP/s": "gflops_per_s",
+    "of peak": lambda r: f"{100 * r['share_of_peak']:.1f}%",
+    "CPU ms/img 1 thr": "cpu_ms_per_image_1thread",
+    "img/s unshared": "images_per_s_unshared_estimate",
+}
+SERVER_COLUMNS: dict[str, str | Callable[[dict[str, Any]], Any]] = {
+    "batching": "batching", "conc.": "concurrency", "req/s": "rps", "p50 ms": "p50_ms", "p99 ms": "p99_ms",
+    "errors": "errors",
+}  # fmt: skip
+SCAN_COLUMNS: dict[str, str | Callable[[dict[str, Any]], Any]] = {
+    "precision": "precision",
+    "seconds": "seconds",
+    "CPU s (all threads)": "cpu_seconds",
+    "tiles": "tiles",
+    "grid": lambda r: "x".join(map(str, r["grid"])),
+    "verdict": "verdict",
+}
+
+
+def _table(
+    title: str, columns: dict[str, str | Callable[[dict[str, Any]], Any]], records: list[dict[str, Any]]
+) -> str:
+    """The records as an aligned text table under `title`, after a blank line."""
+    values = [[column(r) if callable(column) else r[column] for column in columns.values()] for r in records]
+    cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in values]
+    header = list(columns)
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines = ["\n" + title, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
 
 
-def report(results: dict[str, Any]) -> str:
-    """The printed summary of whatever parts ran."""
-    out = []
-    cpu = results["cpu"]
-    out.append(
+def _cpu_lines(cpu: dict[str, Any]) -> list[str]:
+    return [
         f"CPU: {cpu['model']} | {cpu['cores']} cores @ {cpu['ghz']} GHz, {cpu['simd']}, VNNI {cpu['vnni']} | "
         f"peak fp32 {cpu['peak_fp32_gflops']:.0f} GFLOP/s, int8 {cpu['peak_int8_gops']:.0f} GOP/s "
         f"(assumes {cpu['fma_units_assumed']} FMA units/core)"
+    ]
+
+
+def _decode_lines(d: dict[str, Any]) -> list[str]:
+    out = [
+        f"\n(c) decode+preprocess {d['image']}: {d['load_for_model_cpu_ms']:.2f} ms CPU/image "
+        f"(wall {d['load_for_model_wall_ms']:.2f}; "
+        f"naive full decode {d['naive_full_decode_cpu_ms']:.2f}; best of 5 repeats "
+        f"{d['load_for_model_cpu_best_of_5_ms']:.2f}); "
+        f"target <= {d['target_ms']} ms: {'met' if d['meets_target'] else 'NOT met'} "
+        f"(load average {d['load_average']:.1f})"
+    ]
+    stages = d.get("stages_cpu_median_ms")
+    if stages:
+        parts = ", ".join(f"{name} {ms:.2f} ms" for name, ms in stages.items())
+        out.append(f"    stages, timed in turns: {parts}")
+    return out
+
+
+def _engine_lines(e: dict[str, Any]) -> list[str]:
+    title = f"(a) engine, {e['model']} ({e['gflops_per_image']:.2f} GFLOP/image, {e['threads']} threads)"
+    gain = e["batch8_gain_cpu_time"]
+    out = [
+        _table(title, ENGINE_COLUMNS, e["rows"]),
+        f"INT8 / fp32 at batch 8: {e['int8_speedup_batch8']:.2f}x (target >= 2x); "
+        f"ORT fp32 / torch eager: {e['ort_vs_torch_batch8']:.1f}x (load average {e['load_average']:.1f})",
+        f"In CPU time (1 thread, robust to shared cores): INT8 / fp32 at batch 8 "
+        f"{e['int8_speedup_batch8_cpu_time']:.2f}x; per-image cost batch 1 / batch 8: fp32 "
+        f"{gain['ort_fp32']:.2f}x, INT8 {gain['ort_int8']:.2f}x (the most batching can gain in compute). "
+        "'img/s unshared' = cores / CPU time per image.",
+    ]
+    shipped = e.get("shipped_default")
+    if shipped:
+        rate = shipped["images_per_s"]
+        out.append(
+            f"Shipped default model {shipped['model']} ({shipped['input_shape'][-1]} px), batch "
+            f"{shipped['batch']}, timed in turns: INT8 / fp32 {shipped['int8_speedup_wall']:.2f}x "
+            f"({rate['int8']:.0f} vs {rate['fp32']:.0f} img/s), in CPU time "
+            f"{shipped['int8_speedup_cpu_time']:.2f}x (target >= 2x)"
+        )
+    return out
+
+
+def _server_lines(server: dict[str, Any], engine: dict[str, Any]) -> list[str]:
+    title = (
+        f"(b) server, {server['model']} model, {server['image']}, "
+        f"load by {server['rows'][0]['load_generator']}"
     )
+    out = [
+        _table(title, SERVER_COLUMNS, server["rows"]),
+        f"batching on/off at c=32: {server['batching_gain_c32']:.2f}x (target >= 2x); p99 at c=32 "
+        f"{server['p99_ms_c32_batching_on']:.0f} ms (target <= 100 ms) "
+        f"(load average {server['load_average']:.1f})",
+    ]
+    engine_rows = {(r["runtime"], r["batch"]): r for r in engine.get("rows", [])}
+    peak = engine_rows.get((f"ort_{server['model']}", 8))
+    if peak:
+        # Closed loop: latency = concurrency / throughput, so the engine alone bounds the server.
+        out.append(
+            f"Ceiling from (a): the engine alone computes {peak['images_per_s']:.0f} img/s at batch 8 on "
+            f"all cores, so 32 concurrent clients wait at least {32000 / peak['images_per_s']:.0f} ms "
+            f"each on average, and a p99 <= 100 ms at c=32 needs >= 320 img/s"
+        )
+    return out
+
+
+def _overhead_lines(overhead: dict[str, Any]) -> list[str]:
+    return [
+        f"\nServer cost besides the model ({overhead['model']}, {overhead['image']}, c="
+        f"{overhead['concurrency']}): {overhead['rps']:.0f} req/s, {overhead['cpu_ms_per_request']:.1f} "
+        f"CPU ms per request, {overhead['event_loop_cpu_ms_per_request']:.1f} of them on the event loop "
+        f"(GIL held), {overhead['cores_used']:.2f} cores used "
+        f"(load average {overhead['load_average']:.1f})"
+    ]
+
+
+def _scan_lines(s: dict[str, Any]) -> list[str]:
+    title = f"(d) {s['scan']} scan: decode, tiles, verdict, heatmap PNG ({s['threads']} threads)"
+    return [
+        _table(title, SCAN_COLUMNS, s["rows"]),
+        f"target <= {s['target_s']} s (load average {s['load_average']:.1f})",
+    ]
+
+
+def _gpu_lines(g: dict[str, Any]) -> list[str]:
+    if "skipped" in g:
+        return [f"\n(e) GPU: skipped, {g['skipped']}"]
+    return [_table(f"(e) GPU, {g['model']}", {key: key for key in g["rows"][0]}, g["rows"])]
+
+
+def report(results: dict[str, Any]) -> str:
+    """The printed summary of whatever parts ran."""
+    out = _cpu_lines(results["cpu"])
     if "decode" in results:
-        d = results["decode"]
-        out.append(
-            f"\n(c) decode+preprocess {d['image']}: {d['load_for_model_cpu_ms']:.2f} ms CPU/image "
-            f"(wall {d['load_for_model_wall_ms']:.2f}; "
-            f"naive full decode {d['naive_full_decode_cpu_ms']:.2f}; best of 5 repeats "
-            f"{d['load_for_model_cpu_best_of_5_ms']:.2f}); "
-            f"target <= {d['target_ms']} ms: {'met' if d['meets_target'] else 'NOT met'} "
-            f"(load average {d['load_average']:.1f})"
-        )
-        stages = d.get("stages_cpu_median_ms")
-        if stages:
-            parts = ", ".join(f"{name} {ms:.2f} ms" for name, ms in stages.items())
-            out.append(f"    stages, timed in turns: {parts}")
+        out += _decode_lines(results["decode"])
     if "engine" in results:
-        e = results["engine"]
-        rows = [
-            [
-                r["runtime"],
-                r["batch"],
-                r["images_per_s"],
-                r["ms_per_batch"],
-                r["gflops_per_s"],
-                f"{100 * r['share_of_peak']:.1f}%",
-                r["cpu_ms_per_image_1thread"],
-                r["images_per_s_unshared_estimate"],
-            ]
-            for r in e["rows"]
-        ]
-        out.append(
-            "\n"
-            + _table(
-                f"(a) engine, {e['model']} ({e['gflops_per_image']:.2f} GFLOP/image, {e['threads']} threads)",
-                [
-                    "runtime",
-                    "batch",
-                    "img/s",
-                    "ms/batch",
-                    "GFLOP/s",
-                    "of peak",
-                    "CPU ms/img 1 thr",
-                    "img/s unshared",
-                ],
-                rows,
-            )
-        )
-        out.append(
-            f"INT8 / fp32 at batch 8: {e['int8_speedup_batch8']:.2f}x (target >= 2x); "
-            f"ORT fp32 / torch eager: {e['ort_vs_torch_batch8']:.1f}x (load average {e['load_average']:.1f})"
-        )
-        gain = e["batch8_gain_cpu_time"]
-        out.append(
-            f"In CPU time (1 thread, robust to shared cores): INT8 / fp32 at batch 8 "
-            f"{e['int8_speedup_batch8_cpu_time']:.2f}x; per-image cost batch 1 / batch 8: fp32 "
-            f"{gain['ort_fp32']:.2f}x, INT8 {gain['ort_int8']:.2f}x (the most batching can gain in compute). "
-            "'img/s unshared' = cores / CPU time per image."
-        )
-        shipped = e.get("shipped_default")
-        if shipped:
-            rate = shipped["images_per_s"]
-            out.append(
-                f"Shipped default model {shipped['model']} ({shipped['input_shape'][-1]} px), batch "
-                f"{shipped['batch']}, timed in turns: INT8 / fp32 {shipped['int8_speedup_wall']:.2f}x "
-                f"({rate['int8']:.0f} vs {rate['fp32']:.0f} img/s), in CPU time "
-                f"{shipped['int8_speedup_cpu_time']:.2f}x (target >= 2x)"
-            )
+        out += _engine_lines(results["engine"])
     for server in results.get("server", []):
-        rows = [
-            [r["batching"], r["concurrency"], r["rps"], r["p50_ms"], r["p99_ms"], r["errors"]]
-            for r in server["rows"]
-        ]
-        out.append(
-            "\n"
-            + _table(
-                f"(b) server, {server['model']} model, {server['image']}, "
-                f"load by {server['rows'][0]['load_generator']}",
-                ["batching", "conc.", "req/s", "p50 ms", "p99 ms", "errors"],
-                rows,
-            )
-        )
-        out.append(
-            f"batching on/off at c=32: {server['batching_gain_c32']:.2f}x (target >= 2x); p99 at c=32 "
-            f"{server['p99_ms_c32_batching_on']:.0f} ms (target <= 100 ms) "
-            f"(load average {server['load_average']:.1f})"
-        )
-        engine_rows = {(r["runtime"], r["batch"]): r for r in results.get("engine", {}).get("rows", [])}
-        peak = engine_rows.get((f"ort_{server['model']}", 8))
-        if peak:
-            # Closed loop: latency = concurrency / throughput, so the engine alone bounds the server.
-            out.append(
-                f"Ceiling from (a): the engine alone computes {peak['images_per_s']:.0f} img/s at batch 8 on "
-                f"all cores, so 32 concurrent clients wait at least {32000 / peak['images_per_s']:.0f} ms "
-                f"each on average, and a p99 <= 100 ms at c=32 needs >= 320 img/s"
-            )
-    overhead = results.get("overhead")
-    if overhead:
-        out.append(
-            f"\nServer cost besides the model ({overhead['model']}, {overhead['image']}, c="
-            f"{overhead['concurrency']}): {overhead['rps']:.0f} req/s, {overhead['cpu_ms_per_request']:.1f} "
-            f"CPU ms per request, {overhead['event_loop_cpu_ms_per_request']:.1f} of them on the event loop "
-            f"(GIL held), {overhead['cores_used']:.2f} cores used "
-            f"(load average {overhead['load_average']:.1f})"
-        )
+        out += _server_lines(server, results.get("engine", {}))
+    if results.get("overhead"):
+        out += _overhead_lines(results["overhead"])
     if "scan" in results:
-        s = results["scan"]
-        rows = [
-            [
-                r["precision"],
-                r["seconds"],
-                r["cpu_seconds"],
-                r["tiles"],
-                "x".join(map(str, r["grid"])),
-                r["verdict"],
-            ]
-            for r in s["rows"]
-        ]
-        out.append(
-            "\n"
-            + _table(
-                f"(d) {s['scan']} scan: decode, tiles, verdict, heatmap PNG ({s['threads']} threads)",
-                ["precision", "seconds", "CPU s (all threads)", "tiles", "grid", "verdict"],
-                rows,
-            )
-        )
-        out.append(f"target <= {s['target_s']} s (load average {s['load_average']:.1f})")
+        out += _scan_lines(results["scan"])
     if "gpu" in results:
-        g = results["gpu"]
-        if "skipped" in g:
-            out.append(f"\n(e) GPU: skipped, {g['skipped']}")
-        else:
-            header = list(g["rows"][0])
-            out.append("\n" + _table(f"(e) GPU, {g['model']}", header, [list(r.values()) for r in g["rows"]]))
+        out += _gpu_lines(results["gpu"])
     return "\n".join(out)
 
 

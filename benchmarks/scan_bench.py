@@ -4,14 +4,12 @@ Times decode of the 16-bit PNG, tiling (60 tiles of 448 px at scale 0.5, 25% ove
 inference with CAMs, aggregation, evidence assembly and the PNG overlay, for the registry's
 efficientnet_lite0 X-ray model (1 channel, 224 px) in fp32 and INT8.
 
-    .venv/bin/python benchmarks/scan_bench.py
+    .venv/bin/python benchmarks/scan_bench.py [--seconds 3]
 """
 
 from __future__ import annotations
 
-import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from benchmarks.common import (  # noqa: E402
     load_average,
     newest_shipped,
     png_bytes,
+    print_run,
     shipped_label,
     time_per_call,
     xray_scan,
@@ -106,5 +105,4 @@ def run(workdir: Path, seconds: float = 3.0) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as work:
-        print(json.dumps(run(Path(work)), indent=2))
+    print_run(run, __doc__.splitlines()[0], seconds=3.0)

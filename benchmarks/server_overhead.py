@@ -10,19 +10,16 @@ HTTP, FastAPI and response work while holding the GIL; the other threads decode 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import load_average, photo_jpeg  # noqa: E402
+from benchmarks.common import load_average, photo_jpeg, print_run  # noqa: E402
 from benchmarks.server_bench import WRK_SCRIPT, Server, multipart_body, run_wrk  # noqa: E402
 
 CONCURRENCY = 32
@@ -80,8 +77,4 @@ def run(workdir: Path, seconds: float = 6.0) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=6.0)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
-        print(json.dumps(run(Path(work), args.seconds), indent=2))
+    print_run(run, __doc__.splitlines()[0], seconds=6.0)
