@@ -4,9 +4,10 @@
 
 `--model` takes a model.onnx, a version folder holding one, a model folder (its newest version, in the
 natural version order the server uses: `inference.artifacts`) or a folder holding one model.
-Whole images go through exactly the server's preprocessing (decode with JPEG draft, `to_model_input`).
-X-ray scans larger than one tile are tiled (`inference.tiling`; `--tiles on|off` to force). No torch:
-this runs on a scanner console with the base install.
+Every image goes through the server's own path: `inference.tiling.load_for_scoring` decides by the one
+tiling rule (large X-ray scans in tiles, everything else whole, with the server's preprocessing;
+`--tiles on|off` to force) and the same options the server and `verity eval` default to. No torch: this
+runs on a scanner console with the base install.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from verity.inference.artifacts import ONNX_FILES, resolve_model
-from verity.inference.decode import DEFAULT_LIMITS, DecodeError, decode_image, read_image_bytes
+from verity.inference.decode import DEFAULT_LIMITS, DecodeError, read_image_bytes
 from verity.inference.engine import PRECISIONS, OnnxEngine
 from verity.inference.heatmap import heatmap_png
-from verity.inference.preprocess import load_for_model
-from verity.inference.tiling import AGGREGATES, score_scan, tile_size
+from verity.inference.tiling import AGGREGATES, TILING_MODES, TilingOptions, load_for_scoring, score_scan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,16 +40,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", default="auto", choices=PRECISIONS, help="model variant (default auto)"
     )
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    add_tiling_arguments(parser)
+    return parser
+
+
+def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--tiles`, `--scale`, `--aggregate`, `--max-tiles`, defaulting to `TilingOptions()` as the
+    server does (`verity predict` and `verity eval` both take them)."""
+    default = TilingOptions()
     parser.add_argument(
         "--tiles",
-        default="auto",
-        choices=["auto", "on", "off"],
-        help="tile images larger than one tile: auto = X-ray scans only",
+        default=default.mode,
+        choices=TILING_MODES,
+        help="auto: X-ray scans over 8 model inputs long are tiled (inference/tiling.py); "
+        "on: every image larger than one tile; off: never",
     )
-    parser.add_argument("--scale", type=float, default=0.5, help="tile scale (0.5: tiles of 2x the input)")
-    parser.add_argument("--aggregate", default="max", choices=AGGREGATES, help="scan score from tile scores")
-    parser.add_argument("--max-tiles", type=int, default=128)
-    return parser
+    parser.add_argument(
+        "--scale", type=float, default=default.scale, help="tile scale (0.5: tiles of 2x the input)"
+    )
+    parser.add_argument(
+        "--aggregate", default=default.aggregate, choices=AGGREGATES, help="scan score from tile scores"
+    )
+    parser.add_argument("--max-tiles", type=int, default=default.max_tiles)
+
+
+def tiling_options(args: argparse.Namespace) -> TilingOptions:
+    """The TilingOptions of the flags `add_tiling_arguments` added."""
+    return TilingOptions(
+        mode=args.tiles, scale=args.scale, aggregate=args.aggregate, max_tiles=args.max_tiles
+    )
 
 
 def _heatmap_path(base: str, image: Path, several: bool) -> Path:
@@ -58,36 +77,36 @@ def _heatmap_path(base: str, image: Path, several: bool) -> Path:
 
 
 def predict_file(
-    engine: OnnxEngine, image: Path, args: argparse.Namespace
+    engine: OnnxEngine, image: Path, options: TilingOptions, heatmap: bool
 ) -> tuple[dict[str, Any], bytes | None]:
     """The result for one file (and its heatmap PNG when asked for)."""
     data = read_image_bytes(image, DEFAULT_LIMITS)
-    spec = engine.spec
-    wants_tiles = args.tiles == "on" or (args.tiles == "auto" and spec.modality == "xray")
-    if wants_tiles:
-        # Tiles need full resolution: no reduced-scale JPEG decoding here.
-        decoded = decode_image(data, DEFAULT_LIMITS)
-        if max(decoded.shape[:2]) > tile_size(spec.image_size, args.scale):
-            scan = score_scan(
-                decoded, engine, scale=args.scale, aggregate=args.aggregate, max_tiles=args.max_tiles
-            )
-            result = {
-                "score": scan.score,
-                "verdict": scan.verdict,
-                "tiles": len(scan.tiles),
-                "grid": list(scan.grid),
-                "aggregate": scan.aggregate,
-            }
-            return result, scan.heatmap_png(decoded) if args.heatmap else None
-    model_input = load_for_model(data, spec, DEFAULT_LIMITS)
-    prediction = engine.predict([model_input], with_cam=bool(args.heatmap))[0]
-    png = heatmap_png(prediction.cam, model_input) if args.heatmap and prediction.cam is not None else None
+    loaded = load_for_scoring(data, engine.spec, options, DEFAULT_LIMITS)
+    if loaded.pixels is not None:
+        scan = score_scan(loaded.pixels, engine, options)
+        result = {
+            "score": scan.score,
+            "verdict": scan.verdict,
+            "tiles": len(scan.tiles),
+            "grid": list(scan.grid),
+            "aggregate": scan.aggregate,
+        }
+        return result, scan.heatmap_png(loaded.pixels) if heatmap else None
+    model_input = loaded.model_input
+    assert model_input is not None  # load_for_scoring sets exactly one of the two
+    prediction = engine.predict([model_input], with_cam=heatmap)[0]
+    png = heatmap_png(prediction.cam, model_input) if heatmap and prediction.cam is not None else None
     return {"score": prediction.score, "verdict": prediction.verdict, "tiles": 1}, png
 
 
 def main(argv: list[str] | None = None) -> int:
     """Prints a verdict per image; returns 0, or 1 when any image could not be read."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = tiling_options(args)
+    except ValueError as error:
+        parser.error(str(error))
     engine = OnnxEngine(
         resolve_model(args.model, ONNX_FILES),
         provider=args.provider,
@@ -100,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.images:
         image = Path(name)
         try:
-            result, png = predict_file(engine, image, args)
+            result, png = predict_file(engine, image, options, bool(args.heatmap))
         except (DecodeError, OSError, ValueError) as error:
             failures += 1
             print(f"verity predict: {image}: {error}", file=sys.stderr)

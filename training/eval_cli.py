@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from verity.inference.cli import add_tiling_arguments, tiling_options
 from verity.inference.vocabulary import SPLITS
 
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worst", type=int, default=12, help="worst errors shown in the report")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_tiling_arguments(parser)  # the rule and defaults `verity predict` and the server use
     return parser
 
 
@@ -44,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the evaluation and prints its summary (ROC AUC first). Returns the exit code."""
     from verity.training.evaluate import evaluate, format_summary
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        tiling = tiling_options(args)
+    except ValueError as error:
+        parser.error(str(error))
     result = evaluate(
         args.model,
         args.data,
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress and sys.stderr.isatty(),
         report=not args.no_report,
         worst=args.worst,
+        tiling=tiling,
     )
     print(format_summary(result))
     return 0

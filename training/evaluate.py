@@ -1,8 +1,9 @@
 """Evaluation of a model on a manifest split or a folder: scores, metrics, predictions and a report.
 
 An ONNX model is evaluated through `inference.engine.OnnxEngine`, the server's own path, and every image
-goes through `inference.decode.load_for_model`, the server's own decoder: the figures printed here are
-the figures the service will show. A `model.pt` is evaluated in torch with the same decoder.
+goes through `inference.tiling.load_for_scoring`, the server's own decoder and tiling rule (large X-ray
+scans scored in tiles, `TilingOptions` defaults as the server's): the figures printed here are the
+figures the service will show. A `model.pt` is evaluated in torch with the same decoder, on whole images.
 
 Data: a manifest (JSONL, rows filtered by split), a folder holding a manifest.jsonl, or a folder laid out
 as DIR/genuine/... and DIR/counterfeit/... or DIR/<split>/genuine/... (a subfolder below the label names
@@ -17,7 +18,7 @@ import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,10 +26,11 @@ import numpy as np
 from verity.datasets.rows import MANIFEST_NAMES, assign_missing_splits, read_rows, split_folder_rows
 from verity.inference.artifacts import resolve_model
 from verity.inference.card import ModelCard, to_jsonable
-from verity.inference.decode import DecodeError
+from verity.inference.decode import DecodeError, read_image_bytes
 from verity.inference.engine import OnnxEngine, calibrated_scores
 from verity.inference.preprocess import load_for_model
 from verity.inference.spec import PreprocessSpec
+from verity.inference.tiling import ScoringInput, TilingOptions, load_for_scoring, score_scan
 from verity.inference.vocabulary import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_TEST_FRACTION,
@@ -233,17 +235,27 @@ def load_samples(
     return LoadedData(samples, f"{where}{description}", notes=notes, skipped_other_modality=skipped)
 
 
-def _load_one(sample: Sample, spec: PreprocessSpec) -> np.ndarray | str:
+def _load_one(sample: Sample, spec: PreprocessSpec, tiling: TilingOptions) -> ScoringInput | str:
     try:
-        return load_for_model(sample.path, spec)
+        return load_for_scoring(read_image_bytes(sample.path), spec, tiling)
     except (DecodeError, OSError) as error:
         return f"{type(error).__name__}: {error}"
 
 
+@dataclass
+class DecodedChunk:
+    """One chunk of samples, decoded: images scored whole in one batch, scans to tile, failures."""
+
+    indices: list[int]  # of the images in `batch`
+    batch: np.ndarray | None
+    scans: list[tuple[int, np.ndarray]]  # (index, native pixels) of the images the tiling rule tiles
+    failures: list[tuple[int, str]]
+
+
 def decoded_batches(
-    samples: list[Sample], spec: PreprocessSpec, batch_size: int, workers: int
-) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
-    """Yields (indices, batch, failures) per chunk; the next chunk decodes while the current one is scored."""
+    samples: list[Sample], spec: PreprocessSpec, batch_size: int, workers: int, tiling: TilingOptions
+) -> Iterator[DecodedChunk]:
+    """Yields each chunk decoded; the next chunk decodes while the current one is scored."""
     chunks = [
         list(range(start, min(start + batch_size, len(samples))))
         for start in range(0, len(samples), batch_size)
@@ -251,19 +263,21 @@ def decoded_batches(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
 
         def submit(chunk: list[int]) -> list[Future]:
-            return [pool.submit(_load_one, samples[i], spec) for i in chunk]
+            return [pool.submit(_load_one, samples[i], spec, tiling) for i in chunk]
 
         pending = submit(chunks[0]) if chunks else []
         for number, chunk in enumerate(chunks):
             current = pending
             pending = submit(chunks[number + 1]) if number + 1 < len(chunks) else []
-            loaded = [future.result() for future in current]
-            good = [(i, array) for i, array in zip(chunk, loaded, strict=True) if not isinstance(array, str)]
-            failures = [
-                (i, message) for i, message in zip(chunk, loaded, strict=True) if isinstance(message, str)
-            ]
-            batch = np.stack([array for _, array in good]) if good else None
-            yield [i for i, _ in good], batch, failures
+            loaded = list(zip(chunk, [future.result() for future in current], strict=True))
+            decoded = [(i, x) for i, x in loaded if isinstance(x, ScoringInput)]
+            whole = [(i, x.model_input) for i, x in decoded if x.model_input is not None]
+            yield DecodedChunk(
+                indices=[i for i, _ in whole],
+                batch=np.stack([array for _, array in whole]) if whole else None,
+                scans=[(i, x.pixels) for i, x in decoded if x.pixels is not None],
+                failures=[(i, message) for i, message in loaded if isinstance(message, str)],
+            )
 
 
 @dataclass
@@ -273,31 +287,64 @@ class ScoredSet:
     scores: np.ndarray
     cams: list[np.ndarray | None]
     failures: list[tuple[int, str]]
+    tiled: int = 0  # images scored in tiles (`inference.tiling`)
+
+
+def _score_scans(
+    engine: OnnxEngine, scans: list[tuple[int, np.ndarray]], tiling: TilingOptions
+) -> list[tuple[int, np.ndarray, float, np.ndarray | None]]:
+    """(index, logits, score, cam) of each scan, tiled as the server tiles it (`score_scan`); the logits
+    are those equivalent to the scan score, and the report shows no CAM for it."""
+    rows: list[tuple[int, np.ndarray, float, np.ndarray | None]] = []
+    for index, pixels in scans:
+        scan = score_scan(pixels, engine, tiling)
+        rows.append((index, np.asarray(scan.logits), scan.score, None))
+    return rows
 
 
 def score_samples(
-    scorer: Scorer, samples: list[Sample], batch_size: int = 32, workers: int = 2, progress: bool = True
+    scorer: Scorer,
+    samples: list[Sample],
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: bool = True,
+    tiling: TilingOptions = TilingOptions(),
 ) -> ScoredSet:
-    """Runs every sample through the model in batches, with a progress bar; unreadable images are listed."""
+    """Runs every sample through the model in batches, with a progress bar; unreadable images are listed.
+    Images the tiling rule tiles (`inference.tiling.should_tile`: large X-ray scans) are scored as the
+    server scores them, in tiles through the engine; a torch model has no engine and sees every image
+    whole, as it did in training."""
     from verity.datasets.progress import progress_bar
 
-    indices: list[int] = []
-    logits: list[np.ndarray] = []
-    cams: list[np.ndarray | None] = []
+    if not isinstance(scorer, OnnxScorer):
+        tiling = replace(tiling, mode="off")
+    rows: list[tuple[int, np.ndarray, float, np.ndarray | None]] = []
     failures: list[tuple[int, str]] = []
+    tiled = 0
     bar = progress_bar(progress, total=len(samples), unit="img", desc="evaluating", leave=False)
-    for chunk, batch, chunk_failures in decoded_batches(samples, scorer.spec, batch_size, workers):
-        failures += chunk_failures
-        if batch is not None:
-            batch_logits, batch_cams = scorer.logits_and_cams(batch)
-            indices += chunk
-            logits.append(np.asarray(batch_logits, dtype=np.float64))
-            cams += list(batch_cams) if batch_cams is not None else [None] * len(chunk)
-        bar.update(len(chunk) + len(chunk_failures))
+    for chunk in decoded_batches(samples, scorer.spec, batch_size, workers, tiling):
+        failures += chunk.failures
+        if chunk.batch is not None:
+            logits, cams = scorer.logits_and_cams(chunk.batch)
+            logits = np.asarray(logits, dtype=np.float64)
+            scores = calibrated_scores(logits, scorer.temperature)
+            cam_list = list(cams) if cams is not None else [None] * len(chunk.indices)
+            rows += zip(chunk.indices, logits, scores.tolist(), cam_list, strict=True)
+        if chunk.scans:
+            assert isinstance(scorer, OnnxScorer)  # tiling is off for any other scorer
+            rows += _score_scans(scorer.engine, chunk.scans, tiling)
+            tiled += len(chunk.scans)
+        bar.update(len(chunk.indices) + len(chunk.scans) + len(chunk.failures))
     bar.close()
-    all_logits = np.concatenate(logits) if logits else np.zeros((0, 2))
-    scores = calibrated_scores(all_logits, scorer.temperature) if len(all_logits) else np.zeros(0)
-    return ScoredSet(np.asarray(indices, dtype=np.int64), all_logits, scores, cams, failures)
+    rows.sort(key=lambda row: row[0])
+    return ScoredSet(
+        indices=np.array([row[0] for row in rows], dtype=np.int64),
+        logits=np.array([row[1] for row in rows], dtype=np.float64).reshape(-1, 2),
+        scores=np.array([row[2] for row in rows], dtype=np.float64),
+        cams=[row[3] for row in rows],
+        failures=failures,
+        tiled=tiled,
+    )
 
 
 def worst_errors(scores: np.ndarray, targets: np.ndarray, count: int = WORST_ERRORS) -> list[int]:
@@ -384,6 +431,7 @@ def evaluate(
     report: bool = True,
     worst: int = WORST_ERRORS,
     split_params: SplitParams | None = None,
+    tiling: TilingOptions = TilingOptions(),
 ) -> dict[str, Any]:
     """Evaluates a model on a data set; writes metrics.json, predictions.csv and report.html to `out_dir`.
 
@@ -401,7 +449,7 @@ def evaluate(
     scorer = open_scorer(model, provider=provider, threads=threads)
     loaded = load_samples(data, split, scorer.spec.modality, split_params or split_params_for(scorer.path))
     started = time.perf_counter()
-    scored = score_samples(scorer, loaded.samples, batch_size, workers, progress)
+    scored = score_samples(scorer, loaded.samples, batch_size, workers, progress, tiling)
     seconds = time.perf_counter() - started
     if not len(scored.indices):
         raise ValueError(
@@ -417,6 +465,7 @@ def evaluate(
     )
     out.mkdir(parents=True, exist_ok=True)
     result = _result_record(scorer, data, split, loaded, scored, metrics, seconds)
+    result["tiling"] = {**asdict(tiling), "tiled_images": scored.tiled}
     result["outputs"] = {
         "metrics_json": str(out / "metrics.json"),
         "predictions_csv": str(out / "predictions.csv"),
