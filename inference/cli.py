@@ -64,11 +64,14 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tiles", type=int, default=default.max_tiles)
 
 
-def tiling_options(args: argparse.Namespace) -> TilingOptions:
-    """The TilingOptions of the flags `add_tiling_arguments` added."""
-    return TilingOptions(
-        mode=args.tiles, scale=args.scale, aggregate=args.aggregate, max_tiles=args.max_tiles
-    )
+def tiling_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TilingOptions:
+    """The TilingOptions of the flags `add_tiling_arguments` added; a bad value is a usage error (exit 2)."""
+    try:
+        return TilingOptions(
+            mode=args.tiles, scale=args.scale, aggregate=args.aggregate, max_tiles=args.max_tiles
+        )
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def _heatmap_path(base: str, image: Path, several: bool) -> Path:
@@ -103,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prints a verdict per image; returns 0, or 1 when any image could not be read."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        options = tiling_options(args)
-    except ValueError as error:
-        parser.error(str(error))
+    options = tiling_options(parser, args)
     engine = OnnxEngine(
         resolve_model(args.model, ONNX_FILES),
         provider=args.provider,

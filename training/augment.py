@@ -24,8 +24,7 @@ import numpy as np
 from verity.inference.preprocess import match_channels
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import MODALITIES
-
-VARIANTS = ("full", "patch")
+from verity.training.config import AUGMENT_PRESETS
 
 
 class Glare(A.ImageOnlyTransform):
@@ -167,8 +166,9 @@ def build_preset(modality: str, variant: str = "full") -> A.Compose:
         raise ValueError(
             f"Invalid augmentation preset {modality!r}. Only {', '.join(MODALITIES)} are supported."
         )
-    if variant not in VARIANTS:
-        raise ValueError(f"Invalid preset variant {variant!r}. Only {', '.join(VARIANTS)} are supported.")
+    if variant not in AUGMENT_PRESETS:
+        supported = ", ".join(AUGMENT_PRESETS)
+        raise ValueError(f"Invalid preset variant {variant!r}. Only {supported} are supported.")
     return photo_preset() if modality == "photo" else xray_preset(variant)
 
 

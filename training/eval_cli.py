@@ -44,14 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the evaluation and prints its summary (ROC AUC first). Returns the exit code."""
-    from verity.training.evaluate import evaluate, format_summary
+    from verity.training.eval_outputs import format_summary
+    from verity.training.evaluate import evaluate
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        tiling = tiling_options(args)
-    except ValueError as error:
-        parser.error(str(error))
+    tiling = tiling_options(parser, args)
     result = evaluate(
         args.model,
         args.data,
