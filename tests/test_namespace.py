@@ -8,6 +8,7 @@ installed user would, so the repository root is not on the path.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("api", "inference", "datasets", "training")
 
 BOTH = """
 import json, datasets
@@ -50,15 +52,21 @@ def test_python_dash_m_verity_is_the_command(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_the_wheel_holds_only_the_verity_namespace_and_works_beside_datasets(tmp_path: Path) -> None:
     """What `pip install .` puts on a console: every module under verity/, nothing at the top level."""
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ behind
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("verity", *PACKAGES):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = tmp_path.glob("verity-*.whl")
     modules = [name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")]
     assert modules and all(name.startswith("verity/") for name in modules), modules[:5]
-    for package in ("api", "inference", "datasets", "training"):
+    for package in PACKAGES:
         assert f"verity/{package}/__init__.py" in modules
     target = tmp_path / "site"
     install = subprocess.run(
