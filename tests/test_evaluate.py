@@ -184,7 +184,8 @@ def test_eval_cli_onnx_end_to_end(
 def test_eval_of_checkpoint_matches_onnx(
     dataset: Path, trained: Path, tmp_path: Path, registry: None
 ) -> None:
-    from verity.training.evaluate import ModuleScorer, evaluate
+    from verity.training.evaluate import evaluate
+    from verity.training.scoring import ModuleScorer
 
     onnx_result = evaluate(
         trained, dataset / "manifest.jsonl", out_dir=tmp_path / "a", progress=False, report=False
@@ -356,7 +357,7 @@ def test_train_eval_and_ingest_read_a_real_fake_folder_alike(dataset: Path, tmp_
     from verity.datasets.ingest import IngestOptions, ingest
     from verity.datasets.manifest import read_manifest, resolve_image_path
     from verity.datasets.rows import label_for_folder, load_rows
-    from verity.training.evaluate import load_samples
+    from verity.training.eval_samples import load_samples
 
     assert [label_for_folder(n) for n in ("Real", "fake", "AUTHENTIC", "genuine", "other")] == [
         "genuine",

@@ -68,7 +68,7 @@ def test_ingest_train_and_eval_split_with_the_same_defaults() -> None:
     from verity.datasets.ingest import IngestOptions
     from verity.datasets.rows import load_rows
     from verity.training.config import TrainConfig
-    from verity.training.evaluate import SplitParams
+    from verity.training.eval_samples import SplitParams
 
     defaults = (DEFAULT_VAL_FRACTION, DEFAULT_TEST_FRACTION, DEFAULT_SPLIT_SEED)
     assert defaults == (0.15, 0.15, 0)

@@ -74,7 +74,8 @@ def calibrate(run: Run, val_logits: np.ndarray, val_targets: np.ndarray) -> Cali
 
 def evaluate_test(run: Run, data_manifest: Path, calibration: Calibration) -> dict[str, Any]:
     """The test split through `verity eval`'s own path, with the calibrated model still in memory."""
-    from verity.training.evaluate import ModuleScorer, evaluate
+    from verity.training.evaluate import evaluate
+    from verity.training.scoring import ModuleScorer
 
     config = run.config
     scorer = ModuleScorer(

@@ -66,7 +66,7 @@ def load_validation(
     of (image path or bytes, label) pairs. Images that fail to decode are skipped; none left is an error.
     """
     if isinstance(data, str | Path):
-        from verity.training.evaluate import load_samples
+        from verity.training.eval_samples import load_samples
 
         samples = load_samples(data, split, spec.modality).samples
         pairs: list[tuple[Any, int]] = [(s.path, s.target) for s in samples]
