@@ -102,8 +102,15 @@ class Settings(BaseSettings):
         )
 
 
+# Settings that were renamed: an old name left in a deployment's environment must not be silently ignored.
+RENAMED_SETTINGS = {"VERITY_XRAY_TILING": "VERITY_TILING=auto|on|off (auto tiles large X-ray scans)"}
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Builds Settings from the environment, the optional file (or $VERITY_CONFIG), then overrides."""
+    for old, new in RENAMED_SETTINGS.items():
+        if old in os.environ:
+            raise ValueError(f"{old} is no longer read; use {new}.")
     config_file = config_file or os.environ.get("VERITY_CONFIG")
     if config_file is not None and not Path(config_file).is_file():
         raise FileNotFoundError(f"Settings file {config_file} does not exist.")
