@@ -67,8 +67,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def ingest_main(argv: list[str]) -> int:
-    """`verity data ingest SRC --out MANIFEST ...`; returns 1 when no image could be accepted."""
+def _ingest_parser() -> argparse.ArgumentParser:
     description = _load_doc("verity.datasets.ingest")
     parser = argparse.ArgumentParser(prog="verity data ingest", description=description)
     parser.add_argument(
@@ -106,6 +105,12 @@ def ingest_main(argv: list[str]) -> int:
         "--overwrite", action="store_true", help="replace an existing manifest instead of appending"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def ingest_main(argv: list[str]) -> int:
+    """`verity data ingest SRC --out MANIFEST ...`; returns 1 when no image could be accepted."""
+    parser = _ingest_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.near_threshold <= 32:
         parser.error("--near-threshold must lie between 0 and 32")
