@@ -157,11 +157,13 @@ def server_scores(
     return v1, batch, v2
 
 
-def _assert_agree(reference: dict[str, float], other: dict[str, float], path: str) -> None:
-    for name, value in other.items():
-        assert abs(value - reference[name]) <= TOLERANCE, (
-            f"{path} scored {name} {value}, the CLI {reference[name]}"
-        )
+def _assert_all_agree(reference: dict[str, float], scores_by_path: dict[str, dict[str, float]]) -> None:
+    """Each path's score for each image is the CLI's to TOLERANCE."""
+    for path, scores in scores_by_path.items():
+        for name, value in scores.items():
+            assert abs(value - reference[name]) <= TOLERANCE, (
+                f"{path} scored {name} {value}, the CLI {reference[name]}"
+            )
 
 
 @pytest.mark.parametrize("modality", ["photo", "xray"])
@@ -179,13 +181,8 @@ def test_every_path_gives_every_image_the_same_score(
     v1, batch, v2 = server_scores(setup["root"], modality, f"tiny-{modality}", files)
     evaluated = eval_scores(model, folder, setup["root"] / f"eval-{modality}", capsys)
     assert set(v1) == set(v2) == set(evaluated) == set(reference) and len(batch) == 6
-    for path, scores in (
-        ("/v1/predict", v1),
-        ("/v1/predict/batch", batch),
-        ("/v2 infer", v2),
-        ("eval", evaluated),
-    ):
-        _assert_agree(reference, scores, path)
+    by_path = {"/v1/predict": v1, "/v1/predict/batch": batch, "/v2 infer": v2, "eval": evaluated}
+    _assert_all_agree(reference, by_path)
     metrics = json.loads((setup["root"] / f"eval-{modality}" / "metrics.json").read_text())
     assert metrics["tiling"]["tiled_images"] == sum(tiles > 1 for tiles in expected_tiles.values())
 
@@ -284,12 +281,7 @@ def test_shipped_xray_model_agrees_on_every_path(tmp_path: Path, capsys: pytest.
     (settings_root / "models").symlink_to(ROOT / "checkpoints")
     v1, batch, v2 = server_scores(settings_root, "xray", "xray-default", files)
     evaluated = eval_scores(model, folder, tmp_path / "eval", capsys)
-    for path, scores in (
-        ("/v1/predict", v1),
-        ("/v1/predict/batch", batch),
-        ("/v2 infer", v2),
-        ("eval", evaluated),
-    ):
-        _assert_agree(reference, scores, path)
+    by_path = {"/v1/predict": v1, "/v1/predict/batch": batch, "/v2 infer": v2, "eval": evaluated}
+    _assert_all_agree(reference, by_path)
     five = {round(score, 4) for name, score in reference.items() if name.startswith("five-")}
     assert len(five) == 5, reference
