@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from api_fixtures import make_settings
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 from verity.api.app import create_app
-from verity.api.settings import Settings
 from verity.inference.cli import main as predict_main
 from verity.inference.engine import OnnxEngine
 from verity.inference.preprocess import to_model_input
@@ -128,13 +128,7 @@ def server_scores(
     root: Path, modality: str, model_name: str, files: dict[str, Path]
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """(/v1/predict, /v1/predict/batch, /v2 infer with the encoded image as BYTES) scores by file name."""
-    settings = Settings(
-        models_dir=root / "models",
-        audit_db=root / f"audit-{modality}.sqlite",
-        keys_file=root / "keys.json",
-        background_load=False,
-        warmup=False,
-    )
+    settings = make_settings(root, audit_db=root / f"audit-{modality}.sqlite")
     v1, batch, v2 = {}, {}, {}
     with TestClient(create_app(settings)) as client:
         for name, path in files.items():
