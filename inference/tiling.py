@@ -21,7 +21,10 @@ When to tile (`should_tile`, mode "auto", the default everywhere):
 Tiles are squares of `spec.image_size / scale` native pixels (default scale 0.5: a 224 px model
 sees 448 px tiles at half resolution, which keeps a 4000 x 1500 scan at 60 tiles, under the 1 s budget
 on 2 cores; scale 1.0 looks at native resolution at about 4x the tiles). Neighbouring tiles overlap by
-`overlap` (default 25%) so an object on a tile border is seen whole by at least one tile.
+`overlap` (default 25%) so an object on a tile border is seen whole by at least one tile. "auto" never
+refuses a scan for its size: one that would need more than `max_tiles` tiles at `scale` (a 6000 x 4000
+container scan needs 425 tiles of 320 px) is tiled coarser, with the smallest tiles that fit the limit,
+so the time per scan stays bounded. "on" asks for that detail explicitly and is refused (413) instead.
 
 Padding never raises a scan score: every tile lies fully inside the image (positions are spread evenly
 so the last tile ends exactly at the border, never past it), so no tile is padded or empty. Along an
@@ -92,6 +95,8 @@ class TilingOptions:
             raise ValueError(f"Invalid scale {self.scale}: it must lie in (0, 4].")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"Invalid overlap {self.overlap}: it must lie in [0, 1).")
+        if self.max_tiles < 1:
+            raise ValueError(f"Invalid tile limit {self.max_tiles}: it must be at least 1.")
         if self.aggregate not in AGGREGATES:
             raise ValueError(
                 f"Invalid aggregate {self.aggregate!r}. Only {', '.join(AGGREGATES)} are supported."
@@ -213,6 +218,14 @@ def tile_size(spec_image_size: int, scale: float) -> int:
     return max(1, round(spec_image_size / scale))
 
 
+def fitting_tile(height: int, width: int, tile: int, overlap: float, max_tiles: int) -> int:
+    """The smallest tile side from `tile` up whose grid over a height x width image has at most
+    `max_tiles` tiles (one tile as long as the image always fits)."""
+    while len(tile_starts(height, tile, overlap)) * len(tile_starts(width, tile, overlap)) > max_tiles:
+        tile = math.ceil(tile * 1.1)
+    return tile
+
+
 def plan_tiles(
     height: int, width: int, tile: int, overlap: float, max_tiles: int
 ) -> tuple[list[tuple[int, int]], tuple[int, int]]:
@@ -267,6 +280,8 @@ def score_scan(
     spec = engine.spec
     height, width = image.shape[:2]
     tile = tile_size(spec.image_size, options.scale)
+    if options.mode == "auto":
+        tile = fitting_tile(height, width, tile, options.overlap, options.max_tiles)
     if max(height, width) <= tile:
         boxes, grid, tile = [(0, 0)], (1, 1), max(height, width)
     else:

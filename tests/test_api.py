@@ -215,8 +215,11 @@ def test_large_xray_scan_is_tiled(tmp_path: Path, models_dir: Path) -> None:
         assert small["tiles"] is None  # under 8 model inputs long: scored whole, through the batcher
         photo = predict(client, image_bytes(0, size=(400, 80)), modality="photo").json()
         assert photo["tiles"] is None  # "auto" tiles X-ray only
+        huge = predict(client, image_bytes(0, size=(2000, 2000), mode="L"), modality="xray").json()
+        assert 1 < huge["tiles"] <= 60  # "auto" tiles coarser until the scan fits the tile limit
+    with TestClient(create_app(make_settings(tmp_path, tile_scale=1.0, max_tiles=60, tiling="on"))) as client:
         huge = predict(client, image_bytes(0, size=(2000, 2000), mode="L"), modality="xray")
-        assert_error(huge, 413, "too_many_tiles")
+        assert_error(huge, 413, "too_many_tiles")  # "on" asked for the detail: refused, never coarsened
 
 
 class BrokenAudit(SQLiteAuditStore):

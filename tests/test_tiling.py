@@ -15,6 +15,7 @@ from verity.inference.tiling import (
     TilingOptions,
     TooManyTiles,
     aggregate_scores,
+    fitting_tile,
     plan_tiles,
     score_scan,
     tile_starts,
@@ -77,7 +78,7 @@ def test_scan_finds_the_bright_object_and_locates_it(xray_engine: OnnxEngine) ->
     png = Image.open(io.BytesIO(result.heatmap_png(scan)))
     assert png.format == "PNG" and png.size == (400, 150)
     with pytest.raises(TooManyTiles):
-        score_scan(scan, xray_engine, TilingOptions(scale=1.0, max_tiles=10))
+        score_scan(scan, xray_engine, TilingOptions(mode="on", scale=1.0, max_tiles=10))
 
 
 def test_small_image_is_scored_whole(xray_engine: OnnxEngine) -> None:
@@ -130,3 +131,16 @@ def test_tile_batches_run_on_several_threads_with_the_same_result(xray_engine: O
     assert [t.score for t in together.tiles] == [t.score for t in alone.tiles]
     assert together.score == alone.score and together.verdict == alone.verdict
     np.testing.assert_array_equal(together.evidence, alone.evidence)
+
+
+def test_auto_tiles_a_scan_too_big_for_the_limit_coarser_and_on_refuses_it(xray_engine) -> None:
+    container = np.zeros((4000, 6000, 1), dtype=np.uint16)  # 425 tiles of 320 px at the default scale
+    def count(tile: int) -> int:
+        return len(tile_starts(4000, tile, 0.25)) * len(tile_starts(6000, tile, 0.25))
+
+    tile = fitting_tile(4000, 6000, 320, 0.25, 128)
+    assert count(320) == 425 and count(tile) <= 128 < count(round(tile * 0.9))  # the finest tiles that fit
+    result = score_scan(container, xray_engine, TilingOptions())
+    assert 1 < len(result.tiles) <= 128 and result.image_shape == (4000, 6000)
+    with pytest.raises(TooManyTiles):
+        score_scan(container, xray_engine, TilingOptions(mode="on", max_tiles=128))
