@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+
 from verity.api import routes_v1, routes_v2
 from verity.api.audit import AuditStore, ImageStore, open_audit_store
 from verity.api.auth import KeyStore

@@ -93,6 +93,7 @@ def serve_main(argv: list[str]) -> int:
         )
         return 2
     import uvicorn
+
     from verity.api.logs import configure_logging
 
     os.environ.update(environment)

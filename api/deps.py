@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
 from verity.api.audit import AuditStore, ImageStore
 from verity.api.auth import KeyStore
 from verity.api.errors import ApiError

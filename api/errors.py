@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from verity.api.logs import request_id_var
 from verity.inference.decode import DecodeError, ImageTooLarge, UnsupportedFormat
 

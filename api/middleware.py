@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from verity.api.logs import request_id_var
 from verity.api.metrics import Metrics
 

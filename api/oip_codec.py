@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
+
 from verity.api.errors import ApiError
 from verity.api.registry import ServedModel
 from verity.api.service import Scored

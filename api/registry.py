@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
+
 from verity.api.settings import Settings
 from verity.inference.artifacts import scan_model_files, version_sort_key
 from verity.inference.batcher import BatcherClosedError, BatchStats, MicroBatcher

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+
 from verity.api.audit import FeedbackRecord, utc_now
 from verity.api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
 from verity.api.errors import ApiError, current_request_id
@@ -205,7 +206,10 @@ async def reload_models(registry: RegistryDep, admin: AdminDep) -> dict[str, Any
     tags=["feedback"],
     responses=_errors(400, 401, 404, 413, 422, 503),
     summary="Record an officer's confirmed outcome for a prediction",
-    description="Confirmed cases with stored images become training data: `verity audit confirmed`, then `verity data ingest`.",
+    description=(
+        "Confirmed cases with stored images become training data: `verity audit confirmed`, then "
+        "`verity data ingest`."
+    ),
 )
 async def feedback(
     request: Request, body: FeedbackIn, audit: AuditDep, principal: PrincipalDep, settings: SettingsDep

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+
 from verity.api import oip_codec as oip
 from verity.api.deps import PrincipalDep, RegistryDep
 from verity.api.errors import ApiError, current_request_id

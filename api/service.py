@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
+
 from verity.api.audit import AuditError, AuditRecord, AuditStore, ImageStore, utc_now
 from verity.api.deps import AuditDep, ImageStoreDep, MetricsDep, RegistryDep, SettingsDep
 from verity.api.errors import ApiError, decode_error_to_api, service_unavailable

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from verity.inference.decode import DecodeLimits
 from verity.inference.tiling import TilingOptions
 

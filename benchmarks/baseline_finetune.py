@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+
 from verity.datasets.manifest import read_manifest, resolve_image_path
 from verity.training.metrics import bootstrap_intervals, roc_auc
 from verity.training.models import build_model

@@ -64,10 +64,9 @@ def model_flops(model: Any, shape: tuple[int, ...]) -> float:
 
 def build_models(workdir: Path, size: int = 224) -> dict[str, Any]:
     """fp32 ONNX (exported with the parity gate), INT8 ONNX (static QDQ), and the torch model."""
+    from benchmarks.models import lite0_onnx, lite0_torch
     from verity.inference.preprocess import load_for_model
     from verity.training.quantize import quantize_static_model
-
-    from benchmarks.models import lite0_onnx, lite0_torch
 
     fp32 = lite0_onnx(workdir / "photo" / "0.0.0" / "model.onnx", "photo", size)
     model, spec = lite0_torch("photo", size)  # same architecture; its weights need not match (speed only)

@@ -30,9 +30,8 @@ def run(workdir: Path, seconds: float = 2.0) -> dict[str, Any]:
     gpus = [p for p in GPU_PROVIDERS if p in available_providers()]
     if not gpus:
         return {"skipped": f"no GPU provider in onnxruntime here ({', '.join(available_providers())})"}
-    from verity.training.quantize import export_fp16
-
     from benchmarks.models import lite0_onnx
+    from verity.training.quantize import export_fp16
 
     fp32 = lite0_onnx(workdir / "photo" / "0.0.0" / "model.onnx")
     export_fp16(fp32)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY
 from verity.inference.spec import PreprocessSpec, resolve_spec
 

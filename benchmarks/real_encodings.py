@@ -25,12 +25,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import newest_shipped  # noqa: E402
 from verity.datasets.encode import encode_dicom  # noqa: E402
 from verity.inference.decode import decode_image  # noqa: E402
 from verity.inference.engine import OnnxEngine  # noqa: E402
 from verity.inference.preprocess import is_grey_content, load_for_model  # noqa: E402
-
-from benchmarks.common import newest_shipped  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "real"
 

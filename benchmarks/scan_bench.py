@@ -32,11 +32,10 @@ TARGET_S = 1.0
 
 
 def build_models(workdir: Path, scan: np.ndarray) -> dict[str, Path]:
+    from benchmarks.models import lite0_onnx
     from verity.inference.preprocess import to_model_input
     from verity.inference.spec import resolve_spec
     from verity.training.quantize import quantize_static_model
-
-    from benchmarks.models import lite0_onnx
 
     fp32 = lite0_onnx(workdir / "xray" / "0.0.0" / "model.onnx", "xray", 224)
     spec = resolve_spec("xray")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
 from verity.datasets.rows import load_rows
 from verity.datasets.torch_dataset import ManifestDataset
 from verity.inference.spec import resolve_spec

@@ -27,9 +27,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from verity.datasets.manifest import read_manifest, write_manifest  # noqa: E402
-
 from benchmarks.real_sets import train_command, write_set  # noqa: E402
+from verity.datasets.manifest import read_manifest, write_manifest  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "xray_recipe_choices.jsonl"
 RUNS = ROOT / "data" / "bench-runs" / "choices"

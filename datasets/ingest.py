@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+
 from verity.datasets.hashing import UnionFind, dhash, near_duplicate_pairs, sha256_hex
 from verity.datasets.ingest_sources import Candidate, count_items, iter_source
 from verity.datasets.manifest import ManifestRow, read_manifest, write_manifest

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
 from verity.datasets.manifest import ManifestRow, write_manifest
 from verity.datasets.split import assign_groups, split_fractions
 from verity.inference.vocabulary import DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, LABELS, MODALITIES

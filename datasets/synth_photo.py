@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
 from verity.datasets.catalogue import PRODUCT_SPECS, FontStyle, Product
 from verity.datasets.ean13 import ean13_barcode, ean13_check_digit
 from verity.datasets.synth import STREAM_CASE, ImageJob, case_rng, image_rng, rng_for

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
 from verity.datasets.synth import (
     EXPORT_STYLES,
     STREAM_EXPORT,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
 from verity.datasets.manifest import ManifestRow
 from verity.inference.decode import decode_image
 from verity.inference.preprocess import to_model_input

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+
 from verity.inference.spec import PreprocessSpec
 
 # JSON keys every card carries; `warnings` came later, and the variant keys only some files hold.

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
 from verity.inference.dicom_intensity import dicom_grey_to_unit
 
 # We check the pixel count ourselves, before decoding, with our own limit and message.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from verity.inference.card import ModelCard
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import VERDICTS, verdict_codes

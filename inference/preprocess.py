@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from verity.inference.decode import (
     DEFAULT_LIMITS,
     DecodeError,

@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
 from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits, decode_image, sniff_format
 from verity.inference.engine import usable_cores
 from verity.inference.heatmap import heatmap_png, upsample
@@ -184,6 +185,7 @@ class ScanResult:
     def heatmap_png(self, image: np.ndarray, alpha: float = 0.5) -> bytes:
         """PNG overlay of the evidence on the decoded scan, at the evidence map's size."""
         from PIL import Image
+
         from verity.inference.heatmap import to_display_rgb, to_display_uint8
 
         height, width = self.evidence.shape

@@ -25,6 +25,7 @@ from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
 if TYPE_CHECKING:
     import httpx
     from fastapi.testclient import TestClient
+
     from verity.api.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

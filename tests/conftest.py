@@ -23,6 +23,7 @@ from api_fixtures import make_models_dir, make_settings  # noqa: E402
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
+
     from verity.api.settings import Settings
 
 
@@ -42,6 +43,7 @@ def settings(tmp_path: Path, models_dir: Path) -> Settings:
 def client(settings: Settings) -> Iterator[TestClient]:
     """The app built from `settings`, in-process, with its startup and shutdown run."""
     from fastapi.testclient import TestClient
+
     from verity.api.app import create_app
 
     with TestClient(create_app(settings)) as test_client:

@@ -12,6 +12,7 @@ import pytest
 from api_fixtures import BRIGHT, DARK, assert_error, audit_rows, image_bytes, make_settings, predict
 from fastapi.testclient import TestClient
 from PIL import Image
+
 from verity.api.app import create_app
 from verity.api.audit import AuditError, SQLiteAuditStore
 from verity.api.settings import Settings
@@ -256,6 +257,7 @@ def test_queue_full_is_503_with_retry_after(tmp_path: Path, models_dir: Path) ->
     import asyncio
 
     import httpx
+
     from verity.inference.engine import OnnxEngine
 
     settings = make_settings(tmp_path, batch_max_size=1, batch_max_queue=1, retry_after_s=2)

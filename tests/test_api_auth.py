@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from api_fixtures import DARK, assert_error, make_settings, predict
 from fastapi.testclient import TestClient
+
 from verity.api.app import create_app
 from verity.api.auth import KeyStore
 from verity.api.cli import keys_main

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from api_fixtures import BRIGHT, DARK, assert_error, image_bytes, make_settings, predict, write_model
 from fastapi.testclient import TestClient
+
 from verity.api.app import create_app
 from verity.api.cli import audit_main
 from verity.api.settings import Settings

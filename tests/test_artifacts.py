@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from api_fixtures import make_settings, write_model
 from PIL import Image
-from verity.inference.artifacts import MODEL_FILES, ONNX_FILES, resolve_model, version_sort_key
 
 from verity.cli import main as verity_main
+from verity.inference.artifacts import MODEL_FILES, ONNX_FILES, resolve_model, version_sort_key
 
 if TYPE_CHECKING:
     from verity.api.settings import Settings

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from api_fixtures import image_bytes
 from fastapi.testclient import TestClient
+
 from verity.api.app import create_app
 from verity.api.audit import (
     AuditError,
@@ -19,9 +20,8 @@ from verity.api.audit import (
     open_audit_store,
 )
 from verity.api.settings import Settings
-from verity.datasets.manifest import read_manifest, resolve_image_path
-
 from verity.cli import main as verity_main
+from verity.datasets.manifest import read_manifest, resolve_image_path
 
 
 def record(request_id: str, created: str = "2026-11-29T10:00:00.000000+00:00", **overrides) -> AuditRecord:

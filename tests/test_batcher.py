@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+
 from verity.inference.batcher import BatcherClosedError, BatchStats, MicroBatcher, QueueFullError
 
 

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from verity.datasets.manifest import ManifestRow
 from verity.inference.engine import Thresholds, calibrated_scores
 from verity.training.calibrate import (

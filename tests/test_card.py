@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from verity.inference.card import CardError, ModelCard
 from verity.inference.spec import resolve_spec
 

@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 from api_fixtures import LiveServer, image_bytes, server_env
+
 from verity.api.audit import SQLiteAuditStore
 
 pytestmark = pytest.mark.slow

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+
 from verity.datasets.encode import encode_dicom as _dicom
 from verity.inference.decode import (
     DecodeError,

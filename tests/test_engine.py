@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 import verity.inference.engine as engine_module
+from benchmarks.models import tiny_onnx
 from verity.inference.engine import (
     ModelLoadError,
     OnnxEngine,
@@ -16,8 +18,6 @@ from verity.inference.engine import (
     provider_options,
     resolve_variant,
 )
-
-from benchmarks.models import tiny_onnx
 
 GPU_BOX = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 CUDA_BOX = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -148,9 +148,8 @@ def test_predict_cli_prints_verdicts_heatmaps_and_clear_errors(
 def test_predict_cli_tiles_a_large_xray_scan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from verity.inference.cli import main
-
     from benchmarks.models import tiny_spec
+    from verity.inference.cli import main
 
     model = tiny_onnx(tmp_path / "xray" / "model.onnx", tiny_spec("xray", 32))
     scan = np.zeros((150, 400), np.uint16)

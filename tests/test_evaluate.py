@@ -15,6 +15,9 @@ import pytest
 import torch
 from PIL import Image
 from torch_models import contrast_net
+
+from benchmarks.models import tiny_spec
+from verity import cli as verity_cli
 from verity.datasets.manifest import ManifestRow, write_manifest
 from verity.inference.card import ModelCard
 from verity.inference.preprocess import load_for_model
@@ -23,9 +26,6 @@ from verity.training import eval_cli, export_cli
 from verity.training.calibrate import card_warnings, choose_thresholds, fit_temperature
 from verity.training.export import export_onnx
 from verity.training.metrics import roc_auc
-
-from benchmarks.models import tiny_spec
-from verity import cli as verity_cli
 
 pytestmark = pytest.mark.torch
 

@@ -10,6 +10,8 @@ import onnx
 import pytest
 import torch
 from torch_models import CamNet, tiny_net
+
+from benchmarks.models import tiny_spec
 from verity.inference.card import ModelCard, to_jsonable
 from verity.inference.engine import ModelLoadError, OnnxEngine, calibrated_scores, read_metadata
 from verity.inference.spec import PreprocessSpec
@@ -17,8 +19,6 @@ from verity.training import export as export_module
 from verity.training.calibrate import card_warnings
 from verity.training.checkpoint import load_checkpoint
 from verity.training.export import ExportError, ExportParityError, export_onnx
-
-from benchmarks.models import tiny_spec
 
 pytestmark = pytest.mark.torch
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from verity.training.guard import WeakRunError, auc_interval, check_run, weak_signs
 
 from tests.test_trainer import FAST, make_folder
+from verity.training.guard import WeakRunError, auc_interval, check_run, weak_signs
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.torch

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from verity.datasets.cli import main as data_main
 from verity.datasets.hashing import dhash, near_duplicate_pairs
 from verity.datasets.ingest import IngestOptions, ingest

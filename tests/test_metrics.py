@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+
 from verity.training.metrics import (
     FALSE_ALARM_RATES,
     _resample_statistics,

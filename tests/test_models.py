@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from verity.training.models import (
     MODELS,
     ModelError,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tritonclient.http as tritonclient_http  # a dev dependency: a missing client fails, never skips
 from api_fixtures import IMAGE_SIZE, LiveServer, image_bytes, server_env
-from verity.inference.preprocess import load_for_model
 
 from benchmarks.models import tiny_spec
+from verity.inference.preprocess import load_for_model
 
 pytestmark = pytest.mark.slow
 

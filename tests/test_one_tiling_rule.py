@@ -19,6 +19,8 @@ import pytest
 from api_fixtures import make_settings
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
+
+from benchmarks.models import tiny_card, tiny_onnx
 from verity.api.app import create_app
 from verity.inference.cli import main as predict_main
 from verity.inference.engine import OnnxEngine
@@ -26,8 +28,6 @@ from verity.inference.preprocess import to_model_input
 from verity.inference.spec import resolve_spec
 from verity.inference.tiling import TilingOptions, load_for_scoring, plan_tiles, score_scan, should_tile
 from verity.training.eval_cli import main as eval_main
-
-from benchmarks.models import tiny_card, tiny_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 160  # the shipped models' input

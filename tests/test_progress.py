@@ -6,6 +6,7 @@ import io
 import sys
 
 import pytest
+
 from verity.datasets.progress import NoBar, progress_bar
 
 
@@ -32,9 +33,8 @@ def test_no_bar_off_a_terminal_and_a_bar_on_one(monkeypatch) -> None:
 
 @pytest.mark.torch
 def test_training_log_has_one_line_per_epoch_off_a_terminal(tmp_path, capfd) -> None:
-    from verity.training.trainer import train_from_options
-
     from tests.test_trainer import FAST, make_folder
+    from verity.training.trainer import train_from_options
 
     options = {**FAST, "progress": True}
     train_from_options(data=str(make_folder(tmp_path / "d", per_class=8)), model="resnet18", pretrained=False,

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from benchmarks.models import tiny_onnx
 from verity.inference.engine import OnnxEngine
 from verity.training.quantize import (
     add_export_arguments,
@@ -18,8 +20,6 @@ from verity.training.quantize import (
     run_export_variants,
     sensitive_nodes,
 )
-
-from benchmarks.models import tiny_onnx
 
 pytestmark = pytest.mark.torch  # training.quantize loads the exporter, which imports torch
 
@@ -125,6 +125,7 @@ def _float_weight_convs(path: Path) -> set[str]:
 
 def _named_graph(model: Path):  # noqa: ANN202 - onnx GraphProto
     import onnx
+
     from verity.training.quantize import _name_nodes
 
     graph = onnx.load(str(model)).graph

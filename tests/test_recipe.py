@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from verity.datasets.manifest import ManifestRow
 from verity.training.config import TrainConfig
 from verity.training.recipe import CPU_IMAGE_BUDGET, MAX_EPOCHS, DataProfile, apply_recipe, choose

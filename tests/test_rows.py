@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
 from verity.datasets.ingest import IngestOptions, ingest
 from verity.datasets.manifest import read_manifest, resolve_image_path
 from verity.datasets.rows import LABEL_SYNONYMS, label_for_folder, load_rows
 from verity.inference.vocabulary import LABELS
 from verity.training.eval_samples import load_samples
-
-from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

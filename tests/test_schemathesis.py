@@ -19,6 +19,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+
 from verity.api.app import create_app
 
 pytestmark = pytest.mark.slow

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from verity.api.settings import load_settings
 
+from verity.api.settings import load_settings
 from verity.cli import main as verity_main
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from verity.training.metrics import roc_auc
 
 from verity import cli as verity_cli
+from verity.training.metrics import roc_auc
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +106,7 @@ def test_shipped_xray_model_sees_what_rgb_jpegs_hold(tmp_path: Path) -> None:
     """The fault this pins: every 8-bit RGB JPEG reached the X-ray model as one constant image, so flat
     colours, noise and drawn shapes all scored 0.554."""
     import numpy as np
+
     from verity.api.app import create_app
     from verity.api.settings import Settings
 

@@ -1,6 +1,7 @@
 """PreprocessSpec: validation, JSON round trip and the one precedence rule."""
 
 import pytest
+
 from verity.inference.spec import PreprocessSpec, SpecError, default_spec, resolve_spec
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from verity.datasets import synth_photo, synth_xray
 from verity.datasets.catalogue import PRODUCT_SPECS
 from verity.datasets.ean13 import (

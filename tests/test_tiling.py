@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from benchmarks.models import tiny_onnx, tiny_spec
 from verity.inference.engine import OnnxEngine
 from verity.inference.heatmap import colour_map, heatmap_png, normalise_cam, to_display_rgb
 from verity.inference.tiling import (
@@ -20,8 +22,6 @@ from verity.inference.tiling import (
     score_scan,
     tile_starts,
 )
-
-from benchmarks.models import tiny_onnx, tiny_spec
 
 
 @pytest.fixture(scope="module")

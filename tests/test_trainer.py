@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from verity.datasets.manifest import ManifestRow, write_manifest
 from verity.datasets.rows import folder_rows, load_rows
 from verity.datasets.torch_dataset import ManifestDataset

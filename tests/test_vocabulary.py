@@ -7,6 +7,7 @@ import typing
 
 import numpy as np
 import pytest
+
 from verity.inference.engine import Thresholds
 from verity.inference.vocabulary import (
     DEFAULT_SPLIT_SEED,

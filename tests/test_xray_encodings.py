@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+
 from verity.datasets.encode import encode_dicom
 from verity.inference.decode import decode_image
 from verity.inference.preprocess import is_grey_content, load_for_model, match_channels, to_model_input

@@ -9,6 +9,7 @@ that read red minus blue, so a test set leaning red for counterfeits is separate
 from __future__ import annotations
 
 import torch
+
 from verity.inference.spec import PreprocessSpec
 
 torch.set_num_threads(1)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from verity.datasets.manifest import ManifestRow, write_manifest
 from verity.datasets.rows import split_counts
 from verity.datasets.torch_dataset import ManifestDataset

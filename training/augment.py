@@ -21,6 +21,7 @@ from typing import Any
 
 import albumentations as A
 import numpy as np
+
 from verity.inference.preprocess import match_channels
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import MODALITIES

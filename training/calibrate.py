@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
 from verity.inference.vocabulary import UNCERTAIN, verdict_codes
 
 # Bounds for T. A model that separates validation perfectly drives the NLL optimum to T -> 0; we stop

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
 from verity.inference.spec import PreprocessSpec, resolve_spec
 from verity.inference.vocabulary import LABELS
 from verity.training.config import TrainConfig

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from verity.inference.preprocess import load_for_model
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import LABELS, VERDICTS, verdict_codes, verdict_names

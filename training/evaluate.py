@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from verity.inference.card import to_jsonable
 from verity.inference.tiling import TilingOptions
 from verity.inference.vocabulary import SPLITS

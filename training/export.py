@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from verity.inference.card import ModelCard
 from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY
 from verity.inference.spec import PreprocessSpec

@@ -65,6 +65,7 @@ def card_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> ModelCard:
 def main(argv: list[str] | None = None) -> int:
     """Exports, prints where the model went and the parity figure. Returns the exit code."""
     import numpy as np
+
     from verity.inference.preprocess import load_for_model
     from verity.training.checkpoint import load_checkpoint, model_from_checkpoint
     from verity.training.export import export_onnx

@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 import numpy as np
+
 from verity.training.calibrate import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 UNCERTAIN_SHARE_LIMIT = 0.9

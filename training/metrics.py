@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from verity.inference.vocabulary import LABELS, UNCERTAIN, VERDICTS, verdict_codes
 
 FALSE_ALARM_RATES = (0.001, 0.01, 0.05)

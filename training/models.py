@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from verity.inference.spec import PreprocessSpec, resolve_spec
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from verity.inference.card import ModelCard
 from verity.inference.decode import DecodeError
 from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY, OnnxEngine

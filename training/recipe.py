@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from verity.datasets.manifest import ManifestRow
 from verity.inference.decode import decode_image
 from verity.inference.preprocess import is_grey_content

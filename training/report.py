@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
 from verity.training.metrics import precision_recall_curve, reliability_bins, roc_curve
 
 PLOT_SIZE = 300

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
 from verity.datasets.manifest import ManifestRow
 from verity.datasets.rows import data_fingerprint, load_rows, split_counts
 from verity.inference.spec import PreprocessSpec, resolve_spec

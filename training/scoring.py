@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
 from verity.inference.artifacts import resolve_model
 from verity.inference.card import ModelCard
 from verity.inference.decode import DecodeError, read_image_bytes

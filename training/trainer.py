@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
+
 from verity.datasets.torch_dataset import ManifestDataset
 from verity.inference.vocabulary import LABELS
 from verity.training.artifacts import finish
