@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy inference api
+	$(BIN)/mypy inference api datasets training verity
 
 # Regenerates the shipped default models: synthetic data, fine-tuning from the packaged ImageNet
 # weights, ONNX export into checkpoints/ with an INT8 variant where it passes its accuracy gate,

@@ -160,5 +160,5 @@ def test_predict_cli_tiles_a_large_xray_scan(tmp_path: Path, capsys: pytest.Capt
     result = json.loads(capsys.readouterr().out)
     assert result["verdict"] == "counterfeit" and result["tiles"] == 24 and result["grid"] == [3, 8]
     assert (tmp_path / "scan-heat.png").is_file()
-    assert main(["--model", str(model), str(path), "--max-tiles", "5"]) == 1
+    assert main(["--model", str(model), str(path), "--tiles", "on", "--max-tiles", "5"]) == 1  # refused
     assert "over the limit of 5 per request" in capsys.readouterr().err

@@ -29,24 +29,9 @@ CHECKPOINT_KEYS = ("model_name", "spec", "state_dict")
 
 def code_version() -> str:
     """The git commit of the code (with "-dirty" for uncommitted changes), or the package version."""
-    here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
+        commit = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         from importlib.metadata import PackageNotFoundError, version
@@ -55,6 +40,12 @@ def code_version() -> str:
             return f"verity-{version('verity')}"
         except PackageNotFoundError:
             return "unknown"
+
+
+def _git(*args: str) -> str:
+    here = Path(__file__).resolve().parent
+    done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5, check=True)
+    return done.stdout.strip()
 
 
 # ----------------------------------------------------------------------------------------------- write

@@ -29,6 +29,9 @@ class ModelError(ValueError):
 class Normalize(nn.Module):
     """(x - mean) / std per channel: the model's first layer, so the ONNX graph carries it."""
 
+    mean: torch.Tensor  # buffers: saved with the weights, moved with the model
+    std: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         if len(mean) != len(std):
@@ -74,21 +77,17 @@ def adapt_first_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
     """
     if conv.in_channels == in_chans:
         return conv
+    geometry = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
     new = nn.Conv2d(
         in_chans,
         conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
-        conv.bias is not None,
-        conv.padding_mode,
+        bias=conv.bias is not None,
+        **{name: getattr(conv, name) for name in geometry},
     )
     with torch.no_grad():
         summed = conv.weight.sum(dim=1, keepdim=True)
         new.weight.copy_(summed.repeat(1, in_chans, 1, 1) / in_chans)
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias)
     return new
 
@@ -170,7 +169,9 @@ def _timm(arch: str) -> Callable[[], nn.Module]:
     return create
 
 
-def _timm_features(model: nn.Module) -> tuple[nn.Module, int]:
+# The feature cutters below reach a published model's parts by attribute name (layer4, classifier, ...),
+# which torch's stubs type as Tensor | Module; `model: Any` says they are looked up, not declared.
+def _timm_features(model: Any) -> tuple[nn.Module, int]:
     model.reset_classifier(0, global_pool="")
     return _ForwardFeatures(model), int(model.num_features)
 
@@ -178,12 +179,13 @@ def _timm_features(model: nn.Module) -> tuple[nn.Module, int]:
 class _ForwardFeatures(nn.Module):
     """Calls a timm model's forward_features (the map before pooling)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        features: torch.Tensor = self.model.forward_features(x)
+        return features
 
 
 def _torchvision(arch: str) -> Callable[[], nn.Module]:
@@ -195,17 +197,17 @@ def _torchvision(arch: str) -> Callable[[], nn.Module]:
     return create
 
 
-def _resnet_features(model: nn.Module) -> tuple[nn.Module, int]:
+def _resnet_features(model: Any) -> tuple[nn.Module, int]:
     layers = [model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2]
     features = nn.Sequential(*layers, model.layer3, model.layer4)
     return features, int(model.fc.in_features)
 
 
-def _mobilenet_v3_features(model: nn.Module) -> tuple[nn.Module, int]:
+def _mobilenet_v3_features(model: Any) -> tuple[nn.Module, int]:
     return model.features, int(model.classifier[0].in_features)
 
 
-def _convnext_features(model: nn.Module) -> tuple[nn.Module, int]:
+def _convnext_features(model: Any) -> tuple[nn.Module, int]:
     norm = model.classifier[0]  # LayerNorm2d: applied per position before pooling, so the cam stays exact
     return nn.Sequential(model.features, norm), int(model.classifier[2].in_features)
 
