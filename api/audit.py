@@ -43,15 +43,21 @@ class AuditRecord:
 
 @dataclass(frozen=True)
 class FeedbackRecord:
+    """One officer's confirmation. station_id, key_id and role say who sent it (the caller's key, not
+    the verdict's station); role is None on rows written before senders were recorded."""
+
     request_id: str
     created: str
     confirmed_label: str
     case_id: str | None = None
     notes: str | None = None
     station_id: str | None = None
+    key_id: str | None = None
+    role: str | None = None
 
 
 AUDIT_FIELDS = tuple(f.name for f in fields(AuditRecord))
+FEEDBACK_FIELDS = tuple(f.name for f in fields(FeedbackRecord))
 
 
 def utc_now() -> str:
@@ -69,8 +75,9 @@ class AuditStore(Protocol):
     def since(self, since: str | None) -> Iterator[AuditRecord]:
         """Records created at or after `since` (ISO 8601), oldest first."""
 
-    def confirmed_cases(self) -> Iterator[tuple[AuditRecord, FeedbackRecord]]:
-        """Each audited prediction with its latest feedback, for turning seizures into training data."""
+    def confirmed_cases(self) -> Iterator[tuple[AuditRecord, list[FeedbackRecord]]]:
+        """Each audited prediction that has feedback, with all its feedback rows oldest first (whoever
+        sent them): api.feedback decides which count and how disagreements resolve."""
 
     def close(self) -> None: ...
 
@@ -85,10 +92,15 @@ CREATE TABLE IF NOT EXISTS predictions (
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created);
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL REFERENCES predictions (request_id),
-    created TEXT NOT NULL, confirmed_label TEXT NOT NULL, case_id TEXT, notes TEXT, station_id TEXT
+    created TEXT NOT NULL, confirmed_label TEXT NOT NULL, case_id TEXT, notes TEXT, station_id TEXT,
+    key_id TEXT, role TEXT
 );
 CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id);
 """
+
+# Columns added since the first schema, added in place to older databases (CREATE TABLE IF NOT EXISTS
+# leaves an existing table as it was). Old rows keep NULL: their sender's key and role were not recorded.
+_ADDED_COLUMNS = {"feedback": ("key_id TEXT", "role TEXT")}
 
 
 class SQLiteAuditStore:
@@ -104,8 +116,25 @@ class SQLiteAuditStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.Error as error:
             raise AuditError(f"Cannot open the audit database {self.path}: {error}") from error
+
+    def _migrate(self) -> None:
+        """ALTER TABLE ... ADD COLUMN for each column an older database lacks. Inside one immediate
+        transaction that reads the columns again, so two processes opening an old file at once do not
+        both add the same column."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, columns in _ADDED_COLUMNS.items():
+                present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for column in columns:
+                    if column.split()[0] not in present:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def record(self, records: list[AuditRecord]) -> None:
         placeholders = ", ".join("?" for _ in AUDIT_FIELDS)
@@ -155,17 +184,23 @@ class SQLiteAuditStore:
         finally:
             reader.close()
 
-    def confirmed_cases(self) -> Iterator[tuple[AuditRecord, FeedbackRecord]]:
-        columns = ", ".join(f"p.{name}" for name in AUDIT_FIELDS)
+    def confirmed_cases(self) -> Iterator[tuple[AuditRecord, list[FeedbackRecord]]]:
+        columns = ", ".join([*(f"p.{n}" for n in AUDIT_FIELDS), *(f"f.{n}" for n in FEEDBACK_FIELDS)])
         query = f"""
-            SELECT {columns}, f.request_id, f.created, f.confirmed_label, f.case_id, f.notes, f.station_id
-            FROM feedback f JOIN predictions p ON p.request_id = f.request_id
-            WHERE f.id = (SELECT MAX(id) FROM feedback WHERE request_id = f.request_id)
-            ORDER BY p.created"""
+            SELECT {columns} FROM feedback f JOIN predictions p ON p.request_id = f.request_id
+            ORDER BY p.created, p.request_id, f.id"""
         reader = sqlite3.connect(self.path)
         try:
+            record: AuditRecord | None = None
+            rows: list[FeedbackRecord] = []
             for row in reader.execute(query):
-                yield AuditRecord(*row[: len(AUDIT_FIELDS)]), FeedbackRecord(*row[len(AUDIT_FIELDS) :])
+                if record is None or record.request_id != row[0]:
+                    if record is not None:
+                        yield record, rows
+                    record, rows = AuditRecord(*row[: len(AUDIT_FIELDS)]), []
+                rows.append(FeedbackRecord(*row[len(AUDIT_FIELDS) :]))
+            if record is not None:
+                yield record, rows
         finally:
             reader.close()
 

@@ -207,7 +207,7 @@ def _export_records(store: AuditStore, args: argparse.Namespace) -> int:
 
 def _export_confirmed(store: AuditStore, args: argparse.Namespace) -> int:
     result = export_confirmed(store, args.out, args.modality)
-    skipped = f"; skipped {result.missing_image} without a stored image" if result.missing_image else ""
-    print(f"wrote {result.written} confirmed cases to {result.table}{skipped}", file=sys.stderr)
+    for line in result.summary():
+        print(line, file=sys.stderr)
     print(f"next: verity data ingest {result.table} --out MANIFEST.jsonl", file=sys.stderr)
     return 0

@@ -4,6 +4,7 @@ api.service and api.registry."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from verity.api.audit import FeedbackRecord, utc_now
 from verity.api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
 from verity.api.errors import ApiError, current_request_id
+from verity.api.feedback import may_confirm
 from verity.api.registry import ServedModel
 from verity.api.schemas import (
     BatchResponse,
@@ -30,6 +32,7 @@ from verity.api.schemas import (
 from verity.api.service import PredictionService, Scored, ServiceDep, render_heatmap, station_for
 
 router = APIRouter()
+log = logging.getLogger("verity.api")
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -214,10 +217,21 @@ async def reload_models(registry: RegistryDep, admin: AdminDep) -> dict[str, Any
 async def feedback(
     request: Request, body: FeedbackIn, audit: AuditDep, principal: PrincipalDep, settings: SettingsDep
 ) -> dict[str, Any]:
+    """Only the station that received the verdict, or an admin, may confirm it (api.feedback.may_confirm).
+    Anyone else gets the same 404 as for an id that was never issued, not 403: a 403 would tell a station
+    that another station's request id exists, and request ids are quoted on paper and in case files."""
     record = await run_in_threadpool(audit.get, body.request_id)
-    if record is None:
+    if record is None or not may_confirm(principal.role, principal.station_id, record.station_id):
+        if record is not None:
+            log.warning(
+                "feedback refused: not the verdict's station",
+                extra={"station_id": principal.station_id, "key_id": principal.key_id},
+            )
         raise ApiError(
-            404, "unknown_request_id", f"No audited prediction has request_id {body.request_id!r}."
+            404,
+            "unknown_request_id",
+            f"No audited prediction has request_id {body.request_id!r} for this caller "
+            "(a verdict is confirmed by the station that received it, or an admin).",
         )
     entry = FeedbackRecord(
         request_id=body.request_id,
@@ -226,6 +240,8 @@ async def feedback(
         case_id=body.case_id,
         notes=body.notes,
         station_id=principal.station_id,
+        key_id=principal.key_id,
+        role=principal.role,
     )
     try:
         await run_in_threadpool(audit.add_feedback, entry)

@@ -19,6 +19,7 @@ from verity.api.audit import (
     SQLiteAuditStore,
     open_audit_store,
 )
+from verity.api.feedback import resolve
 from verity.api.settings import Settings
 from verity.cli import main as verity_main
 from verity.datasets.manifest import read_manifest, resolve_image_path
@@ -67,13 +68,17 @@ def test_a_failed_batch_write_writes_nothing(tmp_path: Path) -> None:
 def test_confirmed_cases_latest_feedback_wins(tmp_path: Path) -> None:
     store = SQLiteAuditStore(tmp_path / "a.sqlite")
     store.record([record("r1"), record("r2")])
-    store.add_feedback(FeedbackRecord("r1", "2026-11-29T12:00:00+00:00", "genuine"))
+    gate = dict(station_id="gate-1", key_id="k1", role="station")  # the verdict's own station
+    store.add_feedback(FeedbackRecord("r1", "2026-11-29T12:00:00+00:00", "genuine", **gate))
     store.add_feedback(
-        FeedbackRecord("r1", "2026-11-29T13:00:00+00:00", "counterfeit", notes="lab confirmed")
+        FeedbackRecord("r1", "2026-11-29T13:00:00+00:00", "counterfeit", notes="lab confirmed", **gate)
     )
     cases = list(store.confirmed_cases())
     assert len(cases) == 1 and cases[0][0].request_id == "r1"
-    assert cases[0][1].confirmed_label == "counterfeit" and cases[0][1].notes == "lab confirmed"
+    assert [row.confirmed_label for row in cases[0][1]] == ["genuine", "counterfeit"]  # oldest first
+    case, ignored = resolve(*cases[0])
+    assert case is not None and ignored == 0 and case.resolution == "latest"
+    assert case.winner.confirmed_label == "counterfeit" and case.winner.notes == "lab confirmed"
 
 
 def test_open_store_by_url(tmp_path: Path) -> None:
