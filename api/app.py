@@ -18,6 +18,7 @@ from verity.api import routes_v1, routes_v2
 from verity.api.audit import AuditStore, ImageStore, open_audit_store
 from verity.api.auth import KeyStore
 from verity.api.errors import install_error_handlers
+from verity.api.limits import KeyLimits
 from verity.api.logs import configure_logging
 from verity.api.metrics import Metrics
 from verity.api.middleware import RequestContextMiddleware
@@ -87,7 +88,6 @@ def _lifespan(
         # Opened per lifespan (and closed at its end), so an app can be started again after a stop.
         audit_store = audit if audit is not None else await run_in_threadpool(open_audit_store, settings)
         app.state.audit = audit_store
-        app.state.decode_slots = asyncio.Semaphore(settings.decode_concurrency)  # bound to this loop
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threadpool_size
         loading = None
         if settings.background_load:
@@ -149,9 +149,16 @@ def create_app(
     app.state.keys = KeyStore(settings.keys_file)
     app.state.image_store = ImageStore(settings.image_store_dir) if settings.store_images else None
     app.state.metrics = metrics
+    app.state.limits = KeyLimits(settings, metrics)  # request rates and decode slots per key
     metrics.watch_models(lambda: _served_models(registry))
     install_error_handlers(app)
     app.include_router(routes_v1.router)
     app.include_router(routes_v2.router)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, body_limit=body_limit_for(settings))
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        body_limit=body_limit_for(settings),
+        body_timeout_s=settings.body_timeout_s,
+        body_min_rate=settings.body_min_rate,
+    )
     return app

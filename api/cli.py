@@ -12,11 +12,12 @@ import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from verity.api.audit import AUDIT_FIELDS, AuditStore, open_audit_store
 from verity.api.auth import KeyStore
 from verity.api.feedback import export_confirmed
-from verity.api.settings import load_settings
+from verity.api.settings import Settings, load_settings
 from verity.inference.vocabulary import MODALITIES
 
 
@@ -109,8 +110,20 @@ def serve_main(argv: list[str]) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
         access_log=False,
+        **_connection_options(settings),
     )
     return 0
+
+
+def _connection_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's side of slow and many clients: its HTTP protocol with a deadline for the request head
+    (a name, so worker processes import it), idle keep-alive, and the connections plus requests one
+    worker holds at once (past it uvicorn answers 503). The body's deadline is the app's middleware."""
+    return {
+        "http": "verity.api.http_protocol:HeadDeadlineProtocol",
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+        "limit_concurrency": settings.max_concurrency,
+    }
 
 
 def keys_main(argv: list[str]) -> int:

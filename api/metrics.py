@@ -72,6 +72,18 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "verity_rate_limited_total",
+            "Requests refused with 429, by reason (requests: the key's rate; decodes: its decode share) "
+            "and key id (anonymous: callers without a key).",
+            ["reason", "key"],
+            registry=self.registry,
+        )
+        self.timed_out = Counter(
+            "verity_request_timeouts_total",
+            "Requests cut off with 408 because their body did not arrive in time.",
+            registry=self.registry,
+        )
         self.audit_failures = Counter(
             "verity_audit_failures_total", "Audit writes that failed.", registry=self.registry
         )

@@ -3,10 +3,16 @@
 The body limit is enforced while the body streams in: a declared Content-Length over the limit is
 refused before a byte is read, and a chunked body is counted and cut off as soon as it passes the
 limit, so an oversized upload never sits in memory or on disk whole.
+
+The body also has a deadline (uvicorn has none): body_timeout_s from the request head, plus a second
+for every body_min_rate bytes received. A client trickling its body (1 byte every 3 s held a
+connection 36 s and more) gets a 408 and the connection is closed; a slow but honest upload keeps
+earning time. The request head's own deadline is the protocol's (api/http_protocol.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -22,15 +28,28 @@ from verity.api.metrics import Metrics
 log = logging.getLogger("verity.api.access")
 
 
-class BodyTooLarge(Exception):
-    """Raised inside the app when the streamed body passes the limit; the middleware answers 413."""
+class BodyRefused(Exception):
+    """Raised inside the app when the streamed body is too large or too slow; the middleware answers."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, body_limit: Callable[[str, str], int]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        body_limit: Callable[[str, str], int],
+        body_timeout_s: float = 10.0,
+        body_min_rate: int = 16 * 1024,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.body_limit = body_limit
+        self.body_timeout_s = body_timeout_s
+        self.body_min_rate = body_min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,13 +61,13 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         path, method = scope["path"], scope["method"]
         limit = self.body_limit(method, path)
-        state = {"status": 500, "seen": 0, "too_large": False, "app_started": False}
+        state: dict[str, Any] = {"status": 500, "seen": 0, "body_done": False, "refused": None}
         self.metrics.in_flight.inc()
         try:
             declared = _content_length(scope)
             if declared is not None and declared > limit:
-                await self._send_413(send, request_id, limit, path)
                 state["status"] = 413
+                await self._send_refusal(send, request_id, _too_large(limit), path)
                 return
             await self._run(scope, receive, send, request_id, limit, state)
         finally:
@@ -69,51 +88,73 @@ class RequestContextMiddleware:
             )
             request_id_var.reset(token)
 
+    async def _receive_in_time(self, receive: Receive, state: dict[str, Any]) -> Message:
+        """The next message, within the body's deadline (none once the body is whole: what follows is
+        only the wait for a disconnect)."""
+        if state["body_done"]:
+            return await receive()
+        deadline = self.body_timeout_s + state["seen"] / self.body_min_rate
+        remaining = state["started"] + deadline - time.perf_counter()
+        try:
+            async with asyncio.timeout(max(remaining, 0.0)):
+                return await receive()
+        except TimeoutError:
+            self.metrics.timed_out.inc()
+            message = (
+                f"The request body did not arrive in time: {state['seen']:,} bytes in {deadline:.1f} s. "
+                f"Send it within {self.body_timeout_s:g} s, plus a second per {self.body_min_rate:,} bytes."
+            )
+            raise BodyRefused(408, "request_timeout", message) from None
+
     async def _run(
         self, scope: Scope, receive: Receive, send: Send, request_id: str, limit: int, state: dict
     ) -> None:
-        async def counting_receive() -> Message:
-            message = await receive()
-            if message["type"] == "http.request":
-                state["seen"] += len(message.get("body", b""))
-                if state["seen"] > limit:
-                    state["too_large"] = True
-                    raise BodyTooLarge()
-            return message
+        state["started"] = scope["state"]["started"]
+
+        async def checked_receive() -> Message:
+            try:
+                message = await self._receive_in_time(receive, state)
+                if message["type"] == "http.request":
+                    state["seen"] += len(message.get("body", b""))
+                    state["body_done"] = not message.get("more_body", False)
+                    if state["seen"] > limit:
+                        raise _too_large(limit)
+                return message
+            except BodyRefused as refusal:
+                state["refused"] = refusal
+                raise
 
         async def tagging_send(message: Message) -> None:
-            if state["too_large"]:
-                return  # whatever the app made of the cut-off body, the client gets our 413
+            if state["refused"]:
+                return  # whatever the app made of the refused body, the client gets our 413 or 408
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
-                state["app_started"] = True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tagging_send)
-        except BodyTooLarge:
-            pass
+            await self.app(scope, checked_receive, tagging_send)
         except Exception:
-            if not state["too_large"]:
+            if not state["refused"]:
                 raise
-        if state["too_large"]:
-            state["status"] = 413
-            await self._send_413(send, request_id, limit, scope["path"])
+        if state["refused"]:
+            state["status"] = state["refused"].status
+            await self._send_refusal(send, request_id, state["refused"], scope["path"])
 
     @staticmethod
-    async def _send_413(send: Send, request_id: str, limit: int, path: str) -> None:
-        message = f"The request body is larger than this route's limit of {limit:,} bytes."
+    async def _send_refusal(send: Send, request_id: str, refusal: BodyRefused, path: str) -> None:
+        """The error answer in the route family's shape; the connection is closed after it, since the
+        rest of the body was never read."""
         body: dict[str, Any]
         if path.startswith("/v2"):
-            body = {"error": message}
+            body = {"error": refusal.message}
         else:
-            body = {"error": {"code": "request_too_large", "message": message, "request_id": request_id}}
+            body = {"error": {"code": refusal.code, "message": refusal.message, "request_id": request_id}}
         payload = json.dumps(body).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": refusal.status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(payload)).encode()),
@@ -123,6 +164,11 @@ class RequestContextMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+
+def _too_large(limit: int) -> BodyRefused:
+    message = f"The request body is larger than this route's limit of {limit:,} bytes."
+    return BodyRefused(413, "request_too_large", message)
 
 
 def _content_length(scope: Scope) -> int | None:

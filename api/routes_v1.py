@@ -44,6 +44,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "The upload or the image is too large.",
         415: "Not an image type the server reads.",
         422: "Missing or invalid fields.",
+        408: "The request body did not arrive in time (VERITY_BODY_TIMEOUT_S, VERITY_BODY_MIN_RATE).",
+        429: "Too many requests from this key, or too many of its images decoding; see Retry-After.",
         503: "Not ready, at capacity, or the audit log is unavailable; see Retry-After.",
     }
     return {code: {"model": ErrorBody, "description": descriptions[code]} for code in codes}
@@ -74,7 +76,7 @@ async def _heatmap(scored: Scored, wanted: bool) -> str | None:
     "/v1/predict",
     response_model=PredictionResult,
     tags=["predict"],
-    responses=_errors(400, 401, 403, 413, 415, 422, 503),
+    responses=_errors(400, 401, 403, 408, 413, 415, 422, 429, 503),
     summary="Verdict for one image",
     description="Decodes the image by content (never by file name), scores it with the modality's "
     "default model, writes the audit record, then answers. Example: "
@@ -119,7 +121,7 @@ async def _batch_item(
     "/v1/predict/batch",
     response_model=BatchResponse,
     tags=["predict"],
-    responses=_errors(400, 401, 403, 413, 422, 503),
+    responses=_errors(400, 401, 403, 408, 413, 422, 429, 503),
     summary="Verdicts for several images",
     description="Up to `max_batch_files` files (field `files`, repeated); one result per file in upload "
     "order. A file that cannot be decoded fails alone, with its own error entry.",
@@ -207,7 +209,7 @@ async def reload_models(registry: RegistryDep, admin: AdminDep) -> dict[str, Any
     "/v1/feedback",
     response_model=FeedbackOut,
     tags=["feedback"],
-    responses=_errors(400, 401, 404, 413, 422, 503),
+    responses=_errors(400, 401, 404, 408, 413, 422, 503),
     summary="Record an officer's confirmed outcome for a prediction",
     description=(
         "Confirmed cases with stored images become training data: `verity audit confirmed`, then "

@@ -175,7 +175,7 @@ INFER_DOC: dict[str, Any] = dict(
         "`case_id` and `station_id`; `binary_data_output: true` returns binary outputs. Every answer is "
         "audited under its request_id before it is sent."
     ),
-    responses=_errors(400, 401, 404, 413, 415, 503),
+    responses=_errors(400, 401, 404, 408, 413, 415, 429, 503),
     openapi_extra={
         "requestBody": {
             "required": True,

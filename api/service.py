@@ -6,9 +6,7 @@ written before any verdict leaves the server, and a failed write turns the answe
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import hashlib
 import logging
 import time
@@ -22,8 +20,9 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import AuditError, AuditRecord, AuditStore, ImageStore, utc_now
-from verity.api.deps import AuditDep, ImageStoreDep, MetricsDep, RegistryDep, SettingsDep
+from verity.api.deps import AuditDep, ImageStoreDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
 from verity.api.errors import ApiError, decode_error_to_api, service_unavailable
+from verity.api.limits import ANONYMOUS_KEY, KeyLimits
 from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry, ServedModel
 from verity.api.settings import Settings
@@ -96,9 +95,11 @@ class PredictionService:
         audit: AuditStore,
         image_store: ImageStore | None,
         metrics: Metrics,
-        decode_slots: asyncio.Semaphore | None = None,
+        limits: KeyLimits,
+        caller: str,
     ) -> None:
-        self.decode_slots = decode_slots
+        self.limits = limits
+        self.caller = caller  # the key whose decode share this request's decodes use
         self.settings = settings
         self.registry = registry
         self.audit = audit
@@ -120,9 +121,8 @@ class PredictionService:
         )
 
     async def prepare(self, data: bytes, served: ServedModel) -> PreparedImage:
-        slots = self.decode_slots or contextlib.nullcontext()
         try:
-            async with slots:
+            async with self.limits.decode_slot(self.caller):  # may wait its turn, or refuse with 429
                 return await run_in_threadpool(
                     prepare_image,
                     data,
@@ -289,9 +289,13 @@ async def get_service(
     audit: AuditDep,
     image_store: ImageStoreDep,
     metrics: MetricsDep,
+    principal: PrincipalDep,
 ) -> PredictionService:
-    slots = getattr(request.app.state, "decode_slots", None)
-    return PredictionService(settings, registry, audit, image_store, metrics, slots)
+    """The service for one prediction request, which is charged to its caller's rate here (429 when spent)."""
+    limits: KeyLimits = request.app.state.limits
+    caller = principal.key_id or ANONYMOUS_KEY
+    limits.admit(caller)
+    return PredictionService(settings, registry, audit, image_store, metrics, limits, caller)
 
 
 ServiceDep = Annotated[PredictionService, Depends(get_service)]

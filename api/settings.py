@@ -49,6 +49,36 @@ class Settings(BaseSettings):
     # stretches the latency tail; waiting requests queue in arrival order instead.
     decode_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1, le=256)
 
+    # Fairness between API keys (api/limits.py); every caller without a key shares the one "anonymous".
+    # Requests per second per key, as a token bucket of rate_limit_burst (0 turns it off): far above what
+    # a station's officers send, far below what floods a small server. Over it: 429 with Retry-After.
+    rate_limit_per_s: float = Field(20.0, ge=0.0)
+    rate_limit_burst: int = Field(40, ge=1)
+    # Decode slots kept for keys with nothing decoding, so one key's slow files cannot make every other
+    # station wait (two hostile JPEGs in both slots made an ordinary predict wait 8.7 s).
+    decode_reserve: int = Field(1, ge=0, le=255)
+    # Decodes one key runs at once. Unset: decode_concurrency - decode_reserve (at least 1).
+    decodes_per_key: int | None = Field(None, ge=1, le=256)
+    # Decodes one key may have waiting for a slot (two full batches); one more is a 429 with Retry-After.
+    decode_queue_per_key: int = Field(32, ge=0, le=4096)
+
+    # Connections (`verity serve`). uvicorn has no header or body read timeout of its own: a request head
+    # trickled a byte at a time held its connection 21 s and more, a body 36 s and more.
+    # The request head must arrive within this of the connection opening or of the previous answer, else
+    # the connection is closed (with a 408 when it had sent anything): api/http_protocol.py.
+    header_timeout_s: float = Field(10.0, gt=0.0, le=300.0)
+    # The body must arrive within body_timeout_s of the head, plus a second for every body_min_rate bytes
+    # received, else 408: a trickle is cut off after about 10 s, while a 20 MB upload over a 128 kbit/s
+    # link (16 KiB/s) still has the 21 minutes it needs.
+    body_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
+    body_min_rate: int = Field(16 * 1024, ge=1)
+    # Idle keep-alive connections are closed after this (uvicorn's timeout_keep_alive, same default).
+    keep_alive_timeout_s: int = Field(5, ge=1, le=300)
+    # Open connections plus requests in progress, per worker process (uvicorn's limit_concurrency); past
+    # it uvicorn answers 503 at once. Bounds what many or slow clients hold (sockets, bodies in memory),
+    # well above what a fleet of stations keeps open.
+    max_concurrency: int = Field(100, ge=1, le=100_000)
+
     # Worker threads for blocking work (decodes, upload reads, audit writes). anyio's default of 40 only
     # adds threads, stacks and malloc arenas on a small machine.
     threadpool_size: int = Field(16, ge=4, le=256)

@@ -62,6 +62,7 @@ def start_server(models_dir: str, workdir: Path) -> tuple[subprocess.Popen, str]
         "VERITY_AUDIT_DB": str(workdir / "audit.sqlite"),
         "VERITY_KEYS_FILE": str(workdir / "keys.json"),
         "VERITY_LOG_LEVEL": "warning",
+        "VERITY_RATE_LIMIT_PER_S": "0",  # one client measuring capacity, not a station to hold back
     }
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(

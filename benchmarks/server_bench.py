@@ -79,6 +79,7 @@ class Server:
             "VERITY_AUDIT_DB": str(workdir / f"audit-{self.port}.sqlite"),
             "VERITY_KEYS_FILE": str(workdir / "keys.json"),
             "VERITY_LOG_LEVEL": "warning",
+            "VERITY_RATE_LIMIT_PER_S": "0",  # one client measuring capacity, not a station to hold back
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None

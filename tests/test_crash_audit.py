@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_every_200_survives_kill_9(tmp_path) -> None:
-    env = server_env(tmp_path)
+    env = server_env(tmp_path, VERITY_RATE_LIMIT_PER_S="0")  # full load from one caller: not 429s
     server = LiveServer(env).start()
     answered: list[str] = []
     stop = threading.Event()
@@ -58,7 +58,7 @@ def test_every_200_survives_kill_9(tmp_path) -> None:
 
 def test_graceful_shutdown_finishes_in_flight_requests(tmp_path) -> None:
     """SIGTERM under load: requests already accepted are answered and audited, and the process exits 0."""
-    env = server_env(tmp_path)
+    env = server_env(tmp_path, VERITY_RATE_LIMIT_PER_S="0")  # full load from one caller: not 429s
     server = LiveServer(env).start()
     answered: list[str] = []
     failures: list[int] = []
