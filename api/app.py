@@ -17,11 +17,12 @@ from starlette.concurrency import run_in_threadpool
 from verity.api import routes_v1, routes_v2
 from verity.api.audit import AuditStore, ImageStore, open_audit_store
 from verity.api.auth import KeyStore
+from verity.api.docs import ASSETS_URL, DOCS_PAGES, OPENAPI_URL, install_docs
 from verity.api.errors import install_error_handlers
 from verity.api.limits import KeyLimits
 from verity.api.logs import configure_logging
 from verity.api.metrics import Metrics
-from verity.api.middleware import RequestContextMiddleware
+from verity.api.middleware import HostCheckMiddleware, RequestContextMiddleware, SecurityHeadersMiddleware
 from verity.api.registry import EngineFactory, ModelRegistry
 from verity.api.settings import Settings, load_settings
 
@@ -39,7 +40,8 @@ the answer was written to the audit log before it was sent. Officers' confirmed 
 `POST /v1/feedback`.
 
 **Auth**: station API keys in `X-API-Key` or `Authorization: Bearer`; required when the server binds
-a non-loopback address. `/healthz` is always open.
+a non-loopback address. `/healthz` and `/readyz` are always open; `/metrics` takes any key when keys are
+required; reloading models always needs an admin key, even on an unkeyed loopback server.
 
 **Errors** (/v1): `{"error": {"code", "message", "request_id"}}` with 400, 401, 403, 404, 413, 415, 422
 or 503 (+ `Retry-After`). The Open Inference Protocol routes under `/v2` answer `{"error": "..."}`.
@@ -142,6 +144,9 @@ def create_app(
         description=DESCRIPTION,
         openapi_tags=TAGS,
         lifespan=_lifespan(settings, registry, audit),
+        docs_url=None,  # api.docs serves /docs and /redoc from local files instead of a CDN
+        redoc_url=None,
+        openapi_url=OPENAPI_URL if settings.api_docs else None,
     )
     app.state.settings = settings
     app.state.registry = registry
@@ -154,6 +159,10 @@ def create_app(
     install_error_handlers(app)
     app.include_router(routes_v1.router)
     app.include_router(routes_v2.router)
+    install_docs(app)
+    # Innermost first: the Host check runs inside the request context (its 400 has a request_id), and the
+    # security headers wrap everything, the context's own 413 included.
+    app.add_middleware(HostCheckMiddleware, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
@@ -161,4 +170,5 @@ def create_app(
         body_timeout_s=settings.body_timeout_s,
         body_min_rate=settings.body_min_rate,
     )
+    app.add_middleware(SecurityHeadersMiddleware, docs_pages=DOCS_PAGES, assets_prefix=ASSETS_URL)
     return app

@@ -7,7 +7,10 @@ implement the same five methods against `settings.database_url`; `open_audit_sto
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -16,6 +19,32 @@ from pathlib import Path
 from typing import Protocol
 
 from verity.api.settings import Settings
+
+# Audit rows and seized goods' images are evidence and personal data: owner only, whatever the umask.
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def make_private_dir(path: Path) -> None:
+    """Creates `path` and each missing parent as 0700 (Path.mkdir(parents=True) gives parents 0755);
+    folders that exist already keep their mode."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+
+
+def _create_private_file(path: Path) -> None:
+    """Creates the database as 0600 before SQLite does (it would make it 0644), and tightens one left
+    group- or world-readable by an older version, with its -wal and -shm files."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE_MODE))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if file.stat().st_mode & 0o077:
+                os.chmod(file, PRIVATE_FILE_MODE)
 
 
 class AuditError(RuntimeError):
@@ -108,16 +137,17 @@ class SQLiteAuditStore:
 
     def __init__(self, path: str | Path, synchronous: str = "normal") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.path.parent)
         self._lock = threading.Lock()
         try:
+            _create_private_file(self.path)  # SQLite gives the -wal and -shm files the database's mode
             # One connection shared by the threadpool, serialized by the lock: writes are short.
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.executescript(_SCHEMA)
             self._migrate()
-        except sqlite3.Error as error:
+        except (sqlite3.Error, OSError) as error:
             raise AuditError(f"Cannot open the audit database {self.path}: {error}") from error
 
     def _migrate(self) -> None:
@@ -250,8 +280,10 @@ class ImageStore:
     def put(self, data: bytes, sha256: str, kind: str) -> str:
         target = self.root / sha256[:2] / f"{sha256}.{_EXTENSIONS.get(kind, 'bin')}"
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_suffix(target.suffix + ".tmp")
-            temporary.write_bytes(data)
-            temporary.replace(target)  # atomic: a reader never sees half an image
+            make_private_dir(target.parent)
+            # mkstemp: 0600 and a name of its own, so two uploads of one image never share a temporary.
+            handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{sha256}.", suffix=".tmp")
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+            os.replace(temporary, target)  # atomic: a reader never sees half an image
         return str(target)

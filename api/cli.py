@@ -7,6 +7,7 @@ import csv
 import ctypes
 import ipaddress
 import json
+import logging
 import os
 import sys
 from dataclasses import asdict
@@ -59,6 +60,34 @@ def _serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+
+
+def _serving_environment(settings: Settings, host: str) -> dict[str, str]:
+    """What every worker must agree on: the models folder as resolved here (./checkpoints or the shipped
+    defaults), and the Host names answered: the configured ones plus the bound address."""
+    hosts = list(settings.allowed_hosts)
+    bound = f"[{host}]" if ":" in host else host
+    if host not in WILDCARD_BINDS and "*" not in hosts and bound not in hosts:
+        hosts.append(bound)
+    return {"VERITY_MODELS_DIR": str(settings.models_dir.absolute()), "VERITY_ALLOWED_HOSTS": ",".join(hosts)}
+
+
+def _announce(environment: dict[str, str], host: str) -> None:
+    """The start-up line an operator reads first: where models come from, which Host names answer."""
+    hosts = environment["VERITY_ALLOWED_HOSTS"]
+    wildcard = (
+        f"; bound to {host or 'all addresses'}: add the names clients use to VERITY_ALLOWED_HOSTS"
+        if host in WILDCARD_BINDS
+        else ""
+    )
+    logging.getLogger("verity.api").info(
+        f"serving models from {environment['VERITY_MODELS_DIR']} (set VERITY_MODELS_DIR or --models-dir "
+        f"to change); answering Host {hosts} (VERITY_ALLOWED_HOSTS){wildcard}",
+        extra={"models_dir": environment["VERITY_MODELS_DIR"], "allowed_hosts": hosts.split(",")},
+    )
+
+
 def serve_main(argv: list[str]) -> int:
     """Runs uvicorn with the app factory; refuses a non-loopback bind without any API key."""
     args = _serve_parser().parse_args(argv)
@@ -97,9 +126,11 @@ def serve_main(argv: list[str]) -> int:
 
     from verity.api.logs import configure_logging
 
+    environment.update(_serving_environment(settings, args.host))
     os.environ.update(environment)
     limit_malloc_arenas(settings.malloc_arena_max)
     configure_logging(settings.log_level, settings.log_json)
+    _announce(environment, args.host)
     uvicorn.run(
         "verity.api.app:create_app",
         factory=True,
@@ -110,6 +141,7 @@ def serve_main(argv: list[str]) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
         access_log=False,
+        server_header=False,  # no "server: uvicorn" banner telling a scanner what to try
         **_connection_options(settings),
     )
     return 0

@@ -99,10 +99,19 @@ async def authenticate(
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
-async def require_admin(principal: PrincipalDep, settings: SettingsDep) -> Principal:
-    """Admin routes need an admin key whenever keys are in force (open only on an unkeyed loopback server)."""
-    if principal.role == "admin" or (principal.role == "anonymous" and not settings.require_api_keys):
+async def require_admin(principal: PrincipalDep) -> Principal:
+    """Admin routes need an admin key, on every server: an anonymous caller is never admin, even on an
+    unkeyed loopback server, where any web page the officer opens could otherwise reload models."""
+    if principal.role == "admin":
         return principal
+    if principal.role == "anonymous":
+        raise ApiError(
+            401,
+            "unauthorized",
+            "This needs an admin key (verity keys add --station ID --admin) in X-API-Key or "
+            "Authorization: Bearer.",
+            {"WWW-Authenticate": "Bearer"},
+        )
     raise ApiError(403, "forbidden", "This needs an admin key (verity keys add --admin).")
 
 

@@ -1,4 +1,5 @@
-"""Per-request context as plain ASGI middleware: request_id, body limit, metrics and the access log.
+"""Per-request context as plain ASGI middleware: request_id, body limit, metrics and the access log;
+and the two exposure guards around it: the Host check and the security headers on every answer.
 
 The body limit is enforced while the body streams in: a declared Content-Length over the limit is
 refused before a byte is read, and a chunked body is counted and cut off as soon as it passes the
@@ -22,6 +23,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from verity.api.errors import error_response
 from verity.api.logs import request_id_var
 from verity.api.metrics import Metrics
 
@@ -179,3 +181,91 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port, lower case, without a trailing dot ('[::1]' kept)."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.split(":", 1)[0].rstrip(".")
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """'*' allows any name, '*.example.org' the names under example.org, anything else itself."""
+    for pattern in allowed:
+        if pattern == "*" or host == pattern.lower():
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:].lower()):
+            return True
+    return False
+
+
+class HostCheckMiddleware:
+    """Answers only requests whose Host header names this server: a web page that rebinds its own DNS
+    name to 127.0.0.1 sends its own name, and gets a 400 JSON instead of the API (Starlette's
+    TrustedHostMiddleware answers plain text and drops the port of '[::1]:8000' wrongly)."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str]) -> None:
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or "*" in self.allowed_hosts:
+            await self.app(scope, receive, send)
+            return
+        header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+        if host_allowed(host_name(header), self.allowed_hosts):
+            await self.app(scope, receive, send)
+            return
+        shown = header if len(header) <= 64 else header[:64] + "..."
+        message = (
+            f"The Host header {shown!r} does not name this server; an operator can allow a name with "
+            "VERITY_ALLOWED_HOSTS."
+        )
+        response = error_response(None, 400, "invalid_host", message, path=scope["path"])
+        await response(scope, receive, send)
+
+
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+)
+# API answers are data, never a page: nothing may load from them, and no site may frame them.
+API_CSP = b"default-src 'none'; frame-ancestors 'none'"
+# The docs pages run their own inline start-up script and the bundled assets, from this server only.
+DOCS_CSP = (
+    b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    b"img-src 'self' data:; worker-src 'self' blob:; frame-ancestors 'none'"
+)
+
+
+class SecurityHeadersMiddleware:
+    """Adds nosniff, DENY framing, no-referrer and a Content-Security-Policy to every answer, and
+    Cache-Control: no-store to all but the docs' static assets (verdicts must not sit in a shared cache).
+    Outermost, so the 413 and other answers made by the middleware below get them too."""
+
+    def __init__(self, app: ASGIApp, docs_pages: tuple[str, ...], assets_prefix: str) -> None:
+        self.app = app
+        self.docs_pages = docs_pages
+        self.assets_prefix = assets_prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        added = list(SECURITY_HEADERS)
+        added.append((b"content-security-policy", DOCS_CSP if path in self.docs_pages else API_CSP))
+        if not path.startswith(self.assets_prefix + "/"):
+            added.append((b"cache-control", b"no-store"))
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(name, value) for name, value in added if name not in present]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)

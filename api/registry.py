@@ -23,6 +23,7 @@ from verity.api.settings import Settings
 from verity.inference.artifacts import scan_model_files, version_sort_key
 from verity.inference.batcher import BatcherClosedError, BatchStats, MicroBatcher
 from verity.inference.engine import GPU_PROVIDERS, ModelLoadError, OnnxEngine, Prediction, usable_cores
+from verity.inference.vocabulary import MODALITIES
 
 log = logging.getLogger("verity.api.registry")
 
@@ -158,6 +159,7 @@ class ModelRegistry:
         self.snapshot = Snapshot()
         self.ready = False
         self.last_report: ReloadReport | None = None
+        self.load_finished = False  # a first scan of the models folder has ended (loaded or not)
         self._reload_lock = asyncio.Lock()
 
     def _onnx_engine(self, path: Path) -> OnnxEngine:
@@ -224,28 +226,50 @@ class ModelRegistry:
     async def reload(self) -> ReloadReport:
         """Loads what changed beside what serves, starts its batchers, swaps, then drains the old ones."""
         async with self._reload_lock:
-            current = self.snapshot
-            models, report = await run_in_threadpool(self._load_files, current)
-            defaults = self._choose_defaults(models, report)
-            for key, served in models.items():
-                if current.models.get(key) is not served:
-                    await served.start()
-            self.snapshot = Snapshot(models=models, defaults=defaults)  # the atomic swap
-            retired = [m for k, m in current.models.items() if models.get(k) is not m]
-            for served in retired:
-                await served.stop(drain=True)
-            report.unloaded = [_label(m.key) for m in retired if m.key not in models]
-            report.defaults = {modality: _label(key) for modality, key in defaults.items()}
-            self.ready = bool(models)
-            self.last_report = report
-            if not models:
-                log.warning("no models loaded", extra={"models_dir": str(self.settings.models_dir)})
-            return report
+            try:
+                current = self.snapshot
+                models, report = await run_in_threadpool(self._load_files, current)
+                defaults = self._choose_defaults(models, report)
+                for key, served in models.items():
+                    if current.models.get(key) is not served:
+                        await served.start()
+                self.snapshot = Snapshot(models=models, defaults=defaults)  # the atomic swap
+                retired = [m for k, m in current.models.items() if models.get(k) is not m]
+                for served in retired:
+                    await served.stop(drain=True)
+                report.unloaded = [_label(m.key) for m in retired if m.key not in models]
+                report.defaults = {modality: _label(key) for modality, key in defaults.items()}
+                self.ready = bool(models)
+                self.last_report = report
+                if not models:
+                    log.warning("no models loaded", extra={"models_dir": str(self.settings.models_dir)})
+                return report
+            finally:
+                self.load_finished = True  # even after a failed scan: /readyz then says what is missing
 
     def default_for(self, modality: str) -> ServedModel | None:
         snapshot = self.snapshot
         key = snapshot.defaults.get(modality)
         return snapshot.models.get(key) if key else None
+
+    def readiness_message(self) -> str:
+        """What /readyz says: the model serving each modality, or why a modality has none."""
+        missing = [modality for modality in MODALITIES if self.default_for(modality) is None]
+        if missing:
+            return self.unavailable_message(missing)
+        defaults = self.snapshot.defaults.items()
+        serving = ", ".join(f"{modality} with {_label(key)}" for modality, key in defaults)
+        return f"Serving {serving} from {self.settings.models_dir.absolute()}."
+
+    def unavailable_message(self, modalities: list[str]) -> str:
+        """Why these modalities have no model, for /readyz and 503 bodies: still loading, or nothing
+        for them in the models folder (which never fixes itself, so the folder is named)."""
+        if not self.load_finished:
+            return "Models are still loading; retry shortly."
+        where = self.settings.models_dir.absolute()
+        found = "; ".join(f"no model for {modality} in {where}" for modality in modalities)
+        hint = "put <name>/<version>/model.onnx there or set VERITY_MODELS_DIR"
+        return f"{found[0].upper()}{found[1:]}: {hint}."
 
     def find(self, name: str, version: str | None = None) -> ServedModel | None:
         """A model by name (its default or newest version) or by name and version."""

@@ -263,12 +263,17 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     response_model=Readiness,
     tags=["health"],
-    responses={503: {"model": Readiness, "description": "Models not loaded and warmed yet."}},
+    responses={503: {"model": Readiness, "description": "Models still loading, or none in the models dir."}},
     summary="Readiness: models loaded and warmed",
 )
 async def readyz(registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
     snapshot = registry.snapshot
-    body = {"ready": registry.ready, "defaults": {m: f"{k[0]}/{k[1]}" for m, k in snapshot.defaults.items()}}
+    body = {
+        "ready": registry.ready,
+        "defaults": {m: f"{k[0]}/{k[1]}" for m, k in snapshot.defaults.items()},
+        "models_dir": str(settings.models_dir.absolute()),
+        "message": registry.readiness_message(),
+    }
     headers = None if registry.ready else {"Retry-After": str(settings.retry_after_s)}
     return JSONResponse(body, status_code=200 if registry.ready else 503, headers=headers)
 
@@ -281,9 +286,10 @@ async def readyz(registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
         200: {
             "content": {"text/plain": {"schema": {"type": "string"}}},
             "description": "Prometheus text format.",
-        }
+        },
+        **_errors(401),
     },
-    summary="Prometheus metrics",
+    summary="Prometheus metrics (any station or admin key when keys are required)",
 )
-async def metrics(metrics: MetricsDep) -> Response:
+async def metrics(metrics: MetricsDep, principal: PrincipalDep) -> Response:
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

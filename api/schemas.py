@@ -145,6 +145,8 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     defaults: dict[str, str] = Field(default_factory=dict)
+    models_dir: str = Field(description="The folder models are loaded from (VERITY_MODELS_DIR).")
+    message: str = Field(description="What is served, or why a modality has no model.")
 
 
 class FeedbackIn(BaseModel):

@@ -110,15 +110,10 @@ class PredictionService:
         served = self.registry.default_for(modality)
         if served is not None:
             return served
-        if not self.registry.ready:
-            self.metrics.rejected.labels("not_ready").inc()
-            raise service_unavailable(
-                "not_ready", "Models are still loading; retry shortly.", self.settings.retry_after_s
-            )
-        self.metrics.rejected.labels("no_model").inc()
-        raise service_unavailable(
-            "no_model", f"No {modality} model is loaded on this server.", self.settings.retry_after_s
-        )
+        reason = "no_model" if self.registry.load_finished else "not_ready"
+        self.metrics.rejected.labels(reason).inc()
+        message = self.registry.unavailable_message([modality])
+        raise service_unavailable(reason, message, self.settings.retry_after_s)
 
     async def prepare(self, data: bytes, served: ServedModel) -> PreparedImage:
         try:

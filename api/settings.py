@@ -6,17 +6,33 @@ Precedence (pydantic-settings): explicit constructor arguments > environment > s
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from verity.inference.decode import DecodeLimits
 from verity.inference.tiling import TilingOptions
 
 MiB = 1024 * 1024
+# The names a loopback server is reached by; allowed_hosts' default.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def default_models_dir() -> Path:
+    """./checkpoints when the working folder has one, else the shipped default models installed as the
+    package data `verity.checkpoints` (a wheel or an up-to-date editable install), else ./checkpoints."""
+    local = Path("checkpoints")
+    if local.is_dir():
+        return local
+    shipped = importlib.util.find_spec("verity.checkpoints")
+    if shipped is not None and shipped.submodule_search_locations:
+        return Path(next(iter(shipped.submodule_search_locations)))
+    return local
 
 
 class Settings(BaseSettings):
@@ -24,8 +40,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VERITY_", extra="ignore", env_file_encoding="utf-8")
 
-    # Models: checkpoints/<name>/<version>/model.onnx, several versions side by side.
-    models_dir: Path = Path("checkpoints")
+    # Models: <models_dir>/<name>/<version>/model.onnx, several versions side by side. Unset: ./checkpoints
+    # when the working folder has one (a checkout), else the shipped defaults installed with the package,
+    # so `verity serve` after `pip install` serves them from any folder. Said at start-up and by /readyz.
+    models_dir: Path = Field(default_factory=default_models_dir)
     # modality -> "name" or "name/version"; unpinned modalities serve their newest version.
     pinned_models: dict[str, str] = Field(default_factory=dict)
     provider: str | None = None
@@ -121,6 +139,25 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
     log_json: bool = True
+
+    # Exposure. Host names a request's Host header may carry ("*" any, "*.example.org" a domain's
+    # names): loopback names by default, so a web page cannot reach a loopback server through DNS
+    # rebinding; `verity serve --host` adds the bound address. A server behind a name needs that name.
+    # VERITY_ALLOWED_HOSTS takes names separated by commas (or a JSON list).
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(LOOPBACK_HOSTS))
+    # /docs, /redoc and /openapi.json (served from local files, so they work on an air-gapped network).
+    # Off: the three answer 404, for a deployment that publishes no description of its routes.
+    api_docs: bool = True
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [name.strip() for name in text.split(",") if name.strip()]
+        return value
 
     @property
     def decode_limits(self) -> DecodeLimits:

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
+# The loopback names (the default) plus the Host that Starlette's TestClient sends.
+TEST_HOSTS = ["localhost", "127.0.0.1", "[::1]", "testserver"]
 
 
 def write_model(
@@ -62,6 +64,7 @@ def make_settings(root: Path, **overrides: Any) -> Settings:
         background_load=False,
         warmup=False,
         store_images=True,
+        allowed_hosts=TEST_HOSTS,
     )
     values.update(overrides)
     return Settings(**values)
@@ -103,6 +106,14 @@ def audit_rows(root: Path) -> dict[str, tuple]:
         }
 
 
+def admin_headers(settings: Settings) -> dict[str, str]:
+    """A new admin key in the settings' key file, as headers: reloads need one on every server."""
+    from verity.api.auth import KeyStore
+
+    _, secret = KeyStore(settings.keys_file).add("ops", role="admin")
+    return {"X-API-Key": secret}
+
+
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
     """The response is the API's error envelope with this status (and code), and no traceback."""
     assert response.status_code == status, response.text
@@ -134,7 +145,8 @@ def free_port() -> int:
 class LiveServer:
     """`verity serve` in a subprocess on 127.0.0.1 and a free port, with the environment given."""
 
-    def __init__(self, env: dict[str, str], args: list[str] | None = None) -> None:
+    def __init__(self, env: dict[str, str], args: list[str] | None = None, cwd: Path = REPO) -> None:
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
@@ -158,7 +170,7 @@ class LiveServer:
                 str(self.port),
                 *self.args,
             ],
-            cwd=REPO,
+            cwd=self.cwd,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -18,11 +18,16 @@ from verity.api.audit import AuditError, SQLiteAuditStore
 from verity.api.settings import Settings
 
 
-def test_health_ready_and_models(client: TestClient) -> None:
+def test_health_ready_and_models(client: TestClient, models_dir: Path) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "defaults": {"photo": "photo-test/2", "xray": "xray-test/1"}}
+    assert ready.json() == {
+        "ready": True,
+        "defaults": {"photo": "photo-test/2", "xray": "xray-test/1"},
+        "models_dir": str(models_dir),
+        "message": f"Serving photo with photo-test/2, xray with xray-test/1 from {models_dir}.",
+    }
     models = client.get("/v1/models").json()
     assert models["defaults"] == {"photo": "photo-test/2", "xray": "xray-test/1"}
     listed = {(m["name"], m["version"]): m for m in models["models"]}
@@ -266,7 +271,7 @@ def test_queue_full_is_503_with_retry_after(tmp_path: Path, models_dir: Path) ->
     async def scenario():
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
                 return await asyncio.gather(
                     *(
                         client.post(

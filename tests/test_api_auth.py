@@ -64,10 +64,11 @@ def test_auth_required(tmp_path: Path, models_dir: Path) -> None:
         assert_error(predict(client, headers={"X-API-Key": station_key}), 401)
 
 
-def test_auth_off_allows_anonymous_but_checks_presented_keys(client: TestClient) -> None:
+def test_auth_off_allows_anonymous_predictions_but_checks_presented_keys(client: TestClient) -> None:
     assert predict(client).status_code == 200
     assert_error(predict(client, headers={"X-API-Key": "vk_bad_key"}), 401)
-    assert client.post("/v1/models/reload").status_code == 200
+    # An anonymous caller is never admin, even on an unkeyed loopback server (tests/test_exposure.py).
+    assert_error(client.post("/v1/models/reload"), 401, "unauthorized")
 
 
 def test_keys_cli_add_list(tmp_path: Path, capsys) -> None:

@@ -7,7 +7,16 @@ import time
 from pathlib import Path
 
 import pytest
-from api_fixtures import BRIGHT, DARK, assert_error, image_bytes, make_settings, predict, write_model
+from api_fixtures import (
+    BRIGHT,
+    DARK,
+    admin_headers,
+    assert_error,
+    image_bytes,
+    make_settings,
+    predict,
+    write_model,
+)
 from fastapi.testclient import TestClient
 
 from verity.api.app import create_app
@@ -15,11 +24,12 @@ from verity.api.cli import audit_main
 from verity.api.settings import Settings
 
 
-def test_reload_success_and_failure(client: TestClient, models_dir: Path) -> None:
+def test_reload_success_and_failure(client: TestClient, settings: Settings, models_dir: Path) -> None:
+    admin = admin_headers(settings)
     before = predict(client, DARK).json()["model"]
     assert before == {"name": "photo-test", "version": "2"}
     write_model(models_dir, "photo-test", "10", "photo")
-    report = client.post("/v1/models/reload").json()
+    report = client.post("/v1/models/reload", headers=admin).json()
     assert report["ok"] and report["loaded"] == ["photo-test/10"]
     assert sorted(report["kept"]) == ["photo-test/1", "photo-test/2", "xray-test/1"]
     assert report["defaults"]["photo"] == "photo-test/10"
@@ -29,7 +39,7 @@ def test_reload_success_and_failure(client: TestClient, models_dir: Path) -> Non
     (models_dir / "photo-test" / "11" / "model.onnx").write_bytes(b"\x08\x01garbage")
     truncated = (models_dir / "photo-test" / "1" / "model.onnx").read_bytes()[:200]
     (models_dir / "photo-test" / "10" / "model.onnx").write_bytes(truncated)
-    failed = client.post("/v1/models/reload").json()
+    failed = client.post("/v1/models/reload", headers=admin).json()
     assert not failed["ok"] and len(failed["failed"]) == 2
     assert failed["defaults"]["photo"] == "photo-test/10" and "photo-test/10" in failed["kept"]
     response = predict(client, BRIGHT)
@@ -37,7 +47,7 @@ def test_reload_success_and_failure(client: TestClient, models_dir: Path) -> Non
     # Removing a version unloads it.
     for path in (models_dir / "photo-test").glob("1*/model.onnx"):
         path.unlink()
-    report = client.post("/v1/models/reload").json()
+    report = client.post("/v1/models/reload", headers=admin).json()
     assert "photo-test/10" in report["unloaded"] and report["defaults"]["photo"] == "photo-test/2"
 
 
@@ -80,11 +90,12 @@ def test_reload_under_load_never_fails_a_request(settings: Settings, models_dir:
     import httpx
 
     app = create_app(settings)
+    admin = admin_headers(settings)
 
     async def scenario():
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
 
                 async def one():
                     return await client.post(
@@ -93,7 +104,7 @@ def test_reload_under_load_never_fails_a_request(settings: Settings, models_dir:
 
                 first = [asyncio.create_task(one()) for _ in range(12)]
                 write_model(models_dir, "photo-test", "3", "photo")
-                reload = asyncio.create_task(client.post("/v1/models/reload"))
+                reload = asyncio.create_task(client.post("/v1/models/reload", headers=admin))
                 second = [asyncio.create_task(one()) for _ in range(12)]
                 return await asyncio.gather(*first, *second), await reload
 

@@ -136,7 +136,7 @@ def test_oversized_body_is_cut_off_while_streaming(server: LiveServer) -> None:
     sent, answer = 0, b""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(
-            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
             b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
         )
         part = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
@@ -163,7 +163,7 @@ def test_oversized_body_is_cut_off_while_streaming(server: LiveServer) -> None:
 def test_declared_oversized_body_is_refused(server: LiveServer) -> None:
     """A Content-Length over the limit is answered 413 before any of the body is sent."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n"
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000000\r\n"
                      b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
         answer = b""
         while chunk := sock.recv(4096):  # the server closes the connection after its answer

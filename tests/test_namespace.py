@@ -58,6 +58,9 @@ def test_the_wheel_holds_only_the_verity_namespace_and_works_beside_datasets(tmp
         shutil.copy(REPO / name, source / name)
     for name in ("verity", *PACKAGES):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # The shipped models are package data (verity.checkpoints); only the files the wheel takes.
+    shipped = shutil.ignore_patterns("__pycache__", "*.pt", "tensorboard", "data.jsonl", "report.html")
+    shutil.copytree(REPO / "checkpoints", source / "checkpoints", ignore=shipped)
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=300,

@@ -68,7 +68,7 @@ def test_shipped_model_separates_unseen_synthetic_images(modality: str, tmp_path
     rows = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
     settings = Settings(
         models_dir=ROOT / "checkpoints", audit_db=tmp_path / "audit.sqlite", keys_file=tmp_path / "keys.json",
-        background_load=False,
+        background_load=False, allowed_hosts=["testserver"],
     )
     scores: list[float] = []
     targets: list[int] = []
@@ -125,7 +125,7 @@ def test_shipped_xray_model_sees_what_rgb_jpegs_hold(tmp_path: Path) -> None:
     }
     settings = Settings(
         models_dir=ROOT / "checkpoints", audit_db=tmp_path / "audit.sqlite", keys_file=tmp_path / "keys.json",
-        background_load=False,
+        background_load=False, allowed_hosts=["testserver"],
     )
     with TestClient(create_app(settings)) as client:
         scores = {}
