@@ -8,6 +8,8 @@ traceback (the traceback goes to the log, next to the request_id).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +21,11 @@ from verity.inference.decode import DecodeError, ImageTooLarge, UnsupportedForma
 
 log = logging.getLogger("verity.api")
 
+# Characters of a client-sent name that a message quotes back (an 8 KB model name was echoed whole).
+ECHO_MAX = 64
+# Field errors one message names: a body with ten thousand bad fields still gets a short answer.
+ERRORS_LISTED = 3
+
 
 class ApiError(Exception):
     """An error a route wants the client to see, with its HTTP status and machine-readable code."""
@@ -29,6 +36,12 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers or {}
+
+
+def truncated(text: object, limit: int = ECHO_MAX) -> str:
+    """A client-sent name as a message may quote it: its first `limit` characters, and "..." when cut."""
+    value = str(text)
+    return value if len(value) <= limit else value[:limit] + "..."
 
 
 def decode_error_to_api(error: DecodeError) -> ApiError:
@@ -80,13 +93,17 @@ _HTTP_CODES = {
 }
 
 
-def _describe_validation(error: RequestValidationError) -> str:
+def describe_validation(errors: Sequence[Any]) -> str:
+    """Pydantic's field errors as one bounded message: the first few, each field path cut short (a path
+    holds the client's own keys), and how many more there were."""
     parts = []
-    for item in error.errors():
+    for item in errors[:ERRORS_LISTED]:
         location = ".".join(
-            str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path", "header")
+            truncated(p) for p in item.get("loc", ()) if p not in ("body", "query", "path", "header")
         )
         parts.append(f"{location or 'request'}: {item.get('msg', 'invalid')}")
+    if len(errors) > ERRORS_LISTED:
+        parts.append(f"and {len(errors) - ERRORS_LISTED} more")
     return "; ".join(parts) or "The request fields are invalid."
 
 
@@ -97,7 +114,7 @@ async def _api_error_handler(request: Request, error: Exception) -> JSONResponse
 
 async def _validation_handler(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    return error_response(request, 422, "invalid_fields", _describe_validation(error))
+    return error_response(request, 422, "invalid_fields", describe_validation(error.errors()))
 
 
 async def _http_handler(request: Request, error: Exception) -> JSONResponse:

@@ -14,10 +14,12 @@ from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import FeedbackRecord, utc_now
 from verity.api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
-from verity.api.errors import ApiError, current_request_id
+from verity.api.errors import ApiError, current_request_id, truncated
 from verity.api.feedback import may_confirm
 from verity.api.registry import ServedModel
 from verity.api.schemas import (
+    CASE_ID_MAX,
+    STATION_ID_MAX,
     BatchResponse,
     ErrorBody,
     FeedbackIn,
@@ -54,12 +56,13 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 FileField = Annotated[UploadFile, File(description="The image: JPEG, PNG, WebP, GIF, BMP, TIFF or DICOM.")]
 ModalityField = Annotated[Modality, Form(description="photo (a product or label photo) or xray (a scan).")]
 StationField = Annotated[
-    str | None, Form(max_length=100, description="Inspection station; a keyed station's own.")
+    str | None, Form(max_length=STATION_ID_MAX, description="Inspection station; a keyed station's own.")
 ]
 CaseField = Annotated[
-    str | None, Form(max_length=200, description="Seizure or shipment this image belongs to.")
+    str | None, Form(max_length=CASE_ID_MAX, description="Seizure or shipment this image belongs to.")
 ]
 HeatmapField = Annotated[bool, Form(description="Return the evidence heatmap as a base64 PNG.")]
+FILENAME_MAX = 255  # a batch result names its file, cut to a file system's longest name
 
 
 def _elapsed_ms(request: Request) -> float:
@@ -109,12 +112,13 @@ async def _batch_item(
 ) -> tuple[int, str | None, bytes, Scored | None, str | None, ApiError | None]:
     """One file of a batch: its result or its own error, never the whole batch's."""
     data = await upload.read()
+    filename = truncated(upload.filename, FILENAME_MAX) if upload.filename is not None else None
     try:
         scored = await service.score(data, served)
         heatmap = await _heatmap(scored, wanted_heatmap)
-        return index, upload.filename, data, scored, heatmap, None
+        return index, filename, data, scored, heatmap, None
     except ApiError as error:
-        return index, upload.filename, data, None, None, error
+        return index, filename, data, None, None, error
 
 
 @router.post(
@@ -129,7 +133,6 @@ async def _batch_item(
 async def predict_batch(
     request: Request,
     service: ServiceDep,
-    settings: SettingsDep,
     principal: PrincipalDep,
     files: Annotated[list[UploadFile], File(description="The images, one part each.")],
     modality: ModalityField,
@@ -137,10 +140,7 @@ async def predict_batch(
     case_id: CaseField = None,
     return_heatmap: HeatmapField = False,
 ) -> dict[str, Any]:
-    if len(files) > settings.max_batch_files:
-        raise ApiError(
-            422, "too_many_files", f"{len(files)} files sent; at most {settings.max_batch_files} per batch."
-        )
+    service.check_items(len(files))
     station = station_for(principal.station_id, station_id)
     served = service.model_for(modality)
     outcomes = await asyncio.gather(

@@ -14,13 +14,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from verity.api import oip_codec as oip
 from verity.api.deps import PrincipalDep, RegistryDep
-from verity.api.errors import ApiError, current_request_id
+from verity.api.errors import ApiError, current_request_id, truncated
 from verity.api.registry import ServedModel
-from verity.api.schemas import OipError
+from verity.api.schemas import NAME_MAX, PARAMETER_TEXT_MAX, PARAMETERS_MAX, STATION_ID_MAX, OipError
 from verity.api.service import PreparedImage, ServiceDep, station_for
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
@@ -38,7 +38,7 @@ def _model(registry, name: str, version: str | None = None) -> ServedModel:
     if served is None:
         known = ", ".join(sorted({f"{k[0]}/{k[1]}" for k in registry.snapshot.models})) or "none loaded"
         label = f"{name}/{version}" if version else name
-        raise ApiError(404, "unknown_model", f"Unknown model {label!r}. Loaded: {known}.")
+        raise ApiError(404, "unknown_model", f"Unknown model {truncated(label)!r}. Loaded: {known}.")
     return served
 
 
@@ -116,38 +116,41 @@ async def model_version_ready(
 # Parsing ---------------------------------------------------------------------------------------
 
 
+def _tensor_images(
+    tensor: oip.TensorIn, binary: bytes | None, expected: tuple[int, int, int]
+) -> list[PreparedImage]:
+    """Blocking: the model inputs of an FP32 input, each hashed for its audit record."""
+    batch = oip.fp32_batch(tensor, binary, expected)
+    return [PreparedImage(x, hashlib.sha256(x.tobytes()).hexdigest(), "tensor") for x in batch]
+
+
+async def _prepare(
+    service, served: ServedModel, tensor: oip.TensorIn, tail: bytes
+) -> tuple[list[PreparedImage], list[bytes | None]]:
+    """The input's images ready to score, and the uploaded bytes of each (None for tensors)."""
+    binary, _ = oip.binary_part(tensor, tail, 0)
+    if tensor.datatype == "FP32":
+        prepared = await run_in_threadpool(_tensor_images, tensor, binary, served.engine.input_shape())
+        return prepared, [None] * len(prepared)
+    items = oip.bytes_items(tensor, binary)
+    return list(await asyncio.gather(*(service.prepare(item, served) for item in items))), list(items)
+
+
 async def _infer(
     request: Request, service, principal, name: str, version: str | None, header_length: str | None
 ) -> Response:
     served = _model(service.registry, name, version)
-    header, tail = oip.split_body(await request.body(), header_length)
-    try:
-        infer = oip.InferRequest.model_validate(header)
-    except ValidationError as error:
-        raise oip.bad_request(
-            "Invalid inference request: "
-            + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
-        ) from error
-    if len(infer.inputs) != 1:
-        raise oip.bad_request("Send exactly one input: 'image' (FP32) or 'image_bytes' (BYTES).")
-    tensor = infer.inputs[0]
-    binary, _ = oip.binary_part(tensor, tail, 0)
-    if tensor.datatype == "FP32":
-        batch = oip.fp32_batch(tensor, binary, served.engine.input_shape())
-        prepared = [PreparedImage(x, hashlib.sha256(x.tobytes()).hexdigest(), "tensor") for x in batch]
-        datas: list[bytes | None] = [None] * len(prepared)
-    elif tensor.datatype == "BYTES":
-        items = oip.bytes_items(tensor, binary)
-        prepared = list(await asyncio.gather(*(service.prepare(item, served) for item in items)))
-        datas = list(items)
-    else:
-        raise oip.bad_request(
-            f"Unsupported datatype {tensor.datatype!r}: send FP32 (preprocessed tensor) or BYTES (image)."
-        )
-    params = infer.parameters or {}
-    case_id = params.get("case_id") if isinstance(params.get("case_id"), str) else None
-    named = params.get("station_id") if isinstance(params.get("station_id"), str) else None
-    station = station_for(principal.station_id, named)
+    settings = service.settings
+    limits = oip.json_limits(settings.max_batch_files, served.engine.input_shape(), settings.max_json_depth)
+    infer, tail = await run_in_threadpool(oip.parse_request, await request.body(), header_length, limits)
+    # Everything a request can be refused for is checked before its first image is decoded or scored, so
+    # only answered verdicts are audited.
+    tensor = oip.single_input(infer)
+    params = infer.parameters or oip.RequestParameters()
+    station = station_for(principal.station_id, params.station_id)
+    outputs = oip.requested_outputs(infer.outputs)
+    service.check_items(oip.item_count(tensor))
+    prepared, datas = await _prepare(service, served, tensor, tail)
     # The items of one request are scored concurrently, as the files of a /v1 batch are: the batcher
     # gathers them into one model batch.
     scored = list(await asyncio.gather(*(service.score_prepared(served, p) for p in prepared)))
@@ -156,13 +159,28 @@ async def _infer(
     await service.answer(
         list(zip(ids, scored, datas, strict=True)),
         station_id=station,
-        case_id=case_id,
+        case_id=params.case_id,
         started=request.state.started,
         api="v2",
     )
-    return oip.response(
-        served, infer.id, scored, ids, infer.outputs, bool(params.get("binary_data_output", False))
-    )
+    return oip.response(served, infer.id, scored, ids, outputs, params.binary_data_output)
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its `$defs` written in place: the request body schema sits inside the
+    OpenAPI document, where "#/$defs/..." references point at nothing (schemathesis sent no JSON body)."""
+    definitions = schema.get("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items() if key != "$defs"}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(schema)
 
 
 INFER_DOC: dict[str, Any] = dict(
@@ -173,14 +191,18 @@ INFER_DOC: dict[str, Any] = dict(
         "tensor data extension and the `Inference-Header-Content-Length` header). Outputs `score` FP32 [N], "
         "`verdict` BYTES [N], `logits` FP32 [N, 2], `request_id` BYTES [N]; request `parameters` may carry "
         "`case_id` and `station_id`; `binary_data_output: true` returns binary outputs. Every answer is "
-        "audited under its request_id before it is sent."
+        "audited under its request_id before it is sent. Limits, checked before any image is decoded: at "
+        "most `max_batch_files` images per request (422), a JSON body nesting at most `max_json_depth` "
+        "deep (400) and holding no more numbers than those images need (413), parameter maps of at most "
+        f"{PARAMETERS_MAX} entries, names of at most {NAME_MAX} characters and strings of at most "
+        f"{PARAMETER_TEXT_MAX} (station_id {STATION_ID_MAX})."
     ),
-    responses=_errors(400, 401, 404, 408, 413, 415, 429, 503),
+    responses=_errors(400, 401, 403, 404, 408, 413, 415, 422, 429, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": oip.InferRequest.model_json_schema()},
+                "application/json": {"schema": _inlined(oip.InferRequest.model_json_schema())},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             },
         }

@@ -14,6 +14,17 @@ Label = Literal["genuine", "counterfeit"]
 
 EXAMPLE_SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 
+# Length caps on the free strings a client sends, the same on every route (/v1 form fields, /v1/feedback,
+# /v2 parameters): room for any real station, case or note, never megabytes stored in the audit log or
+# echoed back (a /v2 case_id of 1,000,000 characters was stored whole).
+STATION_ID_MAX = 100
+CASE_ID_MAX = 200
+NOTES_MAX = 4000
+REQUEST_ID_MAX = 100  # a request id quoted back (ours are 32 hex digits and "-index"), and a /v2 request's id
+NAME_MAX = 64  # a /v2 tensor, output or parameter name
+PARAMETER_TEXT_MAX = 200  # any other string parameter of /v2
+PARAMETERS_MAX = 16  # entries in one /v2 parameters map
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="Machine-readable reason, e.g. unsupported_media_type.")
@@ -161,10 +172,10 @@ class FeedbackIn(BaseModel):
             }
         },
     )
-    request_id: str = Field(min_length=1, max_length=100)
+    request_id: str = Field(min_length=1, max_length=REQUEST_ID_MAX)
     confirmed_label: Label
-    case_id: str | None = Field(None, max_length=200)
-    notes: str | None = Field(None, max_length=4000)
+    case_id: str | None = Field(None, max_length=CASE_ID_MAX)
+    notes: str | None = Field(None, max_length=NOTES_MAX)
 
 
 class FeedbackOut(BaseModel):

@@ -115,6 +115,13 @@ class PredictionService:
         message = self.registry.unavailable_message([modality])
         raise service_unavailable(reason, message, self.settings.retry_after_s)
 
+    def check_items(self, count: int) -> None:
+        """The one items cap of every route (files of a /v1 batch, images or tensors of a /v2 input),
+        checked on the count a request declares, before any of its items is decoded."""
+        limit = self.settings.max_batch_files
+        if count > limit:
+            raise ApiError(422, "too_many_files", f"{count:,} items sent; at most {limit} per request.")
+
     async def prepare(self, data: bytes, served: ServedModel) -> PreparedImage:
         try:
             async with self.limits.decode_slot(self.caller):  # may wait its turn, or refuse with 429

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from verity.inference.decode import DecodeLimits
+from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.tiling import TilingOptions
 
 MiB = 1024 * 1024
@@ -61,7 +61,24 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * MiB, ge=1024)
     max_batch_bytes: int = Field(64 * MiB, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
+    # Decode budgets (inference/decode.py, DecodeLimits), each checked before any pixel is decoded and
+    # refused with a 413 and its own code. Bytes of decoded samples (width x height x depth x samples x
+    # bytes per sample): a 280 KB TIFF of 64 samples decoded to 256 MB. A server decodes an 8-bit RGB
+    # image into about 2.3 times this, so the default keeps one upload under 300 MB: 33 MP of RGB pass.
+    max_decoded_bytes: int = Field(DEFAULT_LIMITS.max_decoded_bytes, ge=MiB)
+    # Scans of a progressive JPEG, each a pass over the whole image (20 ms at 36 MP here): encoders write
+    # 10-20; 5,000 empty ones in 551 KB took 10-100 s. The default costs at most about 0.7 s more.
+    max_jpeg_scans: int = Field(DEFAULT_LIMITS.max_jpeg_scans, ge=1)
+    # JPEG marker segments, PNG chunks, GIF blocks and DICOM elements one file may hold, each parsed in
+    # Python: 20 MB of empty ones took 2-9 s. Real images hold tens to a few thousand.
+    max_image_segments: int = Field(DEFAULT_LIMITS.max_image_segments, ge=100)
+    # The one items cap of every route, checked on the declared count before anything is decoded: files
+    # of a /v1 batch, elements (images) of a /v2 BYTES input, N of a /v2 FP32 [N, C, S, S] input. A /v2
+    # JSON body may also hold no more numbers than this many model inputs need.
     max_batch_files: int = Field(16, ge=1, le=256)
+    # Nesting depth of a /v2 JSON body, checked before it is parsed. A real one nests 7 deep (body,
+    # inputs, a tensor, data of rank 4); 100,000 nested "[" made Python's parser fail with a 500.
+    max_json_depth: int = Field(16, ge=8, le=500)
 
     # Concurrent decodes (threadpool). About the core count: more only makes every decode slower and
     # stretches the latency tail; waiting requests queue in arrival order instead.
@@ -161,7 +178,13 @@ class Settings(BaseSettings):
 
     @property
     def decode_limits(self) -> DecodeLimits:
-        return DecodeLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels)
+        return DecodeLimits(
+            max_bytes=self.max_upload_bytes,
+            max_pixels=self.max_pixels,
+            max_decoded_bytes=self.max_decoded_bytes,
+            max_jpeg_scans=self.max_jpeg_scans,
+            max_image_segments=self.max_image_segments,
+        )
 
     @property
     def tiling_options(self) -> TilingOptions:
