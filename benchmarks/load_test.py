@@ -54,7 +54,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(models_dir: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    models_dir: str, workdir: Path, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`verity serve` on a free loopback port with its audit log and keys in `workdir`, once ready."""
     port = free_port()
     env = {
         **os.environ,
@@ -62,7 +65,7 @@ def start_server(models_dir: str, workdir: Path) -> tuple[subprocess.Popen, str]
         "VERITY_AUDIT_DB": str(workdir / "audit.sqlite"),
         "VERITY_KEYS_FILE": str(workdir / "keys.json"),
         "VERITY_LOG_LEVEL": "warning",
-        "VERITY_RATE_LIMIT_PER_S": "0",  # one client measuring capacity, not a station to hold back
+        **(extra_env or {}),
     }
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(
@@ -185,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             url, pid = args.url, args.pid
         else:
-            process, url = start_server(args.models_dir, Path(workdir))
+            # One client measuring capacity, not a station to hold back: no per-key rate limit.
+            process, url = start_server(args.models_dir, Path(workdir), {"VERITY_RATE_LIMIT_PER_S": "0"})
             pid = process.pid
         try:
             result = asyncio.run(run_load(url, image, args.modality, args.duration, args.concurrency, pid))
