@@ -12,21 +12,27 @@ Intensities are kept as stored: uint8 for 8-bit images, uint16 for 16-bit ones, 
 TIFFs. DICOM comes out as float32 already windowed to [0, 1] by the file's own rescale and VOI
 transform (inference/dicom_intensity.py).
 
-Limits are checked from the header, before any pixel is decoded, so a decompression bomb costs nothing.
+Limits (DecodeLimits) are checked from the header and the file's structure before any pixel is decoded,
+so a bomb costs nothing: the file's bytes, its pixels, the bytes its decoded samples take, the scans of a
+progressive JPEG and the parts a reader parses one by one (inference/image_structure.py). Each refusal
+has its own error code, and no message quotes a reader's own words (they named heap addresses).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps
 
+from verity.inference.colour import finite, flatten, pil_pixels, tiff_samples_to_colour
 from verity.inference.dicom_intensity import dicom_grey_to_unit
+from verity.inference.image_structure import count_gif_blocks, count_jpeg_parts, count_png_chunks
 
 # We check the pixel count ourselves, before decoding, with our own limit and message.
 Image.MAX_IMAGE_PIXELS = None
@@ -45,9 +51,28 @@ class UnsupportedFormat(DecodeError):
 
 
 class ImageTooLarge(DecodeError):
-    """The file or its declared pixel count exceeds the limits (HTTP 413)."""
+    """The file or its declared pixel count exceeds the limits (HTTP 413). Each subclass is one more
+    limit, with its own code, so a client is told which one it hit."""
 
     code = "image_too_large"
+
+
+class DecodedTooLarge(ImageTooLarge):
+    """The decoded samples (width x height x depth x samples x bytes per sample) exceed the limit."""
+
+    code = "decoded_too_large"
+
+
+class TooManyScans(ImageTooLarge):
+    """A progressive JPEG declares more scans than the limit."""
+
+    code = "too_many_jpeg_scans"
+
+
+class TooManySegments(ImageTooLarge):
+    """A file holds more parts (JPEG segments, PNG chunks, GIF blocks, DICOM elements) than the limit."""
+
+    code = "too_many_segments"
 
 
 @dataclass(frozen=True)
@@ -55,6 +80,17 @@ class DecodeLimits:
     max_bytes: int = 64 * 1024 * 1024
     # 6000x4000 phone photos and 4096-px scans pass; a decompression bomb does not.
     max_pixels: int = 40_000_000
+    # What the decoded samples may take (width x height x depth x samples x bytes per sample), read from
+    # the header: pixels alone let a 280 KB TIFF of 2000x2000 x 64 samples decode to 256 MB. Pillow holds
+    # 8-bit RGB in 4 bytes a pixel, so an RGB array costs about 2.3 times this at its peak: the default
+    # keeps that under 300 MB (33 MP of RGB, 25 MP of RGBA or of 16-bit dual energy).
+    max_decoded_bytes: int = 96 * 1024 * 1024
+    # libjpeg decodes a progressive JPEG's whole image once per scan (up to 20 ms a scan at 36 MP here);
+    # encoders write at most about 10-20. 5,000 empty scans in 551 KB took 10-100 s.
+    max_jpeg_scans: int = 32
+    # Parts one file may hold (JPEG marker segments, PNG chunks, GIF blocks, top-level DICOM elements),
+    # each parsed in Python: 20 MB of empty ones took 2-9 s. Real files hold tens to a few thousand.
+    max_image_segments: int = 50_000
 
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -106,73 +142,89 @@ def _check_bytes(size: int, limits: DecodeLimits) -> None:
         raise ImageTooLarge(f"The file is {size:,} bytes; the limit is {limits.max_bytes:,}.")
 
 
+def _check_decoded_bytes(size: int, limits: DecodeLimits) -> None:
+    if size > limits.max_decoded_bytes:
+        raise DecodedTooLarge(
+            f"The image would decode to {size:,} bytes of samples; the limit is {limits.max_decoded_bytes:,}."
+        )
+
+
+def _check_segments(count: int, limits: DecodeLimits) -> None:
+    if count > limits.max_image_segments:
+        raise TooManySegments(
+            f"The file holds more than {limits.max_image_segments:,} parts (JPEG markers, PNG chunks, GIF "
+            "blocks or DICOM elements); real images hold far fewer."
+        )
+
+
+def check_structure(data: bytes, kind: str, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+    """Refuses a JPEG, PNG or GIF (`kind`, from `sniff_format`) whose parts would cost its reader more
+    than the limits allow (inference/image_structure.py), before any reader parses it."""
+    if kind == "jpeg":
+        parts = count_jpeg_parts(data, limits.max_image_segments)
+        _check_segments(parts.segments, limits)
+        if parts.scans > limits.max_jpeg_scans:
+            raise TooManyScans(f"The JPEG holds {parts.scans:,} scans; the limit is {limits.max_jpeg_scans}.")
+        if parts.scans > 1:  # libjpeg holds all its coefficients (2 bytes a sample), whatever the draft
+            _check_decoded_bytes(parts.coefficient_bytes, limits)
+    elif kind == "png":
+        _check_segments(count_png_chunks(data, limits.max_image_segments), limits)
+    elif kind == "gif":
+        _check_segments(count_gif_blocks(data, limits.max_image_segments), limits)
+
+
 # ---------------------------------------------------------------------------------------------- PIL
 
 
-def _composite_on_white(image: Image.Image, mode: str) -> Image.Image:
-    # Transparent regions become white, as a label printed on paper would look.
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert(mode)
-
-
-def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
-    """Uses the embedded ICC profile when there is one (print files carry it); else PIL's formula."""
-    profile = image.info.get("icc_profile")
-    if profile:
-        try:
-            from PIL import ImageCms
-
-            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-            srgb = ImageCms.createProfile("sRGB")
-            converted = ImageCms.profileToProfile(image, source, srgb, outputMode="RGB")
-            if converted is not None:
-                return converted
-        except (ImportError, OSError, ValueError, ImageCms.PyCMSError):
-            pass  # a broken profile is no reason to refuse the image
-    return image.convert("RGB")
+# Pillow's messages name the file object ("cannot identify image file <_io.BytesIO object at 0x7fd6...>")
+# and internals: a client gets fixed wording instead, and the cause stays chained for the log.
+_UNREADABLE = "The {name}file could not be read: its header is damaged."
+_DAMAGED = "The {name}image could not be decoded: its data is damaged or truncated."
+_FORMAT_NAMES = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "bmp": "BMP", "webp": "WebP", "tiff": "TIFF"}
 
 
 @contextlib.contextmanager
-def _pil_errors() -> Iterator[None]:
+def _pil_errors(kind: str | None = None) -> Iterator[None]:
     """Pillow raises OSError, SyntaxError, struct.error... for corrupt files: all become DecodeError."""
+    name = f"{_FORMAT_NAMES[kind]} " if kind in _FORMAT_NAMES else ""
     try:
         yield
     except DecodeError:
         raise
+    except Image.UnidentifiedImageError as error:
+        raise DecodeError(_UNREADABLE.format(name=name)) from error
     except Exception as error:
-        raise DecodeError(f"The image could not be decoded: {error}") from error
+        raise DecodeError(_DAMAGED.format(name=name)) from error
 
 
 def pil_to_array(image: Image.Image) -> np.ndarray:
     """A PIL image (from `open_image`) as HxWxC: uint8 for 8-bit modes, uint16 or float32 for deeper ones."""
     with _pil_errors():
+        image = flatten(image)
         mode = image.mode
         if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-            return np.asarray(image, dtype=np.uint16)[..., None]
+            return pil_pixels(image, np.uint16)[..., None]
         if mode == "I":
-            array = np.asarray(image, dtype=np.int32)
-            return np.clip(array, 0, 65535).astype(np.uint16)[..., None]
+            return np.clip(pil_pixels(image, np.int32), 0, 65535).astype(np.uint16)[..., None]
         if mode == "F":
-            return _finite(np.asarray(image, dtype=np.float32)[..., None])
-        if mode in ("LA", "La"):
-            image = _composite_on_white(image, "L")
-        elif mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in image.info):
-            image = _composite_on_white(image, "RGB")
-        elif mode == "CMYK":
-            image = _cmyk_to_rgb(image)
-        elif mode == "1":
-            image = image.convert("L")
-        elif mode not in ("L", "RGB"):
-            image = image.convert("RGB")  # P, YCbCr, LAB, HSV, RGBX
-        array = np.asarray(image, dtype=np.uint8)
+            return finite(pil_pixels(image, np.float32)[..., None])
+        array = pil_pixels(image, np.uint8)
         return array[..., None] if array.ndim == 2 else array
 
 
+def _pil_decoded_bytes(image: Image.Image) -> int:
+    """The bytes of its samples once decoded; a palette counts as the RGBA it may become."""
+    if image.mode in ("P", "PA"):
+        return image.width * image.height * 4
+    mode = ImageMode.getmode(image.mode)
+    return image.width * image.height * len(mode.bands) * np.dtype(mode.typestr).itemsize
+
+
 def _open_pil(data: bytes, limits: DecodeLimits, draft_size: int | None) -> Image.Image:
-    """The decoded, upright PIL image (any mode); `pil_to_array` turns it into our HxWxC array."""
+    """The decoded, upright PIL image, flattened (`colour.flatten`); `pil_to_array` makes it HxWxC."""
     image = Image.open(io.BytesIO(data))
     _check_pixels(image.width, image.height, limits)
+    _check_decoded_bytes(_pil_decoded_bytes(image), limits)
     if draft_size and image.format == "JPEG":
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale, keeping the LONG side at least draft_size: most of
         # the speed of serving a photo comes from here (a 1024x768 photo decodes at 256x192 for a
@@ -185,12 +237,13 @@ def _open_pil(data: bytes, limits: DecodeLimits, draft_size: int | None) -> Imag
         image.decodermaxblock = max(image.decodermaxblock, len(data))
     image.seek(0)  # first frame of an animation
     image.load()
-    _apply_exif_orientation(image)
-    return image
+    _apply_exif_orientation(image)  # before flattening: the flattened copy has no EXIF
+    # Flattened here, so the caller holds one image: a huge RGBA one is dropped once composited.
+    return flatten(image)
 
 
-def _decode_pil(data: bytes, limits: DecodeLimits, draft_size: int | None) -> np.ndarray:
-    with _pil_errors():
+def _decode_pil(data: bytes, kind: str, limits: DecodeLimits, draft_size: int | None) -> np.ndarray:
+    with _pil_errors(kind):
         return pil_to_array(_open_pil(data, limits, draft_size))
 
 
@@ -202,15 +255,6 @@ def _apply_exif_orientation(image: Image.Image) -> None:
 
 # --------------------------------------------------------------------------------------------- TIFF
 
-_TIFF_PHOTOMETRIC = {0: "miniswhite", 1: "minisblack", 2: "rgb", 3: "palette", 5: "separated"}
-
-
-def _finite(array: np.ndarray) -> np.ndarray:
-    """NaN and infinities (seen in float scans with dead pixels) would poison every later step."""
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
-    return array
-
 
 def _to_supported_dtype(array: np.ndarray) -> np.ndarray:
     if array.dtype in (np.uint8, np.uint16):
@@ -218,37 +262,10 @@ def _to_supported_dtype(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * np.uint8(255)
     if np.issubdtype(array.dtype, np.floating):
-        return _finite(array.astype(np.float32))
+        return finite(array.astype(np.float32))
     if np.issubdtype(array.dtype, np.integer):
         return np.clip(array, 0, 65535).astype(np.uint16)
     raise UnsupportedFormat(f"TIFF sample type {array.dtype} is not supported.")
-
-
-def _invert(array: np.ndarray) -> np.ndarray:
-    if np.issubdtype(array.dtype, np.integer):
-        return np.iinfo(array.dtype).max - array
-    return 1.0 - array
-
-
-def _separated_to_rgb(array: np.ndarray) -> np.ndarray:
-    """CMYK ink coverage to RGB: R = (1 - C)(1 - K), the same formula PIL uses without a profile."""
-    full = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else 1.0
-    ink = array[..., :4].astype(np.float32) / full
-    rgb = (1.0 - ink[..., :3]) * (1.0 - ink[..., 3:4])
-    if array.dtype == np.uint8:
-        return np.round(rgb * 255.0).astype(np.uint8)
-    if array.dtype == np.uint16:
-        return np.round(rgb * 65535.0).astype(np.uint16)
-    return rgb.astype(np.float32)
-
-
-def _drop_alpha(array: np.ndarray, colour_samples: int) -> np.ndarray:
-    """Composites an alpha sample onto white, as the PIL path does."""
-    full = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else 1.0
-    colour = array[..., :colour_samples].astype(np.float32)
-    alpha = array[..., colour_samples : colour_samples + 1].astype(np.float32) / full
-    out = colour * alpha + full * (1.0 - alpha)
-    return np.round(out).astype(array.dtype) if np.issubdtype(array.dtype, np.integer) else out
 
 
 def _tiff_page_array(page) -> np.ndarray:  # noqa: ANN001 - tifffile.TiffPage
@@ -260,36 +277,35 @@ def _tiff_page_array(page) -> np.ndarray:  # noqa: ANN001 - tifffile.TiffPage
         array = array[..., None]
     if array.ndim != 3:
         raise UnsupportedFormat(f"TIFF pages of shape {array.shape} (volumes) are not supported.")
-    photometric = _TIFF_PHOTOMETRIC.get(int(page.photometric))
     extrasamples = tuple(int(x) for x in (page.extrasamples or ()))
     has_alpha = bool(extrasamples) and extrasamples[0] in (1, 2)
-    if photometric == "palette":
-        colormap = page.colormap  # 3 x 2**bits, 16-bit entries
-        rgb = np.moveaxis(colormap[:, array[..., 0]], 0, -1)
-        return (rgb >> 8).astype(np.uint8) if colormap.max() > 255 else rgb.astype(np.uint8)
-    if photometric == "separated":
-        return _separated_to_rgb(array)
-    if photometric == "rgb":
-        return _drop_alpha(array, 3) if has_alpha and array.shape[2] >= 4 else array[..., :3]
-    if photometric == "miniswhite":
-        array = _invert(array)
-    if array.shape[2] == 2 and has_alpha:
-        return _drop_alpha(array, 1)
-    # Two samples with no alpha meaning: a dual-energy high/low pair. More: keep the first.
-    return array if array.shape[2] <= 2 else array[..., :1]
+    colormap = page.colormap if int(page.photometric) == 3 else None
+    return tiff_samples_to_colour(array, int(page.photometric), has_alpha, colormap)
+
+
+def _tiff_decoded_bytes(page) -> int:  # noqa: ANN001 - tifffile.TiffPage
+    itemsize = page.dtype.itemsize if page.dtype is not None else max(1, -(-int(page.bitspersample) // 8))
+    samples = int(page.imagewidth) * int(page.imagelength) * int(page.imagedepth) * int(page.samplesperpixel)
+    return samples * itemsize
 
 
 def _tiff_pages_to_read(tiff, limits: DecodeLimits) -> list:  # noqa: ANN001 - tifffile.TiffFile
     first = tiff.pages[0]
     pages = [first]
-    if first.samplesperpixel == 1 and len(tiff.pages) >= 2:
-        second = tiff.pages[1]
-        # Two full-size single-sample pages: a dual-energy high/low pair. A smaller second page is a
-        # thumbnail or a pyramid level and is ignored.
-        if getattr(second, "shape", None) == first.shape and second.samplesperpixel == 1:
-            pages.append(second)
+    second = None
+    if first.samplesperpixel == 1:
+        # pages[1], never len(pages): counting the pages walks every IFD of the chain, 1M empty ones too.
+        with contextlib.suppress(IndexError):
+            second = tiff.pages[1]
+    # Two full-size single-sample pages: a dual-energy high/low pair. A smaller second page is a
+    # thumbnail or a pyramid level and is ignored.
+    if second is not None and getattr(second, "shape", None) == first.shape and second.samplesperpixel == 1:
+        pages.append(second)
     for page in pages:
         _check_pixels(int(page.imagewidth), int(page.imagelength), limits)
+        if int(page.imagedepth) > 1:  # ImageDepth 64 was once scored as a 64 x width image
+            raise UnsupportedFormat(f"TIFF volumes ({int(page.imagedepth)} depth slices) are not supported.")
+    _check_decoded_bytes(sum(_tiff_decoded_bytes(page) for page in pages), limits)
     return pages
 
 
@@ -305,8 +321,8 @@ def _decode_tiff(data: bytes, limits: DecodeLimits) -> np.ndarray:
     except Exception as error:  # tifffile raises many types for corrupt files and missing codecs
         if "imagecodecs" in str(error) or "compression" in str(error).lower():
             # LZW, PackBits and JPEG-in-TIFF need imagecodecs in tifffile; Pillow's libtiff reads them.
-            return _decode_pil(data, limits, None)
-        raise DecodeError(f"The TIFF could not be decoded: {error}") from error
+            return _decode_pil(data, "tiff", limits, None)
+        raise DecodeError(_DAMAGED.format(name="TIFF ")) from error
     array = planes[0] if len(planes) == 1 else np.concatenate(planes, axis=2)
     return _to_supported_dtype(array)
 
@@ -314,13 +330,39 @@ def _decode_tiff(data: bytes, limits: DecodeLimits) -> np.ndarray:
 # -------------------------------------------------------------------------------------------- DICOM
 
 
+def _count_elements(limits: DecodeLimits) -> Callable[[object, object, int], bool]:
+    """pydicom's `stop_when` hook, called once per top-level element: refuses an element flood (2M empty
+    elements in 16 MB took 6.4 s to parse) and never stops a file within the limit."""
+    counter = itertools.count(1)
+
+    def stop_when(tag: object, vr: object, length: int) -> bool:
+        _check_segments(next(counter), limits)
+        return False
+
+    return stop_when
+
+
+def _dicom_decoded_bytes(dataset) -> int:  # noqa: ANN001 - pydicom.Dataset
+    """Colour as stored; grey as what it decodes to, float32 windowed to [0, 1] (`_decode_dicom`)."""
+
+    def number(name: str, default: int) -> int:
+        return int(dataset.get(name, default) or default)
+
+    pixels = number("Rows", 0) * number("Columns", 0) * number("NumberOfFrames", 1)
+    if number("SamplesPerPixel", 1) > 1:
+        return pixels * number("SamplesPerPixel", 1) * max(1, -(-number("BitsAllocated", 8) // 8))
+    return pixels * 4
+
+
 def _read_dicom(data: bytes, limits: DecodeLimits):  # noqa: ANN202 - (dataset, pixels)
-    import pydicom
+    from pydicom.filereader import read_partial  # dcmread without a hook: the same reader
 
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data))
+        dataset = read_partial(io.BytesIO(data), stop_when=_count_elements(limits))
+    except DecodeError:
+        raise
     except Exception as error:
-        raise DecodeError(f"The DICOM object could not be read: {error}") from error
+        raise DecodeError("The DICOM object could not be read: its structure is damaged.") from error
     if not any(name in dataset for name in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DecodeError("The DICOM object holds no image (no Pixel Data element).")
     _check_pixels(int(dataset.get("Columns", 0) or 0), int(dataset.get("Rows", 0) or 0), limits)
@@ -330,14 +372,16 @@ def _read_dicom(data: bytes, limits: DecodeLimits):  # noqa: ANN202 - (dataset, 
             f"The DICOM object has {frames} frames; only single images and dual-energy pairs (2 frames) "
             "are supported."
         )
+    _check_decoded_bytes(_dicom_decoded_bytes(dataset), limits)
     try:
         pixels = dataset.pixel_array
     except (NotImplementedError, RuntimeError, ImportError) as error:
-        syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
-        name = getattr(syntax, "name", str(syntax))
-        raise UnsupportedFormat(f"DICOM transfer syntax {name} cannot be decoded here: {error}") from error
+        syntax = dataset.file_meta.get("TransferSyntaxUID")
+        # The UID's registered name; an unregistered one is the file's own text, never echoed.
+        name = syntax.name if getattr(syntax, "is_transfer_syntax", False) else "of this file"
+        raise UnsupportedFormat(f"The DICOM transfer syntax {name} cannot be decoded here.") from error
     except Exception as error:
-        raise DecodeError(f"The DICOM pixel data could not be decoded: {error}") from error
+        raise DecodeError("The DICOM pixel data could not be decoded: it is damaged or truncated.") from error
     return dataset, pixels
 
 
@@ -350,7 +394,7 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
     try:
         unit = dicom_grey_to_unit(pixels, dataset)
     except (ValueError, TypeError, KeyError, AttributeError) as error:
-        raise DecodeError(f"The DICOM intensity transforms could not be applied: {error}") from error
+        raise DecodeError("The DICOM rescale or window elements are damaged.") from error
     if frames == 2:
         return np.ascontiguousarray(np.moveaxis(unit, 0, -1))  # frames: high energy, low energy
     return unit[..., None]
@@ -363,15 +407,17 @@ def open_image(
     data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, draft_size: int | None = None
 ) -> Image.Image | np.ndarray:
     """`decode_image`, stopping short of the array for formats Pillow reads: TIFF and DICOM (their own
-    readers) come back as the HxWxC array, everything else as the loaded, upright PIL image, so a caller
-    that resizes an 8-bit image can do so in PIL, its fast path (`preprocess.load_for_model`)."""
+    readers) come back as the HxWxC array, everything else as the loaded, upright PIL image (flattened to
+    "L", "RGB" or a deep grey mode), so a caller that resizes an 8-bit image can do so in PIL, its fast
+    path (`preprocess.load_for_model`)."""
     _check_bytes(len(data), limits)
     kind = sniff_format(data)
     if kind == "tiff":
         return _decode_tiff(data, limits)
     if kind == "dicom":
         return _decode_dicom(data, limits)
-    with _pil_errors():
+    check_structure(data, kind, limits)
+    with _pil_errors(kind):
         return _open_pil(data, limits, draft_size)
 
 
@@ -395,44 +441,3 @@ def read_image_bytes(source: bytes | str | Path, limits: DecodeLimits = DEFAULT_
     path = Path(source)
     _check_bytes(path.stat().st_size, limits)
     return path.read_bytes()
-
-
-def _single_plane(image: np.ndarray, which: str) -> np.ndarray:
-    if image.shape[2] == 1:
-        return image[..., 0]
-    grey_as_rgb = image.shape[2] == 3 and bool((image == image[..., :1]).all())
-    if grey_as_rgb:
-        return image[..., 0]  # a grey image saved as RGB
-    raise DecodeError(
-        f"The {which}-energy image has {image.shape[2]} channels; each image of a dual-energy pair must be "
-        "a single grey channel."
-    )
-
-
-def _unit_float(plane: np.ndarray) -> np.ndarray:
-    if plane.dtype == np.uint8:
-        return plane.astype(np.float32) / 255.0
-    if plane.dtype == np.uint16:
-        return plane.astype(np.float32) / 65535.0
-    return plane.astype(np.float32)
-
-
-def decode_dual_energy(
-    high: bytes | str | Path, low: bytes | str | Path, limits: DecodeLimits = DEFAULT_LIMITS
-) -> np.ndarray:
-    """Decodes a high/low energy pair (two uploads or files) to HxWx2: channel 0 high, channel 1 low.
-
-    Both must be single-channel and the same size. Same integer type: kept; otherwise both become float32
-    in [0, 1] (8-bit / 255, 16-bit / 65535, DICOM already windowed). `preprocess.to_model_input` makes
-    the pair a model input.
-    """
-    high_plane = _single_plane(decode_image(read_image_bytes(high, limits), limits), "high")
-    low_plane = _single_plane(decode_image(read_image_bytes(low, limits), limits), "low")
-    if high_plane.shape != low_plane.shape:
-        raise DecodeError(
-            f"The high- and low-energy images differ in size: {high_plane.shape[1]}x{high_plane.shape[0]} "
-            f"and {low_plane.shape[1]}x{low_plane.shape[0]}."
-        )
-    if high_plane.dtype != low_plane.dtype or high_plane.dtype == np.float32:
-        high_plane, low_plane = _unit_float(high_plane), _unit_float(low_plane)
-    return np.stack([high_plane, low_plane], axis=2)

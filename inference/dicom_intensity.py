@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from verity.inference.colour import band_rows
+
 
 def _dicom_window(dataset) -> tuple[float, float, str] | None:  # noqa: ANN001 - pydicom Dataset
     """(center, width, function) from the VOI LUT module, top level or shared functional groups."""
@@ -56,7 +58,19 @@ def _modality_range(dataset) -> tuple[float, float]:  # noqa: ANN001 - pydicom D
 
 
 def dicom_grey_to_unit(pixels: np.ndarray, dataset) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset
-    """The stored grey values of a DICOM object (frames first, if several) as float32 in [0, 1]."""
+    """The stored grey values of a DICOM object (frames first, if several) as float32 in [0, 1].
+
+    Band by band of rows: the transforms are per pixel, and a band's float64 and float32 working copies
+    are a few MB, where those of a whole 40 MP scan took 380 MB."""
+    rows = pixels.reshape(-1, pixels.shape[-1])
+    unit = np.empty(rows.shape, np.float32)
+    step = band_rows(rows.shape[1])
+    for top in range(0, rows.shape[0], step):
+        unit[top : top + step] = _band_to_unit(rows[top : top + step], dataset)
+    return unit.reshape(pixels.shape)
+
+
+def _band_to_unit(pixels: np.ndarray, dataset) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset
     from pydicom.pixels import apply_modality_lut, apply_voi
 
     values = apply_modality_lut(pixels, dataset)  # rescale slope/intercept or the modality LUT

@@ -3,8 +3,8 @@
 `load_for_model` takes the bytes of an upload or a file's path and is the one path evaluation and the
 server share, so what the model saw in evaluation is exactly what it sees in service. `to_model_input`
 does the same for an image decoded already (a tile of a scan, an augmented training image, a
-dual-energy pair from `decode_dual_energy`). Normalization (mean/std) is *not* done here: it is the
-model's first layer, inside the checkpoint and the ONNX graph.
+dual-energy pair from `inference/dual_energy.py`). Normalization (mean/std) is *not* done here: it is
+the model's first layer, inside the checkpoint and the ONNX graph.
 
 The steps, all read from the model's PreprocessSpec: the colour rule (`match_channels`), intensities to
 [0, 1] (8-bit by 255, 16-bit and float through the spec's window), the resize (stretch, or letterbox
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from verity.inference.colour import band_rows, by_bands
 from verity.inference.decode import (
     DEFAULT_LIMITS,
     DecodeError,
@@ -44,9 +45,12 @@ def is_grey_content(image: np.ndarray) -> bool:
     if image.ndim != 3 or image.shape[2] != 3:
         return False
     levels = 1.0 if image.dtype == np.uint8 else (257.0 if image.dtype == np.uint16 else 1 / 255)
-    spread = image.max(axis=2).astype(np.float32) - image.min(axis=2).astype(np.float32)
-    outliers = np.count_nonzero(spread > GREY_SPREAD_LEVELS * levels)
-    return outliers <= GREY_OUTLIER_FRACTION * spread.size
+    outliers, step = 0, band_rows(image.shape[1])
+    for top in range(0, image.shape[0], step):  # float copies of a band, not of a 40 MP scan
+        band = image[top : top + step]
+        spread = band.max(axis=2).astype(np.float32) - band.min(axis=2).astype(np.float32)
+        outliers += int(np.count_nonzero(spread > GREY_SPREAD_LEVELS * levels))
+    return outliers <= GREY_OUTLIER_FRACTION * image.shape[0] * image.shape[1]
 
 
 def _luma(image: np.ndarray) -> np.ndarray:
@@ -55,12 +59,16 @@ def _luma(image: np.ndarray) -> np.ndarray:
     8-bit uses PIL's own fixed-point formula ("L" conversion), so R = G = B = v gives exactly v and an
     RGB JPEG of grey content lands on the numbers of the same image saved as grey.
     """
-    if image.dtype == np.uint8:
-        weighted = image[..., 0].astype(np.uint32) * 19595 + image[..., 1].astype(np.uint32) * 38470
-        weighted += image[..., 2].astype(np.uint32) * 7471 + 0x8000
-        return (weighted >> 16).astype(np.uint8)[..., None]
-    luma = image[..., 0] * 0.299 + image[..., 1] * 0.587 + image[..., 2] * 0.114
-    return luma.astype(image.dtype)[..., None]
+
+    def convert(band: np.ndarray) -> np.ndarray:
+        if band.dtype == np.uint8:
+            weighted = band[..., 0].astype(np.uint32) * 19595 + band[..., 1].astype(np.uint32) * 38470
+            weighted += band[..., 2].astype(np.uint32) * 7471 + 0x8000
+            return (weighted >> 16).astype(np.uint8)[..., None]
+        luma = band[..., 0] * 0.299 + band[..., 1] * 0.587 + band[..., 2] * 0.114
+        return luma.astype(band.dtype)[..., None]
+
+    return by_bands(convert, image, 1, image.dtype)  # 32-bit working copies of a band, not of the image
 
 
 def match_channels(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -72,6 +80,13 @@ def match_channels(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     sees a grey plane repeated three times. A single-energy model given a dual-energy pair sees the
     high-energy image, which is what a single-energy scanner records.
     """
+    image = _fewest_channels(image, spec)
+    return np.repeat(image, 3, axis=2) if image.shape[2] < spec.in_chans else image
+
+
+def _fewest_channels(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """`match_channels` short of repeating a grey plane for a 3-channel model: the plane is repeated
+    after the resize (`to_model_input`), on the model input rather than on a 40 MP image."""
     if image.ndim == 2:
         image = image[..., None]
     in_chans, channels = spec.in_chans, image.shape[2]
@@ -81,26 +96,28 @@ def match_channels(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         image, channels = _luma(image), 1
     if channels == 2 and in_chans != 2:
         image, channels = image[..., :1], 1
-    if channels == in_chans:
+    if channels == in_chans or (channels == 1 and in_chans == 3):
         return image
-    if channels == 1 and in_chans == 3:
-        return np.repeat(image, 3, axis=2)
     raise DecodeError(
         f"The image has {channels} channel(s) but the model needs {in_chans}"
         + (" (a dual-energy high/low pair)." if in_chans == 2 else ".")
     )
 
 
-def _to_unit_range(image: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
-    """Maps intensities to float32 [0, 1]: 8-bit by 255, deeper images through the window."""
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
+def _to_unit_range(plane: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """Maps one plane's intensities to float32 [0, 1]: 8-bit by 255, deeper images through the window.
+    One float copy, worked on in place: a 40 MP plane is 160 MB of float32."""
+    scaled = plane.astype(np.float32)
+    if plane.dtype == np.uint8:
+        scaled /= np.float32(255.0)
+        return scaled
     if window is None:
-        low, high = (0.0, 65535.0) if image.dtype == np.uint16 else (0.0, 1.0)
+        low, high = (0.0, 65535.0) if plane.dtype == np.uint16 else (0.0, 1.0)
     else:
         low, high = window
-    scaled = (image.astype(np.float32) - np.float32(low)) / np.float32(high - low)
-    return np.clip(scaled, 0.0, 1.0)
+    scaled -= np.float32(low)
+    scaled /= np.float32(high - low)
+    return np.clip(scaled, 0.0, 1.0, out=scaled)
 
 
 _PIL_FILTERS = {
@@ -119,16 +136,17 @@ def _target_shape(height: int, width: int, spec: PreprocessSpec) -> tuple[int, i
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _resize_unit(image: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
-    """Resizes an HxWxC float32 image channel by channel (PIL 'F' mode keeps full precision)."""
-    if image.shape[:2] == (height, width):
-        return image
-    resample = _PIL_FILTERS[interpolation]
-    planes = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c])).resize((width, height), resample))
-        for c in range(image.shape[2])
-    ]
-    return np.stack(planes, axis=2)
+def _unit_plane(plane: np.ndarray, height: int, width: int, spec: PreprocessSpec) -> np.ndarray:
+    """One plane to float32 [0, 1] at height x width (PIL 'F' mode keeps full precision). The float
+    copy is made band by band into the PIL image that is resized, so a 40 MP 16-bit scan costs one
+    160 MB float image, not that and its own float array too."""
+    if plane.shape == (height, width):
+        return _to_unit_range(plane, spec.window)
+    unit = Image.new("F", (plane.shape[1], plane.shape[0]))
+    step = band_rows(plane.shape[1])
+    for top in range(0, plane.shape[0], step):
+        unit.paste(Image.fromarray(_to_unit_range(plane[top : top + step], spec.window)), (0, top))
+    return np.asarray(unit.resize((width, height), _PIL_FILTERS[spec.interpolation]))
 
 
 def _uint8_to_model_input(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
@@ -154,13 +172,16 @@ def _is_plain_uint8(image: Image.Image, spec: PreprocessSpec) -> bool:
 
 def to_model_input(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Turns a decoded HxWxC image into the model's CxSxS float32 input in [0, 1]."""
-    image = match_channels(image, spec)
-    if image.dtype == np.uint8 and spec.in_chans in (1, 3):
-        return _uint8_to_model_input(Image.fromarray(image if spec.in_chans == 3 else image[..., 0]), spec)
-    height, width = _target_shape(image.shape[0], image.shape[1], spec)
-    resized = _resize_unit(_to_unit_range(image, spec.window), height, width, spec.interpolation)
-    chw = np.ascontiguousarray(resized.transpose(2, 0, 1), dtype=np.float32)
-    return _letterbox(chw, spec) if spec.resize_mode == "letterbox" else chw
+    image = _fewest_channels(image, spec)
+    if image.dtype == np.uint8 and image.shape[2] in (1, 3):
+        chw = _uint8_to_model_input(Image.fromarray(image[..., 0] if image.shape[2] == 1 else image), spec)
+    else:
+        height, width = _target_shape(image.shape[0], image.shape[1], spec)
+        chw = np.stack([_unit_plane(image[..., c], height, width, spec) for c in range(image.shape[2])])
+        chw = _letterbox(chw, spec) if spec.resize_mode == "letterbox" else chw
+    # A grey plane for a 3-channel model, repeated now: resizing it once gives the numbers of resizing
+    # three equal planes (per-channel resampling), at a third of the work and memory.
+    return np.repeat(chw, 3, axis=0) if chw.shape[0] < spec.in_chans else chw
 
 
 def _letterbox(chw: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -183,8 +204,8 @@ def load_for_model(
     instead of going through an array and back (tests/test_decode_speed_path.py).
     """
     decoded = open_image(read_image_bytes(source, limits), limits, draft_size=spec.image_size)
-    if isinstance(decoded, np.ndarray):
-        return to_model_input(decoded, spec)
-    if _is_plain_uint8(decoded, spec):
-        return _uint8_to_model_input(decoded, spec)
-    return to_model_input(pil_to_array(decoded), spec)
+    if isinstance(decoded, Image.Image):
+        if _is_plain_uint8(decoded, spec):
+            return _uint8_to_model_input(decoded, spec)
+        decoded = pil_to_array(decoded)  # and the PIL image is freed before the model input is made
+    return to_model_input(decoded, spec)

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits, decode_image, sniff_format
+from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits, check_structure, decode_image, sniff_format
 from verity.inference.engine import usable_cores
 from verity.inference.heatmap import heatmap_png, upsample
 from verity.inference.preprocess import load_for_model, to_model_input
@@ -123,9 +123,11 @@ class ScoringInput:
     pixels: np.ndarray | None  # native HxWxC pixels: the image is scored in tiles (`score_scan`)
 
 
-def _native_shape(data: bytes) -> tuple[int, int] | None:
+def _native_shape(data: bytes, kind: str, limits: DecodeLimits) -> tuple[int, int] | None:
     """Height and width from the header alone (Pillow reads no pixels until asked); None when Pillow
-    cannot read it, and the decoder then says why. EXIF rotation swaps the sides, not the longer one."""
+    cannot read it, and the decoder then says why. EXIF rotation swaps the sides, not the longer one.
+    The structure is checked first: Pillow's header parsing is what a flood of empty parts slows."""
+    check_structure(data, kind, limits)
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.height, image.width
@@ -138,13 +140,14 @@ def load_for_scoring(
 ) -> ScoringInput:
     """Decodes an upload or a file's bytes as the one tiling rule wants it: an image scored whole gets
     exactly `load_for_model` (JPEG draft included), a scan to tile its full-resolution pixels."""
-    if sniff_format(data) in ("tiff", "dicom"):
+    kind = sniff_format(data)
+    if kind in ("tiff", "dicom"):
         # Their readers decode the whole image in any case; `load_for_model` is to_model_input of it.
         pixels = decode_image(data, limits)
         if should_tile(pixels.shape, spec, options):
             return ScoringInput(None, pixels)
         return ScoringInput(to_model_input(pixels, spec), None)
-    shape = _native_shape(data)
+    shape = _native_shape(data, kind, limits)
     if shape is not None and should_tile(shape, spec, options):
         return ScoringInput(None, decode_image(data, limits))
     return ScoringInput(load_for_model(data, spec, limits), None)

@@ -16,9 +16,9 @@ from verity.inference.decode import (
     DecodeLimits,
     ImageTooLarge,
     UnsupportedFormat,
-    decode_dual_energy,
     decode_image,
 )
+from verity.inference.dual_energy import decode_dual_energy
 from verity.inference.preprocess import load_for_model, to_model_input
 from verity.inference.spec import default_spec, resolve_spec
 
