@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -202,3 +203,22 @@ class LiveServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    """The wheel `pip install .` builds, from a copy of the checkout (a build leaves build/ behind)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("verity", "api", "inference", "datasets", "training"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    keep = shutil.ignore_patterns("__pycache__", "*.pt", "tensorboard", "data.jsonl", "report.html")
+    shutil.copytree(REPO / "checkpoints", source / "checkpoints", ignore=keep)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("verity-*.whl")
+    return wheel

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -24,10 +23,10 @@ import httpx
 import pytest
 from api_fixtures import (
     DARK,
-    REPO,
     LiveServer,
     admin_headers,
     assert_error,
+    build_wheel,
     make_settings,
     predict,
     server_env,
@@ -295,29 +294,10 @@ def test_default_models_dir_is_the_checkout_s_checkpoints(tmp_path: Path, monkey
 SHIPPED_FILES = ("model.onnx", "model.int8.onnx", "model.fp16.onnx", "card.json")
 
 
-def _build_wheel(tmp_path: Path) -> Path:
-    """The wheel `pip install .` builds, from a copy of the checkout (a build leaves build/ behind)."""
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    for name in ("verity", "api", "inference", "datasets", "training"):
-        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    keep = shutil.ignore_patterns("__pycache__", "*.pt", "tensorboard", "data.jsonl", "report.html")
-    shutil.copytree(REPO / "checkpoints", source / "checkpoints", ignore=keep)
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(source)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert build.returncode == 0, build.stderr
-    (wheel,) = tmp_path.glob("verity-*.whl")
-    return wheel
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_an_installed_verity_serve_serves_the_shipped_defaults_from_any_folder(tmp_path: Path) -> None:
-    wheel = _build_wheel(tmp_path)
+    wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(n for n in names if n.startswith("verity/checkpoints/") and not n.endswith(".py"))
     assert shipped and all(n.rsplit("/", 1)[1] in SHIPPED_FILES for n in shipped), shipped

@@ -8,13 +8,13 @@ installed user would, so the repository root is not on the path.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from api_fixtures import build_wheel
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("api", "inference", "datasets", "training")
@@ -52,21 +52,7 @@ def test_python_dash_m_verity_is_the_command(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_the_wheel_holds_only_the_verity_namespace_and_works_beside_datasets(tmp_path: Path) -> None:
     """What `pip install .` puts on a console: every module under verity/, nothing at the top level."""
-    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ behind
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    for name in ("verity", *PACKAGES):
-        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    # The shipped models are package data (verity.checkpoints); only the files the wheel takes.
-    shipped = shutil.ignore_patterns("__pycache__", "*.pt", "tensorboard", "data.jsonl", "report.html")
-    shutil.copytree(REPO / "checkpoints", source / "checkpoints", ignore=shipped)
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(source)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert build.returncode == 0, build.stderr
-    (wheel,) = tmp_path.glob("verity-*.whl")
+    wheel = build_wheel(tmp_path)
     modules = [name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")]
     assert modules and all(name.startswith("verity/") for name in modules), modules[:5]
     for package in PACKAGES:
