@@ -24,7 +24,7 @@ REQUIRED_KEYS = (
     "name", "version", "modality", "backbone", "created", "data", "metrics", "calibration",
     "thresholds", "spec", "code_version",
 )  # fmt: skip
-OPTIONAL_KEYS = ("warnings", "int8", "precision", "int8_gate", "quantization")
+OPTIONAL_KEYS = ("warnings", "int8", "precision", "int8_gate", "quantization", "embedding_dim")
 
 
 class CardError(ValueError):
@@ -75,6 +75,9 @@ class ModelCard:
     precision: str | None = None  # "int8" or "fp16" in the metadata of a variant file
     int8_gate: dict[str, Any] | None = None  # in model.int8.onnx: the gate it passed
     quantization: dict[str, Any] | None = None  # in model.int8.onnx: the settings that made it
+    # Width D of the graph's `embedding` output (N x D, L2-normalised pooled features); None: a model
+    # exported before models had one, served without it.
+    embedding_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.spec.modality != self.modality:
@@ -86,6 +89,9 @@ class ModelCard:
             raise CardError(
                 f"thresholds lack {', '.join(missing)}: a served model needs both (see choose_thresholds)."
             )
+        dim = self.embedding_dim
+        if dim is not None and not (isinstance(dim, int) and not isinstance(dim, bool) and dim > 0):
+            raise CardError(f"embedding_dim must be a positive integer, got {dim!r}.")
         temperature = self.temperature
         if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
             raise CardError(f"The calibration temperature must be a positive number, got {temperature!r}.")

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from verity.inference.bank import unit_rows
 from verity.inference.card import ModelCard
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import VERDICTS, verdict_codes
@@ -49,6 +50,8 @@ class Prediction:
     logits: tuple[float, ...]
     # Class activation map for "counterfeit minus genuine" on the model's feature grid, or None.
     cam: np.ndarray | None = None
+    # The model's `embedding` output (D float32, L2-normalised), or None for a model without one.
+    embedding: np.ndarray | None = None
 
 
 def calibrated_scores(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -285,12 +288,15 @@ class OnnxEngine:
         logits = outputs["logits"]
         scores = calibrated_scores(logits, self.temperature)
         cams = outputs.get("cam") if with_cam else None
+        # Renormalised here: an INT8 graph's quantized norm leaves rows up to about 1% off unit length.
+        embeddings = unit_rows(outputs["embedding"]) if "embedding" in outputs else None
         return [
             Prediction(
                 score=float(score),
                 verdict=self.thresholds.verdict(float(score)),
                 logits=tuple(float(x) for x in row),
                 cam=(cams[i, 1] - cams[i, 0]) if cams is not None else None,
+                embedding=embeddings[i] if embeddings is not None else None,
             )
             for i, (score, row) in enumerate(zip(scores, logits, strict=True))
         ]

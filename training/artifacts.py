@@ -113,6 +113,7 @@ def make_card(run: Run, calibration: Calibration, metrics: dict[str, Any]) -> Mo
         data_counts=split_counts(run.rows),
         code_version=code_version(),
         warnings=(*card_warnings(calibration.thresholds), *calibration.weak_warnings),
+        embedding_dim=unwrap(run.model).embedding_dim,
     )
 
 

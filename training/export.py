@@ -1,8 +1,13 @@
 """ONNX export with the spec and card in the metadata, behind a torch-vs-onnxruntime parity gate.
 
 The exported file is what the server runs, so the gate compares torch (eval mode) with the server's own
-path, `inference.engine.OnnxEngine`, on the same inputs; max |delta logit| above PARITY_TOLERANCE fails
-the export and leaves no model file behind (an existing file at the destination is left untouched).
+path, `inference.engine.OnnxEngine`, on the same inputs; max |delta logit| above PARITY_TOLERANCE, or
+max |delta| of an embedding component above EMBEDDING_PARITY_TOLERANCE, fails the export and leaves no
+model file behind (an existing file at the destination is left untouched).
+
+A VerityNet is exported with its `embedding` output (N x D float32, the L2-normalised pooled features of
+the same pass) and the card records D as `embedding_dim`; any other module is exported with the outputs
+its forward returns, (logits, cam), as before.
 
 Exporter choice (torch 2.14): both the dynamo exporter and the TorchScript one (`dynamo=False`) give a
 single-file graph with a working dynamic batch axis and parity near 1e-5 on efficientnet_lite0. The
@@ -16,6 +21,7 @@ import copy
 import os
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +31,13 @@ import torch
 from verity.inference.card import ModelCard
 from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY
 from verity.inference.spec import PreprocessSpec
+from verity.training.models import VerityNet
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
+# Embedding components are at most 1 in size (unit vectors): float32 rounding gives about 1e-7.
+EMBEDDING_PARITY_TOLERANCE = 1e-5
+OUTPUT_NAMES = ("logits", "cam", "embedding")
 EXPORTERS = ("torchscript", "dynamo")
 
 
@@ -69,9 +79,22 @@ def _check_model_matches_spec(model: torch.nn.Module, spec: PreprocessSpec) -> N
             )
 
 
-def _export_graph(model: torch.nn.Module, example: torch.Tensor, path: Path, exporter: str) -> str:
+def _output_names(model: torch.nn.Module, example: torch.Tensor) -> list[str]:
+    """logits, cam and, when the forward returns a third tensor, embedding."""
+    with torch.no_grad():
+        count = len(model(example))
+    if count not in (2, 3):
+        raise ExportError(
+            f"The model returns {count} outputs; a Verity model returns (logits, cam[, embedding])."
+        )
+    return list(OUTPUT_NAMES[:count])
+
+
+def _export_graph(
+    model: torch.nn.Module, example: torch.Tensor, path: Path, exporter: str, outputs: list[str]
+) -> str:
     """Writes the raw graph (no metadata yet); returns the exporter that succeeded."""
-    common: dict[str, Any] = dict(input_names=["image"], output_names=["logits", "cam"], opset_version=OPSET)
+    common: dict[str, Any] = dict(input_names=["image"], output_names=outputs, opset_version=OPSET)
     if exporter == "torchscript":
         try:
             with warnings.catch_warnings():
@@ -81,7 +104,7 @@ def _export_graph(model: torch.nn.Module, example: torch.Tensor, path: Path, exp
                     (example,),
                     str(path),
                     dynamo=False,
-                    dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}, "cam": {0: "N"}},
+                    dynamic_axes={name: {0: "N"} for name in ["image", *outputs]},
                     **common,
                 )
             return exporter
@@ -121,6 +144,17 @@ def _check_card(card: ModelCard, spec: PreprocessSpec) -> None:
         raise ExportError(f"The card says modality {card.modality!r} but the spec says {spec.modality!r}.")
 
 
+def _card_with_embedding(card: ModelCard, model: torch.nn.Module) -> ModelCard:
+    """The card with the model's embedding width; a card that states another width is refused."""
+    if not isinstance(model, VerityNet):
+        return card
+    if card.embedding_dim not in (None, model.embedding_dim):
+        raise ExportError(
+            f"The card says embedding_dim {card.embedding_dim} but the model's is {model.embedding_dim}."
+        )
+    return replace(card, embedding_dim=model.embedding_dim)
+
+
 def _parity_inputs(spec: PreprocessSpec, sample: np.ndarray | None) -> list[np.ndarray]:
     """Batches of 1 and 5 (proving the dynamic batch axis) plus the caller's sample, if any."""
     shape = (spec.in_chans, spec.image_size, spec.image_size)
@@ -140,17 +174,19 @@ def _parity_inputs(spec: PreprocessSpec, sample: np.ndarray | None) -> list[np.n
 def check_parity(
     model: torch.nn.Module, onnx_path: str | Path, batches: list[np.ndarray]
 ) -> dict[str, float]:
-    """Runs the batches through torch and through OnnxEngine (the server path); returns max |delta|."""
+    """Runs the batches through torch and through OnnxEngine (the server path); returns max |delta| per
+    output of the graph (logits, cam and embedding when it has one) and the largest |logit|."""
     from verity.inference.engine import OnnxEngine
 
     engine = OnnxEngine(onnx_path, provider="cpu", warmup=False)
-    worst = {"logits": 0.0, "cam": 0.0, "largest_logit": 0.0}
+    names = engine.output_names
+    worst = {**dict.fromkeys(names, 0.0), "largest_logit": 0.0}
     with torch.no_grad():
         for batch in batches:
-            expected = dict(zip(("logits", "cam"), model(torch.from_numpy(batch)), strict=True))
+            expected = dict(zip(names, model(torch.from_numpy(batch)), strict=True))
             got = engine.run(batch)
             worst["largest_logit"] = max(worst["largest_logit"], float(expected["logits"].abs().max()))
-            for key in ("logits", "cam"):
+            for key in names:
                 if got[key].shape != tuple(expected[key].shape):
                     raise ExportParityError(
                         f"ONNX output {key!r} has shape {got[key].shape} for a batch of {len(batch)}, "
@@ -159,6 +195,21 @@ def check_parity(
                 delta = float(np.abs(got[key].astype(np.float64) - expected[key].double().numpy()).max())
                 worst[key] = max(worst[key], delta)
     return worst
+
+
+def _enforce_parity(worst: dict[str, float]) -> None:
+    if not worst["logits"] <= PARITY_TOLERANCE:
+        raise ExportParityError(
+            f"Export parity gate failed: max |delta logit| between torch and onnxruntime is "
+            f"{worst['logits']:.3g} > {PARITY_TOLERANCE:g} (largest |logit| "
+            f"{worst['largest_logit']:.3g}; float32 rounding alone gives about 1e-6 of it). "
+            "The ONNX model was not written."
+        )
+    if "embedding" in worst and not worst["embedding"] <= EMBEDDING_PARITY_TOLERANCE:
+        raise ExportParityError(
+            f"Export parity gate failed: max |delta embedding| between torch and onnxruntime is "
+            f"{worst['embedding']:.3g} > {EMBEDDING_PARITY_TOLERANCE:g}. The ONNX model was not written."
+        )
 
 
 def export_onnx(
@@ -171,10 +222,13 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Exports `model` to one ONNX file with spec and card metadata, then enforces the parity gate.
 
-    The model must take NxCxSxS float32 in [0, 1] and return (logits, cam). The caller's model is not
-    modified (a CPU copy in eval mode is exported). Raises ExportParityError when max |delta logit|
-    between torch and onnxruntime exceeds PARITY_TOLERANCE; no file is written at `path` then.
-    Returns {"path", "opset", "exporter", "max_abs_diff", "max_abs_diff_cam", "max_abs_logit", "size_bytes"}.
+    The model must take NxCxSxS float32 in [0, 1] and return (logits, cam); a VerityNet's copy also
+    returns its embedding. The caller's model is not modified (a CPU copy in eval mode is exported).
+    Raises ExportParityError when max |delta logit| between torch and onnxruntime exceeds
+    PARITY_TOLERANCE or max |delta embedding| exceeds EMBEDDING_PARITY_TOLERANCE; no file is written
+    at `path` then. Returns {"path", "opset", "exporter", "max_abs_diff", "max_abs_diff_cam",
+    "max_abs_diff_embedding" (None without one), "embedding_dim" (None without one), "max_abs_logit",
+    "size_bytes"}.
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"Invalid exporter {exporter!r}. Only {', '.join(EXPORTERS)} are supported.")
@@ -183,6 +237,9 @@ def export_onnx(
     model = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
     _check_card(card, spec)
     _check_model_matches_spec(model, spec)
+    card = _card_with_embedding(card, model)
+    if isinstance(model, VerityNet):
+        model.embedding_output = True
     batches = _parity_inputs(spec, sample)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,16 +247,12 @@ def export_onnx(
     os.close(handle)
     temporary_path = Path(temporary)
     try:
-        used = _export_graph(model, torch.from_numpy(batches[1][:2].copy()), temporary_path, exporter)
+        example = torch.from_numpy(batches[1][:2].copy())
+        outputs = _output_names(model, example)
+        used = _export_graph(model, example, temporary_path, exporter, outputs)
         _add_metadata(temporary_path, spec, card)
         worst = check_parity(model, temporary_path, batches)
-        if not worst["logits"] <= PARITY_TOLERANCE:
-            raise ExportParityError(
-                f"Export parity gate failed: max |delta logit| between torch and onnxruntime is "
-                f"{worst['logits']:.3g} > {PARITY_TOLERANCE:g} (largest |logit| "
-                f"{worst['largest_logit']:.3g}; float32 rounding alone gives about 1e-6 of it). "
-                "The ONNX model was not written."
-            )
+        _enforce_parity(worst)
         publish(temporary_path, path)
     finally:
         temporary_path.unlink(missing_ok=True)
@@ -209,6 +262,8 @@ def export_onnx(
         "exporter": used,
         "max_abs_diff": worst["logits"],
         "max_abs_diff_cam": worst["cam"],
+        "max_abs_diff_embedding": worst.get("embedding"),
+        "embedding_dim": card.embedding_dim,
         "max_abs_logit": worst["largest_logit"],
         "size_bytes": path.stat().st_size,
     }

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from verity.inference.preprocess import load_for_model
     from verity.training.checkpoint import load_checkpoint, model_from_checkpoint
-    from verity.training.export import export_onnx
+    from verity.training.export import EMBEDDING_PARITY_TOLERANCE, export_onnx
 
     args = build_parser().parse_args(argv)
     checkpoint_path = Path(args.checkpoint)
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from verity.training.quantize import run_export_variants
 
     variant_lines, int8_gate = run_export_variants(args, out)
+    card = replace(card, embedding_dim=result["embedding_dim"])  # as the ONNX metadata records it
     if int8_gate is not None:  # card.json records the INT8 gate, passed or not
         card = replace(card, int8=int8_gate)
     card_path = out.with_name("card.json")
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['exporter']} exporter); "
         f"parity max |delta logit| {result['max_abs_diff']:.2e} <= 1e-4; card {card_path}"
     )
+    if result["embedding_dim"] is not None:
+        print(f"embedding: {result['embedding_dim']} wide, parity max |delta| "
+              f"{result['max_abs_diff_embedding']:.2e} <= {EMBEDDING_PARITY_TOLERANCE:g}")
     for line in variant_lines:
         print(line)
     return 0

@@ -4,6 +4,9 @@ Every model is `VerityNet`: Normalize(spec.mean, spec.std) -> backbone feature m
 pool -> linear head. forward(x) returns (logits, cam): the cam is the head applied at every position of
 the feature map (a 1x1 convolution with the head's weights and bias), so explaining costs no second pass,
 and because the head is linear after average pooling, the mean of the cam over HxW equals the logits.
+With `embedding_output` set (the ONNX export sets it on its copy), forward returns (logits, cam,
+embedding), the embedding being the pooled features L2-normalised, from the same pass; training and
+scoring leave it off, so their callers keep the two outputs.
 
 Heads that are not linear after pooling (torchvision's MobileNetV3 MLP, ConvNeXt's norm after the pool)
 are replaced by this one linear head; ConvNeXt's LayerNorm moves before the pool, per position.
@@ -44,7 +47,7 @@ class Normalize(nn.Module):
 
 
 class VerityNet(nn.Module):
-    """Normalize -> features (N x C x h x w) -> (logits N x K, cam N x K x h x w)."""
+    """Normalize -> features (N x C x h x w) -> (logits N x K, cam N x K x h x w[, embedding N x C])."""
 
     def __init__(
         self,
@@ -60,12 +63,21 @@ class VerityNet(nn.Module):
         self.features = features
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(num_features, num_classes)
+        self.embedding_dim = num_features
+        # A plain attribute, not a buffer: it changes no weights and model.pt files stay as they are.
+        self.embedding_output = False
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feature_map = self.features(self.normalize(x))
-        logits = self.head(self.dropout(feature_map.mean(dim=(2, 3))))
+        pooled = feature_map.mean(dim=(2, 3))
+        logits = self.head(self.dropout(pooled))
         cam = nn.functional.conv2d(feature_map, self.head.weight[:, :, None, None], self.head.bias)
-        return logits, cam
+        if not self.embedding_output:
+            return logits, cam
+        # The norm as sqrt(sum of squares), not nn.functional.normalize or norm(): those export as
+        # Expand or ReduceL2, which onnxruntime's shape inference before INT8 quantization cannot follow.
+        norm = (pooled * pooled).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+        return logits, cam, pooled / norm
 
 
 def adapt_first_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
