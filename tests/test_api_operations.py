@@ -56,6 +56,7 @@ def test_pinned_version(tmp_path: Path, models_dir: Path) -> None:
         assert predict(client).json()["model"] == {"name": "photo-test", "version": "1"}
 
 
+@pytest.mark.slow  # seconds of wall time: make test-fast stays under a minute
 def test_readyz_503_until_loaded(tmp_path: Path, models_dir: Path) -> None:
     from verity.inference.engine import OnnxEngine
 

@@ -102,6 +102,7 @@ def test_trickled_body_is_cut_off_with_408(tmp_path: Path, models_dir: Path, pat
     assert metric(metrics, "verity_request_timeouts_total") == 1.0
 
 
+@pytest.mark.slow  # seconds of wall time: make test-fast stays under a minute
 def test_slow_steady_upload_keeps_earning_time(tmp_path: Path, models_dir: Path) -> None:
     """0.4 s for the body, plus a second per 1,000 bytes: 2,000 bytes a second take 1.2 s and pass."""
     settings = make_settings(tmp_path, body_timeout_s=0.4, body_min_rate=1000)
@@ -278,6 +279,7 @@ def slow_hostile_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(service_module, "prepare_image", prepare)
 
 
+@pytest.mark.slow  # seconds of wall time: make test-fast stays under a minute
 @pytest.mark.parametrize("reserve", [1, 0])
 def test_one_key_cannot_starve_another(
     tmp_path: Path, models_dir: Path, slow_hostile_decoder: None, reserve: int
@@ -341,6 +343,7 @@ def test_request_rate_is_429_with_retry_after_and_counted(tmp_path: Path, models
     assert metric(metrics, "verity_rate_limited_total", reason="requests", key=station["key-id"]) == 0.0
 
 
+@pytest.mark.slow  # seconds of wall time: make test-fast stays under a minute
 def test_decode_share_is_429_with_retry_after_and_counted(
     tmp_path: Path, models_dir: Path, slow_hostile_decoder: None
 ) -> None:

@@ -36,6 +36,7 @@ def _run(code: str, cwd: Path, **env: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # seconds of wall time: make test-fast stays under a minute
 def test_hugging_face_datasets_and_ours_import_side_by_side(tmp_path: Path) -> None:
     found = _run(BOTH, tmp_path)
     assert found["has_load_dataset"] and "site-packages" in found["hf"]

@@ -160,6 +160,7 @@ def _assert_all_agree(reference: dict[str, float], scores_by_path: dict[str, dic
             )
 
 
+@pytest.mark.slow  # seconds of wall time: make test-fast stays under a minute
 @pytest.mark.parametrize("modality", ["photo", "xray"])
 def test_every_path_gives_every_image_the_same_score(
     setup: dict, modality: str, capsys: pytest.CaptureFixture[str]
