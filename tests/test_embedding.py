@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from torch_models import tiny_net
+from torch_models import tiny_features, tiny_net
 
 from benchmarks.models import tiny_onnx, tiny_spec
 from verity.inference.card import CardError, ModelCard
@@ -37,14 +37,7 @@ def tiny_card(spec: PreprocessSpec, embedding_dim: int | None = None) -> ModelCa
 def tiny_verity_net(spec: PreprocessSpec, seed: int = 0) -> VerityNet:
     """A VerityNet on two small convolutions, BatchNorm statistics warmed on random images."""
     torch.manual_seed(seed)
-    features = torch.nn.Sequential(
-        torch.nn.Conv2d(spec.in_chans, WIDTH, 3, stride=2, padding=1),
-        torch.nn.BatchNorm2d(WIDTH),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(WIDTH, WIDTH, 3, stride=2, padding=1),
-        torch.nn.ReLU(),
-    )
-    model = VerityNet(features, WIDTH, 2, tuple(spec.mean), tuple(spec.std))
+    model = VerityNet(tiny_features(spec.in_chans, WIDTH), WIDTH, 2, tuple(spec.mean), tuple(spec.std))
     with torch.no_grad():
         model(torch.rand(8, spec.in_chans, spec.image_size, spec.image_size))
     return model.eval()

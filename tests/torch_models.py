@@ -41,16 +41,20 @@ class CamNet(torch.nn.Module):
         return logits, cam + self.classifier.bias.view(1, -1, 1, 1)
 
 
-def tiny_net(spec: PreprocessSpec, width: int = 8) -> CamNet:
+def tiny_features(in_chans: int, width: int = 8) -> torch.nn.Sequential:
     """Two stride-2 convolutions (the first with BatchNorm), random weights from torch's current seed."""
-    features = torch.nn.Sequential(
-        torch.nn.Conv2d(spec.in_chans, width, 3, stride=2, padding=1),
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(in_chans, width, 3, stride=2, padding=1),
         torch.nn.BatchNorm2d(width),
         torch.nn.ReLU(),
         torch.nn.Conv2d(width, width, 3, stride=2, padding=1),
         torch.nn.ReLU(),
     )
-    return CamNet(spec, features, width)
+
+
+def tiny_net(spec: PreprocessSpec, width: int = 8) -> CamNet:
+    """A CamNet on `tiny_features`."""
+    return CamNet(spec, tiny_features(spec.in_chans, width), width)
 
 
 def contrast_net(spec: PreprocessSpec) -> CamNet:
