@@ -147,10 +147,16 @@ def load_for_scoring(
         if should_tile(pixels.shape, spec, options):
             return ScoringInput(None, pixels)
         return ScoringInput(to_model_input(pixels, spec), None)
-    shape = _native_shape(data, kind, limits)
-    if shape is not None and should_tile(shape, spec, options):
-        return ScoringInput(None, decode_image(data, limits))
+    if _may_tile(spec, options):  # photos in "auto" never are: no header read before the decode
+        shape = _native_shape(data, kind, limits)
+        if shape is not None and should_tile(shape, spec, options):
+            return ScoringInput(None, decode_image(data, limits))
     return ScoringInput(load_for_model(data, spec, limits), None)
+
+
+def _may_tile(spec: PreprocessSpec, options: TilingOptions) -> bool:
+    """Whether `should_tile` can say yes for some image size, given the model and the options."""
+    return options.mode == "on" or (options.mode == "auto" and spec.modality in TILED_MODALITIES)
 
 
 @dataclass(frozen=True)
