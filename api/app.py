@@ -14,7 +14,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from verity.api import routes_v1, routes_v2
+from verity.api import routes_references, routes_v1, routes_v2
 from verity.api.audit import AuditStore, ImageStore, open_audit_store
 from verity.api.auth import KeyStore
 from verity.api.docs import ASSETS_URL, DOCS_PAGES, OPENAPI_URL, install_docs
@@ -25,6 +25,7 @@ from verity.api.metrics import Metrics
 from verity.api.middleware import HostCheckMiddleware, RequestContextMiddleware, SecurityHeadersMiddleware
 from verity.api.registry import EngineFactory, ModelRegistry
 from verity.api.settings import Settings, load_settings
+from verity.inference.references import ReferenceStore
 
 log = logging.getLogger("verity.api")
 
@@ -53,6 +54,7 @@ TAGS = [
     {"name": "feedback", "description": "Confirmed outcomes that close the loop to retraining."},
     {"name": "health", "description": "Liveness, readiness and metrics."},
     {"name": "open inference protocol v2", "description": "KServe v2 / Triton HTTP protocol for consoles."},
+    {"name": "references", "description": "Genuine reference images per product (admin)."},
 ]
 
 
@@ -64,7 +66,9 @@ def body_limit_for(settings: Settings):
             return SMALL_BODY_LIMIT
         if path == "/v1/predict":
             return settings.max_upload_bytes + FORM_OVERHEAD
-        if path == "/v1/predict/batch" or (path.startswith("/v2/") and path.endswith("/infer")):
+        if path in ("/v1/predict/batch", "/v1/references"):  # several files, max_batch_files at most
+            return settings.max_batch_bytes
+        if path.startswith("/v2/") and path.endswith("/infer"):
             return settings.max_batch_bytes
         return SMALL_BODY_LIMIT
 
@@ -154,11 +158,20 @@ def create_app(
     app.state.keys = KeyStore(settings.keys_file)
     app.state.image_store = ImageStore(settings.image_store_dir) if settings.store_images else None
     app.state.metrics = metrics
+    # Built once, outside the registry: references outlive model reloads and are re-read from disk when
+    # `verity refs` changes them.
+    app.state.references = ReferenceStore(
+        settings.references_dir,
+        tiling=settings.tiling_options,
+        limits=settings.decode_limits,
+        false_alarm_rate=settings.reference_false_alarm_rate,
+    )
     app.state.limits = KeyLimits(settings, metrics)  # request rates and decode slots per key
     metrics.watch_models(lambda: _served_models(registry))
     install_error_handlers(app)
     app.include_router(routes_v1.router)
     app.include_router(routes_v2.router)
+    app.include_router(routes_references.router)
     install_docs(app)
     # Innermost first: the Host check runs inside the request context (its 400 has a request_id), and the
     # security headers wrap everything, the context's own 413 included.

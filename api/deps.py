@@ -19,6 +19,7 @@ from verity.api.errors import ApiError
 from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry
 from verity.api.settings import Settings
+from verity.inference.references import ReferenceStore
 
 
 async def get_settings(request: Request) -> Settings:
@@ -45,12 +46,18 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+async def get_references(request: Request) -> ReferenceStore:
+    """The one reference store of the app (built in create_app), shared by every request and reload."""
+    return request.app.state.references
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 AuditDep = Annotated[AuditStore, Depends(get_audit)]
 ImageStoreDep = Annotated[ImageStore | None, Depends(get_image_store)]
 KeysDep = Annotated[KeyStore, Depends(get_keys)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ReferencesDep = Annotated[ReferenceStore, Depends(get_references)]
 
 _api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="A station key from `verity keys add`."

@@ -154,6 +154,12 @@ class Settings(BaseSettings):
     store_images: bool = False
     image_store_dir: Path = Path("var/images")
 
+    # Genuine reference images per model and product (inference/references.py): `verity refs` and
+    # /v1/references enrol them here, and a request naming its product is checked against them.
+    references_dir: Path = Path("var/references")
+    # Share of genuine images of a product that its reference check may flag (leave-one-out calibration).
+    reference_false_alarm_rate: float = Field(0.01, gt=0.0, lt=0.5)
+
     log_level: str = "info"
     log_json: bool = True
 

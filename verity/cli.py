@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "predict": ("verity.inference.cli", "main", "give a verdict for image files from the command line"),
     "keys": ("verity.api.cli", "keys_main", "add, revoke and list station API keys"),
     "audit": ("verity.api.cli", "audit_main", "export the audit log"),
+    "refs": ("verity.api.refs_cli", "refs_main", "enrol, list and remove genuine product references"),
 }
 
 

@@ -1,0 +1,308 @@
+"""/v1/references: genuine reference images per product (admin only).
+
+Enrolment embeds each file with the served model exactly as a prediction is scored, in the threadpool;
+every add and remove is written to the audit log before it takes effect (a failed write is a 503 and
+nothing changes). The store is `inference.references.ReferenceStore`, shared with `verity refs`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Path, Query, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from verity.api.audit import AuditError
+from verity.api.deps import AdminDep, AuditDep, ReferencesDep, RegistryDep, SettingsDep
+from verity.api.errors import ApiError, decode_error_to_api, service_unavailable, truncated
+from verity.api.refs_cli import audit_writer
+from verity.api.registry import ModelRegistry, ServedModel
+from verity.api.routes_v1 import FILENAME_MAX, _errors
+from verity.api.schemas import Modality, ReferenceRemoved, ReferencesEnrolled, ReferencesListing
+from verity.api.settings import Settings
+from verity.inference.decode import DecodeError
+from verity.inference.references import (
+    EngineEmbedder,
+    InvalidName,
+    NoEmbedding,
+    ReferenceConflict,
+    ReferenceStore,
+    ReferenceStoreError,
+    UnknownProduct,
+    UnknownReference,
+    validate_product,
+)
+from verity.inference.tiling import TooManyTiles
+
+router = APIRouter(tags=["references"])
+
+ModelField = Annotated[str | None, Form(max_length=64, description="A loaded model's name.")]
+ModalityForm = Annotated[Modality | None, Form(description="Or the default model of this modality.")]
+ModelQuery = Annotated[str | None, Query(max_length=64, description="A loaded model's name.")]
+ModalityQuery = Annotated[Modality | None, Query(description="Or the default model of this modality.")]
+ProductForm = Annotated[str, Form(description="Product name: 1-64 of a-z 0-9 . _ - (e.g. acme-watch-x2).")]
+
+
+def store_error(error: ReferenceStoreError) -> ApiError:
+    """The status and code of each store refusal."""
+    if isinstance(error, UnknownProduct):
+        return ApiError(404, "unknown_product", str(error))
+    if isinstance(error, UnknownReference):
+        return ApiError(404, "unknown_reference", str(error))
+    if isinstance(error, ReferenceConflict):
+        return ApiError(409, "reference_conflict", str(error))
+    if isinstance(error, InvalidName):
+        return ApiError(422, "invalid_product", str(error))
+    if isinstance(error, NoEmbedding):
+        return ApiError(422, "no_embedding", str(error))
+    return ApiError(503, "references_unavailable", str(error))  # e.g. a damaged events file
+
+
+def store_unavailable(error: OSError) -> ApiError:
+    """The reference folder cannot be written or read (disk full, permissions): nothing was changed."""
+    return ApiError(
+        503, "references_unavailable", f"The reference store cannot be used: {error.strerror or error}."
+    )
+
+
+def audit_unavailable(settings: Settings, what: str) -> ApiError:
+    return service_unavailable(
+        "audit_unavailable",
+        f"The audit log cannot be written, so {what}; retry shortly.",
+        settings.retry_after_s,
+    )
+
+
+def served_model(
+    registry: ModelRegistry, settings: Settings, modality: str | None, model: str | None
+) -> ServedModel:
+    """The model a request names (model=NAME) or the default of its modality."""
+    if model is not None:
+        served = registry.find(model)
+        if served is None:
+            loaded = ", ".join(sorted({key[0] for key in registry.snapshot.models})) or "none"
+            raise ApiError(404, "unknown_model", f"No loaded model {truncated(model)!r}. Loaded: {loaded}.")
+        if modality is not None and served.modality != modality:
+            raise ApiError(
+                422, "modality_mismatch", f"Model {served.engine.name} is a {served.modality} model."
+            )
+        return served
+    if modality is None:
+        raise ApiError(
+            422, "model_required", "Name the model: modality=photo|xray (its default) or model=NAME."
+        )
+    served = registry.default_for(modality)
+    if served is not None:
+        return served
+    message = registry.unavailable_message([modality])
+    if not registry.load_finished:
+        raise service_unavailable("not_ready", message, settings.retry_after_s)
+    raise ApiError(404, "no_model", message)
+
+
+def calibration_or_none(store: ReferenceStore, engine: Any, product: str) -> dict[str, Any] | None:
+    """Blocking: the product's calibration, or None when it has no usable references or no embedding."""
+    try:
+        return store.calibration(engine, product)
+    except (UnknownProduct, NoEmbedding):
+        return None
+
+
+def _model_ref(served: ServedModel) -> dict[str, str]:
+    return {"name": served.engine.name, "version": served.engine.version}
+
+
+def _refused(index: int, filename: str | None, code: str, message: str) -> dict[str, Any]:
+    return {
+        "index": index,
+        "filename": filename,
+        "status": "refused",
+        "error": {"code": code, "message": message},
+    }
+
+
+async def _enrol_one(
+    store: ReferenceStore,
+    served: ServedModel,
+    product: str,
+    upload: UploadFile,
+    index: int,
+    context: dict[str, Any],
+) -> dict[str, Any]:
+    """One file's result: added, duplicate, or refused with its own code. An audit failure is raised."""
+    filename = truncated(upload.filename, FILENAME_MAX) if upload.filename is not None else None
+    data = await upload.read()
+    settings: Settings = context["settings"]
+    if len(data) > settings.max_upload_bytes:
+        return _refused(
+            index, filename, "file_too_large", f"The file exceeds {settings.max_upload_bytes:,} bytes."
+        )
+    admin = context["admin"]
+    add = partial(
+        store.add,
+        served.engine.name,
+        product,
+        data,
+        source=filename,
+        actor=admin.key_id,
+        role=admin.role,
+        embed=context["embed"],
+        on_event=context["on_event"],
+    )
+    try:
+        done = await run_in_threadpool(add)
+    except DecodeError as error:
+        api = decode_error_to_api(error)
+        return _refused(index, filename, api.code, api.message)
+    except TooManyTiles as error:
+        return _refused(index, filename, "too_many_tiles", str(error))
+    except ReferenceStoreError as error:
+        api = store_error(error)
+        return _refused(index, filename, api.code, api.message)
+    except OSError as error:
+        raise store_unavailable(error) from error
+    return {"index": index, "filename": filename, **done.to_dict()}
+
+
+@router.post(
+    "/v1/references",
+    response_model=ReferencesEnrolled,
+    responses=_errors(400, 401, 403, 404, 408, 413, 422, 503),
+    summary="Enrol genuine reference images of a product (admin)",
+    description="Each file is embedded by the model (model=NAME, or the default of modality=) as a "
+    "prediction is scored, and enrolled as a genuine reference of `product` with who, when and its "
+    "SHA-256, after the audit log has recorded it. An image already enrolled for the product is a "
+    "`duplicate`; one enrolled for another product is refused. Returns per-file results and the "
+    "product's calibration; 422 when no file could be enrolled.",
+)
+async def enrol_references(
+    registry: RegistryDep,
+    settings: SettingsDep,
+    store: ReferencesDep,
+    audit: AuditDep,
+    admin: AdminDep,
+    product: ProductForm,
+    files: Annotated[list[UploadFile], File(description="Genuine images of the product, one part each.")],
+    modality: ModalityForm = None,
+    model: ModelField = None,
+) -> dict[str, Any]:
+    try:
+        validate_product(product)
+    except InvalidName as error:
+        raise store_error(error) from error
+    if len(files) > settings.max_batch_files:
+        raise ApiError(
+            422, "too_many_files", f"{len(files):,} files sent; at most {settings.max_batch_files}."
+        )
+    served = served_model(registry, settings, modality, model)
+    try:
+        embed = EngineEmbedder(served.engine, store.tiling, store.limits)
+    except NoEmbedding as error:
+        raise store_error(error) from error
+    context = {
+        "settings": settings,
+        "admin": admin,
+        "embed": embed,
+        "on_event": audit_writer(audit, served.engine.name),
+    }
+    results: list[dict[str, Any]] = []
+    for index, upload in enumerate(files):
+        try:
+            results.append(await _enrol_one(store, served, product, upload, index, context))
+        except AuditError as error:
+            done = sum(r["status"] == "added" for r in results)
+            raise audit_unavailable(
+                settings, f"file {index} was not enrolled ({done} before it were)"
+            ) from error
+    refused = [r for r in results if r["status"] == "refused"]
+    if len(refused) == len(results):
+        reasons = "; ".join(f"file {r['index']}: {r['error']['message']}" for r in refused[:3])
+        more = f"; and {len(refused) - 3} more" if len(refused) > 3 else ""
+        raise ApiError(422, "no_reference_added", f"No file was enrolled. {reasons}{more}")
+    calibration = await run_in_threadpool(calibration_or_none, store, served.engine, product)
+    return {"model": _model_ref(served), "product": product, "results": results, "calibration": calibration}
+
+
+def _listing(store: ReferenceStore, served: ServedModel, product: str | None) -> dict[str, Any]:
+    """Blocking: every product with its count and calibration, or one product's references."""
+    engine = served.engine
+    if product is None:
+        products = store.products(engine.name)
+        listed = [
+            {"product": name, "references": count, "calibration": calibration_or_none(store, engine, name)}
+            for name, count in products.items()
+        ]
+        return {"model": _model_ref(served), "products": listed}
+    references = [reference.to_dict() for reference in store.references(engine.name, product)]
+    calibration = calibration_or_none(store, engine, product)
+    return {
+        "model": _model_ref(served),
+        "product": product,
+        "calibration": calibration,
+        "references": references,
+    }
+
+
+@router.get(
+    "/v1/references",
+    response_model=ReferencesListing,
+    responses=_errors(401, 403, 404, 422, 503),
+    summary="Products with references, or one product's references with provenance (admin)",
+)
+async def list_references(
+    registry: RegistryDep,
+    settings: SettingsDep,
+    store: ReferencesDep,
+    admin: AdminDep,
+    modality: ModalityQuery = None,
+    model: ModelQuery = None,
+    product: Annotated[
+        str | None, Query(max_length=64, description="List this product's references.")
+    ] = None,
+) -> dict[str, Any]:
+    served = served_model(registry, settings, modality, model)
+    try:
+        return await run_in_threadpool(_listing, store, served, product)
+    except ReferenceStoreError as error:
+        raise store_error(error) from error
+    except OSError as error:
+        raise store_unavailable(error) from error
+
+
+@router.delete(
+    "/v1/references/{reference_id}",
+    response_model=ReferenceRemoved,
+    responses=_errors(401, 403, 404, 422, 503),
+    summary="Remove a genuine reference (admin; the removal is audited, the image file is kept)",
+)
+async def remove_reference(
+    registry: RegistryDep,
+    settings: SettingsDep,
+    store: ReferencesDep,
+    audit: AuditDep,
+    admin: AdminDep,
+    reference_id: Annotated[str, Path(max_length=64)],
+    modality: ModalityQuery = None,
+    model: ModelQuery = None,
+) -> dict[str, Any]:
+    served = served_model(registry, settings, modality, model)
+    engine = served.engine
+    remove = partial(
+        store.remove,
+        engine.name,
+        reference_id,
+        actor=admin.key_id,
+        role=admin.role,
+        on_event=audit_writer(audit, engine.name),
+    )
+    try:
+        reference = await run_in_threadpool(remove)
+    except AuditError as error:
+        raise audit_unavailable(settings, "the reference was not removed") from error
+    except ReferenceStoreError as error:
+        raise store_error(error) from error
+    except OSError as error:
+        raise store_unavailable(error) from error
+    calibration = await run_in_threadpool(calibration_or_none, store, engine, reference.product)
+    return {"model": _model_ref(served), "removed": reference.to_dict(), "calibration": calibration}
