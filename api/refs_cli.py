@@ -29,6 +29,7 @@ from verity.inference.engine import ModelLoadError, OnnxEngine
 from verity.inference.references import (
     MIN_REFERENCES,
     InvalidName,
+    NoEmbedding,
     ReferenceStore,
     ReferenceStoreError,
     UnknownProduct,
@@ -133,9 +134,23 @@ def actor_name(who: str | None) -> str:
     return f"cli:{who}"
 
 
+def calibration_or_none(store: ReferenceStore, engine: Any, product: str) -> dict[str, Any] | None:
+    """The product's calibration, or None when it has no usable references or the model no embedding
+    (a listing still shows the product and its count)."""
+    try:
+        return store.calibration(engine, product)
+    except (UnknownProduct, NoEmbedding):
+        return None
+
+
 def calibration_line(store: ReferenceStore, engine: OnnxEngine, product: str) -> str:
     """One line on a product's calibration, or how many references it still lacks."""
-    calibration = store.calibration(engine, product)
+    calibration = calibration_or_none(store, engine, product)
+    if calibration is None:
+        count = store.products(engine.name).get(product, 0)
+        if not count:
+            return f"{product}: no references yet; the check abstains: 0 of {MIN_REFERENCES} references."
+        return f"{product}: {count} references; not calibrated (no usable reference, or no embedding output)."
     count = calibration["references"]
     if calibration["threshold"] is None:
         return f"{product}: {count} references; the check abstains: {count} of {MIN_REFERENCES} references."
@@ -172,10 +187,7 @@ def _add(args: argparse.Namespace, store: ReferenceStore, engine: OnnxEngine, au
             continue
         print(f"{path}: {done.status} {done.reference_id} (sha256 {done.sha256[:12]})")
     print(f"{len(files) - refused} of {len(files)} files enrolled or already enrolled.")
-    try:
-        print(calibration_line(store, engine, product))
-    except UnknownProduct:
-        print(f"{product}: no references; the check abstains: 0 of {MIN_REFERENCES} references.")
+    print(calibration_line(store, engine, product))
     return 1 if refused else 0
 
 
@@ -183,7 +195,7 @@ def _list(args: argparse.Namespace, store: ReferenceStore, engine: OnnxEngine) -
     model = {"name": engine.name, "version": engine.version, "precision": engine.precision}
     if args.product is not None:
         references = [r.to_dict() for r in store.references(engine.name, validate_product(args.product))]
-        calibration = store.calibration(engine, args.product)
+        calibration = calibration_or_none(store, engine, args.product)
         if args.json:
             print(json.dumps({"model": model, "calibration": calibration, "references": references}))
             return 0
@@ -194,7 +206,10 @@ def _list(args: argparse.Namespace, store: ReferenceStore, engine: OnnxEngine) -
         return 0
     products = store.products(engine.name)
     if args.json:
-        listed = [store.calibration(engine, product) for product in products]
+        listed = [
+            {"product": name, "references": count, "calibration": calibration_or_none(store, engine, name)}
+            for name, count in products.items()
+        ]
         print(json.dumps({"model": model, "products": listed}))
         return 0
     if not products:

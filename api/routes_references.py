@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from verity.api.audit import AuditError
 from verity.api.deps import AdminDep, AuditDep, ReferencesDep, RegistryDep, SettingsDep
 from verity.api.errors import ApiError, decode_error_to_api, service_unavailable, truncated
-from verity.api.refs_cli import audit_writer
+from verity.api.refs_cli import audit_writer, calibration_or_none
 from verity.api.registry import ModelRegistry, ServedModel
 from verity.api.routes_v1 import FILENAME_MAX, _errors
 from verity.api.schemas import Modality, ReferenceRemoved, ReferencesEnrolled, ReferencesListing
@@ -99,14 +99,6 @@ def served_model(
     if not registry.load_finished:
         raise service_unavailable("not_ready", message, settings.retry_after_s)
     raise ApiError(404, "no_model", message)
-
-
-def calibration_or_none(store: ReferenceStore, engine: Any, product: str) -> dict[str, Any] | None:
-    """Blocking: the product's calibration, or None when it has no usable references or no embedding."""
-    try:
-        return store.calibration(engine, product)
-    except (UnknownProduct, NoEmbedding):
-        return None
 
 
 def _model_ref(served: ServedModel) -> dict[str, str]:

@@ -269,7 +269,11 @@ def test_cli_add_list_remove_round_trip(tmp_path: Path, capsys: pytest.CaptureFi
         refs_main(["add", "--model", "no-such-model", "--config", config, "--product", "acme", str(images)])
         == 2
     )
-    capsys.readouterr()
+    plain = ["--model", str(tmp_path / "models" / "xray-plain"), "--config", config]
+    assert refs_main(["add", *plain, "--product", "acme", str(images)]) == 1
+    assert "has no embedding output" in capsys.readouterr().err
+    assert refs_main(["list", *plain]) == 0  # nothing enrolled for it, and no traceback
+    assert "No genuine references for model xray-plain" in capsys.readouterr().out
 
     assert refs_main(["list", *base, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
