@@ -8,6 +8,7 @@ model with an embedding output.
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from api_fixtures import image_bytes
+from PIL import Image
 
 from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
 from verity.inference.decode import DecodeError
@@ -36,7 +38,7 @@ from verity.inference.references import (
     embed_image,
     validate_product,
 )
-from verity.inference.tiling import TilingOptions, load_for_scoring
+from verity.inference.tiling import TilingOptions, load_for_scoring, score_scan
 from verity.inference.vocabulary import REFERENCE_STATUSES
 
 MODEL = "hand"
@@ -342,3 +344,19 @@ def test_embed_image_is_the_servers_embedding(tmp_path: Path) -> None:
     plain = tiny_onnx(tmp_path / "p" / "model.onnx", spec, tiny_card(spec, "plain"))
     with pytest.raises(NoEmbedding):
         embed_image(OnnxEngine(plain, provider="cpu", warmup=False), data, options)
+
+
+def test_a_long_scan_is_embedded_as_the_server_scores_it_in_tiles(tmp_path: Path) -> None:
+    spec = tiny_spec("xray", 32)
+    path = tiny_onnx(
+        tmp_path / "x" / "model.onnx", spec, tiny_card(spec, "xray-ref"), features=8, embedding=True
+    )
+    engine = OnnxEngine(path, provider="cpu", warmup=False)
+    rng = np.random.default_rng(3)
+    scan = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (48, 600), dtype=np.uint8)).save(scan, format="PNG")
+    options = TilingOptions()
+    loaded = load_for_scoring(scan.getvalue(), engine.spec, options)
+    assert loaded.pixels is not None  # longer than 8 model inputs: tiled by the one rule
+    expected = score_scan(loaded.pixels, engine, options).prediction.embedding
+    np.testing.assert_allclose(embed_image(engine, scan.getvalue(), options), expected, atol=1e-6)

@@ -229,6 +229,28 @@ def test_uploads_over_the_batch_limit_are_413(tmp_path: Path) -> None:
         assert_error(response, 413)
 
 
+def test_each_file_is_held_to_the_upload_limit(tmp_path: Path) -> None:
+    write_models(tmp_path)
+    settings = make_settings(tmp_path, references_dir=tmp_path / "references", max_upload_bytes=2048)
+    _, secret = KeyStore(settings.keys_file).add("ops", role="admin")
+    small = io.BytesIO()
+    Image.new("RGB", (40, 48), (200, 10, 10)).save(small, format="PNG")
+    with TestClient(create_app(settings)) as client:
+        files = [
+            ("files", ("big.png", noise_png(1), "image/png")),
+            ("files", ("small.png", small.getvalue(), "image/png")),
+        ]
+        response = client.post(
+            "/v1/references",
+            files=files,
+            data={"product": "acme", "modality": "photo"},
+            headers={"X-API-Key": secret},
+        )
+        assert response.status_code == 200, response.text
+        big, ok = response.json()["results"]
+        assert (big["status"], big["error"]["code"], ok["status"]) == ("refused", "file_too_large", "added")
+
+
 def write_config(root: Path) -> Path:
     config = root / "verity.env"
     config.write_text(
