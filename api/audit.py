@@ -1,7 +1,7 @@
 """The audit log: every answered prediction and every officer's feedback, written before the response.
 
 `AuditStore` is the interface; `SQLiteAuditStore` (WAL mode) is the default. A PostgreSQL store would
-implement the same five methods against `settings.database_url`; `open_audit_store` is where it plugs in.
+implement the same seven methods against `settings.database_url`; `open_audit_store` is where it plugs in.
 `ImageStore` keeps uploaded images content-addressed (by SHA-256) for retraining.
 """
 
@@ -13,7 +13,7 @@ import sqlite3
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -68,6 +68,31 @@ class AuditRecord:
     latency_ms: float
     image_path: str | None = None
     api: str = "v1"
+    # Open-set fields (issue 14). None on rows written before them and for models without a bank.
+    recognised: bool | None = None  # the embedding lies near the training set's reference bank
+    novelty: float | None = None  # kNN cosine distance to that bank (inference.open_set)
+    reasons: str | None = None  # comma-separated: classifier, reference_mismatch, not_recognised, ...
+    product: str | None = None  # the product the request named, if any
+    reference_status: str | None = None  # match, mismatch or abstained (too few references)
+    reference_distance: float | None = None  # to the product's nearest genuine reference
+    reference_threshold: float | None = None  # the product's calibrated alarm distance
+
+
+@dataclass(frozen=True)
+class ReferenceEvent:
+    """One enrolment or removal of a genuine reference image: who did what to which product, when.
+
+    `actor` is the API key id (or "cli:<user>" for `verity refs`), `role` its role."""
+
+    created: str
+    action: str  # "add" or "remove"
+    model_name: str
+    product: str
+    image_sha256: str
+    reference_id: str
+    actor: str | None = None
+    role: str | None = None
+    source: str | None = None  # the uploaded file's name or the CLI path
 
 
 @dataclass(frozen=True)
@@ -87,6 +112,7 @@ class FeedbackRecord:
 
 AUDIT_FIELDS = tuple(f.name for f in fields(AuditRecord))
 FEEDBACK_FIELDS = tuple(f.name for f in fields(FeedbackRecord))
+REFERENCE_EVENT_FIELDS = tuple(f.name for f in fields(ReferenceEvent))
 
 
 def utc_now() -> str:
@@ -103,6 +129,11 @@ class AuditStore(Protocol):
 
     def since(self, since: str | None) -> Iterator[AuditRecord]:
         """Records created at or after `since` (ISO 8601), oldest first."""
+
+    def record_reference_event(self, event: ReferenceEvent) -> None:
+        """Writes one reference enrolment or removal durably before it takes effect, or raises AuditError."""
+
+    def reference_events(self, model_name: str | None = None) -> list[ReferenceEvent]: ...
 
     def confirmed_cases(self) -> Iterator[tuple[AuditRecord, list[FeedbackRecord]]]:
         """Each audited prediction that has feedback, with all its feedback rows oldest first (whoever
@@ -125,11 +156,31 @@ CREATE TABLE IF NOT EXISTS feedback (
     key_id TEXT, role TEXT
 );
 CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id);
+CREATE TABLE IF NOT EXISTS reference_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created TEXT NOT NULL, action TEXT NOT NULL,
+    model_name TEXT NOT NULL, product TEXT NOT NULL, image_sha256 TEXT NOT NULL, reference_id TEXT NOT NULL,
+    actor TEXT, role TEXT, source TEXT
+);
+CREATE INDEX IF NOT EXISTS reference_events_created ON reference_events (created);
 """
 
 # Columns added since the first schema, added in place to older databases (CREATE TABLE IF NOT EXISTS
 # leaves an existing table as it was). Old rows keep NULL: their sender's key and role were not recorded.
-_ADDED_COLUMNS = {"feedback": ("key_id TEXT", "role TEXT")}
+_ADDED_COLUMNS = {
+    "feedback": ("key_id TEXT", "role TEXT"),
+    "predictions": (
+        "recognised INTEGER", "novelty REAL", "reasons TEXT", "product TEXT", "reference_status TEXT",
+        "reference_distance REAL", "reference_threshold REAL",
+    ),
+}
+
+
+def _audit_record(row: tuple) -> AuditRecord:
+    """A predictions row as a record: SQLite keeps `recognised` as 0/1."""
+    record = AuditRecord(*row)
+    if record.recognised is None:
+        return record
+    return replace(record, recognised=bool(record.recognised))
 
 
 class SQLiteAuditStore:
@@ -188,7 +239,7 @@ class SQLiteAuditStore:
             row = self._db.execute(
                 f"SELECT {', '.join(AUDIT_FIELDS)} FROM predictions WHERE request_id = ?", (request_id,)
             ).fetchone()
-        return AuditRecord(*row) if row else None
+        return _audit_record(row) if row else None
 
     def add_feedback(self, feedback: FeedbackRecord) -> None:
         values = asdict(feedback)
@@ -210,7 +261,7 @@ class SQLiteAuditStore:
                 (since or "",),
             )
             for row in cursor:
-                yield AuditRecord(*row)
+                yield _audit_record(row)
         finally:
             reader.close()
 
@@ -227,12 +278,35 @@ class SQLiteAuditStore:
                 if record is None or record.request_id != row[0]:
                     if record is not None:
                         yield record, rows
-                    record, rows = AuditRecord(*row[: len(AUDIT_FIELDS)]), []
+                    record, rows = _audit_record(row[: len(AUDIT_FIELDS)]), []
                 rows.append(FeedbackRecord(*row[len(AUDIT_FIELDS) :]))
             if record is not None:
                 yield record, rows
         finally:
             reader.close()
+
+    def record_reference_event(self, event: ReferenceEvent) -> None:
+        """Writes one enrolment or removal durably, or raises AuditError (the change is then refused)."""
+        values = asdict(event)
+        try:
+            with self._lock:
+                self._db.execute(
+                    f"INSERT INTO reference_events ({', '.join(values)}) "
+                    f"VALUES ({', '.join('?' for _ in values)})",
+                    tuple(values.values()),
+                )
+        except sqlite3.Error as error:
+            raise AuditError(f"The reference event could not be written: {error}") from error
+
+    def reference_events(self, model_name: str | None = None) -> list[ReferenceEvent]:
+        """Every enrolment and removal, oldest first (of one model when named)."""
+        query = f"SELECT {', '.join(REFERENCE_EVENT_FIELDS)} FROM reference_events"
+        arguments: tuple[str, ...] = ()
+        if model_name is not None:
+            query, arguments = query + " WHERE model_name = ?", (model_name,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY id", arguments).fetchall()
+        return [ReferenceEvent(*row) for row in rows]
 
     def count(self) -> int:
         with self._lock:

@@ -153,8 +153,7 @@ class PredictionService:
             raise ApiError(413, "too_many_tiles", str(error)) from error
         except DecodeError as error:
             raise decode_error_to_api(error) from error
-        prediction = Prediction(score=scan.score, verdict=scan.verdict, logits=scan.logits)
-        return Scored(prepared, prediction, served, scan)
+        return Scored(prepared, scan.prediction, served, scan)
 
     async def infer(self, served: ServedModel, model_input: np.ndarray) -> Prediction:
         """Queues one input on the model's batcher; a full queue is an explicit 503 with Retry-After."""

@@ -55,8 +55,11 @@ def tiny_spec(modality: str = "photo", size: int = 32) -> PreprocessSpec:
     return resolve_spec(modality, override={"image_size": size})
 
 
-def tiny_graph(spec: PreprocessSpec, features: int = 4, seed: int = 0) -> Any:
-    """The tiny contract graph: Normalize, stride-4 conv, ReLU, 1x1 classifier as CAM, spatial mean."""
+def tiny_graph(spec: PreprocessSpec, features: int = 4, seed: int = 0, embedding: bool = False) -> Any:
+    """The tiny contract graph: Normalize, stride-4 conv, ReLU, 1x1 classifier as CAM, spatial mean.
+
+    With `embedding`, it also outputs the L2-normalised spatial mean of the ReLU features (N x features),
+    as a VerityNet export does."""
     from onnx import TensorProto, helper, numpy_helper
 
     c = spec.in_chans
@@ -84,14 +87,22 @@ def tiny_graph(spec: PreprocessSpec, features: int = 4, seed: int = 0) -> Any:
         helper.make_node("Flatten", ["pooled"], ["logits"], axis=1),
     ]
     s = spec.image_size
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2]),
+        helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", 2, s // 4, s // 4]),
+    ]
+    if embedding:
+        nodes += [
+            helper.make_node("GlobalAveragePool", ["features"], ["feature_mean"]),
+            helper.make_node("Flatten", ["feature_mean"], ["feature_rows"], axis=1),
+            helper.make_node("LpNormalization", ["feature_rows"], ["embedding"], axis=1, p=2),
+        ]
+        outputs.append(helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", features]))
     return helper.make_graph(
         nodes,
         "tiny_verity",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", c, s, s])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2]),
-            helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", 2, s // 4, s // 4]),
-        ],
+        outputs,
         [numpy_helper.from_array(value, key) for key, value in weights.items()],
     )
 
@@ -102,14 +113,19 @@ def tiny_onnx(
     card: dict[str, Any] | None = None,
     features: int = 4,
     seed: int = 0,
+    embedding: bool = False,
 ) -> Path:
-    """Writes the tiny contract model with its spec and card in the metadata to `path`."""
+    """Writes the tiny contract model with its spec and card in the metadata to `path` (with an
+    `embedding` output when asked; the card then records its width)."""
     import onnx
     from onnx import helper
 
     spec = spec or tiny_spec()
-    card = card or tiny_card(spec)
-    model = helper.make_model(tiny_graph(spec, features, seed), opset_imports=[helper.make_opsetid("", 17)])
+    card = dict(card or tiny_card(spec))
+    if embedding:
+        card.setdefault("embedding_dim", features)
+    graph = tiny_graph(spec, features, seed, embedding)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     for key, value in ((METADATA_SPEC_KEY, spec.to_json()), (METADATA_CARD_KEY, json.dumps(card))):
         entry = model.metadata_props.add()

@@ -24,7 +24,7 @@ REQUIRED_KEYS = (
     "name", "version", "modality", "backbone", "created", "data", "metrics", "calibration",
     "thresholds", "spec", "code_version",
 )  # fmt: skip
-OPTIONAL_KEYS = ("warnings", "int8", "precision", "int8_gate", "quantization", "embedding_dim")
+OPTIONAL_KEYS = ("warnings", "int8", "precision", "int8_gate", "quantization", "embedding_dim", "novelty")
 
 
 class CardError(ValueError):
@@ -78,6 +78,9 @@ class ModelCard:
     # Width D of the graph's `embedding` output (N x D, L2-normalised pooled features); None: a model
     # exported before models had one, served without it.
     embedding_dim: int | None = None
+    # The "not recognised" gate (inference.open_set.NoveltyGate): threshold, k, the validation rate it was
+    # chosen for and achieved, and the bank file beside the model. None: served without the gate.
+    novelty: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.spec.modality != self.modality:
@@ -100,7 +103,9 @@ class ModelCard:
             "temperature": float(temperature),
             "warnings": None if self.warnings is None else tuple(str(w) for w in self.warnings),
         }
-        for name in ("thresholds", "metrics", "data_counts", "int8", "int8_gate", "quantization"):
+        if self.novelty is not None and not isinstance(self.novelty.get("threshold"), int | float):
+            raise CardError(f"novelty needs a numeric threshold, got {self.novelty.get('threshold')!r}.")
+        for name in ("thresholds", "metrics", "data_counts", "int8", "int8_gate", "quantization", "novelty"):
             plain[name] = to_jsonable(getattr(self, name))
         for name, value in plain.items():
             object.__setattr__(self, name, value)

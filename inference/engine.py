@@ -16,6 +16,7 @@ import numpy as np
 
 from verity.inference.bank import unit_rows
 from verity.inference.card import ModelCard
+from verity.inference.open_set import NoveltyGate, OpenSetError, load_novelty_gate, open_set_verdict
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import VERDICTS, verdict_codes
 
@@ -46,12 +47,48 @@ class Thresholds:
 @dataclass(frozen=True)
 class Prediction:
     score: float  # calibrated probability of counterfeit
-    verdict: str
+    verdict: str  # by the open-set rule (`open_set_verdict`): an image not recognised is uncertain
     logits: tuple[float, ...]
     # Class activation map for "counterfeit minus genuine" on the model's feature grid, or None.
     cam: np.ndarray | None = None
     # The model's `embedding` output (D float32, L2-normalised), or None for a model without one.
     embedding: np.ndarray | None = None
+    # kNN distance to the training bank and whether it is within the gate; None without a gate.
+    novelty: float | None = None
+    recognised: bool | None = None
+    reasons: tuple[str, ...] = ()
+    classifier_verdict: str | None = None  # the score against the thresholds alone (None: = verdict)
+
+
+def judged(
+    score: float,
+    thresholds: Thresholds,
+    gate: NoveltyGate | None,
+    embedding: np.ndarray | None,
+    logits: tuple[float, ...],
+    cam: np.ndarray | None = None,
+    distance: float | None = None,
+) -> Prediction:
+    """One Prediction by the one open-set rule: the score against the thresholds, then the novelty gate
+    (when the model has one and gave an embedding; `distance` is its novelty when already computed for
+    a whole batch at once)."""
+    classifier = thresholds.verdict(score)
+    recognised = None
+    if gate is not None and embedding is not None:
+        distance = float(gate.novelty(embedding[None])[0]) if distance is None else float(distance)
+        recognised = gate.recognised(distance)
+    verdict, reasons = open_set_verdict(classifier, recognised)
+    return Prediction(
+        score=float(score),
+        verdict=verdict,
+        logits=logits,
+        cam=cam,
+        embedding=embedding,
+        novelty=distance,
+        recognised=recognised,
+        reasons=reasons,
+        classifier_verdict=classifier,
+    )
 
 
 def calibrated_scores(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -236,6 +273,14 @@ class OnnxEngine:
         self.input_name = self.session.get_inputs()[0].name
         self.thresholds = Thresholds(alarm=self.card.thresholds["alarm"], clear=self.card.thresholds["clear"])
         self.temperature = self.card.temperature
+        try:
+            self.novelty_gate = load_novelty_gate(self.card, Path(path).parent)
+        except OpenSetError as error:
+            raise ModelLoadError(str(error)) from error
+        if self.novelty_gate is not None and "embedding" not in self.output_names:
+            raise ModelLoadError(
+                f"{model_path}'s card has a novelty gate but the graph has no embedding output."
+            )
         # IO binding on GPU: inputs are copied to the device once and outputs allocated by ORT, instead
         # of the extra staging copies of session.run.
         self.io_binding = self.providers[0] in GPU_PROVIDERS
@@ -290,13 +335,17 @@ class OnnxEngine:
         cams = outputs.get("cam") if with_cam else None
         # Renormalised here: an INT8 graph's quantized norm leaves rows up to about 1% off unit length.
         embeddings = unit_rows(outputs["embedding"]) if "embedding" in outputs else None
+        gate = self.novelty_gate
+        distances = gate.novelty(embeddings) if gate is not None and embeddings is not None else None
         return [
-            Prediction(
-                score=float(score),
-                verdict=self.thresholds.verdict(float(score)),
-                logits=tuple(float(x) for x in row),
+            judged(
+                float(score),
+                self.thresholds,
+                self.novelty_gate,
+                embeddings[i] if embeddings is not None else None,
+                tuple(float(x) for x in row),
                 cam=(cams[i, 1] - cams[i, 0]) if cams is not None else None,
-                embedding=embeddings[i] if embeddings is not None else None,
+                distance=float(distances[i]) if distances is not None else None,
             )
             for i, (score, row) in enumerate(zip(scores, logits, strict=True))
         ]

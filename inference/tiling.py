@@ -179,6 +179,9 @@ class ScanResult:
     image_shape: tuple[int, int]  # native height, width
     evidence: np.ndarray  # float32 map, counterfeit minus genuine (logit units), at `evidence_scale`
     evidence_scale: float  # evidence pixels per native pixel
+    # The scan as one answer: its score and embedding (`open_set.scan_embedding`) judged by the open-set
+    # rule, as a single image is; `verdict` is this prediction's.
+    prediction: Any = None
 
     @property
     def tiled(self) -> bool:
@@ -188,8 +191,7 @@ class ScanResult:
     def logits(self) -> tuple[float, float]:
         """Logits equivalent to the scan score: softmax of (0, log-odds) is the score (for /v2 and
         evaluation's predictions table, which report logits)."""
-        odds = min(max(self.score, 1e-7), 1 - 1e-7)
-        return 0.0, math.log(odds / (1 - odds))
+        return tuple(self.prediction.logits)  # type: ignore[return-value]
 
     def heatmap_png(self, image: np.ndarray, alpha: float = 0.5) -> bytes:
         """PNG overlay of the evidence on the decoded scan, at the evidence map's size."""
@@ -305,9 +307,11 @@ def score_scan(
     ]
     score = aggregate_scores(np.array([t.score for t in tiles]), options.aggregate, options.top_k)
     evidence, factor = _assemble_evidence(tiles, predictions, (height, width), spec, heatmap_max_side)
+    prediction = _scan_prediction(score, engine, predictions)
     return ScanResult(
         score=score,
-        verdict=engine.thresholds.verdict(score),
+        verdict=prediction.verdict,
+        prediction=prediction,
         aggregate=options.aggregate,
         tiles=tiles,
         grid=grid,
@@ -315,6 +319,19 @@ def score_scan(
         evidence=evidence,
         evidence_scale=factor,
     )
+
+
+def _scan_prediction(score: float, engine: Any, tile_predictions: list[Any]) -> Any:
+    """The scan's Prediction: its aggregate score and the mean of its tiles' embeddings, judged as one
+    image is (`engine.judged`); no embedding when the model has none."""
+    from verity.inference.engine import judged
+    from verity.inference.open_set import scan_embedding
+
+    embeddings = [p.embedding for p in tile_predictions if getattr(p, "embedding", None) is not None]
+    embedding = scan_embedding(np.stack(embeddings)) if len(embeddings) == len(tile_predictions) else None
+    odds = min(max(score, 1e-7), 1 - 1e-7)
+    logits = (0.0, math.log(odds / (1 - odds)))
+    return judged(score, engine.thresholds, getattr(engine, "novelty_gate", None), embedding, logits)
 
 
 def _predict_tiles(

@@ -21,6 +21,12 @@ SPLITS = ("train", "val", "test")
 # label index, so code == target means right), UNCERTAIN (-1) the last entry.
 VERDICTS = ("genuine", "counterfeit", "uncertain")
 UNCERTAIN = -1
+# Why a verdict is what it is (`reasons` of every answer; inference.open_set.open_set_verdict): which
+# checks alarmed for a counterfeit, why the service abstained for an uncertain, none for a genuine.
+REASONS = ("classifier", "reference_mismatch", "not_recognised", "classifier_uncertain")
+# The product reference check's outcome: near enough the product's genuine references, too far, or no
+# answer because the product has fewer references than its calibration needs.
+REFERENCE_STATUSES = ("match", "mismatch", "abstained")
 
 # How rows without a split are split (grouped by case or product, stratified by label). Ingest, training
 # and evaluation must share them: if evaluation re-split differently from training, test images would

@@ -28,7 +28,27 @@ def build_parser() -> argparse.ArgumentParser:
     from verity.training.quantize import add_export_arguments
 
     add_export_arguments(parser)  # --int8 (gated), --fp16, --val-data, --calibration-images
+    parser.add_argument(
+        "--bank-data",
+        help="data whose train split becomes the reference bank and whose val split sets the novelty "
+        "threshold (default: --val-data, else the data the checkpoint was trained on, when present)",
+    )
+    parser.add_argument(
+        "--novelty-rate", type=float, default=0.01,
+        help="share of in-distribution validation images the not-recognised gate may flag",
+    )
+    parser.add_argument("--max-references", type=int, default=10_000, help="bank rows at most (subsampled)")
     return parser
+
+
+def bank_data(args: argparse.Namespace, checkpoint: dict[str, Any]) -> str | None:
+    """Where the bank comes from: --bank-data, --val-data, or the checkpoint's training data if it exists."""
+    for candidate in (args.bank_data, args.val_data, (checkpoint.get("config") or {}).get("data")):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+        if candidate and candidate in (args.bank_data, args.val_data):
+            raise ValueError(f"No data at {candidate} for the reference bank.")
+    return None
 
 
 def card_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> ModelCard:
@@ -79,10 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     sample = np.stack([load_for_model(Path(p), spec) for p in args.sample]) if args.sample else None
     out = Path(args.out) if args.out else checkpoint_path.with_name("model.onnx")
     result = export_onnx(model, spec, card, out, sample=sample, exporter=args.exporter)
+    novelty = None
+    data = bank_data(args, checkpoint) if result["embedding_dim"] is not None else None
+    if data is not None:
+        from verity.training.open_set import build_open_set
+
+        novelty = build_open_set(out, data, rate=args.novelty_rate, max_references=args.max_references)
     from verity.training.quantize import run_export_variants
 
     variant_lines, int8_gate = run_export_variants(args, out)
-    card = replace(card, embedding_dim=result["embedding_dim"])  # as the ONNX metadata records it
+    # As the ONNX metadata records them.
+    card = replace(card, embedding_dim=result["embedding_dim"], novelty=novelty)
     if int8_gate is not None:  # card.json records the INT8 gate, passed or not
         card = replace(card, int8=int8_gate)
     card_path = out.with_name("card.json")
@@ -95,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     if result["embedding_dim"] is not None:
         print(f"embedding: {result['embedding_dim']} wide, parity max |delta| "
               f"{result['max_abs_diff_embedding']:.2e} <= {EMBEDDING_PARITY_TOLERANCE:g}")
+    if novelty is not None:
+        from verity.training.open_set import describe
+
+        print(describe(novelty))
+    elif result["embedding_dim"] is not None:
+        print("novelty gate: none (no --bank-data, and the training data is not here): every image is "
+              "served as recognised is unknown")
     for line in variant_lines:
         print(line)
     return 0

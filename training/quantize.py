@@ -146,7 +146,10 @@ def accuracy_gate(
     ref, new = _predict_all(reference, inputs), _predict_all(candidate, inputs)
     ref_scores, new_scores = np.array([p.score for p in ref]), np.array([p.score for p in new])
     auc_ref, auc_new = roc_auc(ref_scores, targets), roc_auc(new_scores, targets)
-    agreement = float(np.mean([a.verdict == b.verdict for a, b in zip(ref, new, strict=True)]))
+    # The classifier's verdicts: the novelty gate is judged on its own (recognised_agreement).
+    agreement = float(
+        np.mean([a.classifier_verdict == b.classifier_verdict for a, b in zip(ref, new, strict=True)])
+    )
     reasons = []
     if auc_ref is None or auc_new is None:
         reasons.append("ROC AUC needs both genuine and counterfeit images in the validation set")
@@ -187,6 +190,9 @@ def _embedding_gate(reference: list[Prediction], candidate: list[Prediction]) ->
         np.stack([p.embedding for p in reference if p.embedding is not None]),
         np.stack([p.embedding for p in candidate if p.embedding is not None]),
     )
+    gated = [(a.recognised, b.recognised) for a, b in zip(reference, candidate, strict=True)]
+    if gated[0][0] is not None:  # the model has a novelty gate: how often INT8 recognises alike
+        agreement["recognised_agreement"] = float(np.mean([a == b for a, b in gated]))
     return {**agreement, "embedding_min_cosine": EMBEDDING_MIN_COSINE}
 
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from verity.inference.artifacts import resolve_model
+from verity.inference.bank import unit_rows
 from verity.inference.card import ModelCard
 from verity.inference.decode import DecodeError, read_image_bytes
 from verity.inference.engine import OnnxEngine, calibrated_scores
@@ -39,6 +40,10 @@ class Scorer(Protocol):
 
     def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
 
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(logits, cams, embeddings or None) of one batch."""
+        ...
+
 
 class OnnxScorer:
     """An exported model run by the server's engine."""
@@ -54,9 +59,15 @@ class OnnxScorer:
         self.path: Path | None = path
 
     def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        logits, cams, _ = self.outputs(batch)
+        return logits, cams
+
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Logits, CAMs and the embeddings renormalised as the engine serves them (None without)."""
         outputs = self.engine.run(batch)
         cams = outputs.get("cam")
-        return outputs["logits"], None if cams is None else cams[:, 1] - cams[:, 0]
+        embeddings = unit_rows(outputs["embedding"]) if "embedding" in outputs else None
+        return outputs["logits"], None if cams is None else cams[:, 1] - cams[:, 0], embeddings
 
 
 class ModuleScorer:
@@ -92,6 +103,11 @@ class ModuleScorer:
         finally:
             self.model.train(was_training)
         return logits.float().cpu().numpy(), (cams[:, 1] - cams[:, 0]).float().cpu().numpy()
+
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Logits and CAMs; a torch model in training returns no embedding."""
+        logits, cams = self.logits_and_cams(batch)
+        return logits, cams, None
 
 
 class TorchScorer(ModuleScorer):
@@ -183,17 +199,21 @@ class ScoredSet:
     cams: list[np.ndarray | None]
     failures: list[tuple[int, str]]
     tiled: int = 0  # images scored in tiles (`inference.tiling`)
+    # N x D unit rows as the server embeds each image (a tiled scan: `open_set.scan_embedding`), or None
+    # for a model without an embedding output.
+    embeddings: np.ndarray | None = None
 
 
-def _score_scans(
-    engine: OnnxEngine, scans: list[tuple[int, np.ndarray]], tiling: TilingOptions
-) -> list[tuple[int, np.ndarray, float, np.ndarray | None]]:
-    """(index, logits, score, cam) of each scan, tiled as the server tiles it (`score_scan`); the logits
-    are those equivalent to the scan score, and the report shows no CAM for it."""
-    rows: list[tuple[int, np.ndarray, float, np.ndarray | None]] = []
+Row = tuple[int, np.ndarray, float, np.ndarray | None, np.ndarray | None]  # index, logits, score, cam, emb
+
+
+def _score_scans(engine: OnnxEngine, scans: list[tuple[int, np.ndarray]], tiling: TilingOptions) -> list[Row]:
+    """(index, logits, score, cam, embedding) of each scan, tiled as the server tiles it (`score_scan`);
+    the logits are those equivalent to the scan score, and the report shows no CAM for it."""
+    rows: list[Row] = []
     for index, pixels in scans:
         scan = score_scan(pixels, engine, tiling)
-        rows.append((index, np.asarray(scan.logits), scan.score, None))
+        rows.append((index, np.asarray(scan.logits), scan.score, None, scan.prediction.embedding))
     return rows
 
 
@@ -213,18 +233,19 @@ def score_samples(
 
     if not isinstance(scorer, OnnxScorer):
         tiling = replace(tiling, mode="off")
-    rows: list[tuple[int, np.ndarray, float, np.ndarray | None]] = []
+    rows: list[Row] = []
     failures: list[tuple[int, str]] = []
     tiled = 0
     bar = progress_bar(progress, total=len(samples), unit="img", desc="evaluating", leave=False)
     for chunk in decoded_batches(samples, scorer.spec, batch_size, workers, tiling):
         failures += chunk.failures
         if chunk.batch is not None:
-            logits, cams = scorer.logits_and_cams(chunk.batch)
+            logits, cams, embeddings = scorer.outputs(chunk.batch)
             logits = np.asarray(logits, dtype=np.float64)
             scores = calibrated_scores(logits, scorer.temperature)
             cam_list = list(cams) if cams is not None else [None] * len(chunk.indices)
-            rows += zip(chunk.indices, logits, scores.tolist(), cam_list, strict=True)
+            emb_list = list(embeddings) if embeddings is not None else [None] * len(chunk.indices)
+            rows += zip(chunk.indices, logits, scores.tolist(), cam_list, emb_list, strict=True)
         if chunk.scans:
             assert isinstance(scorer, OnnxScorer)  # tiling is off for any other scorer
             rows += _score_scans(scorer.engine, chunk.scans, tiling)
@@ -232,6 +253,8 @@ def score_samples(
         bar.update(len(chunk.indices) + len(chunk.scans) + len(chunk.failures))
     bar.close()
     rows.sort(key=lambda row: row[0])
+    embedded = [row[4] for row in rows]
+    have_all = bool(rows) and all(e is not None for e in embedded)
     return ScoredSet(
         indices=np.array([row[0] for row in rows], dtype=np.int64),
         logits=np.array([row[1] for row in rows], dtype=np.float64).reshape(-1, 2),
@@ -239,4 +262,5 @@ def score_samples(
         cams=[row[3] for row in rows],
         failures=failures,
         tiled=tiled,
+        embeddings=np.stack(embedded).astype(np.float32) if have_all else None,  # type: ignore[arg-type]
     )

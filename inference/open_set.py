@@ -1,0 +1,133 @@
+"""Open-set verdicts: "not recognised" for images far from anything the model was trained on, and the
+one rule that turns the classifier, the novelty gate and a product's reference check into a verdict.
+
+Novelty is the kNN cosine distance from an image's embedding (the model's `embedding` output, the same
+pass as its logits) to the training set's reference bank (`inference.bank`). Its threshold is chosen on
+validation images for a stated rate of in-distribution images flagged (`choose_novelty_threshold`) and
+stored in the card's `novelty` record with the bank's name; the bank file sits beside model.onnx.
+
+A scan scored in tiles has one embedding: the normalised mean of its tiles' embeddings, so the bank, the
+threshold and the served answer all see a scan the same way (`scan_embedding`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from verity.inference.bank import (
+    BANK_FILE,
+    DEFAULT_K,
+    BankError,
+    ReferenceBank,
+    load_bank,
+    novelty,
+    unit_rows,
+)
+from verity.inference.card import ModelCard
+
+# The share of in-distribution validation images the gate may flag, unless a run asks otherwise.
+DEFAULT_NOVELTY_RATE = 0.01
+
+
+class OpenSetError(ValueError):
+    """A model whose card names a novelty gate it cannot serve (bank missing, wrong width, bad record)."""
+
+
+@dataclass(frozen=True)
+class NoveltyGate:
+    """The bank beside a model and the distance beyond which an image is not recognised."""
+
+    bank: ReferenceBank
+    threshold: float
+    k: int = DEFAULT_K
+
+    def novelty(self, embeddings: np.ndarray) -> np.ndarray:
+        """kNN cosine distance of each embedding row to the bank (`inference.bank.novelty`)."""
+        return novelty(embeddings, self.bank, min(self.k, len(self.bank)))
+
+    def recognised(self, distance: float) -> bool:
+        return bool(distance <= self.threshold)
+
+
+def load_novelty_gate(card: ModelCard, model_dir: Path) -> NoveltyGate | None:
+    """The gate the card describes, with its bank read from `model_dir`; None for a card without one.
+
+    A card that names a gate whose bank is missing or does not fit the model raises OpenSetError: such a
+    model must not serve silently without the check its card promises."""
+    record = card.novelty
+    if record is None:
+        return None
+    path = model_dir / str(record.get("bank_file", BANK_FILE))
+    try:
+        bank = load_bank(path)
+    except BankError as error:
+        message = f"The card of {card.name} {card.version} has a novelty gate but {error}"
+        raise OpenSetError(message) from error
+    if card.embedding_dim is not None and bank.dim != card.embedding_dim:
+        raise OpenSetError(
+            f"{path} holds {bank.dim}-wide embeddings; the model's are {card.embedding_dim} wide."
+        )
+    return NoveltyGate(bank, float(record["threshold"]), int(record.get("k", DEFAULT_K)))
+
+
+def choose_novelty_threshold(val_novelty: np.ndarray, rate: float = DEFAULT_NOVELTY_RATE) -> float:
+    """The smallest distance that flags at most `rate` of these in-distribution validation images
+    (a distance above it is not recognised)."""
+    values = np.sort(np.asarray(val_novelty, dtype=np.float64))
+    if values.size == 0:
+        raise OpenSetError("No validation embeddings to choose a novelty threshold on.")
+    if not 0.0 < rate < 1.0:
+        raise OpenSetError(f"The novelty rate must lie between 0 and 1, got {rate}.")
+    allowed = math.floor(rate * values.size)  # images that may lie above the threshold
+    return float(values[values.size - 1 - allowed])
+
+
+def novelty_record(
+    threshold: float, rate: float, val_novelty: np.ndarray, bank: ReferenceBank, k: int = DEFAULT_K
+) -> dict[str, Any]:
+    """The card's `novelty` entry: how the gate was set, and how it did on the images it was set on."""
+    val = np.asarray(val_novelty, dtype=np.float64)
+    return {
+        "threshold": float(threshold),
+        "k": int(k),
+        "target_rate": float(rate),
+        "val_rate": float(np.mean(val > threshold)),
+        "val_images": int(val.size),
+        "bank_file": BANK_FILE,
+        "bank_rows": len(bank),
+        "bank_total": int(bank.provenance.get("total", len(bank))),
+        "max_references": int(bank.provenance.get("max_references", len(bank))),
+    }
+
+
+def scan_embedding(tile_embeddings: np.ndarray) -> np.ndarray:
+    """One embedding for a scan scored in tiles: the unit-length mean of its tiles' embeddings."""
+    return unit_rows(np.asarray(tile_embeddings, dtype=np.float32).mean(axis=0, keepdims=True))[0]
+
+
+def open_set_verdict(
+    classifier_verdict: str, recognised: bool | None, reference_status: str | None = None
+) -> tuple[str, tuple[str, ...]]:
+    """(verdict, reasons) by the one open-set rule (reason names: `vocabulary.REASONS`).
+
+    Not recognised wins: the classifier's score means nothing for an image unlike its training data, so
+    the answer is uncertain, never genuine or counterfeit. Otherwise the verdict is counterfeit when the
+    classifier or the product's reference check alarms (both named when both do); an uncertain
+    classifier score stays uncertain; else genuine. `recognised` None is a model without a gate."""
+    if recognised is False:
+        return "uncertain", ("not_recognised",)
+    alarms = []
+    if classifier_verdict == "counterfeit":
+        alarms.append("classifier")
+    if reference_status == "mismatch":
+        alarms.append("reference_mismatch")
+    if alarms:
+        return "counterfeit", tuple(alarms)
+    if classifier_verdict == "uncertain":
+        return "uncertain", ("classifier_uncertain",)
+    return "genuine", ()
