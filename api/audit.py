@@ -76,6 +76,7 @@ class AuditRecord:
     reference_status: str | None = None  # match, mismatch or abstained (too few references)
     reference_distance: float | None = None  # to the product's nearest genuine reference
     reference_threshold: float | None = None  # the product's calibrated alarm distance
+    reference_count: int | None = None  # genuine references the product had when it was checked
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ _ADDED_COLUMNS = {
     "feedback": ("key_id TEXT", "role TEXT"),
     "predictions": (
         "recognised INTEGER", "novelty REAL", "reasons TEXT", "product TEXT", "reference_status TEXT",
-        "reference_distance REAL", "reference_threshold REAL",
+        "reference_distance REAL", "reference_threshold REAL", "reference_count INTEGER",
     ),
 }
 

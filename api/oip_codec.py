@@ -47,7 +47,14 @@ from verity.api.schemas import (
 from verity.api.service import Scored
 
 BINARY_HEADER = "Inference-Header-Content-Length"
-OUTPUTS = ("score", "verdict", "logits", "request_id")
+OUTPUTS = ("score", "verdict", "logits", "request_id", "reasons")
+# Only a model with a novelty gate (inference.open_set) answers these.
+OPEN_SET_OUTPUTS = ("recognised", "novelty")
+
+
+def output_names(open_set: bool) -> tuple[str, ...]:
+    """The outputs a model answers: the five of every model, and the gate's two when it has one."""
+    return (*OUTPUTS, *OPEN_SET_OUTPUTS) if open_set else OUTPUTS
 DATATYPES = ("FP32", "BYTES")
 MAX_RANK = 8  # dimensions of an input's shape: FP32 inputs have 4, BYTES 1
 INT64_MAX = 2**63 - 1  # a dimension, as the OIP spec types it
@@ -103,6 +110,9 @@ class RequestParameters(Parameters):
         None, max_length=STATION_ID_MAX, description="Inspection station; a keyed station's own."
     )
     binary_data_output: StrictBool = False
+    product: str | None = Field(
+        None, max_length=64, description="The product claimed; its genuine references are checked too."
+    )
 
 
 class TensorParameters(Parameters):
@@ -141,7 +151,7 @@ class InferRequest(BaseModel):
     id: str | None = Field(None, max_length=REQUEST_ID_MAX)
     parameters: RequestParameters | None = None
     inputs: list[TensorIn] = Field(min_length=1)
-    outputs: list[OutputRequest] | None = Field(None, max_length=len(OUTPUTS))
+    outputs: list[OutputRequest] | None = Field(None, max_length=len(OUTPUTS) + len(OPEN_SET_OUTPUTS))
 
 
 class TensorOut(BaseModel):
@@ -270,16 +280,19 @@ def item_count(tensor: TensorIn) -> int:
     return math.prod(tensor.shape)
 
 
-def requested_outputs(wanted: list[OutputRequest] | None) -> dict[str, OutputRequest | None]:
-    """The outputs to answer (all four unless some are named), checked before anything is scored, so a
-    refused request leaves no audit row."""
+def requested_outputs(
+    wanted: list[OutputRequest] | None, open_set: bool = False
+) -> dict[str, OutputRequest | None]:
+    """The outputs to answer (all the model has unless some are named), checked before anything is
+    scored, so a refused request leaves no audit row."""
+    available = output_names(open_set)
     if not wanted:
-        return {name: None for name in OUTPUTS}
+        return {name: None for name in available}
     requested: dict[str, OutputRequest | None] = {o.name: o for o in wanted}
-    unknown = sorted(set(requested) - set(OUTPUTS))
+    unknown = sorted(set(requested) - set(available))
     if unknown:
         names = ", ".join(repr(truncated(name)) for name in unknown)
-        raise bad_request(f"Unknown output(s) {names}. Outputs: {', '.join(OUTPUTS)}.")
+        raise bad_request(f"Unknown output(s) {names}. Outputs of this model: {', '.join(available)}.")
     return requested
 
 
@@ -380,6 +393,9 @@ def response(
         "verdict": ("BYTES", [n], [s.prediction.verdict for s in scored]),
         "logits": ("FP32", [n, 2], np.array([s.prediction.logits for s in scored], dtype="<f4")),
         "request_id": ("BYTES", [n], ids),
+        "reasons": ("BYTES", [n], [",".join(s.prediction.reasons) for s in scored]),
+        "recognised": ("BOOL", [n], np.array([bool(s.prediction.recognised) for s in scored])),
+        "novelty": ("FP32", [n], np.array([s.prediction.novelty or 0.0 for s in scored], dtype="<f4")),
     }
     outputs, blobs = [], []
     for name, spec in requested.items():
@@ -397,7 +413,12 @@ def response(
                 }
             )
         else:
-            listed = data if datatype == "BYTES" else data.reshape(-1).astype(float).tolist()
+            if datatype == "BYTES":
+                listed = data
+            elif datatype == "BOOL":
+                listed = [bool(value) for value in data.reshape(-1)]
+            else:
+                listed = data.reshape(-1).astype(float).tolist()
             outputs.append({"name": name, "datatype": datatype, "shape": shape, "data": listed})
     body = {"model_name": model.engine.name, "model_version": model.engine.version, "outputs": outputs}
     if request_id is not None:

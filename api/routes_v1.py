@@ -62,6 +62,14 @@ CaseField = Annotated[
     str | None, Form(max_length=CASE_ID_MAX, description="Seizure or shipment this image belongs to.")
 ]
 HeatmapField = Annotated[bool, Form(description="Return the evidence heatmap as a base64 PNG.")]
+ProductField = Annotated[
+    str | None,
+    Form(
+        max_length=64,
+        description="The product the item claims to be. Its genuine references (`/v1/references`) are "
+        "then checked too; 404 lists the products that have references.",
+    ),
+]
 FILENAME_MAX = 255  # a batch result names its file, cut to a file system's longest name
 
 
@@ -94,11 +102,13 @@ async def predict(
     station_id: StationField = None,
     case_id: CaseField = None,
     return_heatmap: HeatmapField = False,
+    product: ProductField = None,
 ) -> dict[str, Any]:
     station = station_for(principal.station_id, station_id)
     served = service.model_for(modality)
+    service.require_product(served, product)
     data = await file.read()
-    scored = await service.score(data, served)
+    scored = await service.score(data, served, product)
     heatmap = await _heatmap(scored, return_heatmap)
     items = [(current_request_id(request), scored, data)]
     (record,) = await service.answer(
@@ -108,13 +118,18 @@ async def predict(
 
 
 async def _batch_item(
-    service: PredictionService, index: int, upload: UploadFile, served: ServedModel, wanted_heatmap: bool
+    service: PredictionService,
+    index: int,
+    upload: UploadFile,
+    served: ServedModel,
+    wanted_heatmap: bool,
+    product: str | None,
 ) -> tuple[int, str | None, bytes, Scored | None, str | None, ApiError | None]:
     """One file of a batch: its result or its own error, never the whole batch's."""
     data = await upload.read()
     filename = truncated(upload.filename, FILENAME_MAX) if upload.filename is not None else None
     try:
-        scored = await service.score(data, served)
+        scored = await service.score(data, served, product)
         heatmap = await _heatmap(scored, wanted_heatmap)
         return index, filename, data, scored, heatmap, None
     except ApiError as error:
@@ -139,12 +154,14 @@ async def predict_batch(
     station_id: StationField = None,
     case_id: CaseField = None,
     return_heatmap: HeatmapField = False,
+    product: ProductField = None,
 ) -> dict[str, Any]:
     service.check_items(len(files))
     station = station_for(principal.station_id, station_id)
     served = service.model_for(modality)
+    service.require_product(served, product)
     outcomes = await asyncio.gather(
-        *(_batch_item(service, i, f, served, return_heatmap) for i, f in enumerate(files))
+        *(_batch_item(service, i, f, served, return_heatmap, product) for i, f in enumerate(files))
     )
     request_id = current_request_id(request)
     done = [(i, data, scored, heatmap) for i, _, data, scored, heatmap, _ in outcomes if scored is not None]

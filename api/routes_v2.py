@@ -57,6 +57,17 @@ async def ready(registry: RegistryDep) -> JSONResponse:
     return JSONResponse({"ready": registry.ready}, status_code=200 if registry.ready else 503)
 
 
+OUTPUT_SHAPES = {
+    "score": {"datatype": "FP32", "shape": [-1]},
+    "verdict": {"datatype": "BYTES", "shape": [-1]},
+    "logits": {"datatype": "FP32", "shape": [-1, 2]},
+    "request_id": {"datatype": "BYTES", "shape": [-1]},
+    "reasons": {"datatype": "BYTES", "shape": [-1]},
+    "recognised": {"datatype": "BOOL", "shape": [-1]},
+    "novelty": {"datatype": "FP32", "shape": [-1]},
+}
+
+
 def _metadata(served: ServedModel, registry) -> dict[str, Any]:
     engine = served.engine
     versions = sorted(v for n, v in registry.snapshot.models if n == engine.name)
@@ -70,10 +81,8 @@ def _metadata(served: ServedModel, registry) -> dict[str, Any]:
             {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]},
         ],
         "outputs": [
-            {"name": "score", "datatype": "FP32", "shape": [-1]},
-            {"name": "verdict", "datatype": "BYTES", "shape": [-1]},
-            {"name": "logits", "datatype": "FP32", "shape": [-1, 2]},
-            {"name": "request_id", "datatype": "BYTES", "shape": [-1]},
+            {"name": name, **OUTPUT_SHAPES[name]}
+            for name in oip.output_names(getattr(engine, "novelty_gate", None) is not None)
         ],
         "parameters": {
             "modality": served.modality,
@@ -148,12 +157,15 @@ async def _infer(
     tensor = oip.single_input(infer)
     params = infer.parameters or oip.RequestParameters()
     station = station_for(principal.station_id, params.station_id)
-    outputs = oip.requested_outputs(infer.outputs)
+    outputs = oip.requested_outputs(infer.outputs, getattr(served.engine, "novelty_gate", None) is not None)
     service.check_items(oip.item_count(tensor))
+    service.require_product(served, params.product)
     prepared, datas = await _prepare(service, served, tensor, tail)
     # The items of one request are scored concurrently, as the files of a /v1 batch are: the batcher
     # gathers them into one model batch.
-    scored = list(await asyncio.gather(*(service.score_prepared(served, p) for p in prepared)))
+    scored = list(
+        await asyncio.gather(*(service.score_prepared(served, p, params.product) for p in prepared))
+    )
     request_id = current_request_id(request)
     ids = [request_id] if len(scored) == 1 else [f"{request_id}-{i}" for i in range(len(scored))]
     await service.answer(

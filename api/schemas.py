@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 Verdict = Literal["genuine", "counterfeit", "uncertain"]
 Modality = Literal["photo", "xray"]
 Label = Literal["genuine", "counterfeit"]
+Reason = Literal["classifier", "reference_mismatch", "not_recognised", "classifier_uncertain"]
+ReferenceStatus = Literal["match", "mismatch", "abstained"]
 
 EXAMPLE_SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 
@@ -62,6 +64,20 @@ class ThresholdsOut(BaseModel):
     clear: float = Field(description="Genuine at or below this score; uncertain between.")
 
 
+class ReferenceOut(BaseModel):
+    product: str
+    status: ReferenceStatus = Field(
+        description="match: near the product's genuine references; mismatch: too far (an alarm); "
+        "abstained: fewer references than the check needs (min_references), so it gave no answer."
+    )
+    distance: float | None = Field(None, description="Cosine distance to the nearest genuine reference.")
+    threshold: float | None = Field(
+        None, description="The product's alarm distance, calibrated by leave-one-out on its references."
+    )
+    references: int | None = None
+    min_references: int
+
+
 class PredictionResult(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -93,6 +109,24 @@ class PredictionResult(BaseModel):
     case_id: str | None = None
     heatmap_png: str | None = Field(None, description="Base64 PNG: the evidence overlaid on the image.")
     tiles: int | None = Field(None, description="Tiles scored when a large X-ray scan was tiled (else null).")
+    recognised: bool | None = Field(
+        None,
+        description="False when the image is unlike anything the model was trained on (its novelty is "
+        "beyond the model's gate): the verdict is then uncertain with reason not_recognised. Null for a "
+        "model without a novelty gate.",
+    )
+    novelty: float | None = Field(
+        None, description="Cosine distance (0-2) from the image to its nearest training images."
+    )
+    reasons: list[Reason] = Field(
+        default_factory=list,
+        description="Why the verdict: the checks that alarmed (classifier, reference_mismatch) for a "
+        "counterfeit; not_recognised or classifier_uncertain for an uncertain; none for a genuine.",
+    )
+    product: str | None = Field(None, description="The product the request named, if any.")
+    reference: ReferenceOut | None = Field(
+        None, description="The check against the named product's genuine references."
+    )
 
 
 class BatchItem(BaseModel):

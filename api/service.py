@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Annotated, Any
 
@@ -20,7 +20,15 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import AuditError, AuditRecord, AuditStore, ImageStore, utc_now
-from verity.api.deps import AuditDep, ImageStoreDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
+from verity.api.deps import (
+    AuditDep,
+    ImageStoreDep,
+    MetricsDep,
+    PrincipalDep,
+    ReferencesDep,
+    RegistryDep,
+    SettingsDep,
+)
 from verity.api.errors import ApiError, decode_error_to_api, service_unavailable
 from verity.api.limits import ANONYMOUS_KEY, KeyLimits
 from verity.api.metrics import Metrics
@@ -30,6 +38,14 @@ from verity.inference.batcher import QueueFullError
 from verity.inference.decode import DecodeError, DecodeLimits, sniff_format
 from verity.inference.engine import Prediction
 from verity.inference.heatmap import heatmap_png
+from verity.inference.open_set import open_set_verdict
+from verity.inference.references import (
+    ReferenceCheck,
+    ReferenceStore,
+    ReferenceStoreError,
+    UnknownProduct,
+    validate_product,
+)
 from verity.inference.spec import PreprocessSpec
 from verity.inference.tiling import ScanResult, TilingOptions, TooManyTiles, load_for_scoring, score_scan
 
@@ -79,6 +95,7 @@ class Scored:
     prediction: Prediction
     model: ServedModel
     scan: ScanResult | None = None  # set when a large scan was scored in tiles
+    reference: ReferenceCheck | None = None  # set when the request named its product
 
     @property
     def tiles(self) -> int | None:
@@ -97,7 +114,9 @@ class PredictionService:
         metrics: Metrics,
         limits: KeyLimits,
         caller: str,
+        references: ReferenceStore,
     ) -> None:
+        self.references = references
         self.limits = limits
         self.caller = caller  # the key whose decode share this request's decodes use
         self.settings = settings
@@ -168,13 +187,56 @@ class PredictionService:
         self.metrics.inference_latency.observe(time.perf_counter() - started)
         return prediction
 
-    async def score(self, data: bytes, served: ServedModel) -> Scored:
-        return await self.score_prepared(served, await self.prepare(data, served))
+    async def score(self, data: bytes, served: ServedModel, product: str | None = None) -> Scored:
+        return await self.score_prepared(served, await self.prepare(data, served), product)
 
-    async def score_prepared(self, served: ServedModel, prepared: PreparedImage) -> Scored:
+    async def score_prepared(
+        self, served: ServedModel, prepared: PreparedImage, product: str | None = None
+    ) -> Scored:
         if prepared.model_input is None:
-            return await self.score_tiles(served, prepared)
-        return Scored(prepared, await self.infer(served, prepared.model_input), served)
+            scored = await self.score_tiles(served, prepared)
+        else:
+            scored = Scored(prepared, await self.infer(served, prepared.model_input), served)
+        return await self.check_product(scored, product)
+
+    def require_product(self, served: ServedModel, product: str | None) -> None:
+        """A named product must have genuine references for the model: 404 naming the known ones,
+        checked before anything is decoded."""
+        if product is None:
+            return
+        from verity.api.routes_references import store_error
+
+        try:
+            validate_product(product)
+            known = self.references.products(served.engine.name)
+            if not known.get(product):
+                enrolled = sorted(name for name, count in known.items() if count)
+                raise UnknownProduct(product, enrolled, served.engine.name)
+        except ReferenceStoreError as error:
+            raise store_error(error) from error
+
+    async def check_product(self, scored: Scored, product: str | None) -> Scored:
+        """The product's reference check, and the verdict by the open-set rule with it."""
+        if product is None:
+            return scored
+        from verity.api.routes_references import store_error, store_unavailable
+
+        prediction, engine = scored.prediction, scored.model.engine
+        if prediction.embedding is None:
+            raise ApiError(
+                422, "no_embedding",
+                f"{engine.name} {engine.version} has no embedding output, so it cannot check a product.",
+            )
+        try:
+            check = await run_in_threadpool(self.references.check, engine, product, prediction.embedding)
+        except ReferenceStoreError as error:
+            raise store_error(error) from error
+        except OSError as error:
+            raise store_unavailable(error) from error
+        classifier = prediction.classifier_verdict or prediction.verdict
+        verdict, reasons = open_set_verdict(classifier, prediction.recognised, check.status)
+        judged = replace(prediction, verdict=verdict, reasons=reasons)
+        return replace(scored, prediction=judged, reference=check)
 
     async def store_image(self, data: bytes, prepared: PreparedImage) -> str | None:
         if self.image_store is None:
@@ -198,7 +260,7 @@ class PredictionService:
         api: str = "v1",
         sha256: str | None = None,
     ) -> AuditRecord:
-        engine = scored.model.engine
+        engine, prediction, reference = scored.model.engine, scored.prediction, scored.reference
         return AuditRecord(
             request_id=request_id,
             created=utc_now(),
@@ -215,6 +277,14 @@ class PredictionService:
             latency_ms=round(latency_ms, 3),
             image_path=image_path,
             api=api,
+            recognised=prediction.recognised,
+            novelty=prediction.novelty,
+            reasons=",".join(prediction.reasons),
+            product=reference.product if reference else None,
+            reference_status=reference.status if reference else None,
+            reference_distance=reference.distance if reference else None,
+            reference_threshold=reference.threshold if reference else None,
+            reference_count=reference.references if reference else None,
         )
 
     async def answer(
@@ -280,7 +350,28 @@ class PredictionService:
             "case_id": record.case_id,
             "heatmap_png": heatmap_png,
             "tiles": tiles,
+            "recognised": record.recognised,
+            "novelty": record.novelty,
+            "reasons": record.reasons.split(",") if record.reasons else [],
+            "product": record.product,
+            "reference": reference_result(record),
         }
+
+
+def reference_result(record: AuditRecord) -> dict[str, Any] | None:
+    """The product check of an answer, as its audit record holds it (None when no product was named)."""
+    if record.product is None:
+        return None
+    from verity.inference.references import MIN_REFERENCES
+
+    return {
+        "product": record.product,
+        "status": record.reference_status,
+        "distance": record.reference_distance,
+        "threshold": record.reference_threshold,
+        "references": record.reference_count,
+        "min_references": MIN_REFERENCES,
+    }
 
 
 async def get_service(
@@ -291,12 +382,13 @@ async def get_service(
     image_store: ImageStoreDep,
     metrics: MetricsDep,
     principal: PrincipalDep,
+    references: ReferencesDep,
 ) -> PredictionService:
     """The service for one prediction request, which is charged to its caller's rate here (429 when spent)."""
     limits: KeyLimits = request.app.state.limits
     caller = principal.key_id or ANONYMOUS_KEY
     limits.admit(caller)
-    return PredictionService(settings, registry, audit, image_store, metrics, limits, caller)
+    return PredictionService(settings, registry, audit, image_store, metrics, limits, caller, references)
 
 
 ServiceDep = Annotated[PredictionService, Depends(get_service)]

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
+from verity.inference.references import DEFAULT_REFERENCES_DIR
 from verity.inference.tiling import TilingOptions
 
 MiB = 1024 * 1024
@@ -156,7 +157,7 @@ class Settings(BaseSettings):
 
     # Genuine reference images per model and product (inference/references.py): `verity refs` and
     # /v1/references enrol them here, and a request naming its product is checked against them.
-    references_dir: Path = Path("var/references")
+    references_dir: Path = DEFAULT_REFERENCES_DIR
     # Share of genuine images of a product that its reference check may flag (leave-one-out calibration).
     reference_false_alarm_rate: float = Field(0.01, gt=0.0, lt=0.5)
 

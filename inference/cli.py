@@ -1,6 +1,7 @@
 """`verity predict`: verdicts for image files from the command line, with the server's own code path.
 
     verity predict --model checkpoints/photo-default IMAGE... [--heatmap out.png] [--json]
+                   [--product NAME [--references DIR]]
 
 `--model` takes a model.onnx, a version folder holding one, a model folder (its newest version, in the
 natural version order the server uses: `inference.artifacts`) or a folder holding one model.
@@ -15,13 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from verity.inference.artifacts import ONNX_FILES, resolve_model
 from verity.inference.decode import DEFAULT_LIMITS, DecodeError, read_image_bytes
-from verity.inference.engine import PRECISIONS, OnnxEngine
+from verity.inference.engine import PRECISIONS, OnnxEngine, Prediction
 from verity.inference.heatmap import heatmap_png
+from verity.inference.open_set import open_set_verdict
+from verity.inference.references import DEFAULT_REFERENCES_DIR, ReferenceCheck, ReferenceStore
 from verity.inference.tiling import AGGREGATES, TILING_MODES, TilingOptions, load_for_scoring, score_scan
 
 
@@ -40,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", default="auto", choices=PRECISIONS, help="model variant (default auto)"
     )
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument(
+        "--product", help="the product the items claim to be: also check its genuine references (verity refs)"
+    )
+    parser.add_argument(
+        "--references", default=str(DEFAULT_REFERENCES_DIR), metavar="DIR",
+        help=f"the reference store --product reads (default {DEFAULT_REFERENCES_DIR}, as the server's)",
+    )
     add_tiling_arguments(parser)
     return parser
 
@@ -79,27 +91,87 @@ def _heatmap_path(base: str, image: Path, several: bool) -> Path:
     return out.with_name(f"{out.stem}-{image.stem}{out.suffix or '.png'}") if several else out
 
 
-def predict_file(
-    engine: OnnxEngine, image: Path, options: TilingOptions, heatmap: bool
-) -> tuple[dict[str, Any], bytes | None]:
-    """The result for one file (and its heatmap PNG when asked for)."""
-    data = read_image_bytes(image, DEFAULT_LIMITS)
+ProductCheck = Callable[[Prediction], ReferenceCheck]
+
+
+def _scored(
+    engine: OnnxEngine, data: bytes, options: TilingOptions, heatmap: bool
+) -> tuple[Prediction, dict[str, Any], bytes | None]:
+    """The image's prediction, its tiling figures and its heatmap PNG (when asked for)."""
     loaded = load_for_scoring(data, engine.spec, options, DEFAULT_LIMITS)
     if loaded.pixels is not None:
         scan = score_scan(loaded.pixels, engine, options)
-        result = {
-            "score": scan.score,
-            "verdict": scan.verdict,
-            "tiles": len(scan.tiles),
-            "grid": list(scan.grid),
-            "aggregate": scan.aggregate,
-        }
-        return result, scan.heatmap_png(loaded.pixels) if heatmap else None
+        tiling = {"tiles": len(scan.tiles), "grid": list(scan.grid), "aggregate": scan.aggregate}
+        return scan.prediction, tiling, scan.heatmap_png(loaded.pixels) if heatmap else None
     model_input = loaded.model_input
     assert model_input is not None  # load_for_scoring sets exactly one of the two
     prediction = engine.predict([model_input], with_cam=heatmap)[0]
     png = heatmap_png(prediction.cam, model_input) if heatmap and prediction.cam is not None else None
-    return {"score": prediction.score, "verdict": prediction.verdict, "tiles": 1}, png
+    return prediction, {"tiles": 1}, png
+
+
+def predict_file(
+    engine: OnnxEngine,
+    image: Path,
+    options: TilingOptions,
+    heatmap: bool,
+    product_check: ProductCheck | None = None,
+) -> tuple[dict[str, Any], bytes | None]:
+    """The result for one file (and its heatmap PNG when asked for), judged by the open-set rule with
+    the product's reference check when one is given, as the server judges it."""
+    prediction, tiling, png = _scored(engine, read_image_bytes(image, DEFAULT_LIMITS), options, heatmap)
+    reference = None
+    if product_check is not None:
+        reference = product_check(prediction)
+        classifier = prediction.classifier_verdict or prediction.verdict
+        verdict, reasons = open_set_verdict(classifier, prediction.recognised, reference.status)
+        prediction = replace(prediction, verdict=verdict, reasons=reasons)
+    result = {
+        "score": prediction.score,
+        "verdict": prediction.verdict,
+        "recognised": prediction.recognised,
+        "novelty": prediction.novelty,
+        "reasons": list(prediction.reasons),
+        **tiling,
+        "reference": reference.to_dict() if reference is not None else None,
+    }
+    return result, png
+
+
+def product_check_for(engine: OnnxEngine, product: str | None, root: str) -> ProductCheck | None:
+    """The check against `product`'s genuine references in the store at `root` (None without a product).
+    Raises ReferenceStoreError (a ValueError) for an unknown product, naming the known ones."""
+    if product is None:
+        return None
+    store = ReferenceStore(Path(root))
+
+    def check(prediction: Prediction) -> ReferenceCheck:
+        if prediction.embedding is None:
+            raise ValueError(f"{engine.name} {engine.version} has no embedding output to check products.")
+        return store.check(engine, product, prediction.embedding)
+
+    return check
+
+
+def _why(result: dict[str, Any]) -> str:
+    return f" [{', '.join(result['reasons'])}]" if result["reasons"] else ""
+
+
+def _novelty(result: dict[str, Any]) -> str:
+    """The gate's figure, and the product check's when a product was named."""
+    text = ""
+    if result["novelty"] is not None:
+        seen = "recognised" if result["recognised"] else "NOT recognised"
+        text += f"; novelty {result['novelty']:.3f}, {seen}"
+    reference = result["reference"]
+    if reference is not None:
+        if reference["status"] == "abstained":
+            text += (f"; {reference['product']}: abstained, {reference['references']} of "
+                     f"{reference['min_references']} references needed")
+        else:
+            text += (f"; {reference['product']}: {reference['status']} (distance "
+                     f"{reference['distance']:.3f}, threshold {reference['threshold']:.3f})")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     failures = 0
     several = len(args.images) > 1
+    check = product_check_for(engine, args.product, args.references)
     for name in args.images:
         image = Path(name)
         try:
-            result, png = predict_file(engine, image, options, bool(args.heatmap))
+            result, png = predict_file(engine, image, options, bool(args.heatmap), check)
         except (DecodeError, OSError, ValueError) as error:
             failures += 1
             print(f"verity predict: {image}: {error}", file=sys.stderr)
@@ -141,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             tiled = f", {result['tiles']} tiles ({args.aggregate})" if result["tiles"] > 1 else ""
             alarm, clear = engine.thresholds.alarm, engine.thresholds.clear
             print(
-                f"{image}: {result['verdict']} (score {result['score']:.3f}; counterfeit >= {alarm:g}, "
-                f"genuine <= {clear:g}{tiled}) [{engine.name} {engine.version}]"
+                f"{image}: {result['verdict']}{_why(result)} (score {result['score']:.3f}; counterfeit >= "
+                f"{alarm:g}, genuine <= {clear:g}{tiled}{_novelty(result)}) [{engine.name} {engine.version}]"
                 + (f" heatmap {result['heatmap']}" if "heatmap" in result else "")
             )
     return 1 if failures else 0

@@ -56,6 +56,8 @@ PRODUCT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # A model name becomes a folder name: no separators, no "..", no hidden folders.
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 EVENTS_FILE = "events.jsonl"
+# Where the server and the command line keep references unless told otherwise (api.settings uses it).
+DEFAULT_REFERENCES_DIR = Path("var/references")
 ADDED, DUPLICATE = "added", "duplicate"
 ACTIONS = ("add", "remove")
 _EXTENSIONS = {

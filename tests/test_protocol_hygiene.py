@@ -268,7 +268,7 @@ def test_v1_free_strings_have_the_same_caps(client: TestClient, tmp_path: Path) 
 def test_outputs_and_parameters_are_checked_before_scoring(client: TestClient, tmp_path: Path) -> None:
     refused = [
         ({"outputs": [{"name": "nope"}]}, "Unknown output(s) 'nope'"),  # was audited with a verdict
-        ({"outputs": [{"name": "score"}] * 5}, "outputs"),
+        ({"outputs": [{"name": "score"}] * 8}, "outputs"),
         ({"outputs": [{"name": "score", "parameters": {"binary_data": "yes"}}]}, "binary_data"),
         ({"parameters": {"binary_data_output": "yes"}}, "binary_data_output"),
         ({"parameters": {f"p{i}": i for i in range(17)}}, "at most 16 parameters"),

@@ -15,6 +15,8 @@ from verity.inference.vocabulary import (
     DEFAULT_VAL_FRACTION,
     LABELS,
     MODALITIES,
+    REASONS,
+    REFERENCE_STATUSES,
     UNCERTAIN,
     VERDICTS,
     verdict_codes,
@@ -56,11 +58,13 @@ def test_served_verdicts_and_evaluated_verdicts_are_one_rule(alarm: float, clear
 
 def test_the_api_schema_lists_the_vocabulary() -> None:
     """api/schemas.py spells the names as Literal types for OpenAPI; they must be these."""
-    from verity.api.schemas import Label, Modality, Verdict
+    from verity.api.schemas import Label, Modality, Reason, ReferenceStatus, Verdict
 
     assert typing.get_args(Verdict) == VERDICTS
     assert typing.get_args(Label) == LABELS
     assert typing.get_args(Modality) == MODALITIES
+    assert typing.get_args(Reason) == REASONS
+    assert typing.get_args(ReferenceStatus) == REFERENCE_STATUSES
 
 
 def test_ingest_train_and_eval_split_with_the_same_defaults() -> None:

@@ -138,7 +138,22 @@ def write_model(run: Run, best_state: dict[str, torch.Tensor], card: ModelCard) 
         model_onnx = run_dir / "model.onnx"
         outputs["export"] = export_onnx(unwrap(run.model), run.spec, card, model_onnx, sample=sample)
         outputs["model_onnx"] = outputs["export"]["path"]
+        if outputs["export"]["embedding_dim"] is not None:
+            outputs["novelty"] = _open_set(run, model_onnx, card, outputs["export"]["embedding_dim"])
     return outputs
+
+
+def _open_set(run: Run, model_onnx: Path, card: ModelCard, embedding_dim: int) -> dict[str, Any]:
+    """The exported model's reference bank (train split) and novelty gate (val split), with card.json
+    rewritten to record them as the ONNX metadata does."""
+    from dataclasses import replace
+
+    from verity.training.open_set import build_open_set
+
+    novelty = build_open_set(model_onnx, run.run_dir / "data.jsonl")
+    card = replace(card, embedding_dim=embedding_dim, novelty=novelty)
+    (run.run_dir / "card.json").write_text(card.to_json(indent=2) + "\n", encoding="utf-8")
+    return novelty
 
 
 def finish(

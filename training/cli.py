@@ -112,6 +112,10 @@ def _print_outputs(outputs: dict[str, Any]) -> None:
             print(f"{label + ':':<12} {outputs[key]}")
     if outputs.get("export"):
         print(f"export parity: max |delta logit| {outputs['export']['max_abs_diff']:.2e}")
+    if outputs.get("novelty"):
+        from verity.training.open_set import describe
+
+        print(describe(outputs["novelty"]))
     print(
         f"evaluate again: verity eval --model {outputs['run_dir']} "
         f"--data {outputs['data_manifest']} --split test"

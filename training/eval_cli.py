@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worst", type=int, default=12, help="worst errors shown in the report")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--references", metavar="DIR",
+        help="a reference store (verity refs): also report recall at 1%% false alarms for the classifier, "
+        "each image's product reference check, and both fused",
+    )
+    parser.add_argument(
+        "--ood", metavar="DIR", help="images that are no product: the share the model does not recognise"
+    )
     add_tiling_arguments(parser)  # the rule and defaults `verity predict` and the server use
     return parser
 
@@ -63,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         report=not args.no_report,
         worst=args.worst,
         tiling=tiling,
+        references=args.references,
+        ood=args.ood,
     )
     print(format_summary(result))
     return 0

@@ -116,6 +116,38 @@ def _interval_note(metrics: dict[str, Any]) -> list[str]:
     ]
 
 
+def open_set_lines(result: dict[str, Any]) -> list[str]:
+    """The novelty gate's and the reference check's figures, when the evaluation has them."""
+    lines = []
+    open_set = result.get("open_set") or {}
+    for name, figures in (("evaluated", open_set.get("evaluated")), ("--ood", open_set.get("ood"))):
+        if figures:
+            lines.append(
+                f"  not recognised    {_percent(figures['not_recognised_rate'])} of {figures['images']} "
+                f"{'evaluated' if name == 'evaluated' else 'out-of-distribution'} images (novelty > "
+                f"{figures['threshold']:.4f}; median {_figure(figures['novelty_median'])})"
+            )
+        for kind, part in ((figures or {}).get("by_folder") or {}).items():
+            lines.append(f"    {kind:<24} {_percent(part['not_recognised_rate'])} of {part['images']}")
+    unseen = result.get("unseen")
+    if unseen:
+        counts = unseen["images"]
+        lines.append(
+            f"  reference check   {counts['checked']} images checked, {counts['abstained']} abstained "
+            f"(too few references), {counts['no_references']} products without references"
+        )
+        for rate, scorers in unseen["recall_at_false_alarm_rate"].items():
+            figures = ", ".join(f"{name} {_figure(entry['recall'], 3)}" for name, entry in scorers.items())
+            lines.append(f"  recall at {_percent(float(rate))} FAR  {figures}")
+        served = unseen["served_rule"]
+        lines.append(
+            f"  served rule       classifier OR reference mismatch: recall {_percent(served['recall'])}, "
+            f"false alarms {_percent(served['false_alarm_rate'])} (classifier alone: recall "
+            f"{_percent(served['classifier_only_recall'])})"
+        )
+    return lines
+
+
 def format_summary(result: dict[str, Any]) -> str:
     """A readable summary, ROC AUC first; figures match metrics.json."""
     model, data, metrics = result["model"], result["data"], result["metrics"]
@@ -154,6 +186,7 @@ def format_summary(result: dict[str, Any]) -> str:
                 f"    {name:<24} n={figures['n']:<6} ROC AUC {_figure(figures['roc_auc'])}  "
                 f"accuracy {_percent(figures['accuracy'])}  uncertain {_percent(figures['uncertain_rate'])}"
             )
+    lines += open_set_lines(result)
     lines += [f"  note: {note}" for note in data["notes"]]
     lines += [f"  unreadable: {entry['path']}: {entry['error']}" for entry in data["failed"][:5]]
     lines += [f"  wrote {path}" for path in result["outputs"].values()]

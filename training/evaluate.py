@@ -38,13 +38,17 @@ def evaluate(
     worst: int = WORST_ERRORS,
     split_params: SplitParams | None = None,
     tiling: TilingOptions = TilingOptions(),
+    references: str | Path | None = None,
+    ood: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluates a model on a data set; writes metrics.json, predictions.csv and report.html to `out_dir`.
 
     `model` is a path (see `inference.artifacts.resolve_model`) or a ready Scorer, e.g. `ModuleScorer`
     around the trainer's model. `split` None (or "all") evaluates every row. Rows without a split are split
     as the model's training run split them (`split_params`, default: read from the run's config.yaml or
-    model.pt). Returns the result in metrics.json.
+    model.pt). `references` (a reference store folder, see `verity refs`) adds the recall on counterfeits
+    for the classifier, the product reference check and both fused; `ood` (a folder of images that are
+    no product) adds the novelty gate's not-recognised rate on them. Returns the result in metrics.json.
     """
     split = None if split == "all" else split
     if split is not None and split not in SPLITS:
@@ -67,6 +71,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     result = _result_record(scorer, data, split, loaded, scored, metrics, seconds)
     result["tiling"] = {**asdict(tiling), "tiled_images": scored.tiled}
+    result.update(open_set_result(scorer, loaded.samples, scored, tiling, references, ood))
     result["outputs"] = {
         "metrics_json": str(out / "metrics.json"),
         "predictions_csv": str(out / "predictions.csv"),
@@ -77,6 +82,39 @@ def evaluate(
         result["outputs"]["report_html"] = str(path)
     result = to_jsonable(result)
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def open_set_result(
+    scorer: Scorer,
+    samples: list[Sample],
+    scored: ScoredSet,
+    tiling: TilingOptions,
+    references: str | Path | None,
+    ood: str | Path | None,
+) -> dict[str, Any]:
+    """`open_set` (the gate on these images and on --ood) and `unseen` (--references) figures."""
+    from verity.inference.references import ReferenceStore
+    from verity.training import open_set_eval
+    from verity.training.scoring import OnnxScorer
+
+    if not isinstance(scorer, OnnxScorer):
+        if references or ood:
+            raise ValueError("--references and --ood need an exported model (model.onnx) with embeddings.")
+        return {}
+    result: dict[str, Any] = {}
+    gate = scorer.engine.novelty_gate
+    if gate is not None and scored.embeddings is not None:
+        result["open_set"] = {"evaluated": open_set_eval.not_recognised_rate(scored.embeddings, gate)}
+        if ood:
+            result["open_set"]["ood"] = open_set_eval.ood_figures(scorer, ood, tiling)
+    elif ood:
+        raise ValueError(f"{scorer.path} has no novelty gate: export it with --bank-data to measure --ood.")
+    if references:
+        if scored.embeddings is None:
+            raise ValueError(f"{scorer.path} has no embedding output: it cannot check references.")
+        store = ReferenceStore(Path(references))
+        result["unseen"] = open_set_eval.unseen_figures(scorer, store, samples, scored)
     return result
 
 

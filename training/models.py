@@ -47,7 +47,7 @@ class Normalize(nn.Module):
 
 
 class VerityNet(nn.Module):
-    """Normalize -> features (N x C x h x w) -> (logits N x K, cam N x K x h x w[, embedding N x C])."""
+    """Normalize -> features (N x C x h x w) -> (logits N x K, cam N x K x h x w[, embedding N x D])."""
 
     def __init__(
         self,
@@ -57,27 +57,83 @@ class VerityNet(nn.Module):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         dropout: float = 0.2,
+        texture_stages: list[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.features = features
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(num_features, num_classes)
-        self.embedding_dim = num_features
+        self.num_features = num_features
         # A plain attribute, not a buffer: it changes no weights and model.pt files stay as they are.
         self.embedding_output = False
+        # The early stages whose feature maps make the embedding (see `embedding_from`); their outputs are
+        # caught by forward hooks while embedding_output is set. None: the pooled features instead.
+        self._texture_stages = list(texture_stages or [])
+        self._caught: list[torch.Tensor] = []
+        for stage in self._texture_stages:
+            stage.register_forward_hook(self._catch)
+
+    def _catch(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if self.embedding_output:
+            self._caught.append(output)
+
+    @property
+    def embedding_dim(self) -> int:
+        """D of the embedding: the texture stages' channels summed, or the pooled features' width."""
+        if not self._texture_stages:
+            return self.num_features
+        channels = [_out_channels(stage) for stage in self._texture_stages]
+        return int(sum(channels))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._caught = []
         feature_map = self.features(self.normalize(x))
         pooled = feature_map.mean(dim=(2, 3))
         logits = self.head(self.dropout(pooled))
         cam = nn.functional.conv2d(feature_map, self.head.weight[:, :, None, None], self.head.bias)
         if not self.embedding_output:
             return logits, cam
-        # The norm as sqrt(sum of squares), not nn.functional.normalize or norm(): those export as
-        # Expand or ReduceL2, which onnxruntime's shape inference before INT8 quantization cannot follow.
-        norm = (pooled * pooled).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
-        return logits, cam, pooled / norm
+        caught, self._caught = self._caught, []
+        return logits, cam, embedding_from(caught) if caught else _unit(pooled)
+
+
+def _unit(rows: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to length 1. The norm as sqrt(sum of squares), not nn.functional.normalize or norm():
+    those export as Expand or ReduceL2, which onnxruntime's shape inference before INT8 quantization
+    cannot follow."""
+    return rows / (rows * rows).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
+def embedding_from(stage_maps: list[torch.Tensor]) -> torch.Tensor:
+    """The embedding: each early stage's per-channel spatial standard deviation (second-order pooling),
+    L2-normalised per stage, concatenated and scaled to unit length.
+
+    Why these and not the pooled last features: fine-tuning on two classes collapses the last features
+    onto what separates genuine from counterfeit, so a photograph of a wall lands among the training
+    images (kNN novelty flagged 55% of natural photographs on the shipped photo model). The early
+    stages keep the texture statistics of the ImageNet backbone, which tell a rendered package or a
+    parcel scan from a natural scene: 100% of the same photographs on the photo model and all flat,
+    noise and gradient images on both (benchmarks/open_set_bench.py).
+    """
+    parts = []
+    for stage_map in stage_maps:
+        centred = stage_map - stage_map.mean(dim=(2, 3), keepdim=True)
+        spread = ((centred * centred).mean(dim=(2, 3)) + 1e-12).sqrt()
+        parts.append(_unit(spread))
+    return torch.cat(parts, dim=1) / float(len(parts)) ** 0.5
+
+
+def _out_channels(stage: nn.Module) -> int:
+    """Output channels of a stage: those of its last convolution or normalisation layer."""
+    widths = [
+        int(m.out_channels) if isinstance(m, nn.Conv2d) else int(m.num_features)
+        for m in stage.modules()
+        if isinstance(m, nn.Conv2d | nn.BatchNorm2d)
+    ]
+    if not widths:
+        raise ModelError(f"Cannot tell the output channels of {type(stage).__name__}.")
+    return widths[-1]
 
 
 def adapt_first_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
@@ -215,6 +271,10 @@ def _resnet_features(model: Any) -> tuple[nn.Module, int]:
     return features, int(model.fc.in_features)
 
 
+def _resnet_stages(model: Any) -> list[nn.Module]:
+    return [model.layer1, model.layer2, model.layer3]
+
+
 def _mobilenet_v3_features(model: Any) -> tuple[nn.Module, int]:
     return model.features, int(model.classifier[0].in_features)
 
@@ -235,18 +295,37 @@ class ModelEntry:
     packaged_weights: Callable[[], Path] | None = None
     # Changes to the modality's default PreprocessSpec this backbone needs (none so far).
     spec_override: dict[str, Any] | None = None
+    # The published model's stages whose outputs make the embedding (VerityNet.embedding_from): the
+    # early stages at output strides 4, 8 and 16. None: the pooled features are the embedding.
+    texture_stages: Callable[[Any], list[nn.Module]] | None = None
 
 
 MODELS: dict[str, ModelEntry] = {
     "efficientnet_lite0": ModelEntry(
-        _timm("efficientnet_lite0"), _timm_features, "timm", packaged_weights=packaged_efficientnet_lite0
+        _timm("efficientnet_lite0"),
+        _timm_features,
+        "timm",
+        packaged_weights=packaged_efficientnet_lite0,
+        texture_stages=lambda m: [m.blocks[1], m.blocks[2], m.blocks[3]],
     ),
     "mobilenet_v3_large": ModelEntry(
-        _torchvision("mobilenet_v3_large"), _mobilenet_v3_features, "torchvision"
+        _torchvision("mobilenet_v3_large"),
+        _mobilenet_v3_features,
+        "torchvision",
+        texture_stages=lambda m: [m.features[3], m.features[6], m.features[9]],
     ),
-    "resnet18": ModelEntry(_torchvision("resnet18"), _resnet_features, "torchvision"),
-    "resnet50": ModelEntry(_torchvision("resnet50"), _resnet_features, "torchvision"),
-    "convnext_tiny": ModelEntry(_torchvision("convnext_tiny"), _convnext_features, "torchvision"),
+    "resnet18": ModelEntry(
+        _torchvision("resnet18"), _resnet_features, "torchvision", texture_stages=_resnet_stages
+    ),
+    "resnet50": ModelEntry(
+        _torchvision("resnet50"), _resnet_features, "torchvision", texture_stages=_resnet_stages
+    ),
+    "convnext_tiny": ModelEntry(
+        _torchvision("convnext_tiny"),
+        _convnext_features,
+        "torchvision",
+        texture_stages=lambda m: [m.features[1], m.features[3], m.features[5]],
+    ),
 }
 
 
@@ -294,13 +373,14 @@ def build_model(
             )
         path = entry.packaged_weights()
         load_weights(published, read_state_dict(path), str(path))
+    stages = entry.texture_stages(published) if entry.texture_stages is not None else None
     features, channels = entry.features(published)
     if in_chans != 3:
         _replace_first_conv(features, in_chans)
     if mean is None or std is None:
         imagenet = resolve_spec("photo", override={"in_chans": in_chans})
         mean, std = imagenet.mean, imagenet.std
-    return VerityNet(features, channels, num_classes, tuple(mean), tuple(std))
+    return VerityNet(features, channels, num_classes, tuple(mean), tuple(std), texture_stages=stages)
 
 
 def build_for_spec(
