@@ -154,9 +154,11 @@ def calibration_line(store: ReferenceStore, engine: OnnxEngine, product: str) ->
     count = calibration["references"]
     if calibration["threshold"] is None:
         return f"{product}: {count} references; the check abstains: {count} of {MIN_REFERENCES} references."
-    loo = calibration["loo_distances"]
+    patch = calibration.get("check") == "patch signature"
+    loo = calibration["loo_scores"] if patch else calibration["loo_distances"]
+    what = f"patch signature score ({calibration['signature_patches']} patches)" if patch else "distance"
     return (
-        f"{product}: {count} references; mismatch beyond distance {calibration['threshold']:.4f} "
+        f"{product}: {count} references; mismatch beyond {what} {calibration['threshold']:.4f} "
         f"(leave-one-out mean {loo['mean']:.4f}, spread {calibration['spread']:.4f}, "
         f"false alarm rate {calibration['false_alarm_rate']:g})."
     )

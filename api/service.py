@@ -228,7 +228,9 @@ class PredictionService:
                 f"{engine.name} {engine.version} has no embedding output, so it cannot check a product.",
             )
         try:
-            check = await run_in_threadpool(self.references.check, engine, product, prediction.embedding)
+            check = await run_in_threadpool(
+                self.references.check, engine, product, prediction.embedding, prediction.patches
+            )
         except ReferenceStoreError as error:
             raise store_error(error) from error
         except OSError as error:

@@ -55,11 +55,14 @@ def tiny_spec(modality: str = "photo", size: int = 32) -> PreprocessSpec:
     return resolve_spec(modality, override={"image_size": size})
 
 
-def tiny_graph(spec: PreprocessSpec, features: int = 4, seed: int = 0, embedding: bool = False) -> Any:
+def tiny_graph(
+    spec: PreprocessSpec, features: int = 4, seed: int = 0, embedding: bool = False, patches: bool = False
+) -> Any:
     """The tiny contract graph: Normalize, stride-4 conv, ReLU, 1x1 classifier as CAM, spatial mean.
 
     With `embedding`, it also outputs the L2-normalised spatial mean of the ReLU features (N x features),
-    as a VerityNet export does."""
+    as a VerityNet export does; with `patches`, the ReLU feature map itself as `patches` (N x features x
+    S/4 x S/4), the local features of the product reference check."""
     from onnx import TensorProto, helper, numpy_helper
 
     c = spec.in_chans
@@ -98,6 +101,10 @@ def tiny_graph(spec: PreprocessSpec, features: int = 4, seed: int = 0, embedding
             helper.make_node("LpNormalization", ["feature_rows"], ["embedding"], axis=1, p=2),
         ]
         outputs.append(helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", features]))
+    if patches:
+        nodes.append(helper.make_node("Identity", ["features"], ["patches"]))
+        shape = ["N", features, s // 4, s // 4]
+        outputs.append(helper.make_tensor_value_info("patches", TensorProto.FLOAT, shape))
     return helper.make_graph(
         nodes,
         "tiny_verity",
@@ -114,6 +121,7 @@ def tiny_onnx(
     features: int = 4,
     seed: int = 0,
     embedding: bool = False,
+    patches: bool = False,
 ) -> Path:
     """Writes the tiny contract model with its spec and card in the metadata to `path` (with an
     `embedding` output when asked; the card then records its width)."""
@@ -124,7 +132,7 @@ def tiny_onnx(
     card = dict(card or tiny_card(spec))
     if embedding:
         card.setdefault("embedding_dim", features)
-    graph = tiny_graph(spec, features, seed, embedding)
+    graph = tiny_graph(spec, features, seed, embedding, patches)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     for key, value in ((METADATA_SPEC_KEY, spec.to_json()), (METADATA_CARD_KEY, json.dumps(card))):

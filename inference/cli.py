@@ -148,7 +148,7 @@ def product_check_for(engine: OnnxEngine, product: str | None, root: str) -> Pro
     def check(prediction: Prediction) -> ReferenceCheck:
         if prediction.embedding is None:
             raise ValueError(f"{engine.name} {engine.version} has no embedding output to check products.")
-        return store.check(engine, product, prediction.embedding)
+        return store.check(engine, product, prediction.embedding, prediction.patches)
 
     return check
 

@@ -17,6 +17,7 @@ import numpy as np
 from verity.inference.bank import unit_rows
 from verity.inference.card import ModelCard
 from verity.inference.open_set import NoveltyGate, OpenSetError, load_novelty_gate, open_set_verdict
+from verity.inference.patch_check import unit_patches
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import VERDICTS, verdict_codes
 
@@ -58,6 +59,9 @@ class Prediction:
     recognised: bool | None = None
     reasons: tuple[str, ...] = ()
     classifier_verdict: str | None = None  # the score against the thresholds alone (None: = verdict)
+    # L x C unit rows: the `patches` output (local features) the product reference check compares, or
+    # None for a model without it.
+    patches: np.ndarray | None = None
 
 
 def judged(
@@ -68,6 +72,7 @@ def judged(
     logits: tuple[float, ...],
     cam: np.ndarray | None = None,
     distance: float | None = None,
+    patches: np.ndarray | None = None,
 ) -> Prediction:
     """One Prediction by the one open-set rule: the score against the thresholds, then the novelty gate
     (when the model has one and gave an embedding; `distance` is its novelty when already computed for
@@ -88,6 +93,7 @@ def judged(
         recognised=recognised,
         reasons=reasons,
         classifier_verdict=classifier,
+        patches=patches,
     )
 
 
@@ -337,6 +343,7 @@ class OnnxEngine:
         embeddings = unit_rows(outputs["embedding"]) if "embedding" in outputs else None
         gate = self.novelty_gate
         distances = gate.novelty(embeddings) if gate is not None and embeddings is not None else None
+        patch_maps = outputs.get("patches")
         return [
             judged(
                 float(score),
@@ -346,6 +353,7 @@ class OnnxEngine:
                 tuple(float(x) for x in row),
                 cam=(cams[i, 1] - cams[i, 0]) if cams is not None else None,
                 distance=float(distances[i]) if distances is not None else None,
+                patches=unit_patches(patch_maps[i]) if patch_maps is not None else None,
             )
             for i, (score, row) in enumerate(zip(scores, logits, strict=True))
         ]

@@ -45,6 +45,7 @@ import numpy as np
 
 from verity.inference.bank import unit_rows
 from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits, sniff_format
+from verity.inference.patch_check import PatchCalibration, calibrate_patches
 from verity.inference.tiling import TilingOptions, load_for_scoring, score_scan
 
 log = logging.getLogger("verity.inference.references")
@@ -186,21 +187,30 @@ def require_embedding(engine: Any) -> None:
         )
 
 
-def embed_image(
+def image_features(
     engine: Any, data: bytes, tiling: TilingOptions = TilingOptions(), limits: DecodeLimits = DEFAULT_LIMITS
-) -> np.ndarray:
-    """The unit-length embedding of one image's bytes, by the server's own path (`load_for_scoring`,
-    tiles for a large scan), so a reference and a query are seen the same way. DecodeError for a bad
-    image, TooManyTiles for a scan over the tile limit, NoEmbedding for a model without the output."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The unit-length embedding of one image's bytes and its local features (L x C unit rows, None for
+    a model without the `patches` output), by the server's own path (`load_for_scoring`, tiles for a
+    large scan), so a reference and a query are seen the same way. DecodeError for a bad image,
+    TooManyTiles for a scan over the tile limit, NoEmbedding for a model without the output."""
     require_embedding(engine)
     loaded = load_for_scoring(data, engine.spec, tiling, limits)
     if loaded.model_input is not None:
-        embedding = engine.predict([loaded.model_input])[0].embedding
+        prediction = engine.predict([loaded.model_input])[0]
     else:
-        embedding = score_scan(loaded.pixels, engine, tiling).prediction.embedding
-    if embedding is None:
+        prediction = score_scan(loaded.pixels, engine, tiling).prediction
+    if prediction.embedding is None:
         raise NoEmbedding(f"Model {engine.name} {engine.version} gave no embedding for this image.")
-    return unit_rows(np.asarray(embedding, dtype=np.float32).reshape(1, -1))[0]
+    embedding = unit_rows(np.asarray(prediction.embedding, dtype=np.float32).reshape(1, -1))[0]
+    return embedding, getattr(prediction, "patches", None)
+
+
+def embed_image(
+    engine: Any, data: bytes, tiling: TilingOptions = TilingOptions(), limits: DecodeLimits = DEFAULT_LIMITS
+) -> np.ndarray:
+    """The unit-length embedding of one image's bytes (`image_features`)."""
+    return image_features(engine, data, tiling, limits)[0]
 
 
 def engine_key(engine: Any) -> str:
@@ -319,7 +329,9 @@ def nearest_distance(references: np.ndarray, embedding: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class ReferenceCheck:
-    """The reference check of one image against its named product."""
+    """The reference check of one image against its named product. `distance` is the patch signature
+    score (inference/patch_check.py) when the model has local features, else the embedding's cosine
+    distance to the nearest reference; `threshold` and `spread` are on the same scale."""
 
     product: str
     status: str  # vocabulary.REFERENCE_STATUSES: match, mismatch, abstained
@@ -505,6 +517,8 @@ class _Index:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)  # sha -> embedding (kept across rebuilds)
     products: dict[str, np.ndarray] = field(default_factory=dict)  # product -> M x D unit rows
     calibrations: dict[str, Calibration] = field(default_factory=dict)
+    patches: dict[str, np.ndarray] = field(default_factory=dict)  # sha -> L x C local features
+    signatures: dict[str, PatchCalibration] = field(default_factory=dict)  # product -> patch check
     loaded: bool = False  # the embeddings cache file has been read into `vectors`
     saved: int = 0  # vectors in the cache file, so it is rewritten only when there are new ones
 
@@ -527,10 +541,31 @@ def _load_cache(path: Path) -> dict[str, np.ndarray]:
     return {str(sha): vectors[i].astype(np.float32) for i, sha in enumerate(shas)}
 
 
-def _save_cache(path: Path, vectors: dict[str, np.ndarray]) -> None:
+def _load_patch_cache(path: Path) -> dict[str, np.ndarray]:
+    """sha -> L x C local features from a cache file (float16 rows, split by per-image counts)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            shas, rows, counts = data["patch_sha256"], data["patches"], data["patch_counts"]
+    except (OSError, ValueError, KeyError):  # missing, unreadable or without patches: recomputed
+        return {}
+    if rows.ndim != 2 or counts.sum() != len(rows) or len(counts) != len(shas):
+        return {}
+    splits = np.split(rows.astype(np.float32), np.cumsum(counts)[:-1])
+    return {str(sha): unit_rows(part) for sha, part in zip(shas, splits, strict=True)}
+
+
+def _save_cache(path: Path, vectors: dict[str, np.ndarray], patches: dict[str, np.ndarray]) -> None:
     shas = sorted(vectors)
+    patch_shas = sorted(patches)
+    arrays = {"sha256": np.array(shas, dtype="U64"), "embeddings": np.stack([vectors[s] for s in shas])}
+    if patch_shas:
+        arrays.update(
+            patch_sha256=np.array(patch_shas, dtype="U64"),
+            patches=np.concatenate([patches[s] for s in patch_shas]).astype(np.float16),
+            patch_counts=np.array([len(patches[s]) for s in patch_shas], dtype=np.int64),
+        )
     buffer = io.BytesIO()
-    np.savez(buffer, sha256=np.array(shas, dtype="U64"), embeddings=np.stack([vectors[s] for s in shas]))
+    np.savez(buffer, **arrays)
     _write_atomic(path, buffer.getvalue())
 
 
@@ -752,11 +787,12 @@ class ReferenceStore:
         """One reference's embedding: from memory, else by embedding its stored image. None (logged)
         when the stored image cannot be read or scored any more: the other references still count."""
         vector = index.vectors.get(reference.sha256)
-        if vector is not None:
+        wants_patches = "patches" in getattr(engine, "output_names", ())
+        if vector is not None and (reference.sha256 in index.patches or not wants_patches):
             return vector
         try:
             data = self.image_path(model_name, reference).read_bytes()
-            vector = embed_image(engine, data, self.tiling, self.limits)
+            vector, patches = image_features(engine, data, self.tiling, self.limits)
         except (OSError, ValueError) as error:
             log.warning(
                 "reference image unusable",
@@ -764,6 +800,8 @@ class ReferenceStore:
             )
             return None
         index.vectors[reference.sha256] = vector
+        if patches is not None:
+            index.patches[reference.sha256] = patches
         return vector
 
     def _index(self, engine: Any, model_name: str) -> _Index:
@@ -779,45 +817,86 @@ class ReferenceStore:
         if not index.loaded:
             on_disk = _load_cache(cache)
             index.vectors = {**on_disk, **index.vectors}
-            index.loaded, index.saved = True, len(on_disk)
-        index.products, index.calibrations = {}, {}
+            index.patches = {**_load_patch_cache(cache), **index.patches}
+            index.loaded, index.saved = True, len(on_disk) + len(index.patches)
+        index.products, index.calibrations, index.signatures = {}, {}, {}
         for product, members in state.products().items():
-            vectors = [
-                v for v in (self._vector(engine, model_name, index, r) for r in members) if v is not None
-            ]
-            if not vectors:
-                continue
-            rows = unit_rows(np.stack(vectors))
-            index.products[product] = rows
-            index.calibrations[product] = calibrate(rows, self.false_alarm_rate, self.min_references)
+            self._index_product(engine, model_name, index, product, members)
         index.generation = state.generation
-        if len(index.vectors) > index.saved and state.stamp is not None:
+        if len(index.vectors) + len(index.patches) > index.saved and state.stamp is not None:
             try:
-                _save_cache(cache, index.vectors)
-                index.saved = len(index.vectors)
+                _save_cache(cache, index.vectors, index.patches)
+                index.saved = len(index.vectors) + len(index.patches)
             except OSError as error:  # a cache: the next build embeds again
                 log.warning(
                     "reference embedding cache not written", extra={"path": str(cache), "error": str(error)}
                 )
         return index
 
-    def _product_index(self, engine: Any, product: str) -> tuple[np.ndarray, Calibration]:
+    def _index_product(
+        self, engine: Any, model_name: str, index: _Index, product: str, members: list[Reference]
+    ) -> None:
+        """One product's embeddings and calibrations; its patch signature when every reference has
+        local features and there are enough of them (caller holds the lock)."""
+        usable = [(r, v) for r in members if (v := self._vector(engine, model_name, index, r)) is not None]
+        if not usable:
+            return
+        rows = unit_rows(np.stack([v for _, v in usable]))
+        index.products[product] = rows
+        calibration = calibrate(rows, self.false_alarm_rate, self.min_references)
+        index.calibrations[product] = calibration
+        patches = [index.patches.get(r.sha256) for r, _ in usable]
+        if not calibration.abstains and all(p is not None for p in patches):
+            index.signatures[product] = calibrate_patches(patches, self.false_alarm_rate)  # type: ignore[arg-type]
+
+    def _product_index(
+        self, engine: Any, product: str
+    ) -> tuple[np.ndarray, Calibration, PatchCalibration | None]:
         validate_product(product)
         model_name = engine.name
         with self._lock:
             index = self._index(engine, model_name)
             if product not in index.products:
                 raise UnknownProduct(product, sorted(index.products), model_name)
-            return index.products[product], index.calibrations[product]
+            return index.products[product], index.calibrations[product], index.signatures.get(product)
 
-    def check(self, engine: Any, product: str, embedding: np.ndarray) -> ReferenceCheck:
-        """The reference check of one image's embedding (from `engine`) against `product`'s genuine
-        references: `mismatch` beyond the product's LOO threshold, `abstained` with fewer than
-        MIN_REFERENCES. UnknownProduct (with the known names) for a product without references."""
-        references, calibration = self._product_index(engine, product)
-        return judge(product, references, calibration, embedding)
+    def check(
+        self, engine: Any, product: str, embedding: np.ndarray, patches: np.ndarray | None = None
+    ) -> ReferenceCheck:
+        """The reference check of one image (from `engine`) against `product`'s genuine references:
+        by its local features against the product's patch signature when both exist, else by its
+        embedding's nearest reference; `mismatch` beyond the product's LOO threshold, `abstained` with
+        fewer than MIN_REFERENCES. UnknownProduct (with the known names) for a product without
+        references."""
+        references, calibration, signature = self._product_index(engine, product)
+        if signature is None or patches is None:
+            return judge(product, references, calibration, embedding)
+        score = signature.signature.score(patches)
+        return ReferenceCheck(
+            product=product,
+            status="mismatch" if score > signature.threshold else "match",
+            distance=score,
+            threshold=signature.threshold,
+            spread=signature.spread,
+            references=calibration.references,
+            min_references=calibration.min_references,
+            false_alarm_rate=calibration.false_alarm_rate,
+        )
 
     def calibration(self, engine: Any, product: str) -> dict[str, Any]:
         """The product's calibration with this engine (threshold, spread, LOO summary), for listings."""
-        _, calibration = self._product_index(engine, product)
-        return {"product": product, **calibration.to_dict()}
+        _, calibration, signature = self._product_index(engine, product)
+        described = {"product": product, **calibration.to_dict()}
+        if signature is not None:  # the check that answers: the patch signature's figures
+            loo = signature.loo_scores
+            described.update(
+                check="patch signature",
+                threshold=signature.threshold,
+                spread=signature.spread,
+                signature_patches=len(signature.signature.patches),
+                loo_scores={"mean": float(loo.mean()), "std": float(loo.std(ddof=1)),
+                            "min": float(loo.min()), "max": float(loo.max())},
+            )
+        else:
+            described["check"] = "embedding"
+        return described

@@ -329,9 +329,17 @@ def _scan_prediction(score: float, engine: Any, tile_predictions: list[Any]) -> 
 
     embeddings = [p.embedding for p in tile_predictions if getattr(p, "embedding", None) is not None]
     embedding = scan_embedding(np.stack(embeddings)) if len(embeddings) == len(tile_predictions) else None
+    patches = [p.patches for p in tile_predictions if getattr(p, "patches", None) is not None]
     odds = min(max(score, 1e-7), 1 - 1e-7)
     logits = (0.0, math.log(odds / (1 - odds)))
-    return judged(score, engine.thresholds, getattr(engine, "novelty_gate", None), embedding, logits)
+    return judged(
+        score,
+        engine.thresholds,
+        getattr(engine, "novelty_gate", None),
+        embedding,
+        logits,
+        patches=np.concatenate(patches) if patches and len(patches) == len(tile_predictions) else None,
+    )
 
 
 def _predict_tiles(

@@ -188,3 +188,40 @@ def test_int8_gate_covers_the_embedding(tmp_path: Path) -> None:
     assert not gate["passed"] and gate["reasons"] == [
         f"embedding cosine similarity {gate['embedding_cosine_mean']:.4f} < {EMBEDDING_MIN_COSINE:g}"
     ]
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_registry_models_embed_their_early_stages_texture_within_the_parity_gate(tmp_path: Path) -> None:
+    """efficientnet_lite0 (no pretrained weights: the graph is what matters): the embedding is the
+    per-stage normalised spatial std of its stride-4, 8 and 16 stages, 24 + 40 + 80 = 144 wide, and
+    it exports within the parity gate."""
+    from verity.training.models import build_for_spec, embedding_from
+
+    spec = tiny_spec(size=64)
+    model = build_for_spec("efficientnet_lite0", spec).eval()
+    assert model.embedding_dim == 144
+    images = torch.from_numpy(batch(spec, size=2))
+    caught: list[torch.Tensor] = []
+    hooks = [stage.register_forward_hook(lambda m, i, o: caught.append(o)) for stage in model._texture_stages]
+    model.embedding_output = True
+    with torch.no_grad():
+        _, _, embedding, patches = model(images)
+    for hook in hooks:
+        hook.remove()
+    assert [tuple(c.shape[1:]) for c in caught] == [(24, 16, 16), (40, 8, 8), (80, 4, 4)]
+    expected = torch.cat([torch.nn.functional.normalize(c.std(dim=(2, 3), unbiased=False), dim=1)
+                          for c in caught], dim=1) / 3**0.5
+    torch.testing.assert_close(embedding, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(embedding_from(caught), expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(patches, caught[1])  # the stride-8 stage's map, for the product check
+    model.embedding_output = False
+    result = export_onnx(model, spec, tiny_card(spec), tmp_path / "model.onnx")
+    assert result["embedding_dim"] == 144 and result["max_abs_diff_embedding"] <= 1e-5
+    assert result["max_rel_diff_patches"] <= 1e-4
+    served = OnnxEngine(tmp_path / "model.onnx", warmup=False).predict(batch(spec, size=2))
+    np.testing.assert_allclose(np.stack([p.embedding for p in served]), embedding.numpy(), atol=1e-5)
+    local = patches[0].numpy().reshape(40, -1).T
+    local /= np.linalg.norm(local, axis=1, keepdims=True)
+    assert served[0].patches is not None and served[0].patches.shape == (64, 40)
+    np.testing.assert_allclose(served[0].patches, local, atol=1e-4)

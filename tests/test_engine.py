@@ -130,7 +130,8 @@ def test_predict_cli_prints_verdicts_heatmaps_and_clear_errors(
     heat = str(tmp_path / "h.png")
     assert main(["--model", str(model_path.parent), str(bright), str(dark), "--heatmap", heat]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"{bright}: counterfeit [classifier] (score") and lines[1].startswith(f"{dark}: genuine")
+    first = f"{bright}: counterfeit [classifier] (score"
+    assert lines[0].startswith(first) and lines[1].startswith(f"{dark}: genuine")
     assert (tmp_path / "h-bright.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert main(["--model", str(model_path), str(bright), "--json"]) == 0

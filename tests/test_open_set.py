@@ -100,7 +100,8 @@ def test_the_engine_flags_an_image_unlike_its_bank(tmp_path: Path) -> None:
     spec = engine.spec
     seen = engine.predict([load_for_scoring(_png(seed=7), spec, TilingOptions()).model_input])[0]
     flat = engine.predict([load_for_scoring(_png(value=255), spec, TilingOptions()).model_input])[0]
-    assert seen.recognised is True and seen.novelty is not None and seen.novelty <= engine.novelty_gate.threshold
+    assert seen.recognised is True and seen.novelty is not None
+    assert seen.novelty <= engine.novelty_gate.threshold
     # The tiny model calls bright images counterfeit; unrecognised, the answer is uncertain instead.
     assert flat.classifier_verdict == "counterfeit"
     assert (flat.recognised, flat.verdict, flat.reasons) == (False, "uncertain", ("not_recognised",))

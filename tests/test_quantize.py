@@ -106,7 +106,10 @@ def test_fp16_variant_and_export_cli_hook(model: Path, val_folder: Path) -> None
     lines, int8 = run_export_variants(
         parser.parse_args(["--int8", "--val-data", str(val_folder), "--calibration-images", "4"]), model
     )
-    assert int8 is not None and int8["written"] and "written to" in lines[0]
+    # The all-INT8 attempt of this tiny model can miss the verdict gate (it does with today's numpy 2.4 /
+    # onnxruntime 1.32 stack) and the retry with sensitive layers in float passes: either way the last
+    # line says where the file went.
+    assert int8 is not None and int8["written"] and "written to" in lines[-1]
     assert int8["method"] == "minmax"
     args = ["--int8", "--val-data", str(val_folder), "--calibration-method", "percentile"]
     _, int8 = run_export_variants(parser.parse_args(args), model)
@@ -178,6 +181,7 @@ def test_failed_gate_is_retried_with_the_sensitive_layers_in_float(
 
 
 def test_all_layers_are_int8_when_the_first_attempt_passes(model: Path, val_folder: Path) -> None:
-    result = quantize_model(model, val_folder, calibration_images=8)
+    # A gate the all-INT8 attempt passes (see test_fp16_variant_and_export_cli_hook on its agreement).
+    result = quantize_model(model, val_folder, calibration_images=8, min_agreement=0.5)
     assert result["written"] and result["float_nodes"] == [] and "first_attempt" not in result
     assert not _float_weight_convs(model.with_name("model.int8.onnx"))

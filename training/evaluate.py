@@ -58,7 +58,9 @@ def evaluate(
     scorer = open_scorer(model, provider=provider, threads=threads)
     loaded = load_samples(data, split, scorer.spec.modality, split_params or split_params_for(scorer.path))
     started = time.perf_counter()
-    scored = score_samples(scorer, loaded.samples, batch_size, workers, progress, tiling)
+    scored = score_samples(
+        scorer, loaded.samples, batch_size, workers, progress, tiling, keep_patches=references is not None
+    )
     seconds = time.perf_counter() - started
     if not len(scored.indices):
         raise ValueError(

@@ -37,7 +37,9 @@ OPSET = 18
 PARITY_TOLERANCE = 1e-4
 # Embedding components are at most 1 in size (unit vectors): float32 rounding gives about 1e-7.
 EMBEDDING_PARITY_TOLERANCE = 1e-5
-OUTPUT_NAMES = ("logits", "cam", "embedding")
+# Local features are compared after L2 normalisation per location; their raw values reach about 10.
+PATCH_PARITY_TOLERANCE = 1e-4
+OUTPUT_NAMES = ("logits", "cam", "embedding", "patches")
 EXPORTERS = ("torchscript", "dynamo")
 
 
@@ -83,9 +85,10 @@ def _output_names(model: torch.nn.Module, example: torch.Tensor) -> list[str]:
     """logits, cam and, when the forward returns a third tensor, embedding."""
     with torch.no_grad():
         count = len(model(example))
-    if count not in (2, 3):
+    if count not in (2, 3, 4):
         raise ExportError(
-            f"The model returns {count} outputs; a Verity model returns (logits, cam[, embedding])."
+            f"The model returns {count} outputs; a Verity model returns (logits, cam[, embedding"
+            "[, patches]])."
         )
     return list(OUTPUT_NAMES[:count])
 
@@ -192,7 +195,10 @@ def check_parity(
                         f"ONNX output {key!r} has shape {got[key].shape} for a batch of {len(batch)}, "
                         f"torch gives {tuple(expected[key].shape)}: the dynamic batch axis is broken."
                     )
-                delta = float(np.abs(got[key].astype(np.float64) - expected[key].double().numpy()).max())
+                reference = expected[key].double().numpy()
+                delta = float(np.abs(got[key].astype(np.float64) - reference).max())
+                if key == "patches":  # relative to the largest value: raw features, not unit vectors
+                    delta /= max(1.0, float(np.abs(reference).max()))
                 worst[key] = max(worst[key], delta)
     return worst
 
@@ -204,6 +210,11 @@ def _enforce_parity(worst: dict[str, float]) -> None:
             f"{worst['logits']:.3g} > {PARITY_TOLERANCE:g} (largest |logit| "
             f"{worst['largest_logit']:.3g}; float32 rounding alone gives about 1e-6 of it). "
             "The ONNX model was not written."
+        )
+    if "patches" in worst and not worst["patches"] <= PATCH_PARITY_TOLERANCE:
+        raise ExportParityError(
+            f"Export parity gate failed: max relative |delta patches| between torch and onnxruntime is "
+            f"{worst['patches']:.3g} > {PATCH_PARITY_TOLERANCE:g}. The ONNX model was not written."
         )
     if "embedding" in worst and not worst["embedding"] <= EMBEDDING_PARITY_TOLERANCE:
         raise ExportParityError(
@@ -263,6 +274,7 @@ def export_onnx(
         "max_abs_diff": worst["logits"],
         "max_abs_diff_cam": worst["cam"],
         "max_abs_diff_embedding": worst.get("embedding"),
+        "max_rel_diff_patches": worst.get("patches"),
         "embedding_dim": card.embedding_dim,
         "max_abs_logit": worst["largest_logit"],
         "size_bytes": path.stat().st_size,

@@ -56,7 +56,9 @@ def card_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> ModelCard:
     from verity.training.calibrate import card_warnings
 
     if isinstance(checkpoint.get("card"), dict):
-        return ModelCard.from_dict(checkpoint["card"])
+        # The embedding width and the novelty gate describe an export; this export sets them anew
+        # (a newer Verity may embed differently from the one that trained the checkpoint).
+        return replace(ModelCard.from_dict(checkpoint["card"]), embedding_dim=None, novelty=None)
     thresholds = checkpoint.get("thresholds")
     if not thresholds or "alarm" not in thresholds:
         raise ValueError(

@@ -5,8 +5,10 @@ pool -> linear head. forward(x) returns (logits, cam): the cam is the head appli
 the feature map (a 1x1 convolution with the head's weights and bias), so explaining costs no second pass,
 and because the head is linear after average pooling, the mean of the cam over HxW equals the logits.
 With `embedding_output` set (the ONNX export sets it on its copy), forward returns (logits, cam,
-embedding), the embedding being the pooled features L2-normalised, from the same pass; training and
-scoring leave it off, so their callers keep the two outputs.
+embedding, patches) from the same pass: the embedding is the early stages' texture statistics
+(`embedding_from`), the patches the stride-8 stage's feature map (a model whose registry entry names no
+stages returns its pooled features, L2-normalised, and no patches); training and scoring leave it off,
+so their callers keep the two outputs.
 
 Heads that are not linear after pooling (torchvision's MobileNetV3 MLP, ConvNeXt's norm after the pool)
 are replaced by this one linear head; ConvNeXt's LayerNorm moves before the pool, per position.
@@ -95,7 +97,14 @@ class VerityNet(nn.Module):
         if not self.embedding_output:
             return logits, cam
         caught, self._caught = self._caught, []
-        return logits, cam, embedding_from(caught) if caught else _unit(pooled)
+        if not caught:
+            return logits, cam, _unit(pooled)
+        # The stride-8 stage's map: the local features the product reference check compares
+        # (inference/patch_check.py), from the same pass.
+        return logits, cam, embedding_from(caught), caught[PATCH_STAGE]
+
+
+PATCH_STAGE = 1  # of the texture stages (strides 4, 8, 16): the stride-8 one gives the `patches` output
 
 
 def _unit(rows: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,8 @@ def reference_margins(
             counts["no_product"] += 1
             continue
         try:
-            check = store.check(scorer.engine, product, scored.embeddings[row])
+            patches = scored.patches[row] if scored.patches is not None else None
+            check = store.check(scorer.engine, product, scored.embeddings[row], patches)
         except ReferenceStoreError:
             counts["no_references"] += 1
             continue

@@ -22,6 +22,7 @@ from verity.inference.bank import unit_rows
 from verity.inference.card import ModelCard
 from verity.inference.decode import DecodeError, read_image_bytes
 from verity.inference.engine import OnnxEngine, calibrated_scores
+from verity.inference.patch_check import unit_patches
 from verity.inference.spec import PreprocessSpec
 from verity.inference.tiling import ScoringInput, TilingOptions, load_for_scoring, score_scan
 from verity.training.eval_samples import Sample
@@ -44,6 +45,10 @@ class Scorer(Protocol):
         """(logits, cams, embeddings or None) of one batch."""
         ...
 
+    def patches(self) -> list[np.ndarray] | None:
+        """The last batch's local features (L x C unit rows each), or None for a model without them."""
+        ...
+
 
 class OnnxScorer:
     """An exported model run by the server's engine."""
@@ -57,6 +62,7 @@ class OnnxScorer:
         self.temperature = self.engine.temperature
         self.thresholds: dict[str, Any] | None = dict(self.engine.card.thresholds)
         self.path: Path | None = path
+        self._patches: list[np.ndarray] | None = None
 
     def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         logits, cams, _ = self.outputs(batch)
@@ -67,7 +73,12 @@ class OnnxScorer:
         outputs = self.engine.run(batch)
         cams = outputs.get("cam")
         embeddings = unit_rows(outputs["embedding"]) if "embedding" in outputs else None
+        maps = outputs.get("patches")
+        self._patches = None if maps is None else [unit_patches(m) for m in maps]
         return outputs["logits"], None if cams is None else cams[:, 1] - cams[:, 0], embeddings
+
+    def patches(self) -> list[np.ndarray] | None:
+        return self._patches
 
 
 class ModuleScorer:
@@ -108,6 +119,9 @@ class ModuleScorer:
         """Logits and CAMs; a torch model in training returns no embedding."""
         logits, cams = self.logits_and_cams(batch)
         return logits, cams, None
+
+    def patches(self) -> list[np.ndarray] | None:
+        return None
 
 
 class TorchScorer(ModuleScorer):
@@ -202,9 +216,12 @@ class ScoredSet:
     # N x D unit rows as the server embeds each image (a tiled scan: `open_set.scan_embedding`), or None
     # for a model without an embedding output.
     embeddings: np.ndarray | None = None
+    # Each image's local features (L x C unit rows), kept only when asked for (`keep_patches`).
+    patches: list[np.ndarray | None] | None = None
 
 
-Row = tuple[int, np.ndarray, float, np.ndarray | None, np.ndarray | None]  # index, logits, score, cam, emb
+# index, logits, score, cam, embedding, patches
+Row = tuple[int, np.ndarray, float, np.ndarray | None, np.ndarray | None, np.ndarray | None]
 
 
 def _score_scans(engine: OnnxEngine, scans: list[tuple[int, np.ndarray]], tiling: TilingOptions) -> list[Row]:
@@ -213,7 +230,9 @@ def _score_scans(engine: OnnxEngine, scans: list[tuple[int, np.ndarray]], tiling
     rows: list[Row] = []
     for index, pixels in scans:
         scan = score_scan(pixels, engine, tiling)
-        rows.append((index, np.asarray(scan.logits), scan.score, None, scan.prediction.embedding))
+        prediction = scan.prediction
+        logits = np.asarray(scan.logits)
+        rows.append((index, logits, scan.score, None, prediction.embedding, prediction.patches))
     return rows
 
 
@@ -224,6 +243,7 @@ def score_samples(
     workers: int = 2,
     progress: bool = True,
     tiling: TilingOptions = TilingOptions(),
+    keep_patches: bool = False,
 ) -> ScoredSet:
     """Runs every sample through the model in batches, with a progress bar; unreadable images are listed.
     Images the tiling rule tiles (`inference.tiling.should_tile`: large X-ray scans) are scored as the
@@ -245,7 +265,9 @@ def score_samples(
             scores = calibrated_scores(logits, scorer.temperature)
             cam_list = list(cams) if cams is not None else [None] * len(chunk.indices)
             emb_list = list(embeddings) if embeddings is not None else [None] * len(chunk.indices)
-            rows += zip(chunk.indices, logits, scores.tolist(), cam_list, emb_list, strict=True)
+            patches = scorer.patches() if keep_patches else None
+            patch_list = patches if patches is not None else [None] * len(chunk.indices)
+            rows += zip(chunk.indices, logits, scores.tolist(), cam_list, emb_list, patch_list, strict=True)
         if chunk.scans:
             assert isinstance(scorer, OnnxScorer)  # tiling is off for any other scorer
             rows += _score_scans(scorer.engine, chunk.scans, tiling)
@@ -263,4 +285,5 @@ def score_samples(
         failures=failures,
         tiled=tiled,
         embeddings=np.stack(embedded).astype(np.float32) if have_all else None,  # type: ignore[arg-type]
+        patches=[row[5] for row in rows] if keep_patches else None,
     )

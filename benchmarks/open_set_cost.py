@@ -1,0 +1,177 @@
+"""What the open-set checks add to /v1/predict: the novelty gate against a bank of 10,000 references and
+a product's reference check (20 genuine references), measured side by side with the same model without
+them, in one run.
+
+Two parts:
+- in process: the engine's predict for one photo, and the checks on its embedding (kNN novelty against
+  the bank, the product's nearest-reference distance), median wall time on one thread;
+- on the real service: two `verity serve` processes, the same ONNX weights, one with the gate and the
+  product check, one without; batches of sequential POST /v1/predict alternate between them, and each
+  server's CPU time (user + system, from /proc) is divided by its requests.
+
+The bank's 10,000 rows are the model's own bank, padded with random unit vectors to 10,000 (brute-force
+search costs the same whatever the values); the references are 20 photos.
+
+    .venv/bin/python benchmarks/open_set_cost.py [--model checkpoints/photo-default] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as a server's one-thread sessions run it
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import photo_jpeg  # noqa: E402
+from benchmarks.server_bench import Server  # noqa: E402
+from benchmarks.server_overhead import thread_cpu_seconds  # noqa: E402
+from verity.inference.artifacts import resolve_model  # noqa: E402
+from verity.inference.bank import BANK_FILE, build_bank, load_bank, save_bank  # noqa: E402
+from verity.inference.engine import METADATA_CARD_KEY, OnnxEngine  # noqa: E402
+from verity.inference.references import ReferenceStore, embed_image  # noqa: E402
+from verity.inference.tiling import TilingOptions, load_for_scoring  # noqa: E402
+
+BANK_ROWS = 10_000
+REFERENCES = 20
+PRODUCT = "bench-product"
+
+
+def padded_bank(model_dir: Path, rows: int) -> Any:
+    """The model's bank padded with random unit rows to `rows` (the gate's threshold is unchanged)."""
+    bank = load_bank(model_dir / BANK_FILE)
+    shape = (max(0, rows - len(bank)), bank.dim)
+    extra = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    embeddings = np.concatenate([bank.embeddings.astype(np.float32), extra])
+    labels = np.concatenate([bank.labels, np.full(len(extra), "genuine")])
+    return build_bank(embeddings, labels, None, {"benchmark": "padded"}, max_references=rows)
+
+
+def without_gate(source: Path, target: Path) -> None:
+    """A copy of the ONNX file whose card has no novelty gate (and so no bank to load)."""
+    import onnx
+
+    from verity.inference.card import ModelCard
+
+    proto = onnx.load(str(source))
+    for entry in proto.metadata_props:
+        if entry.key == METADATA_CARD_KEY:
+            entry.value = replace(ModelCard.from_json(entry.value), novelty=None).to_json()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(target))
+
+
+def prepare(model: Path, workdir: Path) -> dict[str, Path]:
+    """models-gated (padded bank), models-plain (no gate) and a reference store with 20 references."""
+    card = OnnxEngine(model, warmup=False).card
+    if card.novelty is None:
+        raise SystemExit(f"{model} has no novelty gate: export it with --bank-data first.")
+    gated = workdir / "models-gated" / card.name / card.version
+    gated.mkdir(parents=True)
+    shutil.copy(model, gated / "model.onnx")
+    save_bank(padded_bank(model.parent, BANK_ROWS), gated / BANK_FILE)
+    without_gate(model, workdir / "models-plain" / card.name / card.version / "model.onnx")
+    store, engine = ReferenceStore(workdir / "references"), OnnxEngine(gated / "model.onnx", warmup=False)
+    for seed in range(REFERENCES):
+        store.add(card.name, PRODUCT, photo_jpeg(400, 300, seed=100 + seed), source=f"ref-{seed}.jpg",
+                  actor="benchmark", role="admin", embed=lambda data: embed_image(engine, data))
+    return {
+        "gated": gated / "model.onnx",
+        "plain": workdir / "models-plain",
+        "references": workdir / "references",
+    }
+
+
+def in_process(paths: dict[str, Path], image: bytes, repeats: int = 200) -> dict[str, Any]:
+    """Median ms of one predict and of the two checks on its embedding, on one thread."""
+    engine = OnnxEngine(paths["gated"], warmup=True)
+    store = ReferenceStore(paths["references"])
+    model_input = load_for_scoring(image, engine.spec, TilingOptions()).model_input
+    prediction = engine.predict([model_input])[0]
+    embedding, patches = prediction.embedding, prediction.patches
+    store.check(engine, PRODUCT, embedding, patches)  # builds the product's index, as a first request does
+    gate = engine.novelty_gate
+    assert gate is not None and embedding is not None
+
+    def median_ms(function: Any) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            function()
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+
+    predict = median_ms(lambda: engine.predict([model_input], with_cam=True))
+    novelty = median_ms(lambda: gate.novelty(embedding[None]))
+    reference = median_ms(lambda: store.check(engine, PRODUCT, embedding, patches))
+    return {"predict_ms": predict, "novelty_ms": novelty, "reference_check_ms": reference,
+            "checks_share_of_predict": (novelty + reference) / predict, "bank_rows": len(gate.bank)}
+
+
+def server_cpu(
+    paths: dict[str, Path], workdir: Path, image: bytes, rounds: int, batch: int
+) -> dict[str, Any]:
+    """CPU ms per /v1/predict of each server, batches alternating between them."""
+    import httpx
+
+    env = {"VERITY_REFERENCES_DIR": str(paths["references"]), "VERITY_BATCH_MAX_DELAY_MS": "0"}
+    used = {"gated": 0.0, "plain": 0.0}
+    fields = {"gated": {"modality": "photo", "product": PRODUCT}, "plain": {"modality": "photo"}}
+    gated_models = paths["gated"].parents[2]
+    with Server(gated_models, workdir, env) as gated, Server(paths["plain"], workdir, env) as plain:
+        servers = {"gated": gated, "plain": plain}
+        with httpx.Client(timeout=30) as client:
+
+            def send(name: str, count: int) -> None:
+                for _ in range(count):
+                    url = servers[name].url + "/v1/predict"
+                    client.post(url, data=fields[name], files={"file": image}).raise_for_status()
+
+            for name in servers:  # warm-up, not counted
+                send(name, 10)
+            for _ in range(rounds):
+                for name, server in servers.items():
+                    assert server.process is not None
+                    before = sum(thread_cpu_seconds(server.process.pid).values())
+                    send(name, batch)
+                    used[name] += sum(thread_cpu_seconds(server.process.pid).values()) - before
+    requests = rounds * batch
+    gated_ms, plain_ms = used["gated"] / requests * 1000, used["plain"] / requests * 1000
+    return {"requests_each": requests, "cpu_ms_per_request_with_checks": gated_ms,
+            "cpu_ms_per_request_without": plain_ms, "added_share": gated_ms / plain_ms - 1.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="checkpoints/photo-default")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=50)
+    args = parser.parse_args(argv)
+    image = photo_jpeg(640, 480, seed=3)
+    with tempfile.TemporaryDirectory(prefix="verity-open-set-cost-") as folder:
+        workdir = Path(folder)
+        paths = prepare(resolve_model(args.model), workdir)
+        result = {"in_process": in_process(paths, image)}
+        if Path("/proc/self/task").is_dir():
+            result["server"] = server_cpu(paths, workdir, image, args.rounds, args.batch)
+    print(json.dumps(result, indent=2))
+    share = result.get("server", {}).get("added_share")
+    if share is not None:
+        print(f"open-set checks at {BANK_ROWS:,} references + {REFERENCES} product references: "
+              f"+{share:.1%} /v1/predict CPU (target <= 10%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""The product reference check on local features: is every part the genuine product always shows there?
+
+A counterfeit often differs from the genuine article in one small part: a hologram left out or printed
+flat, a word misspelt. A whole-image embedding hardly moves for that (a missing hologram moved the
+pooled features of the shipped photo model less than a change of background), so the check compares
+patches: the model's stride-8 feature map (`patches` output), one unit vector per location.
+
+From a product's genuine references it learns the product's *signature*: the reference patches that
+(nearly) every other reference also shows, such as the logo, the brand text and the hologram, while
+backgrounds, which change from photo to photo, drop out. A query is scored by how far its best match
+to each signature patch is, in units of how far that patch's matches are among genuine references,
+taking the worst (`TOP`) of them: one missing part is enough.
+
+Calibration is leave-one-out: each reference is scored against a signature learnt from the others,
+and the alarm threshold is mean + z * std of those scores for the stated false-alarm rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from verity.inference.bank import unit_rows
+
+SIGNATURE_SHARE = 0.3  # the most consistent share of reference patches that makes the signature
+CONSISTENCY_QUANTILE = 0.8  # a patch is consistent when 80% of the other references hold a close match
+MAX_SIGNATURE = 512  # signature patches kept (seeded subsample): bounds the cost of a query
+MIN_SPREAD = 0.01  # floor on a signature patch's spread, so one steady patch cannot dominate
+TOP = 1  # the worst signature patches averaged into the score
+SEED = 0
+
+
+def unit_patches(feature_map: np.ndarray) -> np.ndarray:
+    """C x h x w (or L x C already) -> L x C unit rows, one per location."""
+    array = np.asarray(feature_map, dtype=np.float32)
+    if array.ndim == 3:
+        array = array.reshape(array.shape[0], -1).T
+    return unit_rows(array)
+
+
+def nearest_distances(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """For each row of `queries`, 1 - its largest cosine with a row of `keys` (both unit rows)."""
+    return 1.0 - (queries @ keys.T).max(axis=1)
+
+
+def pairwise_nearest(references: list[np.ndarray]) -> list[np.ndarray]:
+    """near[i][l, j]: distance from patch l of reference i to its best match in reference j (0 on
+    i == j, never read). The one expensive step of calibration: n^2 matrix products of L x L.
+    References may have different numbers of patches (a scan scored in tiles has each tile's)."""
+    count = len(references)
+    near = []
+    for i, patches in enumerate(references):
+        row = np.zeros((len(patches), count), dtype=np.float32)
+        for j, others in enumerate(references):
+            if i != j:
+                row[:, j] = nearest_distances(patches, others)
+        near.append(row)
+    return near
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The patches a product's genuine references all show, with their genuine match statistics."""
+
+    patches: np.ndarray  # S x C unit rows
+    centre: np.ndarray  # S: mean distance of each patch's best match in the other references
+    spread: np.ndarray  # S: its standard deviation (floored at MIN_SPREAD)
+
+    def score(self, query: np.ndarray) -> float:
+        """How far the query's best matches to the signature lie beyond the genuine ones (the mean of
+        the TOP largest standardised distances)."""
+        distances = nearest_distances(self.patches, query)
+        standardised = (distances - self.centre) / self.spread
+        return float(np.sort(standardised)[-TOP:].mean())
+
+
+def signature_from(references: list[np.ndarray], near: list[np.ndarray], members: list[int]) -> Signature:
+    """The signature of the references `members`, from their rows and columns of `near` only (a
+    reference left out is not seen at all, so leave-one-out scores are honest)."""
+    # Each member's patches against every other member: all their patches x (m - 1).
+    sub = np.concatenate([near[i][:, [j for j in members if j != i]] for i in members])
+    rank = min(sub.shape[1] - 1, int(np.ceil(CONSISTENCY_QUANTILE * sub.shape[1])) - 1)
+    consistency = np.partition(sub, rank, axis=1)[:, rank]  # that order statistic, without sorting
+    keep = np.flatnonzero(consistency <= np.quantile(consistency, SIGNATURE_SHARE))
+    if len(keep) > MAX_SIGNATURE:
+        keep = np.sort(np.random.default_rng(SEED).choice(keep, MAX_SIGNATURE, replace=False))
+    stacked = np.concatenate([references[i] for i in members])
+    centre = sub[keep].mean(axis=1)
+    spread = np.maximum(sub[keep].std(axis=1), MIN_SPREAD)
+    return Signature(stacked[keep], centre.astype(np.float32), spread.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class PatchCalibration:
+    signature: Signature  # from every reference: what queries are scored against
+    loo_scores: np.ndarray  # each reference scored against the signature of the others
+    threshold: float
+    spread: float
+
+
+def calibrate_patches(references: list[np.ndarray], false_alarm_rate: float) -> PatchCalibration:
+    """The product's signature and its leave-one-out alarm threshold (needs at least 3 references)."""
+    if len(references) < 3:
+        raise ValueError(f"A patch signature needs at least 3 references, got {len(references)}.")
+    widths = {r.shape[1] for r in references}
+    if len(widths) != 1:
+        raise ValueError(f"References have patches of different widths: {sorted(widths)}.")
+    near = pairwise_nearest(references)
+    everyone = list(range(len(references)))
+    loo = np.array([
+        signature_from(references, near, [j for j in everyone if j != i]).score(references[i])
+        for i in everyone
+    ])  # fmt: skip
+    spread = max(float(loo.std(ddof=1)), 1e-6)
+    z = NormalDist().inv_cdf(1.0 - false_alarm_rate)
+    threshold = float(loo.mean() + z * spread)
+    return PatchCalibration(signature_from(references, near, everyone), loo, threshold, spread)
