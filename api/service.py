@@ -208,6 +208,8 @@ class PredictionService:
 
         try:
             validate_product(product)
+            if self.references.ready(served.engine, product):  # enrolled, and its index is current
+                return
             known = self.references.products(served.engine.name)
             if not known.get(product):
                 enrolled = sorted(name for name, count in known.items() if count)
@@ -227,10 +229,13 @@ class PredictionService:
                 422, "no_embedding",
                 f"{engine.name} {engine.version} has no embedding output, so it cannot check a product.",
             )
+        arguments = (engine, product, prediction.embedding, prediction.patches)
         try:
-            check = await run_in_threadpool(
-                self.references.check, engine, product, prediction.embedding, prediction.patches
-            )
+            if self.references.ready(engine, product):
+                # About a millisecond of matrix products: cheaper here than a threadpool round trip.
+                check = self.references.check(*arguments)
+            else:  # the first check after a change embeds and calibrates: seconds, off the loop
+                check = await run_in_threadpool(self.references.check, *arguments)
         except ReferenceStoreError as error:
             raise store_error(error) from error
         except OSError as error:

@@ -1,13 +1,15 @@
 """`make bench`: engine, server, decoding and large-scan benchmarks; prints a table, writes JSON.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--only engine,server,overhead,decode,scan]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only engine,server,overhead,open_set,decode,scan]
 
 (a) engine images/s at batch 1, 8, 32 for PyTorch eager, ORT fp32 and ORT INT8, with the share of
     this CPU's peak FLOP/s; (b) server throughput and p50/p99 latency at concurrency 1, 8, 32 with
     batching on and off (real HTTP load against `verity serve` on 127.0.0.1, fp32 and INT8 models),
     and the server's own CPU cost per request with a trivial model; (c) decode + preprocess cost of
     a 1024x768 JPEG; (d) a 4000x1500 X-ray scan with tile heatmap;
-    (e) on a machine with CUDA/TensorRT, GPU providers, fp16 and IO binding (skipped otherwise).
+    (e) on a machine with CUDA/TensorRT, GPU providers, fp16 and IO binding (skipped otherwise);
+    (f) what the open-set checks (novelty gate at 10,000 references, a product's reference check) add to
+    /v1/predict CPU time on the shipped photo model (benchmarks/open_set_cost.py).
 
 Results go to benchmarks/results/bench-<UTC time>.json and benchmarks/results/latest.json. The
 machine's load average is recorded with each part: figures taken while other work shares the cores
@@ -32,13 +34,14 @@ from benchmarks import (  # noqa: E402
     decode_bench,
     engine_bench,
     gpu_bench,
+    open_set_cost,
     scan_bench,
     server_bench,
     server_overhead,
 )
 from benchmarks.common import RESULTS, cpu_info, load_average  # noqa: E402
 
-PARTS = ("decode", "engine", "server", "overhead", "scan", "gpu")
+PARTS = ("decode", "engine", "server", "overhead", "open_set", "scan", "gpu")
 
 
 # Table columns: header -> the row's key, or a function of the row for a cell that is formatted.
@@ -186,6 +189,8 @@ def report(results: dict[str, Any]) -> str:
         out += _server_lines(server, results.get("engine", {}))
     if results.get("overhead"):
         out += _overhead_lines(results["overhead"])
+    if results.get("open_set"):
+        out += ["", open_set_cost.summary(results["open_set"])]
     if "scan" in results:
         out += _scan_lines(results["scan"])
     if "gpu" in results:
@@ -233,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         if "overhead" in parts:
             print("server overhead ...", file=sys.stderr, flush=True)
             results["overhead"] = server_overhead.run(workdir / "overhead", 4.0 if args.quick else 6.0)
+        if "open_set" in parts:
+            print("open-set checks ...", file=sys.stderr, flush=True)
+            results["open_set"] = open_set_cost.run(workdir / "open-set", rounds=4 if args.quick else 10)
         if "engine" not in parts:
             results.pop("engine", None)
         if "scan" in parts:

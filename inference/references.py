@@ -565,7 +565,7 @@ def _save_cache(path: Path, vectors: dict[str, np.ndarray], patches: dict[str, n
             patch_counts=np.array([len(patches[s]) for s in patch_shas], dtype=np.int64),
         )
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy stubs type the first kwarg as allow_pickle
     _write_atomic(path, buffer.getvalue())
 
 
@@ -859,6 +859,17 @@ class ReferenceStore:
             if product not in index.products:
                 raise UnknownProduct(product, sorted(index.products), model_name)
             return index.products[product], index.calibrations[product], index.signatures.get(product)
+
+    def ready(self, engine: Any, product: str) -> bool:
+        """Whether `check` would answer at once: the engine's index is current and holds the product
+        (else the first check embeds or calibrates, which takes seconds)."""
+        model_name = engine.name
+        with self._lock:
+            index = self._indexes.get((model_name, engine_key(engine)))
+            state = self._states.get(model_name)
+            if index is None or state is None or index.generation != state.generation:
+                return False
+            return _stamp(self._folder(model_name) / EVENTS_FILE) == state.stamp and product in index.products
 
     def check(
         self, engine: Any, product: str, embedding: np.ndarray, patches: np.ndarray | None = None

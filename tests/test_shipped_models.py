@@ -137,3 +137,45 @@ def test_shipped_xray_model_sees_what_rgb_jpegs_hold(tmp_path: Path) -> None:
             assert response.status_code == 200, response.text
             scores[name] = round(response.json()["score"], 6)
     assert len(set(scores.values())) == len(scores), scores
+
+
+@pytest.mark.parametrize("modality", sorted(SHIPPED))
+def test_shipped_models_have_a_novelty_gate_and_flag_non_products(modality: str, tmp_path: Path) -> None:
+    """Each shipped model has its bank beside it and its gate in the card; flat colours, noise and a
+    gradient, sent as either modality, come back not recognised and uncertain (42 of 42 such images
+    were answered counterfeit before the gate)."""
+    import numpy as np
+
+    from verity.api.app import create_app
+    from verity.api.settings import Settings
+    from verity.inference.bank import load_bank
+
+    run = SHIPPED[modality]
+    card = json.loads((run / "card.json").read_text())
+    novelty = card["novelty"]
+    assert novelty["val_rate"] <= novelty["target_rate"] <= 0.02
+    bank = load_bank(run / novelty["bank_file"])
+    assert len(bank) == novelty["bank_rows"] and bank.dim == card["embedding_dim"]
+    rng = np.random.default_rng(9)
+    ramp = np.repeat(np.linspace(0, 255, 320, dtype=np.uint8)[None, :, None], 240, axis=0)
+    images = {
+        "flat red": np.full((240, 320, 3), (200, 30, 30), np.uint8),
+        "white": np.full((240, 320, 3), 255, np.uint8),
+        "colour noise": rng.integers(0, 255, (240, 320, 3), dtype=np.uint8),
+        "gradient": np.repeat(ramp, 3, axis=2),
+    }
+    settings = Settings(
+        models_dir=ROOT / "checkpoints", audit_db=tmp_path / "audit.sqlite", keys_file=tmp_path / "keys.json",
+        background_load=False, allowed_hosts=["testserver"], references_dir=tmp_path / "references",
+    )
+    with TestClient(create_app(settings)) as client:
+        for name, pixels in images.items():
+            response = client.post(
+                "/v1/predict", files={"file": (f"{name}.jpg", _jpeg(pixels))}, data={"modality": modality}
+            )
+            body = response.json()
+            assert response.status_code == 200, response.text
+            assert (body["recognised"], body["verdict"], body["reasons"]) == (
+                False, "uncertain", ["not_recognised"]
+            ), (name, body["novelty"])
+            assert body["novelty"] > novelty["threshold"]

@@ -165,6 +165,11 @@ def accuracy_gate(
         reasons.append(
             f"embedding cosine similarity {embedding['embedding_cosine_mean']:.4f} < {EMBEDDING_MIN_COSINE:g}"
         )
+    # The novelty gate's distances are small (a few thousandths for in-distribution images), so INT8
+    # noise in the embedding can flip recognised where the classifier's verdicts all agree.
+    recognised = embedding.get("recognised_agreement")
+    if recognised is not None and recognised < min_agreement:
+        reasons.append(f"recognised agreement {recognised:.2%} < {min_agreement:.0%}")
     return {
         "passed": not reasons,
         "reasons": reasons,
@@ -439,6 +444,12 @@ def run_export_variants(args: argparse.Namespace, onnx_path: Path) -> tuple[list
         int8_gate = {k: v for k, v in result.items() if k != "path"}
         reasons = "; ".join(result["reasons"])
         verdict = f"written to {result['path']}" if result["written"] else f"NOT written: {reasons}"
+        stale = onnx_path.with_name("model.int8.onnx")
+        if not result["written"] and stale.exists():
+            # An INT8 file of an earlier export no longer matches this model.onnx (outputs, card, gate):
+            # left there, the server's precision=auto would serve it instead.
+            stale.unlink()
+            verdict += f"; removed {stale}, the INT8 variant of the previous export"
         if "first_attempt" in result:
             first = result["first_attempt"]
             lines.append(
