@@ -87,7 +87,7 @@ async def _heatmap(scored: Scored, wanted: bool) -> str | None:
     "/v1/predict",
     response_model=PredictionResult,
     tags=["predict"],
-    responses=_errors(400, 401, 403, 408, 413, 415, 422, 429, 503),
+    responses=_errors(400, 401, 403, 404, 408, 413, 415, 422, 429, 503),
     summary="Verdict for one image",
     description="Decodes the image by content (never by file name), scores it with the modality's "
     "default model, writes the audit record, then answers. Example: "
@@ -140,7 +140,7 @@ async def _batch_item(
     "/v1/predict/batch",
     response_model=BatchResponse,
     tags=["predict"],
-    responses=_errors(400, 401, 403, 408, 413, 422, 429, 503),
+    responses=_errors(400, 401, 403, 404, 408, 413, 422, 429, 503),
     summary="Verdicts for several images",
     description="Up to `max_batch_files` files (field `files`, repeated); one result per file in upload "
     "order. A file that cannot be decoded fails alone, with its own error entry.",
