@@ -1,0 +1,238 @@
+"""Embedding an image exactly as the server scores it, and the reference check: leave-one-out
+calibration on a product's genuine references and the verdict on one query. No files here: the store
+(references.py) keeps the images and embeddings this computes on.
+
+The check: d(q) = 1 - max_j cos(q, r_j) to the product's references. Its alarm threshold comes from
+leave-one-out on the references themselves (d_i of each reference to its nearest other one):
+mean(d_i) + z * std(d_i), z the normal quantile of 1 - false_alarm_rate. With fewer than
+MIN_REFERENCES the spread of d_i says nothing, and the check abstains. A model with local features is
+checked by its patch signature instead (inference/patch_check.py; the store picks which). Only numpy
+and inference here; `verity.inference.references` re-exports every public name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from verity.inference.bank import unit_rows
+from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
+from verity.inference.reference_errors import NoEmbedding
+from verity.inference.tiling import TilingOptions, load_for_scoring, score_scan
+
+MIN_REFERENCES = 5  # fewer: the leave-one-out spread is not worth a threshold, so the check abstains
+DEFAULT_FALSE_ALARM_RATE = 0.01
+MIN_SPREAD = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embedding an image exactly as the server scores it
+
+
+def has_embedding(engine: Any) -> bool:
+    """Whether the engine's model gives an embedding (an OnnxEngine's graph has the output)."""
+    names = getattr(engine, "output_names", None)
+    if names is not None:
+        return "embedding" in names
+    return getattr(getattr(engine, "card", None), "embedding_dim", None) is not None
+
+
+def require_embedding(engine: Any) -> None:
+    """Refuses a model without an embedding output, before anything is decoded or written."""
+    if not has_embedding(engine):
+        raise NoEmbedding(
+            f"Model {engine.name} {engine.version} has no embedding output, so genuine references cannot "
+            "be compared with it; export it again with a version of Verity that writes one."
+        )
+
+
+def image_features(
+    engine: Any, data: bytes, tiling: TilingOptions = TilingOptions(), limits: DecodeLimits = DEFAULT_LIMITS
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The unit-length embedding of one image's bytes and its local features (L x C unit rows, None for
+    a model without the `patches` output), by the server's own path (`load_for_scoring`, tiles for a
+    large scan), so a reference and a query are seen the same way. DecodeError for a bad image,
+    TooManyTiles for a scan over the tile limit, NoEmbedding for a model without the output."""
+    require_embedding(engine)
+    loaded = load_for_scoring(data, engine.spec, tiling, limits)
+    if loaded.model_input is not None:
+        prediction = engine.predict([loaded.model_input])[0]
+    else:
+        prediction = score_scan(loaded.pixels, engine, tiling).prediction
+    if prediction.embedding is None:
+        raise NoEmbedding(f"Model {engine.name} {engine.version} gave no embedding for this image.")
+    embedding = unit_rows(np.asarray(prediction.embedding, dtype=np.float32).reshape(1, -1))[0]
+    return embedding, getattr(prediction, "patches", None)
+
+
+def embed_image(
+    engine: Any, data: bytes, tiling: TilingOptions = TilingOptions(), limits: DecodeLimits = DEFAULT_LIMITS
+) -> np.ndarray:
+    """The unit-length embedding of one image's bytes (`image_features`)."""
+    return image_features(engine, data, tiling, limits)[0]
+
+
+def engine_key(engine: Any) -> str:
+    """Identifies the embeddings one model file gives: name, version, precision and the file's size
+    and mtime (a re-exported file under the same version gets a new key, so stale vectors are unused)."""
+    path = Path(getattr(engine, "path", "") or "")
+    try:
+        stat = path.stat()
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+    except OSError:
+        stamp = "0:0"
+    text = "\0".join(
+        [engine.name, engine.version, str(getattr(engine, "precision", "fp32")), path.name, stamp]
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class EngineEmbedder:
+    """`embed` for `ReferenceStore.add` that also tells the store which engine made the vector, so the
+    enrolment's embedding goes straight into that engine's cache instead of being computed again."""
+
+    def __init__(self, engine: Any, tiling: TilingOptions, limits: DecodeLimits) -> None:
+        require_embedding(engine)
+        self.engine = engine
+        self.tiling = tiling
+        self.limits = limits
+        self.key = engine_key(engine)
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        return embed_image(self.engine, data, self.tiling, self.limits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Calibration and the check
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Leave-one-out calibration of one product's reference distances (threshold None: abstains)."""
+
+    references: int
+    min_references: int
+    false_alarm_rate: float
+    threshold: float | None
+    spread: float | None
+    loo: tuple[float, ...]  # each reference's distance to its nearest other reference
+
+    @property
+    def abstains(self) -> bool:
+        return self.threshold is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """For GET /v1/references and `verity refs list`: the threshold and what it was made from."""
+        loo = np.asarray(self.loo, dtype=np.float64)
+        summary = None
+        if len(loo):
+            summary = {
+                "mean": float(loo.mean()),
+                "std": float(loo.std(ddof=1)) if len(loo) > 1 else None,
+                "min": float(loo.min()),
+                "median": float(np.median(loo)),
+                "max": float(loo.max()),
+            }
+        return {
+            "status": "abstains" if self.abstains else "calibrated",
+            "threshold": self.threshold,
+            "spread": self.spread,
+            "references": self.references,
+            "min_references": self.min_references,
+            "false_alarm_rate": self.false_alarm_rate,
+            "loo_distances": summary,
+        }
+
+
+def loo_distances(embeddings: np.ndarray) -> np.ndarray:
+    """d_i = 1 - max_{j != i} cos(r_i, r_j) for unit-length rows (float64; empty for one row)."""
+    rows = np.asarray(embeddings, dtype=np.float64)
+    if len(rows) < 2:
+        return np.zeros(0, dtype=np.float64)
+    similarity = rows @ rows.T
+    np.fill_diagonal(similarity, -np.inf)
+    return np.clip(1.0 - similarity.max(axis=1), 0.0, 2.0)
+
+
+def calibrate(
+    embeddings: np.ndarray,
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+    min_references: int = MIN_REFERENCES,
+) -> Calibration:
+    """threshold = mean(d_i) + z * std(d_i, ddof=1), z = inv_cdf(1 - rate), spread = max(std, 1e-6):
+    if genuine distances were normal, a genuine query would exceed it with probability `rate`."""
+    if not 0.0 < false_alarm_rate < 1.0:
+        raise ValueError(f"The false alarm rate must lie in (0, 1), got {false_alarm_rate}.")
+    distances = loo_distances(embeddings)
+    count = len(embeddings)
+    if count < max(min_references, 2):
+        return Calibration(count, min_references, false_alarm_rate, None, None, tuple(map(float, distances)))
+    std = float(distances.std(ddof=1))
+    z = NormalDist().inv_cdf(1.0 - false_alarm_rate)
+    threshold = float(distances.mean()) + z * std
+    return Calibration(
+        count, min_references, false_alarm_rate, threshold, max(std, MIN_SPREAD), tuple(map(float, distances))
+    )
+
+
+def nearest_distance(references: np.ndarray, embedding: np.ndarray) -> float:
+    """1 - the largest cosine between the query and the (unit-length) references."""
+    query = unit_rows(np.asarray(embedding, dtype=np.float32).reshape(1, -1))[0].astype(np.float64)
+    rows = np.asarray(references, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[1] != query.shape[0]:
+        raise ValueError(
+            f"The embedding has {query.shape[0]} values but the references have {rows.shape[-1]}."
+        )
+    return float(np.clip(1.0 - float((rows @ query).max()), 0.0, 2.0))
+
+
+@dataclass(frozen=True)
+class ReferenceCheck:
+    """The reference check of one image against its named product. `distance` is the patch signature
+    score (inference/patch_check.py) when the model has local features, else the embedding's cosine
+    distance to the nearest reference; `threshold` and `spread` are on the same scale."""
+
+    product: str
+    status: str  # vocabulary.REFERENCE_STATUSES: match, mismatch, abstained
+    distance: float
+    threshold: float | None
+    spread: float | None
+    references: int
+    min_references: int
+    false_alarm_rate: float
+
+    @property
+    def margin(self) -> float | None:
+        """How many LOO spreads beyond (positive) or within the threshold; None when abstained."""
+        if self.threshold is None or self.spread is None:
+            return None
+        return (self.distance - self.threshold) / self.spread
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "margin": self.margin}
+
+
+def judge(
+    product: str, references: np.ndarray, calibration: Calibration, embedding: np.ndarray
+) -> ReferenceCheck:
+    """Match when the nearest reference is within the product's threshold, mismatch beyond it."""
+    distance = nearest_distance(references, embedding)
+    if calibration.threshold is None:
+        status = "abstained"
+    else:
+        status = "mismatch" if distance > calibration.threshold else "match"
+    return ReferenceCheck(
+        product=product,
+        status=status,
+        distance=distance,
+        threshold=calibration.threshold,
+        spread=calibration.spread,
+        references=calibration.references,
+        min_references=calibration.min_references,
+        false_alarm_rate=calibration.false_alarm_rate,
+    )
