@@ -1,12 +1,12 @@
 """Query time of the reference bank's brute-force cosine kNN (inference/bank.py) at 10,000 and 100,000
-references of efficientnet_lite0's width (D = 1280), for one image and for a batch of 8, with k = 5.
+references of the shipped models' embedding width (D = 144), for one image and for a batch of 8, with k = 5.
 
 Random unit vectors stand in for embeddings: brute force costs the same whatever the values. Times are
 wall-clock medians of repeated `novelty` calls on one BLAS thread, as a server scoring with one intra-op
 thread per session would run them (OPENBLAS_NUM_THREADS=2 in the environment measures two); the bank's
 load time, its file size and the float32 search matrix it holds are printed too.
 
-    .venv/bin/python benchmarks/bank_bench.py [--sizes 10000 100000] [--dim 1280]
+    .venv/bin/python benchmarks/bank_bench.py [--sizes 10000 100000] [--dim 144]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from verity.inference.bank import DEFAULT_K, build_bank, load_bank, novelty, sav
 
 
 def random_units(count: int, dim: int, seed: int) -> np.ndarray:
-    """Unit rows in float16, made in chunks so 100,000 x 1280 never exists in float64."""
+    """Unit rows in float16, made in chunks so 100,000 x D never exists in float64."""
     rng = np.random.default_rng(seed)
     chunks = []
     for start in range(0, count, 10_000):
@@ -70,7 +70,7 @@ def measure(size: int, dim: int, repeats: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--dim", type=int, default=144)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     for size in args.sizes:
