@@ -19,21 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from verity.api.settings import Settings
-
-# Audit rows and seized goods' images are evidence and personal data: owner only, whatever the umask.
-PRIVATE_FILE_MODE = 0o600
-PRIVATE_DIR_MODE = 0o700
-
-
-def make_private_dir(path: Path) -> None:
-    """Creates `path` and each missing parent as 0700 (Path.mkdir(parents=True) gives parents 0755);
-    folders that exist already keep their mode."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for folder in reversed(missing):
-        folder.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+from verity.inference.private_files import PRIVATE_FILE_MODE, image_extension, make_private_dir
 
 
 def _create_private_file(path: Path) -> None:
@@ -335,15 +321,6 @@ def open_audit_store(settings: Settings) -> AuditStore:
     )
 
 
-_EXTENSIONS = {
-    "jpeg": "jpg",
-    "png": "png",
-    "gif": "gif",
-    "tiff": "tif",
-    "bmp": "bmp",
-    "webp": "webp",
-    "dicom": "dcm",
-}
 
 
 class ImageStore:
@@ -353,7 +330,7 @@ class ImageStore:
         self.root = Path(root)
 
     def put(self, data: bytes, sha256: str, kind: str) -> str:
-        target = self.root / sha256[:2] / f"{sha256}.{_EXTENSIONS.get(kind, 'bin')}"
+        target = self.root / sha256[:2] / f"{sha256}.{image_extension(kind)}"
         if not target.exists():
             make_private_dir(target.parent)
             # mkstemp: 0600 and a name of its own, so two uploads of one image never share a temporary.

@@ -19,8 +19,8 @@ import numpy as np
 
 from verity.inference.bank import unit_rows
 from verity.inference.patch_check import PatchCalibration
+from verity.inference.private_files import write_atomic
 from verity.inference.reference_check import Calibration
-from verity.inference.reference_events import write_atomic
 
 # The store's logger: a cache warning is one of the store's, wherever the code lies.
 log = logging.getLogger("verity.inference.references")

@@ -16,49 +16,22 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from verity.inference.private_files import PRIVATE_FILE_MODE, make_private_dir
 from verity.inference.reference_errors import ReferenceStoreError
 
 EVENTS_FILE = "events.jsonl"
 ACTIONS = ("add", "remove")
-PRIVATE_DIR_MODE, PRIVATE_FILE_MODE = 0o700, 0o600
 
 
 def now() -> str:
     """An event's `created` time: UTC, to the microsecond."""
     return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def _private_dir(path: Path) -> None:
-    """Creates `path` and its missing parents as 0700: the images are evidence, like the audit log's."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for folder in reversed(missing):
-        folder.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
-
-
-def write_atomic(target: Path, data: bytes) -> None:
-    """Writes `data` to `target` through a private temporary and one rename: no reader sees half."""
-    _private_dir(target.parent)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
 
 
 @dataclass(frozen=True)
@@ -163,7 +136,7 @@ def parse_events(text: str, path: Path) -> Iterator[dict[str, Any]]:
 def locked(path: Path, exclusive: bool) -> Iterator[IO[bytes]]:
     """The events file opened (created 0600 for a writer) under flock: one writer across processes."""
     if exclusive:
-        _private_dir(path.parent)
+        make_private_dir(path.parent)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
     else:
         fd = os.open(path, os.O_RDONLY)

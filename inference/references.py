@@ -43,6 +43,12 @@ import numpy as np
 from verity.inference.bank import unit_rows
 from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits, sniff_format
 from verity.inference.patch_check import PatchCalibration, calibrate_patches
+from verity.inference.private_files import (
+    PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE,
+    image_extension,
+    write_atomic,
+)
 from verity.inference.reference_cache import Index, load_cache, load_patch_cache, save_cache
 from verity.inference.reference_check import (
     DEFAULT_FALSE_ALARM_RATE,
@@ -72,8 +78,6 @@ from verity.inference.reference_errors import (
 from verity.inference.reference_events import (
     ACTIONS,
     EVENTS_FILE,
-    PRIVATE_DIR_MODE,
-    PRIVATE_FILE_MODE,
     Enrolment,
     ModelState,
     Reference,
@@ -82,7 +86,6 @@ from verity.inference.reference_events import (
     locked,
     now,
     parse_events,
-    write_atomic,
 )
 from verity.inference.tiling import TilingOptions
 
@@ -109,15 +112,6 @@ MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Where the server and the command line keep references unless told otherwise (api.settings uses it).
 DEFAULT_REFERENCES_DIR = Path("var/references")
 ADDED, DUPLICATE = "added", "duplicate"
-_EXTENSIONS = {
-    "jpeg": "jpg",
-    "png": "png",
-    "gif": "gif",
-    "tiff": "tif",
-    "bmp": "bmp",
-    "webp": "webp",
-    "dicom": "dcm",
-}
 
 Embed = Callable[[bytes], np.ndarray]
 OnEvent = Callable[[dict[str, Any]], None]
@@ -247,7 +241,7 @@ class ReferenceStore:
                 "reference_id": reference_id,
                 "product": product,
                 "sha256": sha,
-                "ext": _EXTENSIONS.get(sniff_format(data), "bin"),
+                "ext": image_extension(sniff_format(data)),
                 "actor": actor,
                 "role": role,
                 "created": now(),
