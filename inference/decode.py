@@ -56,6 +56,10 @@ class ImageTooLarge(DecodeError):
 
     code = "image_too_large"
 
+    def __init__(self, message: str, limit_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.limit_bytes = limit_bytes  # set when the limit is in bytes (file size, decoded samples)
+
 
 class DecodedTooLarge(ImageTooLarge):
     """The decoded samples (width x height x depth x samples x bytes per sample) exceed the limit."""
@@ -139,13 +143,17 @@ def _check_pixels(width: int, height: int, limits: DecodeLimits) -> None:
 
 def _check_bytes(size: int, limits: DecodeLimits) -> None:
     if size > limits.max_bytes:
-        raise ImageTooLarge(f"The file is {size:,} bytes; the limit is {limits.max_bytes:,}.")
+        raise ImageTooLarge(
+            f"The file is {size:,} bytes; the limit is {limits.max_bytes:,}.", limit_bytes=limits.max_bytes
+        )
 
 
 def _check_decoded_bytes(size: int, limits: DecodeLimits) -> None:
     if size > limits.max_decoded_bytes:
         raise DecodedTooLarge(
-            f"The image would decode to {size:,} bytes of samples; the limit is {limits.max_decoded_bytes:,}."
+            f"The image would decode to {size:,} bytes of samples; the limit is "
+            f"{limits.max_decoded_bytes:,}.",
+            limit_bytes=limits.max_decoded_bytes,
         )
 
 

@@ -5,6 +5,13 @@ no extra inference. `Prediction.cam` is "counterfeit minus genuine" on the model
 logit units. Normalisation follows Grad-CAM: only positive evidence for counterfeit is shown (ReLU),
 scaled by its maximum, so a region is hot because it pushed the score towards counterfeit; a map with
 no positive evidence stays cold instead of having noise stretched to full range.
+
+The view (`view_rgb`, `scan_view_rgb`) is the image the heatmap is drawn on, and what a client shows
+under it: the model input (or a tiled scan, through the same colour rule and window, at the evidence
+map's size) as 8-bit RGB. An X-ray view is display-windowed when its intensities fill less than
+DISPLAY_MIN_SPREAD of the model's range: a 12-bit scan in a 16-bit file without a spec window reaches the
+model as 0..0.06 and would be shown black; stretched linearly between its 0.5th and 99.5th percentiles
+it shows what the model saw, with contrast a person can see (a scanner console's auto window).
 """
 
 from __future__ import annotations
@@ -13,6 +20,9 @@ import io
 
 import numpy as np
 from PIL import Image
+
+from verity.inference.preprocess import to_unit_image
+from verity.inference.spec import PreprocessSpec
 
 # A perceptually ordered "turbo"-like ramp (dark blue -> cyan -> green -> yellow -> red); anchors are
 # interpolated into a 256-entry lookup table, so no plotting library is needed.
@@ -119,5 +129,64 @@ def heatmap_png(
         factor = max_side / max(rgb.shape[:2])
         size = (max(1, round(rgb.shape[1] * factor)), max(1, round(rgb.shape[0] * factor)))
         rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+    return heatmap_over(cam, rgb, alpha, scale)
+
+
+def heatmap_over(cam: np.ndarray, rgb: np.ndarray, alpha: float = 0.5, scale: float | None = None) -> bytes:
+    """PNG bytes of the CAM (or a scan's evidence map) overlaid on an HxWx3 uint8 view, at its size."""
     heat = upsample(normalise_cam(cam, scale), rgb.shape[0], rgb.shape[1])
     return png_bytes(overlay(rgb, heat, alpha))
+
+
+# An X-ray view whose intensities (0.5th to 99.5th percentile) span less than this much of [0, 1] is
+# stretched to fill it for display; one spanning more is shown exactly as the model saw it.
+DISPLAY_MIN_SPREAD = 0.5
+_WINDOW_SAMPLE = 1 << 18  # values the percentiles are read from: a 1024 px view has 4x as many
+
+
+def display_window(planes: np.ndarray, ignore: float | None = None) -> np.ndarray:
+    """CxHxW float [0, 1] stretched linearly (all channels alike, so hue stays) when it is too narrow
+    to see (DISPLAY_MIN_SPREAD); `ignore` is a value left out of the percentiles (letterbox padding)."""
+    values = planes.reshape(-1)
+    values = values[:: max(1, values.size // _WINDOW_SAMPLE)]
+    if ignore is not None:
+        values = values[values != np.float32(ignore)]
+    if values.size == 0:
+        return planes
+    low, high = (float(v) for v in np.percentile(values, (0.5, 99.5)))
+    if high - low >= DISPLAY_MIN_SPREAD or high <= low:
+        return planes
+    return np.clip((planes - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
+
+
+def _shown_planes(planes: np.ndarray, spec: PreprocessSpec, ignore: float | None) -> np.ndarray:
+    """The planes a view shows (colour, or the first: grey and a dual-energy pair's high energy),
+    display-windowed for X-ray."""
+    planes = np.asarray(planes, dtype=np.float32)
+    planes = planes if planes.shape[0] == 3 else planes[:1]
+    return display_window(planes, ignore) if spec.modality == "xray" else planes
+
+
+def _fit(rgb: np.ndarray, max_side: int | None) -> np.ndarray:
+    """Shrinks an HxWx3 view so its longer side is at most max_side (as heatmap_png does)."""
+    if max_side is None or max(rgb.shape[:2]) <= max_side:
+        return rgb
+    factor = max_side / max(rgb.shape[:2])
+    size = (max(1, round(rgb.shape[1] * factor)), max(1, round(rgb.shape[0] * factor)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+
+
+def view_rgb(model_input: np.ndarray, spec: PreprocessSpec, max_side: int | None = 1024) -> np.ndarray:
+    """The model input (CxSxS float in [0, 1]) as the HxWx3 uint8 view, the size heatmap_png gives it."""
+    # Letterbox padding (air, 1.0) would hold the percentiles of a dim X-ray at white.
+    ignore = 1.0 if spec.resize_mode == "letterbox" else None
+    return _fit(to_display_rgb(_shown_planes(model_input, spec, ignore)), max_side)
+
+
+def scan_view_rgb(pixels: np.ndarray, spec: PreprocessSpec, height: int, width: int) -> np.ndarray:
+    """A decoded scan (HxW or HxWxC, any depth) as the model's intensities at height x width, as an
+    HxWx3 uint8 view. The scan is first thinned by whole rows and columns to about twice that size,
+    so a 40 MP 16-bit scan never becomes a 160 MB float image for a 1024 px view."""
+    step = max(1, min(pixels.shape[0] // (2 * height), pixels.shape[1] // (2 * width)))
+    thinned = pixels[::step, ::step]
+    return to_display_rgb(_shown_planes(to_unit_image(thinned, spec, height, width), spec, None))

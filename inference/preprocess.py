@@ -194,6 +194,14 @@ def _letterbox(chw: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return canvas
 
 
+def to_unit_image(image: np.ndarray, spec: PreprocessSpec, height: int, width: int) -> np.ndarray:
+    """A decoded HxWxC image as the model's intensities (the colour rule and the window), CxHxW float32
+    in [0, 1] resized to height x width as given (not the model's resize rule): what a tiled scan
+    looks like to the model, for showing it (inference.heatmap.scan_view_rgb)."""
+    image = _fewest_channels(image if image.ndim == 3 else image[..., None], spec)
+    return np.stack([_unit_plane(image[..., c], height, width, spec) for c in range(image.shape[2])])
+
+
 def load_for_model(
     source: bytes | str | Path, spec: PreprocessSpec, limits: DecodeLimits = DEFAULT_LIMITS
 ) -> np.ndarray:

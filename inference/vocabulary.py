@@ -15,6 +15,10 @@ import numpy as np
 # A label's index is the class index of the model's logits and a row's target; the score is the
 # calibrated probability of LABELS[1].
 LABELS = ("genuine", "counterfeit")
+# What an officer may confirm about a verdict (POST /v1/feedback): a label, or "unsure" (cannot tell),
+# which is recorded and shown but never becomes training data (api.feedback.export_confirmed).
+FEEDBACK_LABELS = (*LABELS, "unsure")
+UNSURE = "unsure"
 MODALITIES = ("photo", "xray")
 SPLITS = ("train", "val", "test")
 # The answers the service gives. A verdict code indexes this tuple: 0 genuine and 1 counterfeit (the
