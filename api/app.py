@@ -9,16 +9,19 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from importlib.resources import files
+from pathlib import Path
 
 import anyio.to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import FileResponse
 
-from verity.api import routes_references, routes_v1, routes_v2
+from verity.api import routes_history, routes_references, routes_v1, routes_v2
 from verity.api.audit import AuditStore, ImageStore, open_audit_store
 from verity.api.auth import KeyStore
 from verity.api.docs import ASSETS_URL, DOCS_PAGES, OPENAPI_URL, install_docs
-from verity.api.errors import install_error_handlers
+from verity.api.errors import ApiError, install_error_handlers
 from verity.api.limits import KeyLimits
 from verity.api.logs import configure_logging
 from verity.api.metrics import Metrics
@@ -38,24 +41,81 @@ Verity tells genuine goods from counterfeits in product photos and X-ray scans.
 Every answer carries a **verdict** (`genuine`, `counterfeit` or `uncertain`), a calibrated **score**
 (probability of counterfeit), the model's thresholds, the model version and a `request_id` under which
 the answer was written to the audit log before it was sent. Officers' confirmed outcomes go to
-`POST /v1/feedback`.
+`POST /v1/feedback`; `GET /v1/history` pages through the caller's own verdicts. The inspection console,
+a web page for officers, is served at `/`.
 
 **Auth**: station API keys in `X-API-Key` or `Authorization: Bearer`; required when the server binds
 a non-loopback address. `/healthz` and `/readyz` are always open; `/metrics` takes any key when keys are
 required; reloading models always needs an admin key, even on an unkeyed loopback server.
 
-**Errors** (/v1): `{"error": {"code", "message", "request_id"}}` with 400, 401, 403, 404, 413, 415, 422
-or 503 (+ `Retry-After`). The Open Inference Protocol routes under `/v2` answer `{"error": "..."}`.
+**Errors** (/v1): `{"error": {"code", "message", "request_id"}}` with 400, 401, 403, 404, 413, 415, 422,
+429 or 503 (+ `Retry-After`); a 413 for a byte limit adds `limit_bytes`, a 429 or 503 `retry_after_s`.
+The Open Inference Protocol routes under `/v2` answer `{"error": "..."}`.
 """
 
 TAGS = [
     {"name": "predict", "description": "Verdicts for images."},
     {"name": "models", "description": "What is served, and hot reload."},
     {"name": "feedback", "description": "Confirmed outcomes that close the loop to retraining."},
+    {"name": "history", "description": "The caller's recent verdicts from the audit log, newest first."},
     {"name": "health", "description": "Liveness, readiness and metrics."},
     {"name": "open inference protocol v2", "description": "KServe v2 / Triton HTTP protocol for consoles."},
     {"name": "references", "description": "Genuine reference images per product (admin)."},
 ]
+
+
+CONSOLE_PAGE = "/"
+CONSOLE_URL = "/console"
+# The console's file types, each with the type a browser needs (an ES module must be text/javascript;
+# Python 3.11's mimetypes says application/javascript); any other file there is not served.
+CONSOLE_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".json": "application/json",
+    ".webmanifest": "application/manifest+json",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".woff2": "font/woff2",
+    ".txt": "text/plain; charset=utf-8",
+}
+
+
+def console_dir() -> Path:
+    """The console's folder in the installed package (api/console in a checkout)."""
+    return Path(str(files("verity.api") / "console"))
+
+
+def _console_file(relative: str) -> Path:
+    """The file under the console folder that `relative` names, or a 404: never a path outside it,
+    a hidden file or a type the console does not use."""
+    root = console_dir().resolve()
+    target = (root / relative).resolve()
+    parts = Path(relative).parts
+    if (
+        not target.is_relative_to(root)
+        or any(part.startswith(".") for part in parts)
+        or target.suffix.lower() not in CONSOLE_TYPES
+        or not target.is_file()
+    ):
+        raise ApiError(404, "not_found", f"The console has no file {relative[:64]!r}.")
+    return target
+
+
+def install_console(app: FastAPI) -> None:
+    """Serves the console page at / and its files at /console/<file>. The page holds no data, so it is
+    served without a key even where keys are required; its API calls carry the key."""
+
+    @app.api_route(CONSOLE_PAGE, methods=["GET", "HEAD"], include_in_schema=False)
+    async def console_page() -> FileResponse:
+        return FileResponse(_console_file("index.html"), media_type=CONSOLE_TYPES[".html"])
+
+    @app.api_route(CONSOLE_URL + "/{relative:path}", methods=["GET", "HEAD"], include_in_schema=False)
+    async def console_asset(relative: str) -> FileResponse:
+        target = _console_file(relative)
+        return FileResponse(target, media_type=CONSOLE_TYPES[target.suffix.lower()])
 
 
 def body_limit_for(settings: Settings):
@@ -172,7 +232,9 @@ def create_app(
     app.include_router(routes_v1.router)
     app.include_router(routes_v2.router)
     app.include_router(routes_references.router)
+    app.include_router(routes_history.router)
     install_docs(app)
+    install_console(app)
     # Innermost first: the Host check runs inside the request context (its 400 has a request_id), and the
     # security headers wrap everything, the context's own 413 included.
     app.add_middleware(HostCheckMiddleware, allowed_hosts=settings.allowed_hosts)
@@ -183,5 +245,11 @@ def create_app(
         body_timeout_s=settings.body_timeout_s,
         body_min_rate=settings.body_min_rate,
     )
-    app.add_middleware(SecurityHeadersMiddleware, docs_pages=DOCS_PAGES, assets_prefix=ASSETS_URL)
+    app.add_middleware(
+        SecurityHeadersMiddleware,
+        docs_pages=DOCS_PAGES,
+        assets_prefix=ASSETS_URL,
+        console_pages=(CONSOLE_PAGE,),
+        console_prefix=CONSOLE_URL,
+    )
     return app

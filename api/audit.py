@@ -1,7 +1,7 @@
 """The audit log: every answered prediction and every officer's feedback, written before the response.
 
 `AuditStore` is the interface; `SQLiteAuditStore` (WAL mode) is the default. A PostgreSQL store would
-implement the same seven methods against `settings.database_url`; `open_audit_store` is where it plugs in.
+implement the same methods against `settings.database_url`; `open_audit_store` is where it plugs in.
 `ImageStore` keeps uploaded images content-addressed (by SHA-256) for retraining.
 """
 
@@ -63,6 +63,11 @@ class AuditRecord:
     reference_distance: float | None = None  # to the product's nearest genuine reference
     reference_threshold: float | None = None  # the product's calibrated alarm distance
     reference_count: int | None = None  # genuine references the product had when it was checked
+    # Who received the verdict (issue 15): the caller's key id and role (station, admin or anonymous).
+    # None on rows written before they were recorded. A station named by an anonymous caller is a
+    # claim, not an identity: history and feedback tell the two apart by caller_role.
+    key_id: str | None = None
+    caller_role: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,25 @@ FEEDBACK_FIELDS = tuple(f.name for f in fields(FeedbackRecord))
 REFERENCE_EVENT_FIELDS = tuple(f.name for f in fields(ReferenceEvent))
 
 
+@dataclass(frozen=True)
+class HistoryQuery:
+    """One page of `AuditStore.history`: newest first by (created, request_id), every filter optional.
+
+    `callers` is the caller's scope: None sees every row; "keyed" only rows received with a key (or
+    before receivers were recorded); "anonymous" only rows received without one. `since` and `until`
+    are ISO 8601 UTC in the stored form (`utc_now`), `until_exclusive` says whether `until` is itself
+    excluded (a date's next midnight) or included (a datetime)."""
+
+    limit: int
+    before: tuple[str, str] | None = None  # (created, request_id) of the previous page's last row
+    station_id: str | None = None
+    callers: str | None = None
+    verdict: str | None = None  # genuine, counterfeit, uncertain (recognised) or not_recognised
+    since: str | None = None
+    until: str | None = None
+    until_exclusive: bool = False
+
+
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -122,6 +146,12 @@ class AuditStore(Protocol):
 
     def reference_events(self, model_name: str | None = None) -> list[ReferenceEvent]: ...
 
+    def history(self, query: HistoryQuery) -> list[AuditRecord]:
+        """At most `query.limit` records, newest first, read by the index (never the whole table)."""
+
+    def feedback_for(self, request_ids: list[str]) -> dict[str, list[FeedbackRecord]]:
+        """Each request id's feedback rows, oldest first (ids without feedback are absent)."""
+
     def confirmed_cases(self) -> Iterator[tuple[AuditRecord, list[FeedbackRecord]]]:
         """Each audited prediction that has feedback, with all its feedback rows oldest first (whoever
         sent them): api.feedback decides which count and how disagreements resolve."""
@@ -137,6 +167,9 @@ CREATE TABLE IF NOT EXISTS predictions (
     latency_ms REAL NOT NULL, image_path TEXT, api TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created);
+-- The history's keyset pages: (created, request_id) for an admin, per station for a station key.
+CREATE INDEX IF NOT EXISTS predictions_created_id ON predictions (created, request_id);
+CREATE INDEX IF NOT EXISTS predictions_station_created ON predictions (station_id, created, request_id);
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL REFERENCES predictions (request_id),
     created TEXT NOT NULL, confirmed_label TEXT NOT NULL, case_id TEXT, notes TEXT, station_id TEXT,
@@ -158,6 +191,7 @@ _ADDED_COLUMNS = {
     "predictions": (
         "recognised INTEGER", "novelty REAL", "reasons TEXT", "product TEXT", "reference_status TEXT",
         "reference_distance REAL", "reference_threshold REAL", "reference_count INTEGER",
+        "key_id TEXT", "caller_role TEXT",
     ),
 }
 
@@ -252,6 +286,37 @@ class SQLiteAuditStore:
         finally:
             reader.close()
 
+    def history(self, query: HistoryQuery) -> list[AuditRecord]:
+        where, arguments = _history_filter(query)
+        sql = (
+            f"SELECT {', '.join(AUDIT_FIELDS)} FROM predictions"
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + " ORDER BY created DESC, request_id DESC LIMIT ?"
+        )
+        try:
+            with self._lock:
+                rows = self._db.execute(sql, (*arguments, query.limit)).fetchall()
+        except sqlite3.Error as error:
+            raise AuditError(f"The audit log could not be read: {error}") from error
+        return [_audit_record(row) for row in rows]
+
+    def feedback_for(self, request_ids: list[str]) -> dict[str, list[FeedbackRecord]]:
+        if not request_ids:
+            return {}
+        sql = (
+            f"SELECT {', '.join(FEEDBACK_FIELDS)} FROM feedback "
+            f"WHERE request_id IN ({', '.join('?' for _ in request_ids)}) ORDER BY id"
+        )
+        try:
+            with self._lock:
+                rows = self._db.execute(sql, tuple(request_ids)).fetchall()
+        except sqlite3.Error as error:
+            raise AuditError(f"The audit log could not be read: {error}") from error
+        found: dict[str, list[FeedbackRecord]] = {}
+        for row in rows:
+            found.setdefault(row[0], []).append(FeedbackRecord(*row))
+        return found
+
     def confirmed_cases(self) -> Iterator[tuple[AuditRecord, list[FeedbackRecord]]]:
         columns = ", ".join([*(f"p.{n}" for n in AUDIT_FIELDS), *(f"f.{n}" for n in FEEDBACK_FIELDS)])
         query = f"""
@@ -305,6 +370,44 @@ class SQLiteAuditStore:
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             finally:
                 self._db.close()
+
+
+# The history's verdict filter: uncertain is an uncertain verdict the model recognised (or from before
+# recognition was recorded); an unrecognised image is its own category, whatever its verdict.
+_VERDICT_FILTERS = {
+    "genuine": "verdict = 'genuine'",
+    "counterfeit": "verdict = 'counterfeit'",
+    "uncertain": "verdict = 'uncertain' AND (recognised IS NULL OR recognised != 0)",
+    "not_recognised": "recognised = 0",
+}
+_CALLER_FILTERS = {
+    "keyed": "(caller_role IS NULL OR caller_role != 'anonymous')",
+    "anonymous": "caller_role = 'anonymous'",
+}
+
+
+def _history_filter(query: HistoryQuery) -> tuple[list[str], list[str]]:
+    """The WHERE clauses and their arguments of one history page."""
+    where: list[str] = []
+    arguments: list[str] = []
+    if query.callers is not None:
+        where.append(_CALLER_FILTERS[query.callers])
+    if query.station_id is not None:
+        where.append("station_id = ?")
+        arguments.append(query.station_id)
+    if query.verdict is not None:
+        where.append(_VERDICT_FILTERS[query.verdict])
+    if query.since is not None:
+        where.append("created >= ?")
+        arguments.append(query.since)
+    if query.until is not None:
+        where.append("created < ?" if query.until_exclusive else "created <= ?")
+        arguments.append(query.until)
+    if query.before is not None:
+        created, request_id = query.before
+        where.append("(created < ? OR (created = ? AND request_id < ?))")
+        arguments.extend((created, created, request_id))
+    return where, arguments
 
 
 def open_audit_store(settings: Settings) -> AuditStore:

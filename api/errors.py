@@ -1,6 +1,8 @@
 """One error shape for the whole /v1 API, and the Open Inference Protocol's shape under /v2.
 
-/v1: `{"error": {"code", "message", "request_id"}}`. /v2: `{"error": "message"}` (the OIP spec).
+/v1: `{"error": {"code", "message", "request_id"}}`, plus `limit_bytes` on a 413 for a byte limit and
+`retry_after_s` (the Retry-After header's seconds) on a 429 or 503, so a client can say "the limit is
+20 MB" or "retry in 5 s" in its user's language. /v2: `{"error": "message"}` (the OIP spec).
 Bad input is always a 4xx with a message fit for the user; an unexpected failure is a 500 without a
 traceback (the traceback goes to the log, next to the request_id).
 """
@@ -30,12 +32,20 @@ ERRORS_LISTED = 3
 class ApiError(Exception):
     """An error a route wants the client to see, with its HTTP status and machine-readable code."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        limit_bytes: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.limit_bytes = limit_bytes  # the byte limit a 413 exceeded
 
 
 def truncated(text: object, limit: int = ECHO_MAX) -> str:
@@ -47,7 +57,7 @@ def truncated(text: object, limit: int = ECHO_MAX) -> str:
 def decode_error_to_api(error: DecodeError) -> ApiError:
     """413 for too large, 415 for not an image type we read, 400 for anything else undecodable."""
     if isinstance(error, ImageTooLarge):
-        return ApiError(413, error.code, str(error))
+        return ApiError(413, error.code, str(error), limit_bytes=error.limit_bytes)
     if isinstance(error, UnsupportedFormat):
         return ApiError(415, error.code, str(error))
     return ApiError(400, error.code, str(error))
@@ -70,14 +80,34 @@ def error_response(
     message: str,
     headers: dict[str, str] | None = None,
     path: str | None = None,
+    limit_bytes: int | None = None,
 ) -> JSONResponse:
     """Builds the error body in the shape the route's API family uses."""
     request_id = current_request_id(request)
     path = path if path is not None else (request.url.path if request is not None else "")
     if path.startswith("/v2"):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
-    body = {"error": {"code": code, "message": message, "request_id": request_id}}
+    body = {"error": error_detail(code, message, request_id, status, headers, limit_bytes)}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_detail(
+    code: str,
+    message: str,
+    request_id: str,
+    status: int,
+    headers: dict[str, str] | None = None,
+    limit_bytes: int | None = None,
+) -> dict[str, Any]:
+    """The /v1 error detail: code, message and request_id, with limit_bytes on a 413 that has one and
+    retry_after_s on a 429 or 503 that says when to retry (the Retry-After header, as a number)."""
+    detail: dict[str, Any] = {"code": code, "message": message, "request_id": request_id}
+    if status == 413 and limit_bytes is not None:
+        detail["limit_bytes"] = limit_bytes
+    retry_after = {name.lower(): value for name, value in (headers or {}).items()}.get("retry-after")
+    if status in (429, 503) and retry_after is not None and retry_after.isdigit():
+        detail["retry_after_s"] = int(retry_after)
+    return detail
 
 
 _HTTP_CODES = {
@@ -109,7 +139,9 @@ def describe_validation(errors: Sequence[Any]) -> str:
 
 async def _api_error_handler(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ApiError)
-    return error_response(request, error.status, error.code, error.message, error.headers)
+    return error_response(
+        request, error.status, error.code, error.message, error.headers, limit_bytes=error.limit_bytes
+    )
 
 
 async def _validation_handler(request: Request, error: Exception) -> JSONResponse:

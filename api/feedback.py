@@ -1,11 +1,18 @@
 """Officers' feedback: who may confirm a verdict, how disagreeing confirmations resolve, and
 `verity audit confirmed --out DIR`, which turns confirmed cases and their stored images into a table.
 
-Who may confirm (`may_confirm`, checked by POST /v1/feedback and again at export): the station that
-received the verdict, or an admin. An anonymous caller (only possible when keys are not required) may
-confirm only a verdict recorded without a station: a station named on an unkeyed server is a claim, not
-an identity. Rows written before senders were recorded (role NULL) count when their station is the
-verdict's; the others are ignored and counted in the export's summary.
+Who may confirm (`may_confirm`, checked by POST /v1/feedback, by GET /v1/history's resolved feedback and
+again at export): the station that received the verdict, or an admin. An anonymous caller (only possible
+when keys are not required) may confirm a verdict that was itself received anonymously, or one recorded
+without a station: on an unkeyed server (`make serve`) the officer at the console confirms the verdicts
+the console received, whatever station name was typed, while a station named on an unkeyed server stays
+a claim, not an identity, so a verdict a keyed station received is never an anonymous caller's to label.
+Rows written before senders were recorded (role NULL) count when their station is the verdict's; the
+others are ignored and counted in the export's summary.
+
+A confirmation is a label (genuine, counterfeit) or "unsure" (the officer cannot tell). Unsure is stored
+and shown, and it resolves like any other confirmation (a later unsure replaces an earlier label), but a
+case whose winning confirmation is unsure is not training data: the export skips and counts it.
 
 How confirmations resolve (`resolve`, the rule in CONFLICT_RULE, written into every line's meta): an
 admin's confirmation wins over the station's, since an admin reviews after the station (a lab result, an
@@ -33,22 +40,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 from verity.api.audit import AuditRecord, AuditStore, FeedbackRecord
+from verity.inference.vocabulary import UNSURE
 
 CONFIRMED_TABLE = "confirmed.jsonl"
 CONFLICT_RULE = "verdict's station or admin only; admin over station; latest among equals"
+ANONYMOUS = "anonymous"  # the role of a caller without a key, and of the verdicts it received
 
 # single: one confirmation; agreed: several with one label; admin: they disagreed and an admin's (the
 # latest admin's) decided; latest: they disagreed, no admin spoke, and the station's latest decided.
 Resolution = Literal["single", "agreed", "admin", "latest"]
 
 
-def may_confirm(role: str | None, sender_station: str | None, verdict_station: str | None) -> bool:
+def may_confirm(
+    role: str | None, sender_station: str | None, verdict_station: str | None, verdict_role: str | None
+) -> bool:
     """Whether feedback from this sender may label this verdict. role None: a row from before senders
-    were recorded, trusted only when its station is the verdict's."""
+    were recorded, trusted only when its station is the verdict's. verdict_role: the role that received
+    the verdict (None on rows from before receivers were recorded)."""
     if role == "admin":
         return True
-    if role == "anonymous":
-        return verdict_station is None
+    if role == ANONYMOUS:
+        return verdict_role == ANONYMOUS or verdict_station is None
     return sender_station == verdict_station
 
 
@@ -63,7 +75,9 @@ class ResolvedCase:
 def resolve(record: AuditRecord, rows: list[FeedbackRecord]) -> tuple[ResolvedCase | None, int]:
     """The confirmation that labels this verdict (None when no row is authorised), and how many rows
     were ignored as unauthorised. `rows` are oldest first."""
-    allowed = [row for row in rows if may_confirm(row.role, row.station_id, record.station_id)]
+    allowed = [
+        row for row in rows if may_confirm(row.role, row.station_id, record.station_id, record.caller_role)
+    ]
     ignored = len(rows) - len(allowed)
     if not allowed:
         return None, ignored
@@ -83,6 +97,7 @@ class ConfirmedExport:
     table: Path
     written: int = 0
     missing_image: int = 0  # confirmed, but the image was not stored: the label alone cannot train a model
+    unsure: int = 0  # the winning confirmation was "cannot tell": no label to train on
     unauthorised: int = 0  # feedback rows ignored: neither the verdict's station nor an admin sent them
     resolved_by_admin: list[str] = field(default_factory=list)  # request ids whose confirmations disagreed
     resolved_by_latest: list[str] = field(default_factory=list)
@@ -92,6 +107,8 @@ class ConfirmedExport:
         lines = [f"wrote {self.written} confirmed cases to {self.table}"]
         if self.missing_image:
             lines.append(f"skipped {self.missing_image} without a stored image")
+        if self.unsure:
+            lines.append(f"skipped {self.unsure} confirmed as unsure (cannot tell): no label to train on")
         if self.unauthorised:
             lines.append(
                 f"ignored {self.unauthorised} feedback rows from neither the verdict's station nor an admin"
@@ -110,8 +127,9 @@ class ConfirmedExport:
 
 
 def export_confirmed(store: AuditStore, out: Path, modality: str | None = None) -> ConfirmedExport:
-    """Writes `out/confirmed.jsonl` and `out/images/` from authorised feedback only; returns what was
-    written, skipped and ignored, and which cases had disagreeing confirmations."""
+    """Writes `out/confirmed.jsonl` and `out/images/` from authorised feedback only (a case resolved to
+    unsure is skipped); returns what was written, skipped and ignored, and which cases had disagreeing
+    confirmations."""
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     result = ConfirmedExport(table=out / CONFIRMED_TABLE)
@@ -122,6 +140,9 @@ def export_confirmed(store: AuditStore, out: Path, modality: str | None = None) 
             case, ignored = resolve(record, rows)
             result.unauthorised += ignored
             if case is None:
+                continue
+            if case.winner.confirmed_label == UNSURE:
+                result.unsure += 1
                 continue
             source = Path(record.image_path) if record.image_path else None
             if source is None or not source.is_file():

@@ -23,7 +23,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from verity.api.errors import error_response
+from verity.api.errors import error_detail, error_response
 from verity.api.logs import request_id_var
 from verity.api.metrics import Metrics
 
@@ -33,9 +33,10 @@ log = logging.getLogger("verity.api.access")
 class BodyRefused(Exception):
     """Raised inside the app when the streamed body is too large or too slow; the middleware answers."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, limit_bytes: int | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.limit_bytes = limit_bytes  # a 413's route limit
 
 
 class RequestContextMiddleware:
@@ -151,7 +152,10 @@ class RequestContextMiddleware:
         if path.startswith("/v2"):
             body = {"error": refusal.message}
         else:
-            body = {"error": {"code": refusal.code, "message": refusal.message, "request_id": request_id}}
+            detail = error_detail(
+                refusal.code, refusal.message, request_id, refusal.status, limit_bytes=refusal.limit_bytes
+            )
+            body = {"error": detail}
         payload = json.dumps(body).encode()
         await send(
             {
@@ -170,7 +174,7 @@ class RequestContextMiddleware:
 
 def _too_large(limit: int) -> BodyRefused:
     message = f"The request body is larger than this route's limit of {limit:,} bytes."
-    return BodyRefused(413, "request_too_large", message)
+    return BodyRefused(413, "request_too_large", message, limit_bytes=limit)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -239,27 +243,60 @@ DOCS_CSP = (
     b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
     b"img-src 'self' data:; worker-src 'self' blob:; frame-ancestors 'none'"
 )
+# The inspection console (api/console): its own scripts and styles only, never inline; images it shows
+# from data: and blob: URLs (the heatmap, the camera's frame); calls only to this server.
+CONSOLE_CSP = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    b"connect-src 'self'; media-src 'self' blob:; font-src 'self'; manifest-src 'self'; base-uri 'none'; "
+    b"form-action 'none'; frame-ancestors 'none'"
+)
+# The phone camera (getUserMedia) for the console's own origin only.
+CONSOLE_PERMISSIONS = b"camera=(self)"
 
 
 class SecurityHeadersMiddleware:
     """Adds nosniff, DENY framing, no-referrer and a Content-Security-Policy to every answer, and
-    Cache-Control: no-store to all but the docs' static assets (verdicts must not sit in a shared cache).
-    Outermost, so the 413 and other answers made by the middleware below get them too."""
+    Cache-Control: no-store to all but static files (verdicts must not sit in a shared cache): the docs'
+    assets keep their own caching, the console's page and files are `no-cache` (kept, but revalidated,
+    so a new version is picked up at once). Outermost, so the 413 and other answers made by the
+    middleware below get them too."""
 
-    def __init__(self, app: ASGIApp, docs_pages: tuple[str, ...], assets_prefix: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        docs_pages: tuple[str, ...],
+        assets_prefix: str,
+        console_pages: tuple[str, ...] = (),
+        console_prefix: str | None = None,
+    ) -> None:
         self.app = app
         self.docs_pages = docs_pages
         self.assets_prefix = assets_prefix
+        self.console_pages = console_pages
+        self.console_prefix = console_prefix
+
+    def _is_console(self, path: str) -> bool:
+        if path in self.console_pages:
+            return True
+        return self.console_prefix is not None and path.startswith(self.console_prefix + "/")
+
+    def _headers_for(self, path: str) -> list[tuple[bytes, bytes]]:
+        added = list(SECURITY_HEADERS)
+        if self._is_console(path):
+            added.append((b"content-security-policy", CONSOLE_CSP))
+            added.append((b"permissions-policy", CONSOLE_PERMISSIONS))
+            added.append((b"cache-control", b"no-cache"))
+            return added
+        added.append((b"content-security-policy", DOCS_CSP if path in self.docs_pages else API_CSP))
+        if not path.startswith(self.assets_prefix + "/"):
+            added.append((b"cache-control", b"no-store"))
+        return added
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        added = list(SECURITY_HEADERS)
-        added.append((b"content-security-policy", DOCS_CSP if path in self.docs_pages else API_CSP))
-        if not path.startswith(self.assets_prefix + "/"):
-            added.append((b"cache-control", b"no-store"))
+        added = self._headers_for(scope["path"])
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -31,7 +31,7 @@ from verity.api.schemas import (
     Readiness,
     ReloadResponse,
 )
-from verity.api.service import PredictionService, Scored, ServiceDep, render_heatmap, station_for
+from verity.api.service import PredictionService, Scored, ServiceDep, render_images, station_for
 
 router = APIRouter()
 log = logging.getLogger("verity.api")
@@ -62,6 +62,13 @@ CaseField = Annotated[
     str | None, Form(max_length=CASE_ID_MAX, description="Seizure or shipment this image belongs to.")
 ]
 HeatmapField = Annotated[bool, Form(description="Return the evidence heatmap as a base64 PNG.")]
+ViewField = Annotated[
+    bool,
+    Form(
+        description="Return `view_png`: the image as the model saw it (X-ray windowed), the heatmap's "
+        "size, for laying the heatmap over it."
+    ),
+]
 ProductField = Annotated[
     str | None,
     Form(
@@ -77,10 +84,11 @@ def _elapsed_ms(request: Request) -> float:
     return (time.perf_counter() - request.state.started) * 1000.0
 
 
-async def _heatmap(scored: Scored, wanted: bool) -> str | None:
-    if not wanted:
-        return None
-    return await run_in_threadpool(render_heatmap, scored)
+async def _images(scored: Scored, heatmap: bool, view: bool) -> tuple[str | None, str | None]:
+    """The heatmap and view PNGs asked for, rendered off the event loop."""
+    if not (heatmap or view):
+        return None, None
+    return await run_in_threadpool(render_images, scored, heatmap, view)
 
 
 @router.post(
@@ -103,18 +111,19 @@ async def predict(
     case_id: CaseField = None,
     return_heatmap: HeatmapField = False,
     product: ProductField = None,
+    return_view: ViewField = False,
 ) -> dict[str, Any]:
     station = station_for(principal.station_id, station_id)
     served = service.model_for(modality)
     service.require_product(served, product)
     data = await file.read()
     scored = await service.score(data, served, product)
-    heatmap = await _heatmap(scored, return_heatmap)
+    heatmap, view = await _images(scored, return_heatmap, return_view)
     items = [(current_request_id(request), scored, data)]
     (record,) = await service.answer(
-        items, station_id=station, case_id=case_id, started=request.state.started
+        items, station_id=station, case_id=case_id, started=request.state.started, receiver=principal
     )
-    return service.result(record, heatmap, scored.tiles)
+    return service.result(record, heatmap, scored.tiles, view)
 
 
 async def _batch_item(
@@ -122,18 +131,18 @@ async def _batch_item(
     index: int,
     upload: UploadFile,
     served: ServedModel,
-    wanted_heatmap: bool,
+    wanted: tuple[bool, bool],
     product: str | None,
-) -> tuple[int, str | None, bytes, Scored | None, str | None, ApiError | None]:
-    """One file of a batch: its result or its own error, never the whole batch's."""
+) -> tuple[int, str | None, bytes, Scored | None, tuple[str | None, str | None], ApiError | None]:
+    """One file of a batch: its result (with the heatmap and view asked for) or its own error, never
+    the whole batch's."""
     data = await upload.read()
     filename = truncated(upload.filename, FILENAME_MAX) if upload.filename is not None else None
     try:
         scored = await service.score(data, served, product)
-        heatmap = await _heatmap(scored, wanted_heatmap)
-        return index, filename, data, scored, heatmap, None
+        return index, filename, data, scored, await _images(scored, *wanted), None
     except ApiError as error:
-        return index, filename, data, None, None, error
+        return index, filename, data, None, (None, None), error
 
 
 @router.post(
@@ -155,25 +164,28 @@ async def predict_batch(
     case_id: CaseField = None,
     return_heatmap: HeatmapField = False,
     product: ProductField = None,
+    return_view: ViewField = False,
 ) -> dict[str, Any]:
     service.check_items(len(files))
     station = station_for(principal.station_id, station_id)
     served = service.model_for(modality)
     service.require_product(served, product)
+    wanted = (return_heatmap, return_view)
     outcomes = await asyncio.gather(
-        *(_batch_item(service, i, f, served, return_heatmap, product) for i, f in enumerate(files))
+        *(_batch_item(service, i, f, served, wanted, product) for i, f in enumerate(files))
     )
     request_id = current_request_id(request)
-    done = [(i, data, scored, heatmap) for i, _, data, scored, heatmap, _ in outcomes if scored is not None]
+    done = [(i, data, scored, images) for i, _, data, scored, images, _ in outcomes if scored is not None]
     records = await service.answer(
         [(f"{request_id}-{index}", scored, data) for index, data, scored, _ in done],
         station_id=station,
         case_id=case_id,
         started=request.state.started,
+        receiver=principal,
     )
     results = {
-        index: service.result(record, heatmap, scored.tiles)
-        for (index, _, scored, heatmap), record in zip(done, records, strict=True)
+        index: service.result(record, images[0], scored.tiles, images[1])
+        for (index, _, scored, images), record in zip(done, records, strict=True)
     }
     items = []
     for index, filename, _, _, _, error in outcomes:
@@ -230,17 +242,22 @@ async def reload_models(registry: RegistryDep, admin: AdminDep) -> dict[str, Any
     summary="Record an officer's confirmed outcome for a prediction",
     description=(
         "Confirmed cases with stored images become training data: `verity audit confirmed`, then "
-        "`verity data ingest`."
+        "`verity data ingest`. `unsure` (cannot tell) is recorded and shown in `/v1/history` but never "
+        "exported as training data."
     ),
 )
 async def feedback(
     request: Request, body: FeedbackIn, audit: AuditDep, principal: PrincipalDep, settings: SettingsDep
 ) -> dict[str, Any]:
-    """Only the station that received the verdict, or an admin, may confirm it (api.feedback.may_confirm).
-    Anyone else gets the same 404 as for an id that was never issued, not 403: a 403 would tell a station
-    that another station's request id exists, and request ids are quoted on paper and in case files."""
+    """Only the station that received the verdict, or an admin, may confirm it; an anonymous caller the
+    verdicts received anonymously (api.feedback.may_confirm). Anyone else gets the same 404 as for an
+    id that was never issued, not 403: a 403 would tell a station that another station's request id
+    exists, and request ids are quoted on paper and in case files."""
     record = await run_in_threadpool(audit.get, body.request_id)
-    if record is None or not may_confirm(principal.role, principal.station_id, record.station_id):
+    allowed = record is not None and may_confirm(
+        principal.role, principal.station_id, record.station_id, record.caller_role
+    )
+    if record is None or not allowed:
         if record is not None:
             log.warning(
                 "feedback refused: not the verdict's station",

@@ -173,6 +173,7 @@ async def _infer(
         station_id=station,
         case_id=params.case_id,
         started=request.state.started,
+        receiver=principal,
         api="v2",
     )
     return oip.response(served, infer.id, scored, ids, outputs, params.binary_data_output)

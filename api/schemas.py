@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 Verdict = Literal["genuine", "counterfeit", "uncertain"]
 Modality = Literal["photo", "xray"]
 Label = Literal["genuine", "counterfeit"]
+FeedbackLabel = Literal["genuine", "counterfeit", "unsure"]
+# The history's verdict filter: the three verdicts, with not_recognised (recognised false) on its own.
+HistoryVerdict = Literal["genuine", "counterfeit", "uncertain", "not_recognised"]
 Reason = Literal["classifier", "reference_mismatch", "not_recognised", "classifier_uncertain"]
 ReferenceStatus = Literal["match", "mismatch", "abstained"]
 
@@ -34,6 +37,18 @@ class ErrorDetail(BaseModel):
     request_id: str
 
 
+class ErrorDetailOut(ErrorDetail):
+    """An error answer's detail. The numbers a client shows in its own words are absent from the JSON
+    where they do not apply (a batch's per-file errors are plain ErrorDetail)."""
+
+    limit_bytes: int | None = Field(
+        None, description="On a 413 for a byte limit: the limit, in bytes, that was exceeded."
+    )
+    retry_after_s: int | None = Field(
+        None, description="On a 429 or 503: seconds to wait before retrying, as in Retry-After."
+    )
+
+
 class ErrorBody(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -46,7 +61,7 @@ class ErrorBody(BaseModel):
             }
         }
     )
-    error: ErrorDetail
+    error: ErrorDetailOut
 
 
 class OipError(BaseModel):
@@ -108,6 +123,11 @@ class PredictionResult(BaseModel):
     station_id: str | None = None
     case_id: str | None = None
     heatmap_png: str | None = Field(None, description="Base64 PNG: the evidence overlaid on the image.")
+    view_png: str | None = Field(
+        None,
+        description="Base64 8-bit PNG of the image as the model saw it (16-bit and DICOM X-ray windowed; "
+        "a tiled scan downscaled), the heatmap's size, for a client to lay the heatmap over.",
+    )
     tiles: int | None = Field(None, description="Tiles scored when a large X-ray scan was tiled (else null).")
     recognised: bool | None = Field(
         None,
@@ -207,15 +227,95 @@ class FeedbackIn(BaseModel):
         },
     )
     request_id: str = Field(min_length=1, max_length=REQUEST_ID_MAX)
-    confirmed_label: Label
+    confirmed_label: FeedbackLabel = Field(
+        description="genuine or counterfeit; unsure (cannot tell) is recorded but never training data."
+    )
     case_id: str | None = Field(None, max_length=CASE_ID_MAX)
     notes: str | None = Field(None, max_length=NOTES_MAX)
 
 
 class FeedbackOut(BaseModel):
     request_id: str
-    confirmed_label: Label
+    confirmed_label: FeedbackLabel
     recorded: bool = True
+
+
+class HistoryFeedback(BaseModel):
+    """The confirmation that labels a verdict, resolved by api.feedback's rule (admin over station,
+    latest among equals; unauthorised rows ignored)."""
+
+    confirmed_label: FeedbackLabel
+    created: str
+    notes: str | None = None
+    station_id: str | None = Field(None, description="The sender's station (its key's), not the verdict's.")
+    role: str | None = Field(None, description="station, admin or anonymous; null on old rows.")
+
+
+class HistoryItem(BaseModel):
+    request_id: str
+    created: str = Field(description="ISO 8601 UTC: when the verdict was written to the audit log.")
+    station_id: str | None = None
+    case_id: str | None = None
+    product: str | None = None
+    modality: Modality
+    verdict: Verdict
+    score: float
+    thresholds: ThresholdsOut
+    recognised: bool | None = None
+    novelty: float | None = None
+    reasons: list[Reason] = Field(default_factory=list)
+    model: ModelRef
+    reference_status: ReferenceStatus | None = None
+    reference_distance: float | None = None
+    reference_threshold: float | None = None
+    image_sha256: str
+    api: Literal["v1", "v2"]
+    feedback: HistoryFeedback | None = Field(None, description="The resolved confirmation, if any.")
+
+
+class HistoryPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "items": [
+                    {
+                        "request_id": "5f0c6a2e9b3d4c1e8a7f6b5c4d3e2f10",
+                        "created": "2026-12-02T04:46:36.123456+00:00",
+                        "station_id": "gate-3",
+                        "case_id": "SEZ-2026-0412",
+                        "product": None,
+                        "modality": "photo",
+                        "verdict": "counterfeit",
+                        "score": 0.93,
+                        "thresholds": {"alarm": 0.71, "clear": 0.12},
+                        "recognised": True,
+                        "novelty": 0.12,
+                        "reasons": ["classifier"],
+                        "model": {"name": "photo-default", "version": "2026.11.29"},
+                        "reference_status": None,
+                        "reference_distance": None,
+                        "reference_threshold": None,
+                        "image_sha256": EXAMPLE_SHA,
+                        "api": "v1",
+                        "feedback": {
+                            "confirmed_label": "counterfeit",
+                            "created": "2026-12-02T04:50:01.000000+00:00",
+                            "notes": "Hologram missing; seized.",
+                            "station_id": "gate-3",
+                            "role": "station",
+                        },
+                    }
+                ],
+                "next": "eyJjIjoiMjAyNi0xMi0wMlQwNDo0NjozNi4xMjM0NTYrMDA6MDAiLCJyIjoiNWYwYyJ9",
+                "limit": 20,
+            }
+        }
+    )
+    items: list[HistoryItem] = Field(description="Newest first.")
+    next: str | None = Field(
+        description="Pass as `before` for the next (older) page; null on the last page."
+    )
+    limit: int
 
 
 class ReloadFailure(BaseModel):

@@ -24,6 +24,7 @@ from verity.api.deps import (
     AuditDep,
     ImageStoreDep,
     MetricsDep,
+    Principal,
     PrincipalDep,
     ReferencesDep,
     RegistryDep,
@@ -37,7 +38,7 @@ from verity.api.settings import Settings
 from verity.inference.batcher import QueueFullError
 from verity.inference.decode import DecodeError, DecodeLimits, sniff_format
 from verity.inference.engine import Prediction
-from verity.inference.heatmap import heatmap_png
+from verity.inference.heatmap import heatmap_over, png_bytes, scan_view_rgb, view_rgb
 from verity.inference.open_set import open_set_verdict
 from verity.inference.references import (
     ReferenceCheck,
@@ -80,13 +81,38 @@ def prepare_image(
     return PreparedImage(loaded.model_input, hashlib.sha256(data).hexdigest(), kind, loaded.pixels)
 
 
+def _view(scored: Scored) -> np.ndarray | None:
+    """The image as the model saw it, as HxWx3 uint8 (see inference.heatmap.view_rgb): the model input,
+    or the decoded scan at the tile evidence's size. X-ray is display-windowed, so a dim 16-bit scan is
+    not shown black."""
+    spec = scored.model.engine.spec
+    if scored.scan is not None and scored.prepared.decoded is not None:
+        height, width = scored.scan.evidence.shape
+        return scan_view_rgb(scored.prepared.decoded, spec, height, width)
+    if scored.prepared.model_input is None:
+        return None
+    return view_rgb(scored.prepared.model_input, spec)
+
+
+def render_images(scored: Scored, heatmap: bool, view: bool) -> tuple[str | None, str | None]:
+    """Base64 PNGs of the heatmap (the class activation map over the view) and of the view itself,
+    each when asked for; both have the view's pixel size, so a client can lay one over the other."""
+    if not (heatmap or view):
+        return None, None
+    shown = _view(scored)
+    if shown is None:
+        return None, None
+    evidence = scored.scan.evidence if scored.scan is not None else scored.prediction.cam
+    heatmap_b64 = None
+    if heatmap and evidence is not None:
+        heatmap_b64 = base64.b64encode(heatmap_over(evidence, shown)).decode("ascii")
+    view_b64 = base64.b64encode(png_bytes(shown)).decode("ascii") if view else None
+    return heatmap_b64, view_b64
+
+
 def render_heatmap(scored: Scored) -> str | None:
     """Base64 PNG of the class activation map over the model's view (or the whole scan, when tiled)."""
-    if scored.scan is not None and scored.prepared.decoded is not None:
-        return base64.b64encode(scored.scan.heatmap_png(scored.prepared.decoded)).decode("ascii")
-    if scored.prediction.cam is None or scored.prepared.model_input is None:
-        return None
-    return base64.b64encode(heatmap_png(scored.prediction.cam, scored.prepared.model_input)).decode("ascii")
+    return render_images(scored, heatmap=True, view=False)[0]
 
 
 @dataclass(frozen=True)
@@ -266,6 +292,8 @@ class PredictionService:
         image_path: str | None,
         api: str = "v1",
         sha256: str | None = None,
+        key_id: str | None = None,
+        caller_role: str | None = None,
     ) -> AuditRecord:
         engine, prediction, reference = scored.model.engine, scored.prediction, scored.reference
         return AuditRecord(
@@ -292,6 +320,8 @@ class PredictionService:
             reference_distance=reference.distance if reference else None,
             reference_threshold=reference.threshold if reference else None,
             reference_count=reference.references if reference else None,
+            key_id=key_id,
+            caller_role=caller_role,
         )
 
     async def answer(
@@ -301,11 +331,13 @@ class PredictionService:
         station_id: str | None,
         case_id: str | None,
         started: float,
+        receiver: Principal,
         api: str = "v1",
     ) -> list[AuditRecord]:
         """The one path from scored images to an answer, for every prediction route: each image is
-        stored (when it came as a file), recorded, and the records written to the audit log before any
-        verdict leaves the server. `items` are (request id, scored image, uploaded bytes or None)."""
+        stored (when it came as a file), recorded with who received it (`receiver`), and the records
+        written to the audit log before any verdict leaves the server. `items` are (request id, scored
+        image, uploaded bytes or None)."""
         records = []
         for request_id, scored, data in items:
             image_path = await self.store_image(data, scored.prepared) if data is not None else None
@@ -318,6 +350,8 @@ class PredictionService:
                     latency_ms=(time.perf_counter() - started) * 1000.0,
                     image_path=image_path,
                     api=api,
+                    key_id=receiver.key_id,
+                    caller_role=receiver.role,
                 )
             )
         await self.write_audit(records)
@@ -341,7 +375,11 @@ class PredictionService:
             self.metrics.predictions.labels(record.modality, record.verdict, record.model_version).inc()
 
     def result(
-        self, record: AuditRecord, heatmap_png: str | None = None, tiles: int | None = None
+        self,
+        record: AuditRecord,
+        heatmap_png: str | None = None,
+        tiles: int | None = None,
+        view_png: str | None = None,
     ) -> dict[str, Any]:
         """The /v1 result body, built from the audit record so the answer is exactly what was logged."""
         return {
@@ -356,6 +394,7 @@ class PredictionService:
             "station_id": record.station_id,
             "case_id": record.case_id,
             "heatmap_png": heatmap_png,
+            "view_png": view_png,
             "tiles": tiles,
             "recognised": record.recognised,
             "novelty": record.novelty,

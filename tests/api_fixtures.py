@@ -115,11 +115,20 @@ def admin_headers(settings: Settings) -> dict[str, str]:
     return {"X-API-Key": secret}
 
 
+# The optional numbers of an error detail, on the statuses they belong to (api/errors.py error_detail).
+ERROR_NUMBERS = {413: {"limit_bytes"}, 429: {"retry_after_s"}, 503: {"retry_after_s"}}
+
+
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    """The response is the API's error envelope with this status (and code), and no traceback."""
+    """The response is the API's error envelope with this status (and code), and no traceback; only a
+    413 may carry limit_bytes, only a 429 or 503 retry_after_s (equal to Retry-After)."""
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}, body
+    keys = {"code", "message", "request_id"}
+    allowed = keys | ERROR_NUMBERS.get(status, set())
+    assert set(body) == {"error"} and keys <= set(body["error"]) <= allowed, body
+    if "retry_after_s" in body["error"]:
+        assert str(body["error"]["retry_after_s"]) == response.headers["retry-after"]
     assert body["error"]["request_id"] == response.headers["x-request-id"]
     assert "Traceback" not in response.text
     if code:

@@ -13,6 +13,7 @@ from verity.inference.vocabulary import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_TEST_FRACTION,
     DEFAULT_VAL_FRACTION,
+    FEEDBACK_LABELS,
     LABELS,
     MODALITIES,
     REASONS,
@@ -58,10 +59,20 @@ def test_served_verdicts_and_evaluated_verdicts_are_one_rule(alarm: float, clear
 
 def test_the_api_schema_lists_the_vocabulary() -> None:
     """api/schemas.py spells the names as Literal types for OpenAPI; they must be these."""
-    from verity.api.schemas import Label, Modality, Reason, ReferenceStatus, Verdict
+    from verity.api.schemas import (
+        FeedbackLabel,
+        HistoryVerdict,
+        Label,
+        Modality,
+        Reason,
+        ReferenceStatus,
+        Verdict,
+    )
 
     assert typing.get_args(Verdict) == VERDICTS
     assert typing.get_args(Label) == LABELS
+    assert typing.get_args(FeedbackLabel) == FEEDBACK_LABELS and FEEDBACK_LABELS[:2] == LABELS
+    assert typing.get_args(HistoryVerdict) == (*VERDICTS, "not_recognised")
     assert typing.get_args(Modality) == MODALITIES
     assert typing.get_args(Reason) == REASONS
     assert typing.get_args(ReferenceStatus) == REFERENCE_STATUSES
