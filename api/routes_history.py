@@ -70,10 +70,13 @@ def parse_bound(field: str, text: str, end: bool) -> tuple[str, bool]:
     """An ISO 8601 date or datetime as the stored form of `created` (utc_now's), and whether the bound
     is exclusive: a date `until` ends at the next midnight, so it includes the whole day."""
     try:
-        if len(text) == 10:  # YYYY-MM-DD
-            day = date.fromisoformat(text)
-            start = datetime.combine(day + timedelta(days=1) if end else day, time(), UTC)
-            return start.isoformat(timespec="microseconds"), end
+        day = date.fromisoformat(text)  # a date alone (2026-12-02 or 20261202), before any datetime
+    except ValueError:
+        day = None
+    if day is not None:
+        start = datetime.combine(day + timedelta(days=1) if end else day, time(), UTC)
+        return start.isoformat(timespec="microseconds"), end
+    try:
         moment = _as_utc(datetime.fromisoformat(text))
     except ValueError:
         raise _invalid(

@@ -265,6 +265,7 @@ def test_verdict_and_date_filters(tmp_path: Path, models_dir: Path) -> None:
         assert ids(history(client, since="2026-11-29T17:00:00+05:00")) == ["o30", "n29", "u29"]
         assert ids(history(client, since="2026-11-29", verdict="uncertain")) == ["o30", "u29"]
         assert ids(history(client, since="2026-12-01")) == []
+        assert ids(history(client, until="20261128")) == ["g28"]  # a basic-format date is a whole day too
 
 
 @pytest.mark.parametrize(
