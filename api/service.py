@@ -257,10 +257,11 @@ class PredictionService:
             )
         arguments = (engine, product, prediction.embedding, prediction.patches)
         try:
-            if self.references.ready(engine, product):
-                # About a millisecond of matrix products: cheaper here than a threadpool round trip.
-                check = self.references.check(*arguments)
-            else:  # the first check after a change embeds and calibrates: seconds, off the loop
+            # Under a millisecond of matrix products when the product's index is current: cheaper here
+            # than a threadpool round trip. The first check after a change embeds and calibrates
+            # (seconds), off the loop.
+            check = self.references.check_if_ready(*arguments)
+            if check is None:
                 check = await run_in_threadpool(self.references.check, *arguments)
         except ReferenceStoreError as error:
             raise store_error(error) from error

@@ -429,14 +429,35 @@ class ReferenceStore:
     def ready(self, engine: Any, product: str) -> bool:
         """Whether `check` would answer at once: the engine's index is current and holds the product
         (else the first check embeds or calibrates, which takes seconds)."""
-        model_name = engine.name
         with self._lock:
-            index = self._indexes.get((model_name, engine_key(engine)))
-            state = self._states.get(model_name)
-            if index is None or state is None or index.generation != state.generation:
-                return False
-            current = file_stamp(self._folder(model_name) / EVENTS_FILE) == state.stamp
-            return current and product in index.products
+            return self._current_entry(engine, product) is not None
+
+    def _current_entry(
+        self, engine: Any, product: str
+    ) -> tuple[np.ndarray, Calibration, PatchCalibration | None] | None:
+        """The product's index entry when the engine's index is current (one stat of the events file),
+        else None (caller holds the lock)."""
+        model_name = engine.name
+        index = self._indexes.get((model_name, engine_key(engine)))
+        state = self._states.get(model_name)
+        if index is None or state is None or index.generation != state.generation:
+            return None
+        if product not in index.products:
+            return None
+        if file_stamp(self._folder(model_name) / EVENTS_FILE) != state.stamp:
+            return None
+        return index.products[product], index.calibrations[product], index.signatures.get(product)
+
+    def check_if_ready(
+        self, engine: Any, product: str, embedding: np.ndarray, patches: np.ndarray | None = None
+    ) -> ReferenceCheck | None:
+        """`check` when it answers at once (the index is current and holds the product), else None: the
+        caller then runs `check` where seconds of embedding and calibration do no harm. One look at
+        the events file, where `ready` then `check` took two."""
+        validate_product(product)
+        with self._lock:
+            entry = self._current_entry(engine, product)
+        return None if entry is None else _answer(product, *entry, embedding, patches)
 
     def check(
         self, engine: Any, product: str, embedding: np.ndarray, patches: np.ndarray | None = None
@@ -446,20 +467,7 @@ class ReferenceStore:
         embedding's nearest reference; `mismatch` beyond the product's LOO threshold, `abstained` with
         fewer than MIN_REFERENCES. UnknownProduct (with the known names) for a product without
         references."""
-        references, calibration, signature = self._product_index(engine, product)
-        if signature is None or patches is None:
-            return judge(product, references, calibration, embedding)
-        score = signature.signature.score(patches)
-        return ReferenceCheck(
-            product=product,
-            status="mismatch" if score > signature.threshold else "match",
-            distance=score,
-            threshold=signature.threshold,
-            spread=signature.spread,
-            references=calibration.references,
-            min_references=calibration.min_references,
-            false_alarm_rate=calibration.false_alarm_rate,
-        )
+        return _answer(product, *self._product_index(engine, product), embedding, patches)
 
     def calibration(self, engine: Any, product: str) -> dict[str, Any]:
         """The product's calibration with this engine (threshold, spread, LOO summary), for listings."""
@@ -478,3 +486,28 @@ class ReferenceStore:
         else:
             described["check"] = "embedding"
         return described
+
+
+def _answer(
+    product: str,
+    references: np.ndarray,
+    calibration: Calibration,
+    signature: PatchCalibration | None,
+    embedding: np.ndarray,
+    patches: np.ndarray | None,
+) -> ReferenceCheck:
+    """The check of one image against a product's index entry: by its local features against the
+    patch signature when both exist, else by its embedding's nearest reference."""
+    if signature is None or patches is None:
+        return judge(product, references, calibration, embedding)
+    score = signature.signature.score(patches)
+    return ReferenceCheck(
+        product=product,
+        status="mismatch" if score > signature.threshold else "match",
+        distance=score,
+        threshold=signature.threshold,
+        spread=signature.spread,
+        references=calibration.references,
+        min_references=calibration.min_references,
+        false_alarm_rate=calibration.false_alarm_rate,
+    )

@@ -258,6 +258,36 @@ def test_the_index_sees_another_instances_enrolments(tmp_path: Path) -> None:
     assert server.check(engine, "acme", VECTORS[200]).references == 4
 
 
+def test_check_if_ready_answers_only_from_a_current_index(tmp_path: Path) -> None:
+    """The serving path's check: None until the index is built, then the same answer as `check`, and
+    None again once another instance (the CLI) changed the product's references."""
+    server, cli = ReferenceStore(tmp_path / "refs"), ReferenceStore(tmp_path / "refs")
+    engine = HandEngine(VECTORS)
+    enrol(server, engine, "acme", [10, 20, 30, 40, 60])
+    assert server.check_if_ready(engine, "acme", VECTORS[200]) is None  # the index is not built yet
+    built = server.check(engine, "acme", VECTORS[200])
+    assert server.check_if_ready(engine, "acme", VECTORS[200]) == built and built.status == "mismatch"
+    assert server.check_if_ready(engine, "zeta", VECTORS[200]) is None  # not a product of the index
+    enrol(cli, HandEngine(VECTORS), "acme", [90])
+    assert server.check_if_ready(engine, "acme", VECTORS[200]) is None and not server.ready(engine, "acme")
+    assert server.check(engine, "acme", VECTORS[200]).references == 6
+    assert server.check_if_ready(engine, "acme", VECTORS[200]).references == 6
+
+
+def test_an_engines_key_is_worked_out_once(tmp_path: Path) -> None:
+    """engine_key stats the model file once per engine object: a served model's key cannot change."""
+    from verity.inference import reference_check
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"weights")
+    engine, other = HandEngine(VECTORS), HandEngine(VECTORS)
+    engine.path = other.path = model
+    first = reference_check.engine_key(engine)
+    model.write_bytes(b"re-exported weights")  # a new file: a new engine (a reload) gets a new key
+    assert reference_check.engine_key(engine) == first
+    assert reference_check.engine_key(other) != first
+
+
 def test_stored_images_are_embedded_once_then_cached(tmp_path: Path) -> None:
     enrolling = HandEngine(VECTORS)
     enrol(ReferenceStore(tmp_path / "refs"), enrolling, "acme", [10, 20, 30, 40, 50])
