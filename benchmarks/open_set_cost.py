@@ -172,13 +172,14 @@ def server_cpu(
         "cpu_ms_per_request_with_checks": gated_ms,
         "cpu_ms_per_request_without": plain_ms,
         "added_share": statistics.median(ratios),
+        "added_share_of_totals": gated_ms / max(plain_ms, 1e-9) - 1.0,
         "added_share_range": [min(ratios), max(ratios)],
         "rounds": rounds,
     }
 
 
 def run(
-    workdir: Path, model: str = "checkpoints/photo-default", rounds: int = 4, batch: int = 50
+    workdir: Path, model: str = "checkpoints/photo-default", rounds: int = 60, batch: int = 10
 ) -> dict[str, Any]:
     """Both parts on `model` (a shipped model with its novelty gate), files under `workdir`."""
     image = photo_jpeg(640, 480, seed=3)
@@ -208,7 +209,8 @@ def summary(result: dict[str, Any]) -> str:
             f"; /v1/predict CPU {server['cpu_ms_per_request_without']:.1f} -> "
             f"{server['cpu_ms_per_request_with_checks']:.1f} ms (+{server['added_share']:.1%}, median of "
             f"{server['rounds']} rounds, range {server['added_share_range'][0]:+.1%} to "
-            f"{server['added_share_range'][1]:+.1%}; target <= 10%)"
+            f"{server['added_share_range'][1]:+.1%}; of the totals {server['added_share_of_totals']:+.1%}; "
+            "target <= 10%)"
         )
     return line
 
@@ -216,8 +218,10 @@ def summary(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="checkpoints/photo-default")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=40)
+    # Short batches, many rounds: the two servers' requests interleave finely, so a burst of load from
+    # elsewhere on these shared cores falls on both (40-request batches gave ranges of -3% to +26%).
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=10)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="verity-open-set-cost-") as folder:
         result = run(Path(folder), args.model, args.rounds, args.batch)

@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             results["overhead"] = server_overhead.run(workdir / "overhead", 4.0 if args.quick else 6.0)
         if "open_set" in parts:
             print("open-set checks ...", file=sys.stderr, flush=True)
-            results["open_set"] = open_set_cost.run(workdir / "open-set", rounds=4 if args.quick else 10)
+            results["open_set"] = open_set_cost.run(workdir / "open-set", rounds=20 if args.quick else 60)
         if "engine" not in parts:
             results.pop("engine", None)
         if "scan" in parts:
