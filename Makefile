@@ -24,7 +24,7 @@ TRAIN_IMAGE_SIZE ?= 160
 TRAIN_SEED ?= 7
 VERSION ?= $(shell date -u +%Y.%m.%d)
 
-.PHONY: install serve test test-fast lint typecheck train train-photo train-xray export bench clean
+.PHONY: install serve test test-fast lint typecheck train train-photo train-xray export bench screenshots clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Verity needs Python 3.11 ($(PYTHON) not found)"; exit 1; }
@@ -72,6 +72,11 @@ export: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# The README's pictures of the inspection console, docs/screenshots/console-{desktop,phone}.png: a server
+# on the shipped models, synthetic images, Debian's Chromium (/usr/bin/chromium).
+screenshots: $(STAMP)
+	$(BIN)/python docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

@@ -15,12 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
-from api_fixtures import LiveServer, server_env
+from api_fixtures import DARK, LiveServer, server_env
 from console_fixtures import Sample, launch, shipped_server, synthetic_samples
 
 pytestmark = pytest.mark.slow
 
 WAIT_MS = 30_000
+UPLOAD_LIMIT = 200_000  # bytes, on the keys-required server
 # Latin words a Russian page may show: the product's name, units and acronyms, image formats, the key
 # names on the keyboard, the key prefix, and the language switch's own name for English (a language is
 # offered in its own name, so an English reader can find it on a Russian page).
@@ -169,7 +170,10 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedServer]:
     from verity.api.auth import KeyStore
 
     root = tmp_path_factory.mktemp("console-keyed")
-    live = LiveServer(server_env(root, VERITY_REQUIRE_API_KEYS="true"))
+    # A small upload limit, so a 413 is cheap to provoke.
+    live = LiveServer(
+        server_env(root, VERITY_REQUIRE_API_KEYS="true", VERITY_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT))
+    )
     store = KeyStore(root / "keys.json")
     keys = {station: store.add(station)[1] for station in ("lane-a", "lane-b")}
     live.start()
@@ -242,7 +246,7 @@ def test_the_page_shows_the_apis_verdict_for_each_file(
     expect()(page.locator("#verdict-body .verdict-word")).to_have_attribute("data-state", "genuine")
     expect()(page.locator("#verdict-body .verdict-word .word")).to_have_text("Genuine")
     expect()(page.locator("#verdict-body .score-legend")).to_contain_text("clear at or below")
-    expect()(page.locator("#verdict-body .model")).to_have_text(re.compile(r"^photo-default \S+$"))
+    expect()(page.locator("#verdict-details .model")).to_have_text(re.compile(r"^photo-default \S+$"))
 
 
 def test_the_xray_is_shown_windowed_under_a_heatmap_of_its_size(verdict_page: tuple[Any, Watch]) -> None:
@@ -309,7 +313,7 @@ def test_a_feedback_key_records_the_outcome_on_the_server(
 ) -> None:
     page, _ = verdict_page
     page.locator("#queue .queue-item", has_text="counterfeit-photo.jpg").click()
-    request_id = page.locator("#verdict-body .request-id").text_content()
+    request_id = page.locator("#verdict-details .request-id").text_content()
     page.keyboard.press("n")  # the note field, then a shortcut key typed in it stays text
     page.keyboard.type("hologram missing; c and g typed here")
     page.keyboard.press("Escape")  # leaves the field: keys are shortcuts again
@@ -336,7 +340,7 @@ def test_history_reopens_a_record_by_keyboard(verdict_page: tuple[Any, Watch]) -
     genuine.focus()
     page.keyboard.press("Enter")
     expect()(page.locator("#verdict-body .verdict-word")).to_have_attribute("data-state", "genuine")
-    assert page.locator("#verdict-body .request-id").text_content() == genuine.get_attribute(
+    assert page.locator("#verdict-details .request-id").text_content() == genuine.get_attribute(
         "data-request-id"
     )
     page.locator("#history .history-verdict").select_option("counterfeit")
@@ -355,7 +359,7 @@ def test_verdict_colours_meet_wcag_aa(verdict_page: tuple[Any, Watch]) -> None:
         assert contrast(*colours) >= 4.5, (state, colours)
     for selector in (
         "#verdict-body .verdict-hint",
-        "#verdict-body .details dt",
+        "#verdict-details .details dt",
         ".field span",
         "#choose",
         "h2",
@@ -431,7 +435,7 @@ def test_a_hostile_file_name_is_shown_as_text(
     page.set_input_files("#file-input", [{"name": name, "mimeType": "image/jpeg", "buffer": genuine.data}])
     wait_done(page, 1)
     assert page.locator("#queue .q-name").text_content() == name
-    expect()(page.locator("#verdict-body .file-name")).to_have_text(name)
+    expect()(page.locator("#verdict-details .file-name")).to_have_text(name)
     assert page.locator("img[src=x]").count() == 0
     page.wait_for_timeout(300)  # an onerror handler would have fired by now
     assert watch.dialogs == []
@@ -490,7 +494,7 @@ def test_the_russian_page_has_no_english_left(
     page.keyboard.press("Escape")
     # The data the page shows as it is (file names, model names, request ids) is not its language.
     data = [s.name for s in samples.values()]
-    data += page.locator("#verdict-body .model").all_text_contents()
+    data += page.locator("#verdict-details .model").all_text_contents()
     data += page.locator(".request-id").all_text_contents()
     data += [
         f"{m['name']} {m['version']}"
@@ -517,7 +521,7 @@ def test_the_phone_layout_is_one_column_with_the_camera(
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
     boxes = [
         page.locator(selector).bounding_box()
-        for selector in (".submit", "#verdict-panel", "#viewer", "#history")
+        for selector in (".submit", "#verdict-panel", "#viewer", "#details-panel", "#history")
     ]
     assert all(box["x"] < 20 and box["width"] > 340 for box in boxes), boxes  # stacked, full width
     assert [box["y"] for box in boxes] == sorted(box["y"] for box in boxes)
@@ -534,7 +538,7 @@ def _keyboard_flow(page: Any, sample: Sample) -> str:
     expect()(page.locator("#verdict-body .verdict-word")).to_be_visible()
     page.keyboard.press("g")
     expect()(page.locator("#feedback-status")).to_have_text("Recorded: Confirmed genuine")
-    request_id = page.locator("#verdict-body .request-id").text_content()
+    request_id = page.locator("#verdict-details .request-id").text_content()
     row = page.locator(f"#history .history-row[data-request-id='{request_id}']")
     expect()(row.locator(".h-outcome")).to_have_text("Confirmed genuine")
     return request_id
@@ -605,3 +609,68 @@ def test_history_shows_this_stations_records_only(
     assert "CASE-OF-LANE-B" in cases.all_text_contents()
     assert "CASE-OF-LANE-A" not in cases.all_text_contents()
     assert watch.unexpected_errors(allowed_statuses=(401,)) == []
+
+
+def sign_in(page: Any, key: str) -> None:
+    page.locator("#signin-key").fill(key)
+    page.keyboard.press("Enter")
+    expect()(page.locator("#console")).to_be_visible()
+
+
+def test_too_large_busy_and_unreachable_each_say_what_to_do(
+    new_page: Callable[..., tuple[Any, Watch]], keyed: KeyedServer
+) -> None:
+    page, _ = new_page(keyed.live)
+    sign_in(page, keyed.keys["lane-a"])
+    table = english_table(page)
+    big = b"\xff\xd8\xff" + bytes(400_000)
+    refused = httpx.post(
+        keyed.live.url + "/v1/predict",
+        files={"file": ("big.jpg", big, "image/jpeg")},
+        data={"modality": "photo"},
+        headers={"X-API-Key": keyed.keys["lane-a"]},
+        timeout=60,
+    )
+    assert refused.status_code == 413, refused.text
+    megabytes = page.evaluate(
+        "(n) => new Intl.NumberFormat('en-GB', {maximumSignificantDigits: 2}).format(n / 1048576)",
+        refused.json()["error"]["limit_bytes"],
+    )
+    expected_413 = table["error.too_large"].replace("{mb}", megabytes)
+    assert megabytes in {"0.25", "0.19"}  # the 200,000-byte limit, with or without the form's allowance
+    page.set_input_files("#file-input", [{"name": "big.jpg", "mimeType": "image/jpeg", "buffer": big}])
+    wait_done(page, 1)
+    expect()(page.locator("#queue li").nth(0).locator(".q-error")).to_have_text(expected_413)
+    # Busy and unreachable, as a proxy or a dead link would answer: the page's own handling of them.
+    answers = iter(["busy", "down"])
+
+    def answer(route: Any) -> None:
+        if next(answers) == "busy":
+            body = {
+                "error": {
+                    "code": "queue_full",
+                    "message": "at capacity",
+                    "request_id": "r",
+                    "retry_after_s": 7,
+                }
+            }
+            route.fulfill(status=503, json=body, headers={"Retry-After": "7"})
+        else:
+            route.abort("connectionrefused")
+
+    page.route("**/v1/predict", answer)
+    upload(
+        page,
+        [
+            Sample("one.png", DARK, "image/png", "photo"),
+            Sample("two.png", DARK, "image/png", "photo"),
+        ],
+    )
+    wait_done(page, 3)
+    errors = page.locator("#queue li[data-state=error] .q-error").all_text_contents()
+    assert table["error.busy"].replace("{seconds}", "7") in errors
+    assert table["error.unreachable"] in errors
+    # Retry, with the server reachable again: the same item ends in a verdict.
+    page.unroute("**/v1/predict")
+    page.locator("#queue li", has_text="two.png").locator(".q-retry").click()
+    expect()(page.locator("#queue li[data-state=done]")).to_have_count(1, timeout=WAIT_MS)

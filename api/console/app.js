@@ -42,6 +42,7 @@ const ui = {
   queueEmpty: $("#queue-empty"),
   queueCount: $("#queue-count"),
   verdictBody: $("#verdict-body"),
+  verdictDetails: $("#verdict-details"),
   note: $("#note"),
   feedbackStatus: $("#feedback-status"),
   announcer: $("#announcer"),
@@ -149,7 +150,7 @@ function forgetResults() {
   state.follow = true;
   ui.queueList.replaceChildren();
   drawCounts();
-  renderEmpty(ui.verdictBody);
+  renderEmpty(ui.verdictBody, ui.verdictDetails);
   viewer.clear();
   ui.note.value = "";
   setMessage(ui.feedbackStatus, null);
@@ -302,23 +303,23 @@ function select(selection, byHand) {
 function drawSelected(newImage) {
   const selection = state.selected;
   if (!selection) {
-    renderEmpty(ui.verdictBody);
+    renderEmpty(ui.verdictBody, ui.verdictDetails);
     if (newImage) viewer.clear();
     return;
   }
   const { item } = selection;
   if (item && item.state === "error") {
-    renderError(ui.verdictBody, errorMessage(item.error), item.name);
+    renderError(ui.verdictBody, ui.verdictDetails, errorMessage(item.error), item.name);
     if (newImage) viewer.clear();
     return;
   }
   if (item && item.state !== "done") {
-    renderEmpty(ui.verdictBody, item.state === "sending" ? "queue.sending" : "queue.waiting");
+    renderEmpty(ui.verdictBody, ui.verdictDetails, item.state === "sending" ? "queue.sending" : "queue.waiting");
     if (newImage) viewer.clear();
     return;
   }
   const result = item ? item.result : selection.result;
-  renderVerdict(ui.verdictBody, result, item ? item.name : selection.name || null);
+  renderVerdict(ui.verdictBody, ui.verdictDetails, result, item ? item.name : selection.name || null);
   if (!newImage) return;
   const view = dataUrl(result.viewPng) || (item && item.url) || null;
   const heat = dataUrl(result.heatmapPng);
@@ -349,7 +350,7 @@ async function openRecord(requestId) {
     state.selected = null;
     state.follow = false;
     markSelected();
-    renderError(ui.verdictBody, errorMessage(error), null);
+    renderError(ui.verdictBody, ui.verdictDetails, errorMessage(error), null);
     viewer.clear();
   }
   $("#verdict-panel").focus();
@@ -507,7 +508,7 @@ function wireShortcuts() {
 function start() {
   wire(); // first, so the language's listener re-renders the parts built before it was chosen
   setLanguage(session.language() || chooseLanguage(navigator.languages));
-  renderEmpty(ui.verdictBody);
+  renderEmpty(ui.verdictBody, ui.verdictDetails);
   drawCounts();
   probe();
 }

@@ -31,10 +31,10 @@ export function errorMessage(error) {
   if (!error || error.kind === undefined) return t("error.server", { status: "?" });
   if (error.kind === "network") return t("error.unreachable");
   if (error.kind === "timeout") return t("error.timeout", { seconds: formatInteger(TIMEOUT_S) });
-  if (error.status === 413 && error.code === "request_too_large") {
-    return error.limitBytes === null
-      ? t("error.too_large_plain")
-      : t("error.too_large", { mb: formatMegabytes(error.limitBytes) });
+  if (error.status === 413) {
+    // A byte limit (the upload, or the file itself) comes with its size; a pixel or tile limit does not.
+    if (error.limitBytes !== null) return t("error.too_large", { mb: formatMegabytes(error.limitBytes) });
+    if (error.code === "request_too_large") return t("error.too_large_plain");
   }
   if (error.status === 503 || error.status === 429) return busy(error);
   const known = BY_CODE[error.code];

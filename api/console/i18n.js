@@ -75,9 +75,10 @@ export function formatPercent(fraction) {
   return new Intl.NumberFormat(locale(), { style: "percent", maximumFractionDigits: 0 }).format(fraction);
 }
 
-/** Megabytes (MiB, as the server's limits are set) with at most one decimal. */
+/** Megabytes (MiB, as the server's limits are set) to two significant digits: a 20 MiB upload limit
+ * plus the form's allowance reads "20", a small test limit "0.25". */
 export function formatMegabytes(bytes) {
-  return new Intl.NumberFormat(locale(), { maximumFractionDigits: 1 }).format(bytes / (1024 * 1024));
+  return new Intl.NumberFormat(locale(), { maximumSignificantDigits: 2 }).format(bytes / (1024 * 1024));
 }
 
 export function formatInteger(value) {

@@ -84,8 +84,9 @@ function referenceText(reference) {
   return `${status}; ${numbers}`;
 }
 
-/** Replaces the panel's content with this result (and the file name, when this tab sent it). */
-export function renderVerdict(container, result, fileName) {
+/** Replaces both panels' content with this result: the verdict in `summary` (word, hint, score),
+ * reasons and identifiers in `details`; the file name is shown when this tab sent it. */
+export function renderVerdict(summary, details, result, fileName) {
   const state = verdictState(result);
   const banner = element("div", "verdict-word");
   banner.dataset.state = state;
@@ -102,33 +103,36 @@ export function renderVerdict(container, result, fileName) {
     reasons.append(list);
   }
 
-  const details = element("dl", "details");
-  detailRow(details, t("detail.file"), fileName, "file-name");
-  detailRow(details, t("detail.modality"), result.modality ? t(`modality.${result.modality}`) : null);
-  detailRow(details, t("detail.model"), result.model ? `${result.model.name} ${result.model.version}` : null, "model");
-  detailRow(details, t("detail.request"), result.requestId ? copyButton(result.requestId) : null);
-  detailRow(details, t("detail.novelty"), result.novelty === null ? null : formatNumber(result.novelty, 4));
-  if (result.reference) detailRow(details, t("detail.reference"), referenceText(result.reference));
-  detailRow(details, t("detail.product"), result.product);
-  detailRow(details, t("detail.case"), result.caseId);
-  detailRow(details, t("detail.station"), result.stationId);
-  detailRow(details, t("detail.time"), result.created ? formatDate(result.created) : null);
+  const list = element("dl", "details");
+  detailRow(list, t("detail.file"), fileName, "file-name");
+  detailRow(list, t("detail.modality"), result.modality ? t(`modality.${result.modality}`) : null);
+  detailRow(list, t("detail.model"), result.model ? `${result.model.name} ${result.model.version}` : null, "model");
+  detailRow(list, t("detail.request"), result.requestId ? copyButton(result.requestId) : null);
+  detailRow(list, t("detail.novelty"), result.novelty === null ? null : formatNumber(result.novelty, 4));
+  if (result.reference) detailRow(list, t("detail.reference"), referenceText(result.reference));
+  detailRow(list, t("detail.product"), result.product);
+  detailRow(list, t("detail.case"), result.caseId);
+  detailRow(list, t("detail.station"), result.stationId);
+  detailRow(list, t("detail.time"), result.created ? formatDate(result.created) : null);
   if (result.feedback) {
-    detailRow(details, t("detail.outcome"), t(`outcome.${result.feedback.confirmed_label}`), "outcome");
+    detailRow(list, t("detail.outcome"), t(`outcome.${result.feedback.confirmed_label}`), "outcome");
   }
-  container.replaceChildren(banner, hint, scoreBar(result), reasons, details);
+  summary.replaceChildren(banner, hint, scoreBar(result));
+  details.replaceChildren(reasons, list);
 }
 
-/** The panel for a queued file that ended in an error: the message, never a spinner left turning. */
-export function renderError(container, message, fileName) {
+/** A queued file that ended in an error: the message, never a spinner left turning. */
+export function renderError(summary, details, message, fileName) {
   const box = element("div", "verdict-error");
   box.setAttribute("role", "alert");
   box.append(element("p", "error-text", message));
-  const details = element("dl", "details");
-  detailRow(details, t("detail.file"), fileName, "file-name");
-  container.replaceChildren(box, details);
+  const list = element("dl", "details");
+  detailRow(list, t("detail.file"), fileName, "file-name");
+  summary.replaceChildren(box);
+  details.replaceChildren(list);
 }
 
-export function renderEmpty(container, key = "verdict.empty") {
-  container.replaceChildren(element("p", "muted empty", t(key)));
+export function renderEmpty(summary, details, key = "verdict.empty") {
+  summary.replaceChildren(element("p", "muted empty", t(key)));
+  details.replaceChildren();
 }

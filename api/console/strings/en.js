@@ -87,6 +87,7 @@ export default {
   "viewer.zoom": "Zoom {value}",
   "viewer.tiles": "Large scan: scored as {count} tiles",
   "verdict.title": "Verdict",
+  "details.title": "Details",
   "verdict.empty": "Submit an image to see its verdict here.",
   "verdict.genuine": "Genuine",
   "verdict.counterfeit": "Counterfeit",

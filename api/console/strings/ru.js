@@ -86,6 +86,7 @@ export default {
   "viewer.zoom": "Масштаб {value}",
   "viewer.tiles": "Большой снимок: оценён по {count} фрагментам",
   "verdict.title": "Заключение",
+  "details.title": "Подробности",
   "verdict.empty": "Отправьте изображение, чтобы увидеть заключение.",
   "verdict.genuine": "Подлинный",
   "verdict.counterfeit": "Контрафакт",

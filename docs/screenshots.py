@@ -1,0 +1,85 @@
+"""`make screenshots`: the inspection console on the shipped models, as README shows it.
+
+Starts `verity serve` as `make serve` does (temporary audit log), submits synthetic images from the
+repository's generators (a counterfeit label photo, a 16-bit X-ray, a genuine photo) and saves
+docs/screenshots/console-desktop.png (1366 x 768) and console-phone.png (390 x 844), each with a
+verdict and its heatmap showing. Needs Debian's Chromium (/usr/bin/chromium), like the browser tests.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests"), str(REPO)]  # the test helpers: LiveServer, the samples, Chromium
+
+from console_fixtures import Sample, launch, shipped_server, synthetic_samples  # noqa: E402
+
+OUT = REPO / "docs" / "screenshots"
+WAIT_MS = 30_000
+
+
+def _submit(page, url: str, samples: list[Sample]) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(url, wait_until="networkidle")
+    expect(page.locator("#console")).to_be_visible()
+    page.locator("#case").fill("SEZ-2026-0412")
+    page.set_input_files(
+        "#file-input", [{"name": s.name, "mimeType": s.mime, "buffer": s.data} for s in samples]
+    )
+    done = page.locator("#queue li[data-state=done]")
+    expect(done).to_have_count(len(samples), timeout=WAIT_MS)
+
+
+def _show(page, name: str) -> None:
+    """Selects one result and waits until its image and heatmap are drawn."""
+    from playwright.sync_api import expect
+
+    page.locator("#queue .queue-item", has_text=name).click()
+    expect(page.locator("#viewer .heat-image")).to_be_visible()
+    page.evaluate("() => document.activeElement && document.activeElement.blur()")
+    page.wait_for_timeout(300)  # the image's decode and the layout that fits it
+
+
+def main() -> int:
+    from playwright.sync_api import sync_playwright
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as temporary:
+        root = Path(temporary)
+        samples = synthetic_samples(root)
+        order = [samples["genuine-photo"], samples["xray-16bit"], samples["counterfeit-photo"]]
+        server = shipped_server(root)
+        try:
+            with sync_playwright() as playwright:
+                browser = launch(playwright)
+                desktop = browser.new_context(viewport={"width": 1366, "height": 768}, locale="en-GB")
+                page = desktop.new_page()
+                _submit(page, server.url + "/", order)
+                _show(page, "counterfeit-photo.jpg")
+                page.screenshot(path=str(OUT / "console-desktop.png"))
+                phone = browser.new_context(
+                    viewport={"width": 390, "height": 844},
+                    is_mobile=True,
+                    has_touch=True,
+                    locale="en-GB",
+                )
+                page = phone.new_page()
+                _submit(page, server.url + "/", [samples["xray-16bit"]])
+                _show(page, "xray-16bit.png")
+                page.locator("#verdict-panel").evaluate("e => e.scrollIntoView({block: 'start'})")
+                page.wait_for_timeout(200)
+                page.screenshot(path=str(OUT / "console-phone.png"))
+                browser.close()
+        finally:
+            server.stop()
+    for name in ("console-desktop.png", "console-phone.png"):
+        print(f"wrote {OUT / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
