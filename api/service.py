@@ -37,7 +37,7 @@ from verity.api.registry import ModelRegistry, ServedModel
 from verity.api.settings import Settings
 from verity.inference.batcher import QueueFullError
 from verity.inference.decode import DecodeError, DecodeLimits, sniff_format
-from verity.inference.engine import Prediction
+from verity.inference.engine import Prediction, envelope_judged
 from verity.inference.heatmap import heatmap_over, png_bytes, scan_view_rgb, view_rgb
 from verity.inference.open_set import open_set_verdict
 from verity.inference.references import (
@@ -59,6 +59,7 @@ class PreparedImage:
     sha256: str
     kind: str  # container format, by content
     decoded: np.ndarray | None = None  # native-resolution pixels, kept only for tiling
+    shorter_side: int | None = None  # of the decoded image: the training envelope's check
 
 
 def station_for(key_station: str | None, named_station: str | None) -> str | None:
@@ -78,7 +79,9 @@ def prepare_image(
     input (the evaluation path), or the full-resolution pixels of a scan to tile."""
     kind = sniff_format(data)
     loaded = load_for_scoring(data, spec, tiling, limits)
-    return PreparedImage(loaded.model_input, hashlib.sha256(data).hexdigest(), kind, loaded.pixels)
+    return PreparedImage(
+        loaded.model_input, hashlib.sha256(data).hexdigest(), kind, loaded.pixels, loaded.shorter_side
+    )
 
 
 def _view(scored: Scored) -> np.ndarray | None:
@@ -222,7 +225,9 @@ class PredictionService:
         if prepared.model_input is None:
             scored = await self.score_tiles(served, prepared)
         else:
-            scored = Scored(prepared, await self.infer(served, prepared.model_input), served)
+            prediction = await self.infer(served, prepared.model_input)
+            gate = served.engine.novelty_gate
+            scored = Scored(prepared, envelope_judged(prediction, prepared.shorter_side, gate), served)
         return await self.check_product(scored, product)
 
     def require_product(self, served: ServedModel, product: str | None) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from verity.inference.artifacts import ONNX_FILES, resolve_model
 from verity.inference.decode import DEFAULT_LIMITS, DecodeError, read_image_bytes
-from verity.inference.engine import PRECISIONS, OnnxEngine, Prediction
+from verity.inference.engine import PRECISIONS, OnnxEngine, Prediction, envelope_judged
 from verity.inference.heatmap import heatmap_png
 from verity.inference.open_set import open_set_verdict
 from verity.inference.references import DEFAULT_REFERENCES_DIR, ReferenceCheck, ReferenceStore
@@ -105,7 +105,9 @@ def _scored(
         return scan.prediction, tiling, scan.heatmap_png(loaded.pixels) if heatmap else None
     model_input = loaded.model_input
     assert model_input is not None  # load_for_scoring sets exactly one of the two
-    prediction = engine.predict([model_input], with_cam=heatmap)[0]
+    prediction = envelope_judged(
+        engine.predict([model_input], with_cam=heatmap)[0], loaded.shorter_side, engine.novelty_gate
+    )
     png = heatmap_png(prediction.cam, model_input) if heatmap and prediction.cam is not None else None
     return prediction, {"tiles": 1}, png
 

@@ -8,7 +8,7 @@ can never apply the wrong preprocessing or thresholds to a model.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,13 @@ import numpy as np
 
 from verity.inference.bank import unit_rows
 from verity.inference.card import ModelCard
-from verity.inference.open_set import NoveltyGate, OpenSetError, load_novelty_gate, open_set_verdict
+from verity.inference.open_set import (
+    NoveltyGate,
+    OpenSetError,
+    load_novelty_gate,
+    open_set_verdict,
+    outside_envelope,
+)
 from verity.inference.patch_check import unit_patches
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import VERDICTS, verdict_codes
@@ -95,6 +101,15 @@ def judged(
         classifier_verdict=classifier,
         patches=patches,
     )
+
+
+def envelope_judged(prediction: Prediction, shorter_side: int | None, gate: NoveltyGate | None) -> Prediction:
+    """The prediction with the training envelope applied (`open_set.outside_envelope`): an image
+    smaller than any the model was trained on is not recognised, so uncertain, whatever its novelty."""
+    if not outside_envelope(gate, shorter_side):
+        return prediction
+    verdict, reasons = open_set_verdict(prediction.classifier_verdict or prediction.verdict, False)
+    return replace(prediction, verdict=verdict, reasons=reasons, recognised=False)
 
 
 def calibrated_scores(logits: np.ndarray, temperature: float) -> np.ndarray:

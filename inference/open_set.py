@@ -8,6 +8,13 @@ stored in the card's `novelty` record with the bank's name; the bank file sits b
 
 A scan scored in tiles has one embedding: the normalised mean of its tiles' embeddings, so the bank, the
 threshold and the served answer all see a scan the same way (`scan_embedding`).
+
+The gate also keeps the training envelope's size: `min_side`, the shorter side of the smallest training
+image (at most the model's input size). An image smaller than that is not recognised whatever its
+novelty (`outside_envelope`): the model was never shown, nor validated on, anything that small. Why a
+size rule beside the embedding: the shipped X-ray model trains mostly on 32-64 px patches, and blurred,
+low-resolution grey images (a 25 px face, a photograph shrunk to 25 px) lie among them in texture
+statistics; only 37% of 200 such faces were beyond the novelty threshold.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ class NoveltyGate:
     bank: ReferenceBank
     threshold: float
     k: int = DEFAULT_K
+    min_side: int | None = None  # the training envelope: a shorter side under it is not recognised
 
     def novelty(self, embeddings: np.ndarray) -> np.ndarray:
         """kNN cosine distance of each embedding row to the bank (`inference.bank.novelty`)."""
@@ -72,7 +80,30 @@ def load_novelty_gate(card: ModelCard, model_dir: Path) -> NoveltyGate | None:
         raise OpenSetError(
             f"{path} holds {bank.dim}-wide embeddings; the model's are {card.embedding_dim} wide."
         )
-    return NoveltyGate(bank, float(record["threshold"]), int(record.get("k", DEFAULT_K)))
+    min_side = record.get("min_side")
+    return NoveltyGate(
+        bank,
+        float(record["threshold"]),
+        int(record.get("k", DEFAULT_K)),
+        None if min_side is None else int(min_side),
+    )
+
+
+def outside_envelope(gate: NoveltyGate | None, shorter_side: int | None) -> bool:
+    """Whether an image with this shorter side (pixels) is smaller than any the gate's model was
+    trained on. False without a gate, without a recorded size, or without a known side."""
+    if gate is None or gate.min_side is None or shorter_side is None:
+        return False
+    return shorter_side < gate.min_side
+
+
+def envelope_side(training_sides: np.ndarray | list[int], image_size: int) -> int:
+    """The training envelope's `min_side`: the smallest training image's shorter side, capped at the
+    model's input size (an image as large as the input is never too small: the model resizes it)."""
+    sides = np.asarray(training_sides)
+    if sides.size == 0:
+        raise OpenSetError("No training images to take the envelope's size from.")
+    return int(min(int(sides.min()), image_size))
 
 
 def choose_novelty_threshold(val_novelty: np.ndarray, rate: float = DEFAULT_NOVELTY_RATE) -> float:
@@ -88,21 +119,35 @@ def choose_novelty_threshold(val_novelty: np.ndarray, rate: float = DEFAULT_NOVE
 
 
 def novelty_record(
-    threshold: float, rate: float, val_novelty: np.ndarray, bank: ReferenceBank, k: int = DEFAULT_K
+    threshold: float,
+    rate: float,
+    val_novelty: np.ndarray,
+    bank: ReferenceBank,
+    k: int = DEFAULT_K,
+    *,
+    min_side: int | None = None,
+    val_sides: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """The card's `novelty` entry: how the gate was set, and how it did on the images it was set on."""
+    """The card's `novelty` entry: how the gate was set, and how it did on the images it was set on
+    (val_rate counts both rules: beyond the threshold, or under the envelope's `min_side`)."""
     val = np.asarray(val_novelty, dtype=np.float64)
-    return {
+    flagged = val > threshold
+    if min_side is not None and val_sides is not None:
+        flagged = flagged | (np.asarray(val_sides) < min_side)
+    record: dict[str, Any] = {
         "threshold": float(threshold),
         "k": int(k),
         "target_rate": float(rate),
-        "val_rate": float(np.mean(val > threshold)),
+        "val_rate": float(np.mean(flagged)),
         "val_images": int(val.size),
         "bank_file": BANK_FILE,
         "bank_rows": len(bank),
         "bank_total": int(bank.provenance.get("total", len(bank))),
         "max_references": int(bank.provenance.get("max_references", len(bank))),
     }
+    if min_side is not None:
+        record["min_side"] = int(min_side)
+    return record
 
 
 def scan_embedding(tile_embeddings: np.ndarray) -> np.ndarray:

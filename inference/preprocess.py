@@ -13,6 +13,7 @@ with 1.0, air in a transmission X-ray, or black for photos), and HxWxC to CxHxW.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -211,9 +212,25 @@ def load_for_model(
     computed faster for the common case of an 8-bit photo: the decoded PIL image is resized directly
     instead of going through an array and back (tests/test_decode_speed_path.py).
     """
-    decoded = open_image(read_image_bytes(source, limits), limits, draft_size=spec.image_size)
+    return load_for_model_sized(source, spec, limits)[0]
+
+
+def load_for_model_sized(
+    source: bytes | str | Path, spec: PreprocessSpec, limits: DecodeLimits = DEFAULT_LIMITS
+) -> tuple[np.ndarray, int]:
+    """`load_for_model`, and the image's shorter side in its own pixels (what `inference.open_set`'s
+    training envelope compares)."""
+    data = read_image_bytes(source, limits)
+    decoded = open_image(data, limits, draft_size=spec.image_size)
     if isinstance(decoded, Image.Image):
+        side = min(decoded.size)
+        if side < spec.image_size and data[:2] == b"\xff\xd8":
+            # A JPEG decoded in draft mode keeps only its long side at the input size: its own short
+            # side is in the header (read without decoding, and only for such thin or small ones).
+            with Image.open(io.BytesIO(data)) as header:
+                side = min(header.size)
         if _is_plain_uint8(decoded, spec):
-            return _uint8_to_model_input(decoded, spec)
+            return _uint8_to_model_input(decoded, spec), side
         decoded = pil_to_array(decoded)  # and the PIL image is freed before the model input is made
-    return to_model_input(decoded, spec)
+        return to_model_input(decoded, spec), side
+    return to_model_input(decoded, spec), int(min(decoded.shape[:2]))

@@ -61,7 +61,7 @@ from PIL import Image
 from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits, check_structure, decode_image, sniff_format
 from verity.inference.engine import usable_cores
 from verity.inference.heatmap import heatmap_png, upsample
-from verity.inference.preprocess import load_for_model, to_model_input
+from verity.inference.preprocess import load_for_model_sized, to_model_input
 from verity.inference.spec import PreprocessSpec
 
 AGGREGATES = ("max", "topk")
@@ -121,6 +121,9 @@ class ScoringInput:
 
     model_input: np.ndarray | None  # CxSxS float32 in [0, 1]: the image is scored whole
     pixels: np.ndarray | None  # native HxWxC pixels: the image is scored in tiles (`score_scan`)
+    # The decoded image's shorter side in pixels (`preprocess.load_for_model_sized`): an image smaller
+    # than any the model was trained on is not recognised (`open_set.within_envelope`).
+    shorter_side: int | None = None
 
 
 def _native_shape(data: bytes, kind: str, limits: DecodeLimits) -> tuple[int, int] | None:
@@ -144,14 +147,16 @@ def load_for_scoring(
     if kind in ("tiff", "dicom"):
         # Their readers decode the whole image in any case; `load_for_model` is to_model_input of it.
         pixels = decode_image(data, limits)
+        side = int(min(pixels.shape[:2]))
         if should_tile(pixels.shape, spec, options):
-            return ScoringInput(None, pixels)
-        return ScoringInput(to_model_input(pixels, spec), None)
+            return ScoringInput(None, pixels, side)
+        return ScoringInput(to_model_input(pixels, spec), None, side)
     if _may_tile(spec, options):  # photos in "auto" never are: no header read before the decode
         shape = _native_shape(data, kind, limits)
         if shape is not None and should_tile(shape, spec, options):
-            return ScoringInput(None, decode_image(data, limits))
-    return ScoringInput(load_for_model(data, spec, limits), None)
+            return ScoringInput(None, decode_image(data, limits), min(shape))
+    model_input, side = load_for_model_sized(data, spec, limits)
+    return ScoringInput(model_input, None, side)
 
 
 def _may_tile(spec: PreprocessSpec, options: TilingOptions) -> bool:

@@ -12,14 +12,18 @@ from PIL import Image
 
 from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
 from verity.inference.bank import build_bank, save_bank
-from verity.inference.engine import ModelLoadError, OnnxEngine
+from verity.inference.engine import ModelLoadError, OnnxEngine, envelope_judged
 from verity.inference.open_set import (
+    NoveltyGate,
     OpenSetError,
     choose_novelty_threshold,
+    envelope_side,
     novelty_record,
     open_set_verdict,
+    outside_envelope,
     scan_embedding,
 )
+from verity.inference.preprocess import load_for_model_sized
 from verity.inference.tiling import TilingOptions, load_for_scoring, score_scan
 from verity.inference.vocabulary import REASONS
 
@@ -62,19 +66,18 @@ def test_a_scan_embedding_is_the_unit_mean_of_its_tiles() -> None:
     np.testing.assert_allclose(scan_embedding(tiles), [2**-0.5, 2**-0.5], atol=1e-7)
 
 
-def _png(value: int | None = None, size: int = 32, seed: int = 0) -> bytes:
+def _png(value: int | None = None, size: int = 32, seed: int = 0, width: int | None = None) -> bytes:
     rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8) if value is None else np.full(
-        (size, size, 3), value, np.uint8
-    )
+    shape = (size, width or size, 3)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8) if value is None else np.full(shape, value, np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def gated_model(tmp_path: Path, rate: float = 0.05) -> Path:
+def gated_model(tmp_path: Path, rate: float = 0.05, min_side: int | None = None) -> Path:
     """A tiny model whose bank holds textured images (noise), gated on other noise images: a flat
-    image, with no texture at all, lies far from them."""
+    image, with no texture at all, lies far from them. `min_side`: the training envelope's size."""
     spec = tiny_spec()
     path = tiny_onnx(tmp_path / "m" / "model.onnx", spec, features=8, embedding=True)
     engine = OnnxEngine(path, warmup=False)
@@ -89,7 +92,8 @@ def gated_model(tmp_path: Path, rate: float = 0.05) -> Path:
     val = embeddings(range(100, 140))
     distances = 1.0 - (val @ bank.embeddings.astype(np.float32).T).max(axis=1)  # k = 1 for this test
     threshold = choose_novelty_threshold(distances, rate)
-    card = {**tiny_card(spec), "novelty": novelty_record(threshold, rate, distances, bank, k=1)}
+    record = novelty_record(threshold, rate, distances, bank, k=1, min_side=min_side)
+    card = {**tiny_card(spec), "novelty": record}
     return tiny_onnx(path, spec, card=card, features=8, embedding=True)
 
 
@@ -138,3 +142,69 @@ def test_the_card_records_the_gate(tmp_path: Path) -> None:
     assert record["target_rate"] == 0.05 and record["val_rate"] <= 0.05
     assert record["bank_rows"] == 40 and record["val_images"] == 40 and record["bank_file"] == "bank.npz"
     json.dumps(record)  # plain JSON
+
+
+def test_an_image_smaller_than_any_training_image_is_not_recognised(tmp_path: Path) -> None:
+    """The training envelope: 31 x 32 noise has the bank's texture (the novelty gate alone recognises
+    it) but a side under the smallest training image's 32 px, so it is not recognised."""
+    engine = OnnxEngine(gated_model(tmp_path, min_side=32), warmup=False)
+    gate = engine.novelty_gate
+    assert gate is not None and gate.min_side == 32 and engine.card.novelty["min_side"] == 32
+    for height, expected in ((31, False), (32, True)):
+        loaded = load_for_scoring(_png(seed=9, size=height, width=32), engine.spec, TilingOptions())
+        assert loaded.shorter_side == height
+        raw = engine.predict([loaded.model_input])[0]
+        assert raw.recognised is True  # by novelty alone
+        judged = envelope_judged(raw, loaded.shorter_side, gate)
+        assert judged.recognised is expected
+        if not expected:
+            assert (judged.verdict, judged.reasons) == ("uncertain", ("not_recognised",))
+            assert judged.classifier_verdict == raw.classifier_verdict and judged.novelty == raw.novelty
+        else:
+            assert judged is raw
+
+
+def test_the_envelope_rule_and_its_size() -> None:
+    assert envelope_side([40, 35, 300], image_size=224) == 35
+    assert envelope_side([400, 300], image_size=224) == 224  # never above the model's input size
+    with pytest.raises(OpenSetError):
+        envelope_side([], image_size=224)
+    assert outside_envelope(None, 10) is False
+    bank = build_bank(np.eye(2, 3), ["genuine"] * 2)
+    assert outside_envelope(NoveltyGate(bank, 0.1), 10) is False  # no size recorded: no rule
+    sized = NoveltyGate(bank, 0.1, min_side=32)
+    assert outside_envelope(sized, 31) and not outside_envelope(sized, 32)
+    assert outside_envelope(sized, None) is False
+
+
+def test_the_card_records_the_envelope_and_counts_it_in_the_val_rate() -> None:
+    bank = build_bank(np.eye(2, 3), ["genuine"] * 2)
+    novelty = np.array([0.0, 0.0, 0.0, 0.0])
+    record = novelty_record(0.5, 0.01, novelty, bank, min_side=32, val_sides=np.array([64, 20, 32, 40]))
+    assert record["min_side"] == 32 and record["val_rate"] == 0.25
+    assert "min_side" not in novelty_record(0.5, 0.01, novelty, bank)
+
+
+def test_the_shorter_side_is_the_images_own_even_for_a_drafted_jpeg() -> None:
+    """A JPEG far larger than the model input decodes in draft mode, which keeps only its long side at
+    the input size: a thin 2000 x 100 strip is still 100 px on its shorter side, not 2000/8 x 12."""
+    spec = tiny_spec()
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((100, 2000, 3), 128, np.uint8)).save(buffer, format="JPEG")
+    _, side = load_for_model_sized(buffer.getvalue(), spec)
+    assert side == 100
+    _, side = load_for_model_sized(_png(seed=1, size=20, width=50), spec)
+    assert side == 20
+    tiff = io.BytesIO()
+    Image.fromarray(np.full((18, 40), 3000, np.uint16)).save(tiff, format="TIFF")
+    assert load_for_scoring(tiff.getvalue(), tiny_spec("xray"), TilingOptions()).shorter_side == 18
+
+
+def test_eval_counts_images_under_the_envelope_as_not_recognised() -> None:
+    from verity.training.open_set_eval import not_recognised_rate
+
+    bank = build_bank(np.eye(3, 3), ["genuine"] * 3)
+    gate = NoveltyGate(bank, 0.1, k=1, min_side=32)
+    figures = not_recognised_rate(np.eye(3, 3, dtype=np.float32), gate, np.array([64, 20, -1]))
+    assert (figures["beyond_threshold"], figures["under_min_side"], figures["not_recognised"]) == (0, 1, 1)
+    assert not_recognised_rate(np.eye(3, 3, dtype=np.float32), gate)["not_recognised"] == 0

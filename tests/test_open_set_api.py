@@ -68,6 +68,38 @@ def test_every_answer_says_recognised_novelty_and_reasons(served: tuple[TestClie
     assert rows == {flat["request_id"]: "not_recognised"}
 
 
+def test_an_image_under_the_training_envelope_is_not_recognised_and_audited(tmp_path: Path) -> None:
+    """The served answer applies the training envelope: noise of the bank's texture, 31 px tall under
+    a model whose smallest training image was 32 px, is uncertain and not recognised; 32 px is not."""
+    model = gated_model(tmp_path / "build", min_side=32)
+    target = tmp_path / "models" / "tiny-photo" / "1"
+    target.mkdir(parents=True)
+    for name in ("model.onnx", "bank.npz"):
+        (target / name).write_bytes((model.parent / name).read_bytes())
+    from verity.api.app import create_app
+
+    settings = make_settings(tmp_path, rate_limit_per_s=0)
+    with TestClient(create_app(settings)) as client:
+        def answer(height: int) -> dict[str, Any]:
+            image = Image.fromarray(np.random.default_rng(9).integers(0, 256, (height, 32, 3), np.uint8))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            files = {"file": buffer.getvalue()}
+            response = client.post("/v1/predict", data={"modality": "photo"}, files=files)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        small, full = answer(31), answer(32)
+    assert (small["recognised"], small["verdict"]) == (False, "uncertain")
+    assert small["reasons"] == ["not_recognised"]
+    gate = OnnxEngine(model, warmup=False).novelty_gate
+    assert full["recognised"] is True and gate is not None and small["novelty"] <= gate.threshold
+    rows = dict(sqlite3.connect(tmp_path / "audit.sqlite").execute(
+        "SELECT request_id, recognised FROM predictions"
+    ).fetchall())
+    assert rows == {small["request_id"]: 0, full["request_id"]: 1}
+
+
 def test_a_named_product_is_checked_against_its_references(served: tuple[TestClient, Path]) -> None:
     client, root = served
     answer = client.post(

@@ -122,10 +122,12 @@ def open_set_lines(result: dict[str, Any]) -> list[str]:
     open_set = result.get("open_set") or {}
     for name, figures in (("evaluated", open_set.get("evaluated")), ("--ood", open_set.get("ood"))):
         if figures:
+            small = figures.get("under_min_side")
             lines.append(
                 f"  not recognised    {_percent(figures['not_recognised_rate'])} of {figures['images']} "
                 f"{'evaluated' if name == 'evaluated' else 'out-of-distribution'} images (novelty > "
-                f"{figures['threshold']:.4f}; median {_figure(figures['novelty_median'])})"
+                f"{figures['threshold']:.4f}; median {_figure(figures['novelty_median'])}"
+                f"{f'; {small} smaller than any training image' if small else ''})"
             )
         for kind, part in ((figures or {}).get("by_folder") or {}).items():
             lines.append(f"    {kind:<24} {_percent(part['not_recognised_rate'])} of {part['images']}")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from verity.inference.open_set import NoveltyGate
+from verity.inference.open_set import NoveltyGate, outside_envelope
 from verity.inference.references import ReferenceStore, ReferenceStoreError
 from verity.inference.tiling import TilingOptions
 from verity.training.eval_samples import Sample
@@ -26,13 +26,22 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".g
 FALSE_ALARM_RATES = (0.01,)
 
 
-def not_recognised_rate(embeddings: np.ndarray, gate: NoveltyGate) -> dict[str, Any]:
-    """The share of these images the gate flags, with the spread of their novelty."""
+def not_recognised_rate(
+    embeddings: np.ndarray, gate: NoveltyGate, shorter_sides: np.ndarray | None = None
+) -> dict[str, Any]:
+    """The share of these images the gate flags (beyond its threshold, or under the training
+    envelope's size when the sides are given), with the spread of their novelty."""
     distances = gate.novelty(embeddings)
-    flagged = distances > gate.threshold
+    beyond = distances > gate.threshold
+    small = np.zeros_like(beyond)
+    if shorter_sides is not None:
+        small = np.array([outside_envelope(gate, int(side) if side >= 0 else None) for side in shorter_sides])
+    flagged = beyond | small
     return {
         "images": int(len(distances)),
         "not_recognised": int(flagged.sum()),
+        "beyond_threshold": int(beyond.sum()),
+        "under_min_side": int(small.sum()),
         "not_recognised_rate": float(flagged.mean()) if len(distances) else None,
         "novelty_median": float(np.median(distances)) if len(distances) else None,
         "novelty_p99": float(np.quantile(distances, 0.99)) if len(distances) else None,
@@ -65,12 +74,16 @@ def ood_figures(scorer: OnnxScorer, folder: str | Path, tiling: TilingOptions) -
     scored = score_samples(scorer, samples, progress=False, tiling=tiling)
     if scored.embeddings is None:
         raise ValueError(f"None of the {len(samples)} images in {folder} could be scored.")
-    figures = {"folder": str(folder), **not_recognised_rate(scored.embeddings, gate)}
+    sides = scored.shorter_sides
+    figures = {"folder": str(folder), **not_recognised_rate(scored.embeddings, gate, sides)}
     figures["failed"] = len(scored.failures)
     kinds = np.array([samples[i].source or "." for i in scored.indices])
     if len(set(kinds)) > 1:
         figures["by_folder"] = {
-            kind: not_recognised_rate(scored.embeddings[kinds == kind], gate) for kind in sorted(set(kinds))
+            kind: not_recognised_rate(
+                scored.embeddings[kinds == kind], gate, None if sides is None else sides[kinds == kind]
+            )
+            for kind in sorted(set(kinds))
         }
     return figures
 

@@ -175,6 +175,7 @@ class DecodedChunk:
     batch: np.ndarray | None
     scans: list[tuple[int, np.ndarray]]  # (index, native pixels) of the images the tiling rule tiles
     failures: list[tuple[int, str]]
+    sides: dict[int, int | None]  # index -> the decoded image's shorter side (the training envelope)
 
 
 def decoded_batches(
@@ -202,6 +203,7 @@ def decoded_batches(
                 batch=np.stack([array for _, array in whole]) if whole else None,
                 scans=[(i, x.pixels) for i, x in decoded if x.pixels is not None],
                 failures=[(i, message) for i, message in loaded if isinstance(message, str)],
+                sides={i: x.shorter_side for i, x in decoded},
             )
 
 
@@ -218,6 +220,9 @@ class ScoredSet:
     embeddings: np.ndarray | None = None
     # Each image's local features (L x C unit rows), kept only when asked for (`keep_patches`).
     patches: list[np.ndarray | None] | None = None
+    # Each image's shorter side in pixels (-1 where unknown), for the training envelope
+    # (`inference.open_set.outside_envelope`) and the gate's `min_side`.
+    shorter_sides: np.ndarray | None = None
 
 
 # index, logits, score, cam, embedding, patches
@@ -256,9 +261,11 @@ def score_samples(
     rows: list[Row] = []
     failures: list[tuple[int, str]] = []
     tiled = 0
+    sides: dict[int, int | None] = {}
     bar = progress_bar(progress, total=len(samples), unit="img", desc="evaluating", leave=False)
     for chunk in decoded_batches(samples, scorer.spec, batch_size, workers, tiling):
         failures += chunk.failures
+        sides.update(chunk.sides)
         if chunk.batch is not None:
             logits, cams, embeddings = scorer.outputs(chunk.batch)
             logits = np.asarray(logits, dtype=np.float64)
@@ -286,4 +293,9 @@ def score_samples(
         tiled=tiled,
         embeddings=np.stack(embedded).astype(np.float32) if have_all else None,  # type: ignore[arg-type]
         patches=[row[5] for row in rows] if keep_patches else None,
+        shorter_sides=np.array([_side(sides.get(row[0])) for row in rows], dtype=np.int64),
     )
+
+
+def _side(side: int | None) -> int:
+    return -1 if side is None else side
