@@ -49,6 +49,11 @@ def test_training_writes_the_three_artifacts(trained_models: Path) -> None:
     assert card["modality"] == "photo" and card["spec"]["image_size"] == 64
     assert 0.0 <= card["thresholds"]["clear"] <= card["thresholds"]["alarm"] <= 1.0
     assert card["calibration"]["temperature"] > 0
+    # The open-set gate, built at export: the bank beside the model, the threshold chosen on val, and
+    # the training envelope (96 px images: capped at the 64 px input).
+    novelty = card["novelty"]
+    assert (run / novelty["bank_file"]).is_file() and novelty["bank_rows"] > 0
+    assert novelty["min_side"] == 64 and 0.0 <= novelty["val_rate"] <= 1.0
 
 
 def test_checkpoint_reads_without_unpickling_objects(trained_models: Path) -> None:
