@@ -26,19 +26,32 @@ from benchmarks.server_bench import Server  # noqa: E402
 from verity.inference.vocabulary import MODALITIES  # noqa: E402
 
 
+def _thresholds(models: Path, defaults: dict[str, str]) -> dict[str, float]:
+    """The novelty threshold of each modality's served model, from its card."""
+    found = {}
+    for modality, key in defaults.items():
+        card = json.loads((models / key / "card.json").read_text(encoding="utf-8"))
+        found[modality] = float(card["novelty"]["threshold"])
+    return found
+
+
 def served_answers(models: Path, faces: int) -> dict[str, Any]:
-    """{modality: {group: {"images", "not_recognised", "verdicts"}}} from a running server."""
+    """{modality: {group: {"images", "not_recognised", "beyond_threshold", "verdicts"}}} from a running
+    server. beyond_threshold counts the answers whose novelty alone is past the gate; the others of
+    not_recognised were caught by the training envelope's size (`inference.open_set.outside_envelope`)."""
     import httpx
 
     images = ood_images(faces)
-    tally: dict[str, dict[str, Any]] = {
-        m: defaultdict(lambda: {"images": 0, "not_recognised": 0, "verdicts": Counter()}) for m in MODALITIES
-    }
+    def empty() -> dict[str, Any]:
+        return {"images": 0, "not_recognised": 0, "beyond_threshold": 0, "verdicts": Counter()}
+
+    tally: dict[str, dict[str, Any]] = {m: defaultdict(empty) for m in MODALITIES}
     with (
         tempfile.TemporaryDirectory(prefix="verity-open-set-") as folder,
         Server(models, Path(folder), {}) as server,
         httpx.Client(timeout=60) as client,
     ):
+        thresholds = _thresholds(models, client.get(server.url + "/v1/models").json()["defaults"])
         for modality in MODALITIES:
             for image in images:
                 response = client.post(
@@ -51,6 +64,7 @@ def served_answers(models: Path, faces: int) -> dict[str, Any]:
                 row = tally[modality][image.group]
                 row["images"] += 1
                 row["not_recognised"] += body["recognised"] is False
+                row["beyond_threshold"] += body["novelty"] > thresholds[modality]
                 row["verdicts"][body["verdict"]] += 1
     return {
         m: {g: {**r, "verdicts": dict(r["verdicts"])} for g, r in groups.items()}
@@ -89,7 +103,9 @@ def summary(answers: dict[str, Any]) -> list[str]:
         lines.append(f"sent as {modality}: {flagged}/{total} not recognised ({flagged / total:.1%})")
         for group, row in groups.items():
             lines.append(
-                f"  {group:<22} {row['not_recognised']:>4}/{row['images']:<4} verdicts {row['verdicts']}"
+                f"  {group:<22} {row['not_recognised']:>4}/{row['images']:<4} "
+                f"({row['beyond_threshold']} by novelty, {row['not_recognised'] - row['beyond_threshold']} "
+                f"by size) verdicts {row['verdicts']}"
             )
     return lines
 
