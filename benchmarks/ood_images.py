@@ -103,6 +103,23 @@ def drawn_images(size: tuple[int, int] = (480, 640), seed: int = 0) -> Iterator[
         yield OodImage("drawn: gradient", f"gradient-{name}-colour.png", _encode(colour, "PNG"))
 
 
-def ood_images(faces: int = 200) -> list[OodImage]:
-    """Every non-product image: found ones first, then drawn ones."""
-    return [*found_images(faces), *drawn_images()]
+PROBE = "probe: "  # groups that measure the gate's limits, apart from the headline figures
+
+
+def probe_images(faces: int = 200) -> Iterator[OodImage]:
+    """The found images resized to where the training envelope's size rule no longer decides: the LFW
+    faces enlarged to 100 px, and the photographs turned grey and shrunk to 48 px (both above the
+    X-ray model's 32 px). They show what the novelty gate alone makes of blurred grey images."""
+    for image in found_images(faces):
+        with Image.open(io.BytesIO(image.data)) as opened:
+            grey = opened.convert("L")
+        if image.group == "found: faces":
+            resized, group = grey.resize((100, 100), Image.Resampling.BICUBIC), "faces at 100 px"
+        else:
+            resized, group = grey.resize((48, 48), Image.Resampling.LANCZOS), "grey photos at 48 px"
+        yield OodImage(PROBE + group, image.name, _encode(np.asarray(resized), "PNG"))
+
+
+def ood_images(faces: int = 200, probes: bool = False) -> list[OodImage]:
+    """Every non-product image: found ones first, then drawn ones, then the probes when asked for."""
+    return [*found_images(faces), *drawn_images(), *(probe_images(faces) if probes else ())]

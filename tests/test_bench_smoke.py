@@ -35,3 +35,35 @@ def test_server_overhead_measures_a_real_server(tmp_path: Path) -> None:
     assert 0 < figures["event_loop_cpu_ms_per_request"] < figures["cpu_ms_per_request"]
     text = run_all.report({"cpu": cpu_info(), "overhead": figures})
     assert "Server cost besides the model" in text
+
+
+def test_open_set_cost_measures_in_process_and_on_two_servers(tmp_path: Path) -> None:
+    from benchmarks import open_set_cost
+
+    figures = open_set_cost.run(tmp_path, rounds=2, batch=2)
+    inside = figures["in_process"]
+    assert figures["bank_rows"] == inside["bank_rows"] == 10_000 and figures["references"] == 20
+    assert inside["predict_ms"] > 0 and inside["novelty_ms"] > 0 and inside["reference_check_ms"] > 0
+    server = figures["server"]
+    assert server["requests_each"] == 4 and server["cpu_ms_per_request_without"] > 0
+    assert server["cpu_ms_per_request_with_checks"] > 0 and len(server["added_share_range"]) == 2
+    assert "target <= 10%" in open_set_cost.summary(figures)
+
+
+def test_the_non_product_images_keep_their_groups_and_probes_apart() -> None:
+    import io
+
+    from PIL import Image
+
+    from benchmarks.ood_images import PROBE, ood_images
+
+    images = ood_images(faces=3, probes=True)
+    groups = {image.group for image in images}
+    assert {"found: photographs", "found: faces", "drawn: flat", "drawn: noise", "drawn: gradient"} <= groups
+    sizes = {}
+    for image in images:
+        with Image.open(io.BytesIO(image.data)) as opened:
+            sizes.setdefault(image.group, set()).add(opened.size)
+    assert sizes["found: faces"] == {(25, 25)}
+    assert sizes[PROBE + "faces at 100 px"] == {(100, 100)} and sizes[PROBE + "grey photos at 48 px"] == {(48, 48)}
+    assert not any(image.group.startswith(PROBE) for image in ood_images(faces=3))
