@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -162,11 +163,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 class KeyedServer:
     live: LiveServer
     keys: dict[str, str]  # station -> secret
+    keys_file: Path
 
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedServer]:
-    """Keys required; two stations (lane-a, lane-b) on the tiny test models."""
+    """Keys required; three stations (lane-a, lane-b, lane-c: revoked by its test) on the tiny models."""
     from verity.api.auth import KeyStore
 
     root = tmp_path_factory.mktemp("console-keyed")
@@ -175,9 +177,9 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedServer]:
         server_env(root, VERITY_REQUIRE_API_KEYS="true", VERITY_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT))
     )
     store = KeyStore(root / "keys.json")
-    keys = {station: store.add(station)[1] for station in ("lane-a", "lane-b")}
+    keys = {station: store.add(station)[1] for station in ("lane-a", "lane-b", "lane-c")}
     live.start()
-    yield KeyedServer(live, keys)
+    yield KeyedServer(live, keys, root / "keys.json")
     live.stop()
 
 
@@ -241,6 +243,8 @@ def test_the_page_shows_the_apis_verdict_for_each_file(
     }
     # The 16-bit PNG was recognised as an X-ray from its bytes.
     assert shown["xray-16bit.png"][1] == "X-ray" and shown["genuine-photo.jpg"][1] == "Photo"
+    # Each verdict was announced to screen readers; the last one is still in the live region.
+    expect()(page.locator("#announcer")).to_have_text(re.compile(r"^\S+\.(jpg|png): (Genuine|Counterfeit)$"))
     # The panel shows the selected one in words, with the score and both thresholds.
     page.locator("#queue .queue-item", has_text="genuine-photo.jpg").click()
     expect()(page.locator("#verdict-body .verdict-word")).to_have_attribute("data-state", "genuine")
@@ -431,14 +435,82 @@ def test_a_hostile_file_name_is_shown_as_text(
 ) -> None:
     page, watch = new_page(served)
     name = "<img src=x onerror=alert(1)>.jpg"
+    station = "<b onmouseover=alert(2)>lane</b>"
+    page.locator("#station").fill(station)  # sent as the station: the server has no keys
+    page.locator("#case").fill("<i>SEZ-1</i>")
     genuine = samples["genuine-photo"]
     page.set_input_files("#file-input", [{"name": name, "mimeType": "image/jpeg", "buffer": genuine.data}])
     wait_done(page, 1)
     assert page.locator("#queue .q-name").text_content() == name
-    expect()(page.locator("#verdict-details .file-name")).to_have_text(name)
-    assert page.locator("img[src=x]").count() == 0
-    page.wait_for_timeout(300)  # an onerror handler would have fired by now
+    details = page.locator("#verdict-details")
+    expect()(details.locator(".file-name")).to_have_text(name)
+    expect()(details).to_contain_text(station)
+    expect()(page.locator("#history .h-case").first).to_have_text("<i>SEZ-1</i>")
+    assert page.locator("img[src=x], b, i").count() == 0
+    page.locator("#verdict-details dd", has_text="lane").hover()
+    page.wait_for_timeout(300)  # an onerror or onmouseover handler would have fired by now
     assert watch.dialogs == []
+    assert watch.unexpected_errors() == []
+    # The fields are remembered for the tab, and only in sessionStorage.
+    page.reload(wait_until="networkidle")
+    expect()(page.locator("#station")).to_have_value(station)
+    expect()(page.locator("#case")).to_have_value("<i>SEZ-1</i>")
+    assert page.evaluate("() => localStorage.length") == 0
+
+
+def test_drop_and_paste_queue_files_and_the_modality_comes_from_the_bytes(
+    new_page: Callable[..., tuple[Any, Watch]], served: LiveServer, samples: dict[str, Sample]
+) -> None:
+    import io
+
+    from PIL import Image
+
+    page, watch = new_page(served)
+    expect()(page.locator("#console")).to_be_visible()
+
+    def encoded(mode: str, fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.new(mode, (40, 30), 1000 if mode == "I;16" else 90).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    dicom = bytes(128) + b"DICM" + bytes(64)
+    cases = {
+        "dicom": (dicom, "xray"),
+        "tiff16": (encoded("I;16", "TIFF"), "xray"),
+        "tiff8": (encoded("L", "TIFF"), "photo"),
+        "png16": (encoded("I;16", "PNG"), "xray"),
+        "png8": (encoded("L", "PNG"), "photo"),
+        "jpeg": (samples["genuine-photo"].data, "photo"),
+    }
+    inferred = page.evaluate(
+        """async (cases) => {
+            const { inferModality } = await import('/console/sniff.js');
+            const out = {};
+            for (const [name, bytes] of Object.entries(cases)) {
+                out[name] = await inferModality(new File([new Uint8Array(bytes)], 'no-extension'));
+            }
+            return out;
+        }""",
+        {name: list(data) for name, (data, _) in cases.items()},
+    )
+    assert inferred == {name: modality for name, (_, modality) in cases.items()}
+    # Drop a file on the zone, then paste one: both are queued and answered.
+    transfer = """(args) => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([new Uint8Array(args.bytes)], args.name, { type: 'image/jpeg' }));
+        return transfer;
+    }"""
+    data = list(samples["genuine-photo"].data)
+    dropped = page.evaluate_handle(transfer, {"bytes": data, "name": "dropped.jpg"})
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": dropped})
+    pasted = page.evaluate_handle(transfer, {"bytes": data, "name": "pasted.jpg"})
+    page.evaluate(
+        "(t) => document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: t, bubbles: true }))",
+        pasted,
+    )
+    wait_done(page, 2)
+    assert sorted(page.locator("#queue .q-name").all_text_contents()) == ["dropped.jpg", "pasted.jpg"]
+    expect()(page.locator("#queue li[data-state=done]")).to_have_count(2)
     assert watch.unexpected_errors() == []
 
 
@@ -496,12 +568,13 @@ def test_the_russian_page_has_no_english_left(
     data = [s.name for s in samples.values()]
     data += page.locator("#verdict-details .model").all_text_contents()
     data += page.locator(".request-id").all_text_contents()
+    data += page.locator("#history .h-case, #history .h-product").all_text_contents()  # other tests' cases
     data += [
         f"{m['name']} {m['version']}"
         for m in httpx.get(served.url + "/v1/models", timeout=10).json()["models"]
     ]
     text = "\n".join(texts)
-    for value in sorted(data, key=len, reverse=True):
+    for value in sorted({value for value in data if value.strip()}, key=len, reverse=True):
         text = text.replace(value, " ")
     left = _latin_words(text) - ALLOWED_LATIN
     assert left & english == set(), sorted(left & english)
@@ -588,26 +661,63 @@ def test_an_officers_whole_flow_by_keyboard_with_a_key(
     assert watch.unexpected_errors(allowed_statuses=(401,)) == []
 
 
-def test_history_shows_this_stations_records_only(
+def _predict_as(keyed: KeyedServer, station: str, sample: Sample, case: str) -> None:
+    answer = httpx.post(
+        keyed.live.url + "/v1/predict",
+        files={"file": (sample.name, sample.data, sample.mime)},
+        data={"modality": "photo", "case_id": case},
+        headers={"X-API-Key": keyed.keys[station]},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def test_history_shows_this_stations_records_only_a_page_at_a_time(
     new_page: Callable[..., tuple[Any, Watch]], keyed: KeyedServer, samples: dict[str, Sample]
 ) -> None:
     sample = samples["genuine-photo"]
-    for station, case in (("lane-a", "CASE-OF-LANE-A"), ("lane-b", "CASE-OF-LANE-B")):
-        answer = httpx.post(
-            keyed.live.url + "/v1/predict",
-            files={"file": (sample.name, sample.data, sample.mime)},
-            data={"modality": "photo", "case_id": case},
-            headers={"X-API-Key": keyed.keys[station]},
-            timeout=60,
-        )
-        assert answer.status_code == 200, answer.text
+    _predict_as(keyed, "lane-a", sample, "CASE-OF-LANE-A")
+    for index in range(21):
+        _predict_as(keyed, "lane-b", sample, f"LANE-B-{index:02d}")
+    _predict_as(keyed, "lane-b", sample, "CASE-OF-LANE-B")  # the newest: first on the first page
     page, watch = new_page(keyed.live)
-    page.locator("#signin-key").fill(keyed.keys["lane-b"])
-    page.locator("#signin-form button[type=submit]").click()
-    cases = page.locator("#history .h-case")
-    expect()(cases.first).to_be_visible()
-    assert "CASE-OF-LANE-B" in cases.all_text_contents()
-    assert "CASE-OF-LANE-A" not in cases.all_text_contents()
+    sign_in(page, keyed.keys["lane-b"])
+    rows = page.locator("#history .history-row")
+    expect()(rows).to_have_count(20)
+    first = rows.locator(".h-case").all_text_contents()
+    assert first[0] == "CASE-OF-LANE-B" and first[1:] == [f"LANE-B-{i:02d}" for i in range(20, 1, -1)]
+    page.locator("#history .history-older").click()
+    expect()(rows).to_have_count(2)
+    assert rows.locator(".h-case").all_text_contents() == ["LANE-B-01", "LANE-B-00"]
+    expect()(page.locator("#history .history-older")).to_be_disabled()
+    page.locator("#history .history-newer").click()
+    expect()(rows).to_have_count(20)
+    # lane-a's record is on neither page; a date range after today holds nothing.
+    assert "CASE-OF-LANE-A" not in first
+    tomorrow = page.evaluate("() => new Date(Date.now() + 86400000).toISOString().slice(0, 10)")
+    page.locator("#history .history-since").fill(tomorrow)
+    expect()(rows).to_have_count(0)
+    expect()(page.locator("#history .history-status")).to_have_text("No records match.")
+    page.locator("#history .history-since").fill("")
+    expect()(rows).to_have_count(20)
+    assert watch.unexpected_errors(allowed_statuses=(401,)) == []
+
+
+def test_a_revoked_key_goes_back_to_sign_in(
+    new_page: Callable[..., tuple[Any, Watch]], keyed: KeyedServer
+) -> None:
+    from verity.api.auth import KeyStore
+
+    page, watch = new_page(keyed.live)
+    sign_in(page, keyed.keys["lane-c"])
+    store = KeyStore(keyed.keys_file)
+    (key_id,) = [k.key_id for k in store.list_keys() if k.station_id == "lane-c"]
+    store.revoke(key_id)
+    page.locator("#history .history-refresh").click()
+    expect()(page.locator("#signin-key")).to_be_visible()
+    expect()(page.locator("#signin-message")).to_have_text("The server refused your key. Sign in again.")
+    expect()(page.locator("#console")).to_be_hidden()
+    assert page.evaluate("() => sessionStorage.getItem('verity.key')") is None
     assert watch.unexpected_errors(allowed_statuses=(401,)) == []
 
 
