@@ -312,6 +312,48 @@ def test_the_heatmap_toggles_and_follows_the_opacity_slider(verdict_page: tuple[
     assert frame.evaluate("e => e.style.getPropertyValue('--zoom')") == "1"
 
 
+def test_a_large_scan_is_tiled_and_zooms(
+    new_page: Callable[..., tuple[Any, Watch]], served: LiveServer, samples: dict[str, Sample]
+) -> None:
+    """A 4000 x 1500 16-bit scan (the synthetic one, repeated) is scored as tiles: the page says how many,
+    as the API does, and shows the whole scan under its heatmap, which the wheel zooms into."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from verity.datasets.synth import encode_png16
+
+    scan = np.asarray(Image.open(io.BytesIO(samples["xray-16bit"].data))).astype(np.uint16)
+    large = Sample(
+        "scan-4000.png",
+        encode_png16(np.ascontiguousarray(np.tile(scan, (6, 16))[:1500, :4000])),
+        "image/png",
+        "xray",
+    )
+    answer = httpx.post(
+        served.url + "/v1/predict",
+        files={"file": (large.name, large.data, large.mime)},
+        data={"modality": "xray"},
+        timeout=60,
+    ).json()
+    assert answer["tiles"] > 1
+    page, watch = new_page(served)
+    upload(page, [large])
+    wait_done(page, 1)
+    template = english_table(page)["viewer.tiles"]
+    expect()(page.locator("#viewer .tiles")).to_have_text(template.replace("{count}", str(answer["tiles"])))
+    sizes = page.evaluate(
+        "() => Array.from(document.querySelectorAll('.frame img'), e => [e.naturalWidth, e.naturalHeight])"
+    )
+    assert sizes[0] == sizes[1] and max(sizes[0]) <= 2048 and sizes[0][0] > 2 * sizes[0][1]
+    page.locator("#viewer .stage").hover()
+    page.mouse.wheel(0, -300)
+    frame = page.locator("#viewer .frame")
+    assert float(frame.evaluate("e => e.style.getPropertyValue('--zoom')")) > 1
+    assert watch.unexpected_errors() == []
+
+
 def test_a_feedback_key_records_the_outcome_on_the_server(
     verdict_page: tuple[Any, Watch], served: LiveServer
 ) -> None:
