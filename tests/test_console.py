@@ -595,6 +595,8 @@ def test_the_russian_page_has_no_english_left(
 ) -> None:
     page, watch = new_page(served, locale="ru-RU")
     assert page.evaluate("() => document.documentElement.lang") == "ru"
+    russian_table = page.evaluate("async () => (await import('/console/strings/ru.js')).default")
+    assert set(russian_table) == set(english_table(page))  # one table per language, the same keys
     english = set().union(*(_latin_words(text) for text in english_table(page).values())) - ALLOWED_LATIN
     texts = [_page_text(page)]
     upload(page, [samples["counterfeit-photo"], samples["xray-16bit"]])

@@ -5,9 +5,9 @@ import { Camera, cameraAvailable } from "./camera.js";
 import { errorMessage } from "./errors.js";
 import { HistoryPanel } from "./history.js";
 import { chooseLanguage, currentLanguage, onLanguageChange, setLanguage, t } from "./i18n.js";
-import { verdictIcon } from "./icons.js";
 import { installShortcuts } from "./keys.js";
 import { Queue } from "./queue.js";
+import { queueRowParts } from "./queue-view.js";
 import { fromHistory, fromPrediction, verdictState } from "./results.js";
 import { session } from "./session.js";
 import { inferModality } from "./sniff.js";
@@ -198,23 +198,6 @@ async function sendItem(item) {
   return result;
 }
 
-function statusCell(item) {
-  const span = document.createElement("span");
-  span.className = "q-status";
-  if (item.state === "done") {
-    const verdict = verdictState(item.result);
-    span.dataset.state = verdict;
-    span.append(verdictIcon(verdict), Object.assign(document.createElement("span"), { className: "word", textContent: t(`verdict.${verdict}`) }));
-  } else if (item.state === "error") {
-    span.dataset.state = "error";
-    span.textContent = t("queue.error");
-  } else {
-    span.dataset.state = item.state;
-    span.textContent = t(item.state === "sending" ? "queue.sending" : "queue.waiting");
-  }
-  return span;
-}
-
 function itemRow(item) {
   let li = ui.queueList.querySelector(`[data-id="${item.id}"]`);
   if (!li) {
@@ -228,30 +211,8 @@ function itemRow(item) {
 function drawItem(item) {
   const li = itemRow(item);
   li.dataset.state = item.state;
-  const button = document.createElement("button");
-  button.type = "button";
-  button.className = "queue-item";
-  button.dataset.id = item.id;
-  const name = document.createElement("span");
-  name.className = "q-name";
-  name.textContent = item.name; // a file name is text, whatever characters it holds
-  const modality = document.createElement("span");
-  modality.className = "q-modality muted small";
-  modality.textContent = t(`modality.${item.modality}`);
-  button.append(name, modality, statusCell(item));
-  button.addEventListener("click", () => select({ item }, true));
-  const parts = [button];
-  if (item.state === "error") {
-    const message = document.createElement("p");
-    message.className = "q-error";
-    message.textContent = errorMessage(item.error);
-    const retry = document.createElement("button");
-    retry.type = "button";
-    retry.className = "small q-retry";
-    retry.textContent = t("queue.retry");
-    retry.addEventListener("click", () => queue.retry(item));
-    parts.push(message, retry);
-  }
+  const parts = queueRowParts(item, { onSelect: (chosen) => select({ item: chosen }, true), onRetry: (failed) => queue.retry(failed) });
+  const button = parts[0];
   const hadFocus = li.contains(document.activeElement);
   li.replaceChildren(...parts);
   if (hadFocus) button.focus();
