@@ -11,30 +11,33 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]  # the test helpers: LiveServer, the samples, Chromium
 
 from console_fixtures import Sample, launch, shipped_server, synthetic_samples  # noqa: E402
 
+if TYPE_CHECKING:
+    from playwright.sync_api import FilePayload, Page
+
 OUT = REPO / "docs" / "screenshots"
 WAIT_MS = 30_000
 
 
-def _submit(page, url: str, samples: list[Sample]) -> None:
+def _submit(page: Page, url: str, samples: list[Sample]) -> None:
     from playwright.sync_api import expect
 
     page.goto(url, wait_until="networkidle")
     expect(page.locator("#console")).to_be_visible()
     page.locator("#case").fill("SEZ-2026-0412")
-    page.set_input_files(
-        "#file-input", [{"name": s.name, "mimeType": s.mime, "buffer": s.data} for s in samples]
-    )
+    files: list[FilePayload] = [{"name": s.name, "mimeType": s.mime, "buffer": s.data} for s in samples]
+    page.set_input_files("#file-input", files)
     done = page.locator("#queue li[data-state=done]")
     expect(done).to_have_count(len(samples), timeout=WAIT_MS)
 
 
-def _show(page, name: str) -> None:
+def _show(page: Page, name: str) -> None:
     """Selects one result and waits until its image and heatmap are drawn."""
     from playwright.sync_api import expect
 
