@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from api_fixtures import DARK, LiveServer, server_env
+from api_fixtures import DARK, LiveServer, image_bytes, server_env
 from console_fixtures import Sample, launch, shipped_server, synthetic_samples
 
 pytestmark = pytest.mark.slow
@@ -351,6 +351,22 @@ def test_a_large_scan_is_tiled_and_zooms(
     page.mouse.wheel(0, -300)
     frame = page.locator("#viewer .frame")
     assert float(frame.evaluate("e => e.style.getPropertyValue('--zoom')")) > 1
+    assert watch.unexpected_errors() == []
+
+
+def test_an_image_the_model_does_not_know_is_not_recognised(
+    new_page: Callable[..., tuple[Any, Watch]], served: LiveServer
+) -> None:
+    """A flat grey picture is no product: the API says recognised false, the page "Not recognised"."""
+    flat = Sample("flat.png", image_bytes(128, size=(200, 150)), "image/png", "photo")
+    assert api_state(served, flat) == "not_recognised"
+    page, watch = new_page(served)
+    upload(page, [flat])
+    wait_done(page, 1)
+    table = english_table(page)
+    expect()(page.locator("#verdict-body .verdict-word")).to_have_attribute("data-state", "not_recognised")
+    expect()(page.locator("#verdict-body .verdict-word .word")).to_have_text(table["verdict.not_recognised"])
+    expect()(page.locator("#verdict-details .reasons li")).to_have_text(table["reason.not_recognised"])
     assert watch.unexpected_errors() == []
 
 

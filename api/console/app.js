@@ -15,6 +15,7 @@ import { renderEmpty, renderError, renderVerdict } from "./verdict.js";
 import { Viewer } from "./viewer.js";
 
 const $ = (selector) => document.querySelector(selector);
+const PROBE_RETRY_MS = 5000;
 const BROWSER_IMAGES = new Set(["image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp"]);
 
 const ui = {
@@ -101,10 +102,11 @@ async function probe() {
       session.clearKey();
       showSignin(key ? "signin.again" : null, false);
     } else {
-      // Unreachable or failing: say so on the sign-in page rather than leave it blank.
+      // Unreachable or failing: say so rather than leave the page blank, and ask again shortly.
       ui.signin.hidden = false;
       ui.signinMessage.removeAttribute("data-i18n");
       ui.signinMessage.textContent = errorMessage(error);
+      window.setTimeout(probe, PROBE_RETRY_MS);
     }
   }
 }
