@@ -184,13 +184,18 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedServer]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def playwright() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
+    with sync_playwright() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Any) -> Iterator[Any]:
+    chromium = launch(playwright)
+    yield chromium
+    chromium.close()
 
 
 @pytest.fixture()
@@ -844,3 +849,24 @@ def test_too_large_busy_and_unreachable_each_say_what_to_do(
     page.unroute("**/v1/predict")
     page.locator("#queue li", has_text="two.png").locator(".q-retry").click()
     expect()(page.locator("#queue li[data-state=done]")).to_have_count(1, timeout=WAIT_MS)
+
+
+def test_the_live_camera_takes_a_photo_into_the_queue(playwright: Any, served: LiveServer) -> None:
+    """getUserMedia on Chromium's fake camera (a test pattern): Camera, then Capture, queues a JPEG."""
+    chromium = launch(playwright, ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
+    try:
+        page = chromium.new_context(permissions=["camera"]).new_page()
+        errors: list[str] = []
+        page.on("console", lambda note: errors.append(note.text) if note.type == "error" else None)
+        page.goto(served.url + "/", wait_until="networkidle")
+        page.locator("#camera").click()
+        expect()(page.locator("#camera-snap")).to_be_enabled(timeout=10_000)
+        page.wait_for_timeout(300)  # a first frame
+        page.locator("#camera-snap").click()
+        expect()(page.locator("#camera-dialog")).to_be_hidden()
+        wait_done(page, 1)
+        assert re.fullmatch(r"camera-[\dTZ-]+\.jpg", page.locator("#queue .q-name").text_content())
+        expect()(page.locator("#queue li[data-state=done]")).to_have_count(1)
+        assert errors == []
+    finally:
+        chromium.close()
