@@ -65,5 +65,6 @@ def test_the_non_product_images_keep_their_groups_and_probes_apart() -> None:
         with Image.open(io.BytesIO(image.data)) as opened:
             sizes.setdefault(image.group, set()).add(opened.size)
     assert sizes["found: faces"] == {(25, 25)}
-    assert sizes[PROBE + "faces at 100 px"] == {(100, 100)} and sizes[PROBE + "grey photos at 48 px"] == {(48, 48)}
+    assert sizes[PROBE + "faces at 100 px"] == {(100, 100)}
+    assert sizes[PROBE + "grey photos at 48 px"] == {(48, 48)}
     assert not any(image.group.startswith(PROBE) for image in ood_images(faces=3))
