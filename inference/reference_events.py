@@ -108,9 +108,9 @@ class ModelState:
         return grouped
 
 
-def file_stamp(path: Path) -> tuple[int, int, int] | None:
+def file_stamp(path: Path | str) -> tuple[int, int, int] | None:
     try:
-        stat = path.stat()
+        stat = os.stat(path)
     except FileNotFoundError:
         return None
     return stat.st_size, stat.st_mtime_ns, stat.st_ino
