@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from api_fixtures import DARK, LiveServer, image_bytes, server_env
-from console_fixtures import Sample, launch, shipped_server, synthetic_samples
+from console_fixtures import Sample, launch, require_chromium, shipped_server, synthetic_samples
 
 pytestmark = pytest.mark.slow
 
@@ -185,6 +185,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedServer]:
 
 @pytest.fixture(scope="module")
 def playwright() -> Iterator[Any]:
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as running:
@@ -870,3 +871,17 @@ def test_the_live_camera_takes_a_photo_into_the_queue(playwright: Any, served: L
         assert errors == []
     finally:
         chromium.close()
+
+
+def test_a_missing_chromium_fails_in_ci_and_is_skipped_plainly_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import console_fixtures
+
+    monkeypatch.setattr(console_fixtures, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setenv("VERITY_CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
+        console_fixtures.require_chromium()
+    monkeypatch.delenv("VERITY_CI")
+    with pytest.raises(pytest.skip.Exception, match="browser tests skipped"):
+        console_fixtures.require_chromium()

@@ -3,7 +3,8 @@
 Debian's Chromium (/usr/bin/chromium; `.ci/run` installs it where missing) driven by Playwright, which
 never downloads a browser of its own here. Every request the pages make is recorded: all must go to the
 server's own origin, as on an air-gapped customs network where a CDN request would leave the page blank.
-No skip when Chromium is missing: the test fails and says how to install it.
+Without Chromium the tests fail in CI (`.ci/run` sets VERITY_CI and installs it) and are skipped
+elsewhere with the command that installs it (console_fixtures.require_chromium).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from api_fixtures import LiveServer, server_env
+from console_fixtures import require_chromium
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +40,7 @@ def _render(server: LiveServer, path: str, rendered: str, screenshot: Path) -> t
     """Opens the page, waits for the selector that shows it rendered; returns (requested URLs, errors)."""
     from playwright.sync_api import sync_playwright
 
-    assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)"
+    require_chromium()
     requests: list[str] = []
     errors: list[str] = []
     with sync_playwright() as playwright:
