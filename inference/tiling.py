@@ -122,8 +122,8 @@ class ScoringInput:
     model_input: np.ndarray | None  # CxSxS float32 in [0, 1]: the image is scored whole
     pixels: np.ndarray | None  # native HxWxC pixels: the image is scored in tiles (`score_scan`)
     # The decoded image's shorter side in pixels (`preprocess.load_for_model_sized`): an image smaller
-    # than any the model was trained on is not recognised (`open_set.within_envelope`).
-    shorter_side: int | None = None
+    # than any the model was trained on is not recognised (`open_set.outside_envelope`).
+    shorter_side: int
 
 
 def _native_shape(data: bytes, kind: str, limits: DecodeLimits) -> tuple[int, int] | None:

@@ -175,7 +175,7 @@ class DecodedChunk:
     batch: np.ndarray | None
     scans: list[tuple[int, np.ndarray]]  # (index, native pixels) of the images the tiling rule tiles
     failures: list[tuple[int, str]]
-    sides: dict[int, int | None]  # index -> the decoded image's shorter side (the training envelope)
+    sides: dict[int, int]  # index -> the decoded image's shorter side (the training envelope)
 
 
 def decoded_batches(
@@ -220,7 +220,7 @@ class ScoredSet:
     embeddings: np.ndarray | None = None
     # Each image's local features (L x C unit rows), kept only when asked for (`keep_patches`).
     patches: list[np.ndarray | None] | None = None
-    # Each image's shorter side in pixels (-1 where unknown), for the training envelope
+    # Each image's shorter side in pixels, for the training envelope
     # (`inference.open_set.outside_envelope`) and the gate's `min_side`.
     shorter_sides: np.ndarray | None = None
 
@@ -261,7 +261,7 @@ def score_samples(
     rows: list[Row] = []
     failures: list[tuple[int, str]] = []
     tiled = 0
-    sides: dict[int, int | None] = {}
+    sides: dict[int, int] = {}
     bar = progress_bar(progress, total=len(samples), unit="img", desc="evaluating", leave=False)
     for chunk in decoded_batches(samples, scorer.spec, batch_size, workers, tiling):
         failures += chunk.failures
@@ -293,9 +293,5 @@ def score_samples(
         tiled=tiled,
         embeddings=np.stack(embedded).astype(np.float32) if have_all else None,  # type: ignore[arg-type]
         patches=[row[5] for row in rows] if keep_patches else None,
-        shorter_sides=np.array([_side(sides.get(row[0])) for row in rows], dtype=np.int64),
+        shorter_sides=np.array([sides[row[0]] for row in rows], dtype=np.int64),
     )
-
-
-def _side(side: int | None) -> int:
-    return -1 if side is None else side
