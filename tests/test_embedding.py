@@ -70,7 +70,7 @@ def test_export_has_the_embedding_output_within_the_parity_gate(tmp_path: Path) 
     result = export_onnx(model, spec, tiny_card(spec), tmp_path / "model.onnx")
     assert not model.embedding_output  # the caller's model is untouched: training keeps two outputs
     assert result["embedding_dim"] == WIDTH
-    assert result["max_abs_diff_embedding"] <= export_module.EMBEDDING_PARITY_TOLERANCE
+    assert result["max_abs_diff_embedding"] <= export_module.PARITY_TOLERANCE["embedding"]
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     assert [o.name for o in graph.output] == ["logits", "cam", "embedding"]
     dims = graph.output[2].type.tensor_type.shape.dim
@@ -97,11 +97,11 @@ def test_embedding_drift_fails_the_gate_and_leaves_no_file(
     real_check = export_module.check_parity
 
     def drifting_check(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - wraps the real check
-        return {**real_check(*args, **kwargs), "embedding": 1e-3}
+        return {**real_check(*args, **kwargs), "embedding_relative": 1e-3}
 
     monkeypatch.setattr(export_module, "check_parity", drifting_check)
     spec = tiny_spec()
-    with pytest.raises(ExportParityError, match="delta embedding"):
+    with pytest.raises(ExportParityError, match="embedding differ"):
         export_onnx(tiny_verity_net(spec), spec, tiny_card(spec), tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []
 

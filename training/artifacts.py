@@ -119,7 +119,7 @@ def make_card(run: Run, calibration: Calibration, metrics: dict[str, Any]) -> Mo
 
 def write_model(run: Run, best_state: dict[str, torch.Tensor], card: ModelCard) -> dict[str, Any]:
     """model.pt (best weights with the card's calibration and thresholds), card.json and model.onnx."""
-    from verity.training.export import export_onnx
+    from verity.training.export import ExportParityError, export_onnx
 
     run_dir, card_dict = run.run_dir, card.to_dict()
     checkpoint = checkpoint_dict(run, best_state, with_optimizer=False)
@@ -128,7 +128,7 @@ def write_model(run: Run, best_state: dict[str, torch.Tensor], card: ModelCard) 
         thresholds=card_dict["thresholds"],
         calibration=card_dict["calibration"],
         card=card_dict,
-        epoch=run.state.best_epoch + 1,
+        epoch=run.state.epoch,
     )
     outputs: dict[str, Any] = {"model_pt": str(save_atomic(checkpoint, run_dir / FINAL))}
     (run_dir / "card.json").write_text(card.to_json(indent=2) + "\n", encoding="utf-8")
@@ -136,11 +136,24 @@ def write_model(run: Run, best_state: dict[str, torch.Tensor], card: ModelCard) 
     if run.config.export:
         sample = ManifestDataset(run.split("val")[:1], run.spec)[0][0].numpy()[None]
         model_onnx = run_dir / "model.onnx"
-        outputs["export"] = export_onnx(unwrap(run.model), run.spec, card, model_onnx, sample=sample)
+        try:
+            outputs["export"] = export_onnx(unwrap(run.model), run.spec, card, model_onnx, sample=sample)
+        except ExportParityError as error:  # a gate never throws the run away: model.pt and card stay
+            outputs["export_error"] = f"{error} {retry_export_hint(run_dir)}"
+            return outputs
         outputs["model_onnx"] = outputs["export"]["path"]
         if outputs["export"]["embedding_dim"] is not None:
             outputs["novelty"] = _open_set(run, model_onnx, card, outputs["export"]["embedding_dim"])
     return outputs
+
+
+def retry_export_hint(run_dir: Path) -> str:
+    """What to run when the export of a finished run failed: its model.pt, card and report are kept."""
+    return (
+        f"The run is kept (model.pt, card.json and the report in {run_dir}). Export it again with: "
+        f"verity export --checkpoint {run_dir / FINAL} --bank-data {run_dir / 'data.jsonl'} "
+        "(add --exporter dynamo to try the other exporter)."
+    )
 
 
 def _open_set(run: Run, model_onnx: Path, card: ModelCard, embedding_dim: int) -> dict[str, Any]:

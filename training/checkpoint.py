@@ -78,6 +78,7 @@ def checkpoint_dict(run: Run, state_dict: dict[str, torch.Tensor], with_optimize
         # Dropout draws from the global generator: restoring it makes a resumed run match an unbroken one.
         data["torch_rng_state"] = torch.get_rng_state()
         data["scaler"] = run.scaler.state_dict() if run.scaler is not None else None
+        data["ema_state_dict"] = run.ema.state_dict() if run.ema is not None else None
     return data
 
 

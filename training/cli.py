@@ -13,6 +13,10 @@ from typing import Any
 
 from verity.training.config import ConfigError, TrainConfig, build_config, field_types
 
+# Exit statuses besides 0 and 2 (a bad flag): 3, the weak-run guard refused the run; 4, the run finished
+# and is kept (model.pt, card, report) but its ONNX export failed a gate.
+WEAK_RUN, EXPORT_FAILED = 3, 4
+
 # Flags worth a line of help beyond the field comment; the rest explain themselves.
 _HELP = {
     "data": "a manifest (JSONL), a folder with manifest.jsonl, or a folder DIR/genuine/*, DIR/counterfeit/*",
@@ -137,9 +141,12 @@ def train_main(argv: list[str] | None = None) -> int:
         outputs = train(config)
     except WeakRunError as error:
         print(f"verity train: {error}", file=sys.stderr)
-        return 3
+        return WEAK_RUN
     if outputs.get("model_pt"):  # rank 0 writes and reports; other ranks return a digest only
         _print_outputs(outputs)
+    if outputs.get("export_error"):
+        print(f"verity train: {outputs['export_error']}", file=sys.stderr)
+        return EXPORT_FAILED
     return 0
 
 

@@ -47,7 +47,9 @@ class TrainConfig:
     epochs: int | None = None  # passes over the training split (default: chosen from the set size)
     max_steps: int | None = None  # stop after this many steps in all; the schedule still spans epochs
     batch_size: int = 32
-    lr: float = 1e-3  # peak learning rate of AdamW
+    lr: float = 1e-3  # peak AdamW rate of the new head at batch 32 (scaled by sqrt(batch / 32))
+    backbone_lr_ratio: float = 0.2  # the pretrained backbone's peak rate as a share of the head's
+    ema: bool = True  # evaluate and export a moving average of the weights (training/averaging.py)
     weight_decay: float = 0.05
     warmup_epochs: float | None = None  # linear warm-up, then cosine decay (default: 5% of the steps)
     min_lr_ratio: float = 0.01
@@ -57,7 +59,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda
     channels_last: bool = True  # about 1.8x faster convolutions on CPU here
     workers: int | None = None  # DataLoader decode workers; None: one per CPU core, at most 4
-    patience: int = 3  # early stopping: epochs without a better validation ROC AUC
+    patience: int = 3  # early stopping: epochs without a better smoothed validation ROC AUC (0: never)
     balance: str = "loss"  # class imbalance: none, loss (weighted cross-entropy) or sampler
     augment: bool = True  # the modality's augmentation preset (training/augment.py)
     augment_preset: str | None = None  # full or patch (X-ray; default: patch for images under the input size)
@@ -101,6 +103,8 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)!r}.")
+        if not 0 < self.backbone_lr_ratio <= 1:
+            raise ConfigError(f"backbone_lr_ratio must be in (0, 1], got {self.backbone_lr_ratio!r}.")
         for key in ("weight_decay", "warmup_epochs", "min_lr_ratio", "label_smoothing"):
             if (getattr(self, key) or 0) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)!r}.")

@@ -1,9 +1,11 @@
 """ONNX export with the spec and card in the metadata, behind a torch-vs-onnxruntime parity gate.
 
 The exported file is what the server runs, so the gate compares torch (eval mode) with the server's own
-path, `inference.engine.OnnxEngine`, on the same inputs; max |delta logit| above PARITY_TOLERANCE, or
-max |delta| of an embedding component above EMBEDDING_PARITY_TOLERANCE, fails the export and leaves no
-model file behind (an existing file at the destination is left untouched).
+path, `inference.engine.OnnxEngine`, on the same inputs. Each gated output is compared relative to its
+magnitude, max |delta| / max(1, max |torch value|), because float32 rounding grows with the values: a
+logit of 4 carries about four times the rounding of a logit of 1. An output past its PARITY_TOLERANCE
+fails the export and leaves no model file behind (an existing file at the destination is left
+untouched); `verity train` then keeps model.pt, the card and the report and says how to export again.
 
 A VerityNet is exported with its `embedding` output (N x D float32, the L2-normalised pooled features of
 the same pass) and the card records D as `embedding_dim`; any other module is exported with the outputs
@@ -34,11 +36,12 @@ from verity.inference.spec import PreprocessSpec
 from verity.training.models import VerityNet
 
 OPSET = 18
-PARITY_TOLERANCE = 1e-4
-# Embedding components are at most 1 in size (unit vectors): float32 rounding gives about 1e-7.
-EMBEDDING_PARITY_TOLERANCE = 1e-5
-# Local features are compared after L2 normalisation per location; their raw values reach about 10.
-PATCH_PARITY_TOLERANCE = 1e-4
+# max |delta| / max(1, max |value|) per gated output. Float32 noise between torch and onnxruntime, measured
+# by benchmarks/parity_noise.py (2026-12-06: 2 shipped and 12 freshly trained or initialised models,
+# random, flat and real-image inputs) was at most: logits 2.6e-5, embedding 1.2e-6, patches 6.9e-5.
+# Each tolerance is about 10 times that worst case; a real export fault (a wrong layer, a lost
+# normalisation, a broken batch axis) moves these outputs by 1e-2 or more.
+PARITY_TOLERANCE = {"logits": 3e-4, "embedding": 5e-5, "patches": 7e-4}
 OUTPUT_NAMES = ("logits", "cam", "embedding", "patches")
 EXPORTERS = ("torchscript", "dynamo")
 
@@ -177,13 +180,15 @@ def _parity_inputs(spec: PreprocessSpec, sample: np.ndarray | None) -> list[np.n
 def check_parity(
     model: torch.nn.Module, onnx_path: str | Path, batches: list[np.ndarray]
 ) -> dict[str, float]:
-    """Runs the batches through torch and through OnnxEngine (the server path); returns max |delta| per
-    output of the graph (logits, cam and embedding when it has one) and the largest |logit|."""
+    """Runs the batches through torch and through OnnxEngine (the server path); returns, per output of
+    the graph, max |delta| (key: the output's name) and max |delta| / max(1, max |value|) (key: name
+    + "_relative"), and the largest |logit|."""
     from verity.inference.engine import OnnxEngine
 
     engine = OnnxEngine(onnx_path, provider="cpu", warmup=False)
     names = engine.output_names
-    worst = {**dict.fromkeys(names, 0.0), "largest_logit": 0.0}
+    worst = {**dict.fromkeys(names, 0.0), **dict.fromkeys([f"{n}_relative" for n in names], 0.0)}
+    worst["largest_logit"] = 0.0
     with torch.no_grad():
         for batch in batches:
             expected = dict(zip(names, model(torch.from_numpy(batch)), strict=True))
@@ -197,30 +202,22 @@ def check_parity(
                     )
                 reference = expected[key].double().numpy()
                 delta = float(np.abs(got[key].astype(np.float64) - reference).max())
-                if key == "patches":  # relative to the largest value: raw features, not unit vectors
-                    delta /= max(1.0, float(np.abs(reference).max()))
                 worst[key] = max(worst[key], delta)
+                relative = delta / max(1.0, float(np.abs(reference).max()))
+                worst[f"{key}_relative"] = max(worst[f"{key}_relative"], relative)
     return worst
 
 
 def _enforce_parity(worst: dict[str, float]) -> None:
-    if not worst["logits"] <= PARITY_TOLERANCE:
-        raise ExportParityError(
-            f"Export parity gate failed: max |delta logit| between torch and onnxruntime is "
-            f"{worst['logits']:.3g} > {PARITY_TOLERANCE:g} (largest |logit| "
-            f"{worst['largest_logit']:.3g}; float32 rounding alone gives about 1e-6 of it). "
-            "The ONNX model was not written."
-        )
-    if "patches" in worst and not worst["patches"] <= PATCH_PARITY_TOLERANCE:
-        raise ExportParityError(
-            f"Export parity gate failed: max relative |delta patches| between torch and onnxruntime is "
-            f"{worst['patches']:.3g} > {PATCH_PARITY_TOLERANCE:g}. The ONNX model was not written."
-        )
-    if "embedding" in worst and not worst["embedding"] <= EMBEDDING_PARITY_TOLERANCE:
-        raise ExportParityError(
-            f"Export parity gate failed: max |delta embedding| between torch and onnxruntime is "
-            f"{worst['embedding']:.3g} > {EMBEDDING_PARITY_TOLERANCE:g}. The ONNX model was not written."
-        )
+    for key, tolerance in PARITY_TOLERANCE.items():
+        relative = worst.get(f"{key}_relative")
+        if relative is not None and not relative <= tolerance:
+            raise ExportParityError(
+                f"Export parity gate failed: {key} differ between torch and onnxruntime by "
+                f"{relative:.3g} of their magnitude (max |delta| {worst[key]:.3g}), past the tolerance "
+                f"{tolerance:g}, which is about 10 times the float32 noise measured on trained models. "
+                "The ONNX model was not written."
+            )
 
 
 def export_onnx(
@@ -235,9 +232,9 @@ def export_onnx(
 
     The model must take NxCxSxS float32 in [0, 1] and return (logits, cam); a VerityNet's copy also
     returns its embedding. The caller's model is not modified (a CPU copy in eval mode is exported).
-    Raises ExportParityError when max |delta logit| between torch and onnxruntime exceeds
-    PARITY_TOLERANCE or max |delta embedding| exceeds EMBEDDING_PARITY_TOLERANCE; no file is written
-    at `path` then. Returns {"path", "opset", "exporter", "max_abs_diff", "max_abs_diff_cam",
+    Raises ExportParityError when an output differs between torch and onnxruntime past its
+    PARITY_TOLERANCE (relative to its magnitude); no file is written at `path` then. Returns {"path",
+    "opset", "exporter", "max_abs_diff", "max_abs_diff_cam",
     "max_abs_diff_embedding" (None without one), "embedding_dim" (None without one), "max_abs_logit",
     "size_bytes"}.
     """
@@ -274,7 +271,8 @@ def export_onnx(
         "max_abs_diff": worst["logits"],
         "max_abs_diff_cam": worst["cam"],
         "max_abs_diff_embedding": worst.get("embedding"),
-        "max_rel_diff_patches": worst.get("patches"),
+        "max_rel_diff_patches": worst.get("patches_relative"),
+        "max_rel_diff_logits": worst["logits_relative"],
         "embedding_dim": card.embedding_dim,
         "max_abs_logit": worst["largest_logit"],
         "size_bytes": path.stat().st_size,

@@ -24,7 +24,8 @@ from verity.datasets.manifest import ManifestRow
 from verity.datasets.rows import data_fingerprint, load_rows, split_counts
 from verity.inference.spec import PreprocessSpec, resolve_spec
 from verity.inference.vocabulary import LABELS
-from verity.training.checkpoint import BEST, LAST, load_init, load_resume
+from verity.training.averaging import WeightAverage
+from verity.training.checkpoint import BEST, LAST, load_init, load_resume, unwrap
 from verity.training.config import TrainConfig, save_config
 from verity.training.distributed import DistInfo, init_distributed
 from verity.training.models import build_for_spec, get_entry
@@ -56,15 +57,30 @@ def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases and norm scales (1-D tensors) get no weight decay, as is standard."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr)
+BASE_BATCH = 32  # the batch that --lr is given for
+
+
+def peak_lr(config: TrainConfig) -> float:
+    """The head's peak rate for the run's batch: --lr scaled by sqrt(batch / 32), the rule for Adam."""
+    return config.lr * math.sqrt(config.batch_size / BASE_BATCH)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, learned_backbone: bool) -> torch.optim.AdamW:
+    """AdamW in four groups: a learned backbone (pretrained, or a model fine-tuned again) at
+    `backbone_lr_ratio` of the new head's rate (a rate that suits a random head moves pretrained filters
+    too far on a small set), and in each part biases and norm scales (1-D tensors) without weight decay,
+    as is standard. Each group's `lr_scale` multiplies the schedule's rate (trainer.Schedule)."""
+    head = {id(p) for p in getattr(model, "head", nn.Identity()).parameters()}
+    backbone_scale = config.backbone_lr_ratio if learned_backbone else 1.0
+    groups = []
+    for in_head, scale in ((False, backbone_scale), (True, 1.0)):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in head) == in_head]
+        for decays in (True, False):
+            chosen = [p for p in params if (p.ndim > 1) == decays]
+            if chosen:
+                weight_decay = config.weight_decay if decays else 0.0
+                groups.append({"params": chosen, "weight_decay": weight_decay, "lr_scale": scale})
+    return torch.optim.AdamW(groups, lr=peak_lr(config))
 
 
 def worker_count(config: TrainConfig) -> int:
@@ -108,9 +124,17 @@ class Run:
     state: RunState
     fingerprint: str = ""
     augment_preset: dict[str, Any] | None = None
+    # The moving average of the weights (training/averaging.py), made by the trainer once it knows the
+    # run's length; a resumed run's saved average waits in resumed_ema until then.
+    ema: WeightAverage | None = None
+    resumed_ema: dict[str, torch.Tensor] | None = None
 
     def split(self, name: str) -> list[ManifestRow]:
         return [row for row in self.rows if row.split == name]
+
+    def evaluated_model(self) -> nn.Module:
+        """The weights that validation judges and the run exports: the average when there is one."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -177,7 +201,7 @@ def build_run(config: TrainConfig) -> tuple[Run, dict[str, Any] | None]:
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, learned_backbone=config.pretrained or source is not None)
     precision = amp_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
     state = _restore(resumed, optimizer, scaler) if resumed is not None else RunState()
@@ -189,6 +213,7 @@ def build_run(config: TrainConfig) -> tuple[Run, dict[str, Any] | None]:
     run = Run(
         config, spec, rows, description, run_dir, device, info, model, optimizer, scaler, precision, state
     )
+    run.resumed_ema = resumed.get("ema_state_dict") if resumed is not None else None
     return run, resumed
 
 
