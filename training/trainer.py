@@ -296,6 +296,26 @@ def start_average(run: Run, total_steps: int) -> None:
         run.ema.load_state_dict(run.resumed_ema)
 
 
+def describe_plan(run: Run, plan: Schedule) -> str:
+    """One line: the peak rates, the weight average and when early stopping may fire."""
+    config = run.config
+    scales = sorted({group.get("lr_scale", 1.0) for group in run.optimizer.param_groups})
+    rates = [f"{peak_lr(config) * scale:.1e}" for scale in scales]
+    rate = (
+        f"peak learning rate {rates[0]}"
+        if len(rates) == 1
+        else f"peak rates {rates[0]} backbone, {rates[1]} head"
+    )
+    average = f"weights averaged over about {1 / (1 - run.ema.decay):.0f} steps" if run.ema else "no average"
+    stopping = (
+        f"early stopping after {config.patience} epochs without a better smoothed validation figure, "
+        f"not before epoch {math.ceil(stop_floor(config))}"
+        if config.patience > 0
+        else "no early stopping"
+    )
+    return f"plan: {plan.total_steps} steps, {rate}; {average}; {stopping}"
+
+
 def fit(run: Run) -> dict[str, torch.Tensor]:
     """Trains until epochs or max_steps run out or the smoothed validation figure stops improving past
     the floor; returns the weights the run ends with (the average, when kept)."""
@@ -306,6 +326,8 @@ def fit(run: Run) -> dict[str, torch.Tensor]:
     steps_per_epoch = len(train_loader)
     plan = Schedule.for_run(config, steps_per_epoch)
     start_average(run, plan.total_steps)
+    if main:
+        print(describe_plan(run, plan), flush=True)
     log = MetricsLog(run.run_dir, main)
     try:
         while state.epoch < config.epochs and state.step < plan.stop_at:
