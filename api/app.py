@@ -25,7 +25,12 @@ from verity.api.errors import ApiError, install_error_handlers
 from verity.api.limits import KeyLimits
 from verity.api.logs import configure_logging
 from verity.api.metrics import Metrics
-from verity.api.middleware import HostCheckMiddleware, RequestContextMiddleware, SecurityHeadersMiddleware
+from verity.api.middleware import (
+    CrossSiteMiddleware,
+    HostCheckMiddleware,
+    RequestContextMiddleware,
+    SecurityHeadersMiddleware,
+)
 from verity.api.registry import EngineFactory, ModelRegistry
 from verity.api.settings import Settings, load_settings
 from verity.inference.references import ReferenceStore
@@ -235,8 +240,10 @@ def create_app(
     app.include_router(routes_history.router)
     install_docs(app)
     install_console(app)
-    # Innermost first: the Host check runs inside the request context (its 400 has a request_id), and the
-    # security headers wrap everything, the context's own 413 included.
+    # Innermost first: the cross-site check runs after the Host check (it compares Origin with a Host
+    # already known to name this server), both inside the request context (their 400 and 403 have a
+    # request_id), and the security headers wrap everything, the context's own 413 included.
+    app.add_middleware(CrossSiteMiddleware, allowed_origins=settings.allowed_origins)
     app.add_middleware(HostCheckMiddleware, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(
         RequestContextMiddleware,

@@ -1,0 +1,106 @@
+"""The nine findings of issue 23's security review of the live server, one test (or a few) each.
+
+Each test sends what the review sent and checks the answer the fix gives: a 4xx with the route family's
+JSON error body, nothing stored that should not be, nothing leaked to the client or the terminal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from api_fixtures import assert_error, audit_rows, make_settings, predict
+from fastapi.testclient import TestClient
+
+from verity.api.app import create_app
+
+# Finding 1: cross-site state-changing requests ---------------------------------------------------------
+
+EVIL = "http://evil.example"
+
+
+def oip_text_plain(client: TestClient, headers: dict[str, str]):
+    """The /v2 infer a cross-site page can send without a CORS preflight: a text/plain JSON body."""
+    body = '{"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": %s}]}' % (
+        [0.5] * 3 * 32 * 32
+    )
+    return client.post(
+        "/v2/models/photo-test/infer", content=body, headers={"content-type": "text/plain", **headers}
+    )
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"origin": EVIL},
+        {"origin": "null"},  # a sandboxed frame or a file: page
+        {"origin": "http://testserver:9000"},  # same host, another port: another origin
+        {"origin": "https://testserver.evil.example"},
+        {"origin": EVIL, "sec-fetch-site": "cross-site"},
+        {"sec-fetch-site": "cross-site"},  # a browser that left Origin out still says where it came from
+        {"sec-fetch-site": "same-site"},
+    ],
+)
+def test_cross_site_predict_and_infer_are_refused_and_store_nothing(
+    client: TestClient, tmp_path: Path, headers: dict[str, str]
+) -> None:
+    """A form POST to /v1/predict or a text/plain POST to /v2 infer from another origin is a 403 with
+    the route family's error body, and no verdict is written (it would head the console's history)."""
+    body = assert_error(
+        predict(client, headers=headers, station_id="forged", case_id="forged"), 403, "cross_site_request"
+    )
+    assert "VERITY_ALLOWED_ORIGINS" in body["error"]["message"]
+    refused = oip_text_plain(client, headers)
+    assert refused.status_code == 403 and set(refused.json()) == {"error"}, refused.text
+    assert audit_rows(tmp_path) == {}
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/predict/batch"),
+        ("POST", "/v1/feedback"),
+        ("POST", "/v1/models/reload"),
+        ("POST", "/v1/references"),
+        ("DELETE", "/v1/references/ref-1"),
+        ("POST", "/v2/models/photo-test/versions/1/infer"),
+        ("PUT", "/v1/feedback"),
+        ("PATCH", "/v1/history"),
+    ],
+)
+def test_every_state_changing_route_refuses_another_origin(
+    client: TestClient, method: str, path: str
+) -> None:
+    response = client.request(method, path, headers={"origin": EVIL}, content=b"{}")
+    assert response.status_code == 403, response.text
+    if not path.startswith("/v2"):
+        assert_error(response, 403, "cross_site_request")
+
+
+def test_same_origin_pages_and_clients_without_origin_pass(client: TestClient, tmp_path: Path) -> None:
+    """The console served at / sends its own origin; curl and scanner consoles send none; reads pass."""
+    same = predict(client, headers={"origin": "http://testserver", "sec-fetch-site": "same-origin"})
+    assert same.status_code == 200, same.text
+    assert predict(client).status_code == 200
+    assert predict(client, headers={"sec-fetch-site": "none"}).status_code == 200
+    assert oip_text_plain(client, {"origin": "http://TestServer"}).status_code == 200
+    assert client.get("/v1/history", headers={"origin": EVIL}).status_code == 200
+    assert len(audit_rows(tmp_path)) == 4
+
+
+def test_an_origin_on_another_port_is_refused_on_a_loopback_server(tmp_path: Path, models_dir: Path) -> None:
+    """`make serve` answers at 127.0.0.1:8000; a page at 127.0.0.1:3000 is same-site but another origin."""
+    settings = make_settings(tmp_path)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        assert predict(client, headers={"origin": "http://127.0.0.1:8000"}).status_code == 200
+        other_port = {"origin": "http://127.0.0.1:3000", "sec-fetch-site": "same-site"}
+        assert_error(predict(client, headers=other_port), 403, "cross_site_request")
+        assert_error(predict(client, headers={"origin": "https://127.0.0.1:3000"}), 403)
+
+
+def test_configured_origins_are_trusted(tmp_path: Path, models_dir: Path) -> None:
+    settings = make_settings(tmp_path, allowed_origins="https://console.customs.example")
+    with TestClient(create_app(settings)) as client:
+        trusted = {"origin": "https://console.customs.example", "sec-fetch-site": "cross-site"}
+        assert predict(client, headers=trusted).status_code == 200
+        assert_error(predict(client, headers={"origin": "https://console.customs.example:8443"}), 403)
