@@ -369,9 +369,24 @@ def fp32_batch(tensor: TensorIn, binary: bytes | None, expected: tuple[int, int,
         raise bad_request(
             f"Input {tensor.name!r}: the data does not fill shape {list(shape)} with FP32 values."
         ) from error
-    if not np.isfinite(array).all():
-        raise bad_request(f"Input {tensor.name!r} holds NaN or infinite values.")
+    check_input_range(tensor.name, array)
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def check_input_range(name: str, array: np.ndarray) -> None:
+    """A preprocessed input holds values in [0, 1], as the protocol documents: NaN, infinities and
+    values like 3e38 are a 422, never scored (they made the model's score NaN, which the audit refused,
+    so any station could fake an audit outage)."""
+    if not np.isfinite(array).all():
+        raise ApiError(422, "invalid_tensor", f"Input {truncated(name)!r} holds NaN or infinite values.")
+    low, high = float(array.min()), float(array.max())
+    if low < 0.0 or high > 1.0:
+        raise ApiError(
+            422,
+            "invalid_tensor",
+            f"Input {truncated(name)!r} holds values from {low:.6g} to {high:.6g}; a preprocessed image "
+            "holds values in [0, 1].",
+        )
 
 
 def encode_bytes(values: list[str]) -> bytes:

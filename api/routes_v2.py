@@ -199,7 +199,8 @@ def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
 INFER_DOC: dict[str, Any] = dict(
     response_model=oip.InferResponse,
     description=(
-        "One input: `image` FP32 [N, C, S, S] (preprocessed, values in [0, 1], no normalization) or "
+        "One input: `image` FP32 [N, C, S, S] (preprocessed, values in [0, 1], no normalization; NaN, "
+        "infinities and values outside [0, 1] are a 422) or "
         "`image_bytes` BYTES [N] (encoded image files: base64 strings in JSON, raw bytes with the binary "
         "tensor data extension and the `Inference-Header-Content-Length` header). Outputs `score` FP32 [N], "
         "`verdict` BYTES [N], `logits` FP32 [N, 2], `request_id` BYTES [N]; request `parameters` may carry "

@@ -8,6 +8,7 @@ that is the one package every other one may import (`api` may import nothing els
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,23 @@ REFERENCE_STATUSES = ("match", "mismatch", "abstained")
 DEFAULT_VAL_FRACTION = 0.15
 DEFAULT_TEST_FRACTION = 0.15
 DEFAULT_SPLIT_SEED = 0
+
+
+class NonFiniteScore(ValueError):
+    """A score that is NaN or infinite: no verdict may be given on it, nor recorded (a NaN compares
+    false with both thresholds, so the rule alone would call it uncertain)."""
+
+    def __init__(self, score: float) -> None:
+        super().__init__(f"The model gave the score {score!r}; only a finite score has a verdict.")
+        self.score = score
+
+
+def finite_score(score: float) -> float:
+    """The score as a float, or NonFiniteScore: what serving checks before the verdict rule."""
+    value = float(score)
+    if not math.isfinite(value):
+        raise NonFiniteScore(value)
+    return value
 
 
 def verdict_codes(scores: Any, alarm: float, clear: float) -> np.ndarray:

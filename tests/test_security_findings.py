@@ -6,6 +6,7 @@ JSON error body, nothing stored that should not be, nothing leaked to the client
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,19 @@ from verity.api.app import create_app
 EVIL = "http://evil.example"
 
 
+PIXELS = 3 * 32 * 32  # one input of the tiny test models
+
+
+def fp32_body(data_json: str) -> str:
+    """A /v2 infer body of one [1, 3, 32, 32] FP32 image whose data is the JSON text given (which may
+    hold what json.dumps never writes: NaN, Infinity, 1e309)."""
+    tensor = '{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": ' + data_json + "}"
+    return '{"inputs": [' + tensor + "]}"
+
+
 def oip_text_plain(client: TestClient, headers: dict[str, str]):
     """The /v2 infer a cross-site page can send without a CORS preflight: a text/plain JSON body."""
-    body = '{"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": %s}]}' % (
-        [0.5] * 3 * 32 * 32
-    )
+    body = fp32_body(json.dumps([0.5] * PIXELS))
     return client.post(
         "/v2/models/photo-test/infer", content=body, headers={"content-type": "text/plain", **headers}
     )
@@ -104,3 +113,53 @@ def test_configured_origins_are_trusted(tmp_path: Path, models_dir: Path) -> Non
         trusted = {"origin": "https://console.customs.example", "sec-fetch-site": "cross-site"}
         assert predict(client, headers=trusted).status_code == 200
         assert_error(predict(client, headers={"origin": "https://console.customs.example:8443"}), 403)
+
+
+# Finding 2: /v2 FP32 values outside [0, 1], and non-finite scores -----------------------------------
+
+
+def fp32_infer(client: TestClient, data_json: str):
+    headers = {"content-type": "application/json"}
+    return client.post("/v2/models/photo-test/infer", content=fp32_body(data_json), headers=headers)
+
+
+def audit_failures(client: TestClient) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("verity_audit_failures_total "):
+            return float(line.split()[1])
+    raise AssertionError("no verity_audit_failures_total in /metrics")
+
+
+@pytest.mark.parametrize("value", ["3e38", "-3e38", "1.5", "-0.01", "NaN", "Infinity", "1e309"])
+def test_fp32_values_outside_0_1_are_422_and_never_scored(
+    client: TestClient, tmp_path: Path, value: str
+) -> None:
+    """3e38 made the model's score NaN; the audit then refused the row: 503 audit_unavailable and an
+    audit-failure count that any station could raise. Now the tensor itself is refused."""
+    data = "[" + ", ".join([value] + ["0.5"] * (PIXELS - 1)) + "]"
+    response = fp32_infer(client, data)
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]  # the protocol's {"error": "..."}
+    assert "holds values from" in message and "[0, 1]" in message or "NaN or infinite" in message
+    assert audit_rows(tmp_path) == {} and audit_failures(client) == 0
+    assert fp32_infer(client, "[" + ", ".join(["1.0"] * PIXELS) + "]").status_code == 200
+
+
+def test_a_non_finite_score_never_becomes_a_verdict(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: should a model still give NaN, the verdict rule refuses it and the caller gets a
+    422 saying so; nothing is audited and the audit log is not blamed."""
+    import numpy as np
+
+    from verity.inference import engine
+    from verity.inference.engine import Thresholds
+    from verity.inference.vocabulary import NonFiniteScore
+
+    with pytest.raises(NonFiniteScore):
+        Thresholds(alarm=0.6, clear=0.4).verdict(float("nan"))
+    monkeypatch.setattr(engine, "calibrated_scores", lambda logits, t: np.full(len(logits), np.nan))
+    assert_error(predict(client), 422, "unscorable_input")
+    refused = fp32_infer(client, "[" + ", ".join(["0.5"] * PIXELS) + "]")
+    assert refused.status_code == 422 and "no finite score" in refused.json()["error"]
+    assert audit_rows(tmp_path) == {} and audit_failures(client) == 0
