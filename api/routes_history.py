@@ -49,21 +49,51 @@ def encode_cursor(record: AuditRecord) -> str:
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
 
+def _is_text(value: object) -> bool:
+    """A string SQLite can bind: UTF-8 encodable (JSON's "\\ud800" decodes to a lone surrogate, which
+    is not, and made the history a 500)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def decode_cursor(cursor: str) -> tuple[str, str]:
     """The (created, request_id) a cursor holds, or a 422: a client only passes back what it was given."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, request_id = json.loads(raw)
-        if isinstance(created, str) and isinstance(request_id, str):
+        if _is_text(created) and _is_text(request_id):
             return created, request_id
     except (binascii.Error, ValueError, TypeError):
         pass
     raise _invalid("before", "not a cursor from this endpoint's `next`.")
 
 
+# The first and last instants a bound can name. A bound at the calendar's edge has no UTC instant
+# beyond it (until=9999-12-31 ends at a midnight after year 9999, since=0001-01-01T00:00:00+01:00
+# starts an hour before year 1): it is clamped to these, which every stored verdict lies between.
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
+
+
 def _as_utc(moment: datetime) -> datetime:
-    """A naive datetime is UTC; an aware one is converted to UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    """A naive datetime is UTC; an aware one is converted to UTC, clamped to the calendar's edges."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # a positive offset runs before year 1, a negative one past year 9999
+        offset = moment.utcoffset() or timedelta()
+        return EARLIEST if offset > timedelta() else LATEST
+
+
+def _stored(moment: datetime) -> str:
+    """A UTC datetime in the stored form of `created` (utc_now's), so bounds compare as strings."""
+    return moment.isoformat(timespec="microseconds")
 
 
 def parse_bound(field: str, text: str, end: bool) -> tuple[str, bool]:
@@ -74,15 +104,16 @@ def parse_bound(field: str, text: str, end: bool) -> tuple[str, bool]:
     except ValueError:
         day = None
     if day is not None:
-        start = datetime.combine(day + timedelta(days=1) if end else day, time(), UTC)
-        return start.isoformat(timespec="microseconds"), end
+        if end and day == date.max:  # the calendar's last day has no next midnight: up to its last instant
+            return _stored(LATEST), False
+        return _stored(datetime.combine(day + timedelta(days=1) if end else day, time(), UTC)), end
     try:
         moment = _as_utc(datetime.fromisoformat(text))
     except ValueError:
         raise _invalid(
             field, f"{truncated(text)!r} is not an ISO 8601 date (2026-12-02) or datetime (UTC)."
         ) from None
-    return moment.isoformat(timespec="microseconds"), False
+    return _stored(moment), False
 
 
 def scope_for(principal: Principal, station_id: str | None) -> tuple[str | None, str | None]:

@@ -6,6 +6,7 @@ JSON error body, nothing stored that should not be, nothing leaked to the client
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -163,3 +164,40 @@ def test_a_non_finite_score_never_becomes_a_verdict(
     refused = fp32_infer(client, "[" + ", ".join(["0.5"] * PIXELS) + "]")
     assert refused.status_code == 422 and "no finite score" in refused.json()["error"]
     assert audit_rows(tmp_path) == {} and audit_failures(client) == 0
+
+
+# Finding 3: /v1/history's cursor and the calendar's edges -----------------------------------------
+
+
+def cursor_of(document: bytes) -> str:
+    return base64.urlsafe_b64encode(document).decode("ascii").rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        cursor_of(b'["\\ud800", "x"]'),  # a lone surrogate in the cursor's JSON: SQLite cannot bind it
+        cursor_of(b'["2026-12-02T00:00:00.000000+00:00", "\\udfff"]'),
+        "%ED%A0%80",  # the surrogate's bytes percent-encoded
+    ],
+)
+def test_a_cursor_holding_a_lone_surrogate_is_422(client: TestClient, before: str) -> None:
+    body = assert_error(client.get(f"/v1/history?before={before}"), 422, "invalid_fields")
+    assert "before" in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("query", "found"),
+    [
+        ("until=9999-12-31", 1),  # the calendar's last day has no next midnight
+        ("since=0001-01-01T00:00:00%2B01:00", 1),  # an hour before year 1 in UTC
+        ("until=9999-12-31T23:00:00-05:00", 1),  # past year 9999 in UTC
+        ("until=0001-01-01T00:00:00%2B01:00", 0),
+        ("since=9999-12-31", 0),
+    ],
+)
+def test_dates_at_the_calendars_edge_are_answered(client: TestClient, query: str, found: int) -> None:
+    assert predict(client).status_code == 200
+    response = client.get(f"/v1/history?{query}")
+    assert response.status_code == 200, response.text
+    assert len(response.json()["items"]) == found
