@@ -21,7 +21,7 @@ from verity.api import routes_history, routes_references, routes_v1, routes_v2
 from verity.api.audit import AuditStore, ImageStore, open_audit_store
 from verity.api.auth import KeyStore
 from verity.api.docs import ASSETS_URL, DOCS_PAGES, OPENAPI_URL, install_docs
-from verity.api.errors import ApiError, install_error_handlers
+from verity.api.errors import ApiError, install_error_handlers, truncated
 from verity.api.limits import KeyLimits
 from verity.api.logs import configure_logging
 from verity.api.metrics import Metrics
@@ -93,20 +93,36 @@ def console_dir() -> Path:
     return Path(str(files("verity.api") / "console"))
 
 
+# The longest file name, and path, the console is asked for: a file system's limits (its own are short).
+CONSOLE_NAME_MAX = 255
+CONSOLE_PATH_MAX = 1024
+
+
+def _console_name(relative: str) -> bool:
+    """Whether `relative` could name one of the console's files: printable, short parts, none hidden,
+    a type the console uses. Checked before the file system sees the name: an embedded NUL or a
+    5,000-character name made it raise (a 500, and two tracebacks in the log)."""
+    parts = relative.split("/")
+    return (
+        len(relative) <= CONSOLE_PATH_MAX
+        and relative.isprintable()
+        and all(0 < len(part) <= CONSOLE_NAME_MAX and not part.startswith(".") for part in parts)
+        and Path(parts[-1]).suffix.lower() in CONSOLE_TYPES
+    )
+
+
 def _console_file(relative: str) -> Path:
     """The file under the console folder that `relative` names, or a 404: never a path outside it,
     a hidden file or a type the console does not use."""
-    root = console_dir().resolve()
-    target = (root / relative).resolve()
-    parts = Path(relative).parts
-    if (
-        not target.is_relative_to(root)
-        or any(part.startswith(".") for part in parts)
-        or target.suffix.lower() not in CONSOLE_TYPES
-        or not target.is_file()
-    ):
-        raise ApiError(404, "not_found", f"The console has no file {relative[:64]!r}.")
-    return target
+    if _console_name(relative):
+        root = console_dir().resolve()
+        try:
+            target = (root / relative).resolve()
+            if target.is_relative_to(root) and target.is_file():
+                return target
+        except (OSError, ValueError):  # a name the file system refuses names no file of the console
+            pass
+    raise ApiError(404, "not_found", f"The console has no file {truncated(relative)!r}.")
 
 
 def install_console(app: FastAPI) -> None:

@@ -201,3 +201,21 @@ def test_dates_at_the_calendars_edge_are_answered(client: TestClient, query: str
     response = client.get(f"/v1/history?{query}")
     assert response.status_code == 200, response.text
     assert len(response.json()["items"]) == found
+
+
+# Finding 4: hostile file names under /console/ ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["%00.js", "app%00.js", "a" * 5000 + ".js", "x/" * 600 + "a.js", "%1b%5b31m.js", "%ED%A0%80.js"],
+)
+def test_hostile_console_names_are_404_json_without_a_traceback(
+    client: TestClient, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    """An embedded NUL or a 5,000-character name made the file system raise: a 500 and two tracebacks."""
+    with caplog.at_level("INFO"):
+        body = assert_error(client.get(f"/console/{name}"), 404, "not_found")
+    assert len(body["error"]["message"]) < 200
+    assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")]
+    assert client.get("/console/app.js").status_code == 200
