@@ -4,7 +4,9 @@ Scope, one rule for the list and for one record: a station key sees the verdicts
 station's keys (rows from before receivers were recorded count when their station is the key's, as for
 feedback); an admin sees every verdict and may filter by station; an anonymous caller (an unkeyed
 loopback server) sees the verdicts received without a key. A station named by an anonymous caller is a
-claim, so it never puts a verdict in that station's history.
+claim, so it never puts a verdict in that station's history, not even in an admin's view filtered by
+that station: an auditor asking for gate-3's verdicts gets those gate-3's keys received, and finds the
+claims in the unfiltered list, where every item says who received it (`caller_role`, `key_id`).
 
 Pages are keyset pages over (created, request_id), read through the index: `next` is an opaque cursor
 holding the last row's pair, so a page never re-reads or skips a row as new verdicts arrive.
@@ -119,7 +121,8 @@ def parse_bound(field: str, text: str, end: bool) -> tuple[str, bool]:
 def scope_for(principal: Principal, station_id: str | None) -> tuple[str | None, str | None]:
     """(station filter, caller filter) of the caller's history: 403 for a station naming another."""
     if principal.role == "admin":
-        return station_id, None
+        # A station's verdicts are those its keys received; anonymous claims of its name are not.
+        return station_id, None if station_id is None else "keyed"
     if principal.role == ANONYMOUS:
         # Every anonymous verdict is the anonymous caller's already; a station name only narrows them.
         return station_id, "anonymous"
@@ -165,6 +168,8 @@ def history_item(record: AuditRecord, feedback: list[Any]) -> dict[str, Any]:
         "reference_threshold": record.reference_threshold,
         "image_sha256": record.image_sha256,
         "api": record.api,
+        "caller_role": record.caller_role,
+        "key_id": record.key_id,
         "feedback": None
         if winner is None
         else {
@@ -197,7 +202,9 @@ async def _read(function: Any, *arguments: Any, retry_after_s: int) -> Any:
     responses=_errors(401, 403, 422, 503),
     summary="The caller's verdicts, newest first, paged",
     description="A station key sees its station's verdicts, an admin every verdict (and may filter by "
-    "`station_id`), an anonymous caller on an unkeyed server the verdicts received without a key. "
+    "`station_id`: the verdicts that station's keys received, never ones an anonymous caller only "
+    "claimed for it), an anonymous caller on an unkeyed server the verdicts received without a key. "
+    "Each item says who received it: `caller_role` and `key_id`. "
     "Pass `next` back as `before` for the following page. `until` as a date includes that whole day; "
     "dates and datetimes are UTC unless they carry an offset.",
 )
@@ -216,7 +223,12 @@ async def history(
     since: Annotated[str | None, Query(max_length=40, description="ISO 8601 date or datetime.")] = None,
     until: Annotated[str | None, Query(max_length=40, description="ISO 8601 date or datetime.")] = None,
     station_id: Annotated[
-        str | None, Query(max_length=STATION_ID_MAX, description="Admin only: one station's verdicts.")
+        str | None,
+        Query(
+            max_length=STATION_ID_MAX,
+            description="One station's verdicts: for an admin those its keys received (not anonymous "
+            "claims of its name); a station key may name only its own.",
+        ),
     ] = None,
 ) -> dict[str, Any]:
     station, callers = scope_for(principal, station_id)

@@ -270,6 +270,12 @@ class HistoryItem(BaseModel):
     reference_threshold: float | None = None
     image_sha256: str
     api: Literal["v1", "v2"]
+    caller_role: str | None = Field(
+        None,
+        description="Who received the verdict: a station key, an admin key, or a caller without a key "
+        "(whose station_id is only a claim); null on rows from before receivers were recorded.",
+    )
+    key_id: str | None = Field(None, description="The id of the key that received it (never the secret).")
     feedback: HistoryFeedback | None = Field(None, description="The resolved confirmation, if any.")
 
 
@@ -297,6 +303,8 @@ class HistoryPage(BaseModel):
                         "reference_threshold": None,
                         "image_sha256": EXAMPLE_SHA,
                         "api": "v1",
+                        "caller_role": "station",
+                        "key_id": "3f9a2c71",
                         "feedback": {
                             "confirmed_label": "counterfeit",
                             "created": "2026-12-02T04:50:01.000000+00:00",

@@ -219,3 +219,34 @@ def test_hostile_console_names_are_404_json_without_a_traceback(
     assert len(body["error"]["message"]) < 200
     assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")]
     assert client.get("/console/app.js").status_code == 200
+
+
+# Finding 5: an admin's history filtered by station, and who received each verdict ------------------
+
+
+def test_an_admins_station_filter_holds_only_that_stations_keyed_verdicts(
+    client: TestClient, settings
+) -> None:
+    """On an unkeyed server anyone may claim a station's name; an auditor filtering by the station gets
+    the verdicts its keys received, and every item says who received it."""
+    from verity.api.auth import KeyStore
+
+    store = KeyStore(settings.keys_file)
+    gate_key, gate_secret = store.add("gate-3")
+    _, admin_secret = store.add("hq", role="admin")
+    keyed = predict(client, headers={"X-API-Key": gate_secret}).json()["request_id"]
+    claimed = predict(client, station_id="gate-3").json()["request_id"]  # anonymous, claiming gate-3
+
+    def items(**params: str) -> dict[str, dict]:
+        response = client.get("/v1/history", params=params, headers={"X-API-Key": admin_secret})
+        assert response.status_code == 200, response.text
+        return {item["request_id"]: item for item in response.json()["items"]}
+
+    assert set(items(station_id="gate-3")) == {keyed}
+    everything = items()
+    assert set(everything) == {keyed, claimed}
+    assert (everything[keyed]["caller_role"], everything[keyed]["key_id"]) == ("station", gate_key.key_id)
+    assert (everything[claimed]["caller_role"], everything[claimed]["key_id"]) == ("anonymous", None)
+    assert everything[claimed]["station_id"] == "gate-3"
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["HistoryItem"]["properties"]
+    assert {"caller_role", "key_id"} <= set(schema)
