@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 
@@ -37,6 +38,7 @@ from verity.api.schemas import (
 )
 
 router = APIRouter(tags=["history"])
+log = logging.getLogger("verity.api")
 
 HISTORY_LIMIT_MAX = 100
 CURSOR_MAX = 400  # a cursor we issue is about 100 characters
@@ -192,8 +194,10 @@ def _read_page(audit: AuditStore, query: HistoryQuery) -> tuple[list[AuditRecord
 async def _read(function: Any, *arguments: Any, retry_after_s: int) -> Any:
     try:
         return await run_in_threadpool(function, *arguments)
-    except AuditError as error:
-        raise service_unavailable("audit_unavailable", str(error), retry_after_s) from error
+    except AuditError as error:  # the cause (which may name the database file) is for the log only
+        log.error("audit read failed", extra={"error": str(error)})
+        message = "The audit log cannot be read; retry shortly."
+        raise service_unavailable("audit_unavailable", message, retry_after_s) from error
 
 
 @router.get(

@@ -7,6 +7,7 @@ nothing changes). The store is `inference.references.ReferenceStore`, shared wit
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Annotated, Any
 
@@ -36,6 +37,7 @@ from verity.inference.references import (
 from verity.inference.tiling import TooManyTiles
 
 router = APIRouter(tags=["references"])
+log = logging.getLogger("verity.api")
 
 ModelField = Annotated[str | None, Form(max_length=64, description="A loaded model's name.")]
 ModalityForm = Annotated[Modality | None, Form(description="Or the default model of this modality.")]
@@ -56,14 +58,23 @@ def store_error(error: ReferenceStoreError) -> ApiError:
         return ApiError(422, "invalid_product", str(error))
     if isinstance(error, NoEmbedding):
         return ApiError(422, "no_embedding", str(error))
-    return ApiError(503, "references_unavailable", str(error))  # e.g. a damaged events file
+    # Anything else is the store's own damage (an events file that does not parse): its message names the
+    # file, a server path no station should read, so it goes to the log and the client gets fixed words.
+    log.error("reference store unusable", extra={"error": str(error)})
+    return ApiError(503, "references_unavailable", STORE_DAMAGED)
+
+
+STORE_DAMAGED = (
+    "The reference store cannot be read (its events log is damaged); the cause is logged for the operator."
+)
 
 
 def store_unavailable(error: OSError) -> ApiError:
-    """The reference folder cannot be written or read (disk full, permissions): nothing was changed."""
-    return ApiError(
-        503, "references_unavailable", f"The reference store cannot be used: {error.strerror or error}."
-    )
+    """The reference folder cannot be written or read (disk full, permissions): nothing was changed. The
+    client learns why in the system's words (strerror, never the file name); the path goes to the log."""
+    log.error("reference store unavailable", extra={"error": str(error)})
+    reason = f": {error.strerror}" if error.strerror else ""
+    return ApiError(503, "references_unavailable", f"The reference store cannot be used{reason}.")
 
 
 def audit_unavailable(settings: Settings, what: str) -> ApiError:

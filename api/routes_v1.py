@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import FeedbackRecord, utc_now
 from verity.api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
-from verity.api.errors import ApiError, current_request_id, truncated
+from verity.api.errors import ApiError, current_request_id, service_unavailable, truncated
 from verity.api.feedback import may_confirm
 from verity.api.registry import ServedModel
 from verity.api.schemas import (
@@ -281,9 +281,12 @@ async def feedback(
     )
     try:
         await run_in_threadpool(audit.add_feedback, entry)
-    except RuntimeError as error:
-        raise ApiError(
-            503, "audit_unavailable", str(error), {"Retry-After": str(settings.retry_after_s)}
+    except RuntimeError as error:  # the cause (which may name the database file) is for the log only
+        log.error("feedback write failed", extra={"error": str(error)})
+        raise service_unavailable(
+            "audit_unavailable",
+            "The audit log cannot be written, so the feedback was not recorded; retry shortly.",
+            settings.retry_after_s,
         ) from error
     return {"request_id": body.request_id, "confirmed_label": body.confirmed_label, "recorded": True}
 

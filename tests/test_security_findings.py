@@ -250,3 +250,26 @@ def test_an_admins_station_filter_holds_only_that_stations_keyed_verdicts(
     assert everything[claimed]["station_id"] == "gate-3"
     schema = client.get("/openapi.json").json()["components"]["schemas"]["HistoryItem"]["properties"]
     assert {"caller_role", "key_id"} <= set(schema)
+
+
+# Finding 6: server file paths in messages to clients ------------------------------------------------
+
+
+def test_a_damaged_reference_events_file_is_a_503_without_its_path(
+    tmp_path: Path, models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store's message names the events file by its absolute path: a station asking for a product
+    check read it in the 503. It goes to the log; the client gets fixed words."""
+    from verity.inference.references import EVENTS_FILE
+
+    references = tmp_path / "refs"
+    events = references / "photo-test" / EVENTS_FILE
+    events.parent.mkdir(parents=True)
+    events.write_text('{"action": "add"}\ngarbage\n')
+    settings = make_settings(tmp_path, references_dir=references)
+    with TestClient(create_app(settings)) as client, caplog.at_level("ERROR", logger="verity.api"):
+        body = assert_error(predict(client, product="acme"), 503, "references_unavailable")
+    message = body["error"]["message"]
+    assert str(tmp_path) not in message and EVENTS_FILE not in message and "/" not in message
+    assert "damaged" in message
+    assert any(str(events) in str(getattr(r, "error", "")) for r in caplog.records)
