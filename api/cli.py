@@ -231,6 +231,19 @@ def audit_main(argv: list[str]) -> int:
         store.close()
 
 
+# A cell starting with one of these is read as a formula by spreadsheets (OWASP: CSV injection), so a
+# case_id of =HYPERLINK(...) would run when an auditor opens the export.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_cell(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text: a string starting like a formula gets a leading single
+    quote (OWASP's advice); numbers and everything else are written as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def _export_records(store: AuditStore, args: argparse.Namespace) -> int:
     since = _parse_since(args.since)
     handle = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8", newline="")  # noqa: SIM115
@@ -241,7 +254,10 @@ def _export_records(store: AuditStore, args: argparse.Namespace) -> int:
             writer.writeheader()
         for record in store.since(since):
             row = asdict(record)
-            writer.writerow(row) if writer else handle.write(json.dumps(row) + "\n")
+            if writer:
+                writer.writerow({name: spreadsheet_cell(value) for name, value in row.items()})
+            else:
+                handle.write(json.dumps(row) + "\n")
             count += 1
     finally:
         if handle is not sys.stdout:

@@ -273,3 +273,48 @@ def test_a_damaged_reference_events_file_is_a_503_without_its_path(
     assert str(tmp_path) not in message and EVENTS_FILE not in message and "/" not in message
     assert "damaged" in message
     assert any(str(events) in str(getattr(r, "error", "")) for r in caplog.records)
+
+
+# Finding 7: formula injection in `verity audit export --format csv` --------------------------------
+
+
+def test_csv_export_neutralises_cells_that_start_like_a_formula(tmp_path: Path) -> None:
+    import csv
+
+    from verity.api.audit import AuditRecord, SQLiteAuditStore
+    from verity.api.cli import audit_main
+
+    db = tmp_path / "audit.sqlite"
+    store = SQLiteAuditStore(db)
+    hostile = {
+        "r1": ("=HYPERLINK(\"http://evil.example\",\"open\")", "+gate"),
+        "r2": ("-2+3", "@SUM(A1)"),
+        "r3": ("\tTAB", "\rCR"),
+        "r4": ("SEZ-2026-0412", "gate-3"),  # ordinary values stay as they are
+    }
+    store.record(
+        [
+            AuditRecord(
+                request_id=request_id, created=f"2026-12-02T00:00:0{i}.000000+00:00", station_id=station,
+                case_id=case, image_sha256="a" * 64, modality="photo", model_name="=cmd|' /C calc'!A0",
+                model_version="1", score=0.25, verdict="genuine", alarm_threshold=0.6, clear_threshold=0.4,
+                latency_ms=-1.5, reasons="classifier",
+            )
+            for i, (request_id, (case, station)) in enumerate(hostile.items())
+        ]
+    )
+    store.close()
+    out = tmp_path / "export.csv"
+    assert audit_main(["export", "--db", str(db), "--format", "csv", "--out", str(out)]) == 0
+    with out.open(newline="", encoding="utf-8") as handle:
+        rows = {row["request_id"]: row for row in csv.DictReader(handle)}
+    for request_id, (case, station) in hostile.items():
+        row = rows[request_id]
+        quoted = request_id != "r4"
+        assert row["case_id"] == ("'" if quoted else "") + case
+        assert row["station_id"] == ("'" if quoted else "") + station
+        assert row["model_name"] == "'=cmd|' /C calc'!A0"
+        assert row["latency_ms"] == "-1.5" and row["score"] == "0.25"  # numbers are numbers
+    for row in rows.values():
+        text = [value for name, value in row.items() if name != "latency_ms" and value]
+        assert not any(value.startswith(("=", "+", "-", "@", "\t", "\r")) for value in text)
