@@ -392,3 +392,31 @@ def test_terminal_safe_escapes_every_control_character() -> None:
     assert terminal_lines("one\x1b\ntwo\r") == "one\\x1b\ntwo\\x0d"
     assert json.loads(terminal_json({"a": "\x7f\x1b"})) == {"a": "\x7f\x1b"}
     assert "\x7f" not in terminal_json("\x7f")
+
+
+# Finding 9: anonymous feedback on a verdict that named a station --------------------------------------
+
+
+def test_anonymous_feedback_on_a_station_named_verdict_is_403_and_never_counts(
+    client: TestClient, settings
+) -> None:
+    """README: anonymous callers may confirm only verdicts recorded without a station. The server took
+    such feedback; now it is a 403 saying why, and a row accepted before is ignored by the history and
+    the export."""
+    from verity.api.audit import FeedbackRecord, SQLiteAuditStore
+    from verity.api.feedback import resolve
+
+    named = predict(client, station_id="gate-3").json()["request_id"]
+    refused = client.post("/v1/feedback", json={"request_id": named, "confirmed_label": "genuine"})
+    body = assert_error(refused, 403, "forbidden")
+    assert "without a station" in body["error"]["message"]
+    assert client.get(f"/v1/history/{named}").json()["feedback"] is None
+
+    store = SQLiteAuditStore(settings.audit_db)  # a row the old rule let in
+    old = FeedbackRecord(request_id=named, created="2026-12-02T00:00:00+00:00", confirmed_label="genuine",
+                         role="anonymous")
+    store.add_feedback(old)
+    record = store.get(named)
+    store.close()
+    assert record is not None and resolve(record, [old]) == (None, 1)
+    assert client.get(f"/v1/history/{named}").json()["feedback"] is None
