@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse
 
+from verity import __version__
 from verity.api import routes_history, routes_references, routes_v1, routes_v2
 from verity.api.audit import AuditStore, ImageStore, open_audit_store
 from verity.api.auth import KeyStore
@@ -225,7 +226,7 @@ def create_app(
 
     app = FastAPI(
         title="Verity",
-        version="0.1.0",
+        version=__version__,
         description=DESCRIPTION,
         openapi_tags=TAGS,
         lifespan=_lifespan(settings, registry, audit),

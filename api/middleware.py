@@ -228,10 +228,9 @@ class HostCheckMiddleware:
         if host_allowed(host_name(header), self.allowed_hosts):
             await self.app(scope, receive, send)
             return
-        shown = header if len(header) <= 64 else header[:64] + "..."
         message = (
-            f"The Host header {shown!r} does not name this server; an operator can allow a name with "
-            "VERITY_ALLOWED_HOSTS."
+            f"The Host header {truncated(header)!r} does not name this server; an operator can allow a name "
+            "with VERITY_ALLOWED_HOSTS."
         )
         response = error_response(None, 400, "invalid_host", message, path=scope["path"])
         await response(scope, receive, send)

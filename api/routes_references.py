@@ -35,15 +35,21 @@ from verity.inference.references import (
     validate_product,
 )
 from verity.inference.tiling import TooManyTiles
+from verity.inference.vocabulary import NAME_MAX
 
 router = APIRouter(tags=["references"])
 log = logging.getLogger("verity.api")
 
-ModelField = Annotated[str | None, Form(max_length=64, description="A loaded model's name.")]
+ModelField = Annotated[str | None, Form(max_length=NAME_MAX, description="A loaded model's name.")]
 ModalityForm = Annotated[Modality | None, Form(description="Or the default model of this modality.")]
-ModelQuery = Annotated[str | None, Query(max_length=64, description="A loaded model's name.")]
+ModelQuery = Annotated[str | None, Query(max_length=NAME_MAX, description="A loaded model's name.")]
 ModalityQuery = Annotated[Modality | None, Query(description="Or the default model of this modality.")]
-ProductForm = Annotated[str, Form(description="Product name: 1-64 of a-z 0-9 . _ - (e.g. acme-watch-x2).")]
+ProductForm = Annotated[
+    str,
+    Form(
+        max_length=NAME_MAX, description=f"Product name: 1-{NAME_MAX} of a-z 0-9 . _ - (e.g. acme-watch-x2)."
+    ),
+]
 
 
 def store_error(error: ReferenceStoreError) -> ApiError:
@@ -261,7 +267,7 @@ async def list_references(
     modality: ModalityQuery = None,
     model: ModelQuery = None,
     product: Annotated[
-        str | None, Query(max_length=64, description="List this product's references.")
+        str | None, Query(max_length=NAME_MAX, description="List this product's references.")
     ] = None,
 ) -> dict[str, Any]:
     served = served_model(registry, settings, modality, model)

@@ -32,6 +32,7 @@ from verity.api.schemas import (
     ReloadResponse,
 )
 from verity.api.service import PredictionService, Scored, ServiceDep, render_images, station_for
+from verity.inference.vocabulary import NAME_MAX
 
 router = APIRouter()
 log = logging.getLogger("verity.api")
@@ -72,7 +73,7 @@ ViewField = Annotated[
 ProductField = Annotated[
     str | None,
     Form(
-        max_length=64,
+        max_length=NAME_MAX,
         description="The product the item claims to be. Its genuine references (`/v1/references`) are "
         "then checked too; 404 lists the products that have references.",
     ),

@@ -26,7 +26,7 @@ STATION_ID_MAX = 100
 CASE_ID_MAX = 200
 NOTES_MAX = 4000
 REQUEST_ID_MAX = 100  # a request id quoted back (ours are 32 hex digits and "-index"), and a /v2 request's id
-NAME_MAX = 64  # a /v2 tensor, output or parameter name
+OIP_NAME_MAX = 64  # a /v2 tensor, output or parameter name
 PARAMETER_TEXT_MAX = 200  # any other string parameter of /v2
 PARAMETERS_MAX = 16  # entries in one /v2 parameters map
 

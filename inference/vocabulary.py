@@ -1,5 +1,5 @@
-"""Verity's vocabulary, defined once: labels, modalities, splits, verdicts, the split defaults and the
-verdict rule.
+"""Verity's vocabulary, defined once: labels, modalities, splits, verdicts, the length of a name, the
+split defaults and the verdict rule.
 
 Data, training, evaluation and serving all import these names from here, so a manifest, a model card and
 an API answer can never disagree on what a label or a verdict is called. It lives in `inference` because
@@ -32,6 +32,11 @@ REASONS = ("classifier", "reference_mismatch", "not_recognised", "classifier_unc
 # The product reference check's outcome: near enough the product's genuine references, too far, or no
 # answer because the product has fewer references than its calibration needs.
 REFERENCE_STATUSES = ("match", "mismatch", "abstained")
+
+# The most characters of a product or model name. A name becomes a folder of the reference store, a field
+# of every audit row and listing, and a form or query field of the API: the store's patterns
+# (inference.references) and the API's max_length are all this one number.
+NAME_MAX = 64
 
 # How rows without a split are split (grouped by case or product, stratified by label). Ingest, training
 # and evaluation must share them: if evaluation re-split differently from training, test images would

@@ -420,3 +420,36 @@ def test_anonymous_feedback_on_a_station_named_verdict_is_403_and_never_counts(
     store.close()
     assert record is not None and resolve(record, [old]) == (None, 1)
     assert client.get(f"/v1/history/{named}").json()["feedback"] is None
+
+
+# Housekeeping of issue 23: one version, one name length ------------------------------------------------
+
+
+def max_length(schema: dict) -> int | None:
+    """A string field's maxLength, also when it is optional (anyOf string or null)."""
+    options = [schema, *schema.get("anyOf", [])]
+    return next((option["maxLength"] for option in options if "maxLength" in option), None)
+
+
+def test_one_version_and_one_name_length_everywhere(client: TestClient) -> None:
+    """The served version is the package's, and a product or model name is NAME_MAX long for the store's
+    patterns and for every API field that takes one."""
+    from verity import __version__
+    from verity.inference.references import MODEL_NAME_PATTERN, PRODUCT_PATTERN
+    from verity.inference.vocabulary import NAME_MAX
+
+    assert client.get("/v2").json()["version"] == __version__
+    document = client.get("/openapi.json").json()
+    assert document["info"]["version"] == __version__
+    for pattern in (PRODUCT_PATTERN, MODEL_NAME_PATTERN):
+        assert pattern.fullmatch("a" * NAME_MAX) and not pattern.fullmatch("a" * (NAME_MAX + 1))
+    schemas = document["components"]["schemas"]
+    fields = []
+    for path in ("/v1/predict", "/v1/predict/batch", "/v1/references"):
+        for operation in document["paths"][path].values():
+            named = [p for p in operation.get("parameters", []) if p["name"] in ("product", "model")]
+            fields += [parameter["schema"] for parameter in named]
+            for content in operation.get("requestBody", {}).get("content", {}).values():
+                body = schemas[content["schema"]["$ref"].rsplit("/", 1)[-1]]["properties"]
+                fields += [body[name] for name in ("product", "model") if name in body]
+    assert len(fields) >= 6 and {max_length(field) for field in fields} == {NAME_MAX}
