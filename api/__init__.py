@@ -7,6 +7,7 @@
 - service.py: the prediction path (decode off the loop, micro-batch, score, audit, answer).
 - registry.py: models under <models_dir>/<name>/<version>/model.onnx, defaults, hot reload.
 - auth.py (hashed station keys), audit.py (SQLite WAL audit log, image store), metrics.py, logs.py,
-  middleware.py (request_id, streamed body limit, access log), errors.py, schemas.py, deps.py.
+  middleware.py (request_id, streamed body limit, access log, Host and cross-site checks), errors.py,
+  schemas.py, deps.py.
 - cli.py: `verity serve|keys|audit`; feedback.py: `verity audit confirmed` (cases to ingest).
 """

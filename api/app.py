@@ -17,15 +17,21 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse
 
+from verity import __version__
 from verity.api import routes_history, routes_references, routes_v1, routes_v2
 from verity.api.audit import AuditStore, ImageStore, open_audit_store
 from verity.api.auth import KeyStore
 from verity.api.docs import ASSETS_URL, DOCS_PAGES, OPENAPI_URL, install_docs
-from verity.api.errors import ApiError, install_error_handlers
+from verity.api.errors import ApiError, install_error_handlers, truncated
 from verity.api.limits import KeyLimits
 from verity.api.logs import configure_logging
 from verity.api.metrics import Metrics
-from verity.api.middleware import HostCheckMiddleware, RequestContextMiddleware, SecurityHeadersMiddleware
+from verity.api.middleware import (
+    CrossSiteMiddleware,
+    HostCheckMiddleware,
+    RequestContextMiddleware,
+    SecurityHeadersMiddleware,
+)
 from verity.api.registry import EngineFactory, ModelRegistry
 from verity.api.settings import Settings, load_settings
 from verity.inference.references import ReferenceStore
@@ -88,20 +94,36 @@ def console_dir() -> Path:
     return Path(str(files("verity.api") / "console"))
 
 
+# The longest file name, and path, the console is asked for: a file system's limits (its own are short).
+CONSOLE_NAME_MAX = 255
+CONSOLE_PATH_MAX = 1024
+
+
+def _console_name(relative: str) -> bool:
+    """Whether `relative` could name one of the console's files: printable, short parts, none hidden,
+    a type the console uses. Checked before the file system sees the name: an embedded NUL or a
+    5,000-character name made it raise (a 500, and two tracebacks in the log)."""
+    parts = relative.split("/")
+    return (
+        len(relative) <= CONSOLE_PATH_MAX
+        and relative.isprintable()
+        and all(0 < len(part) <= CONSOLE_NAME_MAX and not part.startswith(".") for part in parts)
+        and Path(parts[-1]).suffix.lower() in CONSOLE_TYPES
+    )
+
+
 def _console_file(relative: str) -> Path:
     """The file under the console folder that `relative` names, or a 404: never a path outside it,
     a hidden file or a type the console does not use."""
-    root = console_dir().resolve()
-    target = (root / relative).resolve()
-    parts = Path(relative).parts
-    if (
-        not target.is_relative_to(root)
-        or any(part.startswith(".") for part in parts)
-        or target.suffix.lower() not in CONSOLE_TYPES
-        or not target.is_file()
-    ):
-        raise ApiError(404, "not_found", f"The console has no file {relative[:64]!r}.")
-    return target
+    if _console_name(relative):
+        root = console_dir().resolve()
+        try:
+            target = (root / relative).resolve()
+            if target.is_relative_to(root) and target.is_file():
+                return target
+        except (OSError, ValueError):  # a name the file system refuses names no file of the console
+            pass
+    raise ApiError(404, "not_found", f"The console has no file {truncated(relative)!r}.")
 
 
 def install_console(app: FastAPI) -> None:
@@ -204,7 +226,7 @@ def create_app(
 
     app = FastAPI(
         title="Verity",
-        version="0.1.0",
+        version=__version__,
         description=DESCRIPTION,
         openapi_tags=TAGS,
         lifespan=_lifespan(settings, registry, audit),
@@ -235,8 +257,10 @@ def create_app(
     app.include_router(routes_history.router)
     install_docs(app)
     install_console(app)
-    # Innermost first: the Host check runs inside the request context (its 400 has a request_id), and the
-    # security headers wrap everything, the context's own 413 included.
+    # Innermost first: the cross-site check runs after the Host check (it compares Origin with a Host
+    # already known to name this server), both inside the request context (their 400 and 403 have a
+    # request_id), and the security headers wrap everything, the context's own 413 included.
+    app.add_middleware(CrossSiteMiddleware, allowed_origins=settings.allowed_origins)
     app.add_middleware(HostCheckMiddleware, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(
         RequestContextMiddleware,

@@ -19,6 +19,7 @@ from verity.api.audit import AUDIT_FIELDS, AuditStore, open_audit_store
 from verity.api.auth import KeyStore
 from verity.api.feedback import export_confirmed
 from verity.api.settings import Settings, load_settings
+from verity.inference.terminal import terminal_json, terminal_safe
 from verity.inference.vocabulary import MODALITIES
 
 
@@ -174,18 +175,21 @@ def keys_main(argv: list[str]) -> int:
     if args.action == "add":
         record, secret = store.add(args.station, "admin" if args.admin else "station")
         print(
-            f"key id {record.key_id} for station {record.station_id} ({record.role}); store it now, "
-            "it is not shown again:",
+            terminal_safe(
+                f"key id {record.key_id} for station {record.station_id} ({record.role}); store it now, "
+                "it is not shown again:"
+            ),
             file=sys.stderr,
         )
         print(secret)
     elif args.action == "revoke":
         record = store.revoke(args.key_id)
-        print(f"revoked key {record.key_id} (station {record.station_id})")
+        print(terminal_safe(f"revoked key {record.key_id} (station {record.station_id})"))
     else:
         for key in store.list_keys():
             state = f"revoked {key.revoked}" if key.revoked else "active"
-            print(f"{key.key_id}  {key.station_id:<20} {key.role:<8} created {key.created}  {state}")
+            line = f"{key.key_id}  {key.station_id:<20} {key.role:<8} created {key.created}  {state}"
+            print(terminal_safe(line))
     return 0
 
 
@@ -231,6 +235,25 @@ def audit_main(argv: list[str]) -> int:
         store.close()
 
 
+# A cell starting with one of these is read as a formula by spreadsheets (OWASP: CSV injection), so a
+# case_id of =HYPERLINK(...) would run when an auditor opens the export.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_cell(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text: a string starting like a formula gets a leading single
+    quote (OWASP's advice); numbers and everything else are written as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def csv_cell(value: object, to_terminal: bool) -> object:
+    """One cell of the CSV export: safe in a spreadsheet, and on a terminal when printed there."""
+    cell = spreadsheet_cell(value)
+    return terminal_safe(cell) if to_terminal and isinstance(cell, str) else cell
+
+
 def _export_records(store: AuditStore, args: argparse.Namespace) -> int:
     since = _parse_since(args.since)
     handle = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8", newline="")  # noqa: SIM115
@@ -239,9 +262,13 @@ def _export_records(store: AuditStore, args: argparse.Namespace) -> int:
         writer = csv.DictWriter(handle, fieldnames=AUDIT_FIELDS) if args.format == "csv" else None
         if writer:
             writer.writeheader()
+        to_terminal = handle is sys.stdout  # case ids, stations and names are the clients' own text
         for record in store.since(since):
             row = asdict(record)
-            writer.writerow(row) if writer else handle.write(json.dumps(row) + "\n")
+            if writer:
+                writer.writerow({name: csv_cell(value, to_terminal) for name, value in row.items()})
+            else:
+                handle.write((terminal_json(row) if to_terminal else json.dumps(row)) + "\n")
             count += 1
     finally:
         if handle is not sys.stdout:

@@ -3,12 +3,14 @@
 
 Who may confirm (`may_confirm`, checked by POST /v1/feedback, by GET /v1/history's resolved feedback and
 again at export): the station that received the verdict, or an admin. An anonymous caller (only possible
-when keys are not required) may confirm a verdict that was itself received anonymously, or one recorded
-without a station: on an unkeyed server (`make serve`) the officer at the console confirms the verdicts
-the console received, whatever station name was typed, while a station named on an unkeyed server stays
-a claim, not an identity, so a verdict a keyed station received is never an anonymous caller's to label.
-Rows written before senders were recorded (role NULL) count when their station is the verdict's; the
-others are ignored and counted in the export's summary.
+when keys are not required) may confirm only a verdict recorded without a station, as README's security
+model says: a station named on an unkeyed server is a claim, not an identity, so labelling a verdict
+that names a station (the seizure of gate-3, as far as anyone reading the audit log can tell) takes that
+station's key or an admin's. POST /v1/feedback answers such an attempt with 403 when the verdict is the
+anonymous caller's own (it sees it in its history anyway), and with the 404 of an unknown id when a key
+received it. Rows written before senders were recorded (role NULL) count when their station is the
+verdict's; the others, and anonymous rows accepted on station-named verdicts before this rule, are
+ignored and counted in the export's summary.
 
 A confirmation is a label (genuine, counterfeit) or "unsure" (the officer cannot tell). Unsure is stored
 and shown, and it resolves like any other confirmation (a later unsure replaces an earlier label), but a
@@ -51,16 +53,13 @@ ANONYMOUS = "anonymous"  # the role of a caller without a key, and of the verdic
 Resolution = Literal["single", "agreed", "admin", "latest"]
 
 
-def may_confirm(
-    role: str | None, sender_station: str | None, verdict_station: str | None, verdict_role: str | None
-) -> bool:
-    """Whether feedback from this sender may label this verdict. role None: a row from before senders
-    were recorded, trusted only when its station is the verdict's. verdict_role: the role that received
-    the verdict (None on rows from before receivers were recorded)."""
+def may_confirm(role: str | None, sender_station: str | None, verdict_station: str | None) -> bool:
+    """Whether feedback from this sender may label a verdict recorded for `verdict_station`. role None:
+    a row from before senders were recorded, trusted only when its station is the verdict's."""
     if role == "admin":
         return True
     if role == ANONYMOUS:
-        return verdict_role == ANONYMOUS or verdict_station is None
+        return verdict_station is None
     return sender_station == verdict_station
 
 
@@ -76,7 +75,7 @@ def resolve(record: AuditRecord, rows: list[FeedbackRecord]) -> tuple[ResolvedCa
     """The confirmation that labels this verdict (None when no row is authorised), and how many rows
     were ignored as unauthorised. `rows` are oldest first."""
     allowed = [
-        row for row in rows if may_confirm(row.role, row.station_id, record.station_id, record.caller_role)
+        row for row in rows if may_confirm(row.role, row.station_id, record.station_id)
     ]
     ignored = len(rows) - len(allowed)
     if not allowed:

@@ -1,5 +1,6 @@
 """Per-request context as plain ASGI middleware: request_id, body limit, metrics and the access log;
-and the two exposure guards around it: the Host check and the security headers on every answer.
+and the exposure guards around it: the Host check, the cross-site request check and the security
+headers on every answer.
 
 The body limit is enforced while the body streams in: a declared Content-Length over the limit is
 refused before a byte is read, and a chunked body is counted and cut off as soon as it passes the
@@ -23,7 +24,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from verity.api.errors import error_detail, error_response
+from verity.api.errors import error_detail, error_response, truncated
 from verity.api.logs import request_id_var
 from verity.api.metrics import Metrics
 
@@ -187,6 +188,11 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first value of a request header, or None when absent."""
+    return next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == name), None)
+
+
 def host_name(header: str) -> str:
     """The name in a Host header, without its port, lower case, without a trailing dot ('[::1]' kept)."""
     host = header.strip().lower()
@@ -218,16 +224,84 @@ class HostCheckMiddleware:
         if scope["type"] != "http" or "*" in self.allowed_hosts:
             await self.app(scope, receive, send)
             return
-        header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+        header = _header(scope, b"host") or ""
         if host_allowed(host_name(header), self.allowed_hosts):
             await self.app(scope, receive, send)
             return
-        shown = header if len(header) <= 64 else header[:64] + "..."
         message = (
-            f"The Host header {shown!r} does not name this server; an operator can allow a name with "
-            "VERITY_ALLOWED_HOSTS."
+            f"The Host header {truncated(header)!r} does not name this server; an operator can allow a name "
+            "with VERITY_ALLOWED_HOSTS."
         )
         response = error_response(None, 400, "invalid_host", message, path=scope["path"])
+        await response(scope, receive, send)
+
+
+# Methods that change state: a cross-site page may not send them (api.middleware.CrossSiteMiddleware).
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def origin_authority(origin: str) -> str | None:
+    """The host[:port] of an Origin header as browsers serialise it (scheme://host[:port], default port
+    left out), lower case; None for "null" and anything that is not such an origin."""
+    scheme, separator, authority = origin.strip().lower().partition("://")
+    if not separator or scheme not in ("http", "https") or not authority or "/" in authority:
+        return None
+    return authority
+
+
+def cross_site_refusal(scope: Scope, allowed_origins: list[str]) -> str | None:
+    """Why a state-changing request must be refused as cross-site, or None to let it through.
+
+    A browser marks every cross-origin POST with Origin (and Sec-Fetch-Site), and a page cannot forge
+    either; clients that are not browsers (curl, scanner consoles) send no Origin and pass. The same
+    origin is the request's own Host: the console at / sends Origin http://127.0.0.1:8000 with Host
+    127.0.0.1:8000, also behind a TLS proxy that keeps the Host. Another port of the same host is
+    another origin ("same-site" to a browser), so it is refused like any other site."""
+    origin = _header(scope, b"origin")
+    if origin is not None and origin.strip().lower().rstrip("/") in allowed_origins:
+        return None
+    fetch_site = (_header(scope, b"sec-fetch-site") or "").strip().lower()
+    if origin is None:  # "same-site" too: a browser that says so without an Origin is no console of ours
+        marked = fetch_site in ("cross-site", "same-site")
+        return "the browser marked it as sent by another origin (Sec-Fetch-Site)" if marked else None
+    if fetch_site == "cross-site":
+        return "the browser marked it as sent by another site (Sec-Fetch-Site: cross-site)"
+    host = (_header(scope, b"host") or "").strip().lower()
+    authority = origin_authority(origin)
+    if authority is None:
+        return "its Origin is opaque (null: a sandboxed frame, a file or a data: page)"
+    if authority != host:
+        return f"its Origin {truncated(origin)!r} is not this server's"
+    return None
+
+
+class CrossSiteMiddleware:
+    """Refuses state-changing requests (POST, PUT, PATCH, DELETE) that a web page on another origin
+    sent: on an unkeyed loopback server any page the officer opens could otherwise post verdicts with
+    any station and case, send feedback or change references in the officer's name (a form POST or a
+    text/plain fetch needs no CORS preflight). 403 with the route family's error body; reads (GET, HEAD)
+    pass, since their answers never reach another origin without CORS, which this server never grants.
+    `allowed_origins` (VERITY_ALLOWED_ORIGINS) lists pages on other origins an operator trusts."""
+
+    def __init__(self, app: ASGIApp, allowed_origins: list[str]) -> None:
+        self.app = app
+        self.allowed_origins = [origin.strip().lower().rstrip("/") for origin in allowed_origins]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in STATE_CHANGING_METHODS:
+            await self.app(scope, receive, send)
+            return
+        reason = cross_site_refusal(scope, self.allowed_origins)
+        if reason is None:
+            await self.app(scope, receive, send)
+            return
+        log.warning("cross-site request refused", extra={"path": scope["path"], "reason": reason})
+        message = (
+            f"Refused: {reason}. State-changing requests are accepted from this server's own pages and "
+            "from clients that send no Origin; an operator can trust another page with "
+            "VERITY_ALLOWED_ORIGINS."
+        )
+        response = error_response(None, 403, "cross_site_request", message, path=scope["path"])
         await response(scope, receive, send)
 
 

@@ -38,13 +38,14 @@ from verity.api.errors import ApiError, describe_validation, truncated
 from verity.api.registry import ServedModel
 from verity.api.schemas import (
     CASE_ID_MAX,
-    NAME_MAX,
+    OIP_NAME_MAX,
     PARAMETER_TEXT_MAX,
     PARAMETERS_MAX,
     REQUEST_ID_MAX,
     STATION_ID_MAX,
 )
 from verity.api.service import Scored
+from verity.inference.vocabulary import NAME_MAX
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 OUTPUTS = ("score", "verdict", "logits", "request_id", "reasons")
@@ -83,7 +84,7 @@ Scalar = Annotated[
         }
     ),
 ]
-ParameterName = Annotated[str, StringConstraints(max_length=NAME_MAX)]
+ParameterName = Annotated[str, StringConstraints(max_length=OIP_NAME_MAX)]
 
 
 class Parameters(BaseModel):
@@ -92,7 +93,7 @@ class Parameters(BaseModel):
 
     model_config = ConfigDict(
         extra="allow",
-        json_schema_extra={"maxProperties": PARAMETERS_MAX, "propertyNames": {"maxLength": NAME_MAX}},
+        json_schema_extra={"maxProperties": PARAMETERS_MAX, "propertyNames": {"maxLength": OIP_NAME_MAX}},
     )
     __pydantic_extra__: dict[ParameterName, Scalar] = Field(init=False)
 
@@ -111,7 +112,7 @@ class RequestParameters(Parameters):
     )
     binary_data_output: StrictBool = False
     product: str | None = Field(
-        None, max_length=64, description="The product claimed; its genuine references are checked too."
+        None, max_length=NAME_MAX, description="The product claimed; its genuine references are checked too."
     )
 
 
@@ -124,15 +125,15 @@ class OutputParameters(Parameters):
 
 
 class TensorIn(BaseModel):
-    name: str = Field(max_length=NAME_MAX)
+    name: str = Field(max_length=OIP_NAME_MAX)
     shape: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] = Field(max_length=MAX_RANK)
-    datatype: str = Field(max_length=NAME_MAX)
+    datatype: str = Field(max_length=OIP_NAME_MAX)
     parameters: TensorParameters | None = None
     data: Any = None
 
 
 class OutputRequest(BaseModel):
-    name: str = Field(max_length=NAME_MAX)
+    name: str = Field(max_length=OIP_NAME_MAX)
     parameters: OutputParameters | None = None
 
 
@@ -369,9 +370,24 @@ def fp32_batch(tensor: TensorIn, binary: bytes | None, expected: tuple[int, int,
         raise bad_request(
             f"Input {tensor.name!r}: the data does not fill shape {list(shape)} with FP32 values."
         ) from error
-    if not np.isfinite(array).all():
-        raise bad_request(f"Input {tensor.name!r} holds NaN or infinite values.")
+    check_input_range(tensor.name, array)
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def check_input_range(name: str, array: np.ndarray) -> None:
+    """A preprocessed input holds values in [0, 1], as the protocol documents: NaN, infinities and
+    values like 3e38 are a 422, never scored (they made the model's score NaN, which the audit refused,
+    so any station could fake an audit outage)."""
+    if not np.isfinite(array).all():
+        raise ApiError(422, "invalid_tensor", f"Input {truncated(name)!r} holds NaN or infinite values.")
+    low, high = float(array.min()), float(array.max())
+    if low < 0.0 or high > 1.0:
+        raise ApiError(
+            422,
+            "invalid_tensor",
+            f"Input {truncated(name)!r} holds values from {low:.6g} to {high:.6g}; a preprocessed image "
+            "holds values in [0, 1].",
+        )
 
 
 def encode_bytes(values: list[str]) -> bytes:

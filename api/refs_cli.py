@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from verity.inference.references import (
     UnknownProduct,
     validate_product,
 )
+from verity.inference.terminal import terminal_json, terminal_safe
 from verity.inference.tiling import TooManyTiles
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
@@ -185,11 +185,11 @@ def _add(args: argparse.Namespace, store: ReferenceStore, engine: OnnxEngine, au
             )
         except (DecodeError, TooManyTiles, ReferenceStoreError, OSError) as error:
             refused += 1
-            print(f"{path}: refused: {error}")
+            print(terminal_safe(f"{path}: refused: {error}"))
             continue
-        print(f"{path}: {done.status} {done.reference_id} (sha256 {done.sha256[:12]})")
+        print(terminal_safe(f"{path}: {done.status} {done.reference_id} (sha256 {done.sha256[:12]})"))
     print(f"{len(files) - refused} of {len(files)} files enrolled or already enrolled.")
-    print(calibration_line(store, engine, product))
+    print(terminal_safe(calibration_line(store, engine, product)))
     return 1 if refused else 0
 
 
@@ -199,12 +199,12 @@ def _list(args: argparse.Namespace, store: ReferenceStore, engine: OnnxEngine) -
         references = [r.to_dict() for r in store.references(engine.name, validate_product(args.product))]
         calibration = calibration_or_none(store, engine, args.product)
         if args.json:
-            print(json.dumps({"model": model, "calibration": calibration, "references": references}))
+            print(terminal_json({"model": model, "calibration": calibration, "references": references}))
             return 0
-        print(calibration_line(store, engine, args.product))
+        print(terminal_safe(calibration_line(store, engine, args.product)))
         for ref in references:
             fields = (ref["reference_id"], ref["sha256"][:12], ref["created"], ref["actor"], ref["source"])
-            print("  " + "  ".join(str(value) for value in fields))
+            print("  " + "  ".join(terminal_safe(value) for value in fields))  # source: an uploaded name
         return 0
     products = store.products(engine.name)
     if args.json:
@@ -212,12 +212,12 @@ def _list(args: argparse.Namespace, store: ReferenceStore, engine: OnnxEngine) -
             {"product": name, "references": count, "calibration": calibration_or_none(store, engine, name)}
             for name, count in products.items()
         ]
-        print(json.dumps({"model": model, "products": listed}))
+        print(terminal_json({"model": model, "products": listed}))
         return 0
     if not products:
-        print(f"No genuine references for model {engine.name} in {store.root}.")
+        print(terminal_safe(f"No genuine references for model {engine.name} in {store.root}."))
     for product in products:
-        print(calibration_line(store, engine, product))
+        print(terminal_safe(calibration_line(store, engine, product)))
     return 0
 
 
@@ -229,7 +229,8 @@ def _remove(args: argparse.Namespace, store: ReferenceStore, engine: OnnxEngine,
         role="admin",
         on_event=audit_writer(audit, engine.name),
     )
-    print(f"removed {reference.reference_id} (product {reference.product}, sha256 {reference.sha256[:12]}).")
+    sha256 = reference.sha256[:12]
+    print(terminal_safe(f"removed {reference.reference_id} (product {reference.product}, sha256 {sha256})."))
     return 0
 
 
@@ -260,8 +261,8 @@ def refs_main(argv: list[str]) -> int:
     try:
         return _run(args)
     except (UsageError, InvalidName, FileNotFoundError) as error:
-        print(f"verity refs: error: {error}", file=sys.stderr)
+        print(terminal_safe(f"verity refs: error: {error}"), file=sys.stderr)
         return 2
     except (ReferenceStoreError, ModelLoadError, AuditError, OSError, ValueError) as error:
-        print(f"verity refs: error: {error}", file=sys.stderr)
+        print(terminal_safe(f"verity refs: error: {error}"), file=sys.stderr)
         return 1

@@ -4,7 +4,9 @@ Scope, one rule for the list and for one record: a station key sees the verdicts
 station's keys (rows from before receivers were recorded count when their station is the key's, as for
 feedback); an admin sees every verdict and may filter by station; an anonymous caller (an unkeyed
 loopback server) sees the verdicts received without a key. A station named by an anonymous caller is a
-claim, so it never puts a verdict in that station's history.
+claim, so it never puts a verdict in that station's history, not even in an admin's view filtered by
+that station: an auditor asking for gate-3's verdicts gets those gate-3's keys received, and finds the
+claims in the unfiltered list, where every item says who received it (`caller_role`, `key_id`).
 
 Pages are keyset pages over (created, request_id), read through the index: `next` is an opaque cursor
 holding the last row's pair, so a page never re-reads or skips a row as new verdicts arrive.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 
@@ -35,6 +38,7 @@ from verity.api.schemas import (
 )
 
 router = APIRouter(tags=["history"])
+log = logging.getLogger("verity.api")
 
 HISTORY_LIMIT_MAX = 100
 CURSOR_MAX = 400  # a cursor we issue is about 100 characters
@@ -49,21 +53,51 @@ def encode_cursor(record: AuditRecord) -> str:
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
 
+def _is_text(value: object) -> bool:
+    """A string SQLite can bind: UTF-8 encodable (JSON's "\\ud800" decodes to a lone surrogate, which
+    is not, and made the history a 500)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def decode_cursor(cursor: str) -> tuple[str, str]:
     """The (created, request_id) a cursor holds, or a 422: a client only passes back what it was given."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, request_id = json.loads(raw)
-        if isinstance(created, str) and isinstance(request_id, str):
+        if _is_text(created) and _is_text(request_id):
             return created, request_id
     except (binascii.Error, ValueError, TypeError):
         pass
     raise _invalid("before", "not a cursor from this endpoint's `next`.")
 
 
+# The first and last instants a bound can name. A bound at the calendar's edge has no UTC instant
+# beyond it (until=9999-12-31 ends at a midnight after year 9999, since=0001-01-01T00:00:00+01:00
+# starts an hour before year 1): it is clamped to these, which every stored verdict lies between.
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
+
+
 def _as_utc(moment: datetime) -> datetime:
-    """A naive datetime is UTC; an aware one is converted to UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    """A naive datetime is UTC; an aware one is converted to UTC, clamped to the calendar's edges."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # a positive offset runs before year 1, a negative one past year 9999
+        offset = moment.utcoffset() or timedelta()
+        return EARLIEST if offset > timedelta() else LATEST
+
+
+def _stored(moment: datetime) -> str:
+    """A UTC datetime in the stored form of `created` (utc_now's), so bounds compare as strings."""
+    return moment.isoformat(timespec="microseconds")
 
 
 def parse_bound(field: str, text: str, end: bool) -> tuple[str, bool]:
@@ -74,21 +108,23 @@ def parse_bound(field: str, text: str, end: bool) -> tuple[str, bool]:
     except ValueError:
         day = None
     if day is not None:
-        start = datetime.combine(day + timedelta(days=1) if end else day, time(), UTC)
-        return start.isoformat(timespec="microseconds"), end
+        if end and day == date.max:  # the calendar's last day has no next midnight: up to its last instant
+            return _stored(LATEST), False
+        return _stored(datetime.combine(day + timedelta(days=1) if end else day, time(), UTC)), end
     try:
         moment = _as_utc(datetime.fromisoformat(text))
     except ValueError:
         raise _invalid(
             field, f"{truncated(text)!r} is not an ISO 8601 date (2026-12-02) or datetime (UTC)."
         ) from None
-    return moment.isoformat(timespec="microseconds"), False
+    return _stored(moment), False
 
 
 def scope_for(principal: Principal, station_id: str | None) -> tuple[str | None, str | None]:
     """(station filter, caller filter) of the caller's history: 403 for a station naming another."""
     if principal.role == "admin":
-        return station_id, None
+        # A station's verdicts are those its keys received; anonymous claims of its name are not.
+        return station_id, None if station_id is None else "keyed"
     if principal.role == ANONYMOUS:
         # Every anonymous verdict is the anonymous caller's already; a station name only narrows them.
         return station_id, "anonymous"
@@ -134,6 +170,8 @@ def history_item(record: AuditRecord, feedback: list[Any]) -> dict[str, Any]:
         "reference_threshold": record.reference_threshold,
         "image_sha256": record.image_sha256,
         "api": record.api,
+        "caller_role": record.caller_role,
+        "key_id": record.key_id,
         "feedback": None
         if winner is None
         else {
@@ -156,8 +194,10 @@ def _read_page(audit: AuditStore, query: HistoryQuery) -> tuple[list[AuditRecord
 async def _read(function: Any, *arguments: Any, retry_after_s: int) -> Any:
     try:
         return await run_in_threadpool(function, *arguments)
-    except AuditError as error:
-        raise service_unavailable("audit_unavailable", str(error), retry_after_s) from error
+    except AuditError as error:  # the cause (which may name the database file) is for the log only
+        log.error("audit read failed", extra={"error": str(error)})
+        message = "The audit log cannot be read; retry shortly."
+        raise service_unavailable("audit_unavailable", message, retry_after_s) from error
 
 
 @router.get(
@@ -166,7 +206,9 @@ async def _read(function: Any, *arguments: Any, retry_after_s: int) -> Any:
     responses=_errors(401, 403, 422, 503),
     summary="The caller's verdicts, newest first, paged",
     description="A station key sees its station's verdicts, an admin every verdict (and may filter by "
-    "`station_id`), an anonymous caller on an unkeyed server the verdicts received without a key. "
+    "`station_id`: the verdicts that station's keys received, never ones an anonymous caller only "
+    "claimed for it), an anonymous caller on an unkeyed server the verdicts received without a key. "
+    "Each item says who received it: `caller_role` and `key_id`. "
     "Pass `next` back as `before` for the following page. `until` as a date includes that whole day; "
     "dates and datetimes are UTC unless they carry an offset.",
 )
@@ -185,7 +227,12 @@ async def history(
     since: Annotated[str | None, Query(max_length=40, description="ISO 8601 date or datetime.")] = None,
     until: Annotated[str | None, Query(max_length=40, description="ISO 8601 date or datetime.")] = None,
     station_id: Annotated[
-        str | None, Query(max_length=STATION_ID_MAX, description="Admin only: one station's verdicts.")
+        str | None,
+        Query(
+            max_length=STATION_ID_MAX,
+            description="One station's verdicts: for an admin those its keys received (not anonymous "
+            "claims of its name); a station key may name only its own.",
+        ),
     ] = None,
 ) -> dict[str, Any]:
     station, callers = scope_for(principal, station_id)

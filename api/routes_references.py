@@ -7,6 +7,7 @@ nothing changes). The store is `inference.references.ReferenceStore`, shared wit
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Annotated, Any
 
@@ -34,14 +35,21 @@ from verity.inference.references import (
     validate_product,
 )
 from verity.inference.tiling import TooManyTiles
+from verity.inference.vocabulary import NAME_MAX
 
 router = APIRouter(tags=["references"])
+log = logging.getLogger("verity.api")
 
-ModelField = Annotated[str | None, Form(max_length=64, description="A loaded model's name.")]
+ModelField = Annotated[str | None, Form(max_length=NAME_MAX, description="A loaded model's name.")]
 ModalityForm = Annotated[Modality | None, Form(description="Or the default model of this modality.")]
-ModelQuery = Annotated[str | None, Query(max_length=64, description="A loaded model's name.")]
+ModelQuery = Annotated[str | None, Query(max_length=NAME_MAX, description="A loaded model's name.")]
 ModalityQuery = Annotated[Modality | None, Query(description="Or the default model of this modality.")]
-ProductForm = Annotated[str, Form(description="Product name: 1-64 of a-z 0-9 . _ - (e.g. acme-watch-x2).")]
+ProductForm = Annotated[
+    str,
+    Form(
+        max_length=NAME_MAX, description=f"Product name: 1-{NAME_MAX} of a-z 0-9 . _ - (e.g. acme-watch-x2)."
+    ),
+]
 
 
 def store_error(error: ReferenceStoreError) -> ApiError:
@@ -56,14 +64,23 @@ def store_error(error: ReferenceStoreError) -> ApiError:
         return ApiError(422, "invalid_product", str(error))
     if isinstance(error, NoEmbedding):
         return ApiError(422, "no_embedding", str(error))
-    return ApiError(503, "references_unavailable", str(error))  # e.g. a damaged events file
+    # Anything else is the store's own damage (an events file that does not parse): its message names the
+    # file, a server path no station should read, so it goes to the log and the client gets fixed words.
+    log.error("reference store unusable", extra={"error": str(error)})
+    return ApiError(503, "references_unavailable", STORE_DAMAGED)
+
+
+STORE_DAMAGED = (
+    "The reference store cannot be read (its events log is damaged); the cause is logged for the operator."
+)
 
 
 def store_unavailable(error: OSError) -> ApiError:
-    """The reference folder cannot be written or read (disk full, permissions): nothing was changed."""
-    return ApiError(
-        503, "references_unavailable", f"The reference store cannot be used: {error.strerror or error}."
-    )
+    """The reference folder cannot be written or read (disk full, permissions): nothing was changed. The
+    client learns why in the system's words (strerror, never the file name); the path goes to the log."""
+    log.error("reference store unavailable", extra={"error": str(error)})
+    reason = f": {error.strerror}" if error.strerror else ""
+    return ApiError(503, "references_unavailable", f"The reference store cannot be used{reason}.")
 
 
 def audit_unavailable(settings: Settings, what: str) -> ApiError:
@@ -250,7 +267,7 @@ async def list_references(
     modality: ModalityQuery = None,
     model: ModelQuery = None,
     product: Annotated[
-        str | None, Query(max_length=64, description="List this product's references.")
+        str | None, Query(max_length=NAME_MAX, description="List this product's references.")
     ] = None,
 ) -> dict[str, Any]:
     served = served_model(registry, settings, modality, model)

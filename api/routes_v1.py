@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import FeedbackRecord, utc_now
 from verity.api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
-from verity.api.errors import ApiError, current_request_id, truncated
-from verity.api.feedback import may_confirm
+from verity.api.errors import ApiError, current_request_id, service_unavailable, truncated
+from verity.api.feedback import ANONYMOUS, may_confirm
 from verity.api.registry import ServedModel
 from verity.api.schemas import (
     CASE_ID_MAX,
@@ -32,6 +32,7 @@ from verity.api.schemas import (
     ReloadResponse,
 )
 from verity.api.service import PredictionService, Scored, ServiceDep, render_images, station_for
+from verity.inference.vocabulary import NAME_MAX
 
 router = APIRouter()
 log = logging.getLogger("verity.api")
@@ -72,7 +73,7 @@ ViewField = Annotated[
 ProductField = Annotated[
     str | None,
     Form(
-        max_length=64,
+        max_length=NAME_MAX,
         description="The product the item claims to be. Its genuine references (`/v1/references`) are "
         "then checked too; 404 lists the products that have references.",
     ),
@@ -238,25 +239,34 @@ async def reload_models(registry: RegistryDep, admin: AdminDep) -> dict[str, Any
     "/v1/feedback",
     response_model=FeedbackOut,
     tags=["feedback"],
-    responses=_errors(400, 401, 404, 408, 413, 422, 503),
+    responses=_errors(400, 401, 403, 404, 408, 413, 422, 503),
     summary="Record an officer's confirmed outcome for a prediction",
     description=(
         "Confirmed cases with stored images become training data: `verity audit confirmed`, then "
         "`verity data ingest`. `unsure` (cannot tell) is recorded and shown in `/v1/history` but never "
-        "exported as training data."
+        "exported as training data. A verdict is confirmed by the station (key) that received it or an "
+        "admin; an anonymous caller on an unkeyed server may confirm only verdicts recorded without a "
+        "station (403 for one naming a station)."
     ),
 )
 async def feedback(
     request: Request, body: FeedbackIn, audit: AuditDep, principal: PrincipalDep, settings: SettingsDep
 ) -> dict[str, Any]:
-    """Only the station that received the verdict, or an admin, may confirm it; an anonymous caller the
-    verdicts received anonymously (api.feedback.may_confirm). Anyone else gets the same 404 as for an
-    id that was never issued, not 403: a 403 would tell a station that another station's request id
-    exists, and request ids are quoted on paper and in case files."""
+    """Only the station that received the verdict, or an admin, may confirm it; an anonymous caller only
+    the verdicts recorded without a station (api.feedback.may_confirm). An anonymous caller refused on a
+    verdict it received itself (one naming a station) gets 403 saying why; anyone else the same 404 as
+    for an id that was never issued, not 403: a 403 would tell a station that another station's request
+    id exists, and request ids are quoted on paper and in case files."""
     record = await run_in_threadpool(audit.get, body.request_id)
-    allowed = record is not None and may_confirm(
-        principal.role, principal.station_id, record.station_id, record.caller_role
-    )
+    allowed = record is not None and may_confirm(principal.role, principal.station_id, record.station_id)
+    if record is not None and not allowed and principal.role == ANONYMOUS == record.caller_role:
+        raise ApiError(
+            403,
+            "forbidden",
+            f"This verdict names station {truncated(record.station_id)!r}, and a station named without a "
+            "key is only a claim: an anonymous caller may confirm only verdicts recorded without a station. "
+            "Confirm it with that station's key or an admin key.",
+        )
     if record is None or not allowed:
         if record is not None:
             log.warning(
@@ -281,9 +291,12 @@ async def feedback(
     )
     try:
         await run_in_threadpool(audit.add_feedback, entry)
-    except RuntimeError as error:
-        raise ApiError(
-            503, "audit_unavailable", str(error), {"Retry-After": str(settings.retry_after_s)}
+    except RuntimeError as error:  # the cause (which may name the database file) is for the log only
+        log.error("feedback write failed", extra={"error": str(error)})
+        raise service_unavailable(
+            "audit_unavailable",
+            "The audit log cannot be written, so the feedback was not recorded; retry shortly.",
+            settings.retry_after_s,
         ) from error
     return {"request_id": body.request_id, "confirmed_label": body.confirmed_label, "recorded": True}
 

@@ -16,17 +16,18 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from verity import __version__
 from verity.api import oip_codec as oip
 from verity.api.deps import PrincipalDep, RegistryDep
 from verity.api.errors import ApiError, current_request_id, truncated
 from verity.api.registry import ServedModel
-from verity.api.schemas import NAME_MAX, PARAMETER_TEXT_MAX, PARAMETERS_MAX, STATION_ID_MAX, OipError
+from verity.api.schemas import OIP_NAME_MAX, PARAMETER_TEXT_MAX, PARAMETERS_MAX, STATION_ID_MAX, OipError
 from verity.api.service import PreparedImage, ServiceDep, station_for
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
 SERVER_NAME = "verity"
-SERVER_VERSION = "0.1.0"
+SERVER_VERSION = __version__  # the package's, as the OpenAPI document gives it
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -199,7 +200,8 @@ def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
 INFER_DOC: dict[str, Any] = dict(
     response_model=oip.InferResponse,
     description=(
-        "One input: `image` FP32 [N, C, S, S] (preprocessed, values in [0, 1], no normalization) or "
+        "One input: `image` FP32 [N, C, S, S] (preprocessed, values in [0, 1], no normalization; NaN, "
+        "infinities and values outside [0, 1] are a 422) or "
         "`image_bytes` BYTES [N] (encoded image files: base64 strings in JSON, raw bytes with the binary "
         "tensor data extension and the `Inference-Header-Content-Length` header). Outputs `score` FP32 [N], "
         "`verdict` BYTES [N], `logits` FP32 [N, 2], `request_id` BYTES [N]; request `parameters` may carry "
@@ -207,7 +209,7 @@ INFER_DOC: dict[str, Any] = dict(
         "audited under its request_id before it is sent. Limits, checked before any image is decoded: at "
         "most `max_batch_files` images per request (422), a JSON body nesting at most `max_json_depth` "
         "deep (400) and holding no more numbers than those images need (413), parameter maps of at most "
-        f"{PARAMETERS_MAX} entries, names of at most {NAME_MAX} characters and strings of at most "
+        f"{PARAMETERS_MAX} entries, names of at most {OIP_NAME_MAX} characters and strings of at most "
         f"{PARAMETER_TEXT_MAX} (station_id {STATION_ID_MAX})."
     ),
     responses=_errors(400, 401, 403, 404, 408, 413, 415, 422, 429, 503),

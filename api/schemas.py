@@ -26,7 +26,7 @@ STATION_ID_MAX = 100
 CASE_ID_MAX = 200
 NOTES_MAX = 4000
 REQUEST_ID_MAX = 100  # a request id quoted back (ours are 32 hex digits and "-index"), and a /v2 request's id
-NAME_MAX = 64  # a /v2 tensor, output or parameter name
+OIP_NAME_MAX = 64  # a /v2 tensor, output or parameter name
 PARAMETER_TEXT_MAX = 200  # any other string parameter of /v2
 PARAMETERS_MAX = 16  # entries in one /v2 parameters map
 
@@ -270,6 +270,12 @@ class HistoryItem(BaseModel):
     reference_threshold: float | None = None
     image_sha256: str
     api: Literal["v1", "v2"]
+    caller_role: str | None = Field(
+        None,
+        description="Who received the verdict: a station key, an admin key, or a caller without a key "
+        "(whose station_id is only a claim); null on rows from before receivers were recorded.",
+    )
+    key_id: str | None = Field(None, description="The id of the key that received it (never the secret).")
     feedback: HistoryFeedback | None = Field(None, description="The resolved confirmation, if any.")
 
 
@@ -297,6 +303,8 @@ class HistoryPage(BaseModel):
                         "reference_threshold": None,
                         "image_sha256": EXAMPLE_SHA,
                         "api": "v1",
+                        "caller_role": "station",
+                        "key_id": "3f9a2c71",
                         "feedback": {
                             "confirmed_label": "counterfeit",
                             "created": "2026-12-02T04:50:01.000000+00:00",

@@ -49,6 +49,7 @@ from verity.inference.references import (
 )
 from verity.inference.spec import PreprocessSpec
 from verity.inference.tiling import ScanResult, TilingOptions, TooManyTiles, load_for_scoring, score_scan
+from verity.inference.vocabulary import NonFiniteScore
 
 log = logging.getLogger("verity.api")
 
@@ -70,6 +71,20 @@ def station_for(key_station: str | None, named_station: str | None) -> str | Non
             403, "forbidden", f"This key belongs to station {key_station!r}, not {named_station!r}."
         )
     return key_station or named_station
+
+
+def unscorable(served: ServedModel, error: NonFiniteScore) -> ApiError:
+    """A score that is not a number never becomes a verdict or an audit row: the caller gets a 422 (the
+    audit log is not at fault, so no audit failure is counted), the model's name goes to the log."""
+    log.error(
+        "non-finite score refused",
+        extra={"model": served.engine.name, "version": served.engine.version, "score": str(error.score)},
+    )
+    return ApiError(
+        422,
+        "unscorable_input",
+        "The model gave no finite score for this input, so no verdict was given or recorded.",
+    )
 
 
 def prepare_image(
@@ -201,6 +216,8 @@ class PredictionService:
             raise ApiError(413, "too_many_tiles", str(error)) from error
         except DecodeError as error:
             raise decode_error_to_api(error) from error
+        except NonFiniteScore as error:
+            raise unscorable(served, error) from error
         return Scored(prepared, scan.prediction, served, scan)
 
     async def infer(self, served: ServedModel, model_input: np.ndarray) -> Prediction:
@@ -213,6 +230,8 @@ class PredictionService:
             raise service_unavailable(
                 "queue_full", "The server is at capacity; retry shortly.", self.settings.retry_after_s
             ) from error
+        except NonFiniteScore as error:
+            raise unscorable(served, error) from error
         self.metrics.inference_latency.observe(time.perf_counter() - started)
         return prediction
 

@@ -169,13 +169,18 @@ class Settings(BaseSettings):
     # rebinding; `verity serve --host` adds the bound address. A server behind a name needs that name.
     # VERITY_ALLOWED_HOSTS takes names separated by commas (or a JSON list).
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(LOOPBACK_HOSTS))
+    # Pages on other origins (scheme://host[:port], e.g. https://console.customs.example) trusted to send
+    # state-changing requests (POST, PUT, PATCH, DELETE). Empty by default: only this server's own pages
+    # (the console at /) and clients that send no Origin (curl, scanner consoles) may; a page anywhere
+    # else gets 403, so a site the officer visits cannot post verdicts or feedback to a loopback server.
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # /docs, /redoc and /openapi.json (served from local files, so they work on an air-gapped network).
     # Off: the three answer 404, for a deployment that publishes no description of its routes.
     api_docs: bool = True
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
     @classmethod
-    def _host_list(cls, value: Any) -> Any:
+    def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from verity.inference.terminal import terminal_lines
 from verity.inference.vocabulary import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_TEST_FRACTION,
@@ -130,7 +131,7 @@ def ingest_main(argv: list[str]) -> int:
         progress=not args.no_progress,
     )
     result = ingest(args.src, args.out, options)
-    print(format_summary(result))
+    print(terminal_lines(format_summary(result)))  # rejected examples name the seized files
     if result.accepted == 0 and result.seen > 0:
         print("verity data ingest: no image was accepted; see the report for why.", file=sys.stderr)
         return 1
@@ -147,7 +148,7 @@ def stats_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from verity.datasets.stats import manifest_stats
 
-    print(manifest_stats(args.manifest, max_products=max(1, args.products)))
+    print(terminal_lines(manifest_stats(args.manifest, max_products=max(1, args.products))))
     return 0
 
 

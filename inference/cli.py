@@ -14,7 +14,6 @@ runs on a scanner console with the base install.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,6 +26,7 @@ from verity.inference.engine import PRECISIONS, OnnxEngine, Prediction, envelope
 from verity.inference.heatmap import heatmap_png
 from verity.inference.open_set import open_set_verdict
 from verity.inference.references import DEFAULT_REFERENCES_DIR, ReferenceCheck, ReferenceStore
+from verity.inference.terminal import terminal_json, terminal_safe
 from verity.inference.tiling import AGGREGATES, TILING_MODES, TilingOptions, load_for_scoring, score_scan
 
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             result, png = predict_file(engine, image, options, bool(args.heatmap), check)
         except (DecodeError, OSError, ValueError) as error:
             failures += 1
-            print(f"verity predict: {image}: {error}", file=sys.stderr)
+            print(terminal_safe(f"verity predict: {image}: {error}"), file=sys.stderr)
             continue
         result = {
             "image": str(image),
@@ -211,13 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             out.write_bytes(png)
             result["heatmap"] = str(out)
         if args.json:
-            print(json.dumps(result))
+            print(terminal_json(result))
         else:
             tiled = f", {result['tiles']} tiles ({args.aggregate})" if result["tiles"] > 1 else ""
             alarm, clear = engine.thresholds.alarm, engine.thresholds.clear
-            print(
+            line = (
                 f"{image}: {result['verdict']}{_why(result)} (score {result['score']:.3f}; counterfeit >= "
                 f"{alarm:g}, genuine <= {clear:g}{tiled}{_novelty(result)}) [{engine.name} {engine.version}]"
                 + (f" heatmap {result['heatmap']}" if "heatmap" in result else "")
             )
+            print(terminal_safe(line))  # the image's name may come from a folder of seized files
     return 1 if failures else 0

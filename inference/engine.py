@@ -25,7 +25,7 @@ from verity.inference.open_set import (
 )
 from verity.inference.patch_check import unit_patches
 from verity.inference.spec import PreprocessSpec
-from verity.inference.vocabulary import VERDICTS, verdict_codes
+from verity.inference.vocabulary import VERDICTS, finite_score, verdict_codes
 
 METADATA_SPEC_KEY = "verity.spec"
 METADATA_CARD_KEY = "verity.card"
@@ -47,8 +47,9 @@ class Thresholds:
             raise ValueError(f"Thresholds must satisfy 0 <= clear <= alarm <= 1, got {self}.")
 
     def verdict(self, score: float) -> str:
-        """The verdict name of one score, by the one verdict rule (`vocabulary.verdict_codes`)."""
-        return VERDICTS[int(verdict_codes(score, self.alarm, self.clear))]
+        """The verdict name of one score, by the one verdict rule (`vocabulary.verdict_codes`); a NaN or
+        infinite score raises NonFiniteScore instead of becoming a verdict."""
+        return VERDICTS[int(verdict_codes(finite_score(score), self.alarm, self.clear))]
 
 
 @dataclass(frozen=True)

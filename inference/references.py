@@ -88,6 +88,7 @@ from verity.inference.reference_events import (
     parse_events,
 )
 from verity.inference.tiling import TilingOptions
+from verity.inference.vocabulary import NAME_MAX
 
 __all__ = [  # every public name, wherever it is defined; callers import them from here
     # this module: validation and the store
@@ -106,9 +107,9 @@ __all__ = [  # every public name, wherever it is defined; callers import them fr
 
 log = logging.getLogger("verity.inference.references")
 
-PRODUCT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+PRODUCT_PATTERN = re.compile(rf"^[a-z0-9][a-z0-9._-]{{0,{NAME_MAX - 1}}}$")
 # A model name becomes a folder name: no separators, no "..", no hidden folders.
-MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MODEL_NAME_PATTERN = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX - 1}}}$")
 # Where the server and the command line keep references unless told otherwise (api.settings uses it).
 DEFAULT_REFERENCES_DIR = Path("var/references")
 ADDED, DUPLICATE = "added", "duplicate"
@@ -120,10 +121,10 @@ OnEvent = Callable[[dict[str, Any]], None]
 def validate_product(product: str) -> str:
     """The product name, or InvalidName: it becomes part of every audit row and file listing."""
     if not isinstance(product, str) or not PRODUCT_PATTERN.fullmatch(product):
-        shown = product if len(str(product)) <= 64 else str(product)[:64] + "..."
+        shown = product if len(str(product)) <= NAME_MAX else str(product)[:NAME_MAX] + "..."
         raise InvalidName(
-            f"Invalid product name {shown!r}: use 1-64 characters, lower-case letters, digits, '.', '_' "
-            "and '-', starting with a letter or digit (e.g. acme-watch-x2)."
+            f"Invalid product name {shown!r}: use 1-{NAME_MAX} characters, lower-case letters, digits, "
+            "'.', '_' and '-', starting with a letter or digit (e.g. acme-watch-x2)."
         )
     return product
 
@@ -131,7 +132,7 @@ def validate_product(product: str) -> str:
 def validate_model_name(name: str) -> str:
     """The model name, or InvalidName: it names a folder under the store's root."""
     if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise InvalidName(f"Invalid model name {str(name)[:64]!r} for the reference store.")
+        raise InvalidName(f"Invalid model name {str(name)[:NAME_MAX]!r} for the reference store.")
     return name
 
 

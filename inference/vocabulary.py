@@ -1,5 +1,5 @@
-"""Verity's vocabulary, defined once: labels, modalities, splits, verdicts, the split defaults and the
-verdict rule.
+"""Verity's vocabulary, defined once: labels, modalities, splits, verdicts, the length of a name, the
+split defaults and the verdict rule.
 
 Data, training, evaluation and serving all import these names from here, so a manifest, a model card and
 an API answer can never disagree on what a label or a verdict is called. It lives in `inference` because
@@ -8,6 +8,7 @@ that is the one package every other one may import (`api` may import nothing els
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -32,12 +33,34 @@ REASONS = ("classifier", "reference_mismatch", "not_recognised", "classifier_unc
 # answer because the product has fewer references than its calibration needs.
 REFERENCE_STATUSES = ("match", "mismatch", "abstained")
 
+# The most characters of a product or model name. A name becomes a folder of the reference store, a field
+# of every audit row and listing, and a form or query field of the API: the store's patterns
+# (inference.references) and the API's max_length are all this one number.
+NAME_MAX = 64
+
 # How rows without a split are split (grouped by case or product, stratified by label). Ingest, training
 # and evaluation must share them: if evaluation re-split differently from training, test images would
 # have been trained on.
 DEFAULT_VAL_FRACTION = 0.15
 DEFAULT_TEST_FRACTION = 0.15
 DEFAULT_SPLIT_SEED = 0
+
+
+class NonFiniteScore(ValueError):
+    """A score that is NaN or infinite: no verdict may be given on it, nor recorded (a NaN compares
+    false with both thresholds, so the rule alone would call it uncertain)."""
+
+    def __init__(self, score: float) -> None:
+        super().__init__(f"The model gave the score {score!r}; only a finite score has a verdict.")
+        self.score = score
+
+
+def finite_score(score: float) -> float:
+    """The score as a float, or NonFiniteScore: what serving checks before the verdict rule."""
+    value = float(score)
+    if not math.isfinite(value):
+        raise NonFiniteScore(value)
+    return value
 
 
 def verdict_codes(scores: Any, alarm: float, clear: float) -> np.ndarray:

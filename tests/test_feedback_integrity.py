@@ -64,33 +64,24 @@ def feedback_rows(db: Path) -> list[tuple]:
 
 
 @pytest.mark.parametrize(
-    ("role", "sender", "verdict_station", "verdict_role", "allowed"),
+    ("role", "sender", "verdict_station", "allowed"),
     [
-        ("station", "gate-b", "gate-b", "station", True),
-        ("station", "gate-a", "gate-b", "station", False),
-        ("station", "gate-a", None, "anonymous", False),  # a keyed station cannot claim an unowned verdict
-        ("admin", "hq", "gate-b", "station", True),
-        ("anonymous", None, None, "anonymous", True),
-        # On an unkeyed server the console's officer confirms the verdicts it received, whatever station
-        # name was typed ...
-        ("anonymous", None, "gate-b", "anonymous", True),
-        # ... but never one a keyed station received: a station named anonymously is a claim only.
-        ("anonymous", None, "gate-b", "station", False),
-        ("anonymous", None, "gate-b", "admin", False),
-        ("anonymous", None, "gate-b", None, False),  # received before receivers were recorded
-        ("anonymous", None, None, None, True),  # ... without a station, as before
-        (None, "gate-b", "gate-b", None, True),  # a row from before senders were recorded, from the station
-        (None, "hq", "gate-b", None, False),  # ... or from elsewhere: an admin then cannot be told apart
+        ("station", "gate-b", "gate-b", True),
+        ("station", "gate-a", "gate-b", False),
+        ("station", "gate-a", None, False),  # a keyed station cannot claim an unowned verdict
+        ("admin", "hq", "gate-b", True),
+        ("anonymous", None, None, True),  # the console on an unkeyed server, no station typed
+        # A station named without a key is a claim: only its key or an admin may label its verdicts,
+        # whoever received them (issue 23, finding 9; README's security model).
+        ("anonymous", None, "gate-b", False),
+        (None, "gate-b", "gate-b", True),  # a row from before senders were recorded, from the station
+        (None, "hq", "gate-b", False),  # ... or from elsewhere: an admin then cannot be told apart
     ],
 )
 def test_who_may_confirm(
-    role: str | None,
-    sender: str | None,
-    verdict_station: str | None,
-    verdict_role: str | None,
-    allowed: bool,
+    role: str | None, sender: str | None, verdict_station: str | None, allowed: bool
 ) -> None:
-    assert may_confirm(role, sender, verdict_station, verdict_role) is allowed
+    assert may_confirm(role, sender, verdict_station) is allowed
 
 
 def test_another_stations_verdict_is_404_and_nothing_is_written(tmp_path: Path, models_dir: Path) -> None:
@@ -121,22 +112,24 @@ def test_another_stations_verdict_is_404_and_nothing_is_written(tmp_path: Path, 
 
 
 def test_anonymous_feedback_on_an_unkeyed_server(client: TestClient, settings) -> None:
-    """Without keys there is no identity: an anonymous caller confirms the verdicts received anonymously
-    (the console on `make serve` sends the station name the officer typed), never one a station key
-    received, even on the same unkeyed server (which that station's key or an admin key still may)."""
+    """Without keys there is no identity: an anonymous caller confirms the verdicts recorded without a
+    station. One naming a station (typed at the console) is a 403 saying so, one a station key received
+    the 404 of an unknown id; that station's key or an admin key still may confirm either."""
     store = KeyStore(settings.keys_file)
     _, gate_b = store.add("gate-b")
     unowned = predict(client).json()["request_id"]
     named = predict(client, station_id="gate-b").json()["request_id"]
     keyed = predict(client, headers={"X-API-Key": gate_b}).json()["request_id"]
     assert confirm(client, None, unowned, "genuine").status_code == 200
-    assert confirm(client, None, named, "unsure").status_code == 200
+    refused = assert_error(confirm(client, None, named, "unsure"), 403, "forbidden")
+    assert "gate-b" in refused["error"]["message"] and "without a station" in refused["error"]["message"]
     assert_error(confirm(client, None, keyed, "genuine"), 404, "unknown_request_id")
     assert confirm(client, gate_b, keyed, "counterfeit").status_code == 200
+    assert confirm(client, gate_b, named, "counterfeit").status_code == 200
     assert [row[:2] + row[4:] for row in feedback_rows(settings.audit_db)] == [
         (unowned, "genuine", "anonymous"),
-        (named, "unsure", "anonymous"),
         (keyed, "counterfeit", "station"),
+        (named, "counterfeit", "station"),
     ]
 
 

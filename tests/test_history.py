@@ -145,6 +145,8 @@ def test_history_item_fields(client: TestClient) -> None:
         "reference_threshold",
         "image_sha256",
         "api",
+        "caller_role",
+        "key_id",
         "feedback",
     }
     for name in (
@@ -164,6 +166,7 @@ def test_history_item_fields(client: TestClient) -> None:
     ):
         assert item[name] == answer[name], name
     assert item["api"] == "v1" and item["feedback"] is None and item["reference_status"] is None
+    assert item["caller_role"] == "anonymous" and item["key_id"] is None
     assert item["created"].endswith("+00:00")
 
 

@@ -66,7 +66,9 @@ def _violation(package: str, rule: Rule, module: Path, name: str) -> str | None:
         return f"imports {name} by its bare folder name: write {NAMESPACE}.{name}"
     if parts[0] != NAMESPACE:
         return None
-    target = parts[1] if len(parts) > 1 else NAMESPACE
+    if name == NAMESPACE:  # the root package itself (its __version__): every module's parent, always loaded
+        return None
+    target = parts[1]
     if target == package or target in rule.may_import:
         return None
     return f"imports {name} ({package} may import {', '.join(rule.may_import) or 'no other package of ours'})"
@@ -94,6 +96,8 @@ PLANTED = {
     "api/planted.py": ("def lazy():\n    from verity.training import trainer\n", "imports verity.training"),
     "api/planted_torch.py": ("import torchvision.models\n", "imports torchvision.models"),
     "api/planted_string.py": ('TABLE = {"x": ("verity.datasets.cli", "main")}\n', "verity.datasets.cli"),
+    # The root package's __version__ is allowed everywhere; the command beside it is not.
+    "api/planted_command.py": ("from verity import __version__\nfrom verity.cli import main\n", "verity.cli"),
     "datasets/planted.py": ("import importlib\nimportlib.import_module('verity.api.feedback')\n", "api"),
     "datasets/planted_torch.py": ("import albumentations\n", "imports albumentations"),
     "training/planted.py": ("from verity.api.app import create_app\n", "imports verity.api.app"),

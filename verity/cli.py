@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         # User-facing failures (bad paths, bad files, bad options) get one clear line, not a traceback.
         if os.environ.get("VERITY_DEBUG"):
             raise
-        print(f"verity {name}: error: {error}", file=sys.stderr)
+        from verity.inference.terminal import terminal_safe  # an error may quote a file name or a field
+
+        print(terminal_safe(f"verity {name}: error: {error}"), file=sys.stderr)
         return 1
 
 
