@@ -1,8 +1,9 @@
 """The audit log: every answered prediction and every officer's feedback, written before the response.
 
-`AuditStore` is the interface; `SQLiteAuditStore` (WAL mode) is the default. A PostgreSQL store would
-implement the same methods against `settings.database_url`; `open_audit_store` is where it plugs in.
-`ImageStore` keeps uploaded images content-addressed (by SHA-256) for retraining.
+`AuditStore` (api/audit_records.py) is the contract; `SQLiteAuditStore` (WAL mode) is the embedded
+default and `api.audit_postgres.PostgresAuditStore` the shared one; `open_audit_store` picks one from
+VERITY_AUDIT_DB (a path, sqlite:///PATH or postgresql://...). `ImageStore` keeps uploaded images
+content-addressed (by SHA-256) for retraining.
 """
 
 from __future__ import annotations
@@ -13,13 +14,34 @@ import sqlite3
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
-from datetime import UTC, datetime
+from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any
 
+from verity.api.audit_records import (
+    AUDIT_FIELDS,
+    FEEDBACK_FIELDS,
+    REFERENCE_EVENT_FIELDS,
+    AuditError,
+    AuditRecord,
+    AuditStore,
+    FeedbackRecord,
+    HistoryQuery,
+    ReferenceEvent,
+    utc_now,
+)
+from verity.api.audit_sql import audit_record, audit_row, history_filter
 from verity.api.settings import Settings
 from verity.inference.private_files import PRIVATE_FILE_MODE, image_extension, make_private_dir
+
+if TYPE_CHECKING:
+    from verity.api.audit_postgres import PostgresAuditStore
+
+__all__ = [  # the records and the contract are defined in audit_records; their users import them here
+    "AUDIT_FIELDS", "FEEDBACK_FIELDS", "REFERENCE_EVENT_FIELDS", "AuditError", "AuditRecord", "AuditStore",
+    "FeedbackRecord", "HistoryQuery", "ImageStore", "ReferenceEvent", "SQLiteAuditStore", "open_audit_store",
+    "utc_now",
+]  # fmt: skip
 
 
 def _create_private_file(path: Path) -> None:
@@ -31,132 +53,6 @@ def _create_private_file(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError, PermissionError):
             if file.stat().st_mode & 0o077:
                 os.chmod(file, PRIVATE_FILE_MODE)
-
-
-class AuditError(RuntimeError):
-    """The audit store could not record or read; a prediction must then not be answered."""
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    request_id: str
-    created: str  # ISO 8601 UTC
-    station_id: str | None
-    case_id: str | None
-    image_sha256: str
-    modality: str
-    model_name: str
-    model_version: str
-    score: float
-    verdict: str
-    alarm_threshold: float
-    clear_threshold: float
-    latency_ms: float
-    image_path: str | None = None
-    api: str = "v1"
-    # Open-set fields (issue 14). None on rows written before them and for models without a bank.
-    recognised: bool | None = None  # the embedding lies near the training set's reference bank
-    novelty: float | None = None  # kNN cosine distance to that bank (inference.open_set)
-    reasons: str | None = None  # comma-separated: classifier, reference_mismatch, not_recognised, ...
-    product: str | None = None  # the product the request named, if any
-    reference_status: str | None = None  # match, mismatch or abstained (too few references)
-    reference_distance: float | None = None  # to the product's nearest genuine reference
-    reference_threshold: float | None = None  # the product's calibrated alarm distance
-    reference_count: int | None = None  # genuine references the product had when it was checked
-    # Who received the verdict (issue 15): the caller's key id and role (station, admin or anonymous).
-    # None on rows written before they were recorded. A station named by an anonymous caller is a
-    # claim, not an identity: history and feedback tell the two apart by caller_role.
-    key_id: str | None = None
-    caller_role: str | None = None
-
-
-@dataclass(frozen=True)
-class ReferenceEvent:
-    """One enrolment or removal of a genuine reference image: who did what to which product, when.
-
-    `actor` is the API key id (or "cli:<user>" for `verity refs`), `role` its role."""
-
-    created: str
-    action: str  # "add" or "remove"
-    model_name: str
-    product: str
-    image_sha256: str
-    reference_id: str
-    actor: str | None = None
-    role: str | None = None
-    source: str | None = None  # the uploaded file's name or the CLI path
-
-
-@dataclass(frozen=True)
-class FeedbackRecord:
-    """One officer's confirmation. station_id, key_id and role say who sent it (the caller's key, not
-    the verdict's station); role is None on rows written before senders were recorded."""
-
-    request_id: str
-    created: str
-    confirmed_label: str
-    case_id: str | None = None
-    notes: str | None = None
-    station_id: str | None = None
-    key_id: str | None = None
-    role: str | None = None
-
-
-AUDIT_FIELDS = tuple(f.name for f in fields(AuditRecord))
-FEEDBACK_FIELDS = tuple(f.name for f in fields(FeedbackRecord))
-REFERENCE_EVENT_FIELDS = tuple(f.name for f in fields(ReferenceEvent))
-
-
-@dataclass(frozen=True)
-class HistoryQuery:
-    """One page of `AuditStore.history`: newest first by (created, request_id), every filter optional.
-
-    `callers` is the caller's scope: None sees every row; "keyed" only rows received with a key (or
-    before receivers were recorded); "anonymous" only rows received without one. `since` and `until`
-    are ISO 8601 UTC in the stored form (`utc_now`), `until_exclusive` says whether `until` is itself
-    excluded (a date's next midnight) or included (a datetime)."""
-
-    limit: int
-    before: tuple[str, str] | None = None  # (created, request_id) of the previous page's last row
-    station_id: str | None = None
-    callers: str | None = None
-    verdict: str | None = None  # genuine, counterfeit, uncertain (recognised) or not_recognised
-    since: str | None = None
-    until: str | None = None
-    until_exclusive: bool = False
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-class AuditStore(Protocol):
-    def record(self, records: list[AuditRecord]) -> None:
-        """Writes the records durably (all or none) before returning, or raises AuditError."""
-
-    def get(self, request_id: str) -> AuditRecord | None: ...
-
-    def add_feedback(self, feedback: FeedbackRecord) -> None: ...
-
-    def since(self, since: str | None) -> Iterator[AuditRecord]:
-        """Records created at or after `since` (ISO 8601), oldest first."""
-
-    def record_reference_event(self, event: ReferenceEvent) -> None:
-        """Writes one reference enrolment or removal durably before it takes effect, or raises AuditError."""
-
-    def reference_events(self, model_name: str | None = None) -> list[ReferenceEvent]: ...
-
-    def history(self, query: HistoryQuery) -> list[AuditRecord]:
-        """At most `query.limit` records, newest first, read by the index (never the whole table)."""
-
-    def feedback_for(self, request_ids: list[str]) -> dict[str, list[FeedbackRecord]]:
-        """Each request id's feedback rows, oldest first (ids without feedback are absent)."""
-
-    def confirmed_cases(self) -> Iterator[tuple[AuditRecord, list[FeedbackRecord]]]:
-        """Each audited prediction that has feedback, with all its feedback rows oldest first (whoever
-        sent them): api.feedback decides which count and how disagreements resolve."""
-
-    def close(self) -> None: ...
 
 
 _SCHEMA = """
@@ -196,12 +92,7 @@ _ADDED_COLUMNS = {
 }
 
 
-def _audit_record(row: tuple) -> AuditRecord:
-    """A predictions row as a record: SQLite keeps `recognised` as 0/1."""
-    record = AuditRecord(*row)
-    if record.recognised is None:
-        return record
-    return replace(record, recognised=bool(record.recognised))
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
 class SQLiteAuditStore:
@@ -216,6 +107,8 @@ class SQLiteAuditStore:
             # One connection shared by the threadpool, serialized by the lock: writes are short.
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # Feedback must name an audited prediction, as the PostgreSQL store's REFERENCES enforces.
+            self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.executescript(_SCHEMA)
             self._migrate()
@@ -240,7 +133,7 @@ class SQLiteAuditStore:
 
     def record(self, records: list[AuditRecord]) -> None:
         placeholders = ", ".join("?" for _ in AUDIT_FIELDS)
-        rows = [tuple(asdict(r).values()) for r in records]
+        rows = [audit_row(r) for r in records]
         try:
             with self._lock:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -260,7 +153,7 @@ class SQLiteAuditStore:
             row = self._db.execute(
                 f"SELECT {', '.join(AUDIT_FIELDS)} FROM predictions WHERE request_id = ?", (request_id,)
             ).fetchone()
-        return _audit_record(row) if row else None
+        return audit_record(row) if row else None
 
     def add_feedback(self, feedback: FeedbackRecord) -> None:
         values = asdict(feedback)
@@ -282,12 +175,12 @@ class SQLiteAuditStore:
                 (since or "",),
             )
             for row in cursor:
-                yield _audit_record(row)
+                yield audit_record(row)
         finally:
             reader.close()
 
     def history(self, query: HistoryQuery) -> list[AuditRecord]:
-        where, arguments = _history_filter(query)
+        where, arguments = history_filter(query)
         sql = (
             f"SELECT {', '.join(AUDIT_FIELDS)} FROM predictions"
             + (f" WHERE {' AND '.join(where)}" if where else "")
@@ -298,7 +191,7 @@ class SQLiteAuditStore:
                 rows = self._db.execute(sql, (*arguments, query.limit)).fetchall()
         except sqlite3.Error as error:
             raise AuditError(f"The audit log could not be read: {error}") from error
-        return [_audit_record(row) for row in rows]
+        return [audit_record(row) for row in rows]
 
     def feedback_for(self, request_ids: list[str]) -> dict[str, list[FeedbackRecord]]:
         if not request_ids:
@@ -330,7 +223,7 @@ class SQLiteAuditStore:
                 if record is None or record.request_id != row[0]:
                     if record is not None:
                         yield record, rows
-                    record, rows = _audit_record(row[: len(AUDIT_FIELDS)]), []
+                    record, rows = audit_record(row[: len(AUDIT_FIELDS)]), []
                 rows.append(FeedbackRecord(*row[len(AUDIT_FIELDS) :]))
             if record is not None:
                 yield record, rows
@@ -360,6 +253,14 @@ class SQLiteAuditStore:
             rows = self._db.execute(query + " ORDER BY id", arguments).fetchall()
         return [ReferenceEvent(*row) for row in rows]
 
+    def table_rows(self, table: str, names: tuple[str, ...], key: str) -> Iterator[tuple[Any, ...]]:
+        """Every row of `table` in `key` order, through a connection of its own (migration reads)."""
+        reader = sqlite3.connect(self.path)
+        try:
+            yield from reader.execute(f"SELECT {', '.join(names)} FROM {table} ORDER BY {key}")
+        finally:
+            reader.close()
+
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
@@ -372,58 +273,34 @@ class SQLiteAuditStore:
                 self._db.close()
 
 
-# The history's verdict filter: uncertain is an uncertain verdict the model recognised (or from before
-# recognition was recorded); an unrecognised image is its own category, whatever its verdict.
-_VERDICT_FILTERS = {
-    "genuine": "verdict = 'genuine'",
-    "counterfeit": "verdict = 'counterfeit'",
-    "uncertain": "verdict = 'uncertain' AND (recognised IS NULL OR recognised != 0)",
-    "not_recognised": "recognised = 0",
-}
-_CALLER_FILTERS = {
-    "keyed": "(caller_role IS NULL OR caller_role != 'anonymous')",
-    "anonymous": "caller_role = 'anonymous'",
-}
-
-
-def _history_filter(query: HistoryQuery) -> tuple[list[str], list[str]]:
-    """The WHERE clauses and their arguments of one history page."""
-    where: list[str] = []
-    arguments: list[str] = []
-    if query.callers is not None:
-        where.append(_CALLER_FILTERS[query.callers])
-    if query.station_id is not None:
-        where.append("station_id = ?")
-        arguments.append(query.station_id)
-    if query.verdict is not None:
-        where.append(_VERDICT_FILTERS[query.verdict])
-    if query.since is not None:
-        where.append("created >= ?")
-        arguments.append(query.since)
-    if query.until is not None:
-        where.append("created < ?" if query.until_exclusive else "created <= ?")
-        arguments.append(query.until)
-    if query.before is not None:
-        created, request_id = query.before
-        where.append("(created < ? OR (created = ? AND request_id < ?))")
-        arguments.extend((created, created, request_id))
-    return where, arguments
-
-
 def open_audit_store(settings: Settings) -> AuditStore:
-    """The store the settings name: SQLite at `audit_db` unless `database_url` says otherwise."""
-    url = settings.database_url
-    if url is None:
-        return SQLiteAuditStore(settings.audit_db, settings.audit_synchronous)
-    if url.startswith("sqlite:///"):
-        return SQLiteAuditStore(url.removeprefix("sqlite:///"), settings.audit_synchronous)
-    scheme = url.split(":", 1)[0]
-    raise ValueError(
-        f"Unsupported audit database URL scheme {scheme!r}. Supported: sqlite:///PATH. A PostgreSQL store "
-        "implements api.audit.AuditStore against a postgresql:// URL and is registered in open_audit_store."
+    """The store VERITY_AUDIT_DB names: a file path or sqlite:///PATH (SQLite, the embedded default), or
+    postgresql://... (api/audit_postgres.py, the `postgres` extra). Any other URL is refused: the audit is
+    never written anywhere but where the operator said."""
+    target = settings.audit_db
+    if "://" not in target:
+        return SQLiteAuditStore(target, settings.audit_synchronous)
+    scheme = target.split("://", 1)[0].lower()
+    if scheme == "sqlite":
+        return SQLiteAuditStore(target.removeprefix("sqlite:///"), settings.audit_synchronous)
+    if scheme in POSTGRES_SCHEMES:
+        return open_postgres_store(target, settings.audit_pool_size)
+    raise AuditError(
+        f"Unsupported audit database URL scheme {scheme!r} in VERITY_AUDIT_DB. It takes a file path, "
+        "sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE."
     )
 
 
+def open_postgres_store(url: str, max_connections: int) -> PostgresAuditStore:
+    """The PostgreSQL store, or an AuditError that says which extra to install."""
+    try:
+        from verity.api.audit_postgres import PostgresAuditStore
+    except ImportError as error:
+        raise AuditError(
+            "VERITY_AUDIT_DB names a PostgreSQL database but psycopg is not installed: "
+            "pip install 'verity[postgres]'."
+        ) from error
+    return PostgresAuditStore(url, max_connections)
 
 
 class ImageStore:

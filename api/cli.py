@@ -209,7 +209,8 @@ def _parse_since(text: str | None) -> str | None:
 
 
 def audit_main(argv: list[str]) -> int:
-    """`verity audit export --since T --format csv|jsonl [--out FILE]`, `verity audit confirmed --out DIR`."""
+    """`verity audit export --since T --format csv|jsonl [--out FILE]`, `verity audit confirmed --out DIR`,
+    `verity audit migrate --from SQLITE [--to postgresql://...]`."""
     parser = argparse.ArgumentParser(prog="verity audit", description="Read the audit log.")
     sub = parser.add_subparsers(dest="action", required=True)
     export = sub.add_parser("export", help="write audit records as CSV or JSONL")
@@ -223,16 +224,44 @@ def audit_main(argv: list[str]) -> int:
     confirmed.add_argument("--out", required=True, type=Path, help="folder for confirmed.jsonl and images/")
     confirmed.add_argument("--modality", choices=list(MODALITIES), help="only this modality")
     for action in (export, confirmed):
-        action.add_argument("--db", help="SQLite audit database (default: VERITY_AUDIT_DB, var/audit.sqlite)")
+        action.add_argument("--db", help="audit database: a SQLite path or a postgresql:// URL (default: "
+                            "VERITY_AUDIT_DB, var/audit.sqlite)")
+    migrate = sub.add_parser("migrate", help="copy a SQLite audit log into PostgreSQL and check the copy")
+    migrate.add_argument("--from", dest="source", required=True, help="the SQLite audit database")
+    migrate.add_argument("--to", dest="target", help="postgresql:// URL (default: VERITY_AUDIT_DB)")
     args = parser.parse_args(argv)
+    if args.action == "migrate":
+        return _migrate(args.source, args.target or load_settings().audit_db)
     settings = load_settings(**({"audit_db": args.db} if args.db else {}))
-    if settings.database_url is None and not Path(settings.audit_db).is_file():
+    if "://" not in settings.audit_db and not Path(settings.audit_db).is_file():
         raise FileNotFoundError(f"No audit database at {settings.audit_db}.")
     store = open_audit_store(settings)
     try:
         return _export_confirmed(store, args) if args.action == "confirmed" else _export_records(store, args)
     finally:
         store.close()
+
+
+def _migrate(source_path: str, target_url: str) -> int:
+    """`verity audit migrate`: copies, checks every table, prints the counts and digests."""
+    from verity.api.audit import POSTGRES_SCHEMES, SQLiteAuditStore, open_postgres_store
+    from verity.api.audit_migrate import migrate
+
+    if not Path(source_path).is_file():
+        raise FileNotFoundError(f"No audit database at {source_path}.")
+    if target_url.split("://", 1)[0].lower() not in POSTGRES_SCHEMES:
+        raise ValueError("--to (or VERITY_AUDIT_DB) must be a postgresql:// URL to migrate into.")
+    source = SQLiteAuditStore(source_path)
+    target = open_postgres_store(target_url, max_connections=2)
+    try:
+        checks = migrate(source, target)
+    finally:
+        source.close()
+        target.close()
+    for check in checks:
+        digest = check.target_sha256[:16]
+        print(f"{check.table}: {check.target_rows} rows, sha256 {digest}... (equal to the source)")
+    return 0
 
 
 # A cell starting with one of these is read as a formula by spreadsheets (OWASP: CSV injection), so a

@@ -146,9 +146,12 @@ class Settings(BaseSettings):
     require_api_keys: bool = False
     keys_file: Path = Path("var/keys.json")
 
-    # Audit log: SQLite (WAL) at audit_db unless database_url names another store.
-    audit_db: Path = Path("var/audit.sqlite")
-    database_url: str | None = None
+    # Audit log: a SQLite file (WAL; the embedded default, a path or sqlite:///PATH) or a PostgreSQL
+    # database shared by every worker and box (postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with the
+    # `postgres` extra installed). Any other scheme stops start-up.
+    audit_db: str = "var/audit.sqlite"
+    # Connections each server process keeps to a PostgreSQL audit database.
+    audit_pool_size: int = Field(8, ge=1, le=256)
     # "normal" survives a killed process (WAL); "full" also survives power loss, at some cost per write.
     audit_synchronous: Literal["normal", "full"] = "normal"
     # Keep uploaded images, content-addressed, so confirmed cases can become training data.
@@ -178,6 +181,11 @@ class Settings(BaseSettings):
     # Off: the three answer 404, for a deployment that publishes no description of its routes.
     api_docs: bool = True
 
+    @field_validator("audit_db", mode="before")
+    @classmethod
+    def _path_or_url(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, os.PathLike) else value
+
     @field_validator("allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
@@ -206,7 +214,10 @@ class Settings(BaseSettings):
 
 
 # Settings that were renamed: an old name left in a deployment's environment must not be silently ignored.
-RENAMED_SETTINGS = {"VERITY_XRAY_TILING": "VERITY_TILING=auto|on|off (auto tiles large X-ray scans)"}
+RENAMED_SETTINGS = {
+    "VERITY_XRAY_TILING": "VERITY_TILING=auto|on|off (auto tiles large X-ray scans)",
+    "VERITY_DATABASE_URL": "VERITY_AUDIT_DB=PATH, sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB",
+}
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

@@ -82,10 +82,14 @@ def test_confirmed_cases_latest_feedback_wins(tmp_path: Path) -> None:
 
 
 def test_open_store_by_url(tmp_path: Path) -> None:
-    store = open_audit_store(Settings(database_url=f"sqlite:///{tmp_path / 'u.sqlite'}"))
+    store = open_audit_store(Settings(audit_db=f"sqlite:///{tmp_path / 'u.sqlite'}"))
     assert isinstance(store, SQLiteAuditStore) and (tmp_path / "u.sqlite").exists()
-    with pytest.raises(ValueError, match="Supported: sqlite"):
-        open_audit_store(Settings(database_url="postgresql://audit@db/verity"))
+    store.close()
+    plain = open_audit_store(Settings(audit_db=tmp_path / "p.sqlite"))
+    assert isinstance(plain, SQLiteAuditStore) and (tmp_path / "p.sqlite").exists()
+    plain.close()
+    with pytest.raises(AuditError, match="Unsupported audit database URL scheme 'mysql'"):
+        open_audit_store(Settings(audit_db="mysql://audit@db/verity"))
     with pytest.raises(AuditError, match="Cannot open"):
         SQLiteAuditStore(tmp_path / "a-directory-not-a-file" / "..")
 

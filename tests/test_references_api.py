@@ -315,7 +315,7 @@ def test_cli_add_list_remove_round_trip(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_a_server_sees_cli_enrolments_without_restart(ref_settings: Settings, keys: dict[str, Any]) -> None:
-    tmp = ref_settings.audit_db.parent
+    tmp = Path(ref_settings.audit_db).parent
     config = write_config(tmp)
     with TestClient(create_app(ref_settings)) as client:
         enrol(client, keys["admin"], [1, 2])

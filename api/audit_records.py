@@ -1,0 +1,139 @@
+"""What the audit log holds and the contract every store keeps: the records (a prediction, an officer's
+feedback, a reference enrolment or removal), the history page query, and `AuditStore`.
+
+The stores: `api.audit.SQLiteAuditStore` (the embedded default) and `api.audit_postgres.PostgresAuditStore`
+(one database for many workers and boxes); `api.audit.open_audit_store` picks one from VERITY_AUDIT_DB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Protocol
+
+
+class AuditError(RuntimeError):
+    """The audit store could not record or read; a prediction must then not be answered."""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    request_id: str
+    created: str  # ISO 8601 UTC
+    station_id: str | None
+    case_id: str | None
+    image_sha256: str
+    modality: str
+    model_name: str
+    model_version: str
+    score: float
+    verdict: str
+    alarm_threshold: float
+    clear_threshold: float
+    latency_ms: float
+    image_path: str | None = None
+    api: str = "v1"
+    # Open-set fields (issue 14). None on rows written before them and for models without a bank.
+    recognised: bool | None = None  # the embedding lies near the training set's reference bank
+    novelty: float | None = None  # kNN cosine distance to that bank (inference.open_set)
+    reasons: str | None = None  # comma-separated: classifier, reference_mismatch, not_recognised, ...
+    product: str | None = None  # the product the request named, if any
+    reference_status: str | None = None  # match, mismatch or abstained (too few references)
+    reference_distance: float | None = None  # to the product's nearest genuine reference
+    reference_threshold: float | None = None  # the product's calibrated alarm distance
+    reference_count: int | None = None  # genuine references the product had when it was checked
+    # Who received the verdict (issue 15): the caller's key id and role (station, admin or anonymous).
+    # None on rows written before they were recorded. A station named by an anonymous caller is a
+    # claim, not an identity: history and feedback tell the two apart by caller_role.
+    key_id: str | None = None
+    caller_role: str | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceEvent:
+    """One enrolment or removal of a genuine reference image: who did what to which product, when.
+
+    `actor` is the API key id (or "cli:<user>" for `verity refs`), `role` its role."""
+
+    created: str
+    action: str  # "add" or "remove"
+    model_name: str
+    product: str
+    image_sha256: str
+    reference_id: str
+    actor: str | None = None
+    role: str | None = None
+    source: str | None = None  # the uploaded file's name or the CLI path
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """One officer's confirmation. station_id, key_id and role say who sent it (the caller's key, not
+    the verdict's station); role is None on rows written before senders were recorded."""
+
+    request_id: str
+    created: str
+    confirmed_label: str
+    case_id: str | None = None
+    notes: str | None = None
+    station_id: str | None = None
+    key_id: str | None = None
+    role: str | None = None
+
+
+AUDIT_FIELDS = tuple(f.name for f in fields(AuditRecord))
+FEEDBACK_FIELDS = tuple(f.name for f in fields(FeedbackRecord))
+REFERENCE_EVENT_FIELDS = tuple(f.name for f in fields(ReferenceEvent))
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    """One page of `AuditStore.history`: newest first by (created, request_id), every filter optional.
+
+    `callers` is the caller's scope: None sees every row; "keyed" only rows received with a key (or
+    before receivers were recorded); "anonymous" only rows received without one. `since` and `until`
+    are ISO 8601 UTC in the stored form (`utc_now`), `until_exclusive` says whether `until` is itself
+    excluded (a date's next midnight) or included (a datetime)."""
+
+    limit: int
+    before: tuple[str, str] | None = None  # (created, request_id) of the previous page's last row
+    station_id: str | None = None
+    callers: str | None = None
+    verdict: str | None = None  # genuine, counterfeit, uncertain (recognised) or not_recognised
+    since: str | None = None
+    until: str | None = None
+    until_exclusive: bool = False
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class AuditStore(Protocol):
+    def record(self, records: list[AuditRecord]) -> None:
+        """Writes the records durably (all or none) before returning, or raises AuditError."""
+
+    def get(self, request_id: str) -> AuditRecord | None: ...
+
+    def add_feedback(self, feedback: FeedbackRecord) -> None: ...
+
+    def since(self, since: str | None) -> Iterator[AuditRecord]:
+        """Records created at or after `since` (ISO 8601), oldest first."""
+
+    def record_reference_event(self, event: ReferenceEvent) -> None:
+        """Writes one reference enrolment or removal durably before it takes effect, or raises AuditError."""
+
+    def reference_events(self, model_name: str | None = None) -> list[ReferenceEvent]: ...
+
+    def history(self, query: HistoryQuery) -> list[AuditRecord]:
+        """At most `query.limit` records, newest first, read by the index (never the whole table)."""
+
+    def feedback_for(self, request_ids: list[str]) -> dict[str, list[FeedbackRecord]]:
+        """Each request id's feedback rows, oldest first (ids without feedback are absent)."""
+
+    def confirmed_cases(self) -> Iterator[tuple[AuditRecord, list[FeedbackRecord]]]:
+        """Each audited prediction that has feedback, with all its feedback rows oldest first (whoever
+        sent them): api.feedback decides which count and how disagreements resolve."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,64 @@
+"""The SQL both audit stores share: a record as a row and back, and the filter of one history page.
+Placeholders differ (SQLite `?`, psycopg `%s`), so the filter takes one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from typing import Any
+
+from verity.api.audit_records import AuditRecord, HistoryQuery
+
+
+def audit_row(record: AuditRecord) -> tuple[Any, ...]:
+    """A record as a predictions row in AUDIT_FIELDS order, `recognised` as 0/1."""
+    values = asdict(record)
+    if values["recognised"] is not None:
+        values["recognised"] = int(values["recognised"])
+    return tuple(values.values())
+
+
+def audit_record(row: tuple[Any, ...]) -> AuditRecord:
+    """A predictions row as a record: both stores keep `recognised` as 0/1 (one filter SQL for both)."""
+    record = AuditRecord(*row)
+    if record.recognised is None:
+        return record
+    return replace(record, recognised=bool(record.recognised))
+
+
+# The history's verdict filter: uncertain is an uncertain verdict the model recognised (or from before
+# recognition was recorded); an unrecognised image is its own category, whatever its verdict.
+_VERDICT_FILTERS = {
+    "genuine": "verdict = 'genuine'",
+    "counterfeit": "verdict = 'counterfeit'",
+    "uncertain": "verdict = 'uncertain' AND (recognised IS NULL OR recognised != 0)",
+    "not_recognised": "recognised = 0",
+}
+_CALLER_FILTERS = {
+    "keyed": "(caller_role IS NULL OR caller_role != 'anonymous')",
+    "anonymous": "caller_role = 'anonymous'",
+}
+
+
+def history_filter(query: HistoryQuery, mark: str = "?") -> tuple[list[str], list[str]]:
+    """The WHERE clauses and their arguments of one history page (`mark`: the placeholder)."""
+    where: list[str] = []
+    arguments: list[str] = []
+    if query.callers is not None:
+        where.append(_CALLER_FILTERS[query.callers])
+    if query.station_id is not None:
+        where.append(f"station_id = {mark}")
+        arguments.append(query.station_id)
+    if query.verdict is not None:
+        where.append(_VERDICT_FILTERS[query.verdict])
+    if query.since is not None:
+        where.append(f"created >= {mark}")
+        arguments.append(query.since)
+    if query.until is not None:
+        where.append(f"created < {mark}" if query.until_exclusive else f"created <= {mark}")
+        arguments.append(query.until)
+    if query.before is not None:
+        created, request_id = query.before
+        where.append(f"(created < {mark} OR (created = {mark} AND request_id < {mark}))")
+        arguments.extend((created, created, request_id))
+    return where, arguments
