@@ -204,3 +204,21 @@ def test_every_path_gives_every_image_the_same_answer(
             assert abs(answer["score"] - expected["score"]) <= TOLERANCE, (path, name, answer, expected)
             for field in ("verdict", "recognised", "reasons"):
                 assert answer[field] == expected[field], (path, name, field, answer, expected)
+
+
+def test_the_cli_draws_the_servers_heatmap(world: dict[str, Any], tmp_path: Path) -> None:
+    """A dim 16-bit scan: `verity predict --heatmap` writes the very PNG /v1/predict returns, drawn over
+    the same display-windowed view (it once drew over the raw model input, nearly black)."""
+    from verity.inference.cli import main as predict_main
+
+    dim = np.random.default_rng(7).integers(900, 1400, (480, 640), dtype=np.uint16)
+    image = tmp_path / "dim-640x480.png"
+    image.write_bytes(_encode(dim, "PNG"))
+    out = tmp_path / "heat.png"
+    assert predict_main(["--model", str(world["model"]), "--heatmap", str(out), str(image)]) == 0
+    settings = make_settings(world["root"], audit_db=tmp_path / "audit.sqlite")
+    with TestClient(create_app(settings)) as client:
+        form = {"modality": "xray", "return_heatmap": "true"}
+        response = client.post("/v1/predict", files={"file": (image.name, image.read_bytes())}, data=form)
+    assert response.status_code == 200, response.text
+    assert out.read_bytes() == base64.b64decode(response.json()["heatmap_png"])
