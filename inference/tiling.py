@@ -40,7 +40,8 @@ Scan score (documented choice):
 - "max" (default): the highest tile score. One counterfeit region is enough to raise an alarm, which
   is what an inspection lane needs.
 - "topk": the mean of the `top_k` highest tile scores; less sensitive to one noisy tile.
-The verdict applies the model's thresholds to that score.
+The scan is then judged as one image by the pipeline (`inference.pipeline.judge`): that score against the
+thresholds, one novelty search on the mean of the tiles' embeddings, and the training envelope.
 
 Heatmap: each tile's CAM (counterfeit minus genuine, logit units) is upsampled onto the tile's footprint
 and averaged where tiles overlap; without CAMs the tile's logit difference fills its footprint. The map
