@@ -44,7 +44,7 @@ from verity.api.schemas import (
     REQUEST_ID_MAX,
     STATION_ID_MAX,
 )
-from verity.api.service import Scored
+from verity.inference.pipeline import Scored
 from verity.inference.vocabulary import NAME_MAX
 
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -405,13 +405,13 @@ def response(
     """The answer holding the requested outputs (from requested_outputs), as JSON or binary blobs."""
     n = len(scored)
     values: dict[str, tuple[str, list[int], Any]] = {
-        "score": ("FP32", [n], np.array([s.prediction.score for s in scored], dtype="<f4")),
-        "verdict": ("BYTES", [n], [s.prediction.verdict for s in scored]),
-        "logits": ("FP32", [n, 2], np.array([s.prediction.logits for s in scored], dtype="<f4")),
+        "score": ("FP32", [n], np.array([s.score for s in scored], dtype="<f4")),
+        "verdict": ("BYTES", [n], [s.verdict for s in scored]),
+        "logits": ("FP32", [n, 2], np.array([s.output.logits for s in scored], dtype="<f4")),
         "request_id": ("BYTES", [n], ids),
-        "reasons": ("BYTES", [n], [",".join(s.prediction.reasons) for s in scored]),
-        "recognised": ("BOOL", [n], np.array([bool(s.prediction.recognised) for s in scored])),
-        "novelty": ("FP32", [n], np.array([s.prediction.novelty or 0.0 for s in scored], dtype="<f4")),
+        "reasons": ("BYTES", [n], [",".join(s.reasons) for s in scored]),
+        "recognised": ("BOOL", [n], np.array([bool(s.recognised) for s in scored])),
+        "novelty": ("FP32", [n], np.array([s.novelty or 0.0 for s in scored], dtype="<f4")),
     }
     outputs, blobs = [], []
     for name, spec in requested.items():

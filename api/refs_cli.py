@@ -24,7 +24,7 @@ from verity.api.audit import AuditError, AuditStore, ReferenceEvent, open_audit_
 from verity.api.settings import Settings, load_settings
 from verity.inference.artifacts import ONNX_FILES, resolve_model
 from verity.inference.decode import DecodeError, read_image_bytes
-from verity.inference.engine import ModelLoadError, OnnxEngine
+from verity.inference.engine import Engine, ModelLoadError, OnnxEngine
 from verity.inference.references import (
     MIN_REFERENCES,
     InvalidName,
@@ -134,7 +134,7 @@ def actor_name(who: str | None) -> str:
     return f"cli:{who}"
 
 
-def calibration_or_none(store: ReferenceStore, engine: Any, product: str) -> dict[str, Any] | None:
+def calibration_or_none(store: ReferenceStore, engine: Engine, product: str) -> dict[str, Any] | None:
     """The product's calibration, or None when it has no usable references or the model no embedding
     (a listing still shows the product and its count)."""
     try:

@@ -28,7 +28,7 @@ from verity.inference.vocabulary import MODALITIES
 log = logging.getLogger("verity.api.registry")
 
 ModelKey = tuple[str, str]  # (name, version)
-EngineFactory = Callable[[Path], Any]
+EngineFactory = Callable[[Path], OnnxEngine]
 
 
 def _file_stamp(path: Path) -> tuple[int, int]:
@@ -40,7 +40,11 @@ class ServedModel:
     """One loaded engine plus the micro-batcher that feeds it."""
 
     def __init__(
-        self, engine: Any, path: Path, settings: Settings, on_batch: Callable[[int], None] | None = None
+        self,
+        engine: OnnxEngine,
+        path: Path,
+        settings: Settings,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.engine = engine
         self.path = path
@@ -116,8 +120,8 @@ class ServedModel:
             "input_shape": list(self.engine.input_shape()),
             "metrics": card.metrics,
             # Which file variant and execution provider answer: an INT8 model is a different file.
-            "precision": getattr(self.engine, "precision", "fp32"),
-            "provider": (getattr(self.engine, "providers", None) or [None])[0],
+            "precision": self.engine.precision,
+            "provider": self.engine.providers[0],
         }
 
 

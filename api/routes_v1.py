@@ -85,11 +85,13 @@ def _elapsed_ms(request: Request) -> float:
     return (time.perf_counter() - request.state.started) * 1000.0
 
 
-async def _images(scored: Scored, heatmap: bool, view: bool) -> tuple[str | None, str | None]:
+async def _images(
+    scored: Scored, served: ServedModel, heatmap: bool, view: bool
+) -> tuple[str | None, str | None]:
     """The heatmap and view PNGs asked for, rendered off the event loop."""
     if not (heatmap or view):
         return None, None
-    return await run_in_threadpool(render_images, scored, heatmap, view)
+    return await run_in_threadpool(render_images, scored, served.engine.spec, heatmap, view)
 
 
 @router.post(
@@ -119,12 +121,17 @@ async def predict(
     service.require_product(served, product)
     data = await file.read()
     scored = await service.score(data, served, product)
-    heatmap, view = await _images(scored, return_heatmap, return_view)
+    heatmap, view = await _images(scored, served, return_heatmap, return_view)
     items = [(current_request_id(request), scored, data)]
     (record,) = await service.answer(
-        items, station_id=station, case_id=case_id, started=request.state.started, receiver=principal
+        items,
+        modality=served.modality,
+        station_id=station,
+        case_id=case_id,
+        started=request.state.started,
+        receiver=principal,
     )
-    return service.result(record, heatmap, scored.tiles, view)
+    return service.result(record, scored, heatmap, view)
 
 
 async def _batch_item(
@@ -141,7 +148,7 @@ async def _batch_item(
     filename = truncated(upload.filename, FILENAME_MAX) if upload.filename is not None else None
     try:
         scored = await service.score(data, served, product)
-        return index, filename, data, scored, await _images(scored, *wanted), None
+        return index, filename, data, scored, await _images(scored, served, *wanted), None
     except ApiError as error:
         return index, filename, data, None, (None, None), error
 
@@ -179,13 +186,14 @@ async def predict_batch(
     done = [(i, data, scored, images) for i, _, data, scored, images, _ in outcomes if scored is not None]
     records = await service.answer(
         [(f"{request_id}-{index}", scored, data) for index, data, scored, _ in done],
+        modality=served.modality,
         station_id=station,
         case_id=case_id,
         started=request.state.started,
         receiver=principal,
     )
     results = {
-        index: service.result(record, images[0], scored.tiles, images[1])
+        index: service.result(record, scored, *images)
         for (index, _, scored, images), record in zip(done, records, strict=True)
     }
     items = []

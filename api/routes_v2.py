@@ -9,7 +9,6 @@ bytes with the binary tensor data extension). Outputs: score FP32 [N], verdict B
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -22,7 +21,8 @@ from verity.api.deps import PrincipalDep, RegistryDep
 from verity.api.errors import ApiError, current_request_id, truncated
 from verity.api.registry import ServedModel
 from verity.api.schemas import OIP_NAME_MAX, PARAMETER_TEXT_MAX, PARAMETERS_MAX, STATION_ID_MAX, OipError
-from verity.api.service import PreparedImage, ServiceDep, station_for
+from verity.api.service import ServiceDep, station_for
+from verity.inference.pipeline import Upload, prepare_tensor
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
@@ -83,7 +83,7 @@ def _metadata(served: ServedModel, registry) -> dict[str, Any]:
         ],
         "outputs": [
             {"name": name, **OUTPUT_SHAPES[name]}
-            for name in oip.output_names(getattr(engine, "novelty_gate", None) is not None)
+            for name in oip.output_names(engine.novelty_gate is not None)
         ],
         "parameters": {
             "modality": served.modality,
@@ -126,21 +126,19 @@ async def model_version_ready(
 # Parsing ---------------------------------------------------------------------------------------
 
 
-def _tensor_images(
-    tensor: oip.TensorIn, binary: bytes | None, expected: tuple[int, int, int]
-) -> list[PreparedImage]:
+def _tensor_images(tensor: oip.TensorIn, binary: bytes | None, served: ServedModel) -> list[Upload]:
     """Blocking: the model inputs of an FP32 input, each hashed for its audit record."""
-    batch = oip.fp32_batch(tensor, binary, expected)
-    return [PreparedImage(x, hashlib.sha256(x.tobytes()).hexdigest(), "tensor") for x in batch]
+    batch = oip.fp32_batch(tensor, binary, served.engine.input_shape())
+    return [prepare_tensor(x, served.engine.spec) for x in batch]
 
 
 async def _prepare(
     service, served: ServedModel, tensor: oip.TensorIn, tail: bytes
-) -> tuple[list[PreparedImage], list[bytes | None]]:
+) -> tuple[list[Upload], list[bytes | None]]:
     """The input's images ready to score, and the uploaded bytes of each (None for tensors)."""
     binary, _ = oip.binary_part(tensor, tail, 0)
     if tensor.datatype == "FP32":
-        prepared = await run_in_threadpool(_tensor_images, tensor, binary, served.engine.input_shape())
+        prepared = await run_in_threadpool(_tensor_images, tensor, binary, served)
         return prepared, [None] * len(prepared)
     items = oip.bytes_items(tensor, binary)
     return list(await asyncio.gather(*(service.prepare(item, served) for item in items))), list(items)
@@ -158,7 +156,7 @@ async def _infer(
     tensor = oip.single_input(infer)
     params = infer.parameters or oip.RequestParameters()
     station = station_for(principal.station_id, params.station_id)
-    outputs = oip.requested_outputs(infer.outputs, getattr(served.engine, "novelty_gate", None) is not None)
+    outputs = oip.requested_outputs(infer.outputs, served.engine.novelty_gate is not None)
     service.check_items(oip.item_count(tensor))
     service.require_product(served, params.product)
     prepared, datas = await _prepare(service, served, tensor, tail)
@@ -171,6 +169,7 @@ async def _infer(
     ids = [request_id] if len(scored) == 1 else [f"{request_id}-{i}" for i in range(len(scored))]
     await service.answer(
         list(zip(ids, scored, datas, strict=True)),
+        modality=served.modality,
         station_id=station,
         case_id=params.case_id,
         started=request.state.started,

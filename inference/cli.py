@@ -1,33 +1,32 @@
-"""`verity predict`: verdicts for image files from the command line, with the server's own code path.
+"""`verity predict`: verdicts for image files from the command line, through the server's pipeline.
 
     verity predict --model checkpoints/photo-default IMAGE... [--heatmap out.png] [--json]
                    [--product NAME [--references DIR]]
 
 `--model` takes a model.onnx, a version folder holding one, a model folder (its newest version, in the
 natural version order the server uses: `inference.artifacts`) or a folder holding one model.
-Every image goes through the server's own path: `inference.tiling.load_for_scoring` decides by the one
-tiling rule (large X-ray scans in tiles, everything else whole, with the server's preprocessing;
-`--tiles on|off` to force) and the same options the server and `verity eval` default to. No torch: this
-runs on a scanner console with the base install.
+Every image goes through the scoring pipeline the server runs (`inference.pipeline`): the one tiling
+rule (large X-ray scans in tiles, everything else whole, with the server's preprocessing; `--tiles
+on|off` to force) with the options the server and `verity eval` default to, the open-set checks and the
+one verdict rule; the heatmap is drawn over the server's view (`inference.views`). No torch: this runs
+on a scanner console with the base install.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from verity.inference.artifacts import ONNX_FILES, resolve_model
 from verity.inference.decode import DEFAULT_LIMITS, DecodeError, read_image_bytes
-from verity.inference.engine import PRECISIONS, OnnxEngine, Prediction, envelope_judged
-from verity.inference.heatmap import heatmap_png
-from verity.inference.open_set import open_set_verdict
+from verity.inference.engine import PRECISIONS, OnnxEngine, Prediction
+from verity.inference.pipeline import ProductCheck, Scored, ScoringOptions, score_bytes
 from verity.inference.references import DEFAULT_REFERENCES_DIR, ReferenceCheck, ReferenceStore
 from verity.inference.terminal import terminal_json, terminal_safe
-from verity.inference.tiling import AGGREGATES, TILING_MODES, TilingOptions, load_for_scoring, score_scan
+from verity.inference.tiling import AGGREGATES, TILING_MODES, TilingOptions
+from verity.inference.views import render_images
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,53 +90,40 @@ def _heatmap_path(base: str, image: Path, several: bool) -> Path:
     return out.with_name(f"{out.stem}-{image.stem}{out.suffix or '.png'}") if several else out
 
 
-ProductCheck = Callable[[Prediction], ReferenceCheck]
-
-
-def _scored(
-    engine: OnnxEngine, data: bytes, options: TilingOptions, heatmap: bool
-) -> tuple[Prediction, dict[str, Any], bytes | None]:
-    """The image's prediction, its tiling figures and its heatmap PNG (when asked for)."""
-    loaded = load_for_scoring(data, engine.spec, options, DEFAULT_LIMITS)
-    if loaded.pixels is not None:
-        scan = score_scan(loaded.pixels, engine, options)
-        tiling = {"tiles": len(scan.tiles), "grid": list(scan.grid), "aggregate": scan.aggregate}
-        return scan.prediction, tiling, scan.heatmap_png(loaded.pixels) if heatmap else None
-    model_input = loaded.model_input
-    assert model_input is not None  # load_for_scoring sets exactly one of the two
-    prediction = envelope_judged(
-        engine.predict([model_input], with_cam=heatmap)[0], loaded.shorter_side, engine.novelty_gate
-    )
-    png = heatmap_png(prediction.cam, model_input) if heatmap and prediction.cam is not None else None
-    return prediction, {"tiles": 1}, png
-
-
 def predict_file(
     engine: OnnxEngine,
     image: Path,
     options: TilingOptions,
     heatmap: bool,
     product_check: ProductCheck | None = None,
-) -> tuple[dict[str, Any], bytes | None]:
-    """The result for one file (and its heatmap PNG when asked for), judged by the open-set rule with
-    the product's reference check when one is given, as the server judges it."""
-    prediction, tiling, png = _scored(engine, read_image_bytes(image, DEFAULT_LIMITS), options, heatmap)
-    reference = None
-    if product_check is not None:
-        reference = product_check(prediction)
-        classifier = prediction.classifier_verdict or prediction.verdict
-        verdict, reasons = open_set_verdict(classifier, prediction.recognised, reference.status)
-        prediction = replace(prediction, verdict=verdict, reasons=reasons)
-    result = {
-        "score": prediction.score,
-        "verdict": prediction.verdict,
-        "recognised": prediction.recognised,
-        "novelty": prediction.novelty,
-        "reasons": list(prediction.reasons),
-        **tiling,
+) -> tuple[Scored, bytes | None]:
+    """One file through the pipeline (with the product's reference check when one is given), and its
+    heatmap PNG when asked for."""
+    data = read_image_bytes(image, DEFAULT_LIMITS)
+    scored = score_bytes(data, engine, ScoringOptions(options), product_check, DEFAULT_LIMITS, heatmap)
+    png = render_images(scored, engine.spec, heatmap=True, view=False)[0] if heatmap else None
+    return scored, png
+
+
+def cli_record(scored: Scored, image: Path, precision: str) -> dict[str, Any]:
+    """The CLI's serialisation of one result (`--json` prints it; the text line is made from it)."""
+    reference = scored.reference
+    record: dict[str, Any] = {
+        "image": str(image),
+        "score": scored.score,
+        "verdict": scored.verdict,
+        "recognised": scored.recognised,
+        "novelty": scored.novelty,
+        "reasons": list(scored.reasons),
+        "tiles": scored.tiles,
         "reference": reference.to_dict() if reference is not None else None,
+        "alarm": scored.thresholds.alarm,
+        "clear": scored.thresholds.clear,
+        "model": {"name": scored.model, "version": scored.version, "precision": precision},
     }
-    return result, png
+    if scored.scan is not None:
+        record.update(grid=list(scored.scan.grid), aggregate=scored.scan.aggregate)
+    return record
 
 
 def product_check_for(engine: OnnxEngine, product: str | None, root: str) -> ProductCheck | None:
@@ -147,10 +133,9 @@ def product_check_for(engine: OnnxEngine, product: str | None, root: str) -> Pro
         return None
     store = ReferenceStore(Path(root))
 
-    def check(prediction: Prediction) -> ReferenceCheck:
-        if prediction.embedding is None:
-            raise ValueError(f"{engine.name} {engine.version} has no embedding output to check products.")
-        return store.check(engine, product, prediction.embedding, prediction.patches)
+    def check(output: Prediction) -> ReferenceCheck:
+        assert output.embedding is not None  # the pipeline asks only for an output with one
+        return store.check(engine, product, output.embedding, output.patches)
 
     return check
 
@@ -176,6 +161,18 @@ def _novelty(result: dict[str, Any]) -> str:
     return text
 
 
+def _line(result: dict[str, Any]) -> str:
+    """One image's result as the text line `verity predict` prints."""
+    tiled = f", {result['tiles']} tiles ({result['aggregate']})" if result["tiles"] > 1 else ""
+    model = result["model"]
+    heatmap = f" heatmap {result['heatmap']}" if "heatmap" in result else ""
+    return (
+        f"{result['image']}: {result['verdict']}{_why(result)} (score {result['score']:.3f}; counterfeit >= "
+        f"{result['alarm']:g}, genuine <= {result['clear']:g}{tiled}{_novelty(result)}) "
+        f"[{model['name']} {model['version']}]{heatmap}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prints a verdict per image; returns 0, or 1 when any image could not be read."""
     parser = build_parser()
@@ -194,31 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.images:
         image = Path(name)
         try:
-            result, png = predict_file(engine, image, options, bool(args.heatmap), check)
+            scored, png = predict_file(engine, image, options, bool(args.heatmap), check)
         except (DecodeError, OSError, ValueError) as error:
             failures += 1
             print(terminal_safe(f"verity predict: {image}: {error}"), file=sys.stderr)
             continue
-        result = {
-            "image": str(image),
-            **result,
-            "alarm": engine.thresholds.alarm,
-            "clear": engine.thresholds.clear,
-            "model": {"name": engine.name, "version": engine.version, "precision": engine.precision},
-        }
+        result = cli_record(scored, image, engine.precision)
         if png is not None:
             out = _heatmap_path(args.heatmap, image, several)
             out.write_bytes(png)
             result["heatmap"] = str(out)
-        if args.json:
-            print(terminal_json(result))
-        else:
-            tiled = f", {result['tiles']} tiles ({args.aggregate})" if result["tiles"] > 1 else ""
-            alarm, clear = engine.thresholds.alarm, engine.thresholds.clear
-            line = (
-                f"{image}: {result['verdict']}{_why(result)} (score {result['score']:.3f}; counterfeit >= "
-                f"{alarm:g}, genuine <= {clear:g}{tiled}{_novelty(result)}) [{engine.name} {engine.version}]"
-                + (f" heatmap {result['heatmap']}" if "heatmap" in result else "")
-            )
-            print(terminal_safe(line))  # the image's name may come from a folder of seized files
+        # The image's name may come from a folder of seized files: no control characters reach the terminal.
+        print(terminal_json(result) if args.json else terminal_safe(_line(result)))
     return 1 if failures else 0

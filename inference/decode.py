@@ -412,14 +412,15 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
 
 
 def open_image(
-    data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, draft_size: int | None = None
+    data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, draft_size: int | None = None, kind: str | None = None
 ) -> Image.Image | np.ndarray:
     """`decode_image`, stopping short of the array for formats Pillow reads: TIFF and DICOM (their own
     readers) come back as the HxWxC array, everything else as the loaded, upright PIL image (flattened to
     "L", "RGB" or a deep grey mode), so a caller that resizes an 8-bit image can do so in PIL, its fast
-    path (`preprocess.load_for_model`)."""
+    path (`preprocess.load_for_model`). `kind` is the format `sniff_format` named, when the caller has it.
+    """
     _check_bytes(len(data), limits)
-    kind = sniff_format(data)
+    kind = kind or sniff_format(data)
     if kind == "tiff":
         return _decode_tiff(data, limits)
     if kind == "dicom":
@@ -430,7 +431,7 @@ def open_image(
 
 
 def decode_image(
-    data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, draft_size: int | None = None
+    data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, draft_size: int | None = None, kind: str | None = None
 ) -> np.ndarray:
     """Decodes image bytes to an HxWxC array (uint8, uint16 or float32), orientation applied.
 
@@ -438,7 +439,7 @@ def decode_image(
     lets a JPEG be decoded at reduced scale when the model needs far fewer pixels. Raises DecodeError
     (or a subclass) with a message fit to show a user.
     """
-    decoded = open_image(data, limits, draft_size)
+    decoded = open_image(data, limits, draft_size, kind)
     return pil_to_array(decoded) if isinstance(decoded, Image.Image) else decoded
 
 

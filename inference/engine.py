@@ -8,21 +8,15 @@ can never apply the wrong preprocessing or thresholds to a model.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from verity.inference.bank import unit_rows
 from verity.inference.card import ModelCard
-from verity.inference.open_set import (
-    NoveltyGate,
-    OpenSetError,
-    load_novelty_gate,
-    open_set_verdict,
-    outside_envelope,
-)
+from verity.inference.open_set import NoveltyGate, OpenSetError, load_novelty_gate
 from verity.inference.patch_check import unit_patches
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import VERDICTS, finite_score, verdict_codes
@@ -54,63 +48,51 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Prediction:
+    """What the model says of one input, before any verdict: the verdict is decided once, from every
+    piece of evidence together, in `inference.pipeline.judge`."""
+
     score: float  # calibrated probability of counterfeit
-    verdict: str  # by the open-set rule (`open_set_verdict`): an image not recognised is uncertain
     logits: tuple[float, ...]
     # Class activation map for "counterfeit minus genuine" on the model's feature grid, or None.
     cam: np.ndarray | None = None
     # The model's `embedding` output (D float32, L2-normalised), or None for a model without one.
     embedding: np.ndarray | None = None
-    # kNN distance to the training bank and whether it is within the gate; None without a gate.
-    novelty: float | None = None
-    recognised: bool | None = None
-    reasons: tuple[str, ...] = ()
-    classifier_verdict: str | None = None  # the score against the thresholds alone (None: = verdict)
     # L x C unit rows: the `patches` output (local features) the product reference check compares, or
     # None for a model without it.
     patches: np.ndarray | None = None
 
 
-def judged(
-    score: float,
-    thresholds: Thresholds,
-    gate: NoveltyGate | None,
-    embedding: np.ndarray | None,
-    logits: tuple[float, ...],
-    cam: np.ndarray | None = None,
-    distance: float | None = None,
-    patches: np.ndarray | None = None,
-) -> Prediction:
-    """One Prediction by the one open-set rule: the score against the thresholds, then the novelty gate
-    (when the model has one and gave an embedding; `distance` is its novelty when already computed for
-    a whole batch at once)."""
-    classifier = thresholds.verdict(score)
-    recognised = None
-    if gate is not None and embedding is not None:
-        distance = float(gate.novelty(embedding[None])[0]) if distance is None else float(distance)
-        recognised = gate.recognised(distance)
-    verdict, reasons = open_set_verdict(classifier, recognised)
-    return Prediction(
-        score=float(score),
-        verdict=verdict,
-        logits=logits,
-        cam=cam,
-        embedding=embedding,
-        novelty=distance,
-        recognised=recognised,
-        reasons=reasons,
-        classifier_verdict=classifier,
-        patches=patches,
-    )
+class Engine(Protocol):
+    """What scoring needs from a model, whichever runtime runs it: `OnnxEngine` here, training's torch
+    `ModuleScorer` in evaluation. Its features are typed attributes, never probed for."""
 
+    @property
+    def name(self) -> str: ...
 
-def envelope_judged(prediction: Prediction, shorter_side: int | None, gate: NoveltyGate | None) -> Prediction:
-    """The prediction with the training envelope applied (`open_set.outside_envelope`): an image
-    smaller than any the model was trained on is not recognised, so uncertain, whatever its novelty."""
-    if not outside_envelope(gate, shorter_side):
-        return prediction
-    verdict, reasons = open_set_verdict(prediction.classifier_verdict or prediction.verdict, False)
-    return replace(prediction, verdict=verdict, reasons=reasons, recognised=False)
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def spec(self) -> PreprocessSpec: ...
+
+    @property
+    def thresholds(self) -> Thresholds: ...
+
+    @property
+    def novelty_gate(self) -> NoveltyGate | None: ...  # None: the model has no gate
+
+    @property
+    def output_names(self) -> list[str]: ...  # "embedding" and "patches" among them when it gives them
+
+    @property
+    def precision(self) -> str: ...  # fp32, fp16 or int8: which file variant answers
+
+    @property
+    def path(self) -> Path | None: ...  # the model file; None for an in-memory model
+
+    def predict(self, inputs: list[np.ndarray] | np.ndarray, with_cam: bool = False) -> list[Prediction]:
+        """One Prediction per preprocessed CxSxS input, in order."""
+        ...
 
 
 def calibrated_scores(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -349,7 +331,7 @@ class OnnxEngine:
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
 
     def predict(self, inputs: list[np.ndarray] | np.ndarray, with_cam: bool = False) -> list[Prediction]:
-        """Scores preprocessed inputs in one batch and applies the model's thresholds."""
+        """Scores preprocessed inputs in one batch: calibrated scores and the model's other outputs."""
         batch = np.stack(inputs) if isinstance(inputs, list) else inputs
         outputs = self.run(batch)
         logits = outputs["logits"]
@@ -357,18 +339,13 @@ class OnnxEngine:
         cams = outputs.get("cam") if with_cam else None
         # Renormalised here: an INT8 graph's quantized norm leaves rows up to about 1% off unit length.
         embeddings = unit_rows(outputs["embedding"]) if "embedding" in outputs else None
-        gate = self.novelty_gate
-        distances = gate.novelty(embeddings) if gate is not None and embeddings is not None else None
         patch_maps = outputs.get("patches")
         return [
-            judged(
-                float(score),
-                self.thresholds,
-                self.novelty_gate,
-                embeddings[i] if embeddings is not None else None,
-                tuple(float(x) for x in row),
+            Prediction(
+                score=float(score),
+                logits=tuple(float(x) for x in row),
                 cam=(cams[i, 1] - cams[i, 0]) if cams is not None else None,
-                distance=float(distances[i]) if distances is not None else None,
+                embedding=embeddings[i] if embeddings is not None else None,
                 patches=unit_patches(patch_maps[i]) if patch_maps is not None else None,
             )
             for i, (score, row) in enumerate(zip(scores, logits, strict=True))

@@ -27,6 +27,7 @@ from verity.inference.decode import (
     open_image,
     pil_to_array,
     read_image_bytes,
+    sniff_format,
 )
 from verity.inference.spec import PreprocessSpec
 
@@ -216,15 +217,19 @@ def load_for_model(
 
 
 def load_for_model_sized(
-    source: bytes | str | Path, spec: PreprocessSpec, limits: DecodeLimits = DEFAULT_LIMITS
+    source: bytes | str | Path,
+    spec: PreprocessSpec,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    kind: str | None = None,
 ) -> tuple[np.ndarray, int]:
     """`load_for_model`, and the image's shorter side in its own pixels (what `inference.open_set`'s
-    training envelope compares)."""
+    training envelope compares). `kind`: the format `sniff_format` named, when the caller has it."""
     data = read_image_bytes(source, limits)
-    decoded = open_image(data, limits, draft_size=spec.image_size)
+    kind = kind or sniff_format(data)
+    decoded = open_image(data, limits, draft_size=spec.image_size, kind=kind)
     if isinstance(decoded, Image.Image):
         side = min(decoded.size)
-        if side < spec.image_size and data[:2] == b"\xff\xd8":
+        if side < spec.image_size and kind == "jpeg":
             # A JPEG decoded in draft mode keeps only its long side at the input size: its own short
             # side is in the header (read without decoding, and only for such thin or small ones).
             with Image.open(io.BytesIO(data)) as header:

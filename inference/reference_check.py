@@ -24,8 +24,10 @@ import numpy as np
 
 from verity.inference.bank import unit_rows
 from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
+from verity.inference.engine import Engine
+from verity.inference.pipeline import ScoringOptions, engine_predict, model_output, prepare
 from verity.inference.reference_errors import NoEmbedding
-from verity.inference.tiling import TilingOptions, load_for_scoring, score_scan
+from verity.inference.tiling import TilingOptions
 
 MIN_REFERENCES = 5  # fewer: the leave-one-out spread is not worth a threshold, so the check abstains
 DEFAULT_FALSE_ALARM_RATE = 0.01
@@ -36,15 +38,12 @@ MIN_SPREAD = 1e-6
 # Embedding an image exactly as the server scores it
 
 
-def has_embedding(engine: Any) -> bool:
-    """Whether the engine's model gives an embedding (an OnnxEngine's graph has the output)."""
-    names = getattr(engine, "output_names", None)
-    if names is not None:
-        return "embedding" in names
-    return getattr(getattr(engine, "card", None), "embedding_dim", None) is not None
+def has_embedding(engine: Engine) -> bool:
+    """Whether the engine's model gives an embedding (its graph has the output)."""
+    return "embedding" in engine.output_names
 
 
-def require_embedding(engine: Any) -> None:
+def require_embedding(engine: Engine) -> None:
     """Refuses a model without an embedding output, before anything is decoded or written."""
     if not has_embedding(engine):
         raise NoEmbedding(
@@ -54,32 +53,36 @@ def require_embedding(engine: Any) -> None:
 
 
 def image_features(
-    engine: Any, data: bytes, tiling: TilingOptions = TilingOptions(), limits: DecodeLimits = DEFAULT_LIMITS
+    engine: Engine,
+    data: bytes,
+    tiling: TilingOptions = TilingOptions(),
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The unit-length embedding of one image's bytes and its local features (L x C unit rows, None for
-    a model without the `patches` output), by the server's own path (`load_for_scoring`, tiles for a
-    large scan), so a reference and a query are seen the same way. DecodeError for a bad image,
-    TooManyTiles for a scan over the tile limit, NoEmbedding for a model without the output."""
+    a model without the `patches` output), by the scoring pipeline's own decode and model output
+    (`pipeline.model_output`: tiles for a large scan), so a reference and a query are seen the same way.
+    DecodeError for a bad image, TooManyTiles for a scan over the tile limit, NoEmbedding for a model
+    without the output."""
     require_embedding(engine)
-    loaded = load_for_scoring(data, engine.spec, tiling, limits)
-    if loaded.model_input is not None:
-        prediction = engine.predict([loaded.model_input])[0]
-    else:
-        prediction = score_scan(loaded.pixels, engine, tiling).prediction
-    if prediction.embedding is None:
+    upload = prepare(data, engine.spec, tiling, limits)
+    output, _ = model_output(upload, engine, engine_predict(engine, with_cam=False), ScoringOptions(tiling))
+    if output.embedding is None:
         raise NoEmbedding(f"Model {engine.name} {engine.version} gave no embedding for this image.")
-    embedding = unit_rows(np.asarray(prediction.embedding, dtype=np.float32).reshape(1, -1))[0]
-    return embedding, getattr(prediction, "patches", None)
+    embedding = unit_rows(np.asarray(output.embedding, dtype=np.float32).reshape(1, -1))[0]
+    return embedding, output.patches
 
 
 def embed_image(
-    engine: Any, data: bytes, tiling: TilingOptions = TilingOptions(), limits: DecodeLimits = DEFAULT_LIMITS
+    engine: Engine,
+    data: bytes,
+    tiling: TilingOptions = TilingOptions(),
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> np.ndarray:
     """The unit-length embedding of one image's bytes (`image_features`)."""
     return image_features(engine, data, tiling, limits)[0]
 
 
-def engine_key(engine: Any) -> str:
+def engine_key(engine: Engine) -> str:
     """Identifies the embeddings one model file gives: name, version, precision and the file's size
     and mtime (a re-exported file under the same version gets a new key, so stale vectors are unused).
 
@@ -90,14 +93,14 @@ def engine_key(engine: Any) -> str:
         return _ENGINE_KEYS[engine]
     except (KeyError, TypeError):  # TypeError: an engine that cannot be weakly referenced
         pass
-    path = Path(getattr(engine, "path", "") or "")
+    path = Path(engine.path or "")
     try:
         stat = path.stat()
         stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
     except OSError:
         stamp = "0:0"
     text = "\0".join(
-        [engine.name, engine.version, str(getattr(engine, "precision", "fp32")), path.name, stamp]
+        [engine.name, engine.version, engine.precision, path.name, stamp]
     )
     key = hashlib.sha256(text.encode()).hexdigest()[:24]
     with contextlib.suppress(TypeError):
@@ -107,14 +110,14 @@ def engine_key(engine: Any) -> str:
 
 # Keyed by the engine object itself, so a reloaded model (a new engine) is looked at afresh and an
 # unloaded one does not linger.
-_ENGINE_KEYS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_ENGINE_KEYS: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 
 
 class EngineEmbedder:
     """`embed` for `ReferenceStore.add` that also tells the store which engine made the vector, so the
     enrolment's embedding goes straight into that engine's cache instead of being computed again."""
 
-    def __init__(self, engine: Any, tiling: TilingOptions, limits: DecodeLimits) -> None:
+    def __init__(self, engine: Engine, tiling: TilingOptions, limits: DecodeLimits) -> None:
         require_embedding(engine)
         self.engine = engine
         self.tiling = tiling

@@ -42,6 +42,7 @@ import numpy as np
 
 from verity.inference.bank import unit_rows
 from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits, sniff_format
+from verity.inference.engine import Engine
 from verity.inference.patch_check import PatchCalibration, calibrate_patches
 from verity.inference.private_files import (
     PRIVATE_DIR_MODE,
@@ -183,7 +184,7 @@ class ReferenceStore:
     def _image_target(self, model_name: str, sha: str, ext: str) -> Path:
         return self._folder(model_name) / "images" / sha[:2] / f"{sha}.{ext}"
 
-    def embedder(self, engine: Any) -> EngineEmbedder:
+    def embedder(self, engine: Engine) -> EngineEmbedder:
         """The `embed` for `add` with this engine and the store's tiling and decode limits."""
         return EngineEmbedder(engine, self.tiling, self.limits)
 
@@ -359,11 +360,13 @@ class ReferenceStore:
     def _cache_path(self, model_name: str, key: str) -> Path:
         return self._folder(model_name) / "embeddings" / f"{key}.npz"
 
-    def _vector(self, engine: Any, model_name: str, index: Index, reference: Reference) -> np.ndarray | None:
+    def _vector(
+        self, engine: Engine, model_name: str, index: Index, reference: Reference
+    ) -> np.ndarray | None:
         """One reference's embedding: from memory, else by embedding its stored image. None (logged)
         when the stored image cannot be read or scored any more: the other references still count."""
         vector = index.vectors.get(reference.sha256)
-        wants_patches = "patches" in getattr(engine, "output_names", ())
+        wants_patches = "patches" in engine.output_names
         if vector is not None and (reference.sha256 in index.patches or not wants_patches):
             return vector
         try:
@@ -380,7 +383,7 @@ class ReferenceStore:
             index.patches[reference.sha256] = patches
         return vector
 
-    def _index(self, engine: Any, model_name: str) -> Index:
+    def _index(self, engine: Engine, model_name: str) -> Index:
         """The engine's index of the model's references, rebuilt when the events changed (caller holds
         the lock). Vectors come from memory, the embeddings cache, or the stored images."""
         require_embedding(engine)
@@ -410,7 +413,7 @@ class ReferenceStore:
         return index
 
     def _index_product(
-        self, engine: Any, model_name: str, index: Index, product: str, members: list[Reference]
+        self, engine: Engine, model_name: str, index: Index, product: str, members: list[Reference]
     ) -> None:
         """One product's embeddings and calibrations; its patch signature when every reference has
         local features and there are enough of them (caller holds the lock)."""
@@ -426,7 +429,7 @@ class ReferenceStore:
             index.signatures[product] = calibrate_patches(patches, self.false_alarm_rate)  # type: ignore[arg-type]
 
     def _product_index(
-        self, engine: Any, product: str
+        self, engine: Engine, product: str
     ) -> tuple[np.ndarray, Calibration, PatchCalibration | None]:
         validate_product(product)
         model_name = engine.name
@@ -436,14 +439,14 @@ class ReferenceStore:
                 raise UnknownProduct(product, sorted(index.products), model_name)
             return index.products[product], index.calibrations[product], index.signatures.get(product)
 
-    def ready(self, engine: Any, product: str) -> bool:
+    def ready(self, engine: Engine, product: str) -> bool:
         """Whether `check` would answer at once: the engine's index is current and holds the product
         (else the first check embeds or calibrates, which takes seconds)."""
         with self._lock:
             return self._current_entry(engine, product) is not None
 
     def _current_entry(
-        self, engine: Any, product: str
+        self, engine: Engine, product: str
     ) -> tuple[np.ndarray, Calibration, PatchCalibration | None] | None:
         """The product's index entry when the engine's index is current (one stat of the events file),
         else None (caller holds the lock)."""
@@ -459,7 +462,7 @@ class ReferenceStore:
         return index.products[product], index.calibrations[product], index.signatures.get(product)
 
     def check_if_ready(
-        self, engine: Any, product: str, embedding: np.ndarray, patches: np.ndarray | None = None
+        self, engine: Engine, product: str, embedding: np.ndarray, patches: np.ndarray | None = None
     ) -> ReferenceCheck | None:
         """`check` when it answers at once (the index is current and holds the product), else None: the
         caller then runs `check` where seconds of embedding and calibration do no harm. One look at
@@ -470,7 +473,7 @@ class ReferenceStore:
         return None if entry is None else _answer(product, *entry, embedding, patches)
 
     def check(
-        self, engine: Any, product: str, embedding: np.ndarray, patches: np.ndarray | None = None
+        self, engine: Engine, product: str, embedding: np.ndarray, patches: np.ndarray | None = None
     ) -> ReferenceCheck:
         """The reference check of one image (from `engine`) against `product`'s genuine references:
         by its local features against the product's patch signature when both exist, else by its
@@ -479,7 +482,7 @@ class ReferenceStore:
         references."""
         return _answer(product, *self._product_index(engine, product), embedding, patches)
 
-    def calibration(self, engine: Any, product: str) -> dict[str, Any]:
+    def calibration(self, engine: Engine, product: str) -> dict[str, Any]:
         """The product's calibration with this engine (threshold, spread, LOO summary), for listings."""
         _, calibration, signature = self._product_index(engine, product)
         described = {"product": product, **calibration.to_dict()}

@@ -40,7 +40,8 @@ Scan score (documented choice):
 - "max" (default): the highest tile score. One counterfeit region is enough to raise an alarm, which
   is what an inspection lane needs.
 - "topk": the mean of the `top_k` highest tile scores; less sensitive to one noisy tile.
-The verdict applies the model's thresholds to that score.
+The scan is then judged as one image by the pipeline (`inference.pipeline.judge`): that score against the
+thresholds, one novelty search on the mean of the tiles' embeddings, and the training envelope.
 
 Heatmap: each tile's CAM (counterfeit minus genuine, logit units) is upsampled onto the tile's footprint
 and averaged where tiles overlap; without CAMs the tile's logit difference fills its footprint. The map
@@ -53,14 +54,14 @@ import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits, check_structure, decode_image, sniff_format
-from verity.inference.engine import usable_cores
-from verity.inference.heatmap import heatmap_png, upsample
+from verity.inference.engine import Engine, Prediction, usable_cores
+from verity.inference.heatmap import upsample
+from verity.inference.open_set import scan_embedding
 from verity.inference.preprocess import load_for_model_sized, to_model_input
 from verity.inference.spec import PreprocessSpec
 
@@ -117,13 +118,15 @@ def should_tile(image_shape: tuple[int, ...], spec: PreprocessSpec, options: Til
 
 @dataclass(frozen=True)
 class ScoringInput:
-    """What `load_for_scoring` gives: exactly one of the two is set."""
+    """What `load_for_scoring` gives: exactly one of `model_input` and `pixels` is set."""
 
     model_input: np.ndarray | None  # CxSxS float32 in [0, 1]: the image is scored whole
     pixels: np.ndarray | None  # native HxWxC pixels: the image is scored in tiles (`score_scan`)
     # The decoded image's shorter side in pixels (`preprocess.load_for_model_sized`): an image smaller
-    # than any the model was trained on is not recognised (`open_set.outside_envelope`).
+    # than any the model was trained on is not recognised (`open_set.outside_envelope`). A tensor sent
+    # preprocessed is the model input, `spec.image_size` on each side.
     shorter_side: int
+    kind: str  # the container format, by content (`decode.sniff_format`), sniffed once; "tensor" for one
 
 
 def _native_shape(data: bytes, kind: str, limits: DecodeLimits) -> tuple[int, int] | None:
@@ -142,21 +145,22 @@ def load_for_scoring(
     data: bytes, spec: PreprocessSpec, options: TilingOptions, limits: DecodeLimits = DEFAULT_LIMITS
 ) -> ScoringInput:
     """Decodes an upload or a file's bytes as the one tiling rule wants it: an image scored whole gets
-    exactly `load_for_model` (JPEG draft included), a scan to tile its full-resolution pixels."""
+    exactly `load_for_model` (JPEG draft included), a scan to tile its full-resolution pixels. The
+    format is sniffed here, once, and handed to every reader."""
     kind = sniff_format(data)
     if kind in ("tiff", "dicom"):
         # Their readers decode the whole image in any case; `load_for_model` is to_model_input of it.
-        pixels = decode_image(data, limits)
+        pixels = decode_image(data, limits, kind=kind)
         side = int(min(pixels.shape[:2]))
         if should_tile(pixels.shape, spec, options):
-            return ScoringInput(None, pixels, side)
-        return ScoringInput(to_model_input(pixels, spec), None, side)
+            return ScoringInput(None, pixels, side, kind)
+        return ScoringInput(to_model_input(pixels, spec), None, side, kind)
     if _may_tile(spec, options):  # photos in "auto" never are: no header read before the decode
         shape = _native_shape(data, kind, limits)
         if shape is not None and should_tile(shape, spec, options):
-            return ScoringInput(None, decode_image(data, limits), min(shape))
-    model_input, side = load_for_model_sized(data, spec, limits)
-    return ScoringInput(model_input, None, side)
+            return ScoringInput(None, decode_image(data, limits, kind=kind), min(shape), kind)
+    model_input, side = load_for_model_sized(data, spec, limits, kind)
+    return ScoringInput(model_input, None, side, kind)
 
 
 def _may_tile(spec: PreprocessSpec, options: TilingOptions) -> bool:
@@ -171,55 +175,46 @@ class TileScore:
     height: int
     width: int
     score: float
-    verdict: str
+    verdict: str  # the tile's score against the thresholds alone (the scan's verdict is the pipeline's)
 
 
 @dataclass(frozen=True)
 class ScanResult:
     score: float
-    verdict: str
     aggregate: str
     tiles: list[TileScore]
     grid: tuple[int, int]  # rows, columns of tiles
     image_shape: tuple[int, int]  # native height, width
     evidence: np.ndarray  # float32 map, counterfeit minus genuine (logit units), at `evidence_scale`
     evidence_scale: float  # evidence pixels per native pixel
-    # The scan as one answer: its score and embedding (`open_set.scan_embedding`) judged by the open-set
-    # rule, as a single image is; `verdict` is this prediction's.
-    prediction: Any = None
+    # The scan as one model output: its score, the logits equivalent to it and the normalised mean of
+    # its tiles' embeddings (`open_set.scan_embedding`), judged by the pipeline as one image is.
+    output: Prediction
 
     @property
     def tiled(self) -> bool:
         return len(self.tiles) > 1
 
     @property
-    def logits(self) -> tuple[float, float]:
+    def logits(self) -> tuple[float, ...]:
         """Logits equivalent to the scan score: softmax of (0, log-odds) is the score (for /v2 and
         evaluation's predictions table, which report logits)."""
-        return tuple(self.prediction.logits)  # type: ignore[return-value]
+        return self.output.logits
 
-    def heatmap_png(self, image: np.ndarray, alpha: float = 0.5) -> bytes:
-        """PNG overlay of the evidence on the decoded scan, at the evidence map's size."""
-        from PIL import Image
-
-        from verity.inference.heatmap import to_display_rgb, to_display_uint8
+    def heatmap_png(self, image: np.ndarray, spec: PreprocessSpec | None = None, alpha: float = 0.5) -> bytes:
+        """PNG overlay of the evidence on the decoded scan at the evidence map's size, over the view
+        the server shows (`heatmap.scan_view_rgb`: the model's intensities, display-windowed X-ray)."""
+        from verity.inference.heatmap import heatmap_over, scan_view_rgb, to_display_rgb, to_display_uint8
 
         height, width = self.evidence.shape
-        # Shrink before colour conversion: a 4000 px scan is 6 M pixels, its overlay a fraction of that.
-        shown = to_display_uint8(image)
+        if spec is not None:
+            return heatmap_over(self.evidence, scan_view_rgb(image, spec, height, width), alpha)
+        # Without the model's spec: the raw pixels stretched for display, shrunk before colour conversion.
+        shown = to_display_uint8(image if image.ndim == 3 else image[..., None])
         shown = shown[..., 0] if shown.shape[2] == 1 else shown
         if shown.shape[:2] != (height, width):
             shown = np.asarray(Image.fromarray(shown).resize((width, height), Image.Resampling.BILINEAR))
-        return heatmap_png(self.evidence, to_display_rgb(shown), alpha=alpha, max_side=None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "score": self.score,
-            "verdict": self.verdict,
-            "aggregate": self.aggregate,
-            "grid": list(self.grid),
-            "tiles": [tile.__dict__ for tile in self.tiles],
-        }
+        return heatmap_over(self.evidence, to_display_rgb(shown), alpha)
 
 
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -270,7 +265,7 @@ def aggregate_scores(scores: np.ndarray, how: str = "max", top_k: int = 3) -> fl
     return float(np.sort(scores)[-k:].mean())
 
 
-def _content_box(crop_h: int, crop_w: int, spec: Any) -> tuple[int, int, int, int]:
+def _content_box(crop_h: int, crop_w: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
     """Where the crop lies inside the model input (letterbox pads narrow edge tiles; stretch fills)."""
     size = spec.image_size
     if spec.resize_mode == "stretch":
@@ -282,14 +277,14 @@ def _content_box(crop_h: int, crop_w: int, spec: Any) -> tuple[int, int, int, in
 
 def score_scan(
     image: np.ndarray,
-    engine: Any,
+    engine: Engine,
     options: TilingOptions = TilingOptions(),
     *,
     batch_size: int = 16,
     heatmap_max_side: int = 1024,
     workers: int | None = None,
 ) -> ScanResult:
-    """Scores a decoded HxWxC image (from `decode_image`) with `engine` (an OnnxEngine) in tiles of
+    """Scores a decoded HxWxC image (from `decode_image`) with `engine` in tiles of
     `options`; an image no longer than one tile is scored whole (one "tile"). Which images to tile is
     `should_tile`'s decision, made before this is called. Tile batches run on `workers` threads at
     once (default: one per CPU core)."""
@@ -306,17 +301,16 @@ def score_scan(
         boxes, grid = plan_tiles(height, width, tile, options.overlap, options.max_tiles)
     workers = usable_cores() if workers is None else workers
     predictions = _predict_tiles(image, engine, boxes, tile, batch_size, workers)
+    verdict = engine.thresholds.verdict
     tiles = [
-        TileScore(top, left, min(tile, height - top), min(tile, width - left), p.score, p.verdict)
+        TileScore(top, left, min(tile, height - top), min(tile, width - left), p.score, verdict(p.score))
         for (top, left), p in zip(boxes, predictions, strict=True)
     ]
     score = aggregate_scores(np.array([t.score for t in tiles]), options.aggregate, options.top_k)
     evidence, factor = _assemble_evidence(tiles, predictions, (height, width), spec, heatmap_max_side)
-    prediction = _scan_prediction(score, engine, predictions)
     return ScanResult(
         score=score,
-        verdict=prediction.verdict,
-        prediction=prediction,
+        output=_scan_output(score, predictions),
         aggregate=options.aggregate,
         tiles=tiles,
         grid=grid,
@@ -326,35 +320,29 @@ def score_scan(
     )
 
 
-def _scan_prediction(score: float, engine: Any, tile_predictions: list[Any]) -> Any:
-    """The scan's Prediction: its aggregate score and the mean of its tiles' embeddings, judged as one
-    image is (`engine.judged`); no embedding when the model has none."""
-    from verity.inference.engine import judged
-    from verity.inference.open_set import scan_embedding
-
-    embeddings = [p.embedding for p in tile_predictions if getattr(p, "embedding", None) is not None]
+def _scan_output(score: float, tile_predictions: list[Prediction]) -> Prediction:
+    """The scan as one model output: its aggregate score, the logits equivalent to it, the mean of its
+    tiles' embeddings and all their local features (None when the model gives none)."""
+    embeddings = [p.embedding for p in tile_predictions if p.embedding is not None]
     embedding = scan_embedding(np.stack(embeddings)) if len(embeddings) == len(tile_predictions) else None
-    patches = [p.patches for p in tile_predictions if getattr(p, "patches", None) is not None]
+    patches = [p.patches for p in tile_predictions if p.patches is not None]
     odds = min(max(score, 1e-7), 1 - 1e-7)
-    logits = (0.0, math.log(odds / (1 - odds)))
-    return judged(
-        score,
-        engine.thresholds,
-        getattr(engine, "novelty_gate", None),
-        embedding,
-        logits,
+    return Prediction(
+        score=score,
+        logits=(0.0, math.log(odds / (1 - odds))),
+        embedding=embedding,
         patches=np.concatenate(patches) if patches and len(patches) == len(tile_predictions) else None,
     )
 
 
 def _predict_tiles(
-    image: np.ndarray, engine: Any, boxes: list[tuple[int, int]], tile: int, batch_size: int, workers: int
-) -> list[Any]:
+    image: np.ndarray, engine: Engine, boxes: list[tuple[int, int]], tile: int, batch_size: int, workers: int
+) -> list[Prediction]:
     """Runs the tiles in batches on `workers` threads at once; each thread preprocesses its batch and
     runs the model on it (both release the GIL), so every core works on the one scan."""
     spec = engine.spec
 
-    def score(chunk: list[tuple[int, int]]) -> list[Any]:
+    def score(chunk: list[tuple[int, int]]) -> list[Prediction]:
         batch = np.stack([to_model_input(image[t : t + tile, x : x + tile], spec) for t, x in chunk])
         return list(engine.predict(batch, with_cam=True))
 
@@ -368,9 +356,9 @@ def _predict_tiles(
 
 def _assemble_evidence(
     tiles: list[TileScore],
-    predictions: list[Any],
+    predictions: list[Prediction],
     shape: tuple[int, int],
-    spec: Any,
+    spec: PreprocessSpec,
     max_side: int,
 ) -> tuple[np.ndarray, float]:
     height, width = shape

@@ -104,7 +104,8 @@ def test_engine_predicts_with_cam_and_refuses_bad_shapes(model_path: Path) -> No
     engine = OnnxEngine(model_path, provider="cpu")
     dark, bright = np.zeros((3, 32, 32), np.float32), np.ones((3, 32, 32), np.float32)
     low, high = engine.predict([dark, bright], with_cam=True)
-    assert low.verdict == "genuine" and high.verdict == "counterfeit"
+    assert engine.thresholds.verdict(low.score) == "genuine"
+    assert engine.thresholds.verdict(high.score) == "counterfeit"
     assert high.cam is not None and high.cam.shape == (8, 8) and float(high.cam.mean()) > 0
     assert engine.precision == "fp32" and engine.providers == CPU_BOX
     with pytest.raises(ValueError, match=r"Expected a batch of shape \(N, 3, 32, 32\)"):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
 from verity.inference.bank import build_bank, save_bank
-from verity.inference.engine import ModelLoadError, OnnxEngine, envelope_judged
+from verity.inference.engine import ModelLoadError, OnnxEngine
 from verity.inference.open_set import (
     NoveltyGate,
     OpenSetError,
@@ -23,8 +23,17 @@ from verity.inference.open_set import (
     outside_envelope,
     scan_embedding,
 )
+from verity.inference.pipeline import (
+    ScoringOptions,
+    Upload,
+    engine_predict,
+    judge,
+    prepare,
+    score,
+    score_bytes,
+)
 from verity.inference.preprocess import load_for_model_sized
-from verity.inference.tiling import TilingOptions, load_for_scoring, score_scan
+from verity.inference.tiling import ScoringInput, TilingOptions, load_for_scoring, score_scan
 from verity.inference.vocabulary import REASONS
 
 
@@ -101,9 +110,7 @@ def test_the_engine_flags_an_image_unlike_its_bank(tmp_path: Path) -> None:
     path = gated_model(tmp_path)
     engine = OnnxEngine(path, warmup=False)
     assert engine.novelty_gate is not None and engine.card.novelty["k"] == 1
-    spec = engine.spec
-    seen = engine.predict([load_for_scoring(_png(seed=7), spec, TilingOptions()).model_input])[0]
-    flat = engine.predict([load_for_scoring(_png(value=255), spec, TilingOptions()).model_input])[0]
+    seen, flat = score_bytes(_png(seed=7), engine), score_bytes(_png(value=255), engine)
     assert seen.recognised is True and seen.novelty is not None
     assert seen.novelty <= engine.novelty_gate.threshold
     # The tiny model calls bright images counterfeit; unrecognised, the answer is uncertain instead.
@@ -117,9 +124,10 @@ def test_a_tiled_scan_is_judged_as_one_image(tmp_path: Path) -> None:
     pixels = np.full((32, 400, 3), 1.0, np.float32)  # a long, flat strip: every tile is unlike the bank
     scan = score_scan(pixels, engine, TilingOptions(mode="on"))
     assert len(scan.tiles) > 1
-    assert scan.prediction.recognised is False and scan.verdict == "uncertain"
+    scored = judge(Upload("", ScoringInput(None, pixels, 32, "png")), scan.output, engine, scan)
+    assert scored.recognised is False and scored.verdict == "uncertain"
     tiles = engine.predict(np.stack([np.full((3, 32, 32), 1.0, np.float32)] * 2))
-    np.testing.assert_allclose(scan.prediction.embedding, tiles[0].embedding, atol=1e-5)
+    np.testing.assert_allclose(scan.output.embedding, tiles[0].embedding, atol=1e-5)
 
 
 def test_a_card_with_a_gate_but_no_bank_is_refused(tmp_path: Path) -> None:
@@ -151,17 +159,44 @@ def test_an_image_smaller_than_any_training_image_is_not_recognised(tmp_path: Pa
     gate = engine.novelty_gate
     assert gate is not None and gate.min_side == 32 and engine.card.novelty["min_side"] == 32
     for height, expected in ((31, False), (32, True)):
-        loaded = load_for_scoring(_png(seed=9, size=height, width=32), engine.spec, TilingOptions())
-        assert loaded.shorter_side == height
-        raw = engine.predict([loaded.model_input])[0]
-        assert raw.recognised is True  # by novelty alone
-        judged = envelope_judged(raw, loaded.shorter_side, gate)
+        upload = prepare(_png(seed=9, size=height, width=32), engine.spec, TilingOptions())
+        assert upload.decoded.shorter_side == height
+        judged = score(upload, engine, engine_predict(engine))
+        assert judged.novelty is not None and gate.recognised(judged.novelty)  # by novelty alone
         assert judged.recognised is expected
         if not expected:
             assert (judged.verdict, judged.reasons) == ("uncertain", ("not_recognised",))
-            assert judged.classifier_verdict == raw.classifier_verdict and judged.novelty == raw.novelty
-        else:
-            assert judged is raw
+            assert judged.classifier_verdict == engine.thresholds.verdict(judged.score)
+
+
+def test_a_tiled_scan_under_the_training_envelope_is_not_recognised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long, thin scan scored in tiles is held against the training envelope as a whole image is: 31 px
+    high is under the smallest training image's 32 px, so it is not recognised whatever its novelty,
+    while 32 px is judged by novelty alone. Its novelty is searched once per scan, never per tile."""
+    engine = OnnxEngine(gated_model(tmp_path, min_side=32), warmup=False)
+    gate = engine.novelty_gate
+    assert gate is not None
+    searches = []
+    real = NoveltyGate.novelty
+
+    def counted(self: NoveltyGate, embeddings: np.ndarray) -> np.ndarray:
+        searches.append(len(embeddings))
+        return real(self, embeddings)
+
+    monkeypatch.setattr(NoveltyGate, "novelty", counted)
+    options = ScoringOptions(TilingOptions(mode="on"))
+    for height, expected in ((31, False), (32, True)):
+        searches.clear()
+        scored = score_bytes(_png(seed=9, size=height, width=400), engine, options)
+        assert scored.scan is not None and scored.tiles > 1
+        assert scored.upload.decoded.shorter_side == height
+        assert searches == [1]  # one search for the scan's one embedding
+        assert scored.novelty is not None
+        assert scored.recognised is (expected and gate.recognised(scored.novelty))
+        if not expected:
+            assert (scored.verdict, scored.reasons) == ("uncertain", ("not_recognised",))
 
 
 def test_the_envelope_rule_and_its_size() -> None:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
 from verity.inference.decode import DecodeError
-from verity.inference.engine import OnnxEngine
+from verity.inference.engine import OnnxEngine, Prediction, Thresholds
 from verity.inference.references import (
     EVENTS_FILE,
     MIN_REFERENCES,
@@ -56,7 +56,10 @@ def angle_vector(degrees: float) -> np.ndarray:
 
 
 class HandEngine:
-    """Embeds a flat grey image as vectors[grey level]; counts how many images it embedded."""
+    """An `Engine` that embeds a flat grey image as vectors[grey level]; counts the images it embedded."""
+
+    thresholds = Thresholds(alarm=0.9, clear=0.1)
+    novelty_gate = None
 
     def __init__(self, vectors: dict[int, np.ndarray], name: str = MODEL, embedding: bool = True) -> None:
         self.name, self.version, self.precision = name, "1", "fp32"
@@ -67,9 +70,11 @@ class HandEngine:
         self.vectors = vectors
         self.calls = 0
 
-    def predict(self, inputs: list[np.ndarray]) -> list[Any]:
+    def predict(self, inputs: list[np.ndarray] | np.ndarray, with_cam: bool = False) -> list[Prediction]:
         self.calls += len(inputs)
-        return [SimpleNamespace(embedding=self.vectors[round(float(x.mean()) * 255)]) for x in inputs]
+        return [
+            Prediction(0.5, (0.0, 0.0), embedding=self.vectors[round(float(x.mean()) * 255)]) for x in inputs
+        ]
 
 
 # Grey levels 10, 20, ... 90 at angles 0, 10, 20, ... degrees; level 200 far off, 201 near level 10.
@@ -388,5 +393,5 @@ def test_a_long_scan_is_embedded_as_the_server_scores_it_in_tiles(tmp_path: Path
     options = TilingOptions()
     loaded = load_for_scoring(scan.getvalue(), engine.spec, options)
     assert loaded.pixels is not None  # longer than 8 model inputs: tiled by the one rule
-    expected = score_scan(loaded.pixels, engine, options).prediction.embedding
+    expected = score_scan(loaded.pixels, engine, options).output.embedding
     np.testing.assert_allclose(embed_image(engine, scan.getvalue(), options), expected, atol=1e-6)

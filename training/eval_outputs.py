@@ -12,7 +12,7 @@ import numpy as np
 
 from verity.inference.preprocess import load_for_model
 from verity.inference.spec import PreprocessSpec
-from verity.inference.vocabulary import LABELS, VERDICTS, verdict_codes, verdict_names
+from verity.inference.vocabulary import LABELS, VERDICTS, verdict_codes
 from verity.training.eval_samples import LoadedData, Sample
 from verity.training.scoring import ScoredSet, Scorer
 
@@ -26,17 +26,19 @@ def worst_errors(scores: np.ndarray, targets: np.ndarray, count: int = WORST_ERR
     return [int(i) for i in order[:count] if distance[i] > 0.5] or [int(i) for i in order[: min(count, 4)]]
 
 
-def write_predictions(
-    path: Path, samples: list[Sample], scored: ScoredSet, thresholds: dict[str, Any] | None
-) -> None:
-    alarm, clear = (thresholds["alarm"], thresholds["clear"]) if thresholds else (0.5, 0.5)
-    names = verdict_names(verdict_codes(scored.scores, alarm, clear))
+PREDICTION_COLUMNS = (
+    "path", "label", "modality", "product", "score", "verdict", "logit_genuine", "logit_counterfeit",
+    "classifier_verdict", "recognised", "reasons",
+)  # fmt: skip
+
+
+def write_predictions(path: Path, samples: list[Sample], scored: ScoredSet) -> None:
+    """predictions.csv: one row per evaluated image, the pipeline's result as the service would answer
+    it (`verdict` by the open-set rule, `reasons` joined by commas, `recognised` empty without a gate)."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(
-            ["path", "label", "modality", "product", "score", "verdict", "logit_genuine", "logit_counterfeit"]
-        )
-        for position, index in enumerate(scored.indices):
+        writer.writerow(PREDICTION_COLUMNS)
+        for index, result in zip(scored.indices, scored.results, strict=True):
             sample = samples[index]
             writer.writerow(
                 [
@@ -44,10 +46,13 @@ def write_predictions(
                     LABELS[sample.target],
                     sample.modality or "",
                     sample.product or "",
-                    f"{scored.scores[position]:.6f}",
-                    names[position],
-                    f"{scored.logits[position, 0]:.6f}",
-                    f"{scored.logits[position, 1]:.6f}",
+                    f"{result.score:.6f}",
+                    result.verdict,
+                    f"{result.output.logits[0]:.6f}",
+                    f"{result.output.logits[1]:.6f}",
+                    result.classifier_verdict,
+                    "" if result.recognised is None else str(result.recognised).lower(),
+                    ",".join(result.reasons),
                 ]
             )
 
@@ -86,7 +91,7 @@ def write_html_report(
     from verity.training.report import write_report
 
     targets = np.array([loaded.samples[i].target for i in scored.indices])
-    examples = report_examples(loaded.samples, scored, scorer.spec, scorer.thresholds, worst)
+    examples = report_examples(loaded.samples, scored, scorer.spec, scorer.card_thresholds, worst)
     details = {"model": result["model"], "data": result["data"]}
     title = f"{scorer.name} {scorer.version} on {loaded.description}"
     return write_report(path, result["metrics"], scored.scores, targets, examples, title, details)

@@ -21,7 +21,7 @@ from verity.inference.vocabulary import SPLITS
 from verity.training.eval_outputs import WORST_ERRORS, write_html_report, write_predictions
 from verity.training.eval_samples import LoadedData, Sample, SplitParams, load_samples, split_params_for
 from verity.training.metrics import compute_metrics
-from verity.training.scoring import ScoredSet, Scorer, open_scorer, score_samples
+from verity.training.scoring import ProductChecks, ScoredSet, Scorer, open_scorer, score_samples
 
 
 def evaluate(
@@ -58,9 +58,8 @@ def evaluate(
     scorer = open_scorer(model, provider=provider, threads=threads)
     loaded = load_samples(data, split, scorer.spec.modality, split_params or split_params_for(scorer.path))
     started = time.perf_counter()
-    scored = score_samples(
-        scorer, loaded.samples, batch_size, workers, progress, tiling, keep_patches=references is not None
-    )
+    checks = _product_checks(scorer, references)
+    scored = score_samples(scorer, loaded.samples, batch_size, workers, progress, tiling, checks)
     seconds = time.perf_counter() - started
     if not len(scored.indices):
         raise ValueError(
@@ -68,7 +67,7 @@ def evaluate(
         )
     targets = np.array([loaded.samples[i].target for i in scored.indices])
     groups = _groups(loaded.samples, scored)
-    metrics = compute_metrics(scored.scores, targets, groups=groups, thresholds=scorer.thresholds)
+    metrics = compute_metrics(scored.scores, targets, groups=groups, thresholds=scorer.card_thresholds)
     out = Path(out_dir or Path("runs") / "eval" / f"{scorer.name}-{scorer.version}-{split or 'all'}")
     out.mkdir(parents=True, exist_ok=True)
     result = _result_record(scorer, data, split, loaded, scored, metrics, seconds)
@@ -78,7 +77,7 @@ def evaluate(
         "metrics_json": str(out / "metrics.json"),
         "predictions_csv": str(out / "predictions.csv"),
     }
-    write_predictions(out / "predictions.csv", loaded.samples, scored, scorer.thresholds)
+    write_predictions(out / "predictions.csv", loaded.samples, scored)
     if report:
         path = write_html_report(out / "report.html", scorer, loaded, scored, result, worst)
         result["outputs"]["report_html"] = str(path)
@@ -96,7 +95,6 @@ def open_set_result(
     ood: str | Path | None,
 ) -> dict[str, Any]:
     """`open_set` (the gate on these images and on --ood) and `unseen` (--references) figures."""
-    from verity.inference.references import ReferenceStore
     from verity.training import open_set_eval
     from verity.training.scoring import OnnxScorer
 
@@ -116,9 +114,19 @@ def open_set_result(
     if references:
         if scored.embeddings is None:
             raise ValueError(f"{scorer.path} has no embedding output: it cannot check references.")
-        store = ReferenceStore(Path(references))
-        result["unseen"] = open_set_eval.unseen_figures(scorer, store, samples, scored)
+        result["unseen"] = open_set_eval.unseen_figures(scorer, samples, scored)
     return result
+
+
+def _product_checks(scorer: Scorer, references: str | Path | None) -> ProductChecks | None:
+    """With --references, each image naming an enrolled product is checked against its references in
+    the pipeline, as the server checks a request naming it (a model without embeddings: refused later)."""
+    if references is None or "embedding" not in scorer.engine.output_names:
+        return None
+    from verity.inference.references import ReferenceStore
+    from verity.training.open_set_eval import product_checks
+
+    return product_checks(scorer.engine, ReferenceStore(Path(references)))
 
 
 def _groups(samples: list[Sample], scored: ScoredSet) -> dict[str, list[Any]]:
@@ -150,7 +158,7 @@ def _result_record(
             "version": scorer.version,
             "modality": scorer.spec.modality,
             "temperature": scorer.temperature,
-            "thresholds": scorer.thresholds,
+            "thresholds": scorer.card_thresholds,
         },
         "data": {
             "source": str(data),

@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from verity.inference.engine import Engine, Prediction
 from verity.inference.open_set import NoveltyGate, outside_envelope
-from verity.inference.references import ReferenceStore, ReferenceStoreError
+from verity.inference.pipeline import ProductCheck
+from verity.inference.references import ReferenceCheck, ReferenceStore
 from verity.inference.tiling import TilingOptions
 from verity.training.eval_samples import Sample
-from verity.training.scoring import OnnxScorer, ScoredSet, score_samples
+from verity.training.scoring import OnnxScorer, ProductChecks, ScoredSet, score_samples
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom"}
 FALSE_ALARM_RATES = (0.01,)
@@ -112,26 +114,38 @@ def recall_at(scores: np.ndarray, targets: np.ndarray, rate: float) -> dict[str,
     return best
 
 
-def reference_margins(
-    scorer: OnnxScorer, store: ReferenceStore, samples: list[Sample], scored: ScoredSet
-) -> tuple[np.ndarray, dict[str, int]]:
-    """Each image's reference-check margin against its own product (NaN when the product has too few
-    references, none, or the image names no product), and how many images fell in each case."""
-    assert scored.embeddings is not None
+def product_checks(engine: Engine, store: ReferenceStore) -> ProductChecks:
+    """For each sample, the check against its own product's genuine references (None when it names no
+    product, or one without references for this model)."""
+    enrolled = {product for product, count in store.products(engine.name).items() if count}
+
+    def for_sample(sample: Sample) -> ProductCheck | None:
+        product = sample.product
+        if not product or product not in enrolled:
+            return None
+
+        def check(output: Prediction) -> ReferenceCheck:
+            assert output.embedding is not None  # the pipeline asks only for an output with one
+            return store.check(engine, product, output.embedding, output.patches)
+
+        return check
+
+    return for_sample
+
+
+def reference_margins(samples: list[Sample], scored: ScoredSet) -> tuple[np.ndarray, dict[str, int]]:
+    """Each image's reference-check margin against its own product, as the pipeline checked it (NaN when
+    the product has too few references, none, or the image names no product), and how many images fell
+    in each case."""
     margins = np.full(len(scored.indices), np.nan)
     counts = {"checked": 0, "abstained": 0, "no_references": 0, "no_product": 0}
-    for row, index in enumerate(scored.indices):
-        product = samples[index].product
-        if not product:
+    for row, (index, result) in enumerate(zip(scored.indices, scored.results, strict=True)):
+        check = result.reference
+        if not samples[index].product:
             counts["no_product"] += 1
-            continue
-        try:
-            patches = scored.patches[row] if scored.patches is not None else None
-            check = store.check(scorer.engine, product, scored.embeddings[row], patches)
-        except ReferenceStoreError:
+        elif check is None:
             counts["no_references"] += 1
-            continue
-        if check.margin is None:
+        elif check.margin is None:
             counts["abstained"] += 1
         else:
             counts["checked"] += 1
@@ -141,7 +155,6 @@ def reference_margins(
 
 def unseen_figures(
     scorer: OnnxScorer,
-    store: ReferenceStore,
     samples: list[Sample],
     scored: ScoredSet,
     rates: tuple[float, ...] = FALSE_ALARM_RATES,
@@ -149,7 +162,7 @@ def unseen_figures(
     """Recall at each false-alarm rate for the classifier, the reference check and both fused, and the
     served rule's operating point (classifier alarm threshold OR product mismatch)."""
     targets = np.array([samples[i].target for i in scored.indices])
-    margins, counts = reference_margins(scorer, store, samples, scored)
+    margins, counts = reference_margins(samples, scored)
     classifier = np.asarray(scored.scores, dtype=np.float64)
     genuine = targets == 0
     fused = np.maximum(genuine_rank(classifier, classifier[genuine]), genuine_rank(margins, margins[genuine]))
@@ -161,7 +174,7 @@ def unseen_figures(
             "reference": recall_at(reference, targets, rate),
             "fused": recall_at(fused, targets, rate),
         }
-    alarm = scorer.thresholds["alarm"] if scorer.thresholds else 1.0
+    alarm = scorer.engine.thresholds.alarm
     served = (classifier >= alarm) | (reference > 0)
     figures["served_rule"] = {
         "false_alarm_rate": float(served[genuine].mean()) if genuine.any() else None,

@@ -33,6 +33,7 @@ import numpy as np
 from verity.inference.card import ModelCard
 from verity.inference.decode import DecodeError
 from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY, OnnxEngine, Prediction
+from verity.inference.open_set import NoveltyGate
 from verity.inference.preprocess import load_for_model
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import LABELS
@@ -147,9 +148,9 @@ def accuracy_gate(
     ref_scores, new_scores = np.array([p.score for p in ref]), np.array([p.score for p in new])
     auc_ref, auc_new = roc_auc(ref_scores, targets), roc_auc(new_scores, targets)
     # The classifier's verdicts: the novelty gate is judged on its own (recognised_agreement).
-    agreement = float(
-        np.mean([a.classifier_verdict == b.classifier_verdict for a, b in zip(ref, new, strict=True)])
-    )
+    ref_verdicts = [reference.thresholds.verdict(p.score) for p in ref]
+    new_verdicts = [candidate.thresholds.verdict(p.score) for p in new]
+    agreement = float(np.mean([a == b for a, b in zip(ref_verdicts, new_verdicts, strict=True)]))
     reasons = []
     if auc_ref is None or auc_new is None:
         reasons.append("ROC AUC needs both genuine and counterfeit images in the validation set")
@@ -160,7 +161,7 @@ def accuracy_gate(
             reasons.append(f"ROC AUC drops by {auc_drop:.4f} > {auc_tolerance:g}")
     if agreement < min_agreement:
         reasons.append(f"verdict agreement {agreement:.2%} < {min_agreement:.0%}")
-    embedding = _embedding_gate(ref, new)
+    embedding = _embedding_gate(ref, new, reference.novelty_gate, candidate.novelty_gate)
     if embedding and embedding["embedding_cosine_mean"] < EMBEDDING_MIN_COSINE:
         reasons.append(
             f"embedding cosine similarity {embedding['embedding_cosine_mean']:.4f} < {EMBEDDING_MIN_COSINE:g}"
@@ -185,7 +186,12 @@ def accuracy_gate(
     }
 
 
-def _embedding_gate(reference: list[Prediction], candidate: list[Prediction]) -> dict[str, float]:
+def _embedding_gate(
+    reference: list[Prediction],
+    candidate: list[Prediction],
+    reference_gate: NoveltyGate | None,
+    candidate_gate: NoveltyGate | None,
+) -> dict[str, float]:
     """`embedding_agreement` with its floor, or nothing when the models have no embedding output."""
     if reference[0].embedding is None:
         return {}
@@ -195,10 +201,17 @@ def _embedding_gate(reference: list[Prediction], candidate: list[Prediction]) ->
         np.stack([p.embedding for p in reference if p.embedding is not None]),
         np.stack([p.embedding for p in candidate if p.embedding is not None]),
     )
-    gated = [(a.recognised, b.recognised) for a, b in zip(reference, candidate, strict=True)]
-    if gated[0][0] is not None:  # the model has a novelty gate: how often INT8 recognises alike
-        agreement["recognised_agreement"] = float(np.mean([a == b for a, b in gated]))
+    if reference_gate is not None and candidate_gate is not None:  # how often INT8 recognises alike
+        agreement["recognised_agreement"] = float(
+            np.mean(_recognised(reference, reference_gate) == _recognised(candidate, candidate_gate))
+        )
     return {**agreement, "embedding_min_cosine": EMBEDDING_MIN_COSINE}
+
+
+def _recognised(predictions: list[Prediction], gate: NoveltyGate) -> np.ndarray:
+    """Whether each image is within the gate by novelty (as `inference.pipeline.judge` tests it)."""
+    distances = gate.novelty(np.stack([p.embedding for p in predictions if p.embedding is not None]))
+    return np.array([gate.recognised(float(d)) for d in distances])
 
 
 def _copy_metadata(source: Path, target: Path, card_update: dict[str, Any]) -> None:

@@ -1,15 +1,16 @@
 """Scoring an evaluation set: the model behind a `Scorer` (ONNX through the server's engine, or torch),
-and every sample decoded and scored in batches.
+and every sample through the scoring pipeline (`inference.pipeline`), decoded and predicted in batches.
 
-An ONNX model runs in `inference.engine.OnnxEngine`, the server's own path, and every image goes through
-`inference.tiling.load_for_scoring`, the server's own decoder and tiling rule (large X-ray scans scored in
-tiles, `TilingOptions` defaults as the server's): the figures are the figures the service will show. A
-`model.pt` runs in torch with the same decoder, on whole images.
+An ONNX model runs in `inference.engine.OnnxEngine`, the server's own engine, and every image goes through
+the pipeline the server runs: its decoder and tiling rule (large X-ray scans scored in tiles,
+`TilingOptions` defaults as the server's), the open-set checks and the one verdict rule, so the figures and
+verdicts are those the service will show. A `model.pt` runs in torch (`ModuleScorer`, itself an `Engine`)
+with the same decoder, on whole images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,18 +19,22 @@ from typing import Any, Protocol
 import numpy as np
 
 from verity.inference.artifacts import resolve_model
-from verity.inference.bank import unit_rows
 from verity.inference.card import ModelCard
 from verity.inference.decode import DecodeError, read_image_bytes
-from verity.inference.engine import OnnxEngine, calibrated_scores
-from verity.inference.patch_check import unit_patches
+from verity.inference.engine import Engine, OnnxEngine, Prediction, Thresholds, calibrated_scores
+from verity.inference.open_set import NoveltyGate
+from verity.inference.pipeline import ProductCheck, Scored, ScoringOptions, Upload, prepare, score
 from verity.inference.spec import PreprocessSpec
-from verity.inference.tiling import ScoringInput, TilingOptions, load_for_scoring, score_scan
+from verity.inference.tiling import TilingOptions
 from verity.training.eval_samples import Sample
+
+# The one threshold a model without calibrated thresholds is judged by (as `metrics.compute_metrics`).
+UNCALIBRATED_THRESHOLD = 0.5
 
 
 class Scorer(Protocol):
-    """What evaluation needs from a model, whichever runtime runs it."""
+    """What evaluation needs from a model, whichever runtime runs it: the `Engine` the pipeline scores
+    with, and what the report says of it."""
 
     kind: str
     path: Path | None  # None for an in-memory model
@@ -37,17 +42,10 @@ class Scorer(Protocol):
     name: str
     version: str
     temperature: float
-    thresholds: dict[str, Any] | None
+    card_thresholds: dict[str, Any] | None  # the card's record ({"alarm", "clear", ...}); None: uncalibrated
 
-    def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
-
-    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(logits, cams, embeddings or None) of one batch."""
-        ...
-
-    def patches(self) -> list[np.ndarray] | None:
-        """The last batch's local features (L x C unit rows each), or None for a model without them."""
-        ...
+    @property
+    def engine(self) -> Engine: ...
 
 
 class OnnxScorer:
@@ -60,31 +58,17 @@ class OnnxScorer:
         self.spec = self.engine.spec
         self.name, self.version = self.engine.name, self.engine.version
         self.temperature = self.engine.temperature
-        self.thresholds: dict[str, Any] | None = dict(self.engine.card.thresholds)
+        self.card_thresholds: dict[str, Any] | None = dict(self.engine.card.thresholds)
         self.path: Path | None = path
-        self._patches: list[np.ndarray] | None = None
-
-    def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        logits, cams, _ = self.outputs(batch)
-        return logits, cams
-
-    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Logits, CAMs and the embeddings renormalised as the engine serves them (None without)."""
-        outputs = self.engine.run(batch)
-        cams = outputs.get("cam")
-        embeddings = unit_rows(outputs["embedding"]) if "embedding" in outputs else None
-        maps = outputs.get("patches")
-        self._patches = None if maps is None else [unit_patches(m) for m in maps]
-        return outputs["logits"], None if cams is None else cams[:, 1] - cams[:, 0], embeddings
-
-    def patches(self) -> list[np.ndarray] | None:
-        return self._patches
 
 
 class ModuleScorer:
-    """An in-memory torch model (e.g. the trainer's, before export); run in eval mode, mode restored."""
+    """An in-memory torch model (e.g. the trainer's, before export), run in eval mode with its mode
+    restored. It is an `Engine`: no novelty gate, no embedding, thresholds from its calibration."""
 
     kind = "torch"
+    novelty_gate: NoveltyGate | None = None
+    precision = "fp32"
 
     def __init__(
         self,
@@ -99,10 +83,21 @@ class ModuleScorer:
         self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
         self.spec, self.name, self.version = spec, name, version
         self.temperature = float(temperature)
-        self.thresholds = dict(thresholds) if thresholds and "alarm" in thresholds else None
+        self.card_thresholds = dict(thresholds) if thresholds and "alarm" in thresholds else None
+        record = self.card_thresholds
+        self.thresholds = (
+            Thresholds(float(record["alarm"]), float(record["clear"]))
+            if record is not None
+            else Thresholds(UNCALIBRATED_THRESHOLD, UNCALIBRATED_THRESHOLD)
+        )
         self.path: Path | None = path
+        self.output_names = ["logits", "cam"]
 
-    def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    @property
+    def engine(self) -> Engine:
+        return self
+
+    def logits_and_cams(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         device = next(self.model.parameters()).device
@@ -115,13 +110,16 @@ class ModuleScorer:
             self.model.train(was_training)
         return logits.float().cpu().numpy(), (cams[:, 1] - cams[:, 0]).float().cpu().numpy()
 
-    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Logits and CAMs; a torch model in training returns no embedding."""
+    def predict(self, inputs: list[np.ndarray] | np.ndarray, with_cam: bool = False) -> list[Prediction]:
+        """Calibrated scores as the engine computes them; a torch model in training has no embedding."""
+        batch = np.stack(inputs) if isinstance(inputs, list) else inputs
         logits, cams = self.logits_and_cams(batch)
-        return logits, cams, None
-
-    def patches(self) -> list[np.ndarray] | None:
-        return None
+        logits = np.asarray(logits, dtype=np.float64)
+        scores = calibrated_scores(logits, self.temperature)
+        return [
+            Prediction(float(value), tuple(float(x) for x in row), cam if with_cam else None)
+            for value, row, cam in zip(scores, logits, cams, strict=True)
+        ]
 
 
 class TorchScorer(ModuleScorer):
@@ -160,22 +158,19 @@ def open_scorer(model: str | Path | Scorer, provider: str | None = None, threads
     return TorchScorer(path)
 
 
-def _load_one(sample: Sample, spec: PreprocessSpec, tiling: TilingOptions) -> ScoringInput | str:
+def _load_one(sample: Sample, spec: PreprocessSpec, tiling: TilingOptions) -> Upload | str:
     try:
-        return load_for_scoring(read_image_bytes(sample.path), spec, tiling)
+        return prepare(read_image_bytes(sample.path), spec, tiling)
     except (DecodeError, OSError) as error:
         return f"{type(error).__name__}: {error}"
 
 
 @dataclass
 class DecodedChunk:
-    """One chunk of samples, decoded: images scored whole in one batch, scans to tile, failures."""
+    """One chunk of samples, decoded (each by the pipeline's `prepare`), and those that failed."""
 
-    indices: list[int]  # of the images in `batch`
-    batch: np.ndarray | None
-    scans: list[tuple[int, np.ndarray]]  # (index, native pixels) of the images the tiling rule tiles
+    uploads: list[tuple[int, Upload]]  # (index into the samples, the decoded image)
     failures: list[tuple[int, str]]
-    sides: dict[int, int]  # index -> the decoded image's shorter side (the training envelope)
 
 
 def decoded_batches(
@@ -196,49 +191,75 @@ def decoded_batches(
             current = pending
             pending = submit(chunks[number + 1]) if number + 1 < len(chunks) else []
             loaded = list(zip(chunk, [future.result() for future in current], strict=True))
-            decoded = [(i, x) for i, x in loaded if isinstance(x, ScoringInput)]
-            whole = [(i, x.model_input) for i, x in decoded if x.model_input is not None]
             yield DecodedChunk(
-                indices=[i for i, _ in whole],
-                batch=np.stack([array for _, array in whole]) if whole else None,
-                scans=[(i, x.pixels) for i, x in decoded if x.pixels is not None],
-                failures=[(i, message) for i, message in loaded if isinstance(message, str)],
-                sides={i: x.shorter_side for i, x in decoded},
+                uploads=[(i, x) for i, x in loaded if isinstance(x, Upload)],
+                failures=[(i, x) for i, x in loaded if isinstance(x, str)],
             )
 
 
 @dataclass
 class ScoredSet:
     indices: np.ndarray  # into the samples list, for the images that decoded
-    logits: np.ndarray
-    scores: np.ndarray
-    cams: list[np.ndarray | None]
+    results: list[Scored]  # the pipeline's result for each, in the order of `indices`
     failures: list[tuple[int, str]]
     tiled: int = 0  # images scored in tiles (`inference.tiling`)
-    # N x D unit rows as the server embeds each image (a tiled scan: `open_set.scan_embedding`), or None
-    # for a model without an embedding output.
-    embeddings: np.ndarray | None = None
-    # Each image's local features (L x C unit rows), kept only when asked for (`keep_patches`).
-    patches: list[np.ndarray | None] | None = None
-    # Each image's shorter side in pixels, for the training envelope
-    # (`inference.open_set.outside_envelope`) and the gate's `min_side`.
-    shorter_sides: np.ndarray | None = None
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.array([result.score for result in self.results], dtype=np.float64)
+
+    @property
+    def logits(self) -> np.ndarray:
+        """N x 2; a tiled scan's are those equivalent to its score (`ScanResult.logits`)."""
+        return np.array([result.output.logits for result in self.results], dtype=np.float64).reshape(-1, 2)
+
+    @property
+    def cams(self) -> list[np.ndarray | None]:
+        """Each image's CAM; none for a tiled scan (the report shows none for it)."""
+        return [None if result.scan is not None else result.output.cam for result in self.results]
+
+    @property
+    def embeddings(self) -> np.ndarray | None:
+        """N x D unit rows as the server embeds each image, or None for a model without the output."""
+        embedded = [result.output.embedding for result in self.results]
+        if not embedded or any(e is None for e in embedded):
+            return None
+        return np.stack(embedded).astype(np.float32)  # type: ignore[arg-type]
+
+    @property
+    def patches(self) -> list[np.ndarray | None]:
+        return [result.output.patches for result in self.results]
+
+    @property
+    def shorter_sides(self) -> np.ndarray:
+        """Each image's shorter side in pixels, for the training envelope and the gate's `min_side`."""
+        return np.array([result.upload.decoded.shorter_side for result in self.results], dtype=np.int64)
 
 
-# index, logits, score, cam, embedding, patches
-Row = tuple[int, np.ndarray, float, np.ndarray | None, np.ndarray | None, np.ndarray | None]
+# A sample -> the check against its product's references, or None (no product, or none enrolled).
+ProductChecks = Callable[[Sample], ProductCheck | None]
 
 
-def _score_scans(engine: OnnxEngine, scans: list[tuple[int, np.ndarray]], tiling: TilingOptions) -> list[Row]:
-    """(index, logits, score, cam, embedding) of each scan, tiled as the server tiles it (`score_scan`);
-    the logits are those equivalent to the scan score, and the report shows no CAM for it."""
-    rows: list[Row] = []
-    for index, pixels in scans:
-        scan = score_scan(pixels, engine, tiling)
-        prediction = scan.prediction
-        logits = np.asarray(scan.logits)
-        rows.append((index, logits, scan.score, None, prediction.embedding, prediction.patches))
-    return rows
+def _score_chunk(
+    engine: Engine,
+    samples: list[Sample],
+    chunk: DecodedChunk,
+    options: ScoringOptions,
+    checks: ProductChecks | None,
+) -> list[tuple[int, Scored]]:
+    """Every decoded image of a chunk through the pipeline; the images scored whole are predicted in
+    one batch first, and that batch's outputs are the pipeline's `predict`."""
+    decoded = [upload.decoded for _, upload in chunk.uploads]
+    whole = [image.model_input for image in decoded if image.model_input is not None]
+    outputs = iter(engine.predict(np.stack(whole), with_cam=True) if whole else [])
+
+    def predict(model_input: np.ndarray) -> Prediction:
+        return next(outputs)  # the pipeline asks in chunk order, once per image scored whole
+
+    return [
+        (index, score(upload, engine, predict, options, checks(samples[index]) if checks else None))
+        for index, upload in chunk.uploads
+    ]
 
 
 def score_samples(
@@ -248,50 +269,29 @@ def score_samples(
     workers: int = 2,
     progress: bool = True,
     tiling: TilingOptions = TilingOptions(),
-    keep_patches: bool = False,
+    checks: ProductChecks | None = None,
 ) -> ScoredSet:
-    """Runs every sample through the model in batches, with a progress bar; unreadable images are listed.
-    Images the tiling rule tiles (`inference.tiling.should_tile`: large X-ray scans) are scored as the
-    server scores them, in tiles through the engine; a torch model has no engine and sees every image
-    whole, as it did in training."""
+    """Runs every sample through the pipeline in batches, with a progress bar; unreadable images are
+    listed. Images the tiling rule tiles (`inference.tiling.should_tile`: large X-ray scans) are scored as
+    the server scores them, in tiles; a torch model sees every image whole, as it did in training.
+    `checks` gives each sample its product's reference check (`verity eval --references`)."""
     from verity.datasets.progress import progress_bar
 
     if not isinstance(scorer, OnnxScorer):
         tiling = replace(tiling, mode="off")
-    rows: list[Row] = []
+    options = ScoringOptions(tiling)
+    rows: list[tuple[int, Scored]] = []
     failures: list[tuple[int, str]] = []
-    tiled = 0
-    sides: dict[int, int] = {}
     bar = progress_bar(progress, total=len(samples), unit="img", desc="evaluating", leave=False)
     for chunk in decoded_batches(samples, scorer.spec, batch_size, workers, tiling):
         failures += chunk.failures
-        sides.update(chunk.sides)
-        if chunk.batch is not None:
-            logits, cams, embeddings = scorer.outputs(chunk.batch)
-            logits = np.asarray(logits, dtype=np.float64)
-            scores = calibrated_scores(logits, scorer.temperature)
-            cam_list = list(cams) if cams is not None else [None] * len(chunk.indices)
-            emb_list = list(embeddings) if embeddings is not None else [None] * len(chunk.indices)
-            patches = scorer.patches() if keep_patches else None
-            patch_list = patches if patches is not None else [None] * len(chunk.indices)
-            rows += zip(chunk.indices, logits, scores.tolist(), cam_list, emb_list, patch_list, strict=True)
-        if chunk.scans:
-            assert isinstance(scorer, OnnxScorer)  # tiling is off for any other scorer
-            rows += _score_scans(scorer.engine, chunk.scans, tiling)
-            tiled += len(chunk.scans)
-        bar.update(len(chunk.indices) + len(chunk.scans) + len(chunk.failures))
+        rows += _score_chunk(scorer.engine, samples, chunk, options, checks)
+        bar.update(len(chunk.uploads) + len(chunk.failures))
     bar.close()
     rows.sort(key=lambda row: row[0])
-    embedded = [row[4] for row in rows]
-    have_all = bool(rows) and all(e is not None for e in embedded)
     return ScoredSet(
-        indices=np.array([row[0] for row in rows], dtype=np.int64),
-        logits=np.array([row[1] for row in rows], dtype=np.float64).reshape(-1, 2),
-        scores=np.array([row[2] for row in rows], dtype=np.float64),
-        cams=[row[3] for row in rows],
+        indices=np.array([index for index, _ in rows], dtype=np.int64),
+        results=[result for _, result in rows],
         failures=failures,
-        tiled=tiled,
-        embeddings=np.stack(embedded).astype(np.float32) if have_all else None,  # type: ignore[arg-type]
-        patches=[row[5] for row in rows] if keep_patches else None,
-        shorter_sides=np.array([sides[row[0]] for row in rows], dtype=np.int64),
+        tiled=sum(result.scan is not None for _, result in rows),
     )

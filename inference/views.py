@@ -1,0 +1,40 @@
+"""The heatmap and the view of a scored image, drawn one way for the server and `verity predict`.
+
+The view is the image as the model saw it (`heatmap.view_rgb`: the model input; `heatmap.scan_view_rgb`:
+a tiled scan at its evidence map's size), display-windowed for X-ray so a dim 16-bit scan is not shown
+black. The heatmap is the evidence (a CAM, or a scan's tile evidence) over that view, at its size, so a
+client can lay one over the other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from verity.inference.heatmap import heatmap_over, png_bytes, scan_view_rgb, view_rgb
+from verity.inference.pipeline import Scored
+from verity.inference.spec import PreprocessSpec
+
+
+def view_of(scored: Scored, spec: PreprocessSpec) -> np.ndarray | None:
+    """The HxWx3 uint8 view: the model input, or the decoded scan at the tile evidence's size."""
+    decoded = scored.upload.decoded
+    if scored.scan is not None and decoded.pixels is not None:
+        height, width = scored.scan.evidence.shape
+        return scan_view_rgb(decoded.pixels, spec, height, width)
+    if decoded.model_input is None:
+        return None
+    return view_rgb(decoded.model_input, spec)
+
+
+def render_images(
+    scored: Scored, spec: PreprocessSpec, heatmap: bool, view: bool
+) -> tuple[bytes | None, bytes | None]:
+    """PNGs of the heatmap and of the view, each when asked for (None without a CAM for the heatmap)."""
+    if not (heatmap or view):
+        return None, None
+    shown = view_of(scored, spec)
+    if shown is None:
+        return None, None
+    evidence = scored.evidence
+    heatmap_png = heatmap_over(evidence, shown) if heatmap and evidence is not None else None
+    return heatmap_png, png_bytes(shown) if view else None
