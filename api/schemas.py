@@ -14,7 +14,10 @@ Label = Literal["genuine", "counterfeit"]
 FeedbackLabel = Literal["genuine", "counterfeit", "unsure"]
 # The history's verdict filter: the three verdicts, with not_recognised (recognised false) on its own.
 HistoryVerdict = Literal["genuine", "counterfeit", "uncertain", "not_recognised"]
-Reason = Literal["classifier", "reference_mismatch", "not_recognised", "classifier_uncertain"]
+Reason = Literal[
+    "classifier", "reference_mismatch", "not_recognised", "unlike_training", "smaller_than_training",
+    "classifier_uncertain",
+]  # fmt: skip  (vocabulary.REASONS; tests/test_vocabulary.py keeps the two equal)
 ReferenceStatus = Literal["match", "mismatch", "abstained"]
 
 EXAMPLE_SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -141,7 +144,8 @@ class PredictionResult(BaseModel):
     reasons: list[Reason] = Field(
         default_factory=list,
         description="Why the verdict: the checks that alarmed (classifier, reference_mismatch) for a "
-        "counterfeit; not_recognised or classifier_uncertain for an uncertain; none for a genuine.",
+        "counterfeit; not_recognised followed by its cause (unlike_training, or smaller_than_training: send "
+        "the whole scan or a closer photo), or classifier_uncertain, for an uncertain; none for a genuine.",
     )
     product: str | None = Field(None, description="The product the request named, if any.")
     reference: ReferenceOut | None = Field(

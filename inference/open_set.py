@@ -155,17 +155,29 @@ def scan_embedding(tile_embeddings: np.ndarray) -> np.ndarray:
     return unit_rows(np.asarray(tile_embeddings, dtype=np.float32).mean(axis=0, keepdims=True))[0]
 
 
+def not_recognised_cause(gate: NoveltyGate, distance: float, shorter_side: int | None) -> str | None:
+    """Why the gate does not recognise an image (`vocabulary.NOT_RECOGNISED_CAUSES`), None when it does.
+    The size comes first: it says what to send instead, whatever the novelty."""
+    if outside_envelope(gate, shorter_side):
+        return "smaller_than_training"
+    return None if gate.recognised(distance) else "unlike_training"
+
+
 def open_set_verdict(
-    classifier_verdict: str, recognised: bool | None, reference_status: str | None = None
+    classifier_verdict: str,
+    recognised: bool | None,
+    reference_status: str | None = None,
+    cause: str | None = None,
 ) -> tuple[str, tuple[str, ...]]:
     """(verdict, reasons) by the one open-set rule (reason names: `vocabulary.REASONS`).
 
     Not recognised wins: the classifier's score means nothing for an image unlike its training data, so
-    the answer is uncertain, never genuine or counterfeit. Otherwise the verdict is counterfeit when the
-    classifier or the product's reference check alarms (both named when both do); an uncertain
-    classifier score stays uncertain; else genuine. `recognised` None is a model without a gate."""
+    the answer is uncertain, never genuine or counterfeit; the reasons name `cause` after it. Otherwise
+    the verdict is counterfeit when the classifier or the product's reference check alarms (both named
+    when both do); an uncertain classifier score stays uncertain; else genuine. `recognised` None is a
+    model without a gate."""
     if recognised is False:
-        return "uncertain", ("not_recognised",)
+        return "uncertain", ("not_recognised", *((cause,) if cause else ()))
     alarms = []
     if classifier_verdict == "counterfeit":
         alarms.append("classifier")

@@ -28,7 +28,7 @@ import numpy as np
 
 from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.engine import Engine, Prediction, Thresholds
-from verity.inference.open_set import open_set_verdict, outside_envelope
+from verity.inference.open_set import not_recognised_cause, open_set_verdict
 from verity.inference.reference_errors import NoEmbedding
 from verity.inference.spec import PreprocessSpec
 from verity.inference.tiling import ScanResult, ScoringInput, TilingOptions, load_for_scoring, score_scan
@@ -120,13 +120,13 @@ def judge(
     the thresholds, the novelty gate and the training envelope (an image under the envelope's size is
     not recognised whatever its novelty), and the product's reference check."""
     classifier = engine.thresholds.verdict(output.score)
-    gate, novelty, recognised = engine.novelty_gate, None, None
+    gate, novelty, recognised, cause = engine.novelty_gate, None, None, None
     if gate is not None and output.embedding is not None:
         novelty = float(gate.novelty(output.embedding[None])[0])
-        small = outside_envelope(gate, upload.decoded.shorter_side)
-        recognised = gate.recognised(novelty) and not small
+        cause = not_recognised_cause(gate, novelty, upload.decoded.shorter_side)
+        recognised = cause is None
     status = reference.status if reference is not None else None
-    verdict, reasons = open_set_verdict(classifier, recognised, status)
+    verdict, reasons = open_set_verdict(classifier, recognised, status, cause)
     return Scored(
         upload=upload,
         output=output,

@@ -28,7 +28,12 @@ VERDICTS = ("genuine", "counterfeit", "uncertain")
 UNCERTAIN = -1
 # Why a verdict is what it is (`reasons` of every answer; inference.open_set.open_set_verdict): which
 # checks alarmed for a counterfeit, why the service abstained for an uncertain, none for a genuine.
-REASONS = ("classifier", "reference_mismatch", "not_recognised", "classifier_uncertain")
+# A `not_recognised` answer also names its cause, one an officer can act on: the image is unlike any
+# training image (inspect it), or smaller than any (send the whole scan or a closer photo).
+NOT_RECOGNISED_CAUSES = ("unlike_training", "smaller_than_training")
+REASONS = (
+    "classifier", "reference_mismatch", "not_recognised", *NOT_RECOGNISED_CAUSES, "classifier_uncertain",
+)  # fmt: skip
 # The product reference check's outcome: near enough the product's genuine references, too far, or no
 # answer because the product has fewer references than its calibration needs.
 REFERENCE_STATUSES = ("match", "mismatch", "abstained")

@@ -364,7 +364,7 @@ def test_an_image_the_model_does_not_know_is_not_recognised(
     new_page: Callable[..., tuple[Any, Watch]], served: LiveServer
 ) -> None:
     """A flat grey picture is no product: the API says recognised false, the page "Not recognised"."""
-    flat = Sample("flat.png", image_bytes(128, size=(200, 150)), "image/png", "photo")
+    flat = Sample("flat.png", image_bytes(128, size=(240, 200)), "image/png", "photo")
     assert api_state(served, flat) == "not_recognised"
     page, watch = new_page(served)
     upload(page, [flat])
@@ -372,7 +372,8 @@ def test_an_image_the_model_does_not_know_is_not_recognised(
     table = english_table(page)
     expect()(page.locator("#verdict-body .verdict-word")).to_have_attribute("data-state", "not_recognised")
     expect()(page.locator("#verdict-body .verdict-word .word")).to_have_text(table["verdict.not_recognised"])
-    expect()(page.locator("#verdict-details .reasons li")).to_have_text(table["reason.not_recognised"])
+    reasons = [table["reason.not_recognised"], table["reason.unlike_training"]]  # the cause after the word
+    expect()(page.locator("#verdict-details .reasons li")).to_have_text(reasons)
     assert watch.unexpected_errors() == []
 
 

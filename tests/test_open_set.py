@@ -40,8 +40,8 @@ from verity.inference.vocabulary import REASONS
 @pytest.mark.parametrize(
     ("classifier", "recognised", "reference", "expected"),
     [
-        ("counterfeit", False, "mismatch", ("uncertain", ("not_recognised",))),
-        ("genuine", False, None, ("uncertain", ("not_recognised",))),
+        ("counterfeit", False, "mismatch", ("uncertain", ("not_recognised", "unlike_training"))),
+        ("genuine", False, None, ("uncertain", ("not_recognised", "smaller_than_training"))),
         ("counterfeit", True, None, ("counterfeit", ("classifier",))),
         ("genuine", True, "mismatch", ("counterfeit", ("reference_mismatch",))),
         ("counterfeit", True, "mismatch", ("counterfeit", ("classifier", "reference_mismatch"))),
@@ -53,7 +53,8 @@ from verity.inference.vocabulary import REASONS
     ],
 )
 def test_the_open_set_rule(classifier, recognised, reference, expected) -> None:
-    verdict, reasons = open_set_verdict(classifier, recognised, reference)
+    cause = expected[1][1] if recognised is False else None  # the gate's cause follows not_recognised
+    verdict, reasons = open_set_verdict(classifier, recognised, reference, cause)
     assert (verdict, reasons) == expected
     assert set(reasons) <= set(REASONS)
 
@@ -115,7 +116,8 @@ def test_the_engine_flags_an_image_unlike_its_bank(tmp_path: Path) -> None:
     assert seen.novelty <= engine.novelty_gate.threshold
     # The tiny model calls bright images counterfeit; unrecognised, the answer is uncertain instead.
     assert flat.classifier_verdict == "counterfeit"
-    assert (flat.recognised, flat.verdict, flat.reasons) == (False, "uncertain", ("not_recognised",))
+    assert (flat.recognised, flat.verdict) == (False, "uncertain")
+    assert flat.reasons == ("not_recognised", "unlike_training")  # its size is within the envelope
 
 
 def test_a_tiled_scan_is_judged_as_one_image(tmp_path: Path) -> None:
@@ -165,7 +167,8 @@ def test_an_image_smaller_than_any_training_image_is_not_recognised(tmp_path: Pa
         assert judged.novelty is not None and gate.recognised(judged.novelty)  # by novelty alone
         assert judged.recognised is expected
         if not expected:
-            assert (judged.verdict, judged.reasons) == ("uncertain", ("not_recognised",))
+            assert judged.verdict == "uncertain"
+            assert judged.reasons == ("not_recognised", "smaller_than_training")
             assert judged.classifier_verdict == engine.thresholds.verdict(judged.score)
 
 
@@ -196,7 +199,8 @@ def test_a_tiled_scan_under_the_training_envelope_is_not_recognised(
         assert scored.novelty is not None
         assert scored.recognised is (expected and gate.recognised(scored.novelty))
         if not expected:
-            assert (scored.verdict, scored.reasons) == ("uncertain", ("not_recognised",))
+            assert scored.verdict == "uncertain"
+            assert scored.reasons == ("not_recognised", "smaller_than_training")
 
 
 def test_the_envelope_rule_and_its_size() -> None:

@@ -61,11 +61,12 @@ def test_every_answer_says_recognised_novelty_and_reasons(served: tuple[TestClie
     seen = client.post("/v1/predict", data={"modality": "photo"}, files={"file": png(7)}).json()
     flat = client.post("/v1/predict", data={"modality": "photo"}, files={"file": png(value=255)}).json()
     assert seen["recognised"] is True and seen["novelty"] >= 0 and seen["reference"] is None
-    assert (flat["recognised"], flat["verdict"], flat["reasons"]) == (False, "uncertain", ["not_recognised"])
+    assert (flat["recognised"], flat["verdict"]) == (False, "uncertain")
+    assert flat["reasons"] == ["not_recognised", "unlike_training"]
     rows = dict(sqlite3.connect(root / "audit.sqlite").execute(
         "SELECT request_id, reasons FROM predictions WHERE recognised = 0"
     ).fetchall())
-    assert rows == {flat["request_id"]: "not_recognised"}
+    assert rows == {flat["request_id"]: "not_recognised,unlike_training"}
 
 
 def test_an_image_under_the_training_envelope_is_not_recognised_and_audited(tmp_path: Path) -> None:
@@ -91,7 +92,7 @@ def test_an_image_under_the_training_envelope_is_not_recognised_and_audited(tmp_
 
         small, full = answer(31), answer(32)
     assert (small["recognised"], small["verdict"]) == (False, "uncertain")
-    assert small["reasons"] == ["not_recognised"]
+    assert small["reasons"] == ["not_recognised", "smaller_than_training"]
     gate = OnnxEngine(model, warmup=False).novelty_gate
     assert full["recognised"] is True and gate is not None and small["novelty"] <= gate.threshold
     rows = dict(sqlite3.connect(tmp_path / "audit.sqlite").execute(
@@ -155,7 +156,7 @@ def test_v2_carries_the_open_set_outputs_and_the_product(served: tuple[TestClien
     assert response.status_code == 200, response.text
     outputs = {o["name"]: o for o in response.json()["outputs"]}
     assert outputs["recognised"]["datatype"] == "BOOL" and outputs["recognised"]["data"][1] is False
-    assert outputs["reasons"]["data"][1] == "not_recognised"
+    assert outputs["reasons"]["data"][1] == "not_recognised,unlike_training"
     assert len(outputs["novelty"]["data"]) == 2
     metadata = client.get("/v2/models/tiny-photo").json()
     assert {"recognised", "novelty", "reasons"} <= {o["name"] for o in metadata["outputs"]}

@@ -309,7 +309,7 @@ def describe_plan(run: Run, plan: Schedule) -> str:
     average = f"weights averaged over about {1 / (1 - run.ema.decay):.0f} steps" if run.ema else "no average"
     stopping = (
         f"early stopping after {config.patience} epochs without a better smoothed validation figure, "
-        f"not before epoch {math.ceil(stop_floor(config))}"
+        f"not before {math.ceil(stop_floor(config))} epochs have run"
         if config.patience > 0
         else "no early stopping"
     )
