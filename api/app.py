@@ -34,6 +34,7 @@ from verity.api.middleware import (
 )
 from verity.api.registry import EngineFactory, ModelRegistry
 from verity.api.settings import Settings, load_settings
+from verity.api.shared_state import ReloadFollower
 from verity.inference.references import ReferenceStore
 
 log = logging.getLogger("verity.api")
@@ -182,8 +183,11 @@ def _lifespan(
             loading = asyncio.create_task(_initial_load(registry))
         else:
             await _initial_load(registry)
+        follower = ReloadFollower(audit_store, registry)
+        app.state.reload_follower = follower
         try:
-            yield
+            async with follower.following():
+                yield
         finally:
             # Graceful shutdown: uvicorn has stopped accepting and finished in-flight requests; drain the
             # batch queues, then close the audit store (its writes are synchronous, so none is pending).

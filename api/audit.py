@@ -30,7 +30,7 @@ from verity.api.audit_records import (
     ReferenceEvent,
     utc_now,
 )
-from verity.api.audit_sql import audit_record, audit_row, history_filter
+from verity.api.audit_sql import BUMP_GENERATION, audit_record, audit_row, history_filter
 from verity.api.settings import Settings
 from verity.inference.private_files import PRIVATE_FILE_MODE, image_extension, make_private_dir
 
@@ -78,6 +78,8 @@ CREATE TABLE IF NOT EXISTS reference_events (
     actor TEXT, role TEXT, source TEXT
 );
 CREATE INDEX IF NOT EXISTS reference_events_created ON reference_events (created);
+-- Counters of changes every worker must follow (api/shared_state.py), e.g. a model reload.
+CREATE TABLE IF NOT EXISTS generations (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 # Columns added since the first schema, added in place to older databases (CREATE TABLE IF NOT EXISTS
@@ -252,6 +254,19 @@ class SQLiteAuditStore:
         with self._lock:
             rows = self._db.execute(query + " ORDER BY id", arguments).fetchall()
         return [ReferenceEvent(*row) for row in rows]
+
+    def bump_generation(self, name: str) -> int:
+        try:
+            with self._lock:
+                row = self._db.execute(BUMP_GENERATION.replace("%s", "?"), (name,)).fetchone()
+        except sqlite3.Error as error:
+            raise AuditError(f"The change of {name} could not be recorded: {error}") from error
+        return int(row[0])
+
+    def generation(self, name: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM generations WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
 
     def table_rows(self, table: str, names: tuple[str, ...], key: str) -> Iterator[tuple[Any, ...]]:
         """Every row of `table` in `key` order, through a connection of its own (migration reads)."""

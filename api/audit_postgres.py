@@ -34,7 +34,7 @@ from verity.api.audit_records import (
     HistoryQuery,
     ReferenceEvent,
 )
-from verity.api.audit_sql import audit_record, audit_row, history_filter
+from verity.api.audit_sql import BUMP_GENERATION, audit_record, audit_row, history_filter
 
 CONNECT_TIMEOUT_S = 10
 # Any fixed number both sides agree on: the advisory lock that serialises migrations.
@@ -69,6 +69,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX reference_events_created ON reference_events (created);
     """,
+    # 2: counters of changes every worker follows (api/shared_state.py), e.g. a model reload.
+    "CREATE TABLE generations (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -242,6 +244,19 @@ class PostgresAuditStore:
         if model_name is not None:
             sql, arguments = sql + " WHERE model_name = %s", (model_name,)
         return [ReferenceEvent(*row) for row in self._read(sql + " ORDER BY id", arguments)]
+
+    def bump_generation(self, name: str) -> int:
+        try:
+            with self._pool.connection() as connection:
+                row = connection.execute(BUMP_GENERATION, (name,)).fetchone()
+        except (psycopg.Error, PoolTimeout) as error:
+            raise AuditError(f"The change of {name} could not be recorded: {error}") from error
+        assert row is not None  # RETURNING gives the row
+        return int(row[0])
+
+    def generation(self, name: str) -> int:
+        rows = self._read("SELECT value FROM generations WHERE name = %s", (name,))
+        return int(rows[0][0]) if rows else 0
 
     def table_rows(self, table: str, names: tuple[str, ...], key: str) -> Iterator[tuple[Any, ...]]:
         """Every row of `table` in `key` order (migration checks)."""

@@ -136,4 +136,10 @@ class AuditStore(Protocol):
         """Each audited prediction that has feedback, with all its feedback rows oldest first (whoever
         sent them): api.feedback decides which count and how disagreements resolve."""
 
+    def bump_generation(self, name: str) -> int:
+        """Counts one more change of `name` (e.g. "models") for every worker to see; returns the count."""
+
+    def generation(self, name: str) -> int:
+        """How many changes of `name` were counted (0 for none); each worker polls it (shared_state)."""
+
     def close(self) -> None: ...

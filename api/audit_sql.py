@@ -9,6 +9,12 @@ from typing import Any
 
 from verity.api.audit_records import AuditRecord, HistoryQuery
 
+# One more change of a name, created at 1 on the first: both stores' SQL (SQLite 3.35+ has RETURNING).
+BUMP_GENERATION = (
+    "INSERT INTO generations (name, value) VALUES (%s, 1) "
+    "ON CONFLICT (name) DO UPDATE SET value = generations.value + 1 RETURNING value"
+)
+
 
 def audit_row(record: AuditRecord) -> tuple[Any, ...]:
     """A record as a predictions row in AUDIT_FIELDS order, `recognised` as 0/1."""

@@ -231,8 +231,10 @@ async def list_models(registry: RegistryDep, principal: PrincipalDep) -> dict[st
     "ones, then swaps. A file that fails to load is listed in `failed` and what served "
     "before keeps serving.",
 )
-async def reload_models(registry: RegistryDep, admin: AdminDep) -> dict[str, Any]:
+async def reload_models(request: Request, registry: RegistryDep, admin: AdminDep) -> dict[str, Any]:
     report = await registry.reload()
+    # Every other worker follows within a second (api/shared_state.py).
+    await request.app.state.reload_follower.announce()
     return {
         "ok": report.ok,
         "loaded": report.loaded,

@@ -129,6 +129,18 @@ def test_reference_events_in_order(store: Any) -> None:
 
 
 @pytest.mark.parametrize("database", STORES, indirect=True)
+def test_change_counters_are_shared_by_every_opener(store: Any, database: str) -> None:
+    assert store.generation("models") == 0
+    assert [store.bump_generation("models") for _ in range(3)] == [1, 2, 3]
+    other = open_audit_store(Settings(audit_db=database))  # as another worker opens it
+    try:
+        assert other.generation("models") == 3 and other.generation("keys") == 0
+        assert other.bump_generation("models") == 4 and store.generation("models") == 4
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("database", STORES, indirect=True)
 def test_the_service_audits_and_confirms_on_either_store(tmp_path: Path, database: str) -> None:
     make_models_dir(tmp_path)
     settings = make_settings(tmp_path, audit_db=database)
