@@ -183,6 +183,8 @@ def _lifespan(
             loading = asyncio.create_task(_initial_load(registry))
         else:
             await _initial_load(registry)
+        if settings.shared_limits:
+            app.state.limits.share(audit_store)
         follower = ReloadFollower(audit_store, registry)
         app.state.reload_follower = follower
         try:

@@ -30,7 +30,8 @@ from verity.api.audit_records import (
     ReferenceEvent,
     utc_now,
 )
-from verity.api.audit_sql import BUMP_GENERATION, audit_record, audit_row, history_filter
+from verity.api.audit_sql import BUMP_GENERATION, SAVE_BUCKET, audit_record, audit_row, history_filter
+from verity.api.limits import charge, refill
 from verity.api.settings import Settings
 from verity.inference.private_files import PRIVATE_FILE_MODE, image_extension, make_private_dir
 
@@ -80,6 +81,8 @@ CREATE TABLE IF NOT EXISTS reference_events (
 CREATE INDEX IF NOT EXISTS reference_events_created ON reference_events (created);
 -- Counters of changes every worker must follow (api/shared_state.py), e.g. a model reload.
 CREATE TABLE IF NOT EXISTS generations (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- Each key's request bucket when the rate is shared by the workers (api/limits.SharedRequestRate).
+CREATE TABLE IF NOT EXISTS rate_buckets (key TEXT PRIMARY KEY, tokens REAL NOT NULL, counted REAL NOT NULL);
 """
 
 # Columns added since the first schema, added in place to older databases (CREATE TABLE IF NOT EXISTS
@@ -262,6 +265,23 @@ class SQLiteAuditStore:
         except sqlite3.Error as error:
             raise AuditError(f"The change of {name} could not be recorded: {error}") from error
         return int(row[0])
+
+    def take_token(self, key: str, rate: float, burst: int, now: float) -> float:
+        """One request charged to `key`'s shared bucket (api/limits.py): 0.0, or the seconds to wait."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # read, refill and write as one step for every worker
+            try:
+                row = self._db.execute(
+                    "SELECT tokens, counted FROM rate_buckets WHERE key = ?", (key,)
+                ).fetchone()
+                tokens = refill(row[0], row[1], now, rate, burst) if row else float(burst)
+                tokens, wait = charge(tokens, rate)
+                self._db.execute(SAVE_BUCKET.replace("%s", "?"), (key, tokens, now))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return wait
 
     def generation(self, name: str) -> int:
         with self._lock:

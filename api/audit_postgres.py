@@ -34,7 +34,8 @@ from verity.api.audit_records import (
     HistoryQuery,
     ReferenceEvent,
 )
-from verity.api.audit_sql import BUMP_GENERATION, audit_record, audit_row, history_filter
+from verity.api.audit_sql import BUMP_GENERATION, SAVE_BUCKET, audit_record, audit_row, history_filter
+from verity.api.limits import charge, refill
 
 CONNECT_TIMEOUT_S = 10
 # Any fixed number both sides agree on: the advisory lock that serialises migrations.
@@ -69,8 +70,13 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX reference_events_created ON reference_events (created);
     """,
-    # 2: counters of changes every worker follows (api/shared_state.py), e.g. a model reload.
-    "CREATE TABLE generations (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+    # 2: what every worker shares: counters of changes it follows (api/shared_state.py), e.g. a model
+    # reload, and each key's request bucket (api/limits.SharedRequestRate).
+    """
+    CREATE TABLE generations (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+    CREATE TABLE rate_buckets (key TEXT PRIMARY KEY, tokens DOUBLE PRECISION NOT NULL,
+                               counted DOUBLE PRECISION NOT NULL);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -253,6 +259,28 @@ class PostgresAuditStore:
             raise AuditError(f"The change of {name} could not be recorded: {error}") from error
         assert row is not None  # RETURNING gives the row
         return int(row[0])
+
+    def take_token(self, key: str, rate: float, burst: int, now: float) -> float:
+        """One request charged to `key`'s shared bucket; the row is locked for the read and the write. Not
+        an audit record: committed without waiting for the disk (synchronous_commit off, this one only)."""
+        try:
+            with self._pool.connection() as connection:
+                connection.execute("SET LOCAL synchronous_commit = off")
+                # The row first, so two workers charging a new key both wait on its lock.
+                connection.execute(
+                    "INSERT INTO rate_buckets (key, tokens, counted) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    (key, float(burst), now),
+                )
+                row = connection.execute(
+                    "SELECT tokens, counted FROM rate_buckets WHERE key = %s FOR UPDATE", (key,)
+                ).fetchone()
+                assert row is not None  # inserted above
+                tokens, wait = charge(refill(row[0], row[1], now, rate, burst), rate)
+                connection.execute(SAVE_BUCKET, (key, tokens, now))
+        except (psycopg.Error, PoolTimeout) as error:
+            raise AuditError(f"The request rate could not be kept: {error}") from error
+        return wait
 
     def generation(self, name: str) -> int:
         rows = self._read("SELECT value FROM generations WHERE name = %s", (name,))

@@ -16,6 +16,13 @@ BUMP_GENERATION = (
 )
 
 
+# A key's request bucket after a charge (api/limits.py).
+SAVE_BUCKET = (
+    "INSERT INTO rate_buckets (key, tokens, counted) VALUES (%s, %s, %s) "
+    "ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, counted = excluded.counted"
+)
+
+
 def audit_row(record: AuditRecord) -> tuple[Any, ...]:
     """A record as a predictions row in AUDIT_FIELDS order, `recognised` as 0/1."""
     values = asdict(record)

@@ -18,21 +18,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
+
+from starlette.concurrency import run_in_threadpool
 
 from verity.api.errors import ApiError
 from verity.api.metrics import Metrics
 from verity.api.settings import Settings
 
+log = logging.getLogger("verity.api")
 ANONYMOUS_KEY = "anonymous"  # the one bucket and decode share of every caller without a key
 
 
+def refill(tokens: float, counted: float, now: float, rate: float, burst: int) -> float:
+    """The tokens a bucket holds at `now`: what it held at `counted`, refilled at `rate`, at most `burst`."""
+    return min(float(burst), tokens + max(0.0, now - counted) * rate)
+
+
+def charge(tokens: float, rate: float) -> tuple[float, float]:
+    """(tokens left, seconds to wait): one token taken when there is one, else none and the wait."""
+    if tokens >= 1.0:
+        return tokens - 1.0, 0.0
+    return tokens, (1.0 - tokens) / rate
+
+
 class RequestRate:
-    """Requests per second per key, as token buckets: `burst` at once, then `rate` a second."""
+    """Requests per second per key, as token buckets: `burst` at once, then `rate` a second. The buckets
+    of one process; `SharedRequestRate` keeps them in the audit store for every worker."""
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
@@ -46,12 +64,33 @@ class RequestRate:
             return 0.0  # rate limiting is off
         now = self.clock()
         tokens, counted = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - counted) * self.rate)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            return 0.0
+        tokens, wait = charge(refill(tokens, counted, now, self.rate, self.burst), self.rate)
         self._buckets[key] = (tokens, now)
-        return (1.0 - tokens) / self.rate
+        return wait
+
+
+class SharedRequestRate:
+    """The same buckets kept in the audit store that every worker opens (`AuditStore.take_token`), so a
+    key's rate holds across `verity serve --workers N` (and across boxes on one PostgreSQL store). Each
+    charge is one short transaction, off the event loop; the clock is the wall clock, which every worker
+    (and every box kept in time) shares."""
+
+    def __init__(self, store: RateStore, rate: float, burst: int) -> None:
+        self.store, self.rate, self.burst = store, rate, burst
+        self.local = RequestRate(rate, burst)
+
+    async def take(self, key: str) -> float:
+        if self.rate <= 0:
+            return 0.0
+        try:
+            return await run_in_threadpool(self.store.take_token, key, self.rate, self.burst, time.time())
+        except RuntimeError:  # the store's AuditError: keep limiting, per worker, until it answers again
+            log.warning("shared request rate unavailable; limiting per worker", exc_info=True)
+            return self.local.take(key)
+
+
+class RateStore(Protocol):
+    def take_token(self, key: str, rate: float, burst: int, now: float) -> float: ...
 
 
 @dataclass
@@ -143,6 +182,8 @@ class KeyLimits:
         self.metrics = metrics
         self.retry_after_s = settings.retry_after_s
         self.requests = RequestRate(settings.rate_limit_per_s, settings.rate_limit_burst)
+        # The rate kept in the store every worker shares (`share`, when settings.shared_limits is on).
+        self.shared: SharedRequestRate | None = None
         self.decodes = DecodeSlots(
             settings.decode_concurrency,
             settings.decodes_per_key or settings.decode_concurrency - settings.decode_reserve,
@@ -154,9 +195,13 @@ class KeyLimits:
         self.metrics.rate_limited.labels(reason, key).inc()
         return ApiError(429, "rate_limited", message, {"Retry-After": str(max(1, math.ceil(retry_after_s)))})
 
-    def admit(self, key: str) -> None:
+    def share(self, store: RateStore) -> None:
+        """Keeps the request rates in `store`, which every worker opens, from now on."""
+        self.shared = SharedRequestRate(store, self.requests.rate, self.requests.burst)
+
+    async def admit(self, key: str) -> None:
         """Charges one request to `key`'s bucket, or raises the 429."""
-        wait = self.requests.take(key)
+        wait = await self.shared.take(key) if self.shared is not None else self.requests.take(key)
         if wait > 0:
             raise self._refuse(
                 "requests",

@@ -385,7 +385,7 @@ async def get_service(
     """The service for one prediction request, which is charged to its caller's rate here (429 when spent)."""
     limits: KeyLimits = request.app.state.limits
     caller = principal.key_id or ANONYMOUS_KEY
-    limits.admit(caller)
+    await limits.admit(caller)
     return PredictionService(settings, registry, audit, image_store, metrics, limits, caller, references)
 
 

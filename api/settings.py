@@ -150,6 +150,10 @@ class Settings(BaseSettings):
     # database shared by every worker and box (postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with the
     # `postgres` extra installed). Any other scheme stops start-up.
     audit_db: str = "var/audit.sqlite"
+    # Keep each key's request rate in the audit store, so it holds across worker processes (and across
+    # boxes sharing one PostgreSQL store); `verity serve --workers N` with N > 1 turns it on. Each charge
+    # is then one short transaction.
+    shared_limits: bool = False
     # Connections each server process keeps to a PostgreSQL audit database.
     audit_pool_size: int = Field(8, ge=1, le=256)
     # "normal" survives a killed process (WAL); "full" also survives power loss, at some cost per write.

@@ -141,6 +141,19 @@ def test_change_counters_are_shared_by_every_opener(store: Any, database: str) -
 
 
 @pytest.mark.parametrize("database", STORES, indirect=True)
+def test_a_shared_request_bucket_holds_for_every_opener(store: Any, database: str) -> None:
+    other = open_audit_store(Settings(audit_db=database))  # a second worker's connection
+    try:
+        waits = [(store if i % 2 else other).take_token("k1", 5.0, 5, 100.0) for i in range(6)]
+        assert waits[:5] == [0.0] * 5 and waits[5] == pytest.approx(0.2)  # 5 at once, then 1 per 0.2 s
+        assert store.take_token("k2", 5.0, 5, 100.0) == 0.0  # another key has its own bucket
+        assert other.take_token("k1", 5.0, 5, 100.1) == pytest.approx(0.1)  # half a token refilled
+        assert store.take_token("k1", 5.0, 5, 100.2) == 0.0
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("database", STORES, indirect=True)
 def test_the_service_audits_and_confirms_on_either_store(tmp_path: Path, database: str) -> None:
     make_models_dir(tmp_path)
     settings = make_settings(tmp_path, audit_db=database)

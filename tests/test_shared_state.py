@@ -1,5 +1,6 @@
 """State every worker shares: with `verity serve --workers 2`, a model reload and a key revocation made
-through one worker (or the CLI) reach both workers within 2 s; the reload counter on both audit stores.
+through one worker (or the CLI) reach both workers within 2 s, and a key's request rate holds across
+them (the counters and buckets themselves are checked on both stores in tests/test_audit_contract.py).
 
 Each check opens 30 fresh connections, which the kernel spreads over the two workers: before the shared
 reload counter, 21 of 30 such answers still named the old default 2 s after a reload.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_fixtures import LiveServer, server_env, write_model
+from api_fixtures import LiveServer, image_bytes, server_env, write_model
 
 from verity.api.auth import KeyStore
 
@@ -58,3 +59,24 @@ def test_a_revocation_reaches_every_worker_within_2_s(two_workers) -> None:
     keys.revoke(record.key_id)  # as `verity keys revoke` does, beside the running server
     time.sleep(FOLLOW_S)
     assert [answer.status_code for answer in fresh_get(live.url + "/v1/models", headers)] == [401] * FRESH
+
+
+def test_a_rate_limit_holds_across_workers(tmp_path: Path) -> None:
+    """A burst of 5 refilled at 0.5 a second: in T seconds at most 5 + 0.5 T requests pass, whichever worker
+    answers (a slow refill, so that a slow machine cannot blur the bound). Each worker keeping its own
+    bucket let 18 of 40 through in a second at 5 a second."""
+    env = server_env(tmp_path, VERITY_RATE_LIMIT_PER_S="0.5", VERITY_RATE_LIMIT_BURST="5")
+    live = LiveServer(env, ["--workers", "2"]).start(timeout=120)
+    try:
+        started = time.monotonic()
+        statuses = [
+            httpx.post(live.url + "/v1/predict", files={"file": ("a.png", image_bytes(128), "image/png")},
+                       data={"modality": "photo"}, timeout=10).status_code
+            for _ in range(40)
+        ]  # fmt: skip
+        elapsed = time.monotonic() - started
+    finally:
+        live.stop()
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(200) <= 5 + 0.5 * elapsed + 1, (statuses.count(200), elapsed)
+    assert statuses.count(429) > 0
