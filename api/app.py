@@ -34,7 +34,7 @@ from verity.api.middleware import (
 )
 from verity.api.registry import EngineFactory, ModelRegistry
 from verity.api.settings import Settings, load_settings
-from verity.inference.references import ReferenceStore
+from verity.inference.references.store import ReferenceStore
 
 log = logging.getLogger("verity.api")
 

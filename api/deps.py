@@ -19,7 +19,7 @@ from verity.api.errors import ApiError
 from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry
 from verity.api.settings import Settings
-from verity.inference.references import ReferenceStore
+from verity.inference.references.store import ReferenceStore
 
 
 async def get_settings(request: Request) -> Settings:

@@ -25,15 +25,15 @@ from verity.api.settings import Settings, load_settings
 from verity.inference.artifacts import ONNX_FILES, resolve_model
 from verity.inference.decode import DecodeError, read_image_bytes
 from verity.inference.engine import Engine, ModelLoadError, OnnxEngine
-from verity.inference.references import (
-    MIN_REFERENCES,
+from verity.inference.references.check import MIN_REFERENCES
+from verity.inference.references.errors import (
     InvalidName,
     NoEmbedding,
-    ReferenceStore,
     ReferenceStoreError,
     UnknownProduct,
-    validate_product,
 )
+from verity.inference.references.names import validate_product
+from verity.inference.references.store import ReferenceStore
 from verity.inference.terminal import terminal_json, terminal_safe
 from verity.inference.tiling import TooManyTiles
 

@@ -23,17 +23,17 @@ from verity.api.routes_v1 import FILENAME_MAX, _errors
 from verity.api.schemas import Modality, ReferenceRemoved, ReferencesEnrolled, ReferencesListing
 from verity.api.settings import Settings
 from verity.inference.decode import DecodeError
-from verity.inference.references import (
-    EngineEmbedder,
+from verity.inference.references.check import EngineEmbedder
+from verity.inference.references.errors import (
     InvalidName,
     NoEmbedding,
     ReferenceConflict,
-    ReferenceStore,
     ReferenceStoreError,
     UnknownProduct,
     UnknownReference,
-    validate_product,
 )
+from verity.inference.references.names import validate_product
+from verity.inference.references.store import ReferenceStore
 from verity.inference.tiling import TooManyTiles
 from verity.inference.vocabulary import NAME_MAX
 

@@ -40,13 +40,10 @@ from verity.inference.batcher import QueueFullError
 from verity.inference.decode import DecodeError
 from verity.inference.engine import Prediction
 from verity.inference.pipeline import ProductCheck, Scored, ScoringOptions, Upload, prepare
-from verity.inference.references import (
-    ReferenceCheck,
-    ReferenceStore,
-    ReferenceStoreError,
-    UnknownProduct,
-    validate_product,
-)
+from verity.inference.references.check import ReferenceCheck
+from verity.inference.references.errors import ReferenceStoreError, UnknownProduct
+from verity.inference.references.names import validate_product
+from verity.inference.references.store import ReferenceStore
 from verity.inference.spec import PreprocessSpec
 from verity.inference.tiling import TooManyTiles
 from verity.inference.vocabulary import NonFiniteScore

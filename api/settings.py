@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
-from verity.inference.references import DEFAULT_REFERENCES_DIR
+from verity.inference.references.store import DEFAULT_REFERENCES_DIR
 from verity.inference.tiling import TilingOptions
 
 MiB = 1024 * 1024

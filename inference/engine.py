@@ -17,7 +17,7 @@ import numpy as np
 from verity.inference.bank import unit_rows
 from verity.inference.card import ModelCard
 from verity.inference.open_set import NoveltyGate, OpenSetError, load_novelty_gate
-from verity.inference.patch_check import unit_patches
+from verity.inference.references.patch_check import unit_patches
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import VERDICTS, finite_score, verdict_codes
 

@@ -29,12 +29,12 @@ import numpy as np
 from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.engine import Engine, Prediction, Thresholds
 from verity.inference.open_set import open_set_verdict, outside_envelope
-from verity.inference.reference_errors import NoEmbedding
+from verity.inference.references.errors import NoEmbedding
 from verity.inference.spec import PreprocessSpec
 from verity.inference.tiling import ScanResult, ScoringInput, TilingOptions, load_for_scoring, score_scan
 
-if TYPE_CHECKING:  # reference_check embeds references through this pipeline
-    from verity.inference.reference_check import ReferenceCheck
+if TYPE_CHECKING:  # references.check embeds references through this pipeline
+    from verity.inference.references.check import ReferenceCheck
 
 # One preprocessed CxSxS input -> the model's Prediction for it.
 Predict = Callable[[np.ndarray], Prediction]

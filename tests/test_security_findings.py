@@ -260,7 +260,7 @@ def test_a_damaged_reference_events_file_is_a_503_without_its_path(
 ) -> None:
     """The store's message names the events file by its absolute path: a station asking for a product
     check read it in the 503. It goes to the log; the client gets fixed words."""
-    from verity.inference.references import EVENTS_FILE
+    from verity.inference.references.events import EVENTS_FILE
 
     references = tmp_path / "refs"
     events = references / "photo-test" / EVENTS_FILE
@@ -435,7 +435,7 @@ def test_one_version_and_one_name_length_everywhere(client: TestClient) -> None:
     """The served version is the package's, and a product or model name is NAME_MAX long for the store's
     patterns and for every API field that takes one."""
     from verity import __version__
-    from verity.inference.references import MODEL_NAME_PATTERN, PRODUCT_PATTERN
+    from verity.inference.references.names import MODEL_NAME_PATTERN, PRODUCT_PATTERN
     from verity.inference.vocabulary import NAME_MAX
 
     assert client.get("/v2").json()["version"] == __version__

@@ -19,7 +19,8 @@ import numpy as np
 from verity.inference.engine import Engine, Prediction
 from verity.inference.open_set import NoveltyGate, outside_envelope
 from verity.inference.pipeline import ProductCheck
-from verity.inference.references import ReferenceCheck, ReferenceStore
+from verity.inference.references.check import ReferenceCheck
+from verity.inference.references.store import ReferenceStore
 from verity.inference.tiling import TilingOptions
 from verity.training.eval_samples import Sample
 from verity.training.scoring import OnnxScorer, ProductChecks, ScoredSet, score_samples

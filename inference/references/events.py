@@ -7,7 +7,7 @@ A store's current set is the replay of the file (ModelState.apply per event), re
 stamp (size, mtime, inode) changes. A last line without its newline was never finished (a crash
 mid-append) and did not take effect; the next append cuts it off. Files the store writes (images, the
 embeddings cache) go through write_atomic: a private temporary and one rename, in 0700 folders. The
-store itself is `verity.inference.references.ReferenceStore`, which re-exports the public names here.
+store itself is `store.ReferenceStore`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from verity.inference.private_files import PRIVATE_FILE_MODE, make_private_dir
-from verity.inference.reference_errors import ReferenceStoreError
+from verity.inference.references.errors import ReferenceStoreError
 
 EVENTS_FILE = "events.jsonl"
 ACTIONS = ("add", "remove")
