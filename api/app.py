@@ -18,7 +18,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse
 
 from verity import __version__
-from verity.api import routes_history, routes_references, routes_v1, routes_v2
 from verity.api.audit import AuditStore, ImageStore, open_audit_store
 from verity.api.auth import KeyStore
 from verity.api.docs import ASSETS_URL, DOCS_PAGES, OPENAPI_URL, install_docs
@@ -33,6 +32,7 @@ from verity.api.middleware import (
     SecurityHeadersMiddleware,
 )
 from verity.api.registry import EngineFactory, ModelRegistry
+from verity.api.routes import history, references, v1, v2
 from verity.api.settings import Settings, load_settings
 from verity.inference.references.store import ReferenceStore
 
@@ -251,10 +251,10 @@ def create_app(
     app.state.limits = KeyLimits(settings, metrics)  # request rates and decode slots per key
     metrics.watch_models(lambda: _served_models(registry))
     install_error_handlers(app)
-    app.include_router(routes_v1.router)
-    app.include_router(routes_v2.router)
-    app.include_router(routes_references.router)
-    app.include_router(routes_history.router)
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+    app.include_router(references.router)
+    app.include_router(history.router)
     install_docs(app)
     install_console(app)
     # Innermost first: the cross-site check runs after the Host check (it compares Origin with a Host

@@ -30,7 +30,13 @@ from verity.api.deps import (
     RegistryDep,
     SettingsDep,
 )
-from verity.api.errors import ApiError, decode_error_to_api, service_unavailable
+from verity.api.errors import (
+    ApiError,
+    decode_error_to_api,
+    reference_error_to_api,
+    reference_store_unavailable,
+    service_unavailable,
+)
 from verity.api.limits import ANONYMOUS_KEY, KeyLimits
 from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry, ServedModel
@@ -177,15 +183,11 @@ class PredictionService:
         except NonFiniteScore as error:
             raise unscorable(served, error) from error
         except ReferenceStoreError as error:
-            from verity.api.routes_references import store_error
-
-            raise store_error(error) from error
+            raise reference_error_to_api(error) from error
         except DecodeError as error:
             raise decode_error_to_api(error) from error
         except OSError as error:
-            from verity.api.routes_references import store_unavailable
-
-            raise store_unavailable(error) from error
+            raise reference_store_unavailable(error) from error
 
     def product_check(self, served: ServedModel, product: str | None) -> ProductCheck | None:
         """The named product's reference check (None without one). The first check after a change to
@@ -205,8 +207,6 @@ class PredictionService:
         checked before anything is decoded."""
         if product is None:
             return
-        from verity.api.routes_references import store_error
-
         try:
             validate_product(product)
             if self.references.ready(served.engine, product):  # enrolled, and its index is current
@@ -216,7 +216,7 @@ class PredictionService:
                 enrolled = sorted(name for name, count in known.items() if count)
                 raise UnknownProduct(product, enrolled, served.engine.name)
         except ReferenceStoreError as error:
-            raise store_error(error) from error
+            raise reference_error_to_api(error) from error
 
     async def store_image(self, data: bytes, upload: Upload) -> str | None:
         if self.image_store is None:
