@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -28,11 +27,10 @@ from verity.api.audit_records import (
     FeedbackRecord,
     HistoryQuery,
     ReferenceEvent,
-    utc_now,
 )
 from verity.api.audit_sql import audit_record, audit_row, history_filter
 from verity.api.settings import Settings
-from verity.inference.private_files import PRIVATE_FILE_MODE, image_extension, make_private_dir
+from verity.inference.private_files import PRIVATE_FILE_MODE, image_extension, make_private_dir, write_atomic
 
 if TYPE_CHECKING:
     from verity.api.audit_postgres import PostgresAuditStore
@@ -40,7 +38,6 @@ if TYPE_CHECKING:
 __all__ = [  # the records and the contract are defined in audit_records; their users import them here
     "AUDIT_FIELDS", "FEEDBACK_FIELDS", "REFERENCE_EVENT_FIELDS", "AuditError", "AuditRecord", "AuditStore",
     "FeedbackRecord", "HistoryQuery", "ImageStore", "ReferenceEvent", "SQLiteAuditStore", "open_audit_store",
-    "utc_now",
 ]  # fmt: skip
 
 
@@ -312,10 +309,5 @@ class ImageStore:
     def put(self, data: bytes, sha256: str, kind: str) -> str:
         target = self.root / sha256[:2] / f"{sha256}.{image_extension(kind)}"
         if not target.exists():
-            make_private_dir(target.parent)
-            # mkstemp: 0600 and a name of its own, so two uploads of one image never share a temporary.
-            handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{sha256}.", suffix=".tmp")
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            os.replace(temporary, target)  # atomic: a reader never sees half an image
+            write_atomic(target, data)  # a reader never sees half an image; two uploads never collide
         return str(target)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -104,10 +103,6 @@ class HistoryQuery:
     since: str | None = None
     until: str | None = None
     until_exclusive: bool = False
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class AuditStore(Protocol):

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from verity.api.logs import request_id_var
 from verity.api.schemas import ErrorBody
-from verity.inference.decode import DecodeError, ImageTooLarge, UnsupportedFormat
+from verity.inference.decode_limits import DecodeError, ImageTooLarge, UnsupportedFormat
 from verity.inference.references.errors import (
     InvalidName,
     NoEmbedding,

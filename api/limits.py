@@ -28,8 +28,6 @@ from verity.api.errors import ApiError
 from verity.api.metrics import Metrics
 from verity.api.settings import Settings
 
-ANONYMOUS_KEY = "anonymous"  # the one bucket and decode share of every caller without a key
-
 
 class RequestRate:
     """Requests per second per key, as token buckets: `burst` at once, then `rate` a second."""

@@ -22,7 +22,8 @@ from verity.api.audit import AuditError, AuditStore, open_audit_store
 from verity.api.reference_admin import audit_writer, calibration_or_none
 from verity.api.settings import Settings, load_settings
 from verity.inference.artifacts import ONNX_FILES, resolve_model
-from verity.inference.decode import DecodeError, read_image_bytes
+from verity.inference.decode import IMAGE_SUFFIXES, image_files_under, read_image_bytes
+from verity.inference.decode_limits import DecodeError
 from verity.inference.engine import ModelLoadError, OnnxEngine
 from verity.inference.references.check import MIN_REFERENCES
 from verity.inference.references.errors import (
@@ -34,7 +35,6 @@ from verity.inference.references.store import ReferenceStore
 from verity.inference.terminal import terminal_json, terminal_safe
 from verity.inference.tiling import TooManyTiles
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 WHO_MAX = 100
 
 
@@ -84,7 +84,7 @@ def image_files(paths: list[str]) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = image_files_under(path)
             if not found:
                 raise UsageError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
             files += found

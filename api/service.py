@@ -19,7 +19,8 @@ from anyio import from_thread
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from verity.api.audit import AuditError, AuditRecord, AuditStore, ImageStore, utc_now
+from verity.api.audit import AuditError, AuditRecord, AuditStore, ImageStore
+from verity.api.auth import ANONYMOUS
 from verity.api.deps import (
     AuditDep,
     ImageStoreDep,
@@ -37,13 +38,13 @@ from verity.api.errors import (
     reference_store_unavailable,
     service_unavailable,
 )
-from verity.api.limits import ANONYMOUS_KEY, KeyLimits
+from verity.api.limits import KeyLimits
 from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry, ServedModel
 from verity.api.settings import Settings
 from verity.inference import pipeline, views
 from verity.inference.batcher import QueueFullError
-from verity.inference.decode import DecodeError
+from verity.inference.decode_limits import DecodeError
 from verity.inference.engine import Prediction
 from verity.inference.pipeline import ProductCheck, Scored, ScoringOptions, Upload, prepare
 from verity.inference.references.check import ReferenceCheck
@@ -51,6 +52,7 @@ from verity.inference.references.errors import ReferenceStoreError, UnknownProdu
 from verity.inference.references.names import validate_product
 from verity.inference.references.store import ReferenceStore
 from verity.inference.spec import PreprocessSpec
+from verity.inference.stamps import utc_now
 from verity.inference.tiling import TooManyTiles
 from verity.inference.vocabulary import NonFiniteScore
 
@@ -381,7 +383,7 @@ async def get_service(
 ) -> PredictionService:
     """The service for one prediction request, which is charged to its caller's rate here (429 when spent)."""
     limits: KeyLimits = request.app.state.limits
-    caller = principal.key_id or ANONYMOUS_KEY
+    caller = principal.key_id or ANONYMOUS
     limits.admit(caller)
     return PredictionService(settings, registry, audit, image_store, metrics, limits, caller, references)
 

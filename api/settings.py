@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.references.store import DEFAULT_REFERENCES_DIR
 from verity.inference.tiling import TilingOptions
 
@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * MiB, ge=1024)
     max_batch_bytes: int = Field(64 * MiB, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
-    # Decode budgets (inference/decode.py, DecodeLimits), each checked before any pixel is decoded and
+    # Decode budgets (inference/decode_limits.py, DecodeLimits), each checked before any pixel is decoded and
     # refused with a 413 and its own code. Bytes of decoded samples (width x height x depth x samples x
     # bytes per sample): a 280 KB TIFF of 64 samples decoded to 256 MB. A server decodes an 8-bit RGB
     # image into about 2.3 times this, so the default keeps one upload under 300 MB: 33 MP of RGB pass.

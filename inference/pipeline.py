@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.engine import Engine, Prediction, Thresholds
 from verity.inference.open_set import open_set_verdict, outside_envelope
 from verity.inference.references.errors import NoEmbedding

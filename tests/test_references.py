@@ -22,7 +22,7 @@ from api_fixtures import image_bytes
 from PIL import Image
 
 from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
-from verity.inference.decode import DecodeError
+from verity.inference.decode_limits import DecodeError
 from verity.inference.engine import OnnxEngine, Prediction, Thresholds
 from verity.inference.references.check import MIN_REFERENCES, calibrate, embed_image
 from verity.inference.references.errors import (

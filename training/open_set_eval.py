@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from verity.inference.decode import IMAGE_SUFFIXES
 from verity.inference.engine import Engine, Prediction
 from verity.inference.open_set import NoveltyGate, outside_envelope
 from verity.inference.pipeline import ProductCheck
@@ -25,7 +26,6 @@ from verity.inference.tiling import TilingOptions
 from verity.training.eval_samples import Sample
 from verity.training.scoring import OnnxScorer, ProductChecks, ScoredSet, score_samples
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom"}
 FALSE_ALARM_RATES = (0.01,)
 
 

@@ -21,7 +21,6 @@ fp16 for GPU: `export_fp16` converts weights and activations to float16 with flo
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -31,13 +30,13 @@ from typing import Any
 import numpy as np
 
 from verity.inference.card import ModelCard
-from verity.inference.decode import DecodeError
+from verity.inference.decode_limits import DecodeError
 from verity.inference.engine import METADATA_CARD_KEY, METADATA_SPEC_KEY, OnnxEngine, Prediction
 from verity.inference.open_set import NoveltyGate
 from verity.inference.preprocess import load_for_model
+from verity.inference.private_files import PUBLIC_FILE_MODE, staged_file
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import LABELS
-from verity.training.export import publish
 
 AUC_TOLERANCE = 0.005
 MIN_AGREEMENT = 0.99
@@ -368,10 +367,8 @@ def _quantize_and_gate(
     min_agreement: float,
 ) -> dict[str, Any]:
     """One quantization into a temporary file, gated; published to `target` only if it passes."""
-    handle, temporary = tempfile.mkstemp(suffix=".int8.onnx.tmp", dir=target.parent)
-    os.close(handle)
-    temporary_path = Path(temporary)
-    try:
+    with staged_file(target, PUBLIC_FILE_MODE) as staged:
+        temporary_path = staged.path
         try:
             float_nodes = quantize_static_model(
                 source, temporary_path, calibration, settings["per_channel"], settings["method"],
@@ -392,10 +389,8 @@ def _quantize_and_gate(
         if gate["passed"]:
             card_update = {"precision": "int8", "int8_gate": gate, "quantization": settings}
             _copy_metadata(source, temporary_path, card_update)
-            publish(temporary_path, target)
+            staged.publish()
             result.update(written=True, path=str(target), size_bytes=target.stat().st_size)
-    finally:
-        temporary_path.unlink(missing_ok=True)
     return result
 
 

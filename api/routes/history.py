@@ -25,9 +25,10 @@ from fastapi import APIRouter, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import AuditError, AuditRecord, AuditStore, HistoryQuery
+from verity.api.auth import ANONYMOUS
 from verity.api.deps import AuditDep, Principal, PrincipalDep, SettingsDep
 from verity.api.errors import ApiError, error_responses, service_unavailable, truncated
-from verity.api.feedback import ANONYMOUS, resolve
+from verity.api.feedback import resolve
 from verity.api.schemas import (
     REQUEST_ID_MAX,
     STATION_ID_MAX,

@@ -28,7 +28,7 @@ from verity.api.reference_admin import audit_writer, calibration_or_none
 from verity.api.registry import ModelRegistry, ServedModel
 from verity.api.schemas import FILENAME_MAX, Modality, ReferenceRemoved, ReferencesEnrolled, ReferencesListing
 from verity.api.settings import Settings
-from verity.inference.decode import DecodeError
+from verity.inference.decode_limits import DecodeError
 from verity.inference.references.check import EngineEmbedder
 from verity.inference.references.errors import (
     InvalidName,

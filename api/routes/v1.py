@@ -12,7 +12,8 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from verity.api.audit import FeedbackRecord, utc_now
+from verity.api.audit import FeedbackRecord
+from verity.api.auth import ANONYMOUS
 from verity.api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
 from verity.api.errors import (
     ApiError,
@@ -21,7 +22,7 @@ from verity.api.errors import (
     service_unavailable,
     truncated,
 )
-from verity.api.feedback import ANONYMOUS, may_confirm
+from verity.api.feedback import may_confirm
 from verity.api.registry import ServedModel
 from verity.api.schemas import (
     CASE_ID_MAX,
@@ -38,6 +39,7 @@ from verity.api.schemas import (
     ReloadResponse,
 )
 from verity.api.service import PredictionService, Scored, ServiceDep, render_images, station_for
+from verity.inference.stamps import utc_now
 from verity.inference.vocabulary import NAME_MAX
 
 router = APIRouter()

@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 
 from verity.inference.bank import unit_rows
-from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.engine import Engine
 from verity.inference.pipeline import ScoringOptions, engine_predict, model_output, prepare
 from verity.inference.references.errors import NoEmbedding
 from verity.inference.references.patch_check import PatchCalibration
+from verity.inference.stamps import file_stamp
 from verity.inference.tiling import TilingOptions
 
 MIN_REFERENCES = 5  # fewer: the leave-one-out spread is not worth a threshold, so the check abstains
@@ -96,10 +97,10 @@ def engine_key(engine: Engine) -> str:
         pass
     path = Path(engine.path or "")
     try:
-        stat = path.stat()
-        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        size, mtime_ns, _ = file_stamp(path) or (0, 0, 0)
     except OSError:
-        stamp = "0:0"
+        size = mtime_ns = 0
+    stamp = f"{size}:{mtime_ns}"
     text = "\0".join(
         [engine.name, engine.version, engine.precision, path.name, stamp]
     )

@@ -18,7 +18,6 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,11 +26,6 @@ from verity.inference.references.errors import ReferenceStoreError
 
 EVENTS_FILE = "events.jsonl"
 ACTIONS = ("add", "remove")
-
-
-def now() -> str:
-    """An event's `created` time: UTC, to the microsecond."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)
@@ -106,14 +100,6 @@ class ModelState:
         for reference in self.active.values():
             grouped.setdefault(reference.product, []).append(reference)
         return grouped
-
-
-def file_stamp(path: Path | str) -> tuple[int, int, int] | None:
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def parse_events(text: str, path: Path) -> Iterator[dict[str, Any]]:

@@ -31,7 +31,8 @@ from typing import IO, Any
 import numpy as np
 
 from verity.inference.bank import unit_rows
-from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits, sniff_format
+from verity.inference.decode import sniff_format
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.engine import Engine
 from verity.inference.private_files import image_extension, write_atomic
 from verity.inference.references.cache import Index, load_cache, load_patch_cache, save_cache
@@ -61,13 +62,12 @@ from verity.inference.references.events import (
     ModelState,
     Reference,
     append_event,
-    file_stamp,
     locked,
-    now,
     parse_events,
 )
 from verity.inference.references.names import validate_model_name, validate_product
 from verity.inference.references.patch_check import PatchCalibration, calibrate_patches
+from verity.inference.stamps import file_stamp, utc_now
 from verity.inference.tiling import TilingOptions
 
 log = logging.getLogger("verity.inference.references")
@@ -198,7 +198,7 @@ class ReferenceStore:
                 "ext": image_extension(sniff_format(data)),
                 "actor": actor,
                 "role": role,
-                "created": now(),
+                "created": utc_now(),
                 "source": source,
             }
             self._commit(model_name, handle, event, data, on_event)
@@ -265,7 +265,7 @@ class ReferenceStore:
                 "ext": reference.ext,
                 "actor": actor,
                 "role": role,
-                "created": now(),
+                "created": utc_now(),
                 "source": None,
             }
             self._commit(model_name, handle, event, None, on_event)
