@@ -234,6 +234,23 @@ def create_app(
         redoc_url=None,
         openapi_url=OPENAPI_URL if settings.api_docs else None,
     )
+    _attach_state(app, settings, registry, audit, metrics)
+    metrics.watch_models(lambda: _served_models(registry))
+    install_error_handlers(app)
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+    app.include_router(references.router)
+    app.include_router(history.router)
+    install_docs(app)
+    install_console(app)
+    _add_middleware(app, settings, metrics)
+    return app
+
+
+def _attach_state(
+    app: FastAPI, settings: Settings, registry: ModelRegistry, audit: AuditStore | None, metrics: Metrics
+) -> None:
+    """What the routes reach through `request.app.state` (api/deps.py)."""
     app.state.settings = settings
     app.state.registry = registry
     app.state.audit = audit  # replaced by the lifespan's store when it starts
@@ -249,14 +266,10 @@ def create_app(
         false_alarm_rate=settings.reference_false_alarm_rate,
     )
     app.state.limits = KeyLimits(settings, metrics)  # request rates and decode slots per key
-    metrics.watch_models(lambda: _served_models(registry))
-    install_error_handlers(app)
-    app.include_router(v1.router)
-    app.include_router(v2.router)
-    app.include_router(references.router)
-    app.include_router(history.router)
-    install_docs(app)
-    install_console(app)
+
+
+def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """The request layers of api/middleware.py around every route."""
     # Innermost first: the cross-site check runs after the Host check (it compares Origin with a Host
     # already known to name this server), both inside the request context (their 400 and 403 have a
     # request_id), and the security headers wrap everything, the context's own 413 included.
@@ -276,4 +289,3 @@ def create_app(
         console_pages=(CONSOLE_PAGE,),
         console_prefix=CONSOLE_URL,
     )
-    return app

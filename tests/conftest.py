@@ -21,6 +21,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy and onnxruntime st
 import pytest  # noqa: E402
 from api_fixtures import make_models_dir, make_settings  # noqa: E402
 
+# The browser tests' fixtures (tests/test_console*.py), there for each module that asks for them.
+pytest_plugins = ["console_pages"]
+
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
