@@ -28,7 +28,13 @@ from verity.api.audit_records import (
     HistoryQuery,
     ReferenceEvent,
 )
-from verity.api.audit_sql import audit_record, audit_row, history_filter
+from verity.api.audit_sql import (
+    CONFIRMED_CASES_SQL,
+    audit_record,
+    audit_row,
+    cases_with_feedback,
+    history_filter,
+)
 from verity.api.settings import Settings
 from verity.inference.private_files import PRIVATE_FILE_MODE, image_extension, make_private_dir, write_atomic
 
@@ -208,22 +214,9 @@ class SQLiteAuditStore:
         return found
 
     def confirmed_cases(self) -> Iterator[tuple[AuditRecord, list[FeedbackRecord]]]:
-        columns = ", ".join([*(f"p.{n}" for n in AUDIT_FIELDS), *(f"f.{n}" for n in FEEDBACK_FIELDS)])
-        query = f"""
-            SELECT {columns} FROM feedback f JOIN predictions p ON p.request_id = f.request_id
-            ORDER BY p.created, p.request_id, f.id"""
         reader = sqlite3.connect(self.path)
         try:
-            record: AuditRecord | None = None
-            rows: list[FeedbackRecord] = []
-            for row in reader.execute(query):
-                if record is None or record.request_id != row[0]:
-                    if record is not None:
-                        yield record, rows
-                    record, rows = audit_record(row[: len(AUDIT_FIELDS)]), []
-                rows.append(FeedbackRecord(*row[len(AUDIT_FIELDS) :]))
-            if record is not None:
-                yield record, rows
+            yield from cases_with_feedback(reader.execute(CONFIRMED_CASES_SQL))
         finally:
             reader.close()
 

@@ -34,7 +34,13 @@ from verity.api.audit_records import (
     HistoryQuery,
     ReferenceEvent,
 )
-from verity.api.audit_sql import audit_record, audit_row, history_filter
+from verity.api.audit_sql import (
+    CONFIRMED_CASES_SQL,
+    audit_record,
+    audit_row,
+    cases_with_feedback,
+    history_filter,
+)
 
 CONNECT_TIMEOUT_S = 10
 # Any fixed number both sides agree on: the advisory lock that serialises migrations.
@@ -220,21 +226,7 @@ class PostgresAuditStore:
         return found
 
     def confirmed_cases(self) -> Iterator[tuple[AuditRecord, list[FeedbackRecord]]]:
-        columns = ", ".join([*(f"p.{n}" for n in AUDIT_FIELDS), *(f"f.{n}" for n in FEEDBACK_FIELDS)])
-        sql = (
-            f"SELECT {columns} FROM feedback f JOIN predictions p ON p.request_id = f.request_id "
-            "ORDER BY p.created, p.request_id, f.id"
-        )
-        record: AuditRecord | None = None
-        rows: list[FeedbackRecord] = []
-        for row in self._stream(sql):
-            if record is None or record.request_id != row[0]:
-                if record is not None:
-                    yield record, rows
-                record, rows = audit_record(row[: len(AUDIT_FIELDS)]), []
-            rows.append(FeedbackRecord(*row[len(AUDIT_FIELDS) :]))
-        if record is not None:
-            yield record, rows
+        yield from cases_with_feedback(self._stream(CONFIRMED_CASES_SQL))
 
     def reference_events(self, model_name: str | None = None) -> list[ReferenceEvent]:
         sql = f"SELECT {_columns(REFERENCE_EVENT_FIELDS)} FROM reference_events"

@@ -158,7 +158,7 @@ class Settings(BaseSettings):
     store_images: bool = False
     image_store_dir: Path = Path("var/images")
 
-    # Genuine reference images per model and product (inference/references.py): `verity refs` and
+    # Genuine reference images per model and product (inference/references/store.py): `verity refs` and
     # /v1/references enrol them here, and a request naming its product is checked against them.
     references_dir: Path = DEFAULT_REFERENCES_DIR
     # Share of genuine images of a product that its reference check may flag (leave-one-out calibration).

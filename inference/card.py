@@ -1,4 +1,4 @@
-"""ModelCard: what a trained model says about itself (DESIGN.md §3, team contract).
+"""ModelCard: what a trained model says about itself (the contract between training and serving).
 
 `verity train` and `verity export` write it as card.json, into model.pt and into the ONNX metadata;
 the engine and the API read it. It lives in `inference` so that serving reads it without torch.

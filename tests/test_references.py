@@ -1,4 +1,4 @@
-"""The genuine reference store (inference/references.py): enrolment, replay, calibration and the check.
+"""The genuine reference store (inference/references/store.py): enrolment, replay, calibration and the check.
 
 Most tests use `HandEngine`, an engine whose embedding of a flat grey image is a hand-made vector chosen
 by its grey level, so distances and thresholds can be checked exactly while every image still goes

@@ -4,7 +4,7 @@ INT8 on CPU: onnxruntime's static quantization with QDQ nodes and per-channel we
 by running the SERVING preprocessor (`inference.preprocess.load_for_model`) on validation images, so the
 activation ranges are those the server will see. `quant_pre_process` (shape inference and graph
 folding) runs first, as onnxruntime recommends. Dynamic quantization is deliberately absent: for CNNs on
-this CPU it is 6 to 19 times slower than fp32 (DESIGN.md §5).
+this CPU it is 6 to 19 times slower than fp32.
 
 The accuracy gate (training/quantize_gate.py) compares the INT8 model with the fp32 one on the
 validation images. Only a passing model is written (as model.int8.onnx beside model.onnx, which OnnxEngine's

@@ -245,16 +245,26 @@ def judge(
 ) -> ReferenceCheck:
     """Match when the nearest reference is within the product's threshold, mismatch beyond it."""
     distance = nearest_distance(references, embedding)
-    if calibration.threshold is None:
+    return _checked(product, calibration, distance, calibration.threshold, calibration.spread)
+
+
+def _checked(
+    product: str, calibration: Calibration, distance: float, threshold: float | None, spread: float | None
+) -> ReferenceCheck:
+    """The check's answer for a distance (or patch score) and the threshold it is held to: abstained
+    without a threshold, else mismatch beyond it."""
+    if threshold is None:
         status = "abstained"
+    elif distance > threshold:
+        status = "mismatch"
     else:
-        status = "mismatch" if distance > calibration.threshold else "match"
+        status = "match"
     return ReferenceCheck(
         product=product,
         status=status,
         distance=distance,
-        threshold=calibration.threshold,
-        spread=calibration.spread,
+        threshold=threshold,
+        spread=spread,
         references=calibration.references,
         min_references=calibration.min_references,
         false_alarm_rate=calibration.false_alarm_rate,
@@ -274,16 +284,7 @@ def answer_check(
     if signature is None or patches is None:
         return judge(product, references, calibration, embedding)
     score = signature.signature.score(patches)
-    return ReferenceCheck(
-        product=product,
-        status="mismatch" if score > signature.threshold else "match",
-        distance=score,
-        threshold=signature.threshold,
-        spread=signature.spread,
-        references=calibration.references,
-        min_references=calibration.min_references,
-        false_alarm_rate=calibration.false_alarm_rate,
-    )
+    return _checked(product, calibration, score, signature.threshold, signature.spread)
 
 
 def describe_calibration(
