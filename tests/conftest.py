@@ -30,6 +30,18 @@ if TYPE_CHECKING:
     from verity.api.settings import Settings
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """A test that runs `verity serve` in-process (its refusals are tested so) leaves what it exports for
+    its workers in os.environ: VERITY_MODELS_DIR, and VERITY_SERVE_PROCESS, which makes every later
+    create_app reconfigure logging. Each test starts from the environment the session started with."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture()
 def models_dir(tmp_path: Path) -> Path:
     """tmp_path/models with photo-test 1 and 2 (2 is the photo default) and xray-test 1."""
