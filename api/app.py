@@ -18,7 +18,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse
 
 from verity import __version__
-from verity.api import routes_history, routes_references, routes_v1, routes_v2
 from verity.api.audit import AuditStore, ImageStore, open_audit_store
 from verity.api.auth import KeyStore
 from verity.api.docs import ASSETS_URL, DOCS_PAGES, OPENAPI_URL, install_docs
@@ -33,9 +32,10 @@ from verity.api.middleware import (
     SecurityHeadersMiddleware,
 )
 from verity.api.registry import EngineFactory, ModelRegistry
+from verity.api.routes import history, references, v1, v2
 from verity.api.settings import Settings, load_settings
 from verity.api.shared_state import ReloadFollower
-from verity.inference.references import ReferenceStore
+from verity.inference.references.store import ReferenceStore
 
 log = logging.getLogger("verity.api")
 
@@ -240,6 +240,23 @@ def create_app(
         redoc_url=None,
         openapi_url=OPENAPI_URL if settings.api_docs else None,
     )
+    _attach_state(app, settings, registry, audit, metrics)
+    metrics.watch_models(lambda: _served_models(registry))
+    install_error_handlers(app)
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+    app.include_router(references.router)
+    app.include_router(history.router)
+    install_docs(app)
+    install_console(app)
+    _add_middleware(app, settings, metrics)
+    return app
+
+
+def _attach_state(
+    app: FastAPI, settings: Settings, registry: ModelRegistry, audit: AuditStore | None, metrics: Metrics
+) -> None:
+    """What the routes reach through `request.app.state` (api/deps.py)."""
     app.state.settings = settings
     app.state.registry = registry
     app.state.audit = audit  # replaced by the lifespan's store when it starts
@@ -255,14 +272,10 @@ def create_app(
         false_alarm_rate=settings.reference_false_alarm_rate,
     )
     app.state.limits = KeyLimits(settings, metrics)  # request rates and decode slots per key
-    metrics.watch_models(lambda: _served_models(registry))
-    install_error_handlers(app)
-    app.include_router(routes_v1.router)
-    app.include_router(routes_v2.router)
-    app.include_router(routes_references.router)
-    app.include_router(routes_history.router)
-    install_docs(app)
-    install_console(app)
+
+
+def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """The request layers of api/middleware.py around every route."""
     # Innermost first: the cross-site check runs after the Host check (it compares Origin with a Host
     # already known to name this server), both inside the request context (their 400 and 403 have a
     # request_id), and the security headers wrap everything, the context's own 413 included.
@@ -282,4 +295,3 @@ def create_app(
         console_pages=(CONSOLE_PAGE,),
         console_prefix=CONSOLE_URL,
     )
-    return app

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -28,12 +27,19 @@ from verity.api.audit_records import (
     FeedbackRecord,
     HistoryQuery,
     ReferenceEvent,
-    utc_now,
 )
-from verity.api.audit_sql import BUMP_GENERATION, SAVE_BUCKET, audit_record, audit_row, history_filter
+from verity.api.audit_sql import (
+    BUMP_GENERATION,
+    CONFIRMED_CASES_SQL,
+    SAVE_BUCKET,
+    audit_record,
+    audit_row,
+    cases_with_feedback,
+    history_filter,
+)
 from verity.api.limits import charge, refill
 from verity.api.settings import Settings
-from verity.inference.private_files import PRIVATE_FILE_MODE, image_extension, make_private_dir
+from verity.inference.private_files import PRIVATE_FILE_MODE, image_extension, make_private_dir, write_atomic
 
 if TYPE_CHECKING:
     from verity.api.audit_postgres import PostgresAuditStore
@@ -41,7 +47,6 @@ if TYPE_CHECKING:
 __all__ = [  # the records and the contract are defined in audit_records; their users import them here
     "AUDIT_FIELDS", "FEEDBACK_FIELDS", "REFERENCE_EVENT_FIELDS", "AuditError", "AuditRecord", "AuditStore",
     "FeedbackRecord", "HistoryQuery", "ImageStore", "ReferenceEvent", "SQLiteAuditStore", "open_audit_store",
-    "utc_now",
 ]  # fmt: skip
 
 
@@ -216,22 +221,9 @@ class SQLiteAuditStore:
         return found
 
     def confirmed_cases(self) -> Iterator[tuple[AuditRecord, list[FeedbackRecord]]]:
-        columns = ", ".join([*(f"p.{n}" for n in AUDIT_FIELDS), *(f"f.{n}" for n in FEEDBACK_FIELDS)])
-        query = f"""
-            SELECT {columns} FROM feedback f JOIN predictions p ON p.request_id = f.request_id
-            ORDER BY p.created, p.request_id, f.id"""
         reader = sqlite3.connect(self.path)
         try:
-            record: AuditRecord | None = None
-            rows: list[FeedbackRecord] = []
-            for row in reader.execute(query):
-                if record is None or record.request_id != row[0]:
-                    if record is not None:
-                        yield record, rows
-                    record, rows = audit_record(row[: len(AUDIT_FIELDS)]), []
-                rows.append(FeedbackRecord(*row[len(AUDIT_FIELDS) :]))
-            if record is not None:
-                yield record, rows
+            yield from cases_with_feedback(reader.execute(CONFIRMED_CASES_SQL))
         finally:
             reader.close()
 
@@ -347,10 +339,5 @@ class ImageStore:
     def put(self, data: bytes, sha256: str, kind: str) -> str:
         target = self.root / sha256[:2] / f"{sha256}.{image_extension(kind)}"
         if not target.exists():
-            make_private_dir(target.parent)
-            # mkstemp: 0600 and a name of its own, so two uploads of one image never share a temporary.
-            handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{sha256}.", suffix=".tmp")
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            os.replace(temporary, target)  # atomic: a reader never sees half an image
+            write_atomic(target, data)  # a reader never sees half an image; two uploads never collide
         return str(target)

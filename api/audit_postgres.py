@@ -34,7 +34,15 @@ from verity.api.audit_records import (
     HistoryQuery,
     ReferenceEvent,
 )
-from verity.api.audit_sql import BUMP_GENERATION, SAVE_BUCKET, audit_record, audit_row, history_filter
+from verity.api.audit_sql import (
+    BUMP_GENERATION,
+    CONFIRMED_CASES_SQL,
+    SAVE_BUCKET,
+    audit_record,
+    audit_row,
+    cases_with_feedback,
+    history_filter,
+)
 from verity.api.limits import charge, refill
 
 CONNECT_TIMEOUT_S = 10
@@ -228,21 +236,7 @@ class PostgresAuditStore:
         return found
 
     def confirmed_cases(self) -> Iterator[tuple[AuditRecord, list[FeedbackRecord]]]:
-        columns = ", ".join([*(f"p.{n}" for n in AUDIT_FIELDS), *(f"f.{n}" for n in FEEDBACK_FIELDS)])
-        sql = (
-            f"SELECT {columns} FROM feedback f JOIN predictions p ON p.request_id = f.request_id "
-            "ORDER BY p.created, p.request_id, f.id"
-        )
-        record: AuditRecord | None = None
-        rows: list[FeedbackRecord] = []
-        for row in self._stream(sql):
-            if record is None or record.request_id != row[0]:
-                if record is not None:
-                    yield record, rows
-                record, rows = audit_record(row[: len(AUDIT_FIELDS)]), []
-            rows.append(FeedbackRecord(*row[len(AUDIT_FIELDS) :]))
-        if record is not None:
-            yield record, rows
+        yield from cases_with_feedback(self._stream(CONFIRMED_CASES_SQL))
 
     def reference_events(self, model_name: str | None = None) -> list[ReferenceEvent]:
         sql = f"SELECT {_columns(REFERENCE_EVENT_FIELDS)} FROM reference_events"

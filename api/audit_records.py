@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -35,7 +34,7 @@ class AuditRecord:
     image_path: str | None = None
     api: str = "v1"
     # Open-set fields (issue 14). None on rows written before them and for models without a bank.
-    recognised: bool | None = None  # the embedding lies near the training set's reference bank
+    recognised: bool | None = None  # the embedding lies near the model's training bank (inference/bank.py)
     novelty: float | None = None  # kNN cosine distance to that bank (inference.open_set)
     reasons: str | None = None  # comma-separated: classifier, reference_mismatch, not_recognised, ...
     product: str | None = None  # the product the request named, if any
@@ -104,10 +103,6 @@ class HistoryQuery:
     since: str | None = None
     until: str | None = None
     until_exclusive: bool = False
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class AuditStore(Protocol):

@@ -4,10 +4,17 @@ Placeholders differ (SQLite `?`, psycopg `%s`), so the filter takes one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, replace
 from typing import Any
 
-from verity.api.audit_records import AuditRecord, HistoryQuery
+from verity.api.audit_records import (
+    AUDIT_FIELDS,
+    FEEDBACK_FIELDS,
+    AuditRecord,
+    FeedbackRecord,
+    HistoryQuery,
+)
 
 # One more change of a name, created at 1 on the first: both stores' SQL (SQLite 3.35+ has RETURNING).
 BUMP_GENERATION = (
@@ -37,6 +44,30 @@ def audit_record(row: tuple[Any, ...]) -> AuditRecord:
     if record.recognised is None:
         return record
     return replace(record, recognised=bool(record.recognised))
+
+
+# Every confirmed verdict with its feedback rows, in the order `cases_with_feedback` groups them by.
+CONFIRMED_CASES_SQL = (
+    f"SELECT {', '.join([*(f'p.{n}' for n in AUDIT_FIELDS), *(f'f.{n}' for n in FEEDBACK_FIELDS)])} "
+    "FROM feedback f JOIN predictions p ON p.request_id = f.request_id "
+    "ORDER BY p.created, p.request_id, f.id"
+)
+
+
+def cases_with_feedback(
+    rows: Iterable[tuple[Any, ...]],
+) -> Iterator[tuple[AuditRecord, list[FeedbackRecord]]]:
+    """The rows of CONFIRMED_CASES_SQL as each record with its feedback rows, streamed."""
+    record: AuditRecord | None = None
+    feedback: list[FeedbackRecord] = []
+    for row in rows:
+        if record is None or record.request_id != row[0]:
+            if record is not None:
+                yield record, feedback
+            record, feedback = audit_record(row[: len(AUDIT_FIELDS)]), []
+        feedback.append(FeedbackRecord(*row[len(AUDIT_FIELDS) :]))
+    if record is not None:
+        yield record, feedback
 
 
 # The history's verdict filter: uncertain is an uncertain verdict the model recognised (or from before

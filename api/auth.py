@@ -11,14 +11,18 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import threading
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
+from verity.inference.private_files import write_atomic
+from verity.inference.stamps import FileStamp, file_stamp, utc_now
+
 ROLES = ("station", "admin")
+# The role of a caller without a key (only where keys are not required), and the one rate bucket and
+# decode share that all such callers have.
+ANONYMOUS = "anonymous"
 log = logging.getLogger("verity.api.auth")
 
 
@@ -40,29 +44,18 @@ def hash_key(secret_key: str) -> str:
     return hashlib.sha256(secret_key.encode("utf-8")).hexdigest()
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 class KeyStore:
     """The key file, cached in memory and re-read when its modification time or size changes."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: FileStamp | None = None
         self._keys: dict[str, ApiKey] = {}
 
     # Reading -----------------------------------------------------------------------------------
-    def _file_stamp(self) -> tuple[int, int] | None:
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return stat.st_mtime_ns, stat.st_size
-
     def _refresh(self) -> dict[str, ApiKey]:
-        stamp = self._file_stamp()
+        stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return self._keys
         with self._lock:
@@ -101,13 +94,8 @@ class KeyStore:
 
     # Writing (the CLI) -------------------------------------------------------------------------
     def _write(self, keys: list[ApiKey]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        temporary.write_text(
-            json.dumps({"keys": [asdict(k) for k in keys]}, indent=2) + "\n", encoding="utf-8"
-        )
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, self.path)
+        text = json.dumps({"keys": [asdict(k) for k in keys]}, indent=2) + "\n"
+        write_atomic(self.path, text.encode("utf-8"))  # owner only: the file holds the keys' hashes
 
     def add(self, station_id: str, role: str = "station") -> tuple[ApiKey, str]:
         """Creates a key; returns the record and the secret, which is shown once and never stored."""
@@ -122,7 +110,11 @@ class KeyStore:
                 key_id = secrets.token_hex(4)
             secret_key = f"vk_{key_id}_{secrets.token_urlsafe(32).replace('_', '-')}"
             record = ApiKey(
-                key_id=key_id, station_id=station_id, role=role, sha256=hash_key(secret_key), created=_now()
+                key_id=key_id,
+                station_id=station_id,
+                role=role,
+                sha256=hash_key(secret_key),
+                created=utc_now("seconds"),
             )
             self._write([*existing, record])
         return record, secret_key
@@ -134,6 +126,6 @@ class KeyStore:
             if not match:
                 known = ", ".join(k.key_id for k in keys) or "none"
                 raise ValueError(f"No key with id {key_id!r}. Known key ids: {known}.")
-            revoked = ApiKey(**{**asdict(match[0]), "revoked": match[0].revoked or _now()})
+            revoked = ApiKey(**{**asdict(match[0]), "revoked": match[0].revoked or utc_now("seconds")})
             self._write([revoked if k.key_id == key_id else k for k in keys])
         return revoked

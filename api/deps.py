@@ -14,12 +14,12 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from verity.api.audit import AuditStore, ImageStore
-from verity.api.auth import KeyStore
+from verity.api.auth import ANONYMOUS, KeyStore
 from verity.api.errors import ApiError
 from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry
 from verity.api.settings import Settings
-from verity.inference.references import ReferenceStore
+from verity.inference.references.store import ReferenceStore
 
 
 async def get_settings(request: Request) -> Settings:
@@ -74,7 +74,7 @@ class Principal:
     key_id: str | None = None
 
 
-ANONYMOUS = Principal(station_id=None, role="anonymous")
+ANONYMOUS_CALLER = Principal(station_id=None, role=ANONYMOUS)
 
 
 async def authenticate(
@@ -94,7 +94,7 @@ async def authenticate(
                 "An API key is required: send X-API-Key or Authorization: Bearer.",
                 {"WWW-Authenticate": "Bearer"},
             )
-        return ANONYMOUS
+        return ANONYMOUS_CALLER
     key = keys.verify(presented)
     if key is None:
         raise ApiError(
@@ -111,7 +111,7 @@ async def require_admin(principal: PrincipalDep) -> Principal:
     unkeyed loopback server, where any web page the officer opens could otherwise reload models."""
     if principal.role == "admin":
         return principal
-    if principal.role == "anonymous":
+    if principal.role == ANONYMOUS:
         raise ApiError(
             401,
             "unauthorized",

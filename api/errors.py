@@ -19,7 +19,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from verity.api.logs import request_id_var
-from verity.inference.decode import DecodeError, ImageTooLarge, UnsupportedFormat
+from verity.api.schemas import ErrorBody
+from verity.inference.decode_limits import DecodeError, ImageTooLarge, UnsupportedFormat
+from verity.inference.references.errors import (
+    InvalidName,
+    NoEmbedding,
+    ReferenceConflict,
+    ReferenceStoreError,
+    UnknownProduct,
+    UnknownReference,
+)
 
 log = logging.getLogger("verity.api")
 
@@ -65,6 +74,57 @@ def decode_error_to_api(error: DecodeError) -> ApiError:
 
 def service_unavailable(code: str, message: str, retry_after_s: int) -> ApiError:
     return ApiError(503, code, message, {"Retry-After": str(retry_after_s)})
+
+
+STORE_DAMAGED = (
+    "The reference store cannot be read (its events log is damaged); the cause is logged for the operator."
+)
+
+
+def reference_error_to_api(error: ReferenceStoreError) -> ApiError:
+    """The status and code of each reference store refusal (/v1/references and a product check)."""
+    if isinstance(error, UnknownProduct):
+        return ApiError(404, "unknown_product", str(error))
+    if isinstance(error, UnknownReference):
+        return ApiError(404, "unknown_reference", str(error))
+    if isinstance(error, ReferenceConflict):
+        return ApiError(409, "reference_conflict", str(error))
+    if isinstance(error, InvalidName):
+        return ApiError(422, "invalid_product", str(error))
+    if isinstance(error, NoEmbedding):
+        return ApiError(422, "no_embedding", str(error))
+    # Anything else is the store's own damage (an events file that does not parse): its message names the
+    # file, a server path no station should read, so it goes to the log and the client gets fixed words.
+    log.error("reference store unusable", extra={"error": str(error)})
+    return ApiError(503, "references_unavailable", STORE_DAMAGED)
+
+
+def reference_store_unavailable(error: OSError) -> ApiError:
+    """The reference folder cannot be written or read (disk full, permissions): nothing was changed. The
+    client learns why in the system's words (strerror, never the file name); the path goes to the log."""
+    log.error("reference store unavailable", extra={"error": str(error)})
+    reason = f": {error.strerror}" if error.strerror else ""
+    return ApiError(503, "references_unavailable", f"The reference store cannot be used{reason}.")
+
+
+# What each status means on /v1, for the OpenAPI document of every /v1 route.
+V1_ERROR_DESCRIPTIONS = {
+    400: "The upload is not a decodable image, or the body cannot be parsed.",
+    401: "No API key, or an unknown or revoked one.",
+    403: "The key may not do this.",
+    404: "Not found.",
+    413: "The upload or the image is too large.",
+    415: "Not an image type the server reads.",
+    422: "Missing or invalid fields.",
+    408: "The request body did not arrive in time (VERITY_BODY_TIMEOUT_S, VERITY_BODY_MIN_RATE).",
+    429: "Too many requests from this key, or too many of its images decoding; see Retry-After.",
+    503: "Not ready, at capacity, or the audit log is unavailable; see Retry-After.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """A /v1 route's `responses=`: the error body and what each status means."""
+    return {code: {"model": ErrorBody, "description": V1_ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
 def current_request_id(request: Request | None = None) -> str:

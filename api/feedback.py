@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from verity.api.audit import AuditRecord, AuditStore, FeedbackRecord
+from verity.api.auth import ANONYMOUS
 from verity.inference.vocabulary import UNSURE
 
 CONFIRMED_TABLE = "confirmed.jsonl"
 CONFLICT_RULE = "verdict's station or admin only; admin over station; latest among equals"
-ANONYMOUS = "anonymous"  # the role of a caller without a key, and of the verdicts it received
 
 # single: one confirmation; agreed: several with one label; admin: they disagreed and an admin's (the
 # latest admin's) decided; latest: they disagreed, no admin spoke, and the station's latest decided.

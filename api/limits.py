@@ -33,7 +33,6 @@ from verity.api.metrics import Metrics
 from verity.api.settings import Settings
 
 log = logging.getLogger("verity.api")
-ANONYMOUS_KEY = "anonymous"  # the one bucket and decode share of every caller without a key
 
 
 def refill(tokens: float, counted: float, now: float, rate: float, burst: int) -> float:

@@ -5,7 +5,7 @@ writes the outputs (score FP32 [N], verdict BYTES [N], logits FP32 [N, 2], reque
 JSON data or binary blobs as asked. A body is measured before it is parsed: its nesting depth and its
 count of JSON values, read from the brackets and commas alone, so a hostile body (100,000 nested "[",
 16 MB of "[]") is refused without being built in memory. Parsing is blocking work: the routes in
-api/routes_v2.py run it in the threadpool, and tie the rest to the prediction service.
+api/routes/v2.py run it in the threadpool, and tie the rest to the prediction service.
 """
 
 from __future__ import annotations

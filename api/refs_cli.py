@@ -16,57 +16,30 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from verity.api.audit import AuditError, AuditStore, ReferenceEvent, open_audit_store
+from verity.api.audit import AuditError, AuditStore, open_audit_store
+from verity.api.reference_admin import audit_writer, calibration_or_none
 from verity.api.settings import Settings, load_settings
 from verity.inference.artifacts import ONNX_FILES, resolve_model
-from verity.inference.decode import DecodeError, read_image_bytes
-from verity.inference.engine import Engine, ModelLoadError, OnnxEngine
-from verity.inference.references import (
-    MIN_REFERENCES,
+from verity.inference.decode import IMAGE_SUFFIXES, image_files_under, read_image_bytes
+from verity.inference.decode_limits import DecodeError
+from verity.inference.engine import ModelLoadError, OnnxEngine
+from verity.inference.references.check import MIN_REFERENCES
+from verity.inference.references.errors import (
     InvalidName,
-    NoEmbedding,
-    ReferenceStore,
     ReferenceStoreError,
-    UnknownProduct,
-    validate_product,
 )
+from verity.inference.references.names import validate_product
+from verity.inference.references.store import ReferenceStore
 from verity.inference.terminal import terminal_json, terminal_safe
 from verity.inference.tiling import TooManyTiles
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 WHO_MAX = 100
 
 
 class UsageError(ValueError):
     """A bad argument: exit 2."""
-
-
-def reference_event(model_name: str, event: dict[str, Any]) -> ReferenceEvent:
-    """The audit row of one store event (inference.references), for the CLI and the API alike."""
-    return ReferenceEvent(
-        created=str(event["created"]),
-        action=str(event["action"]),
-        model_name=model_name,
-        product=str(event["product"]),
-        image_sha256=str(event["sha256"]),
-        reference_id=str(event["reference_id"]),
-        actor=event.get("actor"),
-        role=event.get("role"),
-        source=event.get("source"),
-    )
-
-
-def audit_writer(audit: AuditStore, model_name: str) -> Callable[[dict[str, Any]], None]:
-    """`on_event` for the store: the audit row is written (or AuditError raised) before the change."""
-
-    def write(event: dict[str, Any]) -> None:
-        audit.record_reference_event(reference_event(model_name, event))
-
-    return write
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,7 +84,7 @@ def image_files(paths: list[str]) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = image_files_under(path)
             if not found:
                 raise UsageError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
             files += found
@@ -132,15 +105,6 @@ def actor_name(who: str | None) -> str:
         except (KeyError, OSError):
             who = "unknown"
     return f"cli:{who}"
-
-
-def calibration_or_none(store: ReferenceStore, engine: Engine, product: str) -> dict[str, Any] | None:
-    """The product's calibration, or None when it has no usable references or the model no embedding
-    (a listing still shows the product and its count)."""
-    try:
-        return store.calibration(engine, product)
-    except (UnknownProduct, NoEmbedding):
-        return None
 
 
 def calibration_line(store: ReferenceStore, engine: OnnxEngine, product: str) -> str:

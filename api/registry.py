@@ -23,17 +23,13 @@ from verity.api.settings import Settings
 from verity.inference.artifacts import scan_model_files, version_sort_key
 from verity.inference.batcher import BatcherClosedError, BatchStats, MicroBatcher
 from verity.inference.engine import GPU_PROVIDERS, ModelLoadError, OnnxEngine, Prediction, usable_cores
+from verity.inference.stamps import file_stamp
 from verity.inference.vocabulary import MODALITIES
 
 log = logging.getLogger("verity.api.registry")
 
 ModelKey = tuple[str, str]  # (name, version)
 EngineFactory = Callable[[Path], OnnxEngine]
-
-
-def _file_stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_mtime_ns, stat.st_size
 
 
 class ServedModel:
@@ -48,7 +44,7 @@ class ServedModel:
     ) -> None:
         self.engine = engine
         self.path = path
-        self.stamp = _file_stamp(path) if path.exists() else (0, 0)
+        self.stamp = file_stamp(path)
         self.settings = settings
         self._on_batch = on_batch
         self._batcher: Any = None
@@ -189,7 +185,7 @@ class ModelRegistry:
         for path in scan_model_files(self.settings.models_dir):
             previous = by_path.get(path.resolve())
             try:
-                if previous is not None and previous.stamp == _file_stamp(path):
+                if previous is not None and previous.stamp == file_stamp(path):
                     models[previous.key] = previous
                     report.kept.append(_label(previous.key))
                     continue

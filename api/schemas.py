@@ -32,6 +32,7 @@ REQUEST_ID_MAX = 100  # a request id quoted back (ours are 32 hex digits and "-i
 OIP_NAME_MAX = 64  # a /v2 tensor, output or parameter name
 PARAMETER_TEXT_MAX = 200  # any other string parameter of /v2
 PARAMETERS_MAX = 16  # entries in one /v2 parameters map
+FILENAME_MAX = 255  # a file name a result quotes back (batch, enrolment): a file system's longest name
 
 
 class ErrorDetail(BaseModel):
@@ -361,7 +362,7 @@ class ReloadResponse(BaseModel):
     defaults: dict[str, str]
 
 
-# Genuine references per product (/v1/references, api/routes_references.py).
+# Genuine references per product (/v1/references, api/routes/references.py).
 class ReferenceCalibration(BaseModel):
     """A product's leave-one-out calibration of its reference distance (threshold None: it abstains)."""
 

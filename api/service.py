@@ -19,7 +19,8 @@ from anyio import from_thread
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from verity.api.audit import AuditError, AuditRecord, AuditStore, ImageStore, utc_now
+from verity.api.audit import AuditError, AuditRecord, AuditStore, ImageStore
+from verity.api.auth import ANONYMOUS
 from verity.api.deps import (
     AuditDep,
     ImageStoreDep,
@@ -30,24 +31,28 @@ from verity.api.deps import (
     RegistryDep,
     SettingsDep,
 )
-from verity.api.errors import ApiError, decode_error_to_api, service_unavailable
-from verity.api.limits import ANONYMOUS_KEY, KeyLimits
+from verity.api.errors import (
+    ApiError,
+    decode_error_to_api,
+    reference_error_to_api,
+    reference_store_unavailable,
+    service_unavailable,
+)
+from verity.api.limits import KeyLimits
 from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry, ServedModel
 from verity.api.settings import Settings
 from verity.inference import pipeline, views
 from verity.inference.batcher import QueueFullError
-from verity.inference.decode import DecodeError
+from verity.inference.decode_limits import DecodeError
 from verity.inference.engine import Prediction
 from verity.inference.pipeline import ProductCheck, Scored, ScoringOptions, Upload, prepare
-from verity.inference.references import (
-    ReferenceCheck,
-    ReferenceStore,
-    ReferenceStoreError,
-    UnknownProduct,
-    validate_product,
-)
+from verity.inference.references.check import ReferenceCheck
+from verity.inference.references.errors import ReferenceStoreError, UnknownProduct
+from verity.inference.references.names import validate_product
+from verity.inference.references.store import ReferenceStore
 from verity.inference.spec import PreprocessSpec
+from verity.inference.stamps import utc_now
 from verity.inference.tiling import TooManyTiles
 from verity.inference.vocabulary import NonFiniteScore
 
@@ -180,15 +185,11 @@ class PredictionService:
         except NonFiniteScore as error:
             raise unscorable(served, error) from error
         except ReferenceStoreError as error:
-            from verity.api.routes_references import store_error
-
-            raise store_error(error) from error
+            raise reference_error_to_api(error) from error
         except DecodeError as error:
             raise decode_error_to_api(error) from error
         except OSError as error:
-            from verity.api.routes_references import store_unavailable
-
-            raise store_unavailable(error) from error
+            raise reference_store_unavailable(error) from error
 
     def product_check(self, served: ServedModel, product: str | None) -> ProductCheck | None:
         """The named product's reference check (None without one). The first check after a change to
@@ -208,8 +209,6 @@ class PredictionService:
         checked before anything is decoded."""
         if product is None:
             return
-        from verity.api.routes_references import store_error
-
         try:
             validate_product(product)
             if self.references.ready(served.engine, product):  # enrolled, and its index is current
@@ -219,7 +218,7 @@ class PredictionService:
                 enrolled = sorted(name for name, count in known.items() if count)
                 raise UnknownProduct(product, enrolled, served.engine.name)
         except ReferenceStoreError as error:
-            raise store_error(error) from error
+            raise reference_error_to_api(error) from error
 
     async def store_image(self, data: bytes, upload: Upload) -> str | None:
         if self.image_store is None:
@@ -384,7 +383,7 @@ async def get_service(
 ) -> PredictionService:
     """The service for one prediction request, which is charged to its caller's rate here (429 when spent)."""
     limits: KeyLimits = request.app.state.limits
-    caller = principal.key_id or ANONYMOUS_KEY
+    caller = principal.key_id or ANONYMOUS
     await limits.admit(caller)
     return PredictionService(settings, registry, audit, image_store, metrics, limits, caller, references)
 

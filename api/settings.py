@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
-from verity.inference.references import DEFAULT_REFERENCES_DIR
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
+from verity.inference.references.store import DEFAULT_REFERENCES_DIR
 from verity.inference.tiling import TilingOptions
 
 MiB = 1024 * 1024
@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * MiB, ge=1024)
     max_batch_bytes: int = Field(64 * MiB, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
-    # Decode budgets (inference/decode.py, DecodeLimits), each checked before any pixel is decoded and
+    # Decode budgets (inference/decode_limits.py, DecodeLimits), each checked before any pixel is decoded and
     # refused with a 413 and its own code. Bytes of decoded samples (width x height x depth x samples x
     # bytes per sample): a 280 KB TIFF of 64 samples decoded to 256 MB. A server decodes an 8-bit RGB
     # image into about 2.3 times this, so the default keeps one upload under 300 MB: 33 MP of RGB pass.
@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     store_images: bool = False
     image_store_dir: Path = Path("var/images")
 
-    # Genuine reference images per model and product (inference/references.py): `verity refs` and
+    # Genuine reference images per model and product (inference/references/store.py): `verity refs` and
     # /v1/references enrol them here, and a request naming its product is checked against them.
     references_dir: Path = DEFAULT_REFERENCES_DIR
     # Share of genuine images of a product that its reference check may flag (leave-one-out calibration).

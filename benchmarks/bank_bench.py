@@ -1,4 +1,4 @@
-"""Query time of the reference bank's brute-force cosine kNN (inference/bank.py) at 10,000 and 100,000
+"""Query time of the training bank's brute-force cosine kNN (inference/bank.py) at 10,000 and 100,000
 references of the shipped models' embedding width (D = 144), for one image and for a batch of 8, with k = 5.
 
 Random unit vectors stand in for embeddings: brute force costs the same whatever the values. Times are

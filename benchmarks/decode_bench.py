@@ -22,7 +22,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import interleaved, load_average, photo_jpeg, time_per_call  # noqa: E402
-from verity.inference.decode import DEFAULT_LIMITS, decode_image, open_image  # noqa: E402
+from verity.inference.decode import decode_image, open_image
+from verity.inference.decode_limits import DEFAULT_LIMITS  # noqa: E402
 from verity.inference.preprocess import load_for_model, to_model_input  # noqa: E402
 from verity.inference.spec import PreprocessSpec, default_spec  # noqa: E402
 

@@ -40,7 +40,8 @@ from benchmarks.server_overhead import thread_cpu_seconds  # noqa: E402
 from verity.inference.artifacts import resolve_model  # noqa: E402
 from verity.inference.bank import BANK_FILE, build_bank, load_bank, save_bank  # noqa: E402
 from verity.inference.engine import METADATA_CARD_KEY, OnnxEngine  # noqa: E402
-from verity.inference.references import ReferenceStore, embed_image  # noqa: E402
+from verity.inference.references.check import embed_image
+from verity.inference.references.store import ReferenceStore  # noqa: E402
 from verity.inference.tiling import TilingOptions, load_for_scoring  # noqa: E402
 
 BANK_ROWS = 10_000

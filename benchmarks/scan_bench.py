@@ -52,7 +52,8 @@ def build_models(workdir: Path, scan: np.ndarray) -> dict[str, Path]:
 
 
 def run(workdir: Path, seconds: float = 3.0) -> dict[str, Any]:
-    from verity.inference.decode import DEFAULT_LIMITS, decode_image
+    from verity.inference.decode import decode_image
+    from verity.inference.decode_limits import DEFAULT_LIMITS
     from verity.inference.engine import OnnxEngine
     from verity.inference.tiling import score_scan
 

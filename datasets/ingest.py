@@ -30,8 +30,10 @@ from verity.datasets.ingest_sources import Candidate, count_items, iter_source
 from verity.datasets.manifest import ManifestRow, read_manifest, write_manifest
 from verity.datasets.progress import progress_bar
 from verity.datasets.split import assign_groups, group_key, split_fractions
-from verity.inference.decode import DEFAULT_LIMITS, DecodeError, read_image_bytes
+from verity.inference.decode import read_image_bytes
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeError
 from verity.inference.preprocess import load_for_model
+from verity.inference.private_files import PUBLIC_FILE_MODE, staged_file
 from verity.inference.spec import default_spec
 from verity.inference.vocabulary import (
     DEFAULT_SPLIT_SEED,
@@ -320,7 +322,7 @@ def ingest(src: Path, out: Path, options: IngestOptions) -> IngestResult:
     result = IngestResult(manifest=out, report=report_path, existing=existing.rows)
     options = replace(options, source=options.source or src.resolve().name)
     hidden = [0]
-    own_files = frozenset(path.resolve() for path in (out, report_path, out.with_name(out.name + ".tmp")))
+    own_files = frozenset(path.resolve() for path in (out, report_path))
     candidates = iter_source(src, options, hidden, own_files)
     bar = progress_bar(options.progress, total=count_items(src), unit="img", desc="ingest")
     report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,9 +349,10 @@ def _write_rows(out: Path, rows: list[ManifestRow], append: bool) -> None:
         write_manifest(out, rows, append=True)
         return
     # A new manifest appears whole or not at all.
-    temporary = out.with_name(out.name + ".tmp")
-    write_manifest(temporary, rows)
-    temporary.replace(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staged_file(out, PUBLIC_FILE_MODE) as staged:
+        write_manifest(staged.path, rows)
+        staged.publish()
 
 
 def summary_dict(result: IngestResult) -> dict[str, Any]:

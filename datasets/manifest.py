@@ -1,4 +1,4 @@
-"""The manifest: one JSON object per line, one line per image (DESIGN.md §3).
+"""The manifest: one JSON object per line, one line per image.
 
 Paths are stored relative to the manifest's own folder when they lie below it, so a dataset folder
 can be moved or copied as a whole.

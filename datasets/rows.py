@@ -20,6 +20,7 @@ from pathlib import Path
 
 from verity.datasets.manifest import ManifestRow, read_manifest, resolve_image_path
 from verity.datasets.split import assign_groups, group_key, split_fractions
+from verity.inference.decode import IMAGE_SUFFIXES, image_files_under
 from verity.inference.vocabulary import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_TEST_FRACTION,
@@ -28,7 +29,6 @@ from verity.inference.vocabulary import (
     SPLITS,
 )
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".dcm", ".dicom"}
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.json")
 
 # Folder (and table cell) names accepted for each label, compared in lower case.
@@ -74,11 +74,10 @@ def folder_rows(root: str | Path, modality: str) -> list[ManifestRow]:
     root = Path(root).resolve()
     rows = []
     for label, label_dir in label_folders(root):
-        for path in sorted(label_dir.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                relative = path.relative_to(label_dir)
-                product = relative.parts[0] if len(relative.parts) > 1 else None
-                rows.append(ManifestRow(str(path), label, modality, product=product, source=str(root)))
+        for path in image_files_under(label_dir):
+            relative = path.relative_to(label_dir)
+            product = relative.parts[0] if len(relative.parts) > 1 else None
+            rows.append(ManifestRow(str(path), label, modality, product=product, source=str(root)))
     if not rows:
         synonyms = ", ".join(f"{name}/" for name in LABEL_SYNONYMS if name not in LABELS)
         raise ValueError(

@@ -13,7 +13,7 @@ counterfeits deviate in one to three cues (CUES) drawn per case. Scene type, par
 dose and artefacts are drawn per image, identically for both labels.
 
 Console export styles (EXPORT_STYLES): a scan leaves the generator in one of the forms real scanner consoles
-send (DESIGN.md section 6): 16-bit grey PNG (or the dual-energy 2-page TIFF), 8-bit grey PNG or JPEG,
+send: 16-bit grey PNG (or the dual-energy 2-page TIFF), 8-bit grey PNG or JPEG,
 grey saved as RGB JPEG, or the dual-energy pseudo-colour view (see pseudo_colour). `mixed` draws a style
 and a crop per image (one in five keeps the whole scan; see crop_box). Style and crop come from their own
 per-image stream (seed, index), never from the label, so neither form nor crop size says anything about

@@ -1,4 +1,4 @@
-"""ModelCard: what a trained model says about itself (DESIGN.md §3, team contract).
+"""ModelCard: what a trained model says about itself (the contract between training and serving).
 
 `verity train` and `verity export` write it as card.json, into model.pt and into the ONNX metadata;
 the engine and the API read it. It lives in `inference` so that serving reads it without torch.
@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
 from verity.inference.spec import PreprocessSpec
+from verity.inference.stamps import utc_now
 
 # JSON keys every card carries; `warnings` came later, and the variant keys only some files hold.
 REQUIRED_KEYS = (
@@ -49,10 +49,6 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 @dataclass(frozen=True)
 class ModelCard:
     name: str
@@ -70,7 +66,7 @@ class ModelCard:
     # What a reader must know before trusting the thresholds (e.g. too few validation images for the
     # target rates), the lines `verity train` printed. None: a card written before cards had them.
     warnings: tuple[str, ...] | None
-    created: str = field(default_factory=_now)
+    created: str = field(default_factory=lambda: utc_now("seconds"))
     int8: dict[str, Any] | None = None  # the INT8 accuracy gate `verity export --int8` ran (card.json)
     precision: str | None = None  # "int8" or "fp16" in the metadata of a variant file
     int8_gate: dict[str, Any] | None = None  # in model.int8.onnx: the gate it passed

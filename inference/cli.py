@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from verity.inference.artifacts import ONNX_FILES, resolve_model
-from verity.inference.decode import DEFAULT_LIMITS, DecodeError, read_image_bytes
+from verity.inference.decode import read_image_bytes
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeError
 from verity.inference.engine import PRECISIONS, OnnxEngine, Prediction
 from verity.inference.pipeline import ProductCheck, Scored, ScoringOptions, score_bytes
-from verity.inference.references import DEFAULT_REFERENCES_DIR, ReferenceCheck, ReferenceStore
+from verity.inference.references.check import ReferenceCheck
+from verity.inference.references.store import DEFAULT_REFERENCES_DIR, ReferenceStore
 from verity.inference.terminal import terminal_json, terminal_safe
 from verity.inference.tiling import AGGREGATES, TILING_MODES, TilingOptions
 from verity.inference.views import render_images

@@ -82,7 +82,7 @@ def pil_pixels(image: Image.Image, dtype: type) -> np.ndarray:
         if out is None:
             out = np.empty((image.height, *band.shape[1:]), band.dtype)
         out[top : top + band.shape[0]] = band
-    assert out is not None  # an image has at least one row (`_check_pixels`)
+    assert out is not None  # an image has at least one row (`check_pixels`)
     return out
 
 

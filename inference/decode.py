@@ -13,9 +13,8 @@ TIFFs. DICOM comes out as float32 already windowed to [0, 1] by the file's own r
 transform (inference/dicom_intensity.py).
 
 Limits (DecodeLimits) are checked from the header and the file's structure before any pixel is decoded,
-so a bomb costs nothing: the file's bytes, its pixels, the bytes its decoded samples take, the scans of a
-progressive JPEG and the parts a reader parses one by one (inference/image_structure.py). Each refusal
-has its own error code, and no message quotes a reader's own words (they named heap addresses).
+so a bomb costs nothing; the limits, their checks and the errors are inference/decode_limits.py. No
+message quotes a reader's own words (they named heap addresses).
 """
 
 from __future__ import annotations
@@ -24,82 +23,32 @@ import contextlib
 import io
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageMode, ImageOps
 
 from verity.inference.colour import finite, flatten, pil_pixels, tiff_samples_to_colour
+from verity.inference.decode_limits import (
+    DEFAULT_LIMITS,
+    DecodeError,
+    DecodeLimits,
+    UnsupportedFormat,
+    check_bytes,
+    check_decoded_bytes,
+    check_pixels,
+    check_segments,
+    check_structure,
+)
 from verity.inference.dicom_intensity import dicom_grey_to_unit
-from verity.inference.image_structure import count_gif_blocks, count_jpeg_parts, count_png_chunks
 
 # We check the pixel count ourselves, before decoding, with our own limit and message.
 Image.MAX_IMAGE_PIXELS = None
 
-
-class DecodeError(ValueError):
-    """The bytes are not an image we can read. `code` is a short machine-readable reason."""
-
-    code = "undecodable_image"
-
-
-class UnsupportedFormat(DecodeError):
-    """A container or encoding we do not read (HTTP 415)."""
-
-    code = "unsupported_media_type"
-
-
-class ImageTooLarge(DecodeError):
-    """The file or its declared pixel count exceeds the limits (HTTP 413). Each subclass is one more
-    limit, with its own code, so a client is told which one it hit."""
-
-    code = "image_too_large"
-
-    def __init__(self, message: str, limit_bytes: int | None = None) -> None:
-        super().__init__(message)
-        self.limit_bytes = limit_bytes  # set when the limit is in bytes (file size, decoded samples)
-
-
-class DecodedTooLarge(ImageTooLarge):
-    """The decoded samples (width x height x depth x samples x bytes per sample) exceed the limit."""
-
-    code = "decoded_too_large"
-
-
-class TooManyScans(ImageTooLarge):
-    """A progressive JPEG declares more scans than the limit."""
-
-    code = "too_many_jpeg_scans"
-
-
-class TooManySegments(ImageTooLarge):
-    """A file holds more parts (JPEG segments, PNG chunks, GIF blocks, DICOM elements) than the limit."""
-
-    code = "too_many_segments"
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_bytes: int = 64 * 1024 * 1024
-    # 6000x4000 phone photos and 4096-px scans pass; a decompression bomb does not.
-    max_pixels: int = 40_000_000
-    # What the decoded samples may take (width x height x depth x samples x bytes per sample), read from
-    # the header: pixels alone let a 280 KB TIFF of 2000x2000 x 64 samples decode to 256 MB. Pillow holds
-    # 8-bit RGB in 4 bytes a pixel, so an RGB array costs about 2.3 times this at its peak: the default
-    # keeps that under 300 MB (33 MP of RGB, 25 MP of RGBA or of 16-bit dual energy).
-    max_decoded_bytes: int = 96 * 1024 * 1024
-    # libjpeg decodes a progressive JPEG's whole image once per scan (up to 20 ms a scan at 36 MP here);
-    # encoders write at most about 10-20. 5,000 empty scans in 551 KB took 10-100 s.
-    max_jpeg_scans: int = 32
-    # Parts one file may hold (JPEG marker segments, PNG chunks, GIF blocks, top-level DICOM elements),
-    # each parsed in Python: 20 MB of empty ones took 2-9 s. Real files hold tens to a few thousand.
-    max_image_segments: int = 50_000
-
-
-DEFAULT_LIMITS = DecodeLimits()
-
 SUPPORTED_FORMATS = "JPEG, PNG, WebP, GIF, BMP, TIFF or DICOM/DICOS"
+# The file name suffixes of those formats: for finding image files in a folder, never for trusting a
+# file's type (sniff_format reads the content).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 
 _MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),
@@ -130,55 +79,6 @@ def sniff_format(data: bytes) -> str:
     raise UnsupportedFormat(
         f"Not a supported image: expected {SUPPORTED_FORMATS} (checked by content, not by file name)."
     )
-
-
-def _check_pixels(width: int, height: int, limits: DecodeLimits) -> None:
-    if width <= 0 or height <= 0:
-        raise DecodeError(f"The image declares an empty size {width}x{height}.")
-    if width * height > limits.max_pixels:
-        raise ImageTooLarge(
-            f"The image is {width}x{height} = {width * height:,} pixels; the limit is {limits.max_pixels:,}."
-        )
-
-
-def _check_bytes(size: int, limits: DecodeLimits) -> None:
-    if size > limits.max_bytes:
-        raise ImageTooLarge(
-            f"The file is {size:,} bytes; the limit is {limits.max_bytes:,}.", limit_bytes=limits.max_bytes
-        )
-
-
-def _check_decoded_bytes(size: int, limits: DecodeLimits) -> None:
-    if size > limits.max_decoded_bytes:
-        raise DecodedTooLarge(
-            f"The image would decode to {size:,} bytes of samples; the limit is "
-            f"{limits.max_decoded_bytes:,}.",
-            limit_bytes=limits.max_decoded_bytes,
-        )
-
-
-def _check_segments(count: int, limits: DecodeLimits) -> None:
-    if count > limits.max_image_segments:
-        raise TooManySegments(
-            f"The file holds more than {limits.max_image_segments:,} parts (JPEG markers, PNG chunks, GIF "
-            "blocks or DICOM elements); real images hold far fewer."
-        )
-
-
-def check_structure(data: bytes, kind: str, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
-    """Refuses a JPEG, PNG or GIF (`kind`, from `sniff_format`) whose parts would cost its reader more
-    than the limits allow (inference/image_structure.py), before any reader parses it."""
-    if kind == "jpeg":
-        parts = count_jpeg_parts(data, limits.max_image_segments)
-        _check_segments(parts.segments, limits)
-        if parts.scans > limits.max_jpeg_scans:
-            raise TooManyScans(f"The JPEG holds {parts.scans:,} scans; the limit is {limits.max_jpeg_scans}.")
-        if parts.scans > 1:  # libjpeg holds all its coefficients (2 bytes a sample), whatever the draft
-            _check_decoded_bytes(parts.coefficient_bytes, limits)
-    elif kind == "png":
-        _check_segments(count_png_chunks(data, limits.max_image_segments), limits)
-    elif kind == "gif":
-        _check_segments(count_gif_blocks(data, limits.max_image_segments), limits)
 
 
 # ---------------------------------------------------------------------------------------------- PIL
@@ -231,8 +131,8 @@ def _pil_decoded_bytes(image: Image.Image) -> int:
 def _open_pil(data: bytes, limits: DecodeLimits, draft_size: int | None) -> Image.Image:
     """The decoded, upright PIL image, flattened (`colour.flatten`); `pil_to_array` makes it HxWxC."""
     image = Image.open(io.BytesIO(data))
-    _check_pixels(image.width, image.height, limits)
-    _check_decoded_bytes(_pil_decoded_bytes(image), limits)
+    check_pixels(image.width, image.height, limits)
+    check_decoded_bytes(_pil_decoded_bytes(image), limits)
     if draft_size and image.format == "JPEG":
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale, keeping the LONG side at least draft_size: most of
         # the speed of serving a photo comes from here (a 1024x768 photo decodes at 256x192 for a
@@ -310,10 +210,10 @@ def _tiff_pages_to_read(tiff, limits: DecodeLimits) -> list:  # noqa: ANN001 - t
     if second is not None and getattr(second, "shape", None) == first.shape and second.samplesperpixel == 1:
         pages.append(second)
     for page in pages:
-        _check_pixels(int(page.imagewidth), int(page.imagelength), limits)
+        check_pixels(int(page.imagewidth), int(page.imagelength), limits)
         if int(page.imagedepth) > 1:  # ImageDepth 64 was once scored as a 64 x width image
             raise UnsupportedFormat(f"TIFF volumes ({int(page.imagedepth)} depth slices) are not supported.")
-    _check_decoded_bytes(sum(_tiff_decoded_bytes(page) for page in pages), limits)
+    check_decoded_bytes(sum(_tiff_decoded_bytes(page) for page in pages), limits)
     return pages
 
 
@@ -344,7 +244,7 @@ def _count_elements(limits: DecodeLimits) -> Callable[[object, object, int], boo
     counter = itertools.count(1)
 
     def stop_when(tag: object, vr: object, length: int) -> bool:
-        _check_segments(next(counter), limits)
+        check_segments(next(counter), limits)
         return False
 
     return stop_when
@@ -373,14 +273,14 @@ def _read_dicom(data: bytes, limits: DecodeLimits):  # noqa: ANN202 - (dataset, 
         raise DecodeError("The DICOM object could not be read: its structure is damaged.") from error
     if not any(name in dataset for name in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DecodeError("The DICOM object holds no image (no Pixel Data element).")
-    _check_pixels(int(dataset.get("Columns", 0) or 0), int(dataset.get("Rows", 0) or 0), limits)
+    check_pixels(int(dataset.get("Columns", 0) or 0), int(dataset.get("Rows", 0) or 0), limits)
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if frames > 2:
         raise UnsupportedFormat(
             f"The DICOM object has {frames} frames; only single images and dual-energy pairs (2 frames) "
             "are supported."
         )
-    _check_decoded_bytes(_dicom_decoded_bytes(dataset), limits)
+    check_decoded_bytes(_dicom_decoded_bytes(dataset), limits)
     try:
         pixels = dataset.pixel_array
     except (NotImplementedError, RuntimeError, ImportError) as error:
@@ -419,7 +319,7 @@ def open_image(
     "L", "RGB" or a deep grey mode), so a caller that resizes an 8-bit image can do so in PIL, its fast
     path (`preprocess.load_for_model`). `kind` is the format `sniff_format` named, when the caller has it.
     """
-    _check_bytes(len(data), limits)
+    check_bytes(len(data), limits)
     kind = kind or sniff_format(data)
     if kind == "tiff":
         return _decode_tiff(data, limits)
@@ -448,5 +348,10 @@ def read_image_bytes(source: bytes | str | Path, limits: DecodeLimits = DEFAULT_
     if isinstance(source, bytes | bytearray | memoryview):
         return bytes(source)
     path = Path(source)
-    _check_bytes(path.stat().st_size, limits)
+    check_bytes(path.stat().st_size, limits)
     return path.read_bytes()
+
+
+def image_files_under(folder: Path) -> list[Path]:
+    """Every file under `folder` (recursively) whose suffix is an image's, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from verity.inference.decode import DEFAULT_LIMITS, DecodeError, DecodeLimits, decode_image, read_image_bytes
+from verity.inference.decode import decode_image, read_image_bytes
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeError, DecodeLimits
 
 
 def _single_plane(image: np.ndarray, which: str) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 from verity.inference.bank import unit_rows
 from verity.inference.card import ModelCard
 from verity.inference.open_set import NoveltyGate, OpenSetError, load_novelty_gate
-from verity.inference.patch_check import unit_patches
+from verity.inference.references.patch_check import unit_patches
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import VERDICTS, finite_score, verdict_codes
 
@@ -256,7 +256,7 @@ class OnnxEngine:
         """Loads `path` (model.onnx) for `provider` ("cpu", "cuda", "tensorrt"; None: best available).
 
         `precision` picks the file variant (see `resolve_variant`); `allow_spinning` lets idle intra-op
-        threads spin, which helps a lone benchmark but steals CPU from decoding under load (DESIGN.md §5).
+        threads spin, which helps a lone benchmark but steals CPU from decoding under load.
         """
         import onnxruntime as ort
 
@@ -264,7 +264,7 @@ class OnnxEngine:
         model_path, self.precision = resolve_variant(path, precision, providers)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One intra-op thread per session beat two on 2 cores under concurrent load (DESIGN.md §5).
+        # One intra-op thread per session beat two on 2 cores under concurrent load.
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

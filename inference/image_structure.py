@@ -4,8 +4,8 @@ The readers we use parse a file's structure in Python, one part at a time: Pillo
 segments, PNG chunks and GIF extension blocks, and libjpeg decodes a progressive JPEG one scan at a
 time, every scan over the whole image. So a small file of many empty parts costs seconds: a 551 KB
 6000x6000 JPEG of 5,000 progressive scans took 10-100 s to decode, 20 MB of empty JPEG comments 9 s and
-300 MB, 18 MB of one-byte GIF comment blocks 4 s and 780 MB. `inference/decode.py` compares these counts
-with its limits and refuses such a file before it reaches a decoder.
+300 MB, 18 MB of one-byte GIF comment blocks 4 s and 780 MB. `inference/decode_limits.py` compares these
+counts with its limits and refuses such a file before it reaches a decoder.
 
 Each count stops a little past `stop_after` parts, so counting a hostile file costs no more than
 counting a legitimate one. A damaged structure ends the count where it breaks: the decoder that follows

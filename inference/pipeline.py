@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.engine import Engine, Prediction, Thresholds
 from verity.inference.open_set import not_recognised_cause, open_set_verdict
-from verity.inference.reference_errors import NoEmbedding
+from verity.inference.references.errors import NoEmbedding
 from verity.inference.spec import PreprocessSpec
 from verity.inference.tiling import ScanResult, ScoringInput, TilingOptions, load_for_scoring, score_scan
 
-if TYPE_CHECKING:  # reference_check embeds references through this pipeline
-    from verity.inference.reference_check import ReferenceCheck
+if TYPE_CHECKING:  # references.check embeds references through this pipeline
+    from verity.inference.references.check import ReferenceCheck
 
 # One preprocessed CxSxS input -> the model's Prediction for it.
 Predict = Callable[[np.ndarray], Prediction]

@@ -20,15 +20,8 @@ import numpy as np
 from PIL import Image
 
 from verity.inference.colour import band_rows, by_bands
-from verity.inference.decode import (
-    DEFAULT_LIMITS,
-    DecodeError,
-    DecodeLimits,
-    open_image,
-    pil_to_array,
-    read_image_bytes,
-    sniff_format,
-)
+from verity.inference.decode import open_image, pil_to_array, read_image_bytes, sniff_format
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeError, DecodeLimits
 from verity.inference.spec import PreprocessSpec
 
 # A channel spread (max - min over R, G, B) of at most this many 8-bit levels is JPEG noise on grey

@@ -58,7 +58,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits, check_structure, decode_image, sniff_format
+from verity.inference.decode import decode_image, sniff_format
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits, check_structure
 from verity.inference.engine import Engine, Prediction, usable_cores
 from verity.inference.heatmap import upsample
 from verity.inference.open_set import scan_embedding

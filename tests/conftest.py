@@ -21,10 +21,25 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy and onnxruntime st
 import pytest  # noqa: E402
 from api_fixtures import make_models_dir, make_settings  # noqa: E402
 
+# The browser tests' fixtures (tests/test_console*.py), there for each module that asks for them.
+pytest_plugins = ["console_pages"]
+
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
     from verity.api.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """A test that runs `verity serve` in-process (its refusals are tested so) leaves what it exports for
+    its workers in os.environ: VERITY_MODELS_DIR, and VERITY_SERVE_PROCESS, which makes every later
+    create_app reconfigure logging. Each test starts from the environment the session started with."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture()

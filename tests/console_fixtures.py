@@ -1,4 +1,4 @@
-"""Helpers shared by the console's browser tests (tests/test_console.py) and `make screenshots`
+"""Helpers shared by the console's browser tests (tests/test_console*.py) and `make screenshots`
 (docs/screenshots.py): the Chromium launch, a server as `make serve` starts it, and synthetic images.
 
 Debian's Chromium (/usr/bin/chromium) driven by Playwright for Python, which never downloads a browser

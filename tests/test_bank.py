@@ -1,4 +1,4 @@
-"""The reference bank (inference/bank.py): fp16 file round trip, deterministic subsampling, kNN novelty."""
+"""The training bank (inference/bank.py): fp16 file round trip, deterministic subsampling, kNN novelty."""
 
 from __future__ import annotations
 

@@ -24,14 +24,14 @@ from PIL import Image
 
 from verity.datasets.encode import encode_dicom
 from verity.inference.colour import BAND_PIXELS
-from verity.inference.decode import (
+from verity.inference.decode import decode_image
+from verity.inference.decode_limits import (
     DecodedTooLarge,
     DecodeError,
     DecodeLimits,
     TooManyScans,
     TooManySegments,
     UnsupportedFormat,
-    decode_image,
 )
 from verity.inference.dicom_intensity import dicom_grey_to_unit
 from verity.inference.preprocess import to_model_input

@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 from verity.datasets.encode import encode_dicom as _dicom
-from verity.inference.decode import (
+from verity.inference.decode import decode_image
+from verity.inference.decode_limits import (
     DecodeError,
     DecodeLimits,
     ImageTooLarge,
     UnsupportedFormat,
-    decode_image,
 )
 from verity.inference.dual_energy import decode_dual_energy
 from verity.inference.preprocess import load_for_model, to_model_input

@@ -15,7 +15,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from verity.inference.decode import DecodeError, DecodeLimits, ImageTooLarge, decode_image
+from verity.inference.decode import decode_image
+from verity.inference.decode_limits import DecodeError, DecodeLimits, ImageTooLarge
 from verity.inference.preprocess import load_for_model, to_model_input
 from verity.inference.spec import default_spec, resolve_spec
 

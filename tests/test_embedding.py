@@ -20,7 +20,8 @@ from verity.inference.spec import PreprocessSpec
 from verity.training import export as export_module
 from verity.training.export import ExportError, ExportParityError, export_onnx
 from verity.training.models import VerityNet
-from verity.training.quantize import EMBEDDING_MIN_COSINE, accuracy_gate, embedding_agreement, quantize_model
+from verity.training.quantize import quantize_model
+from verity.training.quantize_gate import EMBEDDING_MIN_COSINE, accuracy_gate, embedding_agreement
 
 WIDTH = 8
 

@@ -1,4 +1,4 @@
-"""DESIGN §2, what each package may import: checked on the source and at run time.
+"""What each package may import (docs/architecture.md): checked on the source and at run time.
 
 The source check reads every module's imports, lazy ones inside functions included, and every string
 that names one of our modules (dispatch tables and `importlib.import_module` calls import by string).

@@ -20,7 +20,8 @@ from PIL import Image
 from test_open_set import gated_model
 
 from verity.inference.engine import OnnxEngine
-from verity.inference.references import ReferenceStore, embed_image
+from verity.inference.references.check import embed_image
+from verity.inference.references.store import ReferenceStore
 
 PRODUCT = "acme-tea"
 

@@ -1,4 +1,5 @@
-"""The product reference check on local features (inference/patch_check.py), and the store using it."""
+"""The product reference check on local features (inference/references/patch_check.py), and the store
+using it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,14 @@ from PIL import Image
 
 from benchmarks.models import tiny_onnx, tiny_spec
 from verity.inference.engine import OnnxEngine
-from verity.inference.patch_check import calibrate_patches, nearest_distances, signature_from, unit_patches
-from verity.inference.references import ReferenceStore, image_features
+from verity.inference.references.check import image_features
+from verity.inference.references.patch_check import (
+    calibrate_patches,
+    nearest_distances,
+    signature_from,
+    unit_patches,
+)
+from verity.inference.references.store import ReferenceStore
 
 WIDTH, PARTS, BACKGROUND = 16, 12, 18  # the product fills 40% of the image, as in a product photo
 
@@ -37,7 +44,7 @@ def genuine(rng: np.random.Generator, parts: np.ndarray, missing: int | None = N
 def test_the_signature_keeps_the_parts_every_reference_shows_and_drops_backgrounds() -> None:
     rng, parts = np.random.default_rng(1), part_vectors()
     references = [genuine(rng, parts) for _ in range(12)]
-    from verity.inference.patch_check import pairwise_nearest
+    from verity.inference.references.patch_check import pairwise_nearest
 
     signature = signature_from(references, pairwise_nearest(references), list(range(12)))
     closest_part = nearest_distances(signature.patches, parts)

@@ -1,4 +1,4 @@
-"""The genuine reference store (inference/references.py): enrolment, replay, calibration and the check.
+"""The genuine reference store (inference/references/store.py): enrolment, replay, calibration and the check.
 
 Most tests use `HandEngine`, an engine whose embedding of a flat grey image is a hand-made vector chosen
 by its grey level, so distances and thresholds can be checked exactly while every image still goes
@@ -22,22 +22,20 @@ from api_fixtures import image_bytes
 from PIL import Image
 
 from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
-from verity.inference.decode import DecodeError
+from verity.inference.decode_limits import DecodeError
 from verity.inference.engine import OnnxEngine, Prediction, Thresholds
-from verity.inference.references import (
-    EVENTS_FILE,
-    MIN_REFERENCES,
+from verity.inference.references.check import MIN_REFERENCES, calibrate, embed_image
+from verity.inference.references.errors import (
     InvalidName,
     NoEmbedding,
     ReferenceConflict,
-    ReferenceStore,
     ReferenceStoreError,
     UnknownProduct,
     UnknownReference,
-    calibrate,
-    embed_image,
-    validate_product,
 )
+from verity.inference.references.events import EVENTS_FILE
+from verity.inference.references.names import validate_product
+from verity.inference.references.store import ReferenceStore
 from verity.inference.tiling import TilingOptions, load_for_scoring, score_scan
 from verity.inference.vocabulary import REFERENCE_STATUSES
 
@@ -281,16 +279,16 @@ def test_check_if_ready_answers_only_from_a_current_index(tmp_path: Path) -> Non
 
 def test_an_engines_key_is_worked_out_once(tmp_path: Path) -> None:
     """engine_key stats the model file once per engine object: a served model's key cannot change."""
-    from verity.inference import reference_check
+    from verity.inference.references import check
 
     model = tmp_path / "model.onnx"
     model.write_bytes(b"weights")
     engine, other = HandEngine(VECTORS), HandEngine(VECTORS)
     engine.path = other.path = model
-    first = reference_check.engine_key(engine)
+    first = check.engine_key(engine)
     model.write_bytes(b"re-exported weights")  # a new file: a new engine (a reload) gets a new key
-    assert reference_check.engine_key(engine) == first
-    assert reference_check.engine_key(other) != first
+    assert check.engine_key(engine) == first
+    assert check.engine_key(other) != first
 
 
 def test_stored_images_are_embedded_once_then_cached(tmp_path: Path) -> None:

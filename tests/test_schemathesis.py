@@ -1,6 +1,6 @@
 """Property-based tests generated from the app's own OpenAPI schema (schemathesis): no 5xx, and every
 response conforms to the documented status codes, content types and schemas. The whole API without keys,
-and /v2 again as a keyed station calls it on a server that requires keys."""
+and /v1 and /v2 again as a keyed station calls them on a server that requires keys."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _build_app(require_api_keys: bool = False) -> tuple[FastAPI, str]:
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", _build_app()[0])
 KEYED_APP, STATION_KEY = _build_app(require_api_keys=True)
-keyed_v2 = schemathesis.openapi.from_asgi("/openapi.json", KEYED_APP).include(path_regex="^/v2")
+keyed = schemathesis.openapi.from_asgi("/openapi.json", KEYED_APP).include(path_regex="^/v[12](/|$)")
 
 
 @schema.parametrize()
@@ -59,12 +59,12 @@ def test_api_conforms_to_its_schema(case) -> None:
     case.call_and_validate(checks=CHECKS)
 
 
-@keyed_v2.parametrize()
+@keyed.parametrize()
 @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-def test_v2_with_keys_required_conforms_to_its_schema(case) -> None:
-    """Every /v2 route with the station's key, on a served model (the test above tries unknown names), so
-    the generated bodies reach the codec and the prediction path."""
-    if case.path_parameters:
+def test_v1_and_v2_with_keys_required_conform_to_their_schema(case) -> None:
+    """Every /v1 and /v2 route with the station's key; /v2 on a served model (the test above tries
+    unknown names), so the generated bodies reach the codec and the prediction path."""
+    if case.path_parameters and "name" in case.path_parameters:
         case.path_parameters = {**case.path_parameters, "name": "photo-test"}
         if "version" in case.path_parameters:
             case.path_parameters["version"] = "1"

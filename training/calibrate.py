@@ -1,4 +1,4 @@
-"""Calibration and decision thresholds, both fit on validation data (DESIGN.md §3).
+"""Calibration and decision thresholds, both fit on validation data.
 
 * `fit_temperature`: one scalar T that minimises the negative log-likelihood of softmax(logits / T)
   on validation (Guo et al., 2017). It changes no ranking, so ROC AUC is untouched; it makes the

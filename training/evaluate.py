@@ -123,7 +123,7 @@ def _product_checks(scorer: Scorer, references: str | Path | None) -> ProductChe
     the pipeline, as the server checks a request naming it (a model without embeddings: refused later)."""
     if references is None or "embedding" not in scorer.engine.output_names:
         return None
-    from verity.inference.references import ReferenceStore
+    from verity.inference.references.store import ReferenceStore
     from verity.training.open_set_eval import product_checks
 
     return product_checks(scorer.engine, ReferenceStore(Path(references)))

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(parser)  # --int8 (gated), --fp16, --val-data, --calibration-images
     parser.add_argument(
         "--bank-data",
-        help="data whose train split becomes the reference bank and whose val split sets the novelty "
+        help="data whose train split becomes the training bank and whose val split sets the novelty "
         "threshold (default: --val-data, else the data the checkpoint was trained on, when present)",
     )
     parser.add_argument(
@@ -47,7 +47,7 @@ def bank_data(args: argparse.Namespace, checkpoint: dict[str, Any]) -> str | Non
         if candidate and Path(candidate).exists():
             return str(candidate)
         if candidate and candidate in (args.bank_data, args.val_data):
-            raise ValueError(f"No data at {candidate} for the reference bank.")
+            raise ValueError(f"No data at {candidate} for the training bank.")
     return None
 
 

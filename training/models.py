@@ -100,7 +100,7 @@ class VerityNet(nn.Module):
         if not caught:
             return logits, cam, _unit(pooled)
         # The stride-8 stage's map: the local features the product reference check compares
-        # (inference/patch_check.py), from the same pass.
+        # (inference/references/patch_check.py), from the same pass.
         return logits, cam, embedding_from(caught), caught[PATCH_STAGE]
 
 

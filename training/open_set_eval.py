@@ -16,15 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from verity.inference.decode import IMAGE_SUFFIXES
 from verity.inference.engine import Engine, Prediction
 from verity.inference.open_set import NoveltyGate, outside_envelope
 from verity.inference.pipeline import ProductCheck
-from verity.inference.references import ReferenceCheck, ReferenceStore
+from verity.inference.references.check import ReferenceCheck
+from verity.inference.references.store import ReferenceStore
 from verity.inference.tiling import TilingOptions
 from verity.training.eval_samples import Sample
 from verity.training.scoring import OnnxScorer, ProductChecks, ScoredSet, score_samples
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom"}
 FALSE_ALARM_RATES = (0.01,)
 
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from verity.inference.artifacts import resolve_model
 from verity.inference.card import ModelCard
-from verity.inference.decode import DecodeError, read_image_bytes
+from verity.inference.decode import read_image_bytes
+from verity.inference.decode_limits import DecodeError
 from verity.inference.engine import Engine, OnnxEngine, Prediction, Thresholds, calibrated_scores
 from verity.inference.open_set import NoveltyGate
 from verity.inference.pipeline import ProductCheck, Scored, ScoringOptions, Upload, prepare, score

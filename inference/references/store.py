@@ -1,29 +1,20 @@
-"""Genuine reference images per product: the store, and the public face of the reference check.
+"""ReferenceStore: genuine reference images per model and product, and the check against them.
 
 Right holders and ML engineers enrol genuine images of a product (`verity refs add`, `POST
-/v1/references`); a request that names its product is then also scored by its distance to that
-product's nearest genuine reference. The store is plain files, so the CLI and a running server share it
-without a database, and every change is an event that can be replayed and audited:
+/v1/references`); a request that names its product is then also checked against that product's
+genuine references. The store is plain files, so the CLI and a running server share it without a
+database, and every change is an event that can be replayed and audited:
 
     <root>/<model name>/events.jsonl                   append-only: one JSON event per line, fsync'd,
                                                         written under an exclusive flock
-    <root>/<model name>/images/<sha[:2]>/<sha>.<ext>   content-addressed, written once (tmp + replace)
+    <root>/<model name>/images/<sha[:2]>/<sha>.<ext>   content-addressed, written once (write_atomic)
     <root>/<model name>/embeddings/<key>.npz           sha256 -> embedding, for one model file
 
 The current set is the replay of events.jsonl, read again whenever its size or mtime changes, so a
 server sees a CLI enrolment on its next check without a restart. References are never overwritten: the
 same image for the same product is a `duplicate` (nothing is written), for another product a conflict.
-A removal is an event too; the image file stays for the audit trail.
-
-This module holds name validation and ReferenceStore; the parts it is built from read on their own:
-
-    reference_errors   the errors (ReferenceStoreError and its kinds)
-    reference_check    embedding an image as the server scores it; leave-one-out calibration, the check
-    reference_events   the events log: Reference, Enrolment, replay, flock, append, atomic writes
-    reference_cache    the per-engine index and its embeddings cache file
-
-Every public name of those is re-exported here (`__all__`): callers import from this module only. Only
-numpy and inference here.
+A removal is an event too; the image file stays for the audit trail. The parts it is built from are
+mapped in `verity.inference.references`. Only numpy and inference here.
 """
 
 from __future__ import annotations
@@ -31,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import re
 import threading
 import uuid
 from collections.abc import Callable
@@ -41,100 +31,53 @@ from typing import IO, Any
 import numpy as np
 
 from verity.inference.bank import unit_rows
-from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits, sniff_format
+from verity.inference.decode import sniff_format
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.engine import Engine
-from verity.inference.patch_check import PatchCalibration, calibrate_patches
-from verity.inference.private_files import (
-    PRIVATE_DIR_MODE,
-    PRIVATE_FILE_MODE,
-    image_extension,
-    write_atomic,
-)
-from verity.inference.reference_cache import Index, load_cache, load_patch_cache, save_cache
-from verity.inference.reference_check import (
+from verity.inference.private_files import image_extension, write_atomic
+from verity.inference.references.cache import Index, load_cache, load_patch_cache, save_cache
+from verity.inference.references.check import (
     DEFAULT_FALSE_ALARM_RATE,
     MIN_REFERENCES,
-    MIN_SPREAD,
     Calibration,
     EngineEmbedder,
     ReferenceCheck,
+    answer_check,
     calibrate,
-    embed_image,
+    describe_calibration,
     engine_key,
-    has_embedding,
     image_features,
-    judge,
-    loo_distances,
-    nearest_distance,
     require_embedding,
 )
-from verity.inference.reference_errors import (
-    InvalidName,
+from verity.inference.references.errors import (
     NoEmbedding,
     ReferenceConflict,
     ReferenceStoreError,
     UnknownProduct,
     UnknownReference,
 )
-from verity.inference.reference_events import (
-    ACTIONS,
+from verity.inference.references.events import (
     EVENTS_FILE,
     Enrolment,
     ModelState,
     Reference,
     append_event,
-    file_stamp,
     locked,
-    now,
     parse_events,
 )
+from verity.inference.references.names import validate_model_name, validate_product
+from verity.inference.references.patch_check import PatchCalibration, calibrate_patches
+from verity.inference.stamps import file_stamp, utc_now
 from verity.inference.tiling import TilingOptions
-from verity.inference.vocabulary import NAME_MAX
-
-__all__ = [  # every public name, wherever it is defined; callers import them from here
-    # this module: validation and the store
-    "ADDED", "DEFAULT_REFERENCES_DIR", "DUPLICATE", "MODEL_NAME_PATTERN", "PRODUCT_PATTERN", "Embed",
-    "OnEvent", "ReferenceStore", "validate_model_name", "validate_product",
-    # reference_errors
-    "InvalidName", "NoEmbedding", "ReferenceConflict", "ReferenceStoreError", "UnknownProduct",
-    "UnknownReference",
-    # reference_check
-    "DEFAULT_FALSE_ALARM_RATE", "MIN_REFERENCES", "MIN_SPREAD", "Calibration", "EngineEmbedder",
-    "ReferenceCheck", "calibrate", "embed_image", "engine_key", "has_embedding", "image_features", "judge",
-    "loo_distances", "nearest_distance", "require_embedding",
-    # reference_events
-    "ACTIONS", "EVENTS_FILE", "PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE", "Enrolment", "Reference",
-]
 
 log = logging.getLogger("verity.inference.references")
 
-PRODUCT_PATTERN = re.compile(rf"^[a-z0-9][a-z0-9._-]{{0,{NAME_MAX - 1}}}$")
-# A model name becomes a folder name: no separators, no "..", no hidden folders.
-MODEL_NAME_PATTERN = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX - 1}}}$")
 # Where the server and the command line keep references unless told otherwise (api.settings uses it).
 DEFAULT_REFERENCES_DIR = Path("var/references")
 ADDED, DUPLICATE = "added", "duplicate"
 
 Embed = Callable[[bytes], np.ndarray]
 OnEvent = Callable[[dict[str, Any]], None]
-
-
-def validate_product(product: str) -> str:
-    """The product name, or InvalidName: it becomes part of every audit row and file listing."""
-    if not isinstance(product, str) or not PRODUCT_PATTERN.fullmatch(product):
-        shown = product if len(str(product)) <= NAME_MAX else str(product)[:NAME_MAX] + "..."
-        raise InvalidName(
-            f"Invalid product name {shown!r}: use 1-{NAME_MAX} characters, lower-case letters, digits, "
-            "'.', '_' and '-', starting with a letter or digit (e.g. acme-watch-x2)."
-        )
-    return product
-
-
-def validate_model_name(name: str) -> str:
-    """The model name, or InvalidName: it names a folder under the store's root."""
-    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise InvalidName(f"Invalid model name {str(name)[:NAME_MAX]!r} for the reference store.")
-    return name
 
 
 class ReferenceStore:
@@ -255,7 +198,7 @@ class ReferenceStore:
                 "ext": image_extension(sniff_format(data)),
                 "actor": actor,
                 "role": role,
-                "created": now(),
+                "created": utc_now(),
                 "source": source,
             }
             self._commit(model_name, handle, event, data, on_event)
@@ -322,7 +265,7 @@ class ReferenceStore:
                 "ext": reference.ext,
                 "actor": actor,
                 "role": role,
-                "created": now(),
+                "created": utc_now(),
                 "source": None,
             }
             self._commit(model_name, handle, event, None, on_event)
@@ -470,7 +413,7 @@ class ReferenceStore:
         validate_product(product)
         with self._lock:
             entry = self._current_entry(engine, product)
-        return None if entry is None else _answer(product, *entry, embedding, patches)
+        return None if entry is None else answer_check(product, *entry, embedding, patches)
 
     def check(
         self, engine: Engine, product: str, embedding: np.ndarray, patches: np.ndarray | None = None
@@ -480,47 +423,9 @@ class ReferenceStore:
         embedding's nearest reference; `mismatch` beyond the product's LOO threshold, `abstained` with
         fewer than MIN_REFERENCES. UnknownProduct (with the known names) for a product without
         references."""
-        return _answer(product, *self._product_index(engine, product), embedding, patches)
+        return answer_check(product, *self._product_index(engine, product), embedding, patches)
 
     def calibration(self, engine: Engine, product: str) -> dict[str, Any]:
         """The product's calibration with this engine (threshold, spread, LOO summary), for listings."""
         _, calibration, signature = self._product_index(engine, product)
-        described = {"product": product, **calibration.to_dict()}
-        if signature is not None:  # the check that answers: the patch signature's figures
-            loo = signature.loo_scores
-            described.update(
-                check="patch signature",
-                threshold=signature.threshold,
-                spread=signature.spread,
-                signature_patches=len(signature.signature.patches),
-                loo_scores={"mean": float(loo.mean()), "std": float(loo.std(ddof=1)),
-                            "min": float(loo.min()), "max": float(loo.max())},
-            )
-        else:
-            described["check"] = "embedding"
-        return described
-
-
-def _answer(
-    product: str,
-    references: np.ndarray,
-    calibration: Calibration,
-    signature: PatchCalibration | None,
-    embedding: np.ndarray,
-    patches: np.ndarray | None,
-) -> ReferenceCheck:
-    """The check of one image against a product's index entry: by its local features against the
-    patch signature when both exist, else by its embedding's nearest reference."""
-    if signature is None or patches is None:
-        return judge(product, references, calibration, embedding)
-    score = signature.signature.score(patches)
-    return ReferenceCheck(
-        product=product,
-        status="mismatch" if score > signature.threshold else "match",
-        distance=score,
-        threshold=signature.threshold,
-        spread=signature.spread,
-        references=calibration.references,
-        min_references=calibration.min_references,
-        false_alarm_rate=calibration.false_alarm_rate,
-    )
+        return describe_calibration(product, calibration, signature)

@@ -25,10 +25,10 @@ from fastapi import APIRouter, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import AuditError, AuditRecord, AuditStore, HistoryQuery
+from verity.api.auth import ANONYMOUS
 from verity.api.deps import AuditDep, Principal, PrincipalDep, SettingsDep
-from verity.api.errors import ApiError, service_unavailable, truncated
-from verity.api.feedback import ANONYMOUS, resolve
-from verity.api.routes_v1 import _errors
+from verity.api.errors import ApiError, error_responses, service_unavailable, truncated
+from verity.api.feedback import resolve
 from verity.api.schemas import (
     REQUEST_ID_MAX,
     STATION_ID_MAX,
@@ -203,7 +203,7 @@ async def _read(function: Any, *arguments: Any, retry_after_s: int) -> Any:
 @router.get(
     "/v1/history",
     response_model=HistoryPage,
-    responses=_errors(401, 403, 422, 503),
+    responses=error_responses(401, 403, 422, 503),
     summary="The caller's verdicts, newest first, paged",
     description="A station key sees its station's verdicts, an admin every verdict (and may filter by "
     "`station_id`: the verdicts that station's keys received, never ones an anonymous caller only "
@@ -259,7 +259,7 @@ async def history(
 @router.get(
     "/v1/history/{request_id}",
     response_model=HistoryItem,
-    responses=_errors(401, 404, 422, 503),
+    responses=error_responses(401, 404, 422, 503),
     summary="One verdict of the caller's history",
     description="The same scope as the list; a verdict outside it is the same 404 as an unknown id.",
 )

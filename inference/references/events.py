@@ -7,7 +7,7 @@ A store's current set is the replay of the file (ModelState.apply per event), re
 stamp (size, mtime, inode) changes. A last line without its newline was never finished (a crash
 mid-append) and did not take effect; the next append cuts it off. Files the store writes (images, the
 embeddings cache) go through write_atomic: a private temporary and one rename, in 0700 folders. The
-store itself is `verity.inference.references.ReferenceStore`, which re-exports the public names here.
+store itself is `store.ReferenceStore`.
 """
 
 from __future__ import annotations
@@ -18,20 +18,14 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 from verity.inference.private_files import PRIVATE_FILE_MODE, make_private_dir
-from verity.inference.reference_errors import ReferenceStoreError
+from verity.inference.references.errors import ReferenceStoreError
 
 EVENTS_FILE = "events.jsonl"
 ACTIONS = ("add", "remove")
-
-
-def now() -> str:
-    """An event's `created` time: UTC, to the microsecond."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)
@@ -106,14 +100,6 @@ class ModelState:
         for reference in self.active.values():
             grouped.setdefault(reference.product, []).append(reference)
         return grouped
-
-
-def file_stamp(path: Path | str) -> tuple[int, int, int] | None:
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def parse_events(text: str, path: Path) -> Iterator[dict[str, Any]]:

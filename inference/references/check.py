@@ -1,13 +1,13 @@
 """Embedding an image exactly as the server scores it, and the reference check: leave-one-out
 calibration on a product's genuine references and the verdict on one query. No files here: the store
-(references.py) keeps the images and embeddings this computes on.
+(`store`) keeps the images and embeddings this computes on.
 
 The check: d(q) = 1 - max_j cos(q, r_j) to the product's references. Its alarm threshold comes from
 leave-one-out on the references themselves (d_i of each reference to its nearest other one):
 mean(d_i) + z * std(d_i), z the normal quantile of 1 - false_alarm_rate. With fewer than
 MIN_REFERENCES the spread of d_i says nothing, and the check abstains. A model with local features is
-checked by its patch signature instead (inference/patch_check.py; the store picks which). Only numpy
-and inference here; `verity.inference.references` re-exports every public name.
+checked by its patch signature instead (`patch_check`; the store picks which). Only numpy
+and inference here.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 
 from verity.inference.bank import unit_rows
-from verity.inference.decode import DEFAULT_LIMITS, DecodeLimits
+from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.engine import Engine
 from verity.inference.pipeline import ScoringOptions, engine_predict, model_output, prepare
-from verity.inference.reference_errors import NoEmbedding
+from verity.inference.references.errors import NoEmbedding
+from verity.inference.references.patch_check import PatchCalibration
+from verity.inference.stamps import file_stamp
 from verity.inference.tiling import TilingOptions
 
 MIN_REFERENCES = 5  # fewer: the leave-one-out spread is not worth a threshold, so the check abstains
@@ -95,10 +97,10 @@ def engine_key(engine: Engine) -> str:
         pass
     path = Path(engine.path or "")
     try:
-        stat = path.stat()
-        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        size, mtime_ns, _ = file_stamp(path) or (0, 0, 0)
     except OSError:
-        stamp = "0:0"
+        size = mtime_ns = 0
+    stamp = f"{size}:{mtime_ns}"
     text = "\0".join(
         [engine.name, engine.version, engine.precision, path.name, stamp]
     )
@@ -215,7 +217,7 @@ def nearest_distance(references: np.ndarray, embedding: np.ndarray) -> float:
 @dataclass(frozen=True)
 class ReferenceCheck:
     """The reference check of one image against its named product. `distance` is the patch signature
-    score (inference/patch_check.py) when the model has local features, else the embedding's cosine
+    score (`patch_check`) when the model has local features, else the embedding's cosine
     distance to the nearest reference; `threshold` and `spread` are on the same scale."""
 
     product: str
@@ -243,17 +245,64 @@ def judge(
 ) -> ReferenceCheck:
     """Match when the nearest reference is within the product's threshold, mismatch beyond it."""
     distance = nearest_distance(references, embedding)
-    if calibration.threshold is None:
+    return _checked(product, calibration, distance, calibration.threshold, calibration.spread)
+
+
+def _checked(
+    product: str, calibration: Calibration, distance: float, threshold: float | None, spread: float | None
+) -> ReferenceCheck:
+    """The check's answer for a distance (or patch score) and the threshold it is held to: abstained
+    without a threshold, else mismatch beyond it."""
+    if threshold is None:
         status = "abstained"
+    elif distance > threshold:
+        status = "mismatch"
     else:
-        status = "mismatch" if distance > calibration.threshold else "match"
+        status = "match"
     return ReferenceCheck(
         product=product,
         status=status,
         distance=distance,
-        threshold=calibration.threshold,
-        spread=calibration.spread,
+        threshold=threshold,
+        spread=spread,
         references=calibration.references,
         min_references=calibration.min_references,
         false_alarm_rate=calibration.false_alarm_rate,
     )
+
+
+def answer_check(
+    product: str,
+    references: np.ndarray,
+    calibration: Calibration,
+    signature: PatchCalibration | None,
+    embedding: np.ndarray,
+    patches: np.ndarray | None,
+) -> ReferenceCheck:
+    """The check of one image against a product's index entry: by its local features against the
+    patch signature when both exist, else by its embedding's nearest reference."""
+    if signature is None or patches is None:
+        return judge(product, references, calibration, embedding)
+    score = signature.signature.score(patches)
+    return _checked(product, calibration, score, signature.threshold, signature.spread)
+
+
+def describe_calibration(
+    product: str, calibration: Calibration, signature: PatchCalibration | None
+) -> dict[str, Any]:
+    """A product's calibration for listings: the figures of the check that answers (the patch
+    signature's when there is one, else the embedding's)."""
+    described = {"product": product, **calibration.to_dict()}
+    if signature is not None:
+        loo = signature.loo_scores
+        described.update(
+            check="patch signature",
+            threshold=signature.threshold,
+            spread=signature.spread,
+            signature_patches=len(signature.signature.patches),
+            loo_scores={"mean": float(loo.mean()), "std": float(loo.std(ddof=1)),
+                        "min": float(loo.min()), "max": float(loo.max())},
+        )
+    else:
+        described["check"] = "embedding"
+    return described

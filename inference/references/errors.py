@@ -1,8 +1,7 @@
 """The reference store's errors, each a ValueError with a message fit for the user.
 
-They live apart from the store so that the check (reference_check), the events log (reference_events)
-and the store (references) can all raise them without importing one another in a circle;
-`verity.inference.references` re-exports every one, and callers import them from there.
+They live apart from the store so that the names, the check, the events log and the store can all
+raise them without importing one another in a circle.
 """
 
 from __future__ import annotations

@@ -12,16 +12,23 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from verity.api.audit import FeedbackRecord, utc_now
+from verity.api.audit import FeedbackRecord
+from verity.api.auth import ANONYMOUS
 from verity.api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
-from verity.api.errors import ApiError, current_request_id, service_unavailable, truncated
-from verity.api.feedback import ANONYMOUS, may_confirm
+from verity.api.errors import (
+    ApiError,
+    current_request_id,
+    error_responses,
+    service_unavailable,
+    truncated,
+)
+from verity.api.feedback import may_confirm
 from verity.api.registry import ServedModel
 from verity.api.schemas import (
     CASE_ID_MAX,
+    FILENAME_MAX,
     STATION_ID_MAX,
     BatchResponse,
-    ErrorBody,
     FeedbackIn,
     FeedbackOut,
     Health,
@@ -32,26 +39,11 @@ from verity.api.schemas import (
     ReloadResponse,
 )
 from verity.api.service import PredictionService, Scored, ServiceDep, render_images, station_for
+from verity.inference.stamps import utc_now
 from verity.inference.vocabulary import NAME_MAX
 
 router = APIRouter()
 log = logging.getLogger("verity.api")
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    descriptions = {
-        400: "The upload is not a decodable image, or the body cannot be parsed.",
-        401: "No API key, or an unknown or revoked one.",
-        403: "The key may not do this.",
-        404: "Not found.",
-        413: "The upload or the image is too large.",
-        415: "Not an image type the server reads.",
-        422: "Missing or invalid fields.",
-        408: "The request body did not arrive in time (VERITY_BODY_TIMEOUT_S, VERITY_BODY_MIN_RATE).",
-        429: "Too many requests from this key, or too many of its images decoding; see Retry-After.",
-        503: "Not ready, at capacity, or the audit log is unavailable; see Retry-After.",
-    }
-    return {code: {"model": ErrorBody, "description": descriptions[code]} for code in codes}
 
 
 FileField = Annotated[UploadFile, File(description="The image: JPEG, PNG, WebP, GIF, BMP, TIFF or DICOM.")]
@@ -78,7 +70,6 @@ ProductField = Annotated[
         "then checked too; 404 lists the products that have references.",
     ),
 ]
-FILENAME_MAX = 255  # a batch result names its file, cut to a file system's longest name
 
 
 def _elapsed_ms(request: Request) -> float:
@@ -98,7 +89,7 @@ async def _images(
     "/v1/predict",
     response_model=PredictionResult,
     tags=["predict"],
-    responses=_errors(400, 401, 403, 404, 408, 413, 415, 422, 429, 503),
+    responses=error_responses(400, 401, 403, 404, 408, 413, 415, 422, 429, 503),
     summary="Verdict for one image",
     description="Decodes the image by content (never by file name), scores it with the modality's "
     "default model, writes the audit record, then answers. Example: "
@@ -157,7 +148,7 @@ async def _batch_item(
     "/v1/predict/batch",
     response_model=BatchResponse,
     tags=["predict"],
-    responses=_errors(400, 401, 403, 404, 408, 413, 422, 429, 503),
+    responses=error_responses(400, 401, 403, 404, 408, 413, 422, 429, 503),
     summary="Verdicts for several images",
     description="Up to `max_batch_files` files (field `files`, repeated); one result per file in upload "
     "order. A file that cannot be decoded fails alone, with its own error entry.",
@@ -211,7 +202,7 @@ async def predict_batch(
     "/v1/models",
     response_model=ModelsResponse,
     tags=["models"],
-    responses=_errors(401),
+    responses=error_responses(401),
     summary="Loaded models and the default per modality",
 )
 async def list_models(registry: RegistryDep, principal: PrincipalDep) -> dict[str, Any]:
@@ -225,7 +216,7 @@ async def list_models(registry: RegistryDep, principal: PrincipalDep) -> dict[st
     "/v1/models/reload",
     response_model=ReloadResponse,
     tags=["models"],
-    responses=_errors(401, 403),
+    responses=error_responses(401, 403),
     summary="Load new model versions and swap atomically (admin)",
     description="Rescans the models folder, loads and warms new or changed files beside the serving "
     "ones, then swaps. A file that fails to load is listed in `failed` and what served "
@@ -249,7 +240,7 @@ async def reload_models(request: Request, registry: RegistryDep, admin: AdminDep
     "/v1/feedback",
     response_model=FeedbackOut,
     tags=["feedback"],
-    responses=_errors(400, 401, 403, 404, 408, 413, 422, 503),
+    responses=error_responses(400, 401, 403, 404, 408, 413, 422, 503),
     summary="Record an officer's confirmed outcome for a prediction",
     description=(
         "Confirmed cases with stored images become training data: `verity audit confirmed`, then "
@@ -344,7 +335,7 @@ async def readyz(registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
             "content": {"text/plain": {"schema": {"type": "string"}}},
             "description": "Prometheus text format.",
         },
-        **_errors(401),
+        **error_responses(401),
     },
     summary="Prometheus metrics (any station or admin key when keys are required)",
 )

@@ -2,12 +2,11 @@
 
 Enrolment embeds each file with the served model exactly as a prediction is scored, in the threadpool;
 every add and remove is written to the audit log before it takes effect (a failed write is a 503 and
-nothing changes). The store is `inference.references.ReferenceStore`, shared with `verity refs`.
+nothing changes). The store is `inference/references/store.py`'s ReferenceStore, shared with `verity refs`.
 """
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 from typing import Annotated, Any
 
@@ -16,29 +15,32 @@ from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import AuditError
 from verity.api.deps import AdminDep, AuditDep, ReferencesDep, RegistryDep, SettingsDep
-from verity.api.errors import ApiError, decode_error_to_api, service_unavailable, truncated
-from verity.api.refs_cli import audit_writer, calibration_or_none
+from verity.api.errors import (
+    ApiError,
+    decode_error_to_api,
+    error_responses,
+    reference_error_to_api,
+    reference_store_unavailable,
+    service_unavailable,
+    truncated,
+)
+from verity.api.reference_admin import audit_writer, calibration_or_none
 from verity.api.registry import ModelRegistry, ServedModel
-from verity.api.routes_v1 import FILENAME_MAX, _errors
-from verity.api.schemas import Modality, ReferenceRemoved, ReferencesEnrolled, ReferencesListing
+from verity.api.schemas import FILENAME_MAX, Modality, ReferenceRemoved, ReferencesEnrolled, ReferencesListing
 from verity.api.settings import Settings
-from verity.inference.decode import DecodeError
-from verity.inference.references import (
-    EngineEmbedder,
+from verity.inference.decode_limits import DecodeError
+from verity.inference.references.check import EngineEmbedder
+from verity.inference.references.errors import (
     InvalidName,
     NoEmbedding,
-    ReferenceConflict,
-    ReferenceStore,
     ReferenceStoreError,
-    UnknownProduct,
-    UnknownReference,
-    validate_product,
 )
+from verity.inference.references.names import validate_product
+from verity.inference.references.store import ReferenceStore
 from verity.inference.tiling import TooManyTiles
 from verity.inference.vocabulary import NAME_MAX
 
 router = APIRouter(tags=["references"])
-log = logging.getLogger("verity.api")
 
 ModelField = Annotated[str | None, Form(max_length=NAME_MAX, description="A loaded model's name.")]
 ModalityForm = Annotated[Modality | None, Form(description="Or the default model of this modality.")]
@@ -50,37 +52,6 @@ ProductForm = Annotated[
         max_length=NAME_MAX, description=f"Product name: 1-{NAME_MAX} of a-z 0-9 . _ - (e.g. acme-watch-x2)."
     ),
 ]
-
-
-def store_error(error: ReferenceStoreError) -> ApiError:
-    """The status and code of each store refusal."""
-    if isinstance(error, UnknownProduct):
-        return ApiError(404, "unknown_product", str(error))
-    if isinstance(error, UnknownReference):
-        return ApiError(404, "unknown_reference", str(error))
-    if isinstance(error, ReferenceConflict):
-        return ApiError(409, "reference_conflict", str(error))
-    if isinstance(error, InvalidName):
-        return ApiError(422, "invalid_product", str(error))
-    if isinstance(error, NoEmbedding):
-        return ApiError(422, "no_embedding", str(error))
-    # Anything else is the store's own damage (an events file that does not parse): its message names the
-    # file, a server path no station should read, so it goes to the log and the client gets fixed words.
-    log.error("reference store unusable", extra={"error": str(error)})
-    return ApiError(503, "references_unavailable", STORE_DAMAGED)
-
-
-STORE_DAMAGED = (
-    "The reference store cannot be read (its events log is damaged); the cause is logged for the operator."
-)
-
-
-def store_unavailable(error: OSError) -> ApiError:
-    """The reference folder cannot be written or read (disk full, permissions): nothing was changed. The
-    client learns why in the system's words (strerror, never the file name); the path goes to the log."""
-    log.error("reference store unavailable", extra={"error": str(error)})
-    reason = f": {error.strerror}" if error.strerror else ""
-    return ApiError(503, "references_unavailable", f"The reference store cannot be used{reason}.")
 
 
 def audit_unavailable(settings: Settings, what: str) -> ApiError:
@@ -167,17 +138,17 @@ async def _enrol_one(
     except TooManyTiles as error:
         return _refused(index, filename, "too_many_tiles", str(error))
     except ReferenceStoreError as error:
-        api = store_error(error)
+        api = reference_error_to_api(error)
         return _refused(index, filename, api.code, api.message)
     except OSError as error:
-        raise store_unavailable(error) from error
+        raise reference_store_unavailable(error) from error
     return {"index": index, "filename": filename, **done.to_dict()}
 
 
 @router.post(
     "/v1/references",
     response_model=ReferencesEnrolled,
-    responses=_errors(400, 401, 403, 404, 408, 413, 422, 503),
+    responses=error_responses(400, 401, 403, 404, 408, 413, 422, 503),
     summary="Enrol genuine reference images of a product (admin)",
     description="Each file is embedded by the model (model=NAME, or the default of modality=) as a "
     "prediction is scored, and enrolled as a genuine reference of `product` with who, when and its "
@@ -199,7 +170,7 @@ async def enrol_references(
     try:
         validate_product(product)
     except InvalidName as error:
-        raise store_error(error) from error
+        raise reference_error_to_api(error) from error
     if len(files) > settings.max_batch_files:
         raise ApiError(
             422, "too_many_files", f"{len(files):,} files sent; at most {settings.max_batch_files}."
@@ -208,7 +179,7 @@ async def enrol_references(
     try:
         embed = EngineEmbedder(served.engine, store.tiling, store.limits)
     except NoEmbedding as error:
-        raise store_error(error) from error
+        raise reference_error_to_api(error) from error
     context = {
         "settings": settings,
         "admin": admin,
@@ -256,7 +227,7 @@ def _listing(store: ReferenceStore, served: ServedModel, product: str | None) ->
 @router.get(
     "/v1/references",
     response_model=ReferencesListing,
-    responses=_errors(401, 403, 404, 422, 503),
+    responses=error_responses(401, 403, 404, 422, 503),
     summary="Products with references, or one product's references with provenance (admin)",
 )
 async def list_references(
@@ -274,15 +245,15 @@ async def list_references(
     try:
         return await run_in_threadpool(_listing, store, served, product)
     except ReferenceStoreError as error:
-        raise store_error(error) from error
+        raise reference_error_to_api(error) from error
     except OSError as error:
-        raise store_unavailable(error) from error
+        raise reference_store_unavailable(error) from error
 
 
 @router.delete(
     "/v1/references/{reference_id}",
     response_model=ReferenceRemoved,
-    responses=_errors(401, 403, 404, 422, 503),
+    responses=error_responses(401, 403, 404, 422, 503),
     summary="Remove a genuine reference (admin; the removal is audited, the image file is kept)",
 )
 async def remove_reference(
@@ -310,8 +281,8 @@ async def remove_reference(
     except AuditError as error:
         raise audit_unavailable(settings, "the reference was not removed") from error
     except ReferenceStoreError as error:
-        raise store_error(error) from error
+        raise reference_error_to_api(error) from error
     except OSError as error:
-        raise store_unavailable(error) from error
+        raise reference_store_unavailable(error) from error
     calibration = await run_in_threadpool(calibration_or_none, store, engine, reference.product)
     return {"model": _model_ref(served), "removed": reference.to_dict(), "calibration": calibration}

@@ -1,10 +1,10 @@
 """The per-engine index of a model's references, and its embeddings cache file.
 
     <root>/<model name>/embeddings/<key>.npz   sha256 -> embedding (and local features), for one
-                                                model file (reference_check.engine_key)
+                                                model file (check.engine_key)
 
 An Index holds one engine's embeddings per product, their calibrations and patch signatures; the store
-(`verity.inference.references.ReferenceStore`) rebuilds it when the events change. The cache file only
+(`store.ReferenceStore`) rebuilds it when the events change. The cache file only
 saves embedding the stored images again: a missing or unreadable one is empty, never an error.
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from verity.inference.bank import unit_rows
-from verity.inference.patch_check import PatchCalibration
 from verity.inference.private_files import write_atomic
-from verity.inference.reference_check import Calibration
+from verity.inference.references.check import Calibration
+from verity.inference.references.patch_check import PatchCalibration
 
 # The store's logger: a cache warning is one of the store's, wherever the code lies.
 log = logging.getLogger("verity.inference.references")
