@@ -92,7 +92,8 @@ def test_trickled_body_is_cut_off_with_408(tmp_path: Path, models_dir: Path, pat
         return response, time.perf_counter() - started, (await client.get("/metrics")).text
 
     response, elapsed, metrics = asyncio.run(in_app(settings, scenario))
-    assert 0.5 <= elapsed < 1.5, elapsed
+    # Cut at the 0.5 s timeout; the upper bound is 5 times it, far below the 3 s the next byte would take.
+    assert 0.5 <= elapsed < 2.5, elapsed
     assert response.headers["connection"] == "close"
     if path.startswith("/v2"):
         assert response.status_code == 408 and set(response.json()) == {"error"}
