@@ -1,6 +1,6 @@
-"""State every worker shares: with `verity serve --workers 2`, a model reload and a key revocation made
-through one worker (or the CLI) reach both workers within 2 s, and a key's request rate holds across
-them (the counters and buckets themselves are checked on both stores in tests/test_audit_contract.py).
+"""State every worker shares: with `verity serve --workers 2`, a model reload, a key revocation and a
+reference enrolment made through one worker (or the CLI) reach both within 2 s, and a key's rate holds
+across them (the counters and buckets themselves are checked on both stores in test_audit_contract.py).
 
 Each check opens 30 fresh connections, which the kernel spreads over the two workers: before the shared
 reload counter, 21 of 30 such answers still named the old default 2 s after a reload.
@@ -80,3 +80,38 @@ def test_a_rate_limit_holds_across_workers(tmp_path: Path) -> None:
     assert set(statuses) <= {200, 429}
     assert statuses.count(200) <= 5 + 0.5 * elapsed + 1, (statuses.count(200), elapsed)
     assert statuses.count(429) > 0
+
+
+def test_an_enrolment_reaches_every_worker_within_2_s(tmp_path: Path) -> None:
+    """Genuine references enrolled through one worker: every worker then checks the product (an unknown
+    product is a 404 naming the enrolled ones)."""
+    from test_references_api import MODEL, noise_png, write_models
+
+    write_models(tmp_path)
+    env = {
+        "VERITY_MODELS_DIR": str(tmp_path / "models"), "VERITY_AUDIT_DB": str(tmp_path / "audit.sqlite"),
+        "VERITY_KEYS_FILE": str(tmp_path / "keys.json"),
+        "VERITY_REFERENCES_DIR": str(tmp_path / "references"),
+    }  # fmt: skip
+    _, admin = KeyStore(tmp_path / "keys.json").add("ops", role="admin")
+    headers = {"X-API-Key": admin}
+    live = LiveServer(env, ["--workers", "2"]).start(timeout=120)
+    try:
+
+        def ask() -> list[int]:
+            form = {"modality": "photo", "product": "acme"}
+            return [
+                httpx.post(live.url + "/v1/predict", data=form, headers=headers, timeout=10,
+                           files={"file": ("s.png", noise_png(99), "image/png")}).status_code
+                for _ in range(FRESH)
+            ]  # fmt: skip
+
+        assert set(ask()) == {404}  # no worker knows the product yet
+        files = [("files", (f"ref-{seed}.png", noise_png(seed), "image/png")) for seed in range(1, 6)]
+        enrolled = httpx.post(live.url + "/v1/references", files=files, headers=headers, timeout=60,
+                              data={"product": "acme", "model": MODEL})  # fmt: skip
+        assert enrolled.status_code == 200, enrolled.text
+        time.sleep(FOLLOW_S)
+        assert ask() == [200] * FRESH
+    finally:
+        live.stop()
