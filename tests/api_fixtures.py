@@ -162,7 +162,10 @@ class LiveServer:
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
         self.args = args or []
         self.process: subprocess.Popen | None = None
-        self.log_path = Path(env.get("VERITY_AUDIT_DB", "/tmp/verity")).with_suffix(f".{self.port}.log")
+        beside = env.get("VERITY_AUDIT_DB", "/tmp/verity")
+        if "://" in beside:  # a database URL: the log goes beside the key file instead
+            beside = env.get("VERITY_KEYS_FILE", "/tmp/verity")
+        self.log_path = Path(beside).with_suffix(f".{self.port}.log")
 
     def start(self, timeout: float = 60.0) -> LiveServer:
         import httpx
