@@ -1,6 +1,6 @@
 """`make bench`: engine, server, decoding and large-scan benchmarks; prints a table, writes JSON.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--only engine,server,overhead,open_set,decode,scan]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only engine,server,overhead,open_set,foreign,...]
 
 (a) engine images/s at batch 1, 8, 32 for PyTorch eager, ORT fp32 and ORT INT8, with the share of
     this CPU's peak FLOP/s; (b) server throughput and p50/p99 latency at concurrency 1, 8, 32 with
@@ -9,7 +9,9 @@
     a 1024x768 JPEG; (d) a 4000x1500 X-ray scan with tile heatmap;
     (e) on a machine with CUDA/TensorRT, GPU providers, fp16 and IO binding (skipped otherwise);
     (f) what the open-set checks (novelty gate at 10,000 references, a product's reference check) add to
-    /v1/predict CPU time on the shipped photo model (benchmarks/open_set_cost.py).
+    /v1/predict CPU time on the shipped photo model (benchmarks/open_set_cost.py); (g) confident verdicts on
+    foreign images per group, for the shipped models and any the robustness suite trained
+    (benchmarks/foreign_bench.py).
 
 Results go to benchmarks/results/bench-<UTC time>.json and benchmarks/results/latest.json. The
 machine's load average is recorded with each part: figures taken while other work shares the cores
@@ -33,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import (  # noqa: E402
     decode_bench,
     engine_bench,
+    foreign_bench,
+    foreign_images,
     gpu_bench,
     open_set_cost,
     scan_bench,
@@ -41,7 +45,7 @@ from benchmarks import (  # noqa: E402
 )
 from benchmarks.common import RESULTS, cpu_info, load_average  # noqa: E402
 
-PARTS = ("decode", "engine", "server", "overhead", "open_set", "scan", "gpu")
+PARTS = ("decode", "engine", "server", "overhead", "open_set", "foreign", "scan", "gpu")
 
 
 # Table columns: header -> the row's key, or a function of the row for a cell that is formatted.
@@ -191,6 +195,9 @@ def report(results: dict[str, Any]) -> str:
         out += _overhead_lines(results["overhead"])
     if results.get("open_set"):
         out += ["", open_set_cost.summary(results["open_set"])]
+    if results.get("foreign"):
+        out += ["", "Foreign images: confident verdicts per group (goal 0), own test images flagged",
+                foreign_bench.table(results["foreign"])]  # fmt: skip
     if "scan" in results:
         out += _scan_lines(results["scan"])
     if "gpu" in results:
@@ -241,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         if "open_set" in parts:
             print("open-set checks ...", file=sys.stderr, flush=True)
             results["open_set"] = open_set_cost.run(workdir / "open-set", rounds=20 if args.quick else 60)
+        if "foreign" in parts:  # the shipped models, and those the robustness suite trained, if any
+            print("foreign images ...", file=sys.stderr, flush=True)
+            images = foreign_images.foreign_images()
+            models = foreign_bench.model_dirs()
+            results["foreign"] = [foreign_bench.measure(model.resolve(), images) for model in models]
         if "engine" not in parts:
             results.pop("engine", None)
         if "scan" in parts:

@@ -68,3 +68,24 @@ def test_the_non_product_images_keep_their_groups_and_probes_apart() -> None:
     assert sizes[PROBE + "faces at 100 px"] == {(100, 100)}
     assert sizes[PROBE + "grey photos at 48 px"] == {(48, 48)}
     assert not any(image.group.startswith(PROBE) for image in ood_images(faces=3))
+
+
+def test_foreign_images_are_scored_per_group_through_the_pipeline() -> None:
+    """The foreign set's groups are there (generated, bundled, or read from installed packages), and a
+    shipped model scores them: the counts add up and the table prints every group."""
+    from benchmarks import foreign_bench, foreign_images
+    from benchmarks.ood_images import OodImage
+
+    images = foreign_images.foreign_images(probes=False)
+    groups = {image.group for image in images}
+    expected = {"library photos", "library photos in grey", "faces in grey at 128 px", "product photos",
+                "pseudo-colour scans", "medical DICOM"}  # fmt: skip
+    assert expected <= groups and len(images) >= 200
+    few: list[OodImage] = [next(im for im in images if im.group == group) for group in sorted(groups)]
+    root = Path(__file__).resolve().parents[1]
+    result = foreign_bench.measure(root / "checkpoints" / "xray-default" / "1.1.0", few)
+    assert result["total"] == dict.fromkeys(sorted(groups), 1) and result["modality"] == "xray"
+    # As measured over the whole groups (README): no confident verdict on a photo or a medical scan.
+    assert result["confident"].get("library photos", 0) == result["confident"].get("medical DICOM", 0) == 0
+    table = foreign_bench.table([result])
+    assert all(group in table for group in groups)
