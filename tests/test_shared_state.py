@@ -22,6 +22,17 @@ FOLLOW_S = 2.0
 FRESH = 30
 
 
+def both_ready(live: LiveServer, timeout: float = 60.0) -> LiveServer:
+    """LiveServer.start sees one worker ready; wait until FRESH fresh connections all find readiness,
+    so the other worker has loaded its models too."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if {answer.status_code for answer in fresh_get(live.url + "/readyz", {})} == {200}:
+            return live
+        time.sleep(0.2)
+    raise AssertionError("the second worker never became ready")
+
+
 def fresh_get(url: str, headers: dict[str, str]) -> list[httpx.Response]:
     """FRESH requests, each on a new connection."""
     return [httpx.get(url, headers=headers, timeout=10) for _ in range(FRESH)]
@@ -32,7 +43,7 @@ def two_workers(tmp_path: Path):  # noqa: ANN201 - yields the server and an admi
     env = server_env(tmp_path, VERITY_REQUIRE_API_KEYS="true", VERITY_WARMUP="false")
     keys = KeyStore(tmp_path / "keys.json")
     _, admin = keys.add("ops", role="admin")
-    live = LiveServer(env, ["--workers", "2"]).start(timeout=120)
+    live = both_ready(LiveServer(env, ["--workers", "2"]).start(timeout=120))
     try:
         yield live, {"X-API-Key": admin}, keys, tmp_path
     finally:
@@ -66,7 +77,7 @@ def test_a_rate_limit_holds_across_workers(tmp_path: Path) -> None:
     answers (a slow refill, so that a slow machine cannot blur the bound). Each worker keeping its own
     bucket let 18 of 40 through in a second at 5 a second."""
     env = server_env(tmp_path, VERITY_RATE_LIMIT_PER_S="0.5", VERITY_RATE_LIMIT_BURST="5")
-    live = LiveServer(env, ["--workers", "2"]).start(timeout=120)
+    live = both_ready(LiveServer(env, ["--workers", "2"]).start(timeout=120))
     try:
         started = time.monotonic()
         statuses = [
@@ -95,7 +106,7 @@ def test_an_enrolment_reaches_every_worker_within_2_s(tmp_path: Path) -> None:
     }  # fmt: skip
     _, admin = KeyStore(tmp_path / "keys.json").add("ops", role="admin")
     headers = {"X-API-Key": admin}
-    live = LiveServer(env, ["--workers", "2"]).start(timeout=120)
+    live = both_ready(LiveServer(env, ["--workers", "2"]).start(timeout=120))
     try:
 
         def ask() -> list[int]:
