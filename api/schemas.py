@@ -16,7 +16,7 @@ FeedbackLabel = Literal["genuine", "counterfeit", "unsure"]
 HistoryVerdict = Literal["genuine", "counterfeit", "uncertain", "not_recognised"]
 Reason = Literal[
     "classifier", "reference_mismatch", "not_recognised", "unlike_training", "smaller_than_training",
-    "classifier_uncertain",
+    "other_modality", "other_colour_scheme", "classifier_uncertain",
 ]  # fmt: skip  (vocabulary.REASONS; tests/test_vocabulary.py keeps the two equal)
 ReferenceStatus = Literal["match", "mismatch", "abstained"]
 
@@ -145,8 +145,10 @@ class PredictionResult(BaseModel):
     reasons: list[Reason] = Field(
         default_factory=list,
         description="Why the verdict: the checks that alarmed (classifier, reference_mismatch) for a "
-        "counterfeit; not_recognised followed by its cause (unlike_training, or smaller_than_training: send "
-        "the whole scan or a closer photo), or classifier_uncertain, for an uncertain; none for a genuine.",
+        "counterfeit; not_recognised followed by its cause (unlike_training; smaller_than_training: send "
+        "the whole scan or a closer photo; other_modality: a colour photo sent as X-ray or an X-ray sent as "
+        "photo; other_colour_scheme: another scanner's colours than the model's training), or "
+        "classifier_uncertain, for an uncertain; none for a genuine.",
     )
     product: str | None = Field(None, description="The product the request named, if any.")
     reference: ReferenceOut | None = Field(

@@ -15,6 +15,17 @@ novelty (`outside_envelope`): the model was never shown, nor validated on, anyth
 size rule beside the embedding: the shipped X-ray model trains mostly on 32-64 px patches, and blurred,
 low-resolution grey images (a 25 px face, a photograph shrunk to 25 px) lie among them in texture
 statistics; only 37% of 200 such faces were beyond the novelty threshold.
+
+Two more rules hold an image against the training images (`not_recognised_cause` names which one fired):
+- its input profile (`inference.input_profile`: brightness, sharpness and colour statistics of the model
+  input), with a threshold chosen on validation as the embedding's is. Texture alone cannot tell a grey
+  face from an X-ray; the profile can.
+- its colour: a model that saw only grey images (at most COLOUR_RULE_SHARE of them in colour) does not
+  recognise a colour image, and one that saw only colour does not recognise a grey one. It names the cause
+  an officer can act on: a colour image that an X-ray model would otherwise recognise (its grey rendering
+  is like training) is an X-ray in another scanner's colour scheme; one it would not is another kind of
+  image (a colour photo sent as X-ray). A grey image sent to a photo model trained on colour is an X-ray
+  or a grey scan sent as a photo.
 """
 
 from __future__ import annotations
@@ -36,9 +47,13 @@ from verity.inference.bank import (
     unit_rows,
 )
 from verity.inference.card import ModelCard
+from verity.inference.input_profile import PROFILE_FILE, ProfileBank, ProfileError, load_profiles
 
 # The share of in-distribution validation images the gate may flag, unless a run asks otherwise.
 DEFAULT_NOVELTY_RATE = 0.01
+# Training images this share or fewer of which were colour (or grey) make a model that saw none: it
+# does not recognise a colour (or grey) image.
+COLOUR_RULE_SHARE = 0.01
 
 
 class OpenSetError(ValueError):
@@ -53,6 +68,10 @@ class NoveltyGate:
     threshold: float
     k: int = DEFAULT_K
     min_side: int | None = None  # the training envelope: a shorter side under it is not recognised
+    modality: str = "photo"
+    profiles: ProfileBank | None = None  # the training images' input profiles, with their threshold
+    profile_threshold: float | None = None
+    colour_share: float | None = None  # the share of training images in colour
 
     def novelty(self, embeddings: np.ndarray) -> np.ndarray:
         """kNN cosine distance of each embedding row to the bank (`inference.bank.novelty`)."""
@@ -60,6 +79,22 @@ class NoveltyGate:
 
     def recognised(self, distance: float) -> bool:
         return bool(distance <= self.threshold)
+
+    def profile_distance(self, profile: np.ndarray | None) -> float | None:
+        """The input profile's distance to the training images' (None without profiles or a profile)."""
+        if self.profiles is None or profile is None:
+            return None
+        return float(self.profiles.distance(profile, self.k)[0])
+
+    def profile_recognised(self, distance: float | None) -> bool:
+        return distance is None or self.profile_threshold is None or distance <= self.profile_threshold
+
+    def colour_unseen(self, colour: bool | None) -> bool:
+        """Whether this image's colour (True) or greyness (False) is one training all but never had."""
+        if colour is None or self.colour_share is None:
+            return False
+        seen = self.colour_share if colour else 1.0 - self.colour_share
+        return seen <= COLOUR_RULE_SHARE
 
 
 def load_novelty_gate(card: ModelCard, model_dir: Path) -> NoveltyGate | None:
@@ -80,12 +115,24 @@ def load_novelty_gate(card: ModelCard, model_dir: Path) -> NoveltyGate | None:
         raise OpenSetError(
             f"{path} holds {bank.dim}-wide embeddings; the model's are {card.embedding_dim} wide."
         )
-    min_side = record.get("min_side")
+    min_side, profile = record.get("min_side"), record.get("profile")
+    profiles = None
+    if profile is not None:
+        try:
+            profiles = load_profiles(model_dir / str(profile.get("file", PROFILE_FILE)))
+        except ProfileError as error:
+            message = f"The card of {card.name} {card.version} has a profile gate but {error}"
+            raise OpenSetError(message) from error
+    colour_share = record.get("colour_share")
     return NoveltyGate(
         bank,
         float(record["threshold"]),
         int(record.get("k", DEFAULT_K)),
         None if min_side is None else int(min_side),
+        card.modality,
+        profiles,
+        None if profile is None else float(profile["threshold"]),
+        None if colour_share is None else float(colour_share),
     )
 
 
@@ -127,13 +174,19 @@ def novelty_record(
     *,
     min_side: int | None = None,
     val_sides: np.ndarray | None = None,
+    profile: dict[str, Any] | None = None,
+    colour_share: float | None = None,
+    val_flagged: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """The card's `novelty` entry: how the gate was set, and how it did on the images it was set on
-    (val_rate counts both rules: beyond the threshold, or under the envelope's `min_side`)."""
+    """The card's `novelty` entry: how the gate was set, and how it did on the images it was set on.
+    val_rate counts every rule: beyond the threshold, under the envelope's `min_side`, and what
+    `val_flagged` adds (the profile's and the colour rule's flags, by image)."""
     val = np.asarray(val_novelty, dtype=np.float64)
     flagged = val > threshold
     if min_side is not None and val_sides is not None:
         flagged = flagged | (np.asarray(val_sides) < min_side)
+    if val_flagged is not None:
+        flagged = flagged | np.asarray(val_flagged, dtype=bool)
     record: dict[str, Any] = {
         "threshold": float(threshold),
         "k": int(k),
@@ -147,6 +200,10 @@ def novelty_record(
     }
     if min_side is not None:
         record["min_side"] = int(min_side)
+    if profile is not None:
+        record["profile"] = profile
+    if colour_share is not None:
+        record["colour_share"] = float(colour_share)
     return record
 
 
@@ -155,12 +212,34 @@ def scan_embedding(tile_embeddings: np.ndarray) -> np.ndarray:
     return unit_rows(np.asarray(tile_embeddings, dtype=np.float32).mean(axis=0, keepdims=True))[0]
 
 
-def not_recognised_cause(gate: NoveltyGate, distance: float, shorter_side: int | None) -> str | None:
+@dataclass(frozen=True)
+class Observed:
+    """What the gate holds against the training images, besides the embedding's novelty."""
+
+    shorter_side: int | None = None
+    colour: bool | None = None  # before the colour rule; None when unknown (a tensor sent preprocessed)
+    profile: np.ndarray | None = None  # `input_profile` of the model input; None for a scan in tiles
+
+
+def not_recognised_cause(gate: NoveltyGate, distance: float, observed: Observed) -> str | None:
     """Why the gate does not recognise an image (`vocabulary.NOT_RECOGNISED_CAUSES`), None when it does.
-    The size comes first: it says what to send instead, whatever the novelty."""
-    if outside_envelope(gate, shorter_side):
+    The size comes first (it says what to send instead, whatever the novelty), then the colour, then
+    the embedding's novelty and the input profile."""
+    if outside_envelope(gate, observed.shorter_side):
         return "smaller_than_training"
-    return None if gate.recognised(distance) else "unlike_training"
+    like = gate.recognised(distance) and gate.profile_recognised(gate.profile_distance(observed.profile))
+    if gate.colour_unseen(observed.colour):
+        return _colour_cause(gate.modality, bool(observed.colour), like)
+    return None if like else "unlike_training"
+
+
+def _colour_cause(modality: str, colour: bool, like_otherwise: bool) -> str:
+    """The cause for a colour (or grey) image sent to a model that never saw one (module docstring)."""
+    if modality == "xray" and colour and not like_otherwise:
+        return "other_modality"  # colour and unlike any training image: a colour photo sent as X-ray
+    if modality == "photo" and not colour:
+        return "other_modality"  # an X-ray or grey scan sent to a model of colour photos
+    return "other_colour_scheme"
 
 
 def open_set_verdict(

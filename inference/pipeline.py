@@ -28,7 +28,7 @@ import numpy as np
 
 from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.engine import Engine, Prediction, Thresholds
-from verity.inference.open_set import not_recognised_cause, open_set_verdict
+from verity.inference.open_set import Observed, not_recognised_cause, open_set_verdict
 from verity.inference.references.errors import NoEmbedding
 from verity.inference.spec import PreprocessSpec
 from verity.inference.tiling import ScanResult, ScoringInput, TilingOptions, load_for_scoring, score_scan
@@ -123,7 +123,9 @@ def judge(
     gate, novelty, recognised, cause = engine.novelty_gate, None, None, None
     if gate is not None and output.embedding is not None:
         novelty = float(gate.novelty(output.embedding[None])[0])
-        cause = not_recognised_cause(gate, novelty, upload.decoded.shorter_side)
+        decoded = upload.decoded
+        profile = decoded.profile if gate.profiles is not None else None  # computed only when asked
+        cause = not_recognised_cause(gate, novelty, Observed(decoded.shorter_side, decoded.colour, profile))
         recognised = cause is None
     status = reference.status if reference is not None else None
     verdict, reasons = open_set_verdict(classifier, recognised, status, cause)

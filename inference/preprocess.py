@@ -48,6 +48,27 @@ def is_grey_content(image: np.ndarray) -> bool:
     return outliers <= GREY_OUTLIER_FRACTION * image.shape[0] * image.shape[1]
 
 
+# The longer side a colour check looks at: grey content stays grey when shrunk, and colour stays colour.
+COLOUR_CHECK_SIDE = 256
+
+
+def is_colour_content(image: np.ndarray | Image.Image) -> bool:
+    """Whether a decoded image (array or PIL) holds colour: three or more channels that are not grey
+    content (`is_grey_content`). What the open-set gate compares with the training images' colour; a
+    one-plane image and a dual-energy pair are not colour. Checked on a view of at most
+    COLOUR_CHECK_SIDE pixels a side."""
+    if isinstance(image, Image.Image):
+        if image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
+            return False
+        view = image.convert("RGB")
+        view.thumbnail((COLOUR_CHECK_SIDE, COLOUR_CHECK_SIDE), Image.Resampling.NEAREST)
+        return not is_grey_content(np.asarray(view))
+    if image.ndim != 3 or image.shape[2] < 3:
+        return False
+    step = max(1, max(image.shape[:2]) // COLOUR_CHECK_SIDE)
+    return not is_grey_content(image[::step, ::step, :3])
+
+
 def _luma(image: np.ndarray) -> np.ndarray:
     """ITU-R 601 luma of an HxWx3 image, HxWx1 of the same dtype.
 
@@ -214,9 +235,10 @@ def load_for_model_sized(
     spec: PreprocessSpec,
     limits: DecodeLimits = DEFAULT_LIMITS,
     kind: str | None = None,
-) -> tuple[np.ndarray, int]:
-    """`load_for_model`, and the image's shorter side in its own pixels (what `inference.open_set`'s
-    training envelope compares). `kind`: the format `sniff_format` named, when the caller has it."""
+) -> tuple[np.ndarray, int, bool]:
+    """`load_for_model`, the image's shorter side in its own pixels (what `inference.open_set`'s
+    training envelope compares) and whether it held colour before the colour rule (`is_colour_content`).
+    `kind`: the format `sniff_format` named, when the caller has it."""
     data = read_image_bytes(source, limits)
     kind = kind or sniff_format(data)
     decoded = open_image(data, limits, draft_size=spec.image_size, kind=kind)
@@ -227,8 +249,9 @@ def load_for_model_sized(
             # side is in the header (read without decoding, and only for such thin or small ones).
             with Image.open(io.BytesIO(data)) as header:
                 side = min(header.size)
+        colour = is_colour_content(decoded)
         if _is_plain_uint8(decoded, spec):
-            return _uint8_to_model_input(decoded, spec), side
+            return _uint8_to_model_input(decoded, spec), side, colour
         decoded = pil_to_array(decoded)  # and the PIL image is freed before the model input is made
-        return to_model_input(decoded, spec), side
-    return to_model_input(decoded, spec), int(min(decoded.shape[:2]))
+        return to_model_input(decoded, spec), side, colour
+    return to_model_input(decoded, spec), int(min(decoded.shape[:2])), is_colour_content(decoded)

@@ -54,6 +54,7 @@ import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from PIL import Image
@@ -62,8 +63,9 @@ from verity.inference.decode import decode_image, sniff_format
 from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits, check_structure
 from verity.inference.engine import Engine, Prediction, usable_cores
 from verity.inference.heatmap import upsample
+from verity.inference.input_profile import input_profile
 from verity.inference.open_set import scan_embedding
-from verity.inference.preprocess import load_for_model_sized, to_model_input
+from verity.inference.preprocess import is_colour_content, load_for_model_sized, to_model_input
 from verity.inference.spec import PreprocessSpec
 
 AGGREGATES = ("max", "topk")
@@ -128,6 +130,15 @@ class ScoringInput:
     # preprocessed is the model input, `spec.image_size` on each side.
     shorter_side: int
     kind: str  # the container format, by content (`decode.sniff_format`), sniffed once; "tensor" for one
+    # Whether the decoded image held colour before the colour rule (`preprocess.is_colour_content`): the
+    # open-set gate compares it with the training images'. None for a tensor sent preprocessed.
+    colour: bool | None = None
+
+    @cached_property
+    def profile(self) -> np.ndarray | None:
+        """The input profile (`input_profile`) of an image scored whole, computed once when the gate
+        asks; None for a scan scored in tiles (the profile is a whole-image statistic)."""
+        return None if self.model_input is None else input_profile(self.model_input)
 
 
 def _native_shape(data: bytes, kind: str, limits: DecodeLimits) -> tuple[int, int] | None:
@@ -153,15 +164,17 @@ def load_for_scoring(
         # Their readers decode the whole image in any case; `load_for_model` is to_model_input of it.
         pixels = decode_image(data, limits, kind=kind)
         side = int(min(pixels.shape[:2]))
+        colour = is_colour_content(pixels)
         if should_tile(pixels.shape, spec, options):
-            return ScoringInput(None, pixels, side, kind)
-        return ScoringInput(to_model_input(pixels, spec), None, side, kind)
+            return ScoringInput(None, pixels, side, kind, colour)
+        return ScoringInput(to_model_input(pixels, spec), None, side, kind, colour)
     if _may_tile(spec, options):  # photos in "auto" never are: no header read before the decode
         shape = _native_shape(data, kind, limits)
         if shape is not None and should_tile(shape, spec, options):
-            return ScoringInput(None, decode_image(data, limits, kind=kind), min(shape), kind)
-    model_input, side = load_for_model_sized(data, spec, limits, kind)
-    return ScoringInput(model_input, None, side, kind)
+            pixels = decode_image(data, limits, kind=kind)
+            return ScoringInput(None, pixels, min(shape), kind, is_colour_content(pixels))
+    model_input, side, colour = load_for_model_sized(data, spec, limits, kind)
+    return ScoringInput(model_input, None, side, kind, colour)
 
 
 def _may_tile(spec: PreprocessSpec, options: TilingOptions) -> bool:

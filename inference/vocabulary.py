@@ -29,8 +29,12 @@ UNCERTAIN = -1
 # Why a verdict is what it is (`reasons` of every answer; inference.open_set.open_set_verdict): which
 # checks alarmed for a counterfeit, why the service abstained for an uncertain, none for a genuine.
 # A `not_recognised` answer also names its cause, one an officer can act on: the image is unlike any
-# training image (inspect it), or smaller than any (send the whole scan or a closer photo).
-NOT_RECOGNISED_CAUSES = ("unlike_training", "smaller_than_training")
+# training image (inspect it), smaller than any (send the whole scan or a closer photo), another kind of
+# image than the model's modality (a colour photo sent as X-ray, an X-ray sent as photo: send it to the
+# right model), or another scanner's colour scheme than training (export it as the model's was trained).
+NOT_RECOGNISED_CAUSES = (
+    "unlike_training", "smaller_than_training", "other_modality", "other_colour_scheme",
+)  # fmt: skip
 REASONS = (
     "classifier", "reference_mismatch", "not_recognised", *NOT_RECOGNISED_CAUSES, "classifier_uncertain",
 )  # fmt: skip

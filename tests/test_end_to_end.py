@@ -54,6 +54,21 @@ def test_training_writes_the_three_artifacts(trained_models: Path) -> None:
     novelty = card["novelty"]
     assert (run / novelty["bank_file"]).is_file() and novelty["bank_rows"] > 0
     assert novelty["min_side"] == 64 and 0.0 <= novelty["val_rate"] <= 1.0
+    # The input profiles beside it, and the training images' colour: the generator's labels are colour.
+    assert (run / novelty["profile"]["file"]).is_file() and novelty["profile"]["rows"] > 0
+    assert novelty["colour_share"] == 1.0
+
+
+def test_a_grey_scan_sent_to_the_colour_photo_model_is_another_modality(trained_models: Path) -> None:
+    from verity.inference.engine import OnnxEngine
+    from verity.inference.pipeline import score_bytes
+
+    engine = OnnxEngine(trained_models / "photo-e2e" / "1" / "model.onnx", warmup=False)
+    grey = io.BytesIO()
+    Image.linear_gradient("L").resize((96, 96)).save(grey, "PNG")
+    scored = score_bytes(grey.getvalue(), engine)
+    assert (scored.verdict, scored.reasons) == ("uncertain", ("not_recognised", "other_modality"))
+    assert scored.upload.decoded.colour is False
 
 
 def test_checkpoint_reads_without_unpickling_objects(trained_models: Path) -> None:

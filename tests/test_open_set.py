@@ -230,20 +230,23 @@ def test_the_shorter_side_is_the_images_own_even_for_a_drafted_jpeg() -> None:
     spec = tiny_spec()
     buffer = io.BytesIO()
     Image.fromarray(np.full((100, 2000, 3), 128, np.uint8)).save(buffer, format="JPEG")
-    _, side = load_for_model_sized(buffer.getvalue(), spec)
+    _, side, _ = load_for_model_sized(buffer.getvalue(), spec)
     assert side == 100
-    _, side = load_for_model_sized(_png(seed=1, size=20, width=50), spec)
+    _, side, _ = load_for_model_sized(_png(seed=1, size=20, width=50), spec)
     assert side == 20
     tiff = io.BytesIO()
     Image.fromarray(np.full((18, 40), 3000, np.uint16)).save(tiff, format="TIFF")
     assert load_for_scoring(tiff.getvalue(), tiny_spec("xray"), TilingOptions()).shorter_side == 18
 
 
-def test_eval_counts_images_under_the_envelope_as_not_recognised() -> None:
+def test_eval_counts_what_the_pipeline_did_not_recognise_by_cause(tmp_path: Path) -> None:
     from verity.training.open_set_eval import not_recognised_rate
 
-    bank = build_bank(np.eye(3, 3), ["genuine"] * 3)
-    gate = NoveltyGate(bank, 0.1, k=1, min_side=32)
-    figures = not_recognised_rate(np.eye(3, 3, dtype=np.float32), gate, np.array([64, 20, -1]))
-    assert (figures["beyond_threshold"], figures["under_min_side"], figures["not_recognised"]) == (0, 1, 1)
-    assert not_recognised_rate(np.eye(3, 3, dtype=np.float32), gate)["not_recognised"] == 0
+    engine = OnnxEngine(gated_model(tmp_path, min_side=24), warmup=False)
+    assert engine.novelty_gate is not None
+    results = [score_bytes(_png(seed=7), engine), score_bytes(_png(seed=8, size=20), engine),
+               score_bytes(_png(value=255), engine)]  # fmt: skip
+    figures = not_recognised_rate(results, engine.novelty_gate)
+    assert figures["not_recognised"] == 2 and figures["images"] == 3
+    assert figures["by_cause"] == {"unlike_training": 1, "smaller_than_training": 1}
+    assert figures["under_min_side"] == 1

@@ -105,7 +105,7 @@ def open_set_result(
     result: dict[str, Any] = {}
     gate = scorer.engine.novelty_gate
     if gate is not None and scored.embeddings is not None:
-        evaluated = open_set_eval.not_recognised_rate(scored.embeddings, gate, scored.shorter_sides)
+        evaluated = open_set_eval.not_recognised_rate(scored.results, gate)
         result["open_set"] = {"evaluated": evaluated}
         if ood:
             result["open_set"]["ood"] = open_set_eval.ood_figures(scorer, ood, tiling)

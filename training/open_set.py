@@ -15,11 +15,21 @@ from typing import Any
 
 import numpy as np
 
-from verity.inference.bank import BANK_FILE, DEFAULT_K, MAX_REFERENCES, build_bank, novelty, save_bank
+from verity.inference.bank import (
+    BANK_FILE,
+    DEFAULT_K,
+    MAX_REFERENCES,
+    build_bank,
+    novelty,
+    save_bank,
+    subsample_indices,
+)
 from verity.inference.card import ModelCard
 from verity.inference.engine import METADATA_CARD_KEY
+from verity.inference.input_profile import PROFILE_FILE, PROFILE_WIDTH, ProfileBank, save_profiles
 from verity.inference.open_set import (
     DEFAULT_NOVELTY_RATE,
+    NoveltyGate,
     choose_novelty_threshold,
     envelope_side,
     novelty_record,
@@ -34,6 +44,8 @@ class EmbeddedSplit:
     embeddings: np.ndarray  # N x D, as served
     samples: list[Sample]  # the images they belong to
     shorter_sides: np.ndarray  # N, each decoded image's shorter side in pixels
+    profiles: np.ndarray  # M x PROFILE_WIDTH: the input profiles of the images scored whole (M <= N)
+    colour: np.ndarray  # N booleans: each image in colour before the colour rule
 
 
 def embed_split(scorer: OnnxScorer, data: str | Path, split: str, progress: bool = False) -> EmbeddedSplit:
@@ -45,7 +57,11 @@ def embed_split(scorer: OnnxScorer, data: str | Path, split: str, progress: bool
         raise ValueError(f"{scorer.path} has no embedding output: export it again with this version.")
     assert scored.shorter_sides is not None  # score_samples always measures them
     samples = [loaded.samples[i] for i in scored.indices]
-    return EmbeddedSplit(scored.embeddings, samples, scored.shorter_sides)
+    decoded = [result.upload.decoded for result in scored.results]
+    profiles = [image.profile for image in decoded if image.profile is not None]
+    colour = np.array([bool(image.colour) for image in decoded])
+    stacked = np.stack(profiles) if profiles else np.zeros((0, PROFILE_WIDTH), np.float32)
+    return EmbeddedSplit(scored.embeddings, samples, scored.shorter_sides, stacked, colour)
 
 
 def rewrite_card(onnx_path: Path, card: ModelCard) -> None:
@@ -89,11 +105,37 @@ def build_open_set(
     val_novelty = novelty(val.embeddings, bank, min(k, len(bank)))
     threshold = choose_novelty_threshold(val_novelty, rate)
     min_side = envelope_side(train.shorter_sides, scorer.spec.image_size)
+    profile, profile_flags = _profile_gate(onnx_path, train, val, rate, k, max_references, seed)
+    colour_share = float(train.colour.mean())
+    gate = NoveltyGate(bank, threshold, k, min_side, card.modality, colour_share=colour_share)
+    colour_flags = np.array([gate.colour_unseen(bool(c)) for c in val.colour], dtype=bool)
     record = novelty_record(
-        threshold, rate, val_novelty, bank, k, min_side=min_side, val_sides=val.shorter_sides
-    )
+        threshold, rate, val_novelty, bank, k, min_side=min_side, val_sides=val.shorter_sides,
+        profile=profile, colour_share=colour_share, val_flagged=profile_flags | colour_flags,
+    )  # fmt: skip
     rewrite_card(onnx_path, replace(card, novelty=record))
     return record
+
+
+def _profile_gate(
+    onnx_path: Path, train: EmbeddedSplit, val: EmbeddedSplit, rate: float, k: int, max_references: int,
+    seed: int,
+) -> tuple[dict[str, Any] | None, np.ndarray]:  # fmt: skip
+    """Writes profile.npz from the training images' input profiles (subsampled as the bank is) and
+    chooses its threshold on validation's; the card's `profile` record and each validation image's flag.
+    None (and no flags) when a split has no image scored whole: every image a scan in tiles."""
+    no_flags = np.zeros(len(val.samples), dtype=bool)
+    if len(train.profiles) == 0 or len(val.profiles) == 0 or len(val.profiles) != len(val.samples):
+        return None, no_flags
+    keep = subsample_indices(len(train.profiles), max_references, seed)
+    profiles = ProfileBank.from_profiles(train.profiles[keep])
+    save_profiles(profiles, onnx_path.with_name(PROFILE_FILE))
+    distances = profiles.distance(val.profiles, k)
+    threshold = choose_novelty_threshold(distances, rate)
+    flags = distances > threshold
+    record = {"file": PROFILE_FILE, "threshold": threshold, "k": int(k), "rows": len(profiles.rows),
+              "target_rate": float(rate), "val_rate": float(flags.mean())}  # fmt: skip
+    return record, flags
 
 
 def describe(record: dict[str, Any]) -> str:
@@ -103,6 +145,12 @@ def describe(record: dict[str, Any]) -> str:
         f"threshold {record['threshold']:.4f} flags {record['val_rate']:.2%} of {record['val_images']} "
         f"validation images (target {record['target_rate']:.0%})"
     )
+    if record.get("profile"):
+        profile = record["profile"]
+        rows, threshold = profile["rows"], profile["threshold"]
+        line += f"; input profiles of {rows:,} training images, threshold {threshold:.3f}"
     if record.get("min_side"):
         line += f"; an image under {record['min_side']} px on its shorter side is not recognised"
+    if "colour_share" in record:
+        line += f"; {record['colour_share']:.0%} of training images in colour"
     return line

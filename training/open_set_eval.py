@@ -11,6 +11,7 @@ fused curve as for each check alone. The served thresholds' own operating point 
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,34 +19,31 @@ import numpy as np
 
 from verity.inference.decode import IMAGE_SUFFIXES
 from verity.inference.engine import Engine, Prediction
-from verity.inference.open_set import NoveltyGate, outside_envelope
-from verity.inference.pipeline import ProductCheck
+from verity.inference.open_set import NoveltyGate
+from verity.inference.pipeline import ProductCheck, Scored
 from verity.inference.references.check import ReferenceCheck
 from verity.inference.references.store import ReferenceStore
 from verity.inference.tiling import TilingOptions
+from verity.inference.vocabulary import NOT_RECOGNISED_CAUSES
 from verity.training.eval_samples import Sample
 from verity.training.scoring import OnnxScorer, ProductChecks, ScoredSet, score_samples
 
 FALSE_ALARM_RATES = (0.01,)
 
 
-def not_recognised_rate(
-    embeddings: np.ndarray, gate: NoveltyGate, shorter_sides: np.ndarray | None = None
-) -> dict[str, Any]:
-    """The share of these images the gate flags (beyond its threshold, or under the training
-    envelope's size when the sides are given), with the spread of their novelty."""
-    distances = gate.novelty(embeddings)
-    beyond = distances > gate.threshold
-    small = np.zeros_like(beyond)
-    if shorter_sides is not None:
-        small = np.array([outside_envelope(gate, int(side) if side >= 0 else None) for side in shorter_sides])
-    flagged = beyond | small
+def not_recognised_rate(results: list[Scored], gate: NoveltyGate) -> dict[str, Any]:
+    """The share of these images the pipeline did not recognise (`judge`'s decision, by every rule of
+    the gate), how many for each cause, and the spread of their novelty."""
+    distances = np.array([r.novelty for r in results if r.novelty is not None], dtype=np.float64)
+    flagged = [r for r in results if r.recognised is False]
+    causes = Counter(r.reasons[1] if len(r.reasons) > 1 else "unlike_training" for r in flagged)
     return {
-        "images": int(len(distances)),
-        "not_recognised": int(flagged.sum()),
-        "beyond_threshold": int(beyond.sum()),
-        "under_min_side": int(small.sum()),
-        "not_recognised_rate": float(flagged.mean()) if len(distances) else None,
+        "images": len(results),
+        "not_recognised": len(flagged),
+        "by_cause": {cause: causes[cause] for cause in NOT_RECOGNISED_CAUSES if causes[cause]},
+        "beyond_threshold": int((distances > gate.threshold).sum()),
+        "under_min_side": causes["smaller_than_training"],
+        "not_recognised_rate": len(flagged) / len(results) if results else None,
         "novelty_median": float(np.median(distances)) if len(distances) else None,
         "novelty_p99": float(np.quantile(distances, 0.99)) if len(distances) else None,
         "threshold": gate.threshold,
@@ -77,15 +75,13 @@ def ood_figures(scorer: OnnxScorer, folder: str | Path, tiling: TilingOptions) -
     scored = score_samples(scorer, samples, progress=False, tiling=tiling)
     if scored.embeddings is None:
         raise ValueError(f"None of the {len(samples)} images in {folder} could be scored.")
-    sides = scored.shorter_sides
-    figures = {"folder": str(folder), **not_recognised_rate(scored.embeddings, gate, sides)}
+    figures = {"folder": str(folder), **not_recognised_rate(scored.results, gate)}
     figures["failed"] = len(scored.failures)
-    kinds = np.array([samples[i].source or "." for i in scored.indices])
+    kinds = [samples[i].source or "." for i in scored.indices]
     if len(set(kinds)) > 1:
+        pairs = list(zip(scored.results, kinds, strict=True))
         figures["by_folder"] = {
-            kind: not_recognised_rate(
-                scored.embeddings[kinds == kind], gate, None if sides is None else sides[kinds == kind]
-            )
+            kind: not_recognised_rate([result for result, of in pairs if of == kind], gate)
             for kind in sorted(set(kinds))
         }
     return figures

@@ -108,6 +108,8 @@ export default {
   "reason.not_recognised": "Not recognised: the model's score does not apply to this image",
   "reason.unlike_training": "Unlike any image the model was trained on: inspect it yourself",
   "reason.smaller_than_training": "Smaller than any training image: send the whole scan or a closer photo",
+  "reason.other_modality": "Another kind of image than this model's (a colour photo sent as X-ray, or an X-ray sent as a photo): send it to the right model",
+  "reason.other_colour_scheme": "Another colour scheme than the model was trained on (pseudo-colour against grey): export it from the console as the model expects",
   "reason.classifier_uncertain": "The score lies between the thresholds",
   "detail.file": "File",
   "detail.modality": "Modality",

@@ -1,0 +1,115 @@
+"""The input profile: a few cheap statistics of the model input, and how far an image's lie from the
+training images'. The second half of the "not recognised" gate, beside the embedding's kNN novelty.
+
+Why a second measure: the embedding describes texture, and a grey face, a grey library photo and an X-ray
+of fish bones are close in texture. They are far apart in what the spec already sees: how bright the
+image is and how its brightness spreads (the quantiles of the grey plane), how sharp it is (quantiles
+of its gradient, the mean Laplacian), and how far its channels differ (colour). On a model trained on
+the GDXray fish bones at 32 px, the embedding alone let 52 of 200 grey faces through; with the profile,
+4 (benchmarks/foreign_bench.py).
+
+The profile is computed on the model input (CxSxS in [0, 1], after the colour rule and the resize) at
+every second pixel: the statistics barely move, and it costs under a millisecond. Each statistic is
+standardised by the training images' mean and spread, and an image's distance is the mean Euclidean
+distance to its k nearest training profiles. The threshold is chosen on validation images for a stated
+rate, as the embedding's is (`open_set.choose_novelty_threshold`).
+
+The profiles sit in profile.npz beside model.onnx, written and read by numpy alone.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PROFILE_FILE = "profile.npz"
+# The grey plane's quantiles (percent): the shape of its histogram, robust to a few odd pixels.
+LEVEL_QUANTILES = (1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0)
+GRADIENT_QUANTILES = (50.0, 90.0, 99.0)
+PROFILE_WIDTH = len(LEVEL_QUANTILES) + 1 + len(GRADIENT_QUANTILES) + 2
+# A statistic that never varies over the training images (a grey model's colour spread) still gets a
+# spread, so an image that differs on it only slightly is not infinitely far away.
+MIN_SPREAD = 1e-6
+
+
+class ProfileError(ValueError):
+    """A profile file that is missing, malformed or of another width."""
+
+
+def input_profile(model_input: np.ndarray) -> np.ndarray:
+    """The PROFILE_WIDTH statistics of one CxSxS model input (float32): the grey plane's quantiles and
+    standard deviation, its gradient's quantiles, its mean absolute Laplacian, and the mean spread of
+    its channels (0 for one channel or a grey plane repeated)."""
+    sampled = np.asarray(model_input, dtype=np.float32)[:, ::2, ::2]
+    plane = sampled.mean(axis=0)
+    levels = np.percentile(plane, LEVEL_QUANTILES)
+    rows, columns = np.gradient(plane) if min(plane.shape) > 1 else (np.zeros_like(plane),) * 2
+    gradient = np.percentile(np.hypot(rows, columns), GRADIENT_QUANTILES)
+    inner = plane[1:-1, 1:-1]
+    neighbours = plane[:-2, 1:-1] + plane[2:, 1:-1] + plane[1:-1, :-2] + plane[1:-1, 2:]
+    laplacian = float(np.abs(4 * inner - neighbours).mean()) if inner.size else 0.0
+    spread = float(sampled.std(axis=0).mean()) if sampled.shape[0] > 1 else 0.0
+    return np.concatenate([levels, [plane.std()], gradient, [laplacian, spread]]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ProfileBank:
+    """The training images' profiles, standardised, with the mean and spread that standardise a query."""
+
+    rows: np.ndarray  # N x PROFILE_WIDTH, standardised
+    mean: np.ndarray
+    spread: np.ndarray
+
+    @classmethod
+    def from_profiles(cls, profiles: np.ndarray) -> ProfileBank:
+        profiles = np.asarray(profiles, dtype=np.float64)
+        if profiles.ndim != 2 or profiles.shape[1] != PROFILE_WIDTH or len(profiles) == 0:
+            raise ProfileError(f"Expected N x {PROFILE_WIDTH} training profiles, got {profiles.shape}.")
+        mean = profiles.mean(axis=0)
+        spread = np.maximum(profiles.std(axis=0), MIN_SPREAD)
+        return cls(((profiles - mean) / spread).astype(np.float32), mean, spread)
+
+    def distance(self, profiles: np.ndarray, k: int) -> np.ndarray:
+        """Mean Euclidean distance from each profile row to its k nearest training profiles."""
+        queries = (np.atleast_2d(np.asarray(profiles, dtype=np.float64)) - self.mean) / self.spread
+        squared = ((queries[:, None, :] - self.rows[None, :, :]) ** 2).sum(axis=2)
+        k = min(k, len(self.rows))
+        nearest = np.partition(squared, k - 1, axis=1)[:, :k]
+        return np.sqrt(nearest).mean(axis=1)
+
+
+def save_profiles(bank: ProfileBank, path: str | Path) -> Path:
+    """Writes the bank to `path` atomically, readable by all."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(suffix=".npz.tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, rows=bank.rows, mean=bank.mean, spread=bank.spread)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_profiles(path: str | Path) -> ProfileBank:
+    """Reads a bank written by `save_profiles` (no pickle)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            rows, mean, spread = data["rows"], data["mean"], data["spread"]
+    except FileNotFoundError as error:
+        raise ProfileError(f"No input profiles at {path}.") from error
+    except (OSError, ValueError, KeyError) as error:
+        raise ProfileError(f"{path} is not a readable profile file: {error}") from error
+    widths = {rows.shape[1] if rows.ndim == 2 else -1, *mean.shape, *spread.shape}
+    if widths != {PROFILE_WIDTH} or mean.ndim != 1 or spread.ndim != 1:
+        raise ProfileError(f"{path} holds profiles of another width than {PROFILE_WIDTH}.")
+    if len(rows) == 0 or not (np.isfinite(rows).all() and np.isfinite(mean).all() and (spread > 0).all()):
+        raise ProfileError(f"{path} holds no usable profiles.")
+    return ProfileBank(rows.astype(np.float32), mean.astype(np.float64), spread.astype(np.float64))

@@ -1,0 +1,122 @@
+"""The input profile and the colour rule of the open-set gate (inference.input_profile, .open_set)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.models import tiny_spec
+from verity.inference.bank import build_bank
+from verity.inference.input_profile import (
+    PROFILE_WIDTH,
+    ProfileBank,
+    ProfileError,
+    input_profile,
+    load_profiles,
+    save_profiles,
+)
+from verity.inference.open_set import NoveltyGate, Observed, not_recognised_cause
+from verity.inference.preprocess import is_colour_content
+from verity.inference.tiling import TilingOptions, load_for_scoring
+
+
+def _noise(seed: int, channels: int = 1, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).random((channels, size, size), dtype=np.float32)
+
+
+def test_the_profile_describes_brightness_sharpness_and_colour() -> None:
+    flat = input_profile(np.full((3, 32, 32), 0.5, np.float32))
+    assert flat.shape == (PROFILE_WIDTH,) and flat.dtype == np.float32
+    np.testing.assert_allclose(flat[:9], 0.5)  # every quantile of a flat plane is its level
+    assert flat[-1] == 0.0 and flat[-2] == 0.0  # no colour spread, no Laplacian
+    grey_noise = np.repeat(_noise(0), 3, axis=0)
+    assert input_profile(grey_noise)[-1] < 1e-6  # a grey plane repeated is not colour
+    assert input_profile(_noise(0, channels=3))[-1] > 0.1
+    assert input_profile(_noise(0))[-2] > 0.1  # noise is sharp
+    assert np.isfinite(input_profile(np.zeros((1, 1, 1), np.float32))).all()  # a 1-pixel input
+
+
+def test_an_image_like_the_training_profiles_is_near_and_a_flat_one_far(tmp_path: Path) -> None:
+    bank = ProfileBank.from_profiles(np.stack([input_profile(_noise(s)) for s in range(30)]))
+    near = bank.distance(input_profile(_noise(99)), k=5)[0]
+    far = bank.distance(input_profile(np.full((1, 32, 32), 0.9, np.float32)), k=5)[0]
+    assert near < 5.0 < far
+    path = save_profiles(bank, tmp_path / "profile.npz")
+    again = load_profiles(path)
+    np.testing.assert_allclose(again.distance(input_profile(_noise(99)), 5), [near], rtol=1e-6)
+
+
+def test_a_bad_profile_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="No input profiles"):
+        load_profiles(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ProfileError, match="not a readable"):
+        load_profiles(tmp_path / "junk.npz")
+    np.savez(tmp_path / "narrow.npz", rows=np.zeros((3, 4)), mean=np.zeros(4), spread=np.ones(4))
+    with pytest.raises(ProfileError, match="another width"):
+        load_profiles(tmp_path / "narrow.npz")
+    with pytest.raises(ProfileError):
+        ProfileBank.from_profiles(np.zeros((0, PROFILE_WIDTH)))
+
+
+def _png(pixels: np.ndarray, kind: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+def test_colour_is_seen_before_the_colour_rule_in_the_forms_files_take() -> None:
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    pseudo = np.stack([grey, 255 - grey, grey // 2], axis=2)  # channels tens of levels apart
+    options, xray, photo = TilingOptions(), tiny_spec("xray"), tiny_spec("photo")
+    cases = {
+        "8-bit grey PNG": (_png(grey), False),
+        "RGB-encoded grey JPEG": (_png(np.repeat(grey[..., None], 3, axis=2), "JPEG"), False),
+        "16-bit grey PNG": (_png(grey.astype(np.uint16) * 257), False),
+        "pseudo-colour PNG": (_png(pseudo), True),
+        "pseudo-colour JPEG": (_png(pseudo, "JPEG"), True),
+    }
+    for name, (data, colour) in cases.items():
+        for spec in (xray, photo):
+            assert load_for_scoring(data, spec, options).colour is colour, (name, spec.modality)
+    assert is_colour_content(np.zeros((4000, 3000, 3), np.uint8)) is False  # looked at in a small view
+    assert is_colour_content(np.zeros((5, 5, 2), np.uint16)) is False  # a dual-energy pair is not colour
+
+
+@pytest.mark.parametrize(
+    ("modality", "colour_share", "colour", "like", "cause"),
+    [
+        ("xray", 0.0, True, True, "other_colour_scheme"),  # a pseudo-colour X-ray whose grey is familiar
+        ("xray", 0.0, True, False, "other_modality"),  # a colour photo sent as X-ray
+        ("xray", 0.0, False, True, None),
+        ("xray", 0.0, False, False, "unlike_training"),
+        ("xray", 1.0, False, True, "other_colour_scheme"),  # grey to a model of pseudo-colour scans
+        ("xray", 0.3, True, True, None),  # a model that saw both
+        ("photo", 1.0, False, True, "other_modality"),  # an X-ray sent as photo
+        ("photo", 0.0, True, True, "other_colour_scheme"),  # colour to a model of grey camera crops
+        ("photo", 1.0, None, True, None),  # a tensor sent preprocessed: its colour is unknown
+    ],
+)
+def test_the_colour_rule_names_a_cause_an_officer_can_act_on(
+    modality, colour_share, colour, like, cause
+) -> None:
+    gate = NoveltyGate(build_bank(np.eye(3), ["genuine"] * 3), 0.5, k=1, modality=modality,
+                       colour_share=colour_share)  # fmt: skip
+    distance = 0.0 if like else 1.0
+    assert not_recognised_cause(gate, distance, Observed(64, colour)) == cause
+
+
+def test_the_size_rule_comes_before_the_colour_and_the_profile() -> None:
+    profiles = ProfileBank.from_profiles(np.stack([input_profile(_noise(s)) for s in range(10)]))
+    gate = NoveltyGate(build_bank(np.eye(3), ["genuine"] * 3), 0.5, k=1, min_side=32, modality="xray",
+                       profiles=profiles, profile_threshold=3.0, colour_share=0.0)  # fmt: skip
+    far = input_profile(np.full((1, 32, 32), 0.9, np.float32))
+    assert not_recognised_cause(gate, 0.0, Observed(20, True, far)) == "smaller_than_training"
+    assert not_recognised_cause(gate, 0.0, Observed(64, False, far)) == "unlike_training"
+    assert not_recognised_cause(gate, 0.0, Observed(64, False, input_profile(_noise(3)))) is None
+    assert not_recognised_cause(gate, 0.0, Observed(64, True, far)) == "other_modality"
