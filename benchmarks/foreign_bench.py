@@ -19,15 +19,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.foreign_images import foreign_images  # noqa: E402
+from benchmarks.foreign_images import PRODUCT_PHOTOS, foreign_images  # noqa: E402
 from benchmarks.ood_images import PROBE, OodImage  # noqa: E402
 from verity.datasets.manifest import read_manifest, resolve_image_path  # noqa: E402
 from verity.inference.decode import DecodeError  # noqa: E402
 from verity.inference.engine import OnnxEngine  # noqa: E402
 from verity.inference.pipeline import Scored, score_bytes  # noqa: E402
+from verity.training.metrics import roc_auc  # noqa: E402
 
 CONFIDENT = ("genuine", "counterfeit")
 
@@ -44,55 +47,93 @@ def score(engine: OnnxEngine, data: bytes) -> Scored | None:
         return None  # refused at decode: never a verdict
 
 
-def own_test_flagged(engine: OnnxEngine, model_dir: Path) -> tuple[int, int]:
-    """(not recognised, scored) over the test split of the run's own data.jsonl."""
+def own_test_figures(engine: OnnxEngine, model_dir: Path) -> tuple[int, int, float | None]:
+    """(not recognised, scored, ROC AUC of the scores) over the test split of the run's own data.jsonl."""
     manifest = model_dir / "data.jsonl"
     if not manifest.is_file():
-        return 0, 0
-    paths = [resolve_image_path(manifest, row) for row in read_manifest(manifest) if row.split == "test"]
+        return 0, 0, None
+    rows = [row for row in read_manifest(manifest) if row.split == "test"]
+    paths = [resolve_image_path(manifest, row) for row in rows]
     if not all(path.is_file() for path in paths):  # e.g. a shipped model's synthetic set, not generated here
-        return 0, 0
-    results = [score(engine, path.read_bytes()) for path in paths]
-    scored = [result for result in results if result is not None]
-    return sum(1 for result in scored if result.recognised is False), len(scored)
+        return 0, 0, None
+    results = [(row.target, score(engine, path.read_bytes())) for row, path in zip(rows, paths, strict=True)]
+    scored = [(target, result) for target, result in results if result is not None]
+    flagged = sum(1 for _, result in scored if result.recognised is False)
+    targets = np.array([target for target, _ in scored])
+    scores = np.array([result.score for _, result in scored])
+    return flagged, len(scored), roc_auc(scores, targets)
+
+
+def rebuild_gate(model_dir: Path) -> None:
+    """The gate this code builds, as `verity export --bank-data` would (bank, input profiles, colour
+    share, thresholds on the run's own validation split): a model trained before a change of the gate
+    is measured with the new one. The graph is untouched, so every score stays the same."""
+    from verity.training.open_set import build_open_set
+
+    record = build_open_set(model_dir / "model.onnx", model_dir / "data.jsonl")
+    card_json = model_dir / "card.json"
+    card = json.loads(card_json.read_text())
+    card_json.write_text(json.dumps({**card, "novelty": record}, indent=2, sort_keys=True) + "\n")
 
 
 def measure(model_dir: Path, images: list[OodImage]) -> dict[str, Any]:
     engine = OnnxEngine(model_dir / "model.onnx", provider="cpu", warmup=False)
     confident: Counter[str] = Counter()
     total: Counter[str] = Counter()
-    causes: Counter[str] = Counter()
+    causes: dict[str, Counter[str]] = {}
     for image in images:
         result = score(engine, image.data)
         total[image.group] += 1
         if result is not None and result.verdict in CONFIDENT:
             confident[image.group] += 1
         elif result is not None:
-            causes.update(reason for reason in result.reasons if reason != "not_recognised")
-    flagged, tested = own_test_flagged(engine, model_dir)
+            named = [reason for reason in result.reasons if reason != "not_recognised"]
+            causes.setdefault(image.group, Counter()).update(named)
+    flagged, tested, roc_auc = own_test_figures(engine, model_dir)
+    card_test = (engine.card.metrics or {}).get("test") or {}
     return {
         "model": str(model_dir.relative_to(ROOT)),
         "modality": engine.spec.modality,
         "confident": dict(confident),
         "total": dict(total),
-        "causes": dict(causes),
+        "causes": {group: dict(counts) for group, counts in causes.items()},
         "own_test_flagged": flagged,
         "own_test": tested,
+        # The gate changes verdicts, never scores: the pipeline's ROC AUC against the card's.
+        "own_test_roc_auc": roc_auc,
+        "card_test_roc_auc": card_test.get("roc_auc"),
+        "gate": sorted((engine.card.novelty or {}).keys()),
+        "own_kind": own_kind(model_dir, engine.spec.modality),
     }
 
 
+def own_kind(model_dir: Path, modality: str) -> list[str]:
+    """Groups that are not foreign to this model: the generator's product photos are what a photo model
+    trained on the generator's photos learned (its rows' source is "synthetic")."""
+    manifest = model_dir / "data.jsonl"
+    if modality != "photo" or not manifest.is_file():
+        return []
+    rows = read_manifest(manifest)
+    return [PRODUCT_PHOTOS] if rows and all(row.source == "synthetic" for row in rows) else []
+
+
 def table(results: list[dict[str, Any]]) -> str:
+    """Confident verdicts per group; "all foreign" leaves out the probe and each model's own kind."""
     groups = [group for group in results[0]["total"] if not group.startswith(PROBE)]
     probes = [group for group in results[0]["total"] if group.startswith(PROBE)]
-    header = ["model", "all foreign", *groups, *probes, "own test flagged"]
+    header = ["model", "all foreign", *groups, *probes, "own test flagged", "test ROC AUC: card, served"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for result in results:
-        confident, total = result["confident"], result["total"]
-        headline = sum(confident.get(g, 0) for g in groups), sum(total[g] for g in groups)
-        cells = [f"{confident.get(g, 0)}/{total[g]}" for g in (*groups, *probes)]
-        own = f"{result['own_test_flagged']}/{result['own_test']}" if result["own_test"] else "n/a"
+        confident, total, own = result["confident"], result["total"], result.get("own_kind", [])
+        foreign = [g for g in groups if g not in own]
+        headline = sum(confident.get(g, 0) for g in foreign), sum(total[g] for g in foreign)
+        cells = [f"{confident.get(g, 0)}/{total[g]}" + (" (own kind)" if g in own else "")
+                 for g in (*groups, *probes)]  # fmt: skip
+        flagged = f"{result['own_test_flagged']}/{result['own_test']}" if result["own_test"] else "n/a"
+        aucs = ", ".join("n/a" if v is None else f"{v:.4f}" for v in
+                         (result.get("card_test_roc_auc"), result.get("own_test_roc_auc")))  # fmt: skip
         lines.append(f"| {result['model']} ({result['modality']}) | {headline[0]}/{headline[1]} | "
-                     + " | ".join(cells) + f" | {own} |")  # fmt: skip
+                     + " | ".join(cells) + f" | {flagged} | {aucs} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -100,10 +141,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", type=Path, help="model folders (default: every one found)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "foreign.jsonl")
+    parser.add_argument("--rebuild-gates", action="store_true", help="first rebuild each suite model's "
+                        "gate with this code, from its own data (scores are unchanged)")
     args = parser.parse_args()
     images = foreign_images()
     results = []
     for model_dir in args.models or model_dirs():
+        if args.rebuild_gates and (model_dir / "data.jsonl").is_file() and "bench-runs" in model_dir.parts:
+            rebuild_gate(model_dir.resolve())
         result = measure(model_dir.resolve(), images)
         results.append(result)
         print(json.dumps(result), flush=True)

@@ -41,6 +41,7 @@ from verity.inference.decode import DecodeError, decode_image  # noqa: E402
 GREY_SIDE = 256
 FACE_SIDE = 128
 SYNTH_SEED = 99  # not a seed any training set here uses
+PRODUCT_PHOTOS = "product photos"
 
 
 def _encode(image: Image.Image, kind: str) -> bytes:
@@ -77,7 +78,7 @@ def _synth(modality: str, n: int, extra: list[str]) -> list[Path]:
 
 def generated_images(n: int = 40) -> Iterator[OodImage]:
     for path in _synth("photo", n, []):
-        yield OodImage("product photos", path.name, path.read_bytes())
+        yield OodImage(PRODUCT_PHOTOS, path.name, path.read_bytes())
     for path in _synth("xray", n, ["--export-style", "pseudo-colour"]):
         yield OodImage("pseudo-colour scans", path.name, path.read_bytes())
 

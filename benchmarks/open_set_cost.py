@@ -1,4 +1,5 @@
-"""What the open-set checks add to /v1/predict: the novelty gate against a bank of 10,000 references and
+"""What the open-set checks add to /v1/predict: the novelty gate against a bank of 10,000 references (with
+the input profiles of 10,000 training images, when the model has them) and
 a product's reference check (20 genuine references), measured side by side with the same model without
 them, in one run.
 
@@ -40,6 +41,14 @@ from benchmarks.server_overhead import thread_cpu_seconds  # noqa: E402
 from verity.inference.artifacts import resolve_model  # noqa: E402
 from verity.inference.bank import BANK_FILE, build_bank, load_bank, save_bank  # noqa: E402
 from verity.inference.engine import METADATA_CARD_KEY, OnnxEngine  # noqa: E402
+from verity.inference.input_profile import (  # noqa: E402
+    PROFILE_FILE,
+    PROFILE_WIDTH,
+    ProfileBank,
+    input_profile,
+    load_profiles,
+    save_profiles,
+)
 from verity.inference.references.check import embed_image
 from verity.inference.references.store import ReferenceStore  # noqa: E402
 from verity.inference.tiling import TilingOptions, load_for_scoring  # noqa: E402
@@ -57,6 +66,13 @@ def padded_bank(model_dir: Path, rows: int) -> Any:
     embeddings = np.concatenate([bank.embeddings.astype(np.float32), extra])
     labels = np.concatenate([bank.labels, np.full(len(extra), "genuine")])
     return build_bank(embeddings, labels, None, {"benchmark": "padded"}, max_references=rows)
+
+
+def padded_profiles(model_dir: Path, rows: int) -> ProfileBank:
+    """The model's input profiles padded with random rows to `rows` (what a 10,000-image set keeps)."""
+    profiles = load_profiles(model_dir / PROFILE_FILE)
+    extra = np.random.default_rng(1).standard_normal((max(0, rows - len(profiles.rows)), PROFILE_WIDTH))
+    return replace(profiles, rows=np.concatenate([profiles.rows, extra.astype(np.float32)]))
 
 
 def without_gate(source: Path, target: Path) -> None:
@@ -82,6 +98,8 @@ def prepare(model: Path, workdir: Path) -> dict[str, Path]:
     gated.mkdir(parents=True)
     shutil.copy(model, gated / "model.onnx")
     save_bank(padded_bank(model.parent, BANK_ROWS), gated / BANK_FILE)
+    if (card.novelty or {}).get("profile"):
+        save_profiles(padded_profiles(model.parent, BANK_ROWS), gated / PROFILE_FILE)
     without_gate(model, workdir / "models-plain" / card.name / card.version / "model.onnx")
     store, engine = ReferenceStore(workdir / "references"), OnnxEngine(gated / "model.onnx", warmup=False)
     for seed in range(REFERENCES):
@@ -133,17 +151,21 @@ def in_process(paths: dict[str, Path], image: bytes, repeats: int = 200) -> dict
 
     predict = median_ms(lambda: engine.predict([model_input], with_cam=True))
     novelty = median_ms(lambda: gate.novelty(embedding[None]))
+    # The input profile of the model input and its distance to the training profiles (none without).
+    profile = median_ms(lambda: gate.profile_distance(input_profile(model_input))) if gate.profiles else 0.0
     reference = median_ms(lambda: store.check(engine, PRODUCT, embedding, patches))
     return {
         "predict_ms": predict,
         "novelty_ms": novelty,
+        "profile_ms": profile,
         "reference_check_ms": reference,
-        "checks_share_of_predict": (novelty + reference) / predict,
+        "checks_share_of_predict": (novelty + profile + reference) / predict,
         "novelty_after_a_request_ms": after_a_request_ms(lambda: gate.novelty(embedding[None])),
         "reference_check_after_a_request_ms": after_a_request_ms(
             lambda: store.check(engine, PRODUCT, embedding, patches)
         ),
         "bank_rows": len(gate.bank),
+        "profile_rows": len(gate.profiles.rows) if gate.profiles else 0,
     }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -73,13 +74,19 @@ class ProfileBank:
         spread = np.maximum(profiles.std(axis=0), MIN_SPREAD)
         return cls(((profiles - mean) / spread).astype(np.float32), mean, spread)
 
+    @cached_property
+    def _row_norms(self) -> np.ndarray:
+        return (self.rows.astype(np.float32) ** 2).sum(axis=1)
+
     def distance(self, profiles: np.ndarray, k: int) -> np.ndarray:
-        """Mean Euclidean distance from each profile row to its k nearest training profiles."""
+        """Mean Euclidean distance from each profile row to its k nearest training profiles (one matrix
+        product: |q - r|^2 = |q|^2 + |r|^2 - 2 q.r)."""
         queries = (np.atleast_2d(np.asarray(profiles, dtype=np.float64)) - self.mean) / self.spread
-        squared = ((queries[:, None, :] - self.rows[None, :, :]) ** 2).sum(axis=2)
+        queries = queries.astype(np.float32)
+        squared = (queries**2).sum(axis=1, keepdims=True) + self._row_norms[None] - 2 * queries @ self.rows.T
         k = min(k, len(self.rows))
         nearest = np.partition(squared, k - 1, axis=1)[:, :k]
-        return np.sqrt(nearest).mean(axis=1)
+        return np.sqrt(np.maximum(nearest, 0.0)).astype(np.float64).mean(axis=1)
 
 
 def save_profiles(bank: ProfileBank, path: str | Path) -> Path:
