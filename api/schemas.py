@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from verity.inference.vocabulary import NAME_MAX
+
 # inference.vocabulary spelled out as Literal types, so OpenAPI lists the values (a Literal cannot be
 # built from a tuple and still be read by type checkers); tests/test_vocabulary.py keeps them equal.
 Verdict = Literal["genuine", "counterfeit", "uncertain"]
@@ -430,3 +432,27 @@ class ReferenceRemoved(BaseModel):
     model: ModelRef
     removed: ReferenceProvenance
     calibration: ReferenceCalibration | None = Field(description="The product's calibration without it.")
+
+
+# The body types /v1/predict takes as the image itself (options then in the query), besides multipart.
+RAW_IMAGE_TYPES = ("image/", "application/dicom", "application/octet-stream")
+
+
+def is_raw_image_body(content_type: str | None) -> bool:
+    """Whether a request's Content-Type says its body is the image itself."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    return any(kind.startswith(prefix) if prefix.endswith("/") else kind == prefix
+               for prefix in RAW_IMAGE_TYPES)  # fmt: skip
+
+
+class RawPredictOptions(BaseModel):
+    """/v1/predict's options: a multipart form's fields, or a raw image body's query parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: Modality
+    station_id: str | None = Field(None, max_length=STATION_ID_MAX)
+    case_id: str | None = Field(None, max_length=CASE_ID_MAX)
+    product: str | None = Field(None, max_length=NAME_MAX)
+    return_heatmap: bool = False
+    return_view: bool = False

@@ -36,6 +36,12 @@ CHECKS = [
 ]
 
 
+@schemathesis.serializer("application/dicom")
+def _dicom_body(ctx: schemathesis.SerializationContext, value: object) -> bytes:
+    """/v1/predict's raw DICOM body: generated as binary, sent as it is (the decoder then judges it)."""
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
 def _build_app(require_api_keys: bool = False) -> tuple[FastAPI, str]:
     """Built at import (schemathesis parametrizes at collection): tiny models in a temporary folder, and
     one station key in its keys file; the app and that key."""

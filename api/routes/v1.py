@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import FeedbackRecord
@@ -35,8 +36,10 @@ from verity.api.schemas import (
     Modality,
     ModelsResponse,
     PredictionResult,
+    RawPredictOptions,
     Readiness,
     ReloadResponse,
+    is_raw_image_body,
 )
 from verity.api.service import PredictionService, Scored, ServiceDep, render_images, station_for
 from verity.inference.stamps import utc_now
@@ -47,7 +50,8 @@ log = logging.getLogger("verity.api")
 
 
 FileField = Annotated[UploadFile, File(description="The image: JPEG, PNG, WebP, GIF, BMP, TIFF or DICOM.")]
-ModalityField = Annotated[Modality, Form(description="photo (a product or label photo) or xray (a scan).")]
+MODALITY_TEXT = "photo (a product or label photo) or xray (a scan)."
+ModalityField = Annotated[Modality, Form(description=MODALITY_TEXT)]
 StationField = Annotated[
     str | None, Form(max_length=STATION_ID_MAX, description="Inspection station; a keyed station's own.")
 ]
@@ -85,6 +89,57 @@ async def _images(
     return await run_in_threadpool(render_images, scored, served.engine.spec, heatmap, view)
 
 
+RAW_BODY_OPENAPI = {
+    "requestBody": {
+        "content": {
+            kind: {"schema": {"type": "string", "format": "binary"}}
+            for kind in ("image/*", "application/dicom", "application/octet-stream")
+        }
+    },
+    "parameters": [
+        {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+        for name, schema, text in (
+            ("modality", {"type": "string", "enum": ["photo", "xray"]}, "With a raw body: required."),
+            ("station_id", {"type": "string", "maxLength": STATION_ID_MAX}, "With a raw body."),
+            ("case_id", {"type": "string", "maxLength": CASE_ID_MAX}, "With a raw body."),
+            ("product", {"type": "string", "maxLength": NAME_MAX}, "With a raw body."),
+            ("return_heatmap", {"type": "boolean"}, "With a raw body."),
+            ("return_view", {"type": "boolean"}, "With a raw body."),
+        )
+    ],
+}
+
+
+def _raw_options(request: Request) -> RawPredictOptions:
+    """The options of a raw-body request, from its query (422 naming what is wrong)."""
+    try:
+        return RawPredictOptions.model_validate(dict(request.query_params))
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc']) or 'query'}: {problem['msg']}"
+            for problem in error.errors()
+        )
+        raise ApiError(422, "invalid_fields", f"Invalid query for a raw image body: {problems}.") from error
+
+
+async def _predict_input(
+    request: Request, file: UploadFile | None, options: RawPredictOptions | None
+) -> tuple[bytes, RawPredictOptions]:
+    """The image bytes and the options: a multipart form's, or a raw body's with its query."""
+    if is_raw_image_body(request.headers.get("content-type")):
+        options = _raw_options(request)
+        return await request.body(), options
+    if file is None or options is None:
+        missing = [name for name, value in (("file", file), ("modality", options)) if value is None]
+        raise ApiError(
+            422,
+            "invalid_fields",
+            f"Missing form field(s): {', '.join(missing)}. Send multipart/form-data with `file` and "
+            "`modality`, or the image itself as the body (Content-Type: image/*) with ?modality=.",
+        )
+    return await file.read(), options
+
+
 @router.post(
     "/v1/predict",
     response_model=PredictionResult,
@@ -92,33 +147,43 @@ async def _images(
     responses=error_responses(400, 401, 403, 404, 408, 413, 415, 422, 429, 503),
     summary="Verdict for one image",
     description="Decodes the image by content (never by file name), scores it with the modality's "
-    "default model, writes the audit record, then answers. Example: "
-    "`curl -F file=@label.jpg -F modality=photo http://127.0.0.1:8000/v1/predict`.",
+    "default model, writes the audit record, then answers. The image comes as the `file` part of a "
+    "multipart form with the options as form fields, or as the whole body (`Content-Type: image/*`, "
+    "`application/dicom` or `application/octet-stream`) with the options as query parameters, as "
+    "scanner SDKs send it. Examples: "
+    "`curl -F file=@label.jpg -F modality=photo http://127.0.0.1:8000/v1/predict`; "
+    "`curl -H 'Content-Type: image/jpeg' --data-binary @label.jpg "
+    "'http://127.0.0.1:8000/v1/predict?modality=photo'`.",
+    openapi_extra=RAW_BODY_OPENAPI,
 )
 async def predict(
     request: Request,
     service: ServiceDep,
     principal: PrincipalDep,
-    file: FileField,
-    modality: ModalityField,
+    file: Annotated[UploadFile | None, File(description="The image (multipart).")] = None,
+    modality: Annotated[Modality | None, Form(description=MODALITY_TEXT + " Required with a form.")] = None,
     station_id: StationField = None,
     case_id: CaseField = None,
     return_heatmap: HeatmapField = False,
     product: ProductField = None,
     return_view: ViewField = False,
 ) -> dict[str, Any]:
-    station = station_for(principal.station_id, station_id)
-    served = service.model_for(modality)
-    service.require_product(served, product)
-    data = await file.read()
-    scored = await service.score(data, served, product)
-    heatmap, view = await _images(scored, served, return_heatmap, return_view)
+    form = None if modality is None else RawPredictOptions(
+        modality=modality, station_id=station_id, case_id=case_id, product=product,
+        return_heatmap=return_heatmap, return_view=return_view,
+    )  # fmt: skip
+    data, options = await _predict_input(request, file, form)
+    station = station_for(principal.station_id, options.station_id)
+    served = service.model_for(options.modality)
+    service.require_product(served, options.product)
+    scored = await service.score(data, served, options.product)
+    heatmap, view = await _images(scored, served, options.return_heatmap, options.return_view)
     items = [(current_request_id(request), scored, data)]
     (record,) = await service.answer(
         items,
         modality=served.modality,
         station_id=station,
-        case_id=case_id,
+        case_id=options.case_id,
         started=request.state.started,
         receiver=principal,
     )

@@ -1,0 +1,70 @@
+"""/v1/predict with the image as the whole body (Content-Type: image/*), options in the query, as
+scanner SDKs and BentoML clients send it: the same answer and audit row as the multipart form."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from api_fixtures import BRIGHT, DARK, assert_error, audit_rows, image_bytes, predict
+from fastapi.testclient import TestClient
+from PIL import Image
+
+
+def _raw(client: TestClient, data: bytes, query: str, kind: str = "image/png"):
+    return client.post(f"/v1/predict?{query}", content=data, headers={"Content-Type": kind})
+
+
+def test_a_raw_body_answers_as_the_form_does(client: TestClient, tmp_path: Path) -> None:
+    for data in (DARK, BRIGHT):
+        form = predict(client, data, station_id="gate-3", case_id="SEZ-9").json()
+        raw = _raw(client, data, "modality=photo&station_id=gate-3&case_id=SEZ-9")
+        assert raw.status_code == 200, raw.text
+        body = raw.json()
+        assert abs(body["score"] - form["score"]) <= 1e-4
+        for field in ("verdict", "reasons", "image_sha256", "model", "station_id", "case_id", "recognised"):
+            assert body[field] == form[field], field
+        assert audit_rows(tmp_path)[body["request_id"]][1] == body["verdict"]  # audited like any verdict
+
+
+@pytest.mark.parametrize("kind", ["image/jpeg", "image/png; charset=binary", "application/octet-stream"])
+def test_the_body_is_decoded_by_content_whatever_its_type_says(client: TestClient, kind: str) -> None:
+    grey = image_bytes(90, mode="L")
+    response = _raw(client, grey, "modality=xray&return_heatmap=true", kind)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"]["name"] == "xray-test" and response.json()["heatmap_png"]
+
+
+def test_a_sixteen_bit_tiff_body(client: TestClient) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 40), 30000, np.uint16)).save(buffer, format="TIFF")
+    response = _raw(client, buffer.getvalue(), "modality=xray", "image/tiff")
+    assert response.status_code == 200, response.text
+
+
+def _message(response, status: int, code: str | None = None) -> str:
+    return assert_error(response, status, code)["error"]["message"]
+
+
+def test_bad_raw_requests_get_clear_errors(client: TestClient) -> None:
+    assert "modality" in _message(_raw(client, DARK, ""), 422, "invalid_fields")
+    assert "modality" in _message(_raw(client, DARK, "modality=sonar"), 422)
+    assert "colour" in _message(_raw(client, DARK, "modality=photo&colour=red"), 422)  # no silent extras
+    assert "case_id" in _message(_raw(client, DARK, "modality=photo&case_id=" + "x" * 300), 422)
+    assert "return_view" in _message(_raw(client, DARK, "modality=photo&return_view=maybe"), 422)
+    assert_error(_raw(client, b"not an image", "modality=photo"), 415)
+    assert_error(_raw(client, b"", "modality=photo"), 400)
+    no_file = client.post("/v1/predict", data={"modality": "photo"})
+    assert "file" in _message(no_file, 422, "invalid_fields")
+    no_modality = client.post("/v1/predict", files={"file": ("a.png", DARK)})
+    assert "modality" in _message(no_modality, 422)
+
+
+def test_a_raw_body_from_another_origin_is_refused(client: TestClient, tmp_path: Path) -> None:
+    before = len(audit_rows(tmp_path))
+    response = client.post("/v1/predict?modality=photo", content=DARK,
+                           headers={"Content-Type": "image/png", "Origin": "https://evil.example"})  # fmt: skip
+    assert_error(response, 403)
+    assert len(audit_rows(tmp_path)) == before
