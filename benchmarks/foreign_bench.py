@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.foreign_images import PRODUCT_PHOTOS, foreign_images  # noqa: E402
+from benchmarks.foreign_images import PRODUCT_PHOTOS, PSEUDO_COLOUR_SCANS, foreign_images  # noqa: E402
 from benchmarks.ood_images import PROBE, OodImage  # noqa: E402
 from verity.datasets.manifest import read_manifest, resolve_image_path  # noqa: E402
 from verity.inference.decode import DecodeError  # noqa: E402
@@ -64,18 +64,6 @@ def own_test_figures(engine: OnnxEngine, model_dir: Path) -> tuple[int, int, flo
     return flagged, len(scored), roc_auc(scores, targets)
 
 
-def rebuild_gate(model_dir: Path) -> None:
-    """The gate this code builds, as `verity export --bank-data` would (bank, input profiles, colour
-    share, thresholds on the run's own validation split): a model trained before a change of the gate
-    is measured with the new one. The graph is untouched, so every score stays the same."""
-    from verity.training.open_set import build_open_set
-
-    record = build_open_set(model_dir / "model.onnx", model_dir / "data.jsonl")
-    card_json = model_dir / "card.json"
-    card = json.loads(card_json.read_text())
-    card_json.write_text(json.dumps({**card, "novelty": record}, indent=2, sort_keys=True) + "\n")
-
-
 def measure(model_dir: Path, images: list[OodImage]) -> dict[str, Any]:
     engine = OnnxEngine(model_dir / "model.onnx", provider="cpu", warmup=False)
     confident: Counter[str] = Counter()
@@ -108,13 +96,19 @@ def measure(model_dir: Path, images: list[OodImage]) -> dict[str, Any]:
 
 
 def own_kind(model_dir: Path, modality: str) -> list[str]:
-    """Groups that are not foreign to this model: the generator's product photos are what a photo model
-    trained on the generator's photos learned (its rows' source is "synthetic")."""
+    """Groups that are not foreign to this model, because its training set came from the same generator
+    (its rows' source is "synthetic"): the product photos to a photo model, the pseudo-colour scans to
+    an X-ray model trained on the console styles (some of its training images in colour)."""
     manifest = model_dir / "data.jsonl"
-    if modality != "photo" or not manifest.is_file():
+    if not manifest.is_file():
         return []
     rows = read_manifest(manifest)
-    return [PRODUCT_PHOTOS] if rows and all(row.source == "synthetic" for row in rows) else []
+    if not rows or any(row.source != "synthetic" for row in rows):
+        return []
+    if modality == "photo":
+        return [PRODUCT_PHOTOS]
+    colour_share = (OnnxEngine(model_dir / "model.onnx", warmup=False).card.novelty or {}).get("colour_share")
+    return [PSEUDO_COLOUR_SCANS] if colour_share else []
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -148,6 +142,8 @@ def main() -> None:
     results = []
     for model_dir in args.models or model_dirs():
         if args.rebuild_gates and (model_dir / "data.jsonl").is_file() and "bench-runs" in model_dir.parts:
+            from verity.training.open_set import rebuild_gate
+
             rebuild_gate(model_dir.resolve())
         result = measure(model_dir.resolve(), images)
         results.append(result)

@@ -42,6 +42,7 @@ GREY_SIDE = 256
 FACE_SIDE = 128
 SYNTH_SEED = 99  # not a seed any training set here uses
 PRODUCT_PHOTOS = "product photos"
+PSEUDO_COLOUR_SCANS = "pseudo-colour scans"
 
 
 def _encode(image: Image.Image, kind: str) -> bytes:
@@ -80,7 +81,7 @@ def generated_images(n: int = 40) -> Iterator[OodImage]:
     for path in _synth("photo", n, []):
         yield OodImage(PRODUCT_PHOTOS, path.name, path.read_bytes())
     for path in _synth("xray", n, ["--export-style", "pseudo-colour"]):
-        yield OodImage("pseudo-colour scans", path.name, path.read_bytes())
+        yield OodImage(PSEUDO_COLOUR_SCANS, path.name, path.read_bytes())
 
 
 def medical_dicom() -> Iterator[OodImage]:

@@ -22,10 +22,9 @@ Two more rules hold an image against the training images (`not_recognised_cause`
   face from an X-ray; the profile can.
 - its colour: a model that saw only grey images (at most COLOUR_RULE_SHARE of them in colour) does not
   recognise a colour image, and one that saw only colour does not recognise a grey one. It names the cause
-  an officer can act on: a colour image that an X-ray model would otherwise recognise (its grey rendering
-  is like training) is an X-ray in another scanner's colour scheme; one it would not is another kind of
-  image (a colour photo sent as X-ray). A grey image sent to a photo model trained on colour is an X-ray
-  or a grey scan sent as a photo.
+  an officer can act on: an image that the model would otherwise recognise (a pseudo-colour scan whose
+  grey rendering is like the training scans) is in another colour scheme; one it would not is another
+  kind of image (a colour photo sent as X-ray, an X-ray sent as photo).
 """
 
 from __future__ import annotations
@@ -68,7 +67,6 @@ class NoveltyGate:
     threshold: float
     k: int = DEFAULT_K
     min_side: int | None = None  # the training envelope: a shorter side under it is not recognised
-    modality: str = "photo"
     profiles: ProfileBank | None = None  # the training images' input profiles, with their threshold
     profile_threshold: float | None = None
     colour_share: float | None = None  # the share of training images in colour
@@ -129,7 +127,6 @@ def load_novelty_gate(card: ModelCard, model_dir: Path) -> NoveltyGate | None:
         float(record["threshold"]),
         int(record.get("k", DEFAULT_K)),
         None if min_side is None else int(min_side),
-        card.modality,
         profiles,
         None if profile is None else float(profile["threshold"]),
         None if colour_share is None else float(colour_share),
@@ -229,17 +226,16 @@ def not_recognised_cause(gate: NoveltyGate, distance: float, observed: Observed)
         return "smaller_than_training"
     like = gate.recognised(distance) and gate.profile_recognised(gate.profile_distance(observed.profile))
     if gate.colour_unseen(observed.colour):
-        return _colour_cause(gate.modality, bool(observed.colour), like)
+        return _colour_cause(like)
     return None if like else "unlike_training"
 
 
-def _colour_cause(modality: str, colour: bool, like_otherwise: bool) -> str:
-    """The cause for a colour (or grey) image sent to a model that never saw one (module docstring)."""
-    if modality == "xray" and colour and not like_otherwise:
-        return "other_modality"  # colour and unlike any training image: a colour photo sent as X-ray
-    if modality == "photo" and not colour:
-        return "other_modality"  # an X-ray or grey scan sent to a model of colour photos
-    return "other_colour_scheme"
+def _colour_cause(like_otherwise: bool) -> str:
+    """The cause for a colour (or grey) image sent to a model that never saw one: like the training
+    images in every other respect, it is the same kind of image in another colour scheme (a pseudo-colour
+    export of a scan, a grey photo of a product); unlike them too, it is another kind of image (a colour
+    photo sent as X-ray, an X-ray sent as photo)."""
+    return "other_colour_scheme" if like_otherwise else "other_modality"
 
 
 def open_set_verdict(

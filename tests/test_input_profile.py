@@ -89,31 +89,29 @@ def test_colour_is_seen_before_the_colour_rule_in_the_forms_files_take() -> None
 
 
 @pytest.mark.parametrize(
-    ("modality", "colour_share", "colour", "like", "cause"),
+    ("colour_share", "colour", "like", "cause"),
     [
-        ("xray", 0.0, True, True, "other_colour_scheme"),  # a pseudo-colour X-ray whose grey is familiar
-        ("xray", 0.0, True, False, "other_modality"),  # a colour photo sent as X-ray
-        ("xray", 0.0, False, True, None),
-        ("xray", 0.0, False, False, "unlike_training"),
-        ("xray", 1.0, False, True, "other_colour_scheme"),  # grey to a model of pseudo-colour scans
-        ("xray", 0.3, True, True, None),  # a model that saw both
-        ("photo", 1.0, False, True, "other_modality"),  # an X-ray sent as photo
-        ("photo", 0.0, True, True, "other_colour_scheme"),  # colour to a model of grey camera crops
-        ("photo", 1.0, None, True, None),  # a tensor sent preprocessed: its colour is unknown
+        (0.0, True, True, "other_colour_scheme"),  # X-ray: a pseudo-colour scan whose grey is familiar
+        (0.0, True, False, "other_modality"),  # X-ray: a colour photo sent as X-ray
+        (0.0, False, True, None),
+        (0.0, False, False, "unlike_training"),
+        (1.0, False, True, "other_colour_scheme"),  # X-ray: grey to a model of pseudo-colour scans
+        (0.3, True, True, None),  # a model that saw both
+        (1.0, False, False, "other_modality"),  # photo: an X-ray sent as photo
+        (1.0, False, True, "other_colour_scheme"),  # photo: a grey photo of a product it knows
+        (0.0, True, True, "other_colour_scheme"),  # photo: colour to a model of grey camera crops
+        (1.0, None, True, None),  # a tensor sent preprocessed: its colour is unknown
     ],
 )
-def test_the_colour_rule_names_a_cause_an_officer_can_act_on(
-    modality, colour_share, colour, like, cause
-) -> None:
-    gate = NoveltyGate(build_bank(np.eye(3), ["genuine"] * 3), 0.5, k=1, modality=modality,
-                       colour_share=colour_share)  # fmt: skip
+def test_the_colour_rule_names_a_cause_an_officer_can_act_on(colour_share, colour, like, cause) -> None:
+    gate = NoveltyGate(build_bank(np.eye(3), ["genuine"] * 3), 0.5, k=1, colour_share=colour_share)
     distance = 0.0 if like else 1.0
     assert not_recognised_cause(gate, distance, Observed(64, colour)) == cause
 
 
 def test_the_size_rule_comes_before_the_colour_and_the_profile() -> None:
     profiles = ProfileBank.from_profiles(np.stack([input_profile(_noise(s)) for s in range(10)]))
-    gate = NoveltyGate(build_bank(np.eye(3), ["genuine"] * 3), 0.5, k=1, min_side=32, modality="xray",
+    gate = NoveltyGate(build_bank(np.eye(3), ["genuine"] * 3), 0.5, k=1, min_side=32,
                        profiles=profiles, profile_threshold=3.0, colour_share=0.0)  # fmt: skip
     far = input_profile(np.full((1, 32, 32), 0.9, np.float32))
     assert not_recognised_cause(gate, 0.0, Observed(20, True, far)) == "smaller_than_training"

@@ -64,7 +64,7 @@ def test_bad_raw_requests_get_clear_errors(client: TestClient) -> None:
 
 def test_a_raw_body_from_another_origin_is_refused(client: TestClient, tmp_path: Path) -> None:
     before = len(audit_rows(tmp_path))
-    response = client.post("/v1/predict?modality=photo", content=DARK,
-                           headers={"Content-Type": "image/png", "Origin": "https://evil.example"})  # fmt: skip
+    headers = {"Content-Type": "image/png", "Origin": "https://evil.example"}
+    response = client.post("/v1/predict?modality=photo", content=DARK, headers=headers)
     assert_error(response, 403)
     assert len(audit_rows(tmp_path)) == before

@@ -1,9 +1,11 @@
-"""The "not recognised" gate of an exported model: its reference bank and novelty threshold.
+"""The "not recognised" gate of an exported model: its reference bank, input profiles and thresholds.
 
 After export, the training split is embedded through the server's own engine and decoder (the scoring
-path of `verity eval`), subsampled into bank.npz beside model.onnx, and the validation split's novelty
-against that bank sets the threshold for a stated rate of in-distribution images flagged
-(`inference.open_set.choose_novelty_threshold`). The card, in the ONNX metadata and card.json, then
+path of `verity eval`), subsampled into bank.npz beside model.onnx, and its input profiles
+(`inference.input_profile`) into profile.npz. The validation split's novelty against the bank and its
+profiles' distance to the training profiles set the two thresholds, each for half the stated rate of
+in-distribution images flagged (`inference.open_set.choose_novelty_threshold`). The share of training
+images in colour is kept for the colour rule. The card, in the ONNX metadata and card.json, then
 records the gate; the served model loads it without torch.
 """
 
@@ -103,11 +105,14 @@ def build_open_set(
     )
     save_bank(bank, onnx_path.with_name(BANK_FILE))
     val_novelty = novelty(val.embeddings, bank, min(k, len(bank)))
-    threshold = choose_novelty_threshold(val_novelty, rate)
+    # Two measures share the stated rate, half each, so the gate as a whole flags at most `rate` of
+    # validation (the size and colour rules add what the training images themselves never show).
+    rule_rate = rate / 2
+    threshold = choose_novelty_threshold(val_novelty, rule_rate)
     min_side = envelope_side(train.shorter_sides, scorer.spec.image_size)
-    profile, profile_flags = _profile_gate(onnx_path, train, val, rate, k, max_references, seed)
+    profile, profile_flags = _profile_gate(onnx_path, train, val, rule_rate, k, max_references, seed)
     colour_share = float(train.colour.mean())
-    gate = NoveltyGate(bank, threshold, k, min_side, card.modality, colour_share=colour_share)
+    gate = NoveltyGate(bank, threshold, k, min_side, colour_share=colour_share)
     colour_flags = np.array([gate.colour_unseen(bool(c)) for c in val.colour], dtype=bool)
     record = novelty_record(
         threshold, rate, val_novelty, bank, k, min_side=min_side, val_sides=val.shorter_sides,
@@ -136,6 +141,19 @@ def _profile_gate(
     record = {"file": PROFILE_FILE, "threshold": threshold, "k": int(k), "rows": len(profiles.rows),
               "target_rate": float(rate), "val_rate": float(flags.mean())}  # fmt: skip
     return record, flags
+
+
+def rebuild_gate(model_dir: Path, data: Path | None = None) -> dict[str, Any]:
+    """The gate this code builds, for a model exported before (bank, input profiles, colour share,
+    thresholds on `data`'s validation split, by default the run's own data.jsonl), recorded in its ONNX
+    metadata and card.json. The graph is untouched, so every score stays the same."""
+    import json
+
+    record = build_open_set(model_dir / "model.onnx", data or model_dir / "data.jsonl")
+    card_json = model_dir / "card.json"
+    card = json.loads(card_json.read_text(encoding="utf-8"))  # its own order kept: only the gate changes
+    card_json.write_text(json.dumps({**card, "novelty": record}, indent=2) + "\n", encoding="utf-8")
+    return record
 
 
 def describe(record: dict[str, Any]) -> str:
