@@ -291,7 +291,7 @@ def test_default_models_dir_is_the_checkout_s_checkpoints(tmp_path: Path, monkey
 
 
 # Installed elsewhere ----------------------------------------------------------------------------------
-SHIPPED_FILES = ("model.onnx", "model.int8.onnx", "model.fp16.onnx", "card.json", "bank.npz")
+SHIPPED_FILES = ("model.onnx", "model.int8.onnx", "model.fp16.onnx", "card.json", "bank.npz", "profile.npz")
 
 
 @pytest.mark.slow
