@@ -1,6 +1,6 @@
 """`make bench`: engine, server, decoding and large-scan benchmarks; prints a table, writes JSON.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--only engine,server,overhead,open_set,foreign,...]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only engine,server,overhead,stages,open_set,...]
 
 (a) engine images/s at batch 1, 8, 32 for PyTorch eager, ORT fp32 and ORT INT8, with the share of
     this CPU's peak FLOP/s; (b) server throughput and p50/p99 latency at concurrency 1, 8, 32 with
@@ -11,7 +11,9 @@
     (f) what the open-set checks (novelty gate at 10,000 references, a product's reference check) add to
     /v1/predict CPU time on the shipped photo model (benchmarks/open_set_cost.py); (g) confident verdicts on
     foreign images per group, for the shipped models and any the robustness suite trained
-    (benchmarks/foreign_bench.py).
+    (benchmarks/foreign_bench.py); (h) what one /v1/predict costs stage by stage, in process (multipart
+    parse, hash, decode, model, open-set gate, answer JSON, audit write, image store;
+    benchmarks/request_stages.py).
 
 Results go to benchmarks/results/bench-<UTC time>.json and benchmarks/results/latest.json. The
 machine's load average is recorded with each part: figures taken while other work shares the cores
@@ -39,13 +41,14 @@ from benchmarks import (  # noqa: E402
     foreign_images,
     gpu_bench,
     open_set_cost,
+    request_stages,
     scan_bench,
     server_bench,
     server_overhead,
 )
 from benchmarks.common import RESULTS, cpu_info, load_average  # noqa: E402
 
-PARTS = ("decode", "engine", "server", "overhead", "open_set", "foreign", "scan", "gpu")
+PARTS = ("decode", "engine", "server", "overhead", "stages", "open_set", "foreign", "scan", "gpu")
 
 
 # Table columns: header -> the row's key, or a function of the row for a cell that is formatted.
@@ -193,6 +196,8 @@ def report(results: dict[str, Any]) -> str:
         out += _server_lines(server, results.get("engine", {}))
     if results.get("overhead"):
         out += _overhead_lines(results["overhead"])
+    if results.get("stages"):
+        out += ["", request_stages.summary(results["stages"])]
     if results.get("open_set"):
         out += ["", open_set_cost.summary(results["open_set"])]
     if results.get("foreign"):
@@ -245,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         if "overhead" in parts:
             print("server overhead ...", file=sys.stderr, flush=True)
             results["overhead"] = server_overhead.run(workdir / "overhead", 4.0 if args.quick else 6.0)
+        if "stages" in parts:
+            print("request stages ...", file=sys.stderr, flush=True)
+            shipped = request_stages.ROOT / "checkpoints"
+            results["stages"] = request_stages.measure(shipped, 50 if args.quick else 200)
         if "open_set" in parts:
             print("open-set checks ...", file=sys.stderr, flush=True)
             results["open_set"] = open_set_cost.run(workdir / "open-set", rounds=20 if args.quick else 60)

@@ -89,3 +89,16 @@ def test_foreign_images_are_scored_per_group_through_the_pipeline() -> None:
     assert result["confident"].get("library photos", 0) == result["confident"].get("medical DICOM", 0) == 0
     table = foreign_bench.table([result])
     assert all(group in table for group in groups)
+
+
+def test_the_request_stages_part_times_each_stage_and_prints_them() -> None:
+    from benchmarks import request_stages
+
+    figures = request_stages.measure(request_stages.ROOT / "checkpoints", rounds=3)
+    medians = figures["median_ms"]
+    assert {*request_stages.SERVER_STAGES, "model", "raw body", "image store"} <= set(medians)
+    assert all(value >= 0 for value in medians.values()) and medians["model"] > 0
+    own = sum(medians[stage] for stage in request_stages.SERVER_STAGES)
+    assert figures["server_stages_ms"] == pytest.approx(own, abs=0.01)
+    text = run_all.report({"cpu": cpu_info(), "stages": figures})
+    assert "Per-request stages" in text and "multipart parse" in text
