@@ -110,6 +110,7 @@ class ServedModel:
             "version": self.engine.version,
             "modality": self.modality,
             "default": is_default,
+            "weak": card.weak,
             "backbone": card.backbone,
             "created": card.created,
             "thresholds": {"alarm": thresholds.alarm, "clear": thresholds.clear},
@@ -134,6 +135,8 @@ class ReloadReport:
     unloaded: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     defaults: dict[str, str] = field(default_factory=dict)
+    # Loaded models marked weak in their card, left out of the defaults (VERITY_PINNED_MODELS serves one).
+    passed_over: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -207,6 +210,8 @@ class ModelRegistry:
     def _choose_defaults(
         self, models: dict[ModelKey, ServedModel], report: ReloadReport
     ) -> dict[str, ModelKey]:
+        """Each modality's default: the pinned model, else the newest that is not marked weak (a run the
+        weak-run guard refused, kept with --allow-weak, answers only when an operator pins it)."""
         defaults: dict[str, ModelKey] = {}
         for modality in sorted({m.modality for m in models.values()}):
             candidates = [k for k, m in models.items() if m.modality == modality]
@@ -215,12 +220,15 @@ class ModelRegistry:
                 name, _, version = pin.partition("/")
                 pinned = [k for k in candidates if k[0] == name and (not version or k[1] == version)]
                 if pinned:
-                    candidates = pinned
-                else:
-                    report.failed.append(
-                        {"path": pin, "error": f"pinned {modality} model {pin} is not loaded"}
-                    )
-            defaults[modality] = max(candidates, key=lambda k: (version_sort_key(k[1]), k[0]))
+                    defaults[modality] = max(pinned, key=lambda k: (version_sort_key(k[1]), k[0]))
+                    continue
+                report.failed.append({"path": pin, "error": f"pinned {modality} model {pin} is not loaded"})
+            sound = [k for k in candidates if not models[k].engine.card.weak]
+            for key in sorted(set(candidates) - set(sound)):
+                report.passed_over.append(_label(key))
+                log.warning("weak model not made a default", extra={"model": _label(key)})
+            if sound:
+                defaults[modality] = max(sound, key=lambda k: (version_sort_key(k[1]), k[0]))
         return defaults
 
     async def reload(self) -> ReloadReport:

@@ -178,6 +178,11 @@ class ModelInfo(BaseModel):
     version: str
     modality: Modality
     default: bool
+    weak: bool = Field(
+        False,
+        description="Marked weak by the weak-run guard (kept with --allow-weak): never a default unless "
+        "pinned with VERITY_PINNED_MODELS.",
+    )
     backbone: str | None = None
     created: str | None = None
     thresholds: ThresholdsOut
@@ -364,6 +369,10 @@ class ReloadResponse(BaseModel):
     unloaded: list[str]
     failed: list[ReloadFailure]
     defaults: dict[str, str]
+    passed_over: list[str] = Field(
+        default_factory=list,
+        description="Loaded models marked weak in their card, not made a default (pin one to serve it).",
+    )
 
 
 # Genuine references per product (/v1/references, api/routes/references.py).

@@ -19,6 +19,8 @@ import numpy as np
 from verity.inference.spec import PreprocessSpec
 from verity.inference.stamps import utc_now
 
+# The prefix of each card warning the weak-run guard (training.guard) writes for a run kept with --allow-weak.
+WEAK_RUN = "weak run: "
 # JSON keys every card carries; `warnings` came later, and the variant keys only some files hold.
 REQUIRED_KEYS = (
     "name", "version", "modality", "backbone", "created", "data", "metrics", "calibration",
@@ -77,6 +79,12 @@ class ModelCard:
     # The "not recognised" gate (inference.open_set.NoveltyGate): threshold, k, the validation rate it was
     # chosen for and achieved, and the bank file beside the model. None: served without the gate.
     novelty: dict[str, Any] | None = None
+
+    @property
+    def weak(self) -> bool:
+        """Whether the weak-run guard found the run did not learn and `--allow-weak` kept it anyway: such a
+        model never becomes a modality's default by itself (api.registry), only when pinned."""
+        return any(warning.startswith(WEAK_RUN) for warning in self.warnings or ())
 
     def __post_init__(self) -> None:
         if self.spec.modality != self.modality:

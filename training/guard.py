@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from verity.inference.card import WEAK_RUN
 from verity.training.calibrate import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 UNCERTAIN_SHARE_LIMIT = 0.9
@@ -86,4 +87,4 @@ def check_run(refuse: list[str], report: list[str], allow_weak: bool) -> list[st
             f"Likely causes:\n{causes}\n"
             "Give --allow-weak to write the model anyway (it is then marked weak in its card)."
         )
-    return [f"weak run: {sign}" for sign in refuse] + report
+    return [f"{WEAK_RUN}{sign}" for sign in refuse] + report

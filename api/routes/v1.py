@@ -298,6 +298,7 @@ async def reload_models(request: Request, registry: RegistryDep, admin: AdminDep
         "unloaded": report.unloaded,
         "failed": report.failed,
         "defaults": report.defaults,
+        "passed_over": report.passed_over,
     }
 
 

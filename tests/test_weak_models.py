@@ -1,0 +1,60 @@
+"""A model the weak-run guard refused, kept with --allow-weak, never goes live by itself: the newest folder
+does not become a modality's default when its card marks it weak; the reload says so, /v1/models shows
+the mark, and only VERITY_PINNED_MODELS serves it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from api_fixtures import IMAGE_SIZE, admin_headers, make_models_dir, make_settings, predict
+from fastapi.testclient import TestClient
+
+from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
+from verity.api.app import create_app
+from verity.inference.card import WEAK_RUN, ModelCard
+from verity.training.guard import check_run
+
+
+def write_weak_model(models_dir: Path, name: str, version: str) -> Path:
+    spec = tiny_spec("photo", IMAGE_SIZE)
+    warnings = check_run(["validation ROC AUC 0.475 is no better than chance"], [], allow_weak=True)
+    card = {**tiny_card(spec, name, version), "warnings": warnings}
+    return tiny_onnx(models_dir / name / version / "model.onnx", spec, card)
+
+
+def test_the_guard_marks_the_card_weak() -> None:
+    warnings = check_run(["shuffled"], ["a note"], allow_weak=True)
+    assert warnings[0].startswith(WEAK_RUN)
+    card = ModelCard.from_dict({**tiny_card(tiny_spec("photo")), "warnings": warnings})
+    assert card.weak and not ModelCard.from_dict(tiny_card(tiny_spec("photo"))).weak
+
+
+def test_a_newer_weak_model_is_passed_over_until_pinned(tmp_path: Path) -> None:
+    make_models_dir(tmp_path)
+    settings = make_settings(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        write_weak_model(settings.models_dir, "photo-test", "9")  # newer than photo-test/2
+        report = client.post("/v1/models/reload", headers=admin_headers(settings)).json()
+        assert report["passed_over"] == ["photo-test/9"] and "photo-test/9" in report["loaded"]
+        assert report["defaults"]["photo"] == "photo-test/2"
+        listed = {(m["name"], m["version"]): m for m in client.get("/v1/models").json()["models"]}
+        assert listed[("photo-test", "9")]["weak"] and not listed[("photo-test", "9")]["default"]
+        assert predict(client, b"", modality="photo").status_code == 400  # still served, by photo-test/2
+        assert client.get("/readyz").json()["defaults"]["photo"] == "photo-test/2"
+    make_models_dir(tmp_path / "pinned")
+    pinned = make_settings(tmp_path / "pinned", pinned_models={"photo": "photo-test/9"})
+    write_weak_model(pinned.models_dir, "photo-test", "9")
+    with TestClient(create_app(pinned)) as client:
+        assert client.get("/readyz").json()["defaults"]["photo"] == "photo-test/9"  # the operator's choice
+
+
+def test_a_modality_with_only_weak_models_has_no_default(tmp_path: Path) -> None:
+    make_models_dir(tmp_path)
+    settings = make_settings(tmp_path)
+    for version in ("1", "2"):
+        (settings.models_dir / "photo-test" / version / "model.onnx").unlink()
+    write_weak_model(settings.models_dir, "photo-test", "3")
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/predict", files={"file": ("a.png", b"x")}, data={"modality": "photo"})
+        assert response.status_code == 503 and "photo" in response.json()["error"]["message"]
+        assert "photo" not in client.get("/readyz").json()["defaults"]
