@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.references.store import DEFAULT_REFERENCES_DIR
 from verity.inference.tiling import TilingOptions
+from verity.inference.vocabulary import MODALITIES
 
 MiB = 1024 * 1024
 # The names a loopback server is reached by; allowed_hosts' default.
@@ -45,8 +46,9 @@ class Settings(BaseSettings):
     # when the working folder has one (a checkout), else the shipped defaults installed with the package,
     # so `verity serve` after `pip install` serves them from any folder. Said at start-up and by /readyz.
     models_dir: Path = Field(default_factory=default_models_dir)
-    # modality -> "name" or "name/version"; unpinned modalities serve their newest version.
-    pinned_models: dict[str, str] = Field(default_factory=dict)
+    # modality -> "name" or "name/version"; unpinned modalities serve their newest version that is not
+    # marked weak. VERITY_PINNED_MODELS='photo=photo-default,xray=xray-default/1.1.0' or the same as JSON.
+    pinned_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     provider: str | None = None
     # Which file variant to serve: "auto" takes model.int8.onnx on CPU (written only when it passed its
     # accuracy gate) and model.fp16.onnx on CUDA when present; "fp32" always serves model.onnx.
@@ -198,6 +200,27 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [name.strip() for name in text.split(",") if name.strip()]
+        return value
+
+    @field_validator("pinned_models", mode="before")
+    @classmethod
+    def _pins(cls, value: Any) -> Any:
+        """`modality=name[/version]` pairs separated by commas, or a JSON object; a modality that Verity
+        does not have, or a pair without `=`, is refused at start with what was expected."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                value = json.loads(text)
+            else:
+                pairs = [pair.strip() for pair in text.split(",") if pair.strip()]
+                bad = [pair for pair in pairs if "=" not in pair]
+                if bad:
+                    raise ValueError(f"expected modality=name[/version] pairs, got {', '.join(bad)}")
+                value = dict(tuple(part.strip() for part in pair.split("=", 1)) for pair in pairs)
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(MODALITIES))
+            if unknown:
+                raise ValueError(f"unknown modality {', '.join(unknown)}: pin one of {', '.join(MODALITIES)}")
         return value
 
     @property

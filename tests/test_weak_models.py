@@ -58,3 +58,30 @@ def test_a_modality_with_only_weak_models_has_no_default(tmp_path: Path) -> None
         response = client.post("/v1/predict", files={"file": ("a.png", b"x")}, data={"modality": "photo"})
         assert response.status_code == 503 and "photo" in response.json()["error"]["message"]
         assert "photo" not in client.get("/readyz").json()["defaults"]
+
+
+def test_pins_read_as_pairs_or_json_and_bad_ones_are_named(monkeypatch) -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from verity.api.settings import Settings
+
+    for text in ("photo=photo-test/9, xray=xray-test", '{"photo": "photo-test/9", "xray": "xray-test"}'):
+        monkeypatch.setenv("VERITY_PINNED_MODELS", text)
+        assert Settings().pinned_models == {"photo": "photo-test/9", "xray": "xray-test"}
+    for text, named in (("photo-default", "modality=name"), ("sonar=x", "unknown modality sonar")):
+        monkeypatch.setenv("VERITY_PINNED_MODELS", text)
+        with pytest.raises(ValidationError, match=named):
+            Settings()
+
+
+def test_verity_serve_refuses_a_bad_pin_with_a_message(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VERITY_PINNED_MODELS": "photo-default", "VERITY_AUDIT_DB": str(tmp_path / "a.db")}
+    done = subprocess.run([sys.executable, "-m", "verity", "serve", "--port", "1"], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "VERITY_PINNED_MODELS: expected modality=name[/version] pairs, got photo-default" in done.stderr

@@ -54,8 +54,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from verity.inference.terminal import terminal_safe  # an error may quote a file name or a field
 
-        print(terminal_safe(f"verity {name}: error: {error}"), file=sys.stderr)
+        for line in _error_lines(error):
+            print(terminal_safe(f"verity {name}: error: {line}"), file=sys.stderr)
         return 1
+
+
+def _error_lines(error: Exception) -> list[str]:
+    """One line per problem: a settings error (pydantic's ValidationError) names each VERITY_ variable and
+    what is wrong with it; any other error is its message."""
+    problems = getattr(error, "errors", None)
+    if type(error).__name__ != "ValidationError" or not callable(problems):
+        return [str(error)]
+    lines = []
+    for problem in problems():
+        field = "_".join(str(part) for part in problem.get("loc", ()))
+        message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
+        lines.append(f"VERITY_{field.upper()}: {message}" if field else message)
+    return lines or [str(error)]
 
 
 if __name__ == "__main__":
