@@ -216,7 +216,7 @@ class Settings(BaseSettings):
                 bad = [pair for pair in pairs if "=" not in pair]
                 if bad:
                     raise ValueError(f"expected modality=name[/version] pairs, got {', '.join(bad)}")
-                value = dict(tuple(part.strip() for part in pair.split("=", 1)) for pair in pairs)
+                value = {key.strip(): pin.strip() for key, pin in (pair.split("=", 1) for pair in pairs)}
         if isinstance(value, dict):
             unknown = sorted(set(value) - set(MODALITIES))
             if unknown:
