@@ -105,7 +105,10 @@ class ConfirmedExport:
         """Lines for the operator: what was written, skipped, ignored, and how conflicts resolved."""
         lines = [f"wrote {self.written} confirmed cases to {self.table}"]
         if self.missing_image:
-            lines.append(f"skipped {self.missing_image} without a stored image")
+            lines.append(
+                f"skipped {self.missing_image} without a stored image: the server keeps the images of its "
+                "verdicts only with VERITY_STORE_IMAGES=1 (a label alone cannot train a model)"
+            )
         if self.unsure:
             lines.append(f"skipped {self.unsure} confirmed as unsure (cannot tell): no label to train on")
         if self.unauthorised:

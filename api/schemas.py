@@ -252,6 +252,11 @@ class FeedbackOut(BaseModel):
     request_id: str
     confirmed_label: FeedbackLabel
     recorded: bool = True
+    image_kept: bool = Field(
+        description="Whether the verdict's image is stored, so that the confirmed case can train a model "
+        "(`verity audit confirmed`); the server keeps images only with VERITY_STORE_IMAGES=1."
+    )
+    note: str | None = Field(None, description="What the operator must know, e.g. why the image is not kept.")
 
 
 class HistoryFeedback(BaseModel):

@@ -9,7 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-from api_fixtures import BRIGHT, DARK, assert_error, audit_rows, image_bytes, make_settings, predict
+from api_fixtures import (
+    BRIGHT,
+    DARK,
+    assert_error,
+    audit_rows,
+    image_bytes,
+    make_models_dir,
+    make_settings,
+    predict,
+)
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -178,6 +187,8 @@ def test_feedback(client: TestClient, tmp_path: Path) -> None:
         "request_id": request_id,
         "confirmed_label": "counterfeit",
         "recorded": True,
+        "image_kept": True,  # the test settings store images
+        "note": None,
     }
     assert_error(client.post("/v1/feedback", json={"request_id": "nope", "confirmed_label": "genuine"}), 404)
     assert_error(
@@ -186,6 +197,16 @@ def test_feedback(client: TestClient, tmp_path: Path) -> None:
     assert_error(
         client.post("/v1/feedback", content=b"{not json", headers={"content-type": "application/json"}), 422
     )
+
+
+def test_feedback_says_plainly_when_the_image_is_not_kept(tmp_path: Path) -> None:
+    make_models_dir(tmp_path)
+    with TestClient(create_app(make_settings(tmp_path, store_images=False))) as client:
+        request_id = predict(client, BRIGHT).json()["request_id"]
+        confirmation = {"request_id": request_id, "confirmed_label": "counterfeit"}
+        body = client.post("/v1/feedback", json=confirmation).json()
+    assert body["recorded"] is True and body["image_kept"] is False
+    assert "VERITY_STORE_IMAGES" in body["note"]
 
 
 def test_metrics(client: TestClient) -> None:

@@ -242,6 +242,8 @@ def test_an_old_database_is_migrated_and_its_rows_treated_by_the_rule(tmp_path: 
     store.close()
     assert (result.written, result.unauthorised, result.missing_image) == (2, 2, 0)
     assert "ignored 2 feedback rows from neither the verdict's station nor an admin" in result.summary()
+    result.missing_image = 1  # how a case without its image is reported: naming the setting that keeps it
+    assert any("VERITY_STORE_IMAGES=1" in line for line in result.summary())
     lines = (tmp_path / "out" / "confirmed.jsonl").read_text().splitlines()
     exported = [json.loads(line) for line in lines]
     assert [(line["meta"]["request_id"], line["label"]) for line in exported] == [

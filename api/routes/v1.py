@@ -365,7 +365,13 @@ async def feedback(
             "The audit log cannot be written, so the feedback was not recorded; retry shortly.",
             settings.retry_after_s,
         ) from error
-    return {"request_id": body.request_id, "confirmed_label": body.confirmed_label, "recorded": True}
+    kept = record.image_path is not None
+    note = None if kept else (
+        "The feedback is recorded, but the verdict's image was not stored (VERITY_STORE_IMAGES is off), so "
+        "this case cannot become training data."
+    )  # fmt: skip
+    return {"request_id": body.request_id, "confirmed_label": body.confirmed_label, "recorded": True,
+            "image_kept": kept, "note": note}  # fmt: skip
 
 
 @router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness: the process answers")
