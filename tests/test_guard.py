@@ -42,7 +42,7 @@ def test_shuffled_labels_are_refused_and_say_why(tmp_path, capsys) -> None:
     assert "did not learn" in message and "no model was written" in message
     assert "not above chance" in message or "uncertain" in message or "clamp" in message
     assert "Likely causes" in message and "--allow-weak" in message
-    assert not (tmp_path / "out" / "shuffled" / "dev" / "model.pt").exists()
+    assert not (tmp_path / "out" / "shuffled" / "dev").exists()  # a refused run leaves nothing behind
     # With --allow-weak the model is written and its card says it is weak.
     assert train_main([*argv, "--allow-weak", "--no-report"]) == 0
     card = (tmp_path / "out" / "shuffled" / "dev" / "card.json").read_text()

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ class Run:
     # run's length; a resumed run's saved average waits in resumed_ema until then.
     ema: WeightAverage | None = None
     resumed_ema: dict[str, torch.Tensor] | None = None
+    created_dir: bool = False  # this run made its folder (so a refused run removes it whole)
 
     def split(self, name: str) -> list[ManifestRow]:
         return [row for row in self.rows if row.split == name]
@@ -232,6 +234,25 @@ def check_validation_split(rows: list[ManifestRow], description: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- folder
+# What a run writes into its folder before the weak-run guard: all of it goes when the guard refuses it.
+RUN_WORK = ("config.yaml", "augment.json", "metrics.csv", "tensorboard", BEST, LAST)
+
+
+def discard_refused_run(run: Run) -> None:
+    """A run the weak-run guard refused leaves nothing behind (its checkpoints alone are tens of MB): its
+    folder when this run made it, else only what it wrote there (a resumed run's folder is the user's
+    earlier work, and is kept)."""
+    if run.config.resume:
+        return
+    if run.created_dir:
+        shutil.rmtree(run.run_dir, ignore_errors=True)
+        return
+    for name in RUN_WORK:
+        path = run.run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 def prepare_run_dir(run: Run) -> None:
     """Rank 0, before training: the run folder with config.yaml and augment.json, the data fingerprint,
     and what the run is about to learn from (with the validation-size warnings the card repeats)."""
@@ -239,6 +260,7 @@ def prepare_run_dir(run: Run) -> None:
     from verity.training.calibrate import validation_size_warnings
 
     config, run_dir = run.config, run.run_dir
+    run.created_dir = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not config.resume:  # a fresh run in an old folder replaces it; its log must not mix in
         for stale in (run_dir / "metrics.csv", run_dir / BEST, run_dir / LAST):

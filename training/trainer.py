@@ -45,11 +45,13 @@ from verity.training.checkpoint import (
 )
 from verity.training.config import TrainConfig, build_config
 from verity.training.distributed import DistInfo, barrier, broadcast_flag, cleanup, sync_buffers
+from verity.training.guard import WeakRunError
 from verity.training.run import (
     MetricsLog,
     Run,
     build_run,
     check_validation_split,
+    discard_refused_run,
     peak_lr,
     prepare_run_dir,
     worker_count,
@@ -425,7 +427,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         digest = {"rank": run.info.rank, "last_weights_digest": weights_digest(run.model)}
         if not run.info.is_main:
             return digest
-        return {**finish(run, best_state, *load_final(run, best_state)), **digest}
+        try:
+            return {**finish(run, best_state, *load_final(run, best_state)), **digest}
+        except WeakRunError:
+            discard_refused_run(run)
+            raise
     finally:
         cleanup(run.info)
 
