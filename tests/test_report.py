@@ -34,3 +34,19 @@ def test_report_images_for_every_channel_count(tmp_path: Path) -> None:
     text = path.read_text()
     assert "<script>" not in text and "&lt;script&gt;" in text  # captions are escaped
     assert "ROC AUC 0.0000" in text
+
+
+def test_the_cards_warnings_come_first_and_a_weak_run_says_so(tmp_path: Path) -> None:
+    from verity.inference.card import WEAK_RUN
+    from verity.training.report import write_report
+
+    metrics = compute_metrics([0.2, 0.9], [0, 1])
+    weak, small = f"{WEAK_RUN}validation ROC AUC 0.48 is not above chance", "only 20 genuine <validation> images"
+    warnings = (weak, small)
+    text = write_report(tmp_path / "w.html", metrics, [0.2, 0.9], [0, 1], warnings=warnings).read_text()
+    assert "Weak run: this model did not learn" in text and "&lt;validation&gt;" in text
+    assert text.index('class="warnings"') < text.index("<h2>Summary</h2>")
+    plain = write_report(tmp_path / "p.html", metrics, [0.2, 0.9], [0, 1], warnings=warnings[1:]).read_text()
+    assert "Read before trusting it" in plain and "Weak run" not in plain
+    bare = write_report(tmp_path / "n.html", metrics, [0.2, 0.9], [0, 1]).read_text()
+    assert 'class="warnings"' not in bare

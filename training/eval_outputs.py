@@ -94,7 +94,8 @@ def write_html_report(
     examples = report_examples(loaded.samples, scored, scorer.spec, scorer.card_thresholds, worst)
     details = {"model": result["model"], "data": result["data"]}
     title = f"{scorer.name} {scorer.version} on {loaded.description}"
-    return write_report(path, result["metrics"], scored.scores, targets, examples, title, details)
+    return write_report(path, result["metrics"], scored.scores, targets, examples, title, details,
+                        warnings=scorer.card_warnings)  # fmt: skip
 
 
 def _figure(value: float | None, digits: int = 4) -> str:

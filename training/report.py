@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from verity.inference.card import WEAK_RUN
 from verity.training.metrics import precision_recall_curve, reliability_bins, roc_curve
 
 PLOT_SIZE = 300
@@ -28,6 +29,8 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1100px; }
 h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 8px 0; } td, th { padding: 4px 10px; border: 1px solid #ddd; }
+.warnings { border: 2px solid #b00020; background: #fdecee; padding: 4px 16px; margin: 12px 0; }
+.warnings h2 { color: #b00020; border: none; margin-top: 8px; }
 th { background: #f4f4f4; text-align: left; } .num { text-align: right; font-variant-numeric: tabular-nums; }
 .headline { font-size: 28px; font-weight: 600; } .plots svg { margin-right: 18px; }
 .errors { display: flex; flex-wrap: wrap; gap: 14px; }
@@ -284,6 +287,16 @@ def curves_html(metrics: dict[str, Any], scores: np.ndarray, targets: np.ndarray
     return f'{note}<div class="plots">{"".join(plots)}</div>{legend}'
 
 
+def _warnings_html(warnings: Sequence[str]) -> str:
+    """The card's warnings first, where a reader cannot miss them; a weak run says so in its title."""
+    if not warnings:
+        return ""
+    weak = any(warning.startswith(WEAK_RUN) for warning in warnings)
+    title = "Weak run: this model did not learn, do not serve it" if weak else "Read before trusting it"
+    items = "".join(f"<li>{html.escape(warning)}</li>" for warning in warnings)
+    return f'<div class="warnings" role="alert"><h2>{html.escape(title)}</h2><ul>{items}</ul></div>'
+
+
 def write_report(
     path: str | Path,
     metrics: dict[str, Any],
@@ -292,6 +305,7 @@ def write_report(
     examples: list[dict[str, Any]] | None = None,
     title: str = "Verity evaluation",
     details: dict[str, Any] | None = None,
+    warnings: Sequence[str] = (),
 ) -> Path:
     """Writes the HTML report; returns its path.
 
@@ -305,6 +319,7 @@ def write_report(
     sections = [
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="headline">ROC AUC {_fmt(metrics.get("roc_auc"))}{_ci(metrics.get("roc_auc_ci"), 3)}</p>',
+        _warnings_html(warnings),
         "<h2>Summary</h2>",
         _summary_table(metrics),
         "<h2>Curves</h2>",

@@ -44,6 +44,8 @@ class Scorer(Protocol):
     version: str
     temperature: float
     card_thresholds: dict[str, Any] | None  # the card's record ({"alarm", "clear", ...}); None: uncalibrated
+    # What a reader must know before trusting the model (the card's warnings: weak run, small validation).
+    card_warnings: tuple[str, ...]
 
     @property
     def engine(self) -> Engine: ...
@@ -60,6 +62,7 @@ class OnnxScorer:
         self.name, self.version = self.engine.name, self.engine.version
         self.temperature = self.engine.temperature
         self.card_thresholds: dict[str, Any] | None = dict(self.engine.card.thresholds)
+        self.card_warnings = tuple(self.engine.card.warnings or ())
         self.path: Path | None = path
 
 
@@ -80,8 +83,10 @@ class ModuleScorer:
         temperature: float = 1.0,
         thresholds: dict[str, Any] | None = None,
         path: Path | None = None,
+        warnings: tuple[str, ...] = (),
     ) -> None:
         self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+        self.card_warnings = tuple(warnings)
         self.spec, self.name, self.version = spec, name, version
         self.temperature = float(temperature)
         self.card_thresholds = dict(thresholds) if thresholds and "alarm" in thresholds else None
@@ -141,6 +146,7 @@ class TorchScorer(ModuleScorer):
             temperature=float(calibration.get("temperature", 1.0)) if isinstance(calibration, dict) else 1.0,
             thresholds=checkpoint.get("thresholds"),
             path=path,
+            warnings=tuple(card.warnings or ()) if card else (),
         )
 
 
