@@ -41,7 +41,8 @@ def test_the_cards_warnings_come_first_and_a_weak_run_says_so(tmp_path: Path) ->
     from verity.training.report import write_report
 
     metrics = compute_metrics([0.2, 0.9], [0, 1])
-    weak, small = f"{WEAK_RUN}validation ROC AUC 0.48 is not above chance", "only 20 genuine <validation> images"
+    weak = f"{WEAK_RUN}validation ROC AUC 0.48 is not above chance"
+    small = "only 20 genuine <validation> images"
     warnings = (weak, small)
     text = write_report(tmp_path / "w.html", metrics, [0.2, 0.9], [0, 1], warnings=warnings).read_text()
     assert "Weak run: this model did not learn" in text and "&lt;validation&gt;" in text
