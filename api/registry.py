@@ -116,6 +116,8 @@ class ServedModel:
             "thresholds": {"alarm": thresholds.alarm, "clear": thresholds.clear},
             "input_shape": list(self.engine.input_shape()),
             "metrics": card.metrics,
+            "data_fingerprint": card.data_fingerprint,
+            "lineage": card.lineage,
             # Which file variant and execution provider answer: an INT8 model is a different file.
             "precision": self.engine.precision,
             "provider": self.engine.providers[0],

@@ -188,6 +188,12 @@ class ModelInfo(BaseModel):
     thresholds: ThresholdsOut
     input_shape: list[int]
     metrics: dict = Field(default_factory=dict)
+    data_fingerprint: str | None = Field(None, description="sha256 of the training rows (the card's data)")
+    lineage: dict | None = Field(
+        None,
+        description="Where the weights started: `init_from` (name, version, data_fingerprint, file) for a "
+        "model fine-tuned from another with `verity train --init-from`; null from ImageNet or scratch.",
+    )
     precision: str = Field("fp32", description="the served file variant: fp32, int8 or fp16")
     provider: str | None = Field(None, description="the onnxruntime execution provider running it")
 

@@ -26,7 +26,9 @@ REQUIRED_KEYS = (
     "name", "version", "modality", "backbone", "created", "data", "metrics", "calibration",
     "thresholds", "spec", "code_version",
 )  # fmt: skip
-OPTIONAL_KEYS = ("warnings", "int8", "precision", "int8_gate", "quantization", "embedding_dim", "novelty")
+OPTIONAL_KEYS = (
+    "warnings", "int8", "precision", "int8_gate", "quantization", "embedding_dim", "novelty", "lineage",
+)  # fmt: skip
 
 
 class CardError(ValueError):
@@ -79,6 +81,9 @@ class ModelCard:
     # The "not recognised" gate (inference.open_set.NoveltyGate): threshold, k, the validation rate it was
     # chosen for and achieved, and the bank file beside the model. None: served without the gate.
     novelty: dict[str, Any] | None = None
+    # Where the weights started: {"init_from": {"name", "version", "data_fingerprint", "file"}} for a model
+    # fine-tuned from another (`verity train --init-from`); None: from ImageNet or from scratch.
+    lineage: dict[str, Any] | None = None
 
     @property
     def weak(self) -> bool:
@@ -109,7 +114,9 @@ class ModelCard:
         }
         if self.novelty is not None and not isinstance(self.novelty.get("threshold"), int | float):
             raise CardError(f"novelty needs a numeric threshold, got {self.novelty.get('threshold')!r}.")
-        for name in ("thresholds", "metrics", "data_counts", "int8", "int8_gate", "quantization", "novelty"):
+        for name in (
+            "thresholds", "metrics", "data_counts", "int8", "int8_gate", "quantization", "novelty", "lineage",
+        ):  # fmt: skip
             plain[name] = to_jsonable(getattr(self, name))
         for name, value in plain.items():
             object.__setattr__(self, name, value)

@@ -43,6 +43,9 @@ def test_health_ready_and_models(client: TestClient, models_dir: Path) -> None:
     assert set(listed) == {("photo-test", "1"), ("photo-test", "2"), ("xray-test", "1")}
     assert listed[("photo-test", "2")]["default"] and not listed[("photo-test", "1")]["default"]
     assert listed[("xray-test", "1")]["input_shape"] == [1, 32, 32]
+    # Lineage: what the model learnt from and where its weights started (none: not fine-tuned).
+    newest = listed[("photo-test", "2")]
+    assert newest["data_fingerprint"] == "none" and newest["lineage"] is None and newest["weak"] is False
 
 
 def test_predict_verdicts_and_audit(client: TestClient, tmp_path: Path) -> None:

@@ -289,6 +289,13 @@ def test_init_from_fine_tunes_a_previous_model_with_its_spec(tiny_folder, tmp_pa
     checkpoint = torch.load(tuned["model_pt"], weights_only=True)
     assert checkpoint["spec"]["image_size"] == 48, "the fine-tuned model keeps the stored spec"
     assert checkpoint["config"]["init_from"] == base["model_pt"]
+    # The card says where the weights started, with the base model's data (lineage, /v1/models).
+    base_card = base["card"]
+    assert tuned["card"].lineage == {"init_from": {
+        "name": "base", "version": base_card.version, "data_fingerprint": base_card.data_fingerprint,
+        "file": base["model_pt"],
+    }}  # fmt: skip
+    assert base_card.lineage is None
     key = "features.0.weight"
     torch.testing.assert_close(
         checkpoint["state_dict"][key], base_weights["state_dict"][key], rtol=0, atol=1e-6

@@ -120,6 +120,7 @@ def make_card(run: Run, calibration: Calibration, metrics: dict[str, Any]) -> Mo
         code_version=code_version(),
         warnings=calibration_warnings(calibration),
         embedding_dim=unwrap(run.model).embedding_dim,
+        lineage=run.lineage,
     )
 
 

@@ -130,6 +130,7 @@ class Run:
     ema: WeightAverage | None = None
     resumed_ema: dict[str, torch.Tensor] | None = None
     created_dir: bool = False  # this run made its folder (so a refused run removes it whole)
+    lineage: dict[str, Any] | None = None  # the card's `lineage`: the model --init-from started from
 
     def split(self, name: str) -> list[ManifestRow]:
         return [row for row in self.rows if row.split == name]
@@ -176,6 +177,22 @@ def _restore(
     return RunState(**resumed["run_state"])
 
 
+def lineage_of(config: TrainConfig, init: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The card's `lineage` for a run fine-tuned from another model (--init-from): which model, trained
+    on which data, from which file."""
+    if init is None:
+        return None
+    card = init.get("card") or {}
+    return {
+        "init_from": {
+            "name": card.get("name"),
+            "version": card.get("version"),
+            "data_fingerprint": (card.get("data") or {}).get("fingerprint"),
+            "file": str(config.init_from),
+        }
+    }
+
+
 def build_run(config: TrainConfig) -> tuple[Run, dict[str, Any] | None]:
     """Data, spec, model, optimizer and state for a fresh, resumed or fine-tuned run."""
     resumed = load_resume(config)
@@ -216,6 +233,7 @@ def build_run(config: TrainConfig) -> tuple[Run, dict[str, Any] | None]:
         config, spec, rows, description, run_dir, device, info, model, optimizer, scaler, precision, state
     )
     run.resumed_ema = resumed.get("ema_state_dict") if resumed is not None else None
+    run.lineage = lineage_of(config, init)
     return run, resumed
 
 
