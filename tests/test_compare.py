@@ -54,8 +54,9 @@ def test_two_equal_models_differ_by_nothing_beyond_noise(tmp_path: Path, capsys)
     assert result["roc_auc_difference_interval"] == [0.0, 0.0] and not result["worse_beyond_noise"]
     assert result["verdict_changes"] == 0.0 and result["mcnemar"]["p_value"] == 1.0
     assert 0.5 < result["champion"]["roc_auc"] < 1.0
-    assert verity_cli.main(["compare", "--champion", str(old.parent), "--challenger", str(new.parent),
-                            "--data", str(tmp_path / "bench.jsonl"), "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    argv = ["compare", "--champion", str(old.parent), "--challenger", str(new.parent),
+            "--data", str(tmp_path / "bench.jsonl"), "--out", str(tmp_path / "out")]  # fmt: skip
+    assert verity_cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "not different beyond noise" in printed and "McNemar" in printed
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["images"] == len(benchmark)
