@@ -163,7 +163,8 @@ def test_a_large_scan_is_tiled_and_zooms(
 def test_an_image_the_model_does_not_know_is_not_recognised(
     new_page: Callable[..., tuple[Any, Watch]], served: LiveServer
 ) -> None:
-    """A flat grey picture is no product: the API says recognised false, the page "Not recognised"."""
+    """A flat grey picture is no product: the API says recognised false, the page "Not recognised", and
+    why: grey, to a photo model that saw only colour, it is another kind of image (an X-ray sent as photo)."""
     flat = Sample("flat.png", image_bytes(128, size=(240, 200)), "image/png", "photo")
     assert api_state(served, flat) == "not_recognised"
     page, watch = new_page(served)
@@ -172,7 +173,7 @@ def test_an_image_the_model_does_not_know_is_not_recognised(
     table = english_table(page)
     expect()(page.locator("#verdict-body .verdict-word")).to_have_attribute("data-state", "not_recognised")
     expect()(page.locator("#verdict-body .verdict-word .word")).to_have_text(table["verdict.not_recognised"])
-    reasons = [table["reason.not_recognised"], table["reason.unlike_training"]]  # the cause after the word
+    reasons = [table["reason.not_recognised"], table["reason.other_modality"]]  # the cause after the word
     expect()(page.locator("#verdict-details .reasons li")).to_have_text(reasons)
     assert watch.unexpected_errors() == []
 
