@@ -470,7 +470,7 @@ class RawPredictOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    modality: Modality
+    modality: Modality | None = None  # None: the bytes decide where they can (DICOM, 16-bit), else 422
     station_id: str | None = Field(None, max_length=STATION_ID_MAX)
     case_id: str | None = Field(None, max_length=CASE_ID_MAX)
     product: str | None = Field(None, max_length=NAME_MAX)

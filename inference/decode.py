@@ -81,6 +81,26 @@ def sniff_format(data: bytes) -> str:
     )
 
 
+def content_modality(data: bytes) -> str | None:
+    """The modality the bytes themselves decide, as scanner consoles export: DICOM and 16-bit PNG or TIFF
+    are X-ray; None for anything else (an 8-bit image may be a photo or an X-ray export: ask)."""
+    try:
+        kind = sniff_format(data)
+    except DecodeError:
+        return None  # the decoder says what is wrong when the image is read
+    if kind == "dicom":
+        return "xray"
+    if kind == "png":  # IHDR is the first chunk: its bit depth is byte 24 of the file
+        return "xray" if len(data) > 24 and data[24] == 16 else None
+    if kind == "tiff":
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # the header only: no pixels are read
+                return "xray" if header.mode.startswith("I;16") else None
+        except Exception:  # noqa: BLE001 - an unreadable header is the decoder's to report
+            return None
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- PIL
 
 

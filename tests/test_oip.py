@@ -78,6 +78,18 @@ def test_infer_bytes_with_triton_client(client) -> None:
     assert result.as_numpy("score")[0] > 0.6 and result.get_response()["model_version"] == "1"
 
 
+def test_a_modality_names_the_model_serving_it(client) -> None:
+    """A console integrated against `xray` follows every change of default model."""
+    assert client.is_model_ready("photo") and client.is_model_ready("xray")
+    assert client.get_model_metadata("xray")["name"] == "xray-test"
+    images = np.array([image_bytes(255, fmt="PNG", mode="L")], dtype=np.object_)
+    tensor = tritonclient_http.InferInput("image_bytes", [1], "BYTES")
+    tensor.set_data_from_numpy(images, binary_data=True)
+    result = client.infer("xray", [tensor])
+    assert result.get_response()["model_name"] == "xray-test" and result.as_numpy("score")[0] > 0.6
+    assert not client.is_model_ready("photo", "2")  # a version names a model, never a modality
+
+
 def test_infer_json_both_input_kinds(server) -> None:
     tensor = load_for_model(image_bytes(0), PHOTO_SPEC)
     fp32 = {

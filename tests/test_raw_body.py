@@ -68,3 +68,37 @@ def test_a_raw_body_from_another_origin_is_refused(client: TestClient, tmp_path:
     response = client.post("/v1/predict?modality=photo", content=DARK, headers=headers)
     assert_error(response, 403)
     assert len(audit_rows(tmp_path)) == before
+
+
+def _encoded(pixels: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_the_bytes_decide_the_modality_where_they_can() -> None:
+    from verity.datasets.encode import encode_dicom
+    from verity.inference.decode import content_modality
+
+    deep = np.full((30, 40), 30000, np.uint16)
+    assert content_modality(encode_dicom(deep)) == "xray"
+    assert content_modality(_encoded(deep, "PNG")) == "xray"
+    assert content_modality(_encoded(deep, "TIFF")) == "xray"
+    grey, colour = np.zeros((30, 40), np.uint8), np.zeros((30, 40, 3), np.uint8)
+    eight_bit = [_encoded(grey, "PNG"), _encoded(colour, "JPEG"), _encoded(grey, "TIFF")]
+    for undecided in (*eight_bit, b"", b"not an image", b"\x89PNG\r\n"):
+        assert content_modality(undecided) is None
+
+
+def test_a_dicom_or_sixteen_bit_upload_needs_no_modality(client: TestClient, tmp_path: Path) -> None:
+    from verity.datasets.encode import encode_dicom
+
+    deep = np.full((40, 40), 30000, np.uint16)
+    form = client.post("/v1/predict", files={"file": ("scan.dcm", encode_dicom(deep))})
+    raw = _raw(client, _encoded(deep, "TIFF"), "", "image/tiff")
+    for response in (form, raw):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["modality"] == "xray" and body["model"]["name"] == "xray-test"
+        assert audit_rows(tmp_path)[body["request_id"]][1] == body["verdict"]
+    assert "8-bit" in _message(client.post("/v1/predict", files={"file": ("a.png", DARK)}), 422)

@@ -42,6 +42,7 @@ from verity.api.schemas import (
     is_raw_image_body,
 )
 from verity.api.service import PredictionService, Scored, ServiceDep, render_images, station_for
+from verity.inference.decode import content_modality
 from verity.inference.stamps import utc_now
 from verity.inference.vocabulary import NAME_MAX
 
@@ -99,7 +100,8 @@ RAW_BODY_OPENAPI = {
     "parameters": [
         {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
         for name, schema, text in (
-            ("modality", {"type": "string", "enum": ["photo", "xray"]}, "With a raw body: required."),
+            ("modality", {"type": "string", "enum": ["photo", "xray"]},
+             "With a raw body; may be left out for DICOM and 16-bit PNG or TIFF (X-ray)."),
             ("station_id", {"type": "string", "maxLength": STATION_ID_MAX}, "With a raw body."),
             ("case_id", {"type": "string", "maxLength": CASE_ID_MAX}, "With a raw body."),
             ("product", {"type": "string", "maxLength": NAME_MAX}, "With a raw body."),
@@ -130,14 +132,26 @@ async def _predict_input(
         options = _raw_options(request)
         return await request.body(), options
     if file is None or options is None:
-        missing = [name for name, value in (("file", file), ("modality", options)) if value is None]
         raise ApiError(
             422,
             "invalid_fields",
-            f"Missing form field(s): {', '.join(missing)}. Send multipart/form-data with `file` and "
-            "`modality`, or the image itself as the body (Content-Type: image/*) with ?modality=.",
+            "Missing form field: file. Send multipart/form-data with `file` (and `modality`), or the image "
+            "itself as the body (Content-Type: image/*) with ?modality=.",
         )
     return await file.read(), options
+
+
+def _modality(options: RawPredictOptions, data: bytes) -> str:
+    """The modality asked for, else the one the bytes decide (DICOM and 16-bit PNG or TIFF are X-ray)."""
+    modality = options.modality or content_modality(data)
+    if modality is None:
+        raise ApiError(
+            422,
+            "invalid_fields",
+            "Missing field: modality (photo or xray). The image's bytes decide it only for DICOM and 16-bit "
+            "PNG or TIFF (X-ray); an 8-bit image may be either.",
+        )
+    return modality
 
 
 @router.post(
@@ -161,20 +175,23 @@ async def predict(
     service: ServiceDep,
     principal: PrincipalDep,
     file: Annotated[UploadFile | None, File(description="The image (multipart).")] = None,
-    modality: Annotated[Modality | None, Form(description=MODALITY_TEXT + " Required with a form.")] = None,
+    modality: Annotated[
+        Modality | None,
+        Form(description=MODALITY_TEXT + " May be left out for DICOM and 16-bit PNG or TIFF (X-ray)."),
+    ] = None,
     station_id: StationField = None,
     case_id: CaseField = None,
     return_heatmap: HeatmapField = False,
     product: ProductField = None,
     return_view: ViewField = False,
 ) -> dict[str, Any]:
-    form = None if modality is None else RawPredictOptions(
+    form = None if file is None else RawPredictOptions(
         modality=modality, station_id=station_id, case_id=case_id, product=product,
         return_heatmap=return_heatmap, return_view=return_view,
     )  # fmt: skip
     data, options = await _predict_input(request, file, form)
     station = station_for(principal.station_id, options.station_id)
-    served = service.model_for(options.modality)
+    served = service.model_for(_modality(options, data))
     service.require_product(served, options.product)
     scored = await service.score(data, served, options.product)
     heatmap, view = await _images(scored, served, options.return_heatmap, options.return_view)
