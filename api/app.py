@@ -177,6 +177,7 @@ def _lifespan(
         # Opened per lifespan (and closed at its end), so an app can be started again after a stop.
         audit_store = audit if audit is not None else await run_in_threadpool(open_audit_store, settings)
         app.state.audit = audit_store
+        registry.model_events = audit_store.model_events  # promotions decide the defaults on every reload
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threadpool_size
         loading = None
         if settings.background_load:

@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 from verity.api.audit_records import (
     AUDIT_FIELDS,
     FEEDBACK_FIELDS,
+    MODEL_EVENT_FIELDS,
     REFERENCE_EVENT_FIELDS,
     AuditError,
     AuditRecord,
     AuditStore,
     FeedbackRecord,
     HistoryQuery,
+    ModelEvent,
     ReferenceEvent,
 )
 from verity.api.audit_sql import (
@@ -46,7 +48,8 @@ if TYPE_CHECKING:
 
 __all__ = [  # the records and the contract are defined in audit_records; their users import them here
     "AUDIT_FIELDS", "FEEDBACK_FIELDS", "REFERENCE_EVENT_FIELDS", "AuditError", "AuditRecord", "AuditStore",
-    "FeedbackRecord", "HistoryQuery", "ImageStore", "ReferenceEvent", "SQLiteAuditStore", "open_audit_store",
+    "FeedbackRecord", "HistoryQuery", "ImageStore", "ModelEvent", "ReferenceEvent", "SQLiteAuditStore",
+    "open_audit_store",
 ]  # fmt: skip
 
 
@@ -88,6 +91,12 @@ CREATE INDEX IF NOT EXISTS reference_events_created ON reference_events (created
 CREATE TABLE IF NOT EXISTS generations (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 -- Each key's request bucket when the rate is shared by the workers (api/limits.SharedRequestRate).
 CREATE TABLE IF NOT EXISTS rate_buckets (key TEXT PRIMARY KEY, tokens REAL NOT NULL, counted REAL NOT NULL);
+-- Which version each model alias names (`verity promote`, `verity rollback`), an append-only log.
+CREATE TABLE IF NOT EXISTS model_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created TEXT NOT NULL, action TEXT NOT NULL,
+    model_name TEXT NOT NULL, alias TEXT NOT NULL, version TEXT NOT NULL, previous_version TEXT,
+    actor TEXT, why TEXT, comparison TEXT
+);
 """
 
 # Columns added since the first schema, added in place to older databases (CREATE TABLE IF NOT EXISTS
@@ -249,6 +258,28 @@ class SQLiteAuditStore:
         with self._lock:
             rows = self._db.execute(query + " ORDER BY id", arguments).fetchall()
         return [ReferenceEvent(*row) for row in rows]
+
+    def record_model_event(self, event: ModelEvent) -> None:
+        """Writes one promotion or rollback durably, or raises AuditError (the change is then refused)."""
+        values = asdict(event)
+        try:
+            with self._lock:
+                self._db.execute(
+                    f"INSERT INTO model_events ({', '.join(values)}) "
+                    f"VALUES ({', '.join('?' for _ in values)})",
+                    tuple(values.values()),
+                )
+        except sqlite3.Error as error:
+            raise AuditError(f"The model event could not be written: {error}") from error
+
+    def model_events(self, model_name: str | None = None) -> list[ModelEvent]:
+        query = f"SELECT {', '.join(MODEL_EVENT_FIELDS)} FROM model_events"
+        arguments: tuple[str, ...] = ()
+        if model_name is not None:
+            query, arguments = query + " WHERE model_name = ?", (model_name,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY id", arguments).fetchall()
+        return [ModelEvent(*row) for row in rows]
 
     def bump_generation(self, name: str) -> int:
         try:

@@ -1,7 +1,7 @@
 """`verity audit migrate`: copies a SQLite audit log into PostgreSQL, and proves nothing was lost.
 
-Every row of the three tables (predictions, feedback, reference events) is copied as it is, ids
-included, in batches; rows the target already holds are kept, so a migration interrupted or run twice
+Every row of the four tables (predictions, feedback, reference events, model events) is copied as it
+is, ids included, in batches; rows the target already holds are kept, so a migration interrupted or run twice
 ends the same. Then both sides are read back in key order and compared table by table: the row counts
 and a SHA-256 over every row's values. A mismatch is an error (exit status 1), never a warning.
 """
@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Protocol
 
-from verity.api.audit_records import AUDIT_FIELDS, FEEDBACK_FIELDS, REFERENCE_EVENT_FIELDS, AuditError
+from verity.api.audit_records import (
+    AUDIT_FIELDS,
+    FEEDBACK_FIELDS,
+    MODEL_EVENT_FIELDS,
+    REFERENCE_EVENT_FIELDS,
+    AuditError,
+)
 
 BATCH = 1000
 # table: (columns, key the rows are read and compared in)
@@ -22,6 +28,7 @@ TABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "predictions": (AUDIT_FIELDS, "request_id"),
     "feedback": (("id", *FEEDBACK_FIELDS), "id"),
     "reference_events": (("id", *REFERENCE_EVENT_FIELDS), "id"),
+    "model_events": (("id", *MODEL_EVENT_FIELDS), "id"),
 }
 
 

@@ -67,6 +67,22 @@ class ReferenceEvent:
 
 
 @dataclass(frozen=True)
+class ModelEvent:
+    """One change of which version a model's alias names (`verity promote`, `verity rollback`): who, when,
+    why, and the comparison behind it. The log is append-only; an alias is its latest event."""
+
+    created: str
+    action: str  # "promote" or "rollback"
+    model_name: str
+    alias: str  # e.g. "production"
+    version: str  # what the alias names from now on
+    previous_version: str | None = None  # what it named before (None: the alias is new)
+    actor: str | None = None  # "cli:<user>"
+    why: str | None = None
+    comparison: str | None = None  # `verity compare`'s JSON, when one was given
+
+
+@dataclass(frozen=True)
 class FeedbackRecord:
     """One officer's confirmation. station_id, key_id and role say who sent it (the caller's key, not
     the verdict's station); role is None on rows written before senders were recorded."""
@@ -84,6 +100,7 @@ class FeedbackRecord:
 AUDIT_FIELDS = tuple(f.name for f in fields(AuditRecord))
 FEEDBACK_FIELDS = tuple(f.name for f in fields(FeedbackRecord))
 REFERENCE_EVENT_FIELDS = tuple(f.name for f in fields(ReferenceEvent))
+MODEL_EVENT_FIELDS = tuple(f.name for f in fields(ModelEvent))
 
 
 @dataclass(frozen=True)
@@ -131,6 +148,12 @@ class AuditStore(Protocol):
         """Each audited prediction that has feedback, with all its feedback rows oldest first (whoever
         sent them): api.feedback decides which count and how disagreements resolve."""
 
+    def record_model_event(self, event: ModelEvent) -> None:
+        """Writes one promotion or rollback durably before it takes effect, or raises AuditError."""
+
+    def model_events(self, model_name: str | None = None) -> list[ModelEvent]:
+        """Every promotion and rollback, oldest first (of one model when named)."""
+
     def bump_generation(self, name: str) -> int:
         """Counts one more change of `name` (e.g. "models") for every worker to see; returns the count."""
 
@@ -138,3 +161,11 @@ class AuditStore(Protocol):
         """How many changes of `name` were counted (0 for none); each worker polls it (shared_state)."""
 
     def close(self) -> None: ...
+
+
+def current_aliases(events: list[ModelEvent]) -> dict[tuple[str, str], ModelEvent]:
+    """(model name, alias) -> the event that set it last: what each alias names now."""
+    current: dict[tuple[str, str], ModelEvent] = {}
+    for event in events:  # oldest first: a later event replaces an earlier one
+        current[(event.model_name, event.alias)] = event
+    return current

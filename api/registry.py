@@ -1,7 +1,10 @@
 """Model registry: every <name>/<version>/model.onnx under the models folder, loaded side by side.
 
-The default per modality is the newest version in the natural version order of
-`inference.artifacts` (or the one pinned in settings). Reload loads new or changed files beside the
+The default per modality is, in this order: the one pinned in settings; the version a model's
+`production` alias names (`verity promote`, recorded in the audit store, so every worker and box reads
+the same), the latest promoted when several names of the modality have one; else the newest version
+that is not marked weak, in the natural version order of `inference.artifacts`. Once a model has a
+production alias, a new folder never goes live by itself. Reload loads new or changed files beside the
 serving ones, warms them, then swaps the whole snapshot in one assignment, so a request sees either the
 old set or the new one, never a mix. A file that fails to load is reported and the version it would
 have replaced keeps serving.
@@ -19,6 +22,7 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from verity.api.audit_records import ModelEvent, current_aliases
 from verity.api.settings import Settings
 from verity.inference.artifacts import scan_model_files, version_sort_key
 from verity.inference.batcher import BatcherClosedError, BatchStats, MicroBatcher
@@ -30,6 +34,7 @@ log = logging.getLogger("verity.api.registry")
 
 ModelKey = tuple[str, str]  # (name, version)
 EngineFactory = Callable[[Path], OnnxEngine]
+PRODUCTION = "production"  # the alias a modality's default follows
 
 
 class ServedModel:
@@ -128,6 +133,7 @@ class ServedModel:
 class Snapshot:
     models: dict[ModelKey, ServedModel] = field(default_factory=dict)
     defaults: dict[str, ModelKey] = field(default_factory=dict)  # modality -> key
+    aliases: dict[ModelKey, list[str]] = field(default_factory=dict)  # key -> the aliases naming it
 
 
 @dataclass
@@ -166,6 +172,9 @@ class ModelRegistry:
         self.last_report: ReloadReport | None = None
         self.load_finished = False  # a first scan of the models folder has ended (loaded or not)
         self._reload_lock = asyncio.Lock()
+        # The promotions and rollbacks (the audit store's model events), read at each reload; none until
+        # the app's lifespan connects the store.
+        self.model_events: Callable[[], list[ModelEvent]] = list
 
     def _onnx_engine(self, path: Path) -> OnnxEngine:
         engine = OnnxEngine(
@@ -210,10 +219,12 @@ class ModelRegistry:
         return models, report
 
     def _choose_defaults(
-        self, models: dict[ModelKey, ServedModel], report: ReloadReport
+        self, models: dict[ModelKey, ServedModel], report: ReloadReport, events: list[ModelEvent]
     ) -> dict[str, ModelKey]:
-        """Each modality's default: the pinned model, else the newest that is not marked weak (a run the
-        weak-run guard refused, kept with --allow-weak, answers only when an operator pins it)."""
+        """Each modality's default (module docstring): the pinned model, else the production alias, else
+        the newest that is not marked weak (a run the weak-run guard refused, kept with --allow-weak,
+        answers only when an operator pins or promotes it)."""
+        promoted = [event for event in current_aliases(events).values() if event.alias == PRODUCTION]
         defaults: dict[str, ModelKey] = {}
         for modality in sorted({m.modality for m in models.values()}):
             candidates = [k for k, m in models.items() if m.modality == modality]
@@ -225,6 +236,17 @@ class ModelRegistry:
                     defaults[modality] = max(pinned, key=lambda k: (version_sort_key(k[1]), k[0]))
                     continue
                 report.failed.append({"path": pin, "error": f"pinned {modality} model {pin} is not loaded"})
+            names = {k[0] for k in candidates}
+            aliased = [event for event in promoted if event.model_name in names]
+            if aliased:  # the latest promotion among this modality's names decides; never the newest folder
+                latest = aliased[-1]
+                key = (latest.model_name, latest.version)
+                if key in models:
+                    defaults[modality] = key
+                else:
+                    missing = f"{PRODUCTION} alias of {latest.model_name} names {latest.version}: not loaded"
+                    report.failed.append({"path": _label(key), "error": missing})
+                continue
             sound = [k for k in candidates if not models[k].engine.card.weak]
             for key in sorted(set(candidates) - set(sound)):
                 report.passed_over.append(_label(key))
@@ -239,11 +261,15 @@ class ModelRegistry:
             try:
                 current = self.snapshot
                 models, report = await run_in_threadpool(self._load_files, current)
-                defaults = self._choose_defaults(models, report)
+                events = await run_in_threadpool(self.model_events)
+                defaults = self._choose_defaults(models, report, events)
                 for key, served in models.items():
                     if current.models.get(key) is not served:
                         await served.start()
-                self.snapshot = Snapshot(models=models, defaults=defaults)  # the atomic swap
+                named: dict[ModelKey, list[str]] = {}
+                for (name, alias), event in current_aliases(events).items():
+                    named.setdefault((name, event.version), []).append(alias)
+                self.snapshot = Snapshot(models=models, defaults=defaults, aliases=named)  # the atomic swap
                 retired = [m for k, m in current.models.items() if models.get(k) is not m]
                 for served in retired:
                     await served.stop(drain=True)

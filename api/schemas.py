@@ -178,6 +178,11 @@ class ModelInfo(BaseModel):
     version: str
     modality: Modality
     default: bool
+    aliases: list[str] = Field(
+        default_factory=list,
+        description="The aliases naming this version (`production` is what the modality serves once a "
+        "model of it was promoted with `verity promote`).",
+    )
     weak: bool = Field(
         False,
         description="Marked weak by the weak-run guard (kept with --allow-weak): never a default unless "

@@ -17,7 +17,15 @@ from postgres_fixtures import PostgresServer, require_postgres, start_postgres
 from test_audit import record
 
 from verity.api.app import create_app
-from verity.api.audit import AuditError, FeedbackRecord, HistoryQuery, ReferenceEvent, open_audit_store
+from verity.api.audit import (
+    AuditError,
+    FeedbackRecord,
+    HistoryQuery,
+    ModelEvent,
+    ReferenceEvent,
+    open_audit_store,
+)
+from verity.api.audit_records import current_aliases
 from verity.api.settings import Settings
 from verity.cli import main as verity_main
 
@@ -126,6 +134,25 @@ def test_reference_events_in_order(store: Any) -> None:
         store.record_reference_event(event)
     assert store.reference_events() == events
     assert store.reference_events("photo-a") == [events[0], events[2]]
+
+
+@pytest.mark.parametrize("database", STORES, indirect=True)
+def test_model_events_in_order_and_the_aliases_they_set(store: Any) -> None:
+    day = "2026-12-0{}T10:00:00+00:00".format
+    events = [
+        ModelEvent(day(1), "promote", "photo-a", "production", "1", None, "cli:ops", "first"),
+        ModelEvent(day(2), "promote", "photo-a", "production", "2", "1", "cli:ops", "better", '{"d": 0.01}'),
+        ModelEvent(day(3), "promote", "xray-a", "production", "5", None, "cli:ops", "x"),
+        ModelEvent(day(4), "rollback", "photo-a", "production", "1", "2", "cli:ops", "alarms"),
+    ]
+    for event in events:
+        store.record_model_event(event)
+    assert store.model_events() == events
+    assert store.model_events("photo-a") == [events[0], events[1], events[3]]
+    aliases = current_aliases(store.model_events())
+    assert {key: event.version for key, event in aliases.items()} == {
+        ("photo-a", "production"): "1", ("xray-a", "production"): "5",
+    }
 
 
 @pytest.mark.parametrize("database", STORES, indirect=True)
@@ -243,15 +270,19 @@ def test_migrate_copies_everything_and_proves_it(
     source.add_feedback(FeedbackRecord("r-03", stamps[5], "counterfeit", notes="fake seal"))
     event = ReferenceEvent(stamps[6], "add", "photo-a", "velmor-tea", "cd" * 32, "ref-1")
     source.record_reference_event(event)
+    promoted = ModelEvent(stamps[7], "promote", "photo-a", "production", "2", "1", "cli:ops", "retrained")
+    source.record_model_event(promoted)
     source.close()
     url = postgres.create_database("migrated")
     assert verity_main(["audit", "migrate", "--from", str(source_path), "--to", url]) == 0
     printed = capsys.readouterr().out
     assert "predictions: 30 rows" in printed and "feedback: 1 rows" in printed
+    assert "model_events: 1 rows" in printed
     assert verity_main(["audit", "migrate", "--from", str(source_path), "--to", url]) == 0  # again: same
     target = open_audit_store(Settings(audit_db=url))
     try:
         assert target.count() == 30
+        assert target.model_events() == [promoted]
         assert target.get("r-05") == record("r-05", created=stamps[5], score=5 / 29, recognised=True)
         target.add_feedback(FeedbackRecord("r-04", stamps[7], "genuine"))  # ids continue past the copied
         assert [row.confirmed_label for row in target.feedback_for(["r-04"])["r-04"]] == ["genuine"]

@@ -126,3 +126,36 @@ def test_an_enrolment_reaches_every_worker_within_2_s(tmp_path: Path) -> None:
         assert ask() == [200] * FRESH
     finally:
         live.stop()
+
+
+def test_a_promotion_and_a_rollback_reach_every_worker_within_2_s(two_workers) -> None:
+    """`verity promote` and `verity rollback` beside the running server: the audit store records each,
+    and every worker serves the alias within 2 s."""
+    import os
+    import subprocess
+    import sys
+
+    live, admin, _, _ = two_workers
+    shared = ("VERITY_MODELS_DIR", "VERITY_AUDIT_DB")
+    env = {**os.environ, **{name: live.env[name] for name in shared}}
+
+    def verity(*argv: str) -> str:
+        command = [sys.executable, "-m", "verity", *argv]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def served() -> list[str]:
+        return [answer.json()["defaults"]["photo"] for answer in fresh_get(live.url + "/v1/models", admin)]
+
+    verity("promote", "photo-test", "1", "--why", "version 2 alarms on tea")
+    time.sleep(FOLLOW_S)
+    assert served() == ["photo-test/1"] * FRESH
+    verity("promote", "photo-test", "2", "--why", "fixed")
+    time.sleep(FOLLOW_S)
+    assert served() == ["photo-test/2"] * FRESH
+    verity("rollback", "photo-test", "--why", "false alarms at gate 3")
+    time.sleep(FOLLOW_S)
+    assert served() == ["photo-test/1"] * FRESH
+    listed = verity("promote", "--list").splitlines()
+    assert [line.split()[1] for line in listed] == ["promote", "promote", "rollback"]

@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("verity.api.cli", "serve_main", "run the HTTP service"),
     "predict": ("verity.inference.cli", "main", "give a verdict for image files from the command line"),
     "keys": ("verity.api.cli", "keys_main", "add, revoke and list station API keys"),
+    "promote": ("verity.api.lifecycle_cli", "promote_main", "point a model's production alias at a version"),
+    "rollback": ("verity.api.lifecycle_cli", "rollback_main", "point a model's alias back"),
     "audit": ("verity.api.cli", "audit_main", "export the audit log"),
     "refs": ("verity.api.refs_cli", "refs_main", "enrol, list and remove genuine product references"),
 }

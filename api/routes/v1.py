@@ -290,7 +290,10 @@ async def predict_batch(
 async def list_models(registry: RegistryDep, principal: PrincipalDep) -> dict[str, Any]:
     snapshot = registry.snapshot
     defaults = set(snapshot.defaults.values())
-    models = [m.describe(key in defaults) for key, m in sorted(snapshot.models.items())]
+    models = [
+        {**m.describe(key in defaults), "aliases": sorted(snapshot.aliases.get(key, []))}
+        for key, m in sorted(snapshot.models.items())
+    ]
     return {"models": models, "defaults": {mod: f"{k[0]}/{k[1]}" for mod, k in snapshot.defaults.items()}}
 
 

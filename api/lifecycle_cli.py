@@ -1,0 +1,158 @@
+"""`verity promote` and `verity rollback`: which version a model's alias names, decided by a person and
+recorded in the audit log (who, when, why, and the comparison behind it).
+
+A modality's default follows the `production` alias of its models (api/registry.py): promoting a version
+takes effect on every worker and box within a second or two (the change is counted in the shared audit
+store, which each worker follows: api/shared_state.py). A new folder in the models directory never goes
+live by itself once its model has a production alias.
+
+    verity promote photo-default 1.1.0 --why "seizures of 2026-11" --comparison compare/compare.json
+    verity rollback photo-default --why "false alarms at gate 3"
+    verity promote --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from verity.api.audit import AuditStore, ModelEvent, open_audit_store
+from verity.api.audit_records import current_aliases
+from verity.api.registry import PRODUCTION
+from verity.api.settings import Settings, load_settings
+from verity.api.shared_state import MODELS
+from verity.inference.engine import read_metadata
+from verity.inference.stamps import utc_now
+from verity.inference.terminal import terminal_safe
+
+
+class LifecycleError(ValueError):
+    """A promotion or rollback that was refused, with the reason (the CLI prints it and exits 1)."""
+
+
+def _actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+def _current(store: AuditStore, name: str, alias: str) -> ModelEvent | None:
+    return current_aliases(store.model_events(name)).get((name, alias))
+
+
+def _check_comparison(path: Path, name: str, version: str, force: bool) -> str:
+    """`verity compare`'s result for this challenger, as JSON text; a challenger worse beyond noise is
+    refused unless forced."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        challenger, (low, high) = result["challenger"]["model"], result["roc_auc_difference_interval"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise LifecycleError(f"--comparison {path}: not a `verity compare` result ({error}).") from error
+    if challenger != f"{name}/{version}":
+        raise LifecycleError(f"--comparison {path} compares {challenger}, not {name}/{version}.")
+    if result.get("worse_beyond_noise") and not force:
+        raise LifecycleError(
+            f"{name}/{version} is worse than the champion beyond noise: ROC AUC difference "
+            f"{result['roc_auc_difference']:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}]. "
+            "Give --force (with --why) to promote it anyway."
+        )
+    return json.dumps(result, sort_keys=True)
+
+
+def promote(
+    settings: Settings, store: AuditStore, name: str, version: str, why: str, *,
+    alias: str = PRODUCTION, comparison: Path | None = None, force: bool = False,
+) -> ModelEvent:  # fmt: skip
+    """Points `alias` of `name` at `version` and records it; the version must be in the models folder,
+    and a model marked weak or worse beyond noise is refused unless forced."""
+    model = settings.models_dir / name / version / "model.onnx"
+    if not model.is_file():
+        raise LifecycleError(f"No model {name}/{version} in {settings.models_dir} (expected {model}).")
+    _, card = read_metadata(model)
+    if card.weak and not force:
+        raise LifecycleError(f"{name}/{version} is marked weak in its card; give --force (with --why).")
+    compared = _check_comparison(comparison, name, version, force) if comparison else None
+    current = _current(store, name, alias)
+    event = ModelEvent(utc_now(), "promote", name, alias, version, current.version if current else None,
+                       _actor(), why, compared)  # fmt: skip
+    store.record_model_event(event)
+    store.bump_generation(MODELS)  # every worker reloads and follows the alias
+    return event
+
+
+def rollback(store: AuditStore, name: str, why: str, alias: str = PRODUCTION) -> ModelEvent:
+    """Points `alias` back at the version it named before its last change, and records it."""
+    current = _current(store, name, alias)
+    if current is None or current.previous_version is None:
+        raise LifecycleError(f"{name} has no earlier {alias} version to roll back to.")
+    event = ModelEvent(utc_now(), "rollback", name, alias, current.previous_version, current.version,
+                       _actor(), why)  # fmt: skip
+    store.record_model_event(event)
+    store.bump_generation(MODELS)
+    return event
+
+
+def _describe(event: ModelEvent) -> str:
+    before = f" (was {event.previous_version})" if event.previous_version else ""
+    return (f"{event.created} {event.action} {event.model_name} {event.alias} -> {event.version}{before} "
+            f"by {event.actor}: {event.why}")  # fmt: skip
+
+
+def _with_store(run: Any) -> int:
+    settings = load_settings()
+    store = open_audit_store(settings)
+    try:
+        return int(run(settings, store))
+    finally:
+        store.close()
+
+
+def promote_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="verity promote", description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", nargs="?", help="the model's name (its folder in the models directory)")
+    parser.add_argument("version", nargs="?", help="the version to promote")
+    parser.add_argument("--why", help="why: recorded in the audit log with who and when (required)")
+    parser.add_argument("--alias", default=PRODUCTION, help=f"the alias to point (default {PRODUCTION})")
+    parser.add_argument("--comparison", type=Path, help="`verity compare --out` result (compare.json)")
+    parser.add_argument("--force", action="store_true", help="promote a weak or worse-beyond-noise model")
+    parser.add_argument("--list", action="store_true", help="list every promotion and rollback")
+    args = parser.parse_args(argv)
+
+    def run(settings: Settings, store: AuditStore) -> int:
+        if args.list:
+            for event in store.model_events():
+                print(terminal_safe(_describe(event)))
+            return 0
+        if not (args.name and args.version and args.why):
+            parser.error("give NAME VERSION --why TEXT (or --list)")
+        try:
+            event = promote(settings, store, args.name, args.version, args.why, alias=args.alias,
+                            comparison=args.comparison, force=args.force)  # fmt: skip
+        except LifecycleError as error:
+            print(terminal_safe(f"verity promote: refused: {error}"), file=sys.stderr)
+            return 1
+        print(terminal_safe(_describe(event)))
+        return 0
+
+    return _with_store(run)
+
+
+def rollback_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="verity rollback", description="Point a model's alias back.")
+    parser.add_argument("name", help="the model's name")
+    parser.add_argument("--why", required=True, help="why: recorded in the audit log with who and when")
+    parser.add_argument("--alias", default=PRODUCTION, help=f"the alias to point back (default {PRODUCTION})")
+    args = parser.parse_args(argv)
+
+    def run(settings: Settings, store: AuditStore) -> int:
+        try:
+            event = rollback(store, args.name, args.why, args.alias)
+        except LifecycleError as error:
+            print(terminal_safe(f"verity rollback: refused: {error}"), file=sys.stderr)
+            return 1
+        print(terminal_safe(_describe(event)))
+        return 0
+
+    return _with_store(run)

@@ -1,0 +1,87 @@
+"""Promote and roll back: a modality serves its model's `production` alias, set by a person with a reason
+and recorded in the audit log; a new folder never goes live by itself once an alias exists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from api_fixtures import admin_headers, make_models_dir, make_settings, write_model
+from fastapi.testclient import TestClient
+
+from tests.test_weak_models import write_weak_model
+from verity import cli as verity_cli
+from verity.api.app import create_app
+from verity.api.audit import SQLiteAuditStore
+from verity.api.lifecycle_cli import LifecycleError, promote, rollback
+from verity.api.settings import Settings
+
+
+@pytest.fixture()
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    make_models_dir(tmp_path)
+    settings = make_settings(tmp_path)
+    monkeypatch.setenv("VERITY_MODELS_DIR", str(settings.models_dir))
+    monkeypatch.setenv("VERITY_AUDIT_DB", str(settings.audit_db))
+    return settings
+
+
+def _defaults(client: TestClient, settings: Settings) -> dict[str, str]:
+    client.post("/v1/models/reload", headers=admin_headers(settings))
+    return client.get("/readyz").json()["defaults"]
+
+
+def test_promote_and_roll_back_through_the_cli_and_the_server(cli_env: Settings, capsys) -> None:
+    settings = cli_env
+    with TestClient(create_app(settings)) as client:
+        assert _defaults(client, settings)["photo"] == "photo-test/2"  # no alias yet: the newest
+        assert verity_cli.main(["promote", "photo-test", "1", "--why", "version 2 alarms on tea"]) == 0
+        assert _defaults(client, settings)["photo"] == "photo-test/1"
+        listed = {(m["name"], m["version"]): m for m in client.get("/v1/models").json()["models"]}
+        promoted = listed[("photo-test", "1")]
+        assert promoted["aliases"] == ["production"] and promoted["default"]
+        write_model(settings.models_dir, "photo-test", "3")  # a new folder: loaded, never live by itself
+        assert _defaults(client, settings)["photo"] == "photo-test/1"
+        assert verity_cli.main(["promote", "photo-test", "3", "--why", "retrained on November"]) == 0
+        assert _defaults(client, settings)["photo"] == "photo-test/3"
+        assert verity_cli.main(["rollback", "photo-test", "--why", "false alarms at gate 3"]) == 0
+        assert _defaults(client, settings)["photo"] == "photo-test/1"
+    store = SQLiteAuditStore(settings.audit_db)
+    events = store.model_events("photo-test")
+    store.close()
+    assert [(e.action, e.version, e.previous_version) for e in events] == [
+        ("promote", "1", None), ("promote", "3", "1"), ("rollback", "1", "3"),
+    ]
+    assert events[-1].why == "false alarms at gate 3" and events[0].actor.startswith("cli:")
+    assert verity_cli.main(["promote", "--list"]) == 0
+    assert "rollback photo-test production -> 1 (was 3)" in capsys.readouterr().out
+
+
+def test_refusals_say_why(cli_env: Settings, tmp_path: Path, capsys) -> None:
+    settings = cli_env
+    store = SQLiteAuditStore(settings.audit_db)
+    try:
+        with pytest.raises(LifecycleError, match="No model photo-test/9"):
+            promote(settings, store, "photo-test", "9", "typo")
+        write_weak_model(settings.models_dir, "photo-test", "7")
+        with pytest.raises(LifecycleError, match="marked weak"):
+            promote(settings, store, "photo-test", "7", "shuffled labels")
+        worse = {"challenger": {"model": "photo-test/2"}, "roc_auc_difference": -0.08,
+                 "roc_auc_difference_interval": [-0.12, -0.04],
+                 "worse_beyond_noise": True}  # fmt: skip
+        (tmp_path / "compare.json").write_text(json.dumps(worse))
+        shown = r"worse than the champion beyond noise.*\[-0.1200, -0.0400\]"  # with the interval
+        with pytest.raises(LifecycleError, match=shown):
+            promote(settings, store, "photo-test", "2", "better?", comparison=tmp_path / "compare.json")
+        with pytest.raises(LifecycleError, match="compares photo-test/2, not photo-test/1"):
+            promote(settings, store, "photo-test", "1", "mixed up", comparison=tmp_path / "compare.json")
+        with pytest.raises(LifecycleError, match="no earlier production version"):
+            rollback(store, "photo-test", "nothing yet")
+        forced = promote(settings, store, "photo-test", "2", "the old one broke", force=True,
+                         comparison=tmp_path / "compare.json")  # fmt: skip
+        assert forced.comparison and json.loads(forced.comparison)["worse_beyond_noise"]
+    finally:
+        store.close()
+    assert verity_cli.main(["promote", "photo-test", "9", "--why", "typo"]) == 1
+    assert "refused: No model photo-test/9" in capsys.readouterr().err
