@@ -308,7 +308,8 @@ class ModelRegistry:
         return f"{found[0].upper()}{found[1:]}: {hint}."
 
     def find(self, name: str, version: str | None = None) -> ServedModel | None:
-        """A model by name (its default or newest version) or by name and version."""
+        """A model by name and version; by name alone, the version that serves its modality by default,
+        else the one its production alias names, else its newest."""
         snapshot = self.snapshot
         if version:
             return snapshot.models.get((name, version))
@@ -316,7 +317,21 @@ class ModelRegistry:
         if not matching:
             return None
         preferred = [k for k in matching if k in snapshot.defaults.values()]
+        preferred = preferred or [k for k in matching if PRODUCTION in snapshot.aliases.get(k, [])]
         return snapshot.models[max(preferred or matching, key=lambda k: version_sort_key(k[1]))]
+
+    def resolve(self, reference: str) -> ServedModel | None:
+        """A model as a client names it: `name`, `name/version`, `name@alias` (e.g. photo-default@production,
+        which follows every promotion) or a modality (`photo`, `xray`: the model serving it by default)."""
+        name, at, alias = reference.partition("@")
+        if at:
+            keys = [k for k, names in self.snapshot.aliases.items() if k[0] == name and alias in names]
+            return self.snapshot.models.get(keys[0]) if keys else None
+        name, _, version = reference.partition("/")
+        found = self.find(name, version or None)
+        if found is None and not version and name in MODALITIES:
+            found = self.default_for(name)
+        return found
 
     async def close(self) -> None:
         """Drains every batcher: queued requests get their answers before shutdown completes."""

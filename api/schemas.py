@@ -34,6 +34,7 @@ REQUEST_ID_MAX = 100  # a request id quoted back (ours are 32 hex digits and "-i
 OIP_NAME_MAX = 64  # a /v2 tensor, output or parameter name
 PARAMETER_TEXT_MAX = 200  # any other string parameter of /v2
 PARAMETERS_MAX = 16  # entries in one /v2 parameters map
+MODEL_REFERENCE_MAX = 2 * NAME_MAX + 1  # name/version or name@alias: two names and the sign between
 FILENAME_MAX = 255  # a file name a result quotes back (batch, enrolment): a file system's longest name
 
 
@@ -476,6 +477,8 @@ class RawPredictOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     modality: Modality | None = None  # None: the bytes decide where they can (DICOM, 16-bit), else 422
+    # The model to answer: name, name/version, name@alias or a modality (api.registry.resolve).
+    model: str | None = Field(None, max_length=MODEL_REFERENCE_MAX)
     station_id: str | None = Field(None, max_length=STATION_ID_MAX)
     case_id: str | None = Field(None, max_length=CASE_ID_MAX)
     product: str | None = Field(None, max_length=NAME_MAX)

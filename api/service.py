@@ -37,6 +37,7 @@ from verity.api.errors import (
     reference_error_to_api,
     reference_store_unavailable,
     service_unavailable,
+    truncated,
 )
 from verity.api.limits import KeyLimits
 from verity.api.metrics import Metrics
@@ -130,6 +131,20 @@ class PredictionService:
         self.metrics.rejected.labels(reason).inc()
         message = self.registry.unavailable_message([modality])
         raise service_unavailable(reason, message, self.settings.retry_after_s)
+
+    def model_named(self, reference: str, modality: str | None) -> ServedModel:
+        """The model a client names (`ModelRegistry.resolve`: name, name/version, name@alias or a
+        modality): 404 naming what is loaded when none matches, 422 when it is of another modality."""
+        served = self.registry.resolve(reference)
+        if served is None:
+            loaded = sorted({f"{k[0]}/{k[1]}" for k in self.registry.snapshot.models}) or ["none"]
+            message = (f"No loaded model answers to {truncated(reference)!r}. Loaded: {', '.join(loaded)}; "
+                       "name one as name, name/version or name@alias.")  # fmt: skip
+            raise ApiError(404, "unknown_model", message)
+        if modality is not None and served.modality != modality:
+            raise ApiError(422, "invalid_fields", f"{truncated(reference)!r} is a {served.modality} model, "
+                           f"not {modality}.")  # fmt: skip
+        return served
 
     def check_items(self, count: int) -> None:
         """The one items cap of every route (files of a /v1 batch, images or tensors of a /v2 input),

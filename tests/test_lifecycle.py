@@ -85,3 +85,36 @@ def test_refusals_say_why(cli_env: Settings, tmp_path: Path, capsys) -> None:
         store.close()
     assert verity_cli.main(["promote", "photo-test", "9", "--why", "typo"]) == 1
     assert "refused: No model photo-test/9" in capsys.readouterr().err
+
+
+def test_clients_may_name_a_model_a_version_or_an_alias(cli_env: Settings) -> None:
+    from api_fixtures import DARK, assert_error
+
+    settings = cli_env
+    assert verity_cli.main(["promote", "photo-test", "1", "--why", "the tested one"]) == 0
+    with TestClient(create_app(settings)) as client:
+
+        def answered_by(**fields: str) -> str:
+            response = client.post("/v1/predict", files={"file": ("a.png", DARK)}, data=fields)
+            assert response.status_code == 200, response.text
+            return "{name}/{version}".format(**response.json()["model"])
+
+        assert answered_by(modality="photo") == "photo-test/1"  # the production alias serves the modality
+        assert answered_by(model="photo-test@production") == "photo-test/1"
+        assert answered_by(model="photo-test/2", modality="photo") == "photo-test/2"
+        assert answered_by(model="photo-test") == "photo-test/1"
+        assert answered_by(model="xray") == "xray-test/1"
+        raw = client.post("/v1/predict?model=photo-test@production", content=DARK,
+                          headers={"Content-Type": "image/png"})  # fmt: skip
+        assert raw.json()["model"] == {"name": "photo-test", "version": "1"}
+        def sent(**fields: str):  # noqa: ANN202 - the response
+            return client.post("/v1/predict", files={"file": ("a.png", DARK)}, data=fields)
+
+        wrong = sent(model="xray-test", modality="photo")
+        assert "xray model, not photo" in assert_error(wrong, 422)["error"]["message"]
+        unknown = sent(model="photo-test@challenger")
+        assert "photo-test/1" in assert_error(unknown, 404, "unknown_model")["error"]["message"]
+        assert_error(sent(model="m" * 200), 422)
+        meta = client.get("/v2/models/photo-test@production")
+        assert meta.status_code == 200 and meta.json()["name"] == "photo-test"
+        assert client.get("/v2/models/photo-test@challenger").status_code == 404

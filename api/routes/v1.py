@@ -28,6 +28,7 @@ from verity.api.registry import ServedModel
 from verity.api.schemas import (
     CASE_ID_MAX,
     FILENAME_MAX,
+    MODEL_REFERENCE_MAX,
     STATION_ID_MAX,
     BatchResponse,
     FeedbackIn,
@@ -77,6 +78,16 @@ ProductField = Annotated[
 ]
 
 
+ModelField = Annotated[
+    str | None,
+    Form(
+        max_length=MODEL_REFERENCE_MAX,
+        description="The model to answer, instead of the modality's default: `name` (the version serving), "
+        "`name/version`, or `name@alias` (e.g. photo-default@production, which follows every promotion).",
+    ),
+]
+
+
 def _elapsed_ms(request: Request) -> float:
     return (time.perf_counter() - request.state.started) * 1000.0
 
@@ -105,6 +116,7 @@ RAW_BODY_OPENAPI = {
             ("station_id", {"type": "string", "maxLength": STATION_ID_MAX}, "With a raw body."),
             ("case_id", {"type": "string", "maxLength": CASE_ID_MAX}, "With a raw body."),
             ("product", {"type": "string", "maxLength": NAME_MAX}, "With a raw body."),
+            ("model", {"type": "string", "maxLength": MODEL_REFERENCE_MAX}, "With a raw body."),
             ("return_heatmap", {"type": "boolean"}, "With a raw body."),
             ("return_view", {"type": "boolean"}, "With a raw body."),
         )
@@ -184,14 +196,18 @@ async def predict(
     return_heatmap: HeatmapField = False,
     product: ProductField = None,
     return_view: ViewField = False,
+    model: ModelField = None,
 ) -> dict[str, Any]:
     form = None if file is None else RawPredictOptions(
         modality=modality, station_id=station_id, case_id=case_id, product=product,
-        return_heatmap=return_heatmap, return_view=return_view,
+        return_heatmap=return_heatmap, return_view=return_view, model=model,
     )  # fmt: skip
     data, options = await _predict_input(request, file, form)
     station = station_for(principal.station_id, options.station_id)
-    served = service.model_for(_modality(options, data))
+    if options.model:
+        served = service.model_named(options.model, options.modality)
+    else:
+        served = service.model_for(_modality(options, data))
     service.require_product(served, options.product)
     scored = await service.score(data, served, options.product)
     heatmap, view = await _images(scored, served, options.return_heatmap, options.return_view)

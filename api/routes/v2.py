@@ -23,7 +23,6 @@ from verity.api.registry import ServedModel
 from verity.api.schemas import OIP_NAME_MAX, PARAMETER_TEXT_MAX, PARAMETERS_MAX, STATION_ID_MAX, OipError
 from verity.api.service import ServiceDep, station_for
 from verity.inference.pipeline import Upload, prepare_tensor
-from verity.inference.vocabulary import MODALITIES
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
@@ -36,11 +35,9 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _model(registry, name: str, version: str | None = None) -> ServedModel:
-    """A model by name (and version); a modality's name (`photo`, `xray`) is the model serving it by
-    default, so a console integrated against it follows every change of default."""
-    served = registry.find(name, version)
-    if served is None and version is None and name in MODALITIES:
-        served = registry.default_for(name)
+    """A model by name (and version), or as `ModelRegistry.resolve` reads a reference: `name@alias`, or a
+    modality's name for the model serving it by default, so a console follows every promotion."""
+    served = registry.find(name, version) if version else registry.resolve(name)
     if served is None:
         known = ", ".join(sorted({f"{k[0]}/{k[1]}" for k in registry.snapshot.models})) or "none loaded"
         label = f"{name}/{version}" if version else name
