@@ -9,6 +9,7 @@ live by itself once its model has a production alias.
     verity promote photo-default 1.1.0 --why "seizures of 2026-11" --comparison compare/compare.json
     verity rollback photo-default --why "false alarms at gate 3"
     verity promote --list
+    verity drift report [--since 2026-12-01] [--json]
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from verity.api.audit import AuditStore, ModelEvent, open_audit_store
 from verity.api.audit_records import current_aliases
 from verity.api.registry import PRODUCTION
 from verity.api.settings import Settings, load_settings
 from verity.api.shared_state import MODELS
+from verity.inference.drift import DRIFT_ALERT_PSI, WINDOW, drift_figures
 from verity.inference.engine import read_metadata
 from verity.inference.stamps import utc_now
 from verity.inference.terminal import terminal_safe
@@ -156,3 +160,58 @@ def rollback_main(argv: list[str]) -> int:
         return 0
 
     return _with_store(run)
+
+
+def drift_report(settings: Settings, store: AuditStore, since: str | None) -> list[dict[str, Any]]:
+    """For each station, modality and model in the audit log since `since`: the scores' PSI against the
+    model's validation distribution and the not-recognised rate (inference.drift; the brightness of the
+    images is not in the log: /metrics has it live)."""
+    groups: dict[tuple[str, str, str, str], list[Any]] = {}
+    for record in store.since(since):
+        key = (record.station_id or "-", record.modality, record.model_name, record.model_version)
+        groups.setdefault(key, []).append(record)
+    rows = []
+    for (station, modality, name, version), records in sorted(groups.items()):
+        model = settings.models_dir / name / version / "model.onnx"
+        reference = (read_metadata(model)[1].novelty or {}).get("drift") if model.is_file() else None
+        row: dict[str, Any] = {"station": station, "modality": modality, "model": f"{name}/{version}",
+                               "answers": len(records)}  # fmt: skip
+        if reference is None:
+            row["note"] = "no validation distribution in the model's card (or the model is not here)"
+        else:
+            recent = records[-WINDOW:]
+            scores = np.array([r.score for r in recent])
+            flags = np.array([r.recognised is False for r in recent])
+            no_brightness = np.full(len(scores), np.nan)
+            row.update(drift_figures({**reference, "brightness": None}, scores, no_brightness, flags))
+        rows.append(row)
+    return rows
+
+
+def drift_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="verity drift", description="Drift of answers from validation.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    report = sub.add_parser("report", help="per station, modality and model, over the audit log")
+    report.add_argument("--since", help="only answers from this ISO 8601 time on")
+    report.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    args = parser.parse_args(argv)
+
+    def run(settings: Settings, store: AuditStore) -> int:
+        for row in drift_report(settings, store, args.since):
+            if args.json:
+                print(json.dumps(row))
+                continue
+            figures = row.get("note") or (
+                f"score PSI {_figure(row['score_psi'])} (alert above {DRIFT_ALERT_PSI}), not recognised "
+                f"{_figure(row['not_recognised_rate'], '.1%')} "
+                f"(validation {_figure(row['val_not_recognised_rate'], '.1%')})"
+            ) + ("  ALERT" if row.get("alert") else "")
+            print(terminal_safe(f"{row['station']:<16} {row['modality']:<6} {row['model']:<28} "
+                                f"{row['answers']:>6} answers  {figures}"))  # fmt: skip
+        return 0
+
+    return _with_store(run)
+
+
+def _figure(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)

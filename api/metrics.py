@@ -7,6 +7,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from verity.api.drift_monitor import DriftMonitor
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -90,6 +92,7 @@ class Metrics:
         self.in_flight = Gauge(
             "verity_requests_in_flight", "HTTP requests being served.", registry=self.registry
         )
+        self.drift = DriftMonitor(self.registry)
 
     def watch_models(self, describe: Callable[[], list[tuple[str, str, str, bool, int]]]) -> None:
         self.registry.register(_ModelCollector(describe))

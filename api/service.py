@@ -322,7 +322,20 @@ class PredictionService:
                 )
             )
         await self.write_audit(records)
+        for record, (_, scored, _) in zip(records, items, strict=True):
+            self.observe_drift(record.station_id, modality, scored)
         return records
+
+    def observe_drift(self, station_id: str | None, modality: str, scored: Scored) -> None:
+        """Holds an answered verdict against its model's validation distribution (api/drift_monitor.py),
+        when the model's card has one."""
+        served = self.registry.find(scored.model, scored.version)
+        reference = ((served.engine.card.novelty or {}).get("drift")) if served is not None else None
+        if reference is None:
+            return
+        profile = scored.upload.decoded.profile
+        self.metrics.drift.observe(station_id, modality, (scored.model, scored.version), reference,
+                                   scored.score, profile, scored.recognised)  # fmt: skip
 
     async def write_audit(self, records: list[AuditRecord]) -> None:
         """Writes before the answer; no record, no verdict."""

@@ -32,6 +32,7 @@ PROFILE_FILE = "profile.npz"
 LEVEL_QUANTILES = (1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0)
 GRADIENT_QUANTILES = (50.0, 90.0, 99.0)
 PROFILE_WIDTH = len(LEVEL_QUANTILES) + 1 + len(GRADIENT_QUANTILES) + 2
+MEDIAN_LEVEL = LEVEL_QUANTILES.index(50.0)  # the profile's median grey level: the image's brightness
 # A statistic that never varies over the training images (a grey model's colour spread) still gets a
 # spread, so an image that differs on it only slightly is not infinitely far away.
 MIN_SPREAD = 1e-6

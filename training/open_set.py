@@ -27,8 +27,15 @@ from verity.inference.bank import (
     subsample_indices,
 )
 from verity.inference.card import ModelCard
+from verity.inference.drift import drift_reference
 from verity.inference.engine import METADATA_CARD_KEY
-from verity.inference.input_profile import PROFILE_FILE, PROFILE_WIDTH, ProfileBank, save_profiles
+from verity.inference.input_profile import (
+    MEDIAN_LEVEL,
+    PROFILE_FILE,
+    PROFILE_WIDTH,
+    ProfileBank,
+    save_profiles,
+)
 from verity.inference.open_set import (
     DEFAULT_NOVELTY_RATE,
     NoveltyGate,
@@ -48,6 +55,7 @@ class EmbeddedSplit:
     shorter_sides: np.ndarray  # N, each decoded image's shorter side in pixels
     profiles: np.ndarray  # M x PROFILE_WIDTH: the input profiles of the images scored whole (M <= N)
     colour: np.ndarray  # N booleans: each image in colour before the colour rule
+    scores: np.ndarray  # N calibrated scores, as served
 
 
 def embed_split(scorer: OnnxScorer, data: str | Path, split: str, progress: bool = False) -> EmbeddedSplit:
@@ -63,7 +71,7 @@ def embed_split(scorer: OnnxScorer, data: str | Path, split: str, progress: bool
     profiles = [image.profile for image in decoded if image.profile is not None]
     colour = np.array([bool(image.colour) for image in decoded])
     stacked = np.stack(profiles) if profiles else np.zeros((0, PROFILE_WIDTH), np.float32)
-    return EmbeddedSplit(scored.embeddings, samples, scored.shorter_sides, stacked, colour)
+    return EmbeddedSplit(scored.embeddings, samples, scored.shorter_sides, stacked, colour, scored.scores)
 
 
 def rewrite_card(onnx_path: Path, card: ModelCard) -> None:
@@ -118,6 +126,9 @@ def build_open_set(
         threshold, rate, val_novelty, bank, k, min_side=min_side, val_sides=val.shorter_sides,
         profile=profile, colour_share=colour_share, val_flagged=profile_flags | colour_flags,
     )  # fmt: skip
+    # What live traffic is held against (inference.drift): the validation split's distributions.
+    brightness = val.profiles[:, MEDIAN_LEVEL] if len(val.profiles) else np.array([np.nan])
+    record["drift"] = drift_reference(val.scores, brightness, record["val_rate"])
     rewrite_card(onnx_path, replace(card, novelty=record))
     return record
 

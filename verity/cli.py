@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "keys": ("verity.api.cli", "keys_main", "add, revoke and list station API keys"),
     "promote": ("verity.api.lifecycle_cli", "promote_main", "point a model's production alias at a version"),
     "rollback": ("verity.api.lifecycle_cli", "rollback_main", "point a model's alias back"),
+    "drift": ("verity.api.lifecycle_cli", "drift_main", "how far live answers drifted from validation"),
     "audit": ("verity.api.cli", "audit_main", "export the audit log"),
     "refs": ("verity.api.refs_cli", "refs_main", "enrol, list and remove genuine product references"),
 }
