@@ -34,6 +34,7 @@ from verity.api.middleware import (
 from verity.api.registry import EngineFactory, ModelRegistry
 from verity.api.routes import history, references, v1, v2
 from verity.api.settings import Settings, load_settings
+from verity.api.shadow import ShadowScorer
 from verity.api.shared_state import ReloadFollower
 from verity.inference.references.store import ReferenceStore
 
@@ -188,8 +189,12 @@ def _lifespan(
             app.state.limits.share(audit_store)
         follower = ReloadFollower(audit_store, registry)
         app.state.reload_follower = follower
+        shadow = None
+        if settings.shadow:
+            shadow = ShadowScorer(settings.shadow, registry, audit_store, app.state.metrics.shadow)
+        app.state.shadow = shadow
         try:
-            async with follower.following():
+            async with follower.following(), shadow.running() if shadow else contextlib.nullcontext():
                 yield
         finally:
             # Graceful shutdown: uvicorn has stopped accepting and finished in-flight requests; drain the
@@ -261,6 +266,7 @@ def _attach_state(
     app.state.settings = settings
     app.state.registry = registry
     app.state.audit = audit  # replaced by the lifespan's store when it starts
+    app.state.shadow = None  # the lifespan starts one when VERITY_SHADOW names a model
     app.state.keys = KeyStore(settings.keys_file)
     app.state.image_store = ImageStore(settings.image_store_dir) if settings.store_images else None
     app.state.metrics = metrics

@@ -22,6 +22,7 @@ from verity.api.audit_records import (
     FEEDBACK_FIELDS,
     MODEL_EVENT_FIELDS,
     REFERENCE_EVENT_FIELDS,
+    SHADOW_FIELDS,
     AuditError,
     AuditRecord,
     AuditStore,
@@ -29,6 +30,7 @@ from verity.api.audit_records import (
     HistoryQuery,
     ModelEvent,
     ReferenceEvent,
+    ShadowRecord,
 )
 from verity.api.audit_sql import (
     BUMP_GENERATION,
@@ -38,6 +40,8 @@ from verity.api.audit_sql import (
     audit_row,
     cases_with_feedback,
     history_filter,
+    shadow_record,
+    shadow_row,
 )
 from verity.api.limits import charge, refill
 from verity.api.settings import Settings
@@ -49,7 +53,7 @@ if TYPE_CHECKING:
 __all__ = [  # the records and the contract are defined in audit_records; their users import them here
     "AUDIT_FIELDS", "FEEDBACK_FIELDS", "REFERENCE_EVENT_FIELDS", "AuditError", "AuditRecord", "AuditStore",
     "FeedbackRecord", "HistoryQuery", "ImageStore", "ModelEvent", "ReferenceEvent", "SQLiteAuditStore",
-    "open_audit_store",
+    "ShadowRecord", "open_audit_store",
 ]  # fmt: skip
 
 
@@ -91,6 +95,13 @@ CREATE INDEX IF NOT EXISTS reference_events_created ON reference_events (created
 CREATE TABLE IF NOT EXISTS generations (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 -- Each key's request bucket when the rate is shared by the workers (api/limits.SharedRequestRate).
 CREATE TABLE IF NOT EXISTS rate_buckets (key TEXT PRIMARY KEY, tokens REAL NOT NULL, counted REAL NOT NULL);
+-- A candidate model's answers to audited requests (VERITY_SHADOW), never returned to the client.
+CREATE TABLE IF NOT EXISTS shadow_scores (
+    request_id TEXT PRIMARY KEY REFERENCES predictions (request_id), created TEXT NOT NULL,
+    model_name TEXT NOT NULL, model_version TEXT NOT NULL, score REAL NOT NULL, verdict TEXT NOT NULL,
+    recognised INTEGER
+);
+CREATE INDEX IF NOT EXISTS shadow_scores_created ON shadow_scores (created);
 -- Which version each model alias names (`verity promote`, `verity rollback`), an append-only log.
 CREATE TABLE IF NOT EXISTS model_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, created TEXT NOT NULL, action TEXT NOT NULL,
@@ -271,6 +282,21 @@ class SQLiteAuditStore:
                 )
         except sqlite3.Error as error:
             raise AuditError(f"The model event could not be written: {error}") from error
+
+    def record_shadow(self, record: ShadowRecord) -> None:
+        marks = ", ".join("?" * len(SHADOW_FIELDS))
+        sql = f"INSERT INTO shadow_scores ({', '.join(SHADOW_FIELDS)}) VALUES ({marks})"
+        try:
+            with self._lock:
+                self._db.execute(sql, shadow_row(record))
+        except sqlite3.Error as error:
+            raise AuditError(f"The shadow answer could not be written: {error}") from error
+
+    def shadow_records(self, since: str | None = None) -> list[ShadowRecord]:
+        query = f"SELECT {', '.join(SHADOW_FIELDS)} FROM shadow_scores WHERE created >= ? ORDER BY created"
+        with self._lock:
+            rows = self._db.execute(query, (since or "",)).fetchall()
+        return [shadow_record(row) for row in rows]
 
     def model_events(self, model_name: str | None = None) -> list[ModelEvent]:
         query = f"SELECT {', '.join(MODEL_EVENT_FIELDS)} FROM model_events"

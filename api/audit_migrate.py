@@ -1,9 +1,10 @@
 """`verity audit migrate`: copies a SQLite audit log into PostgreSQL, and proves nothing was lost.
 
-Every row of the four tables (predictions, feedback, reference events, model events) is copied as it
-is, ids included, in batches; rows the target already holds are kept, so a migration interrupted or run twice
-ends the same. Then both sides are read back in key order and compared table by table: the row counts
-and a SHA-256 over every row's values. A mismatch is an error (exit status 1), never a warning.
+Every row of the five tables (predictions, feedback, reference events, model events, shadow answers)
+is copied as it is, ids included, in batches; rows the target already holds are kept, so a migration
+interrupted or run twice ends the same. Then both sides are read back in key order and compared table
+by table: the row counts and a SHA-256 over every row's values. A mismatch is an error (exit status
+1), never a warning.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from verity.api.audit_records import (
     FEEDBACK_FIELDS,
     MODEL_EVENT_FIELDS,
     REFERENCE_EVENT_FIELDS,
+    SHADOW_FIELDS,
     AuditError,
 )
 
@@ -29,6 +31,7 @@ TABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "feedback": (("id", *FEEDBACK_FIELDS), "id"),
     "reference_events": (("id", *REFERENCE_EVENT_FIELDS), "id"),
     "model_events": (("id", *MODEL_EVENT_FIELDS), "id"),
+    "shadow_scores": (SHADOW_FIELDS, "request_id"),
 }
 
 

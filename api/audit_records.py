@@ -83,6 +83,19 @@ class ModelEvent:
 
 
 @dataclass(frozen=True)
+class ShadowRecord:
+    """A candidate model's answer to an audited request (VERITY_SHADOW): recorded, never returned."""
+
+    request_id: str  # the production answer's, in predictions
+    created: str
+    model_name: str
+    model_version: str
+    score: float
+    verdict: str
+    recognised: bool | None = None
+
+
+@dataclass(frozen=True)
 class FeedbackRecord:
     """One officer's confirmation. station_id, key_id and role say who sent it (the caller's key, not
     the verdict's station); role is None on rows written before senders were recorded."""
@@ -101,6 +114,7 @@ AUDIT_FIELDS = tuple(f.name for f in fields(AuditRecord))
 FEEDBACK_FIELDS = tuple(f.name for f in fields(FeedbackRecord))
 REFERENCE_EVENT_FIELDS = tuple(f.name for f in fields(ReferenceEvent))
 MODEL_EVENT_FIELDS = tuple(f.name for f in fields(ModelEvent))
+SHADOW_FIELDS = tuple(f.name for f in fields(ShadowRecord))
 
 
 @dataclass(frozen=True)
@@ -153,6 +167,12 @@ class AuditStore(Protocol):
 
     def model_events(self, model_name: str | None = None) -> list[ModelEvent]:
         """Every promotion and rollback, oldest first (of one model when named)."""
+
+    def record_shadow(self, record: ShadowRecord) -> None:
+        """Writes a shadow model's answer to an audited request, or raises AuditError."""
+
+    def shadow_records(self, since: str | None = None) -> list[ShadowRecord]:
+        """The shadow answers created at or after `since`, oldest first."""
 
     def bump_generation(self, name: str) -> int:
         """Counts one more change of `name` (e.g. "models") for every worker to see; returns the count."""

@@ -11,9 +11,11 @@ from typing import Any
 from verity.api.audit_records import (
     AUDIT_FIELDS,
     FEEDBACK_FIELDS,
+    SHADOW_FIELDS,
     AuditRecord,
     FeedbackRecord,
     HistoryQuery,
+    ShadowRecord,
 )
 
 # One more change of a name, created at 1 on the first: both stores' SQL (SQLite 3.35+ has RETURNING).
@@ -106,3 +108,16 @@ def history_filter(query: HistoryQuery, mark: str = "?") -> tuple[list[str], lis
         where.append(f"(created < {mark} OR (created = {mark} AND request_id < {mark}))")
         arguments.extend((created, created, request_id))
     return where, arguments
+
+
+def shadow_record(row: tuple[Any, ...]) -> ShadowRecord:
+    """A shadow_scores row as a ShadowRecord (`recognised` stored as an integer or a boolean)."""
+    *head, recognised = row
+    return ShadowRecord(*head, recognised=None if recognised is None else bool(recognised))
+
+
+def shadow_row(record: ShadowRecord) -> tuple[Any, ...]:
+    """A ShadowRecord as a row of both stores (`recognised` as 0, 1 or NULL, as predictions keep it)."""
+    values = asdict(record)
+    values["recognised"] = None if record.recognised is None else int(record.recognised)
+    return tuple(values[name] for name in SHADOW_FIELDS)

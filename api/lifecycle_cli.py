@@ -10,6 +10,7 @@ live by itself once its model has a production alias.
     verity rollback photo-default --why "false alarms at gate 3"
     verity promote --list
     verity drift report [--since 2026-12-01] [--json]
+    verity shadow report [--since 2026-12-01] [--json]
 """
 
 from __future__ import annotations
@@ -215,3 +216,60 @@ def drift_main(argv: list[str]) -> int:
 
 def _figure(value: float | None, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def shadow_report(store: AuditStore, since: str | None, examples: int = 20) -> dict[str, Any]:
+    """The shadow model's answers (VERITY_SHADOW) beside the answers given: how often the verdicts agree,
+    how far the scores are apart, and the cases where the verdicts differ (with their stored images)."""
+    pairs = [(store.get(shadow.request_id), shadow) for shadow in store.shadow_records(since)]
+    pairs = [(given, shadow) for given, shadow in pairs if given is not None]
+    differ = [(given, shadow) for given, shadow in pairs if given.verdict != shadow.verdict]
+    models = sorted({f"{shadow.model_name}/{shadow.model_version}" for _, shadow in pairs})
+    gaps = [abs(shadow.score - given.score) for given, shadow in pairs]
+    return {
+        "answers": len(pairs),
+        "shadow_models": models,
+        "agreement": 1 - len(differ) / len(pairs) if pairs else None,
+        "mean_score_difference": float(np.mean(gaps)) if gaps else None,
+        "disagreements": [
+            {"request_id": given.request_id, "created": given.created, "station_id": given.station_id,
+             "served": f"{given.model_name}/{given.model_version}", "verdict": given.verdict,
+             "score": given.score, "shadow_verdict": shadow.verdict, "shadow_score": shadow.score,
+             "image_path": given.image_path}  # fmt: skip
+            for given, shadow in differ[:examples]
+        ],
+        "disagreement_count": len(differ),
+    }
+
+
+def shadow_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="verity shadow", description="The shadow model beside production.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    report = sub.add_parser("report", help="agreement and disagreements, from the audit log")
+    report.add_argument("--since", help="only answers from this ISO 8601 time on")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+
+    def run(settings: Settings, store: AuditStore) -> int:
+        result = shadow_report(store, args.since)
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        if not result["answers"]:
+            print("no shadow answers (is VERITY_SHADOW set on the server?)")
+            return 0
+        print(terminal_safe(
+            f"{result['answers']} answers scored by {', '.join(result['shadow_models'])}: verdicts agree on "
+            f"{result['agreement']:.1%}, mean score difference {result['mean_score_difference']:.4f}, "
+            f"{result['disagreement_count']} disagree"
+        ))  # fmt: skip
+        for case in result["disagreements"]:
+            print(terminal_safe(
+                f"  {case['request_id']} {case['created']} station {case['station_id'] or '-'}: "
+                f"{case['served']} said {case['verdict']} ({case['score']:.3f}), the shadow "
+                f"{case['shadow_verdict']} ({case['shadow_score']:.3f})"
+                + (f", image {case['image_path']}" if case["image_path"] else "")
+            ))  # fmt: skip
+        return 0
+
+    return _with_store(run)

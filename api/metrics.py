@@ -93,6 +93,13 @@ class Metrics:
             "verity_requests_in_flight", "HTTP requests being served.", registry=self.registry
         )
         self.drift = DriftMonitor(self.registry)
+        self.shadow = Counter(
+            "verity_shadow_total",
+            "Images offered to the shadow model (VERITY_SHADOW), by outcome: scored, dropped (the shadow "
+            "was behind), skipped (another modality, or unreadable to it).",
+            ["outcome"],
+            registry=self.registry,
+        )
 
     def watch_models(self, describe: Callable[[], list[tuple[str, str, str, bool, int]]]) -> None:
         self.registry.register(_ModelCollector(describe))

@@ -43,6 +43,7 @@ from verity.api.limits import KeyLimits
 from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry, ServedModel
 from verity.api.settings import Settings
+from verity.api.shadow import ShadowScorer
 from verity.inference import pipeline, views
 from verity.inference.batcher import QueueFullError
 from verity.inference.decode_limits import DecodeError
@@ -113,7 +114,9 @@ class PredictionService:
         limits: KeyLimits,
         caller: str,
         references: ReferenceStore,
+        shadow: ShadowScorer | None = None,
     ) -> None:
+        self.shadow = shadow  # a candidate model scoring the answered images into the audit (api/shadow.py)
         self.references = references
         self.limits = limits
         self.caller = caller  # the key whose decode share this request's decodes use
@@ -322,8 +325,10 @@ class PredictionService:
                 )
             )
         await self.write_audit(records)
-        for record, (_, scored, _) in zip(records, items, strict=True):
+        for record, (_, scored, data) in zip(records, items, strict=True):
             self.observe_drift(record.station_id, modality, scored)
+            if self.shadow is not None and data is not None:
+                self.shadow.offer(record.request_id, modality, data)  # after the verdict is recorded
         return records
 
     def observe_drift(self, station_id: str | None, modality: str, scored: Scored) -> None:
@@ -413,7 +418,10 @@ async def get_service(
     limits: KeyLimits = request.app.state.limits
     caller = principal.key_id or ANONYMOUS
     await limits.admit(caller)
-    return PredictionService(settings, registry, audit, image_store, metrics, limits, caller, references)
+    shadow = request.app.state.shadow  # None without VERITY_SHADOW
+    return PredictionService(
+        settings, registry, audit, image_store, metrics, limits, caller, references, shadow
+    )
 
 
 ServiceDep = Annotated[PredictionService, Depends(get_service)]

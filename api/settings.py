@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     # "normal" survives a killed process (WAL); "full" also survives power loss, at some cost per write.
     audit_synchronous: Literal["normal", "full"] = "normal"
     # Keep uploaded images, content-addressed, so confirmed cases can become training data.
+    # A candidate model that answers live traffic beside the one serving, into the audit log only
+    # (api/shadow.py): name/version or name@alias. None: no shadow.
+    shadow: str | None = Field(None, max_length=129)
     store_images: bool = False
     image_store_dir: Path = Path("var/images")
 

@@ -23,6 +23,7 @@ from verity.api.audit import (
     HistoryQuery,
     ModelEvent,
     ReferenceEvent,
+    ShadowRecord,
     open_audit_store,
 )
 from verity.api.audit_records import current_aliases
@@ -134,6 +135,21 @@ def test_reference_events_in_order(store: Any) -> None:
         store.record_reference_event(event)
     assert store.reference_events() == events
     assert store.reference_events("photo-a") == [events[0], events[2]]
+
+
+@pytest.mark.parametrize("database", STORES, indirect=True)
+def test_shadow_answers_come_back_and_need_an_audited_request(store: Any) -> None:
+    stamps = times(3)
+    store.record([record("r-0", created=stamps[0]), record("r-1", created=stamps[1])])
+    shadows = [ShadowRecord("r-0", stamps[1], "cand", "2", 0.25, "genuine", True),
+               ShadowRecord("r-1", stamps[2], "cand", "2", 0.5, "uncertain", None)]  # fmt: skip
+    for shadow in shadows:
+        store.record_shadow(shadow)
+    assert store.shadow_records() == shadows and store.shadow_records(stamps[2]) == shadows[1:]
+    with pytest.raises(AuditError):  # a shadow answer belongs to an audited request, once
+        store.record_shadow(shadows[0])
+    with pytest.raises(AuditError):
+        store.record_shadow(ShadowRecord("never-answered", stamps[2], "cand", "2", 0.5, "genuine"))
 
 
 @pytest.mark.parametrize("database", STORES, indirect=True)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "promote": ("verity.api.lifecycle_cli", "promote_main", "point a model's production alias at a version"),
     "rollback": ("verity.api.lifecycle_cli", "rollback_main", "point a model's alias back"),
     "drift": ("verity.api.lifecycle_cli", "drift_main", "how far live answers drifted from validation"),
+    "shadow": ("verity.api.lifecycle_cli", "shadow_main", "the shadow model's answers beside production"),
     "audit": ("verity.api.cli", "audit_main", "export the audit log"),
     "refs": ("verity.api.refs_cli", "refs_main", "enrol, list and remove genuine product references"),
 }

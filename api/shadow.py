@@ -1,0 +1,83 @@
+"""Shadow scoring: a candidate model (VERITY_SHADOW=name/version or name@alias) answers live traffic
+beside the one serving, and its answers go to the audit log only (`shadow_scores`), never to the client.
+
+It must not slow an answer: an image is offered to the shadow after the production verdict is recorded,
+into a bounded queue that one background task drains; when the queue is full (the box is busy) the image
+is dropped and counted (`verity_shadow_total{outcome="dropped"}`), never waited for. The shadow scores
+through the one pipeline with its own engine, not the serving batcher. `verity shadow report` reads the
+pairs back: agreement, and the cases where the two disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from prometheus_client import Counter
+from starlette.concurrency import run_in_threadpool
+
+from verity.api.audit import AuditError, AuditStore, ShadowRecord
+from verity.api.registry import ModelRegistry
+from verity.inference.decode_limits import DecodeError
+from verity.inference.pipeline import score_bytes
+from verity.inference.stamps import utc_now
+from verity.inference.vocabulary import NonFiniteScore
+
+log = logging.getLogger("verity.api.shadow")
+
+QUEUE_SIZE = 64
+
+
+class ShadowScorer:
+    def __init__(self, reference: str, registry: ModelRegistry, audit: AuditStore, outcomes: Counter,
+                 queue_size: int = QUEUE_SIZE) -> None:  # fmt: skip
+        self.reference, self.registry, self.audit = reference, registry, audit
+        self.queue: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue(maxsize=queue_size)
+        self.outcomes = outcomes  # api.metrics: verity_shadow_total{outcome}
+
+    def offer(self, request_id: str, modality: str, data: bytes) -> None:
+        """Queues an answered image for the shadow, or drops it when the shadow is behind."""
+        try:
+            self.queue.put_nowait((request_id, modality, data))
+        except asyncio.QueueFull:
+            self.outcomes.labels("dropped").inc()
+
+    def _score(self, request_id: str, modality: str, data: bytes) -> ShadowRecord | None:
+        served = self.registry.resolve(self.reference)
+        if served is None or served.modality != modality:
+            return None
+        try:
+            scored = score_bytes(data, served.engine, with_cam=False)
+        except (DecodeError, NonFiniteScore, ValueError):
+            return None
+        return ShadowRecord(request_id, utc_now(), served.engine.name, served.engine.version, scored.score,
+                            scored.verdict, scored.recognised)  # fmt: skip
+
+    async def _drain(self) -> None:
+        while True:
+            request_id, modality, data = await self.queue.get()
+            try:
+                record = await run_in_threadpool(self._score, request_id, modality, data)
+                if record is None:
+                    self.outcomes.labels("skipped").inc()
+                    continue
+                await run_in_threadpool(self.audit.record_shadow, record)
+                self.outcomes.labels("scored").inc()
+            except AuditError:
+                log.warning("shadow answer not recorded", exc_info=True)
+                self.outcomes.labels("dropped").inc()
+            finally:
+                self.queue.task_done()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[ShadowScorer]:
+        """The background task for the app's lifetime; what is queued at shutdown is dropped."""
+        task = asyncio.create_task(self._drain())
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
