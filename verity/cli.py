@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("verity.training.eval_cli", "main", "evaluate a model on a manifest or folder"),
     "export": ("verity.training.export_cli", "main", "export a checkpoint to ONNX with its spec and card"),
     "compare": ("verity.training.compare", "main", "a champion against a challenger on a frozen benchmark"),
-    "retrain": ("verity.training.retrain", "main", "new seizures: ingest, fine-tune, compare (never promotes)"),
+    "retrain": ("verity.training.retrain", "main", "new seizures: ingest, fine-tune, compare"),
     "serve": ("verity.api.cli", "serve_main", "run the HTTP service"),
     "predict": ("verity.inference.cli", "main", "give a verdict for image files from the command line"),
     "keys": ("verity.api.cli", "keys_main", "add, revoke and list station API keys"),
