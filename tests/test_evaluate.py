@@ -388,3 +388,20 @@ def test_train_eval_and_ingest_read_a_real_fake_folder_alike(dataset: Path, tmp_
         (tmp_path / "split" / "test" / "Fake" / source.name).write_bytes(source.read_bytes())
     samples = load_samples(tmp_path / "split", "test", "photo").samples
     assert [s.target for s in samples] == [1, 1, 1]
+
+
+def test_evaluations_are_kept_per_model_version_and_data(tmp_path: Path, monkeypatch) -> None:
+    """The default output folder names the model, its version and the data, and a second evaluation
+    never overwrites the first."""
+    from types import SimpleNamespace
+
+    from verity.training.evaluate import default_eval_dir
+
+    monkeypatch.chdir(tmp_path)
+    manifest = tmp_path / "seizures-nov" / "manifest.jsonl"
+    manifest.parent.mkdir()
+    manifest.write_text("")
+    scorer = SimpleNamespace(name="photo-m", version="2")
+    first, second = default_eval_dir(scorer, manifest, "test"), default_eval_dir(scorer, manifest, "test")  # type: ignore[arg-type]
+    assert first.parts[:4] == ("runs", "eval", "photo-m", "2") and first.name.startswith("seizures-nov-test-")
+    assert first != second

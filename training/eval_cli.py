@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default="test", choices=[*SPLITS, "all"], help="manifest split (default: test)"
     )
     parser.add_argument(
-        "--out", default=None, help="output folder (default: runs/eval/<name>-<version>-<split>)"
+        "--out",
+        default=None,
+        help="output folder (default: a new runs/eval/<name>/<version>/<data>-<split>-<UTC time>)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")

@@ -24,6 +24,17 @@ from verity.training.metrics import compute_metrics
 from verity.training.scoring import ProductChecks, ScoredSet, Scorer, open_scorer, score_samples
 
 
+def default_eval_dir(scorer: Scorer, data: str | Path, split: str | None) -> Path:
+    """runs/eval/<name>/<version>/<data>-<split>-<UTC time>: every evaluation of every model version is
+    kept, never overwritten by the next (the data named by its manifest's folder, or the folder)."""
+    from datetime import UTC, datetime
+
+    source = Path(data)
+    label = source.parent.name if source.is_file() else source.name
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return Path("runs") / "eval" / scorer.name / scorer.version / f"{label}-{split or 'all'}-{stamp}"
+
+
 def evaluate(
     model: str | Path | Scorer,
     data: str | Path,
@@ -68,7 +79,7 @@ def evaluate(
     targets = np.array([loaded.samples[i].target for i in scored.indices])
     groups = _groups(loaded.samples, scored)
     metrics = compute_metrics(scored.scores, targets, groups=groups, thresholds=scorer.card_thresholds)
-    out = Path(out_dir or Path("runs") / "eval" / f"{scorer.name}-{scorer.version}-{split or 'all'}")
+    out = Path(out_dir) if out_dir else default_eval_dir(scorer, data, split)
     out.mkdir(parents=True, exist_ok=True)
     result = _result_record(scorer, data, split, loaded, scored, metrics, seconds)
     result["tiling"] = {**asdict(tiling), "tiled_images": scored.tiled}
