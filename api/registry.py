@@ -275,7 +275,8 @@ class ModelRegistry:
                     await served.stop(drain=True)
                 report.unloaded = [_label(m.key) for m in retired if m.key not in models]
                 report.defaults = {modality: _label(key) for modality, key in defaults.items()}
-                self.ready = bool(models)
+                # Ready when every modality this server serves has a model (VERITY_MODALITIES).
+                self.ready = all(modality in defaults for modality in self.settings.modalities)
                 self.last_report = report
                 if not models:
                     log.warning("no models loaded", extra={"models_dir": str(self.settings.models_dir)})
@@ -290,7 +291,7 @@ class ModelRegistry:
 
     def readiness_message(self) -> str:
         """What /readyz says: the model serving each modality, or why a modality has none."""
-        missing = [modality for modality in MODALITIES if self.default_for(modality) is None]
+        missing = [modality for modality in self.settings.modalities if self.default_for(modality) is None]
         if missing:
             return self.unavailable_message(missing)
         defaults = self.snapshot.defaults.items()
@@ -304,7 +305,8 @@ class ModelRegistry:
             return "Models are still loading; retry shortly."
         where = self.settings.models_dir.absolute()
         found = "; ".join(f"no model for {modality} in {where}" for modality in modalities)
-        hint = "put <name>/<version>/model.onnx there or set VERITY_MODELS_DIR"
+        hint = ("put <name>/<version>/model.onnx there, set VERITY_MODELS_DIR, or list in VERITY_MODALITIES "
+                "only the modalities this server serves")  # fmt: skip
         return f"{found[0].upper()}{found[1:]}: {hint}."
 
     def find(self, name: str, version: str | None = None) -> ServedModel | None:

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     # when the working folder has one (a checkout), else the shipped defaults installed with the package,
     # so `verity serve` after `pip install` serves them from any folder. Said at start-up and by /readyz.
     models_dir: Path = Field(default_factory=default_models_dir)
+    # The modalities this server serves: /readyz is not ready while one of them has no model.
+    modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(MODALITIES))
     # modality -> "name" or "name/version"; unpinned modalities serve their newest version that is not
     # marked weak. VERITY_PINNED_MODELS='photo=photo-default,xray=xray-default/1.1.0' or the same as JSON.
     pinned_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
@@ -195,7 +197,7 @@ class Settings(BaseSettings):
     def _path_or_url(cls, value: Any) -> Any:
         return str(value) if isinstance(value, os.PathLike) else value
 
-    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @field_validator("allowed_hosts", "allowed_origins", "modalities", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -203,6 +205,14 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [name.strip() for name in text.split(",") if name.strip()]
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: list[str]) -> list[str]:
+        """Each one Verity has, and at least one."""
+        if not value or set(value) - set(MODALITIES):
+            raise ValueError(f"expected some of {', '.join(MODALITIES)}, got {', '.join(value) or 'none'}")
         return value
 
     @field_validator("pinned_models", mode="before")

@@ -84,7 +84,7 @@ def test_served_verdict_from_the_trained_model(trained_models: Path, tmp_path: P
 
     settings = Settings(
         models_dir=trained_models, audit_db=tmp_path / "audit.sqlite", keys_file=tmp_path / "keys.json",
-        background_load=False, allowed_hosts=["testserver"],
+        background_load=False, allowed_hosts=["testserver"], modalities=["photo"],  # a photo-only post
     )
     image = io.BytesIO()
     Image.new("RGB", (120, 90), (200, 30, 40)).save(image, "JPEG")

@@ -260,8 +260,9 @@ def test_no_model_says_which_modality_and_where(tmp_path: Path) -> None:
         write_model(empty, "photo-test", "1", "photo")  # an admin adds a model and reloads
         assert client.post("/v1/models/reload", headers=admin_headers(client.app.state.settings)).json()["ok"]
         assert predict(client, DARK).status_code == 200
-        half = client.get("/readyz").json()
-        assert half["ready"] and half["message"].startswith(f"No model for xray in {empty}")
+        half = client.get("/readyz")  # photo served, xray not: not ready until every modality has a model
+        assert half.status_code == 503 and not half.json()["ready"]
+        assert half.json()["message"].startswith(f"No model for xray in {empty}")
 
 
 def test_a_relative_models_dir_is_shown_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,3 +85,15 @@ def test_verity_serve_refuses_a_bad_pin_with_a_message(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "VERITY_PINNED_MODELS: expected modality=name[/version] pairs, got photo-default" in done.stderr
+
+
+def test_readyz_is_not_ready_while_a_served_modality_has_no_model(tmp_path: Path) -> None:
+    make_models_dir(tmp_path)
+    (tmp_path / "models" / "xray-test" / "1" / "model.onnx").unlink()
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "No model for xray" in ready.json()["message"]
+        assert "VERITY_MODALITIES" in ready.json()["message"]
+        assert client.get("/v2/health/ready").status_code == 503
+    with TestClient(create_app(make_settings(tmp_path, modalities=["photo"]))) as client:  # a photo-only post
+        assert client.get("/readyz").status_code == 200
