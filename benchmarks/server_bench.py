@@ -67,6 +67,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def served_modalities(models_dir: Path) -> list[str]:
+    """The modalities of the models in a models folder (its cards), in Verity's order."""
+    from verity.inference.artifacts import scan_model_files
+    from verity.inference.engine import read_metadata
+    from verity.inference.vocabulary import MODALITIES
+
+    found = {read_metadata(path)[1].modality for path in scan_model_files(models_dir)}
+    return [modality for modality in MODALITIES if modality in found] or list(MODALITIES)
+
+
 class Server:
     """`verity serve` in a subprocess with the given settings; waits until /readyz says ready."""
 
@@ -80,6 +90,8 @@ class Server:
             "VERITY_KEYS_FILE": str(workdir / "keys.json"),
             "VERITY_LOG_LEVEL": "warning",
             "VERITY_RATE_LIMIT_PER_S": "0",  # one client measuring capacity, not a station to hold back
+            # Ready once the modalities it has models for are served (a benchmark often has one only).
+            "VERITY_MODALITIES": ",".join(served_modalities(models_dir)),
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None
