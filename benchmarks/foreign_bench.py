@@ -24,7 +24,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.foreign_images import PRODUCT_PHOTOS, PSEUDO_COLOUR_SCANS, foreign_images  # noqa: E402
+from benchmarks.foreign_images import (  # noqa: E402
+    PRODUCT_PHOTOS,
+    PSEUDO_COLOUR_SCANS,
+    REAL_SET_GROUPS,
+    foreign_images,
+)
 from benchmarks.ood_images import PROBE, OodImage  # noqa: E402
 from verity.datasets.manifest import read_manifest, resolve_image_path  # noqa: E402
 from verity.inference.decode import DecodeError  # noqa: E402
@@ -96,19 +101,22 @@ def measure(model_dir: Path, images: list[OodImage]) -> dict[str, Any]:
 
 
 def own_kind(model_dir: Path, modality: str) -> list[str]:
-    """Groups that are not foreign to this model, because its training set came from the same generator
-    (its rows' source is "synthetic"): the product photos to a photo model, the pseudo-colour scans to
+    """Groups that are not foreign to this model, because it learnt from where they come from: a real
+    set's group to a model trained on that set (its rows' source); and, for a model trained on the
+    generators (source "synthetic"), the product photos to a photo model and the pseudo-colour scans to
     an X-ray model trained on the console styles (some of its training images in colour)."""
     manifest = model_dir / "data.jsonl"
     if not manifest.is_file():
         return []
     rows = read_manifest(manifest)
-    if not rows or any(row.source != "synthetic" for row in rows):
-        return []
+    sources = {row.source for row in rows}
+    own = [group for name, group in REAL_SET_GROUPS.items() if name in sources]
+    if not rows or sources != {"synthetic"}:
+        return own
     if modality == "photo":
-        return [PRODUCT_PHOTOS]
+        return [*own, PRODUCT_PHOTOS]
     colour_share = (OnnxEngine(model_dir / "model.onnx", warmup=False).card.novelty or {}).get("colour_share")
-    return [PSEUDO_COLOUR_SCANS] if colour_share else []
+    return [*own, PSEUDO_COLOUR_SCANS] if colour_share else own
 
 
 def table(results: list[dict[str, Any]]) -> str:

@@ -43,6 +43,11 @@ FACE_SIDE = 128
 SYNTH_SEED = 99  # not a seed any training set here uses
 PRODUCT_PHOTOS = "product photos"
 PSEUDO_COLOUR_SCANS = "pseudo-colour scans"
+# Groups read from a real set beside the repository: own kind, not foreign, to a model trained on it.
+REAL_SET_GROUPS = {
+    "magnetic_tiles": "parts photographed in grey",
+    "riawelc_welds": PROBE + "industrial radiographs",
+}
 
 
 def _encode(image: Image.Image, kind: str) -> bytes:
@@ -114,10 +119,10 @@ def foreign_images(probes: bool = True) -> list[OodImage]:
         *library_images(),
         *generated_images(),
         *medical_dicom(),
-        *real_set_images("magnetic_tiles", "parts photographed in grey", 40),
+        *real_set_images("magnetic_tiles", REAL_SET_GROUPS["magnetic_tiles"], 40),
     ]
     if probes:
-        images += list(real_set_images("riawelc_welds", PROBE + "industrial radiographs", 52))
+        images += list(real_set_images("riawelc_welds", REAL_SET_GROUPS["riawelc_welds"], 52))
     return images
 
 
