@@ -79,12 +79,38 @@ def promote(
     if card.weak and not force:
         raise LifecycleError(f"{name}/{version} is marked weak in its card; give --force (with --why).")
     compared = _check_comparison(comparison, name, version, force) if comparison else None
+    follow_references(settings, name, model)
     current = _current(store, name, alias)
     event = ModelEvent(utc_now(), "promote", name, alias, version, current.version if current else None,
                        _actor(), why, compared)  # fmt: skip
     store.record_model_event(event)
     store.bump_generation(MODELS)  # every worker reloads and follows the alias
     return event
+
+
+def follow_references(settings: Settings, name: str, model: Path) -> list[str]:
+    """Embeds every product's genuine references with the promoted version before it goes live (the
+    store keeps embeddings per model file), so the first `product=` request after a promotion answers at
+    once; refused, naming the products that would stop working, when that fails. Returns the products."""
+    from verity.inference.engine import OnnxEngine
+    from verity.inference.references.errors import ReferenceStoreError
+    from verity.inference.references.store import ReferenceStore
+
+    references = ReferenceStore(settings.references_dir)
+    products = sorted(product for product, count in references.products(name).items() if count)
+    if not products:
+        return []
+    engine = OnnxEngine(model, warmup=False)
+    failed = []
+    for product in products:
+        try:
+            references.calibration(engine, product)
+        except (ReferenceStoreError, OSError, ValueError) as error:
+            failed.append(f"{product} ({error})")
+    if failed:
+        raise LifecycleError(f"The references of {', '.join(failed)} could not be embedded with {model}: "
+                             "product checks for them would stop working after the promotion.")  # fmt: skip
+    return products
 
 
 def rollback(store: AuditStore, name: str, why: str, alias: str = PRODUCTION) -> ModelEvent:

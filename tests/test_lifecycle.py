@@ -118,3 +118,32 @@ def test_clients_may_name_a_model_a_version_or_an_alias(cli_env: Settings) -> No
         meta = client.get("/v2/models/photo-test@production")
         assert meta.status_code == 200 and meta.json()["name"] == "photo-test"
         assert client.get("/v2/models/photo-test@challenger").status_code == 404
+
+
+def test_a_promotion_embeds_the_references_for_the_new_version_first(cli_env: Settings) -> None:
+    from api_fixtures import image_bytes
+
+    from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
+    from verity.inference.engine import OnnxEngine
+    from verity.inference.references.check import embed_image
+    from verity.inference.references.store import ReferenceStore
+
+    settings = cli_env
+    spec = tiny_spec("photo")
+    for version in ("1", "2"):
+        card = tiny_card(spec, "photo-emb", version)
+        path = settings.models_dir / "photo-emb" / version / "model.onnx"
+        tiny_onnx(path, spec, card, features=8, embedding=True, seed=int(version))
+    references = ReferenceStore(settings.references_dir)
+    first = OnnxEngine(settings.models_dir / "photo-emb" / "1" / "model.onnx", warmup=False)
+    for value in range(40, 240, 40):
+        references.add("photo-emb", "velmor-tea", image_bytes(value), source=None, actor="test", role="admin",
+                       embed=lambda data: embed_image(first, data))  # fmt: skip
+    cached = settings.references_dir / "photo-emb" / "embeddings"
+    before = set(cached.glob("*.npz"))
+    store = SQLiteAuditStore(settings.audit_db)
+    try:
+        promote(settings, store, "photo-emb", "2", "retrained")
+    finally:
+        store.close()
+    assert len(set(cached.glob("*.npz")) - before) == 1  # version 2's embeddings, written before it went live
