@@ -185,9 +185,34 @@ def _gpu_lines(g: dict[str, Any]) -> list[str]:
     return [_table(f"(e) GPU, {g['model']}", {key: key for key in g["rows"][0]}, g["rows"])]
 
 
+def shipped_int8() -> list[dict[str, Any]]:
+    """Each shipped model's INT8 gate as its card records it: whether model.int8.onnx serves, and why not."""
+    rows = []
+    for card_path in sorted((Path(__file__).resolve().parents[1] / "checkpoints").glob("*/*/card.json")):
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        gate = card.get("int8") or {}
+        rows.append({"model": f"{card['name']}/{card['version']}", "passed": gate.get("passed"),
+                     "reasons": gate.get("reasons") or []})  # fmt: skip
+    return rows
+
+
+def _int8_lines(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["", "INT8 on the shipped models (VERITY_PRECISION=auto serves model.int8.onnx only if it passed):"]
+    for row in rows:
+        if row["passed"]:
+            out.append(f"  {row['model']}: INT8 passed its gate and serves on CPU")
+        elif row["passed"] is None:
+            out.append(f"  {row['model']}: no INT8 gate run (fp32 serves)")
+        else:
+            out.append(f"  {row['model']}: fp32 serves; INT8 failed its gate: {'; '.join(row['reasons'])}")
+    return out
+
+
 def report(results: dict[str, Any]) -> str:
     """The printed summary of whatever parts ran."""
     out = _cpu_lines(results["cpu"])
+    if results.get("shipped_int8"):
+        out += _int8_lines(results["shipped_int8"])
     if "decode" in results:
         out += _decode_lines(results["decode"])
     if "engine" in results:
@@ -228,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_info(),
         "load_average_start": load_average(),
+        "shipped_int8": shipped_int8(),
     }
     with tempfile.TemporaryDirectory(prefix="verity-bench-") as work:
         workdir = Path(work)

@@ -102,3 +102,13 @@ def test_the_request_stages_part_times_each_stage_and_prints_them() -> None:
     assert figures["server_stages_ms"] == pytest.approx(own, abs=0.01)
     text = run_all.report({"cpu": cpu_info(), "stages": figures})
     assert "Per-request stages" in text and "multipart parse" in text
+
+
+def test_make_bench_says_why_the_shipped_models_serve_fp32() -> None:
+    rows = run_all.shipped_int8()
+    assert {row["model"] for row in rows} >= {"photo-default/1.0.0", "xray-default/1.1.0"}
+    text = run_all.report({"cpu": cpu_info(), "shipped_int8": rows})
+    for row in rows:
+        assert row["model"] in text
+        if row["passed"] is False:  # the gate's own reasons, e.g. "verdict agreement 98.17% < 99%"
+            assert all(reason in text for reason in row["reasons"]) and "fp32 serves" in text
