@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from verity.api.audit import AuditStore, ImageStore, open_audit_store
 from verity.api.auth import KeyStore
 from verity.api.docs import ASSETS_URL, DOCS_PAGES, OPENAPI_URL, install_docs
 from verity.api.errors import ApiError, install_error_handlers, truncated
+from verity.api.lifecycle_cli import adopt
 from verity.api.limits import KeyLimits
 from verity.api.logs import configure_logging
 from verity.api.metrics import Metrics
@@ -179,6 +181,7 @@ def _lifespan(
         audit_store = audit if audit is not None else await run_in_threadpool(open_audit_store, settings)
         app.state.audit = audit_store
         registry.model_events = audit_store.model_events  # promotions decide the defaults on every reload
+        registry.record_adoption = partial(adopt, audit_store)  # a first start fixes today's defaults
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threadpool_size
         loading = None
         if settings.background_load:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from verity.inference.drift import DRIFT_ALERT_PSI, WINDOW, drift_figures
 from verity.inference.engine import read_metadata
 from verity.inference.stamps import utc_now
 from verity.inference.terminal import terminal_safe
+
+log = logging.getLogger("verity.api.lifecycle")
 
 
 class LifecycleError(ValueError):
@@ -86,6 +89,21 @@ def promote(
     store.record_model_event(event)
     store.bump_generation(MODELS)  # every worker reloads and follows the alias
     return event
+
+
+def adopt(store: AuditStore, keys: list[tuple[str, str]]) -> list[ModelEvent]:
+    """At a first start with aliases (or when a modality first gets a model), the model each modality
+    serves (the newest) becomes its production alias, recorded once: a name that has an alias by now (a
+    worker beside this one adopted it first) is left as it is. Returns every model event after."""
+    for name, version in keys:
+        if _current(store, name, PRODUCTION) is not None:
+            continue
+        why = ("adopted at start: the model this modality served (its newest version) became its "
+               "production alias; from now on a new version goes live only by `verity promote`")
+        event = ModelEvent(utc_now(), "adopt", name, PRODUCTION, version, None, "verity serve", why)
+        store.record_model_event(event)
+        log.warning("production alias adopted", extra={"model": f"{name}/{version}"})
+    return store.model_events()
 
 
 def follow_references(settings: Settings, name: str, model: Path) -> list[str]:

@@ -145,6 +145,8 @@ class ReloadReport:
     defaults: dict[str, str] = field(default_factory=dict)
     # Loaded models marked weak in their card, left out of the defaults (VERITY_PINNED_MODELS serves one).
     passed_over: list[str] = field(default_factory=list)
+    # Modalities whose default had no production alias yet: it became one (recorded in the audit).
+    adopted: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -175,6 +177,9 @@ class ModelRegistry:
         # The promotions and rollbacks (the audit store's model events), read at each reload; none until
         # the app's lifespan connects the store.
         self.model_events: Callable[[], list[ModelEvent]] = list
+        # Records the models that became their production alias at a first start (api/lifecycle_cli.adopt)
+        # and returns every model event after it; None: aliases are not kept (no audit store yet).
+        self.record_adoption: Callable[[list[ModelKey]], list[ModelEvent]] | None = None
 
     def _onnx_engine(self, path: Path) -> OnnxEngine:
         engine = OnnxEngine(
@@ -238,14 +243,19 @@ class ModelRegistry:
                 report.failed.append({"path": pin, "error": f"pinned {modality} model {pin} is not loaded"})
             names = {k[0] for k in candidates}
             aliased = [event for event in promoted if event.model_name in names]
-            if aliased:  # the latest promotion among this modality's names decides; never the newest folder
+            if aliased:  # the latest promotion among the modality's names decides, never the newest folder
                 latest = aliased[-1]
                 key = (latest.model_name, latest.version)
+                previous = (latest.model_name, latest.previous_version)
                 if key in models:
                     defaults[modality] = key
-                else:
-                    missing = f"{PRODUCTION} alias of {latest.model_name} names {latest.version}: not loaded"
-                    report.failed.append({"path": _label(key), "error": missing})
+                    continue
+                # Its folder is gone: the version it replaced serves, if it is here; else nothing does.
+                fallback = f"; serving the one before, {_label(previous)}" if previous in models else ""
+                missing = f"{PRODUCTION} alias of {latest.model_name} names {latest.version}: not loaded"
+                report.failed.append({"path": _label(key), "error": missing + fallback})
+                if previous in models:
+                    defaults[modality] = previous
                 continue
             sound = [k for k in candidates if not models[k].engine.card.weak]
             for key in sorted(set(candidates) - set(sound)):
@@ -253,6 +263,7 @@ class ModelRegistry:
                 log.warning("weak model not made a default", extra={"model": _label(key)})
             if sound:
                 defaults[modality] = max(sound, key=lambda k: (version_sort_key(k[1]), k[0]))
+                report.adopted.append(modality)  # no alias yet: this one becomes its production alias
         return defaults
 
     async def reload(self) -> ReloadReport:
@@ -263,6 +274,9 @@ class ModelRegistry:
                 models, report = await run_in_threadpool(self._load_files, current)
                 events = await run_in_threadpool(self.model_events)
                 defaults = self._choose_defaults(models, report, events)
+                if self.record_adoption is not None and report.adopted:
+                    adopted = [defaults[modality] for modality in report.adopted]
+                    events = await run_in_threadpool(self.record_adoption, adopted)
                 for key, served in models.items():
                     if current.models.get(key) is not served:
                         await served.start()

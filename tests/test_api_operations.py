@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from verity.api.app import create_app
 from verity.api.cli import audit_main
+from verity.api.lifecycle_cli import promote
 from verity.api.settings import Settings
 
 
@@ -32,6 +33,10 @@ def test_reload_success_and_failure(client: TestClient, settings: Settings, mode
     report = client.post("/v1/models/reload", headers=admin).json()
     assert report["ok"] and report["loaded"] == ["photo-test/10"]
     assert sorted(report["kept"]) == ["photo-test/1", "photo-test/2", "xray-test/1"]
+    # Loaded, but not live by itself: the first start made photo-test/2 the production alias.
+    assert report["defaults"]["photo"] == "photo-test/2"
+    promote(settings, client.app.state.audit, "photo-test", "10", "the tested one")
+    report = client.post("/v1/models/reload", headers=admin).json()
     assert report["defaults"]["photo"] == "photo-test/10"
     assert predict(client, DARK).json()["model"]["version"] == "10"
     # A corrupt new version, and a corrupted existing one: both reported, the old ones keep serving.
@@ -44,11 +49,12 @@ def test_reload_success_and_failure(client: TestClient, settings: Settings, mode
     assert failed["defaults"]["photo"] == "photo-test/10" and "photo-test/10" in failed["kept"]
     response = predict(client, BRIGHT)
     assert response.status_code == 200 and response.json()["model"]["version"] == "10"
-    # Removing a version unloads it.
+    # Removing a version unloads it; the production version it replaced serves again, and the reload says so.
     for path in (models_dir / "photo-test").glob("1*/model.onnx"):
         path.unlink()
     report = client.post("/v1/models/reload", headers=admin).json()
     assert "photo-test/10" in report["unloaded"] and report["defaults"]["photo"] == "photo-test/2"
+    assert any("serving the one before, photo-test/2" in failure["error"] for failure in report["failed"])
 
 
 def test_pinned_version(tmp_path: Path, models_dir: Path) -> None:

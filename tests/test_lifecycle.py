@@ -35,7 +35,7 @@ def _defaults(client: TestClient, settings: Settings) -> dict[str, str]:
 def test_promote_and_roll_back_through_the_cli_and_the_server(cli_env: Settings, capsys) -> None:
     settings = cli_env
     with TestClient(create_app(settings)) as client:
-        assert _defaults(client, settings)["photo"] == "photo-test/2"  # no alias yet: the newest
+        assert _defaults(client, settings)["photo"] == "photo-test/2"  # the newest, adopted as production
         assert verity_cli.main(["promote", "photo-test", "1", "--why", "version 2 alarms on tea"]) == 0
         assert _defaults(client, settings)["photo"] == "photo-test/1"
         listed = {(m["name"], m["version"]): m for m in client.get("/v1/models").json()["models"]}
@@ -51,9 +51,10 @@ def test_promote_and_roll_back_through_the_cli_and_the_server(cli_env: Settings,
     events = store.model_events("photo-test")
     store.close()
     assert [(e.action, e.version, e.previous_version) for e in events] == [
-        ("promote", "1", None), ("promote", "3", "1"), ("rollback", "1", "3"),
+        ("adopt", "2", None), ("promote", "1", "2"), ("promote", "3", "1"), ("rollback", "1", "3"),
     ]
-    assert events[-1].why == "false alarms at gate 3" and events[0].actor.startswith("cli:")
+    assert events[0].actor == "verity serve" and "adopted at start" in (events[0].why or "")
+    assert events[-1].why == "false alarms at gate 3" and events[1].actor.startswith("cli:")
     assert verity_cli.main(["promote", "--list"]) == 0
     assert "rollback photo-test production -> 1 (was 3)" in capsys.readouterr().out
 

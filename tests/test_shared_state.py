@@ -59,7 +59,10 @@ def test_a_reload_reaches_every_worker_within_2_s(two_workers) -> None:
     assert reload.status_code == 200, reload.text
     time.sleep(FOLLOW_S)
     after = fresh_get(live.url + "/v1/models", admin)
-    assert [answer.json()["defaults"]["photo"] for answer in after] == ["photo-test/3"] * FRESH
+    loaded = [{f"{m['name']}/{m['version']}" for m in answer.json()["models"]} for answer in after]
+    assert all("photo-test/3" in models for models in loaded)  # every worker loaded it
+    # ... and none serves it: the first start made photo-test/2 the production alias (a promotion would).
+    assert [answer.json()["defaults"]["photo"] for answer in after] == ["photo-test/2"] * FRESH
 
 
 def test_a_revocation_reaches_every_worker_within_2_s(two_workers) -> None:
@@ -157,5 +160,5 @@ def test_a_promotion_and_a_rollback_reach_every_worker_within_2_s(two_workers) -
     verity("rollback", "photo-test", "--why", "false alarms at gate 3")
     time.sleep(FOLLOW_S)
     assert served() == ["photo-test/1"] * FRESH
-    listed = verity("promote", "--list").splitlines()
-    assert [line.split()[1] for line in listed] == ["promote", "promote", "rollback"]
+    actions = [line.split()[1] for line in verity("promote", "--list").splitlines()]
+    assert actions[-3:] == ["promote", "promote", "rollback"] and set(actions[:-3]) == {"adopt"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from api_fixtures import IMAGE_SIZE, admin_headers, make_models_dir, make_settings, predict
+from api_fixtures import IMAGE_SIZE, admin_headers, make_models_dir, make_settings
 from fastapi.testclient import TestClient
 
 from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
@@ -32,15 +32,16 @@ def test_the_guard_marks_the_card_weak() -> None:
 def test_a_newer_weak_model_is_passed_over_until_pinned(tmp_path: Path) -> None:
     make_models_dir(tmp_path)
     settings = make_settings(tmp_path)
+    write_weak_model(settings.models_dir, "photo-test", "9")  # newer than photo-test/2, there at the start
     with TestClient(create_app(settings)) as client:
-        write_weak_model(settings.models_dir, "photo-test", "9")  # newer than photo-test/2
-        report = client.post("/v1/models/reload", headers=admin_headers(settings)).json()
-        assert report["passed_over"] == ["photo-test/9"] and "photo-test/9" in report["loaded"]
-        assert report["defaults"]["photo"] == "photo-test/2"
+        report = client.app.state.registry.last_report
+        assert report.passed_over == ["photo-test/9"] and "photo-test/9" in report.loaded
+        assert client.get("/readyz").json()["defaults"]["photo"] == "photo-test/2"  # and it became production
         listed = {(m["name"], m["version"]): m for m in client.get("/v1/models").json()["models"]}
         assert listed[("photo-test", "9")]["weak"] and not listed[("photo-test", "9")]["default"]
-        assert predict(client, b"", modality="photo").status_code == 400  # still served, by photo-test/2
-        assert client.get("/readyz").json()["defaults"]["photo"] == "photo-test/2"
+        assert listed[("photo-test", "2")]["aliases"] == ["production"]
+        reload = client.post("/v1/models/reload", headers=admin_headers(settings)).json()
+        assert reload["defaults"]["photo"] == "photo-test/2"
     make_models_dir(tmp_path / "pinned")
     pinned = make_settings(tmp_path / "pinned", pinned_models={"photo": "photo-test/9"})
     write_weak_model(pinned.models_dir, "photo-test", "9")
