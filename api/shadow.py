@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import Counter
 from starlette.concurrency import run_in_threadpool
@@ -36,6 +39,9 @@ class ShadowScorer:
         self.reference, self.registry, self.audit = reference, registry, audit
         self.queue: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue(maxsize=queue_size)
         self.outcomes = outcomes  # api.metrics: verity_shadow_total{outcome}
+        # One thread of its own, at a lower CPU priority than the threads that answer (Linux schedules
+        # threads one by one): on a busy box the shadow waits, the answers do not.
+        self._executor = ThreadPoolExecutor(1, "verity-shadow", initializer=_lower_priority)
 
     def offer(self, request_id: str, modality: str, data: bytes) -> None:
         """Queues an answered image for the shadow, or drops it when the shadow is behind."""
@@ -56,10 +62,11 @@ class ShadowScorer:
                             scored.verdict, scored.recognised)  # fmt: skip
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             request_id, modality, data = await self.queue.get()
             try:
-                record = await run_in_threadpool(self._score, request_id, modality, data)
+                record = await loop.run_in_executor(self._executor, self._score, request_id, modality, data)
                 if record is None:
                     self.outcomes.labels("skipped").inc()
                     continue
@@ -81,3 +88,13 @@ class ShadowScorer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """The shadow thread's nice value, raised (where the system lets it: nothing changes elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)

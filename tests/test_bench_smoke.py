@@ -112,3 +112,13 @@ def test_make_bench_says_why_the_shipped_models_serve_fp32() -> None:
         assert row["model"] in text
         if row["passed"] is False:  # the gate's own reasons, e.g. "verdict agreement 98.17% < 99%"
             assert all(reason in text for reason in row["reasons"]) and "fp32 serves" in text
+
+
+def test_the_shadow_cost_line_measures_both_servers(tmp_path: Path) -> None:
+    from benchmarks import shadow_cost
+
+    figures = shadow_cost.run(tmp_path, rounds=2, batch=2)
+    assert figures["requests_each"] == 4
+    assert figures["plain"]["p50_ms"] > 0 and figures["shadow"]["p50_ms"] > 0
+    assert any('outcome="scored"' in line for line in figures["shadow_outcomes"])
+    assert "target <= +10%" in shadow_cost.summary(figures)
