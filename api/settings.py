@@ -26,15 +26,14 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 def default_models_dir() -> Path:
-    """./checkpoints when the working folder has one, else the shipped default models installed as the
-    package data `verity.checkpoints` (a wheel or an up-to-date editable install), else ./checkpoints."""
-    local = Path("checkpoints")
-    if local.is_dir():
-        return local
+    """The one models folder when VERITY_MODELS_DIR is unset: the package's `verity.checkpoints` (the
+    checkout's checkpoints/ in an editable install, the shipped defaults in a wheel), whatever the working
+    folder; ./checkpoints only when the package has none. A `verity train` run elsewhere never hides the
+    shipped models: its models reach the server by being put here (or VERITY_MODELS_DIR) and promoted."""
     shipped = importlib.util.find_spec("verity.checkpoints")
     if shipped is not None and shipped.submodule_search_locations:
         return Path(next(iter(shipped.submodule_search_locations)))
-    return local
+    return Path("checkpoints")
 
 
 class Settings(BaseSettings):
@@ -42,9 +41,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VERITY_", extra="ignore", env_file_encoding="utf-8")
 
-    # Models: <models_dir>/<name>/<version>/model.onnx, several versions side by side. Unset: ./checkpoints
-    # when the working folder has one (a checkout), else the shipped defaults installed with the package,
-    # so `verity serve` after `pip install` serves them from any folder. Said at start-up and by /readyz.
+    # Models: <models_dir>/<name>/<version>/model.onnx, several versions side by side. Unset: the package's
+    # checkpoints (default_models_dir), whatever the working folder, so the shipped defaults are always
+    # there. Said at start-up and by /readyz.
     models_dir: Path = Field(default_factory=default_models_dir)
     # The modalities this server serves: /readyz is not ready while one of them has no model.
     modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(MODALITIES))

@@ -284,11 +284,14 @@ def test_still_loading_is_said_only_while_loading(tmp_path: Path, models_dir: Pa
         assert_error(predict(client, DARK), 503, "not_ready")
 
 
-def test_default_models_dir_is_the_checkout_s_checkpoints(tmp_path: Path, monkeypatch) -> None:
+def test_the_default_models_dir_does_not_depend_on_the_working_folder(tmp_path: Path, monkeypatch) -> None:
+    """A working folder with its own checkpoints/ (where `verity train` writes) hides nothing: the
+    default is the package's, where the shipped models are."""
     (tmp_path / "checkpoints").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert default_models_dir() == Path("checkpoints")
-    assert Settings().models_dir == Path("checkpoints")
+    package = Path(__file__).resolve().parents[1] / "checkpoints"
+    assert default_models_dir().resolve() == package == Settings().models_dir.resolve()
+    assert (default_models_dir() / "photo-default" / "1.0.0" / "model.onnx").is_file()
 
 
 # Installed elsewhere ----------------------------------------------------------------------------------
