@@ -124,6 +124,10 @@ class PredictionResult(BaseModel):
     thresholds: ThresholdsOut
     modality: Modality
     model: ModelRef
+    model_aliases: list[str] = Field(
+        default_factory=list,
+        description="The aliases naming the version that answered (`production`: the one promoted).",
+    )
     image_sha256: str
     request_id: str = Field(description="Quote it in feedback; it keys the audit record.")
     latency_ms: float

@@ -374,6 +374,7 @@ class PredictionService:
             "thresholds": {"alarm": scored.thresholds.alarm, "clear": scored.thresholds.clear},
             "modality": record.modality,
             "model": {"name": scored.model, "version": scored.version},
+            "model_aliases": sorted(self.registry.snapshot.aliases.get((scored.model, scored.version), [])),
             "image_sha256": scored.upload.sha256,
             "request_id": record.request_id,
             "latency_ms": record.latency_ms,

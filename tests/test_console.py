@@ -56,7 +56,9 @@ def test_the_page_shows_the_apis_verdict_for_each_file(
     expect()(page.locator("#verdict-body .verdict-word")).to_have_attribute("data-state", "genuine")
     expect()(page.locator("#verdict-body .verdict-word .word")).to_have_text("Genuine")
     expect()(page.locator("#verdict-body .score-legend")).to_contain_text("clear at or below")
-    expect()(page.locator("#verdict-details .model")).to_have_text(re.compile(r"^photo-default \S+$"))
+    # Which version answered, and that it is the promoted one (the first start made it production).
+    promoted = re.compile(r"^photo-default \S+ \(production\)$")
+    expect()(page.locator("#verdict-details .model")).to_have_text(promoted)
 
 
 def test_the_xray_is_shown_windowed_under_a_heatmap_of_its_size(verdict_page: tuple[Any, Watch]) -> None:

@@ -101,6 +101,10 @@ def test_clients_may_name_a_model_a_version_or_an_alias(cli_env: Settings) -> No
             return "{name}/{version}".format(**response.json()["model"])
 
         assert answered_by(modality="photo") == "photo-test/1"  # the production alias serves the modality
+        aliases = client.post("/v1/predict", files={"file": ("a.png", DARK)}, data={"model": "photo-test/2"})
+        assert aliases.json()["model_aliases"] == []
+        promoted = client.post("/v1/predict", files={"file": ("a.png", DARK)}, data={"modality": "photo"})
+        assert promoted.json()["model_aliases"] == ["production"]
         assert answered_by(model="photo-test@production") == "photo-test/1"
         assert answered_by(model="photo-test/2", modality="photo") == "photo-test/2"
         assert answered_by(model="photo-test") == "photo-test/1"

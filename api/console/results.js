@@ -14,6 +14,7 @@ export function fromPrediction(body) {
     thresholds: body.thresholds || null,
     modality: body.modality,
     model: body.model || null,
+    modelAliases: Array.isArray(body.model_aliases) ? body.model_aliases : [],
     recognised: body.recognised ?? null,
     novelty: body.novelty ?? null,
     reasons: Array.isArray(body.reasons) ? body.reasons : [],

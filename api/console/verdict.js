@@ -106,7 +106,7 @@ export function renderVerdict(summary, details, result, fileName) {
   const list = element("dl", "details");
   detailRow(list, t("detail.file"), fileName, "file-name");
   detailRow(list, t("detail.modality"), result.modality ? t(`modality.${result.modality}`) : null);
-  detailRow(list, t("detail.model"), result.model ? `${result.model.name} ${result.model.version}` : null, "model");
+  detailRow(list, t("detail.model"), result.model ? modelText(result) : null, "model");
   detailRow(list, t("detail.request"), result.requestId ? copyButton(result.requestId) : null);
   detailRow(list, t("detail.novelty"), result.novelty === null ? null : formatNumber(result.novelty, 4));
   if (result.reference) detailRow(list, t("detail.reference"), referenceText(result.reference));
@@ -135,4 +135,10 @@ export function renderError(summary, details, message, fileName) {
 export function renderEmpty(summary, details, key = "verdict.empty") {
   summary.replaceChildren(element("p", "muted empty", t(key)));
   details.replaceChildren();
+}
+
+/** "photo-default 1.1.0 (production)": which version answered, and the aliases that name it. */
+function modelText(result) {
+  const aliases = (result.modelAliases || []).length ? ` (${result.modelAliases.join(", ")})` : "";
+  return `${result.model.name} ${result.model.version}${aliases}`;
 }
