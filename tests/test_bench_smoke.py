@@ -122,3 +122,11 @@ def test_the_shadow_cost_line_measures_both_servers(tmp_path: Path) -> None:
     assert figures["plain"]["p50_ms"] > 0 and figures["shadow"]["p50_ms"] > 0
     assert any('outcome="scored"' in line for line in figures["shadow_outcomes"])
     assert "target <= +10%" in shadow_cost.summary(figures)
+
+
+def test_the_oip_batch_line_times_both_routes(tmp_path: Path) -> None:
+    from benchmarks import oip_batch
+
+    figures = oip_batch.run(tmp_path, rounds=2)
+    assert figures["items"] == 8 and figures["ratio"] > 0
+    assert "target <= 1.3x" in oip_batch.summary(figures)
