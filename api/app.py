@@ -34,7 +34,7 @@ from verity.api.middleware import (
     SecurityHeadersMiddleware,
 )
 from verity.api.registry import EngineFactory, ModelRegistry
-from verity.api.routes import history, references, v1, v2
+from verity.api.routes import history, lifecycle, references, v1, v2
 from verity.api.settings import Settings, load_settings
 from verity.api.shadow import ShadowScorer
 from verity.api.shared_state import ReloadFollower
@@ -256,6 +256,7 @@ def create_app(
     app.include_router(v2.router)
     app.include_router(references.router)
     app.include_router(history.router)
+    app.include_router(lifecycle.router)
     install_docs(app)
     install_console(app)
     _add_middleware(app, settings, metrics)

@@ -79,3 +79,14 @@ class DriftMonitor:
             self.not_recognised.labels(station, modality).set(figures["not_recognised_rate"])
         self.alert.labels(station, modality).set(1.0 if figures["alert"] else 0.0)
         return figures
+
+    def figures(self) -> list[dict[str, Any]]:
+        """Each window's figures now (station, modality, model, PSI of each signal, alert), for an admin."""
+        with self._lock:
+            windows = list(self._windows.items())
+            return [
+                {"station": station, "modality": modality, "model": f"{w.model[0]}/{w.model[1]}",
+                 **drift_figures(w.reference, np.array(w.scores), np.array(w.brightness),
+                                 np.array(w.not_recognised))}  # fmt: skip
+                for (station, modality), w in windows
+            ]

@@ -152,3 +152,25 @@ def test_a_promotion_embeds_the_references_for_the_new_version_first(cli_env: Se
     finally:
         store.close()
     assert len(set(cached.glob("*.npz")) - before) == 1  # version 2's embeddings, written before it went live
+
+
+def test_an_admin_sees_where_each_model_stands(cli_env: Settings) -> None:
+    from api_fixtures import DARK, assert_error
+
+    from verity.api.auth import KeyStore
+
+    settings = cli_env
+    _, station = KeyStore(settings.keys_file).add("gate-1", role="station")
+    with TestClient(create_app(settings)) as client:
+        client.post("/v1/predict", files={"file": ("a.png", DARK)}, data={"modality": "photo"})
+        assert verity_cli.main(["promote", "photo-test", "1", "--why", "the tested one"]) == 0
+        client.post("/v1/models/reload", headers=admin_headers(settings))
+        body = client.get("/v1/lifecycle", headers=admin_headers(settings)).json()
+        assert_error(client.get("/v1/lifecycle", headers={"X-API-Key": station}), 403)
+        assert_error(client.get("/v1/lifecycle"), 401)
+    models = {model["name"]: model for model in body["models"]}
+    photo = models["photo-test"]
+    assert photo["aliases"] == {"production": "1"} and photo["serving"] == ["photo-test/1"]
+    assert photo["versions"] == ["1", "2"] and [e["action"] for e in photo["events"]] == ["adopt", "promote"]
+    assert body["shadow"]["model"] is None and body["shadow"]["answers"] == 0
+    assert isinstance(body["drift"], list)
