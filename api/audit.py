@@ -36,6 +36,8 @@ from verity.api.audit_sql import (
     BUMP_GENERATION,
     CONFIRMED_CASES_SQL,
     SAVE_BUCKET,
+    adopt_alias_arguments,
+    adopt_alias_sql,
     audit_record,
     audit_row,
     cases_with_feedback,
@@ -297,6 +299,15 @@ class SQLiteAuditStore:
         with self._lock:
             rows = self._db.execute(query, (since or "",)).fetchall()
         return [shadow_record(row) for row in rows]
+
+    def adopt_alias(self, event: ModelEvent) -> bool:
+        """One statement: SQLite holds the database's write lock for it, so two processes write one."""
+        try:
+            with self._lock:
+                cursor = self._db.execute(adopt_alias_sql("?"), adopt_alias_arguments(event))
+        except sqlite3.Error as error:
+            raise AuditError(f"The model event could not be written: {error}") from error
+        return cursor.rowcount == 1
 
     def model_events(self, model_name: str | None = None) -> list[ModelEvent]:
         query = f"SELECT {', '.join(MODEL_EVENT_FIELDS)} FROM model_events"

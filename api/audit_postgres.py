@@ -42,6 +42,8 @@ from verity.api.audit_sql import (
     BUMP_GENERATION,
     CONFIRMED_CASES_SQL,
     SAVE_BUCKET,
+    adopt_alias_arguments,
+    adopt_alias_sql,
     audit_record,
     audit_row,
     cases_with_feedback,
@@ -278,6 +280,17 @@ class PostgresAuditStore:
     def shadow_records(self, since: str | None = None) -> list[ShadowRecord]:
         sql = f"SELECT {_columns(SHADOW_FIELDS)} FROM shadow_scores WHERE created >= %s ORDER BY created"
         return [shadow_record(row) for row in self._read(sql, (since or "",))]
+
+    def adopt_alias(self, event: ModelEvent) -> bool:
+        """Under a transaction-scoped advisory lock on the model's name: a second worker (or box) waits,
+        then finds the first one's event and writes nothing."""
+        try:
+            with self._pool.connection() as connection, connection.transaction():
+                connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (event.model_name,))
+                cursor = connection.execute(adopt_alias_sql("%s"), adopt_alias_arguments(event))
+                return cursor.rowcount == 1
+        except (psycopg.Error, PoolTimeout) as error:
+            raise AuditError(f"The model event could not be written: {error}") from error
 
     def model_events(self, model_name: str | None = None) -> list[ModelEvent]:
         sql = f"SELECT {_columns(MODEL_EVENT_FIELDS)} FROM model_events"

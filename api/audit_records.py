@@ -165,6 +165,10 @@ class AuditStore(Protocol):
     def record_model_event(self, event: ModelEvent) -> None:
         """Writes one promotion or rollback durably before it takes effect, or raises AuditError."""
 
+    def adopt_alias(self, event: ModelEvent) -> bool:
+        """Writes `event` only when its model has no event for its alias yet, atomically for every
+        worker and box (two starting at once record one adoption); whether it was written."""
+
     def model_events(self, model_name: str | None = None) -> list[ModelEvent]:
         """Every promotion and rollback, oldest first (of one model when named)."""
 

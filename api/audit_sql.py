@@ -11,10 +11,12 @@ from typing import Any
 from verity.api.audit_records import (
     AUDIT_FIELDS,
     FEEDBACK_FIELDS,
+    MODEL_EVENT_FIELDS,
     SHADOW_FIELDS,
     AuditRecord,
     FeedbackRecord,
     HistoryQuery,
+    ModelEvent,
     ShadowRecord,
 )
 
@@ -121,3 +123,17 @@ def shadow_row(record: ShadowRecord) -> tuple[Any, ...]:
     values = asdict(record)
     values["recognised"] = None if record.recognised is None else int(record.recognised)
     return tuple(values[name] for name in SHADOW_FIELDS)
+
+
+def adopt_alias_sql(mark: str) -> str:
+    """One statement that inserts a model event unless its model already has one for its alias."""
+    columns = ", ".join(MODEL_EVENT_FIELDS)
+    marks = ", ".join(mark for _ in MODEL_EVENT_FIELDS)
+    return (
+        f"INSERT INTO model_events ({columns}) SELECT {marks} WHERE NOT EXISTS "
+        f"(SELECT 1 FROM model_events WHERE model_name = {mark} AND alias = {mark})"
+    )
+
+
+def adopt_alias_arguments(event: ModelEvent) -> tuple[Any, ...]:
+    return (*asdict(event).values(), event.model_name, event.alias)

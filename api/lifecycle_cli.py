@@ -93,16 +93,15 @@ def promote(
 
 def adopt(store: AuditStore, keys: list[tuple[str, str]]) -> list[ModelEvent]:
     """At a first start with aliases (or when a modality first gets a model), the model each modality
-    serves (the newest) becomes its production alias, recorded once: a name that has an alias by now (a
-    worker beside this one adopted it first) is left as it is. Returns every model event after."""
+    serves (the newest) becomes its production alias, recorded once (`AuditStore.adopt_alias`): a name
+    that has an alias by now (a worker beside this one adopted it first) is left as it is. Returns every
+    model event after."""
     for name, version in keys:
-        if _current(store, name, PRODUCTION) is not None:
-            continue
         why = ("adopted at start: the model this modality served (its newest version) became its "
                "production alias; from now on a new version goes live only by `verity promote`")
         event = ModelEvent(utc_now(), "adopt", name, PRODUCTION, version, None, "verity serve", why)
-        store.record_model_event(event)
-        log.warning("production alias adopted", extra={"model": f"{name}/{version}"})
+        if store.adopt_alias(event):  # atomic: of workers starting at once, one records it
+            log.warning("production alias adopted", extra={"model": f"{name}/{version}"})
     return store.model_events()
 
 

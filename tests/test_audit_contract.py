@@ -165,9 +165,14 @@ def test_model_events_in_order_and_the_aliases_they_set(store: Any) -> None:
         store.record_model_event(event)
     assert store.model_events() == events
     assert store.model_events("photo-a") == [events[0], events[1], events[3]]
+    adopted = ModelEvent(day(5), "adopt", "photo-a", "production", "9", None, "verity serve", "start")
+    assert not store.adopt_alias(adopted)  # photo-a has an alias already: nothing written
+    fresh = ModelEvent(day(5), "adopt", "photo-b", "production", "3", None, "verity serve", "start")
+    assert store.adopt_alias(fresh) and not store.adopt_alias(fresh)  # once, however often it is asked
+    assert store.model_events("photo-b") == [fresh]
     aliases = current_aliases(store.model_events())
     assert {key: event.version for key, event in aliases.items()} == {
-        ("photo-a", "production"): "1", ("xray-a", "production"): "5",
+        ("photo-a", "production"): "1", ("xray-a", "production"): "5", ("photo-b", "production"): "3",
     }
 
 

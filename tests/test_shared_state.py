@@ -161,4 +161,4 @@ def test_a_promotion_and_a_rollback_reach_every_worker_within_2_s(two_workers) -
     time.sleep(FOLLOW_S)
     assert served() == ["photo-test/1"] * FRESH
     actions = [line.split()[1] for line in verity("promote", "--list").splitlines()]
-    assert actions[-3:] == ["promote", "promote", "rollback"] and set(actions[:-3]) == {"adopt"}
+    assert actions == ["adopt", "promote", "promote", "rollback"]  # two workers started: one adoption
