@@ -160,5 +160,7 @@ def test_a_promotion_and_a_rollback_reach_every_worker_within_2_s(two_workers) -
     verity("rollback", "photo-test", "--why", "false alarms at gate 3")
     time.sleep(FOLLOW_S)
     assert served() == ["photo-test/1"] * FRESH
-    actions = [line.split()[1] for line in verity("promote", "--list").splitlines()]
-    assert actions == ["adopt", "promote", "promote", "rollback"]  # two workers started: one adoption
+    events = [line.split()[1:3] for line in verity("promote", "--list").splitlines()]
+    # Two workers started, and each model was adopted once: photo-test and xray-test.
+    assert sorted(events[:2]) == [["adopt", "photo-test"], ["adopt", "xray-test"]]
+    assert events[2:] == [["promote", "photo-test"], ["promote", "photo-test"], ["rollback", "photo-test"]]
