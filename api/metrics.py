@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 
 from verity.api.drift_monitor import DriftMonitor
+from verity.api.shadow import shadow_outcomes
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -93,13 +94,7 @@ class Metrics:
             "verity_requests_in_flight", "HTTP requests being served.", registry=self.registry
         )
         self.drift = DriftMonitor(self.registry)
-        self.shadow = Counter(
-            "verity_shadow_total",
-            "Images offered to the shadow model (VERITY_SHADOW), by outcome: scored, dropped (the shadow "
-            "was behind), skipped (another modality, or unreadable to it).",
-            ["outcome"],
-            registry=self.registry,
-        )
+        self.shadow = shadow_outcomes(self.registry)
 
     def watch_models(self, describe: Callable[[], list[tuple[str, str, str, bool, int]]]) -> None:
         self.registry.register(_ModelCollector(describe))

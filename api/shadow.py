@@ -18,7 +18,7 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import AuditError, AuditStore, ShadowRecord
@@ -31,6 +31,17 @@ from verity.inference.vocabulary import NonFiniteScore
 log = logging.getLogger("verity.api.shadow")
 
 QUEUE_SIZE = 64
+
+
+def shadow_outcomes(registry: CollectorRegistry) -> Counter:
+    """The shadow's counter, registered once per app (api.metrics) so that a lifespan restarted is fine."""
+    return Counter(
+        "verity_shadow_total",
+        "Images offered to the shadow model (VERITY_SHADOW), by outcome: scored, dropped (the shadow was "
+        "behind), skipped (another modality, or unreadable to it).",
+        ["outcome"],
+        registry=registry,
+    )
 
 
 class ShadowScorer:

@@ -19,13 +19,13 @@ The profiles sit in profile.npz beside model.onnx, written and read by numpy alo
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+
+from verity.inference.private_files import staged_file
 
 PROFILE_FILE = "profile.npz"
 # The grey plane's quantiles (percent): the shape of its histogram, robust to a few odd pixels.
@@ -91,17 +91,12 @@ class ProfileBank:
 
 
 def save_profiles(bank: ProfileBank, path: str | Path) -> Path:
-    """Writes the bank to `path` atomically, readable by all."""
+    """Writes the bank to `path` atomically (`private_files.staged_file`), readable by all as bank.npz."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(suffix=".npz.tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
+    with staged_file(path, mode=0o644) as staged:
+        with open(staged.path, "wb") as stream:  # a file object: numpy then adds no .npz of its own
             np.savez(stream, rows=bank.rows, mean=bank.mean, spread=bank.spread)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        staged.publish()
     return path
 
 

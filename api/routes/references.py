@@ -26,7 +26,8 @@ from verity.api.errors import (
 )
 from verity.api.reference_admin import audit_writer, calibration_or_none
 from verity.api.registry import ModelRegistry, ServedModel
-from verity.api.schemas import FILENAME_MAX, Modality, ReferenceRemoved, ReferencesEnrolled, ReferencesListing
+from verity.api.schemas import FILENAME_MAX, Modality
+from verity.api.schemas_references import ReferenceRemoved, ReferencesEnrolled, ReferencesListing
 from verity.api.settings import Settings
 from verity.inference.decode_limits import DecodeError
 from verity.inference.references.check import EngineEmbedder

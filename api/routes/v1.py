@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import FeedbackRecord
@@ -25,6 +24,12 @@ from verity.api.errors import (
 )
 from verity.api.feedback import may_confirm
 from verity.api.registry import ServedModel
+from verity.api.routes.predict_input import (
+    RAW_BODY_OPENAPI,
+    RawPredictOptions,
+    modality_of,
+    predict_input,
+)
 from verity.api.schemas import (
     CASE_ID_MAX,
     FILENAME_MAX,
@@ -37,13 +42,10 @@ from verity.api.schemas import (
     Modality,
     ModelsResponse,
     PredictionResult,
-    RawPredictOptions,
     Readiness,
     ReloadResponse,
-    is_raw_image_body,
 )
 from verity.api.service import PredictionService, Scored, ServiceDep, render_images, station_for
-from verity.inference.decode import content_modality
 from verity.inference.stamps import utc_now
 from verity.inference.vocabulary import NAME_MAX
 
@@ -101,71 +103,6 @@ async def _images(
     return await run_in_threadpool(render_images, scored, served.engine.spec, heatmap, view)
 
 
-RAW_BODY_OPENAPI = {
-    "requestBody": {
-        "content": {
-            kind: {"schema": {"type": "string", "format": "binary"}}
-            for kind in ("image/*", "application/dicom", "application/octet-stream")
-        }
-    },
-    "parameters": [
-        {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
-        for name, schema, text in (
-            ("modality", {"type": "string", "enum": ["photo", "xray"]},
-             "With a raw body; may be left out for DICOM and 16-bit PNG or TIFF (X-ray)."),
-            ("station_id", {"type": "string", "maxLength": STATION_ID_MAX}, "With a raw body."),
-            ("case_id", {"type": "string", "maxLength": CASE_ID_MAX}, "With a raw body."),
-            ("product", {"type": "string", "maxLength": NAME_MAX}, "With a raw body."),
-            ("model", {"type": "string", "maxLength": MODEL_REFERENCE_MAX}, "With a raw body."),
-            ("return_heatmap", {"type": "boolean"}, "With a raw body."),
-            ("return_view", {"type": "boolean"}, "With a raw body."),
-        )
-    ],
-}
-
-
-def _raw_options(request: Request) -> RawPredictOptions:
-    """The options of a raw-body request, from its query (422 naming what is wrong)."""
-    try:
-        return RawPredictOptions.model_validate(dict(request.query_params))
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in problem['loc']) or 'query'}: {problem['msg']}"
-            for problem in error.errors()
-        )
-        raise ApiError(422, "invalid_fields", f"Invalid query for a raw image body: {problems}.") from error
-
-
-async def _predict_input(
-    request: Request, file: UploadFile | None, options: RawPredictOptions | None
-) -> tuple[bytes, RawPredictOptions]:
-    """The image bytes and the options: a multipart form's, or a raw body's with its query."""
-    if is_raw_image_body(request.headers.get("content-type")):
-        options = _raw_options(request)
-        return await request.body(), options
-    if file is None or options is None:
-        raise ApiError(
-            422,
-            "invalid_fields",
-            "Missing form field: file. Send multipart/form-data with `file` (and `modality`), or the image "
-            "itself as the body (Content-Type: image/*) with ?modality=.",
-        )
-    return await file.read(), options
-
-
-def _modality(options: RawPredictOptions, data: bytes) -> str:
-    """The modality asked for, else the one the bytes decide (DICOM and 16-bit PNG or TIFF are X-ray)."""
-    modality = options.modality or content_modality(data)
-    if modality is None:
-        raise ApiError(
-            422,
-            "invalid_fields",
-            "Missing field: modality (photo or xray). The image's bytes decide it only for DICOM and 16-bit "
-            "PNG or TIFF (X-ray); an 8-bit image may be either.",
-        )
-    return modality
-
-
 @router.post(
     "/v1/predict",
     response_model=PredictionResult,
@@ -202,12 +139,12 @@ async def predict(
         modality=modality, station_id=station_id, case_id=case_id, product=product,
         return_heatmap=return_heatmap, return_view=return_view, model=model,
     )  # fmt: skip
-    data, options = await _predict_input(request, file, form)
+    data, options = await predict_input(request, file, form)
     station = station_for(principal.station_id, options.station_id)
     if options.model:
         served = service.model_named(options.model, options.modality)
     else:
-        served = service.model_for(_modality(options, data))
+        served = service.model_for(modality_of(options, data))
     service.require_product(served, options.product)
     scored = await service.score(data, served, options.product)
     heatmap, view = await _images(scored, served, options.return_heatmap, options.return_view)
