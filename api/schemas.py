@@ -208,6 +208,11 @@ class ModelInfo(BaseModel):
     provider: str | None = Field(None, description="the onnxruntime execution provider running it")
 
 
+class Caller(BaseModel):
+    station_id: str | None = Field(description="The station the key names; null without a key.")
+    role: Literal["station", "admin", "anonymous"]
+
+
 class ModelsResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -231,6 +236,7 @@ class ModelsResponse(BaseModel):
     )
     models: list[ModelInfo]
     defaults: dict[str, str] = Field(description="modality -> name/version that /v1/predict uses.")
+    caller: Caller = Field(description="Who asked: the console shows the admin panel to an admin key.")
 
 
 class Health(BaseModel):

@@ -5,6 +5,7 @@ against, and the steps several tests share.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,16 @@ from console_fixtures import Sample, launch, require_chromium, shipped_server, s
 
 WAIT_MS = 30_000
 UPLOAD_LIMIT = 200_000  # bytes, on the keys-required server
+# What `verity compare` found for photo-test 1 against production, in the figures the admin panel shows.
+STORED_COMPARISON = {
+    "images": 120,
+    "roc_auc_difference": -0.041,
+    "roc_auc_difference_interval": [-0.07, -0.012],
+    "confidence": 0.95,
+    "verdict_changes": 0.1,
+    "worse_beyond_noise": True,
+    "better_beyond_noise": False,
+}
 FAILED_LOAD = re.compile(r"^Failed to load resource: the server responded with a status of (\d{3})")
 
 
@@ -159,16 +170,20 @@ class KeyedServer:
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedServer]:
-    """Keys required; three stations (lane-a, lane-b, lane-c: revoked by its test) on the tiny models."""
+    """Keys required; three stations (lane-a, lane-b, lane-c: revoked by its test) and an admin (hq) on the
+    tiny models, photo-test 1 carrying a comparison against production (2) as `verity retrain` writes it."""
     from verity.api.auth import KeyStore
 
     root = tmp_path_factory.mktemp("console-keyed")
     # A small upload limit, so a 413 is cheap to provoke.
-    live = LiveServer(
-        server_env(root, VERITY_REQUIRE_API_KEYS="true", VERITY_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT))
+    env = server_env(root, VERITY_REQUIRE_API_KEYS="true", VERITY_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT))
+    live = LiveServer(env)
+    (Path(env["VERITY_MODELS_DIR"]) / "photo-test" / "1" / "compare.json").write_text(
+        json.dumps(STORED_COMPARISON), encoding="utf-8"
     )
     store = KeyStore(root / "keys.json")
     keys = {station: store.add(station)[1] for station in ("lane-a", "lane-b", "lane-c")}
+    keys["hq"] = store.add("hq", role="admin")[1]
     live.start()
     yield KeyedServer(live, keys, root / "keys.json")
     live.stop()

@@ -173,3 +173,55 @@ def test_too_large_busy_and_unreachable_each_say_what_to_do(
     page.unroute("**/v1/predict")
     page.locator("#queue li", has_text="two.png").locator(".q-retry").click()
     expect()(page.locator("#queue li[data-state=done]")).to_have_count(1, timeout=WAIT_MS)
+
+
+def test_an_admin_sees_the_models_panel_and_a_station_does_not(
+    new_page: Callable[..., tuple[Any, Watch]], keyed: KeyedServer, samples: dict[str, Sample]
+) -> None:
+    _predict_as(keyed, "lane-a", samples["genuine-photo"], "CASE-FOR-DRIFT")
+    page, watch = new_page(keyed.live)
+    sign_in(page, keyed.keys["lane-a"])
+    expect()(page.locator("#history .history-row").first).to_be_visible()  # the console has settled
+    expect()(page.locator("#lifecycle-open")).to_be_hidden()
+    page.locator("#signout").click()
+    sign_in(page, keyed.keys["hq"])
+    expect()(page.locator("#signed-state")).to_have_text("Signed in with an admin key")
+    page.locator("#lifecycle-open").click()
+    dialog = page.locator("#lifecycle")
+    expect()(dialog).to_be_visible()
+    photo = dialog.locator("tr[data-model=photo-test]")
+    expect()(photo.locator(".lc-production")).to_have_text("2")  # the first start adopted the newest
+    expect()(photo.locator(".lc-modality")).to_have_text("Photo")
+    expect()(photo.locator(".lc-event")).to_contain_text("adopted 2")
+    # Version 1's comparison against production, from the compare.json beside it, judged as it was.
+    candidate = photo.locator(".lc-candidate[data-version='1'] .lc-comparison")
+    expect()(candidate).to_have_text(
+        "ROC AUC −0.041 against production (95 %: −0.070 to −0.012), 120 images: worse beyond noise"
+    )
+    expect()(dialog.locator("tr[data-model=xray-test] .lc-candidates")).to_have_text("–")
+    expect()(dialog.locator(".lifecycle-shadow")).to_have_text("No shadow model (VERITY_SHADOW is not set).")
+    # The tiny models' cards hold no drift reference (tests/test_drift.py measures a model that has one).
+    expect()(dialog.locator(".lifecycle-drift")).to_contain_text("No stream measured yet")
+    # A station whose stream drifted, as the server reports it: the alert is said in words.
+    body = httpx.get(f"{keyed.live.url}/v1/lifecycle", headers={"X-API-Key": keyed.keys["hq"]}, timeout=10)
+    drifted = {"station": "lane-a", "modality": "xray", "model": "xray-test/1", "window": 200,
+               "score_psi": 0.41, "brightness_psi": 0.05, "not_recognised_rate": 0.03,
+               "val_not_recognised_rate": 0.01, "alert": True}  # fmt: skip
+    page.route("**/v1/lifecycle", lambda route: route.fulfill(json={**body.json(), "drift": [drifted]}))
+    dialog.locator(".lifecycle-refresh").click()
+    lane = dialog.locator(".lc-drift", has_text="lane-a · X-ray · xray-test/1")
+    expect()(lane).to_have_attribute("data-alert", "true")
+    figures = "score PSI 0.41, brightness PSI 0.05, not recognised 3.0 % (validation 1.0 %)"
+    expect()(lane).to_contain_text(figures)
+    expect()(lane.locator(".lc-alert")).to_have_text("Drift alert")
+    page.unroute("**/v1/lifecycle")
+    # In Russian, the same panel in the officer's language.
+    page.locator("#language").select_option("ru")
+    expect()(dialog.locator("#lifecycle-title")).to_have_text("Модели, продвижение и дрейф")
+    expect()(candidate).to_contain_text("хуже сверх шума")
+    page.locator("#language").select_option("en")
+    dialog.locator(".lifecycle-close").click()
+    expect()(dialog).to_be_hidden()
+    page.locator("#signout").click()
+    expect()(page.locator("#lifecycle-open")).to_be_hidden()
+    assert watch.unexpected_errors(allowed_statuses=(401,)) == []

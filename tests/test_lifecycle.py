@@ -161,9 +161,16 @@ def test_an_admin_sees_where_each_model_stands(cli_env: Settings) -> None:
 
     settings = cli_env
     _, station = KeyStore(settings.keys_file).add("gate-1", role="station")
+    comparison = {"images": 40, "roc_auc_difference": 0.02, "roc_auc_difference_interval": [-0.01, 0.05],
+                  "confidence": 0.95, "verdict_changes": 0.05, "worse_beyond_noise": False,
+                  "better_beyond_noise": False, "verdict_change_examples": []}  # fmt: skip
+    (settings.models_dir / "photo-test" / "2" / "compare.json").write_text(json.dumps(comparison))
+    (settings.models_dir / "xray-test" / "1" / "compare.json").write_text("{not json")
     with TestClient(create_app(settings)) as client:
         client.post("/v1/predict", files={"file": ("a.png", DARK)}, data={"modality": "photo"})
         assert verity_cli.main(["promote", "photo-test", "1", "--why", "the tested one"]) == 0
+        callers = [client.get("/v1/models", headers=h).json()["caller"]
+                   for h in (admin_headers(settings), {"X-API-Key": station})]  # fmt: skip
         client.post("/v1/models/reload", headers=admin_headers(settings))
         body = client.get("/v1/lifecycle", headers=admin_headers(settings)).json()
         assert_error(client.get("/v1/lifecycle", headers={"X-API-Key": station}), 403)
@@ -173,4 +180,14 @@ def test_an_admin_sees_where_each_model_stands(cli_env: Settings) -> None:
     assert photo["aliases"] == {"production": "1"} and photo["serving"] == ["photo-test/1"]
     assert photo["versions"] == ["1", "2"] and [e["action"] for e in photo["events"]] == ["adopt", "promote"]
     assert body["shadow"]["model"] is None and body["shadow"]["answers"] == 0
+    # Each loaded version with its comparison against production (compare.json beside it); a file that
+    # does not read as one is shown as none, never an error.
+    loaded = {entry["version"]: entry for entry in photo["loaded"]}
+    assert loaded["1"]["comparison"] is None and loaded["1"]["aliases"] == ["production"]
+    brief = loaded["2"]["comparison"]
+    assert brief["roc_auc_difference"] == 0.02 and brief["images"] == 40
+    assert "verdict_change_examples" not in brief  # the panel's figures, not the whole report
+    assert models["xray-test"]["loaded"][0]["comparison"] is None
+    # /v1/models says who asked: the console offers its models panel to an admin only.
+    assert callers == [{"station_id": "ops", "role": "admin"}, {"station_id": "gate-1", "role": "station"}]
     assert isinstance(body["drift"], list)

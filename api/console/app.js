@@ -6,6 +6,7 @@ import { errorMessage } from "./errors.js";
 import { HistoryPanel } from "./history.js";
 import { chooseLanguage, currentLanguage, onLanguageChange, setLanguage, t } from "./i18n.js";
 import { installShortcuts } from "./keys.js";
+import { LifecyclePanel } from "./lifecycle.js";
 import { Queue } from "./queue.js";
 import { queueRowParts } from "./queue-view.js";
 import { fromHistory, fromPrediction, verdictState } from "./results.js";
@@ -57,6 +58,7 @@ const state = {
 
 const viewer = new Viewer($("#viewer"));
 const history = new HistoryPanel($("#history"), (requestId) => openRecord(requestId));
+const lifecycle = new LifecyclePanel($("#lifecycle"), $("#lifecycle-open"));
 const queue = new Queue(sendItem, drawItem);
 
 // ---- Sign-in ---------------------------------------------------------------------------------------
@@ -79,11 +81,14 @@ function setMessage(node, key) {
   node.textContent = key ? t(key) : "";
 }
 
-function enterConsole(mode) {
+/** caller: /v1/models' "caller" ({station_id, role}); an admin key is offered the models panel. */
+function enterConsole(mode, caller) {
+  const admin = caller?.role === "admin";
   state.mode = mode;
+  lifecycle.offer(admin);
   ui.signin.hidden = true;
   ui.console.hidden = false;
-  ui.signedState.dataset.i18n = mode === "keyed" ? "signed.key" : "signed.open";
+  ui.signedState.dataset.i18n = mode !== "keyed" ? "signed.open" : admin ? "signed.admin" : "signed.key";
   ui.signedState.textContent = t(ui.signedState.dataset.i18n);
   ui.signout.hidden = mode !== "keyed";
   ui.signinOpen.hidden = mode !== "open";
@@ -95,8 +100,8 @@ function enterConsole(mode) {
 async function probe() {
   const key = session.key();
   try {
-    await request("/v1/models", { key, quiet401: true });
-    enterConsole(key ? "keyed" : "open");
+    const models = await request("/v1/models", { key, quiet401: true });
+    enterConsole(key ? "keyed" : "open", models.caller);
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) {
       session.clearKey();
@@ -119,8 +124,9 @@ async function signIn(event) {
     return;
   }
   setMessage(ui.signinMessage, "signin.checking");
+  let models;
   try {
-    await request("/v1/models", { key, quiet401: true });
+    models = await request("/v1/models", { key, quiet401: true });
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) setMessage(ui.signinMessage, "signin.bad");
     else {
@@ -133,12 +139,13 @@ async function signIn(event) {
   session.setKey(key);
   ui.signinKey.value = "";
   forgetResults();
-  enterConsole("keyed");
+  enterConsole("keyed", models.caller);
   $("#choose").focus();
 }
 
 function signOut() {
   session.clearKey();
+  lifecycle.offer(false);
   forgetResults();
   state.mode = "unknown";
   ui.console.hidden = true;
@@ -161,6 +168,7 @@ function forgetResults() {
 setUnauthorizedHandler(() => {
   if (state.mode === "signin") return;
   session.clearKey();
+  lifecycle.offer(false);
   forgetResults();
   showSignin("signin.again", false);
 });
@@ -419,6 +427,7 @@ function wire() {
     drawSelected(false);
     viewer.relabel();
     history.render();
+    lifecycle.render();
     drawCounts();
   });
 }
@@ -444,7 +453,7 @@ function wireDrop() {
 
 function wireShortcuts() {
   const inConsole = () => !ui.console.hidden && ui.signin.hidden;
-  const dialogOpen = () => ui.help.open || $("#camera-dialog").open;
+  const dialogOpen = () => ui.help.open || $("#camera-dialog").open || $("#lifecycle").open;
   installShortcuts(
     {
       o: () => inConsole() && ui.fileInput.click(),

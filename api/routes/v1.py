@@ -247,7 +247,11 @@ async def list_models(registry: RegistryDep, principal: PrincipalDep) -> dict[st
         {**m.describe(key in defaults), "aliases": sorted(snapshot.aliases.get(key, []))}
         for key, m in sorted(snapshot.models.items())
     ]
-    return {"models": models, "defaults": {mod: f"{k[0]}/{k[1]}" for mod, k in snapshot.defaults.items()}}
+    return {
+        "models": models,
+        "defaults": {mod: f"{k[0]}/{k[1]}" for mod, k in snapshot.defaults.items()},
+        "caller": {"station_id": principal.station_id, "role": principal.role},
+    }
 
 
 @router.post(
