@@ -30,6 +30,7 @@ from verity.api.audit_records import current_aliases
 from verity.api.registry import PRODUCTION
 from verity.api.settings import Settings, load_settings
 from verity.api.shared_state import MODELS
+from verity.inference.artifacts import COMPARISON_FILE
 from verity.inference.drift import DRIFT_ALERT_PSI, WINDOW, drift_figures
 from verity.inference.engine import read_metadata
 from verity.inference.stamps import utc_now
@@ -81,6 +82,9 @@ def promote(
     _, card = read_metadata(model)
     if card.weak and not force:
         raise LifecycleError(f"{name}/{version} is marked weak in its card; give --force (with --why).")
+    # Without --comparison, the one `verity retrain` left beside the version judges it.
+    beside = model.parent / COMPARISON_FILE
+    comparison = comparison or (beside if beside.is_file() else None)
     compared = _check_comparison(comparison, name, version, force) if comparison else None
     follow_references(settings, name, model)
     current = _current(store, name, alias)
@@ -163,7 +167,8 @@ def promote_main(argv: list[str]) -> int:
     parser.add_argument("version", nargs="?", help="the version to promote")
     parser.add_argument("--why", help="why: recorded in the audit log with who and when (required)")
     parser.add_argument("--alias", default=PRODUCTION, help=f"the alias to point (default {PRODUCTION})")
-    parser.add_argument("--comparison", type=Path, help="`verity compare --out` result (compare.json)")
+    parser.add_argument("--comparison", type=Path, help="`verity compare --out` result (compare.json); "
+                        "default: the compare.json in the version's folder, when there is one")
     parser.add_argument("--force", action="store_true", help="promote a weak or worse-beyond-noise model")
     parser.add_argument("--list", action="store_true", help="list every promotion and rollback")
     args = parser.parse_args(argv)

@@ -14,6 +14,9 @@ from pathlib import Path
 # What a version folder may hold, in order of preference: the ONNX export is what the server runs.
 MODEL_FILES = ("model.onnx", "model.pt")
 ONNX_FILES = ("model.onnx",)
+# `verity compare`'s result; beside a candidate version (`verity retrain` leaves it there), `verity promote`
+# judges the version by it and the admin's /v1/lifecycle shows it.
+COMPARISON_FILE = "compare.json"
 
 
 def version_sort_key(version: str) -> tuple[tuple[int, int, str], ...]:

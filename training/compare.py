@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from verity.datasets.manifest import read_manifest, resolve_image_path
+from verity.inference.artifacts import COMPARISON_FILE
 from verity.inference.vocabulary import LABELS
 from verity.training.eval_samples import Sample, load_samples
 from verity.training.metrics import recall_at_false_alarm_rate, roc_auc
@@ -206,5 +207,5 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(result))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "compare.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        (args.out / COMPARISON_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

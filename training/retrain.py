@@ -22,7 +22,7 @@ from typing import Any
 
 from verity.datasets.ingest import IngestOptions, ingest
 from verity.datasets.manifest import read_manifest, resolve_image_path, write_manifest
-from verity.inference.artifacts import resolve_model
+from verity.inference.artifacts import COMPARISON_FILE, resolve_model
 
 
 def combined_manifest(model_dir: Path, new_cases: Path, out: Path, modality: str) -> dict[str, Any]:
@@ -59,7 +59,7 @@ def retrain(model: Path, new_cases: Path, benchmark: Path, version: str, out: Pa
     )  # fmt: skip
     candidate = Path(trained["model_onnx"])
     comparison = compare(onnx, candidate, benchmark)
-    (candidate.parent / "compare.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
+    (candidate.parent / COMPARISON_FILE).write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
     return {"data": data, "candidate": str(candidate.parent), "champion": str(model_dir),
             "comparison": comparison, "name": card.name, "version": version}  # fmt: skip
 
@@ -81,5 +81,5 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(result["comparison"]))
     print(f"to promote it (never done by retrain): copy {result['candidate']} into the models folder, then "
           f"verity promote {result['name']} {result['version']} --why TEXT "
-          f"--comparison {Path(result['candidate']) / 'compare.json'}")  # fmt: skip
+          f"--comparison {Path(result['candidate']) / COMPARISON_FILE}")  # fmt: skip
     return 0

@@ -19,11 +19,11 @@ from verity.api.audit_records import current_aliases
 from verity.api.deps import AdminDep, AuditDep, RegistryDep
 from verity.api.errors import error_responses
 from verity.api.lifecycle_cli import shadow_report
+from verity.inference.artifacts import COMPARISON_FILE
 
 router = APIRouter()
 EVENTS_SHOWN = 5
 SHADOW_WINDOW = timedelta(days=1)
-COMPARISON_FILE = "compare.json"  # training/retrain.py writes it beside the candidate
 BRIEF = ("images", "roc_auc_difference", "roc_auc_difference_interval", "confidence", "verdict_changes",
          "worse_beyond_noise", "better_beyond_noise")  # fmt: skip
 
