@@ -119,7 +119,7 @@ _ADDED_COLUMNS = {
     "predictions": (
         "recognised INTEGER", "novelty REAL", "reasons TEXT", "product TEXT", "reference_status TEXT",
         "reference_distance REAL", "reference_threshold REAL", "reference_count INTEGER",
-        "key_id TEXT", "caller_role TEXT",
+        "key_id TEXT", "caller_role TEXT", "report_uid TEXT",
     ),
 }
 

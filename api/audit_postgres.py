@@ -108,6 +108,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX shadow_scores_created ON shadow_scores (created);
     """,
+    # 4: the SOP Instance UID of the DICOS threat report an answer was (`format=dicos`).
+    """
+    ALTER TABLE predictions ADD COLUMN report_uid TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

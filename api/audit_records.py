@@ -47,6 +47,8 @@ class AuditRecord:
     # claim, not an identity: history and feedback tell the two apart by caller_role.
     key_id: str | None = None
     caller_role: str | None = None
+    # The SOP Instance UID of the DICOS Threat Detection Report the answer was (issue 26); None for JSON.
+    report_uid: str | None = None
 
 
 @dataclass(frozen=True)

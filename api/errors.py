@@ -114,6 +114,8 @@ V1_ERROR_DESCRIPTIONS = {
     403: "The key may not do this.",
     404: "Not found.",
     413: "The upload or the image is too large.",
+    406: "A DICOS threat report was asked for (`format=dicos` or `Accept: application/dicom`) for an image "
+    "that is not scored as X-ray.",
     415: "Not an image type the server reads.",
     422: "Missing or invalid fields.",
     408: "The request body did not arrive in time (VERITY_BODY_TIMEOUT_S, VERITY_BODY_MIN_RATE).",

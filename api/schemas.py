@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,6 +12,9 @@ from verity.inference.vocabulary import NAME_MAX
 # built from a tuple and still be read by type checkers); tests/test_vocabulary.py keeps them equal.
 Verdict = Literal["genuine", "counterfeit", "uncertain"]
 Modality = Literal["photo", "xray"]
+# What /v1/predict answers with: its JSON, or a DICOS Threat Detection Report (X-ray; inference.dicos_report).
+AnswerFormat = Literal["json", "dicos"]
+ANSWER_FORMATS: tuple[str, ...] = get_args(AnswerFormat)
 Label = Literal["genuine", "counterfeit"]
 FeedbackLabel = Literal["genuine", "counterfeit", "unsure"]
 # The history's verdict filter: the three verdicts, with not_recognised (recognised false) on its own.
@@ -317,6 +320,9 @@ class HistoryItem(BaseModel):
         "(whose station_id is only a claim); null on rows from before receivers were recorded.",
     )
     key_id: str | None = Field(None, description="The id of the key that received it (never the secret).")
+    report_uid: str | None = Field(
+        None, description="The SOP Instance UID of the DICOS threat report it was answered with, if any."
+    )
     feedback: HistoryFeedback | None = Field(None, description="The resolved confirmation, if any.")
 
 

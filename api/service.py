@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -261,6 +261,7 @@ class PredictionService:
         api: str = "v1",
         key_id: str | None = None,
         caller_role: str | None = None,
+        report_uid: str | None = None,
     ) -> AuditRecord:
         """The audit row of one result: its serialisation for the audit log."""
         reference = scored.reference
@@ -290,6 +291,7 @@ class PredictionService:
             reference_count=reference.references if reference else None,
             key_id=key_id,
             caller_role=caller_role,
+            report_uid=report_uid,
         )
 
     async def answer(
@@ -302,11 +304,13 @@ class PredictionService:
         started: float,
         receiver: Principal,
         api: str = "v1",
+        report_uids: Mapping[str, str] | None = None,
     ) -> list[AuditRecord]:
         """The one path from scored images to an answer, for every prediction route: each image is
         stored (when it came as a file), recorded with who received it (`receiver`), and the records
         written to the audit log before any verdict leaves the server. `items` are (request id, scored
-        image, uploaded bytes or None); `modality` is that of the model that scored them."""
+        image, uploaded bytes or None); `modality` is that of the model that scored them; `report_uids` the
+        DICOS report UID of each request answered with one."""
         records = []
         for request_id, scored, data in items:
             image_path = await self.store_image(data, scored.upload) if data is not None else None
@@ -322,6 +326,7 @@ class PredictionService:
                     api=api,
                     key_id=receiver.key_id,
                     caller_role=receiver.role,
+                    report_uid=(report_uids or {}).get(request_id),
                 )
             )
         await self.write_audit(records)

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
+from verity.inference.dicos_report import DEFAULT_UID_ROOT, UID_ROOT_MAX, UID_ROOT_PATTERN
 from verity.inference.references.store import DEFAULT_REFERENCES_DIR
 from verity.inference.tiling import TilingOptions
 from verity.inference.vocabulary import MODALITIES
@@ -167,6 +168,9 @@ class Settings(BaseSettings):
     shadow: str | None = Field(None, max_length=129)
     store_images: bool = False
     image_store_dir: Path = Path("var/images")
+    # The root (an ISO OID ending in ".") of the UIDs a DICOS threat report gets, and of those naming a
+    # scan that came as PNG, TIFF or JPEG (a DICOM scan keeps its own): the organisation's, or pydicom's.
+    uid_root: str = Field(DEFAULT_UID_ROOT, pattern=UID_ROOT_PATTERN, max_length=UID_ROOT_MAX)
 
     # Genuine reference images per model and product (inference/references/store.py): `verity refs` and
     # /v1/references enrol them here, and a request naming its product is checked against them.

@@ -677,6 +677,12 @@ def _scan(job: ImageJob, dual: bool) -> tuple[np.ndarray, tuple[int, int, int, i
     return to_uint16(detect(0.5 * (att[0] + att[1]), rng, job.difficulty.nuisance, photons))[None], goods
 
 
+def scan_and_goods(job: ImageJob) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The whole scan (as render_planes) and where the goods lie in it, (x0, y0, x1, y1) in pixels: what a
+    detector's regions should cover (benchmarks/tdr_regions.py)."""
+    return _scan(job, job.dual_energy)
+
+
 def render_planes(job: ImageJob) -> np.ndarray:
     """The scan as uint16: 1 x H x W (single energy, mean of the two mu) or 2 x H x W (high, low)."""
     return _scan(job, job.dual_energy)[0]

@@ -15,13 +15,24 @@ on a scanner console with the base install.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from verity.inference.artifacts import ONNX_FILES, resolve_model
 from verity.inference.decode import read_image_bytes
 from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeError
+from verity.inference.dicos_report import (
+    DEFAULT_UID_ROOT,
+    UID_ROOT_MAX,
+    UID_ROOT_PATTERN,
+    ReportFacts,
+    new_report_uid,
+    report_for,
+)
 from verity.inference.engine import PRECISIONS, OnnxEngine, Prediction
 from verity.inference.pipeline import ProductCheck, Scored, ScoringOptions, score_bytes
 from verity.inference.references.check import ReferenceCheck
@@ -41,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--heatmap", metavar="PNG", help="write the evidence overlay here (one per image)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+    parser.add_argument(
+        "--format", choices=("text", "json", "dicos"), default="text",
+        help="text (default), json (as --json), or dicos: also write each X-ray's DICOS Threat Detection "
+        "Report, as /v1/predict answers `format=dicos`, into --reports",
+    )  # fmt: skip
+    parser.add_argument("--reports", default=".", metavar="DIR",
+                        help="where --format dicos writes <image>.tdr.dcm (default: here)")  # fmt: skip
+    parser.add_argument("--uid-root", default=DEFAULT_UID_ROOT,
+                        help="the UID root of the reports (as the server's VERITY_UID_ROOT)")  # fmt: skip
     parser.add_argument("--provider", help="force an execution provider: cpu, cuda or tensorrt")
     parser.add_argument(
         "--precision", default="auto", choices=PRECISIONS, help="model variant (default auto)"
@@ -98,13 +118,29 @@ def predict_file(
     options: TilingOptions,
     heatmap: bool,
     product_check: ProductCheck | None = None,
-) -> tuple[Scored, bytes | None]:
-    """One file through the pipeline (with the product's reference check when one is given), and its
-    heatmap PNG when asked for."""
+    evidence: bool = False,
+) -> tuple[Scored, bytes | None, bytes]:
+    """One file through the pipeline (with the product's reference check when one is given), its
+    heatmap PNG when asked for, and the file's bytes. `evidence`: keep the activation map without a
+    heatmap (a threat report's regions come from it)."""
     data = read_image_bytes(image, DEFAULT_LIMITS)
-    scored = score_bytes(data, engine, ScoringOptions(options), product_check, DEFAULT_LIMITS, heatmap)
+    with_cam = heatmap or evidence
+    scored = score_bytes(data, engine, ScoringOptions(options), product_check, DEFAULT_LIMITS, with_cam)
     png = render_images(scored, engine.spec, heatmap=True, view=False)[0] if heatmap else None
-    return scored, png
+    return scored, png, data
+
+
+def write_report(scored: Scored, data: bytes, engine: OnnxEngine, image: Path, folder: Path,
+                 uid_root: str, started: float) -> Path:  # fmt: skip
+    """The DICOS Threat Detection Report of one scan, as the server answers `format=dicos`."""
+    facts = ReportFacts(
+        report_uid=new_report_uid(uid_root), verdict=scored.verdict, score=scored.score, model=scored.model,
+        version=scored.version, alarm=scored.thresholds.alarm, clear=scored.thresholds.clear,
+        decided=datetime.now(UTC), processing_ms=(time.perf_counter() - started) * 1000.0, uid_root=uid_root,
+    )  # fmt: skip
+    out = folder / f"{image.stem}.tdr.dcm"
+    out.write_bytes(report_for(data, scored, engine.spec, facts, image.stem))
+    return out
 
 
 def cli_record(scored: Scored, image: Path, precision: str) -> dict[str, Any]:
@@ -168,10 +204,11 @@ def _line(result: dict[str, Any]) -> str:
     tiled = f", {result['tiles']} tiles ({result['aggregate']})" if result["tiles"] > 1 else ""
     model = result["model"]
     heatmap = f" heatmap {result['heatmap']}" if "heatmap" in result else ""
+    report = f" report {result['report']}" if "report" in result else ""
     return (
         f"{result['image']}: {result['verdict']}{_why(result)} (score {result['score']:.3f}; counterfeit >= "
         f"{result['alarm']:g}, genuine <= {result['clear']:g}{tiled}{_novelty(result)}) "
-        f"[{model['name']} {model['version']}]{heatmap}"
+        f"[{model['name']} {model['version']}]{heatmap}{report}"
     )
 
 
@@ -187,13 +224,27 @@ def main(argv: list[str] | None = None) -> int:
         warmup=False,
         precision=args.precision,
     )
+    report_dir = Path(args.reports) if args.format == "dicos" else None
+    if not (re.match(UID_ROOT_PATTERN, args.uid_root) and len(args.uid_root) <= UID_ROOT_MAX):
+        parser.error(f"--uid-root {args.uid_root!r} is not a UID root: digits and dots ending in '.', "
+                     f"at most {UID_ROOT_MAX} characters (e.g. {DEFAULT_UID_ROOT}).")  # fmt: skip
+    if report_dir is not None:
+        if engine.spec.modality != "xray":
+            parser.error(f"--format dicos writes threat reports on X-ray scans; {args.model} is a "
+                         f"{engine.spec.modality} model.")  # fmt: skip
+        report_dir.mkdir(parents=True, exist_ok=True)
+    as_json = args.json or args.format == "json"
     failures = 0
     several = len(args.images) > 1
     check = product_check_for(engine, args.product, args.references)
     for name in args.images:
         image = Path(name)
+        started = time.perf_counter()
         try:
-            scored, png = predict_file(engine, image, options, bool(args.heatmap), check)
+            scored, png, data = predict_file(engine, image, options, bool(args.heatmap), check,
+                                             evidence=report_dir is not None)  # fmt: skip
+            report = write_report(scored, data, engine, image, report_dir, args.uid_root, started) \
+                if report_dir is not None else None  # fmt: skip
         except (DecodeError, OSError, ValueError) as error:
             failures += 1
             print(terminal_safe(f"verity predict: {image}: {error}"), file=sys.stderr)
@@ -203,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             out = _heatmap_path(args.heatmap, image, several)
             out.write_bytes(png)
             result["heatmap"] = str(out)
+        if report is not None:
+            result["report"] = str(report)
         # The image's name may come from a folder of seized files: no control characters reach the terminal.
-        print(terminal_json(result) if args.json else terminal_safe(_line(result)))
+        print(terminal_json(result) if as_json else terminal_safe(_line(result)))
     return 1 if failures else 0

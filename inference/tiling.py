@@ -279,7 +279,7 @@ def aggregate_scores(scores: np.ndarray, how: str = "max", top_k: int = 3) -> fl
     return float(np.sort(scores)[-k:].mean())
 
 
-def _content_box(crop_h: int, crop_w: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
+def content_box(crop_h: int, crop_w: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
     """Where the crop lies inside the model input (letterbox pads narrow edge tiles; stretch fills)."""
     size = spec.image_size
     if spec.resize_mode == "stretch":
@@ -386,7 +386,7 @@ def _assemble_evidence(
         y1 = max(y0 + 1, min(out_h, round((tile.top + tile.height) * factor)))
         x1 = max(x0 + 1, min(out_w, round((tile.left + tile.width) * factor)))
         if prediction.cam is not None:
-            top, left, h, w = _content_box(tile.height, tile.width, spec)
+            top, left, h, w = content_box(tile.height, tile.width, spec)
             cam = upsample(prediction.cam, size, size)[top : top + h, left : left + w]
             patch = upsample(cam, y1 - y0, x1 - x0)
         else:

@@ -137,6 +137,7 @@ def test_history_item_fields(client: TestClient) -> None:
         "api",
         "caller_role",
         "key_id",
+        "report_uid",
         "feedback",
     }
     for name in (

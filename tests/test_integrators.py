@@ -34,7 +34,8 @@ def test_the_readme_client_runs_against_a_live_server(tmp_path: Path) -> None:
     finally:
         live.stop()
     assert done.returncode == 0, done.stderr
-    v1, v2 = done.stdout.splitlines()
-    assert v1.split()[0] == "v1" and v1.split()[1] in ("genuine", "counterfeit", "uncertain")
-    assert v2.split()[0] == "v2" and v2.split()[1] in ("genuine", "counterfeit", "uncertain")
+    v1, v2, dicos = (line.split() for line in done.stdout.splitlines())
+    assert v1[0] == "v1" and v1[1] in ("genuine", "counterfeit", "uncertain")
+    assert v2[0] == "v2" and v2[1] in ("genuine", "counterfeit", "uncertain")
+    assert dicos[0] == "dicos" and dicos[1] == v1[1] and dicos[2].startswith("1.2.826.0.1.3680043.8.498.")
     assert len(integrators_block().strip().splitlines()) <= 20

@@ -172,6 +172,7 @@ def history_item(record: AuditRecord, feedback: list[Any]) -> dict[str, Any]:
         "api": record.api,
         "caller_role": record.caller_role,
         "key_id": record.key_id,
+        "report_uid": record.report_uid,
         "feedback": None
         if winner is None
         else {

@@ -9,12 +9,20 @@ from fastapi import Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from verity.api.errors import ApiError
-from verity.api.schemas import CASE_ID_MAX, MODEL_REFERENCE_MAX, STATION_ID_MAX, Modality
+from verity.api.schemas import (
+    ANSWER_FORMATS,
+    CASE_ID_MAX,
+    MODEL_REFERENCE_MAX,
+    STATION_ID_MAX,
+    AnswerFormat,
+    Modality,
+)
 from verity.inference.decode import content_modality
 from verity.inference.vocabulary import NAME_MAX
 
+DICOM_MEDIA_TYPE = "application/dicom"  # a DICOM/DICOS Part-10 file, sent or answered
 # The body types /v1/predict takes as the image itself (options then in the query), besides multipart.
-RAW_IMAGE_TYPES = ("image/", "application/dicom", "application/octet-stream")
+RAW_IMAGE_TYPES = ("image/", DICOM_MEDIA_TYPE, "application/octet-stream")
 
 
 def is_raw_image_body(content_type: str | None) -> bool:
@@ -37,13 +45,15 @@ class RawPredictOptions(BaseModel):
     product: str | None = Field(None, max_length=NAME_MAX)
     return_heatmap: bool = False
     return_view: bool = False
+    # "dicos": the answer is a DICOS Threat Detection Report (X-ray only), as `Accept: application/dicom`.
+    format: AnswerFormat = "json"
 
 
 RAW_BODY_OPENAPI = {
     "requestBody": {
         "content": {
             kind: {"schema": {"type": "string", "format": "binary"}}
-            for kind in ("image/*", "application/dicom", "application/octet-stream")
+            for kind in ("image/*", DICOM_MEDIA_TYPE, "application/octet-stream")
         }
     },
     "parameters": [
@@ -57,6 +67,7 @@ RAW_BODY_OPENAPI = {
             ("model", {"type": "string", "maxLength": MODEL_REFERENCE_MAX}, "With a raw body."),
             ("return_heatmap", {"type": "boolean"}, "With a raw body."),
             ("return_view", {"type": "boolean"}, "With a raw body."),
+            ("format", {"type": "string", "enum": list(ANSWER_FORMATS)}, "With a raw body."),
         )
     ],
 }
@@ -89,6 +100,26 @@ async def predict_input(
             "itself as the body (Content-Type: image/*) with ?modality=.",
         )
     return await file.read(), options
+
+
+def wants_report(request: Request, options: RawPredictOptions) -> bool:
+    """A DICOS threat report rather than JSON: `format=dicos`, or an Accept header that ranks
+    application/dicom above application/json (a scanner console's DICOS client asks so)."""
+    if options.format == "dicos":
+        return True
+    ranks: dict[str, float] = {}
+    for part in request.headers.get("accept", "").split(","):
+        media, _, params = part.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        ranks[media.strip().lower()] = quality
+    return ranks.get(DICOM_MEDIA_TYPE, 0.0) > max(ranks.get("application/json", 0.0), 0.0)
 
 
 def modality_of(options: RawPredictOptions, data: bytes) -> str:

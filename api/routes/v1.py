@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from verity.api.audit import FeedbackRecord
+from verity.api.audit import AuditRecord, FeedbackRecord
 from verity.api.auth import ANONYMOUS
 from verity.api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
 from verity.api.errors import (
@@ -25,16 +26,19 @@ from verity.api.errors import (
 from verity.api.feedback import may_confirm
 from verity.api.registry import ServedModel
 from verity.api.routes.predict_input import (
+    DICOM_MEDIA_TYPE,
     RAW_BODY_OPENAPI,
     RawPredictOptions,
     modality_of,
     predict_input,
+    wants_report,
 )
 from verity.api.schemas import (
     CASE_ID_MAX,
     FILENAME_MAX,
     MODEL_REFERENCE_MAX,
     STATION_ID_MAX,
+    AnswerFormat,
     BatchResponse,
     FeedbackIn,
     FeedbackOut,
@@ -46,6 +50,7 @@ from verity.api.schemas import (
     ReloadResponse,
 )
 from verity.api.service import PredictionService, Scored, ServiceDep, render_images, station_for
+from verity.inference.dicos_report import ReportFacts, new_report_uid, report_for
 from verity.inference.stamps import utc_now
 from verity.inference.vocabulary import NAME_MAX
 
@@ -63,6 +68,11 @@ CaseField = Annotated[
     str | None, Form(max_length=CASE_ID_MAX, description="Seizure or shipment this image belongs to.")
 ]
 HeatmapField = Annotated[bool, Form(description="Return the evidence heatmap as a base64 PNG.")]
+FormatField = Annotated[
+    AnswerFormat,
+    Form(description="`dicos`: answer with a DICOS Threat Detection Report (application/dicom; X-ray "
+         "only), as `Accept: application/dicom` asks; `json` (default): the JSON result."),
+]  # fmt: skip
 ViewField = Annotated[
     bool,
     Form(
@@ -107,7 +117,13 @@ async def _images(
     "/v1/predict",
     response_model=PredictionResult,
     tags=["predict"],
-    responses=error_responses(400, 401, 403, 404, 408, 413, 415, 422, 429, 503),
+    responses={
+        **error_responses(400, 401, 403, 404, 406, 408, 413, 415, 422, 429, 503),
+        200: {"content": {DICOM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+              "description": "The JSON result; or, with `format=dicos` or `Accept: application/dicom` for "
+              "an X-ray, a DICOS Threat Detection Report (its verdict, score and SOP Instance UID also in "
+              "the X-Verity-Verdict, X-Verity-Score and X-Verity-Report-UID headers)."},
+    },  # fmt: skip
     summary="Verdict for one image",
     description="Decodes the image by content (never by file name), scores it with the modality's "
     "default model, writes the audit record, then answers. The image comes as the `file` part of a "
@@ -123,6 +139,7 @@ async def predict(
     request: Request,
     service: ServiceDep,
     principal: PrincipalDep,
+    settings: SettingsDep,
     file: Annotated[UploadFile | None, File(description="The image (multipart).")] = None,
     modality: Annotated[
         Modality | None,
@@ -134,10 +151,11 @@ async def predict(
     product: ProductField = None,
     return_view: ViewField = False,
     model: ModelField = None,
-) -> dict[str, Any]:
+    format: FormatField = "json",  # noqa: A002 - the field's name in the form and the query
+) -> Any:
     form = None if file is None else RawPredictOptions(
         modality=modality, station_id=station_id, case_id=case_id, product=product,
-        return_heatmap=return_heatmap, return_view=return_view, model=model,
+        return_heatmap=return_heatmap, return_view=return_view, model=model, format=format,
     )  # fmt: skip
     data, options = await predict_input(request, file, form)
     station = station_for(principal.station_id, options.station_id)
@@ -145,19 +163,52 @@ async def predict(
         served = service.model_named(options.model, options.modality)
     else:
         served = service.model_for(modality_of(options, data))
+    report = wants_report(request, options)
+    if report and served.modality != "xray":
+        raise ApiError(
+            406, "not_acceptable", "A DICOS threat detection report answers X-ray scans; this image is "
+            f"scored by the {served.modality} model. Ask for JSON (the default).",
+        )  # fmt: skip
     service.require_product(served, options.product)
     scored = await service.score(data, served, options.product)
-    heatmap, view = await _images(scored, served, options.return_heatmap, options.return_view)
-    items = [(current_request_id(request), scored, data)]
+    request_id = current_request_id(request)
+    report_uids = {request_id: new_report_uid(settings.uid_root)} if report else None
+    heatmap, view = (None, None) if report else await _images(scored, served, options.return_heatmap,
+                                                               options.return_view)  # fmt: skip
     (record,) = await service.answer(
-        items,
+        [(request_id, scored, data)],
         modality=served.modality,
         station_id=station,
         case_id=options.case_id,
         started=request.state.started,
         receiver=principal,
+        report_uids=report_uids,
     )
+    if report_uids:
+        return await _report_response(record, scored, served, data, settings.uid_root, request.state.started)
     return service.result(record, scored, heatmap, view)
+
+
+async def _report_response(
+    record: AuditRecord, scored: Scored, served: ServedModel, data: bytes, uid_root: str, started: float
+) -> Response:
+    """The answer as a DICOS Threat Detection Report (inference.dicos_report), the verdict also in headers
+    for a client that logs it without reading DICOM."""
+    facts = ReportFacts(
+        report_uid=str(record.report_uid), verdict=record.verdict, score=record.score,
+        model=record.model_name, version=record.model_version, alarm=record.alarm_threshold,
+        clear=record.clear_threshold, decided=datetime.fromisoformat(record.created),
+        processing_ms=(time.perf_counter() - started) * 1000.0, uid_root=uid_root,
+    )  # fmt: skip
+    ooi_id = record.case_id or record.request_id
+    content = await run_in_threadpool(report_for, data, scored, served.engine.spec, facts, ooi_id)
+    headers = {
+        "Content-Disposition": f'attachment; filename="{record.request_id}.dcm"',
+        "X-Verity-Verdict": record.verdict,
+        "X-Verity-Score": f"{record.score:.6f}",
+        "X-Verity-Report-UID": str(record.report_uid),
+    }
+    return Response(content, media_type=DICOM_MEDIA_TYPE, headers=headers)
 
 
 async def _batch_item(
