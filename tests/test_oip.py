@@ -191,3 +191,48 @@ def test_version_metadata(server) -> None:
     assert meta["parameters"]["modality"] == "xray"
     assert httpx.get(f"{server.url}/v2/models/xray-test/versions/7").status_code == 404
     assert httpx.get(f"{server.url}/v2").json()["extensions"] == ["binary_tensor_data"]
+
+
+def test_the_kserve_client_infers_and_checks_health(server) -> None:
+    """KServe's own REST client (kserve.InferenceRESTClient, protocol v2), with FP32 tensors as JSON and
+    with image BYTES through the binary tensor data extension."""
+    import asyncio
+
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    model = "photo-test"
+
+    async def run() -> tuple[bool, bool, bool, dict, dict]:
+        client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0, timeout=30))
+        try:
+            live = await client.is_server_live(server.url)
+            ready = await client.is_server_ready(server.url)
+            model_ready = await client.is_model_ready(server.url, model)
+            batch = np.stack([load_for_model(image_bytes(v), PHOTO_SPEC) for v in (0, 255)])
+            tensor = InferInput("image", list(batch.shape), "FP32")
+            tensor.set_data_from_numpy(batch, binary_data=False)
+            fp32 = await client.infer(server.url, InferRequest(model, [tensor]), model_name=model)
+            images = np.array([image_bytes(255, fmt="JPEG")], dtype=np.object_)
+            raw = InferInput("image_bytes", [1], "BYTES")
+            raw.set_data_from_numpy(images, binary_data=True)
+            binary = await client.infer(server.url, InferRequest(model, [raw]), model_name=model)
+        finally:
+            await client.close()
+        return live, ready, model_ready, fp32, binary
+
+    live, ready, model_ready, fp32, binary = asyncio.run(run())
+    assert live and ready and model_ready
+
+    def outputs(response) -> dict:  # noqa: ANN001 - an InferResponse
+        return {output.name: output.as_numpy() for output in response.outputs}
+
+    first, second = outputs(fp32), outputs(binary)
+    assert first["score"].shape == (2,) and first["score"][0] < 0.4 < 0.6 < first["score"][1]
+    def text(value: object) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    assert [text(v) for v in first["verdict"]] == ["genuine", "counterfeit"]
+    assert text(second["verdict"][0]) == "counterfeit"
+    assert second["score"][0] > 0.6
+    ids = {text(v) for v in [*first["request_id"], *second["request_id"]]}
+    assert ids <= audit_ids(server)  # every answer the KServe client got was audited
