@@ -13,7 +13,8 @@
     foreign images per group, for the shipped models and any the robustness suite trained
     (benchmarks/foreign_bench.py); (h) what one /v1/predict costs stage by stage, in process (multipart
     parse, hash, decode, model, open-set gate, answer JSON, audit write, image store;
-    benchmarks/request_stages.py).
+    benchmarks/request_stages.py); (i) an Open Inference Protocol request of 8 images, base64 JSON and
+    binary extension, against /v1/predict/batch with the same 8 (benchmarks/oip_batch.py).
 
 Results go to benchmarks/results/bench-<UTC time>.json and benchmarks/results/latest.json. The
 machine's load average is recorded with each part: figures taken while other work shares the cores
@@ -40,6 +41,7 @@ from benchmarks import (  # noqa: E402
     foreign_bench,
     foreign_images,
     gpu_bench,
+    oip_batch,
     open_set_cost,
     request_stages,
     scan_bench,
@@ -48,7 +50,7 @@ from benchmarks import (  # noqa: E402
 )
 from benchmarks.common import RESULTS, cpu_info, load_average  # noqa: E402
 
-PARTS = ("decode", "engine", "server", "overhead", "stages", "open_set", "foreign", "scan", "gpu")
+PARTS = ("decode", "engine", "server", "overhead", "stages", "oip", "open_set", "foreign", "scan", "gpu")
 
 
 # Table columns: header -> the row's key, or a function of the row for a cell that is formatted.
@@ -223,6 +225,8 @@ def report(results: dict[str, Any]) -> str:
         out += _overhead_lines(results["overhead"])
     if results.get("stages"):
         out += ["", request_stages.summary(results["stages"])]
+    if results.get("oip"):
+        out += ["", oip_batch.summary(results["oip"])]
     if results.get("open_set"):
         out += ["", open_set_cost.summary(results["open_set"])]
     if results.get("foreign"):
@@ -280,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             print("request stages ...", file=sys.stderr, flush=True)
             shipped = request_stages.ROOT / "checkpoints"
             results["stages"] = request_stages.measure(shipped, 50 if args.quick else 200)
+        if "oip" in parts:
+            print("OIP batch ...", file=sys.stderr, flush=True)
+            results["oip"] = oip_batch.run(workdir / "oip", rounds=8 if args.quick else 20)
         if "open_set" in parts:
             print("open-set checks ...", file=sys.stderr, flush=True)
             results["open_set"] = open_set_cost.run(workdir / "open-set", rounds=20 if args.quick else 60)
