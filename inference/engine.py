@@ -8,6 +8,7 @@ can never apply the wrong preprocessing or thresholds to a model.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -333,20 +334,62 @@ class OnnxEngine:
     def predict(self, inputs: list[np.ndarray] | np.ndarray, with_cam: bool = False) -> list[Prediction]:
         """Scores preprocessed inputs in one batch: calibrated scores and the model's other outputs."""
         batch = np.stack(inputs) if isinstance(inputs, list) else inputs
-        outputs = self.run(batch)
-        logits = outputs["logits"]
-        scores = calibrated_scores(logits, self.temperature)
-        cams = outputs.get("cam") if with_cam else None
-        # Renormalised here: an INT8 graph's quantized norm leaves rows up to about 1% off unit length.
-        embeddings = unit_rows(outputs["embedding"]) if "embedding" in outputs else None
-        patch_maps = outputs.get("patches")
-        return [
-            Prediction(
-                score=float(score),
-                logits=tuple(float(x) for x in row),
-                cam=(cams[i, 1] - cams[i, 0]) if cams is not None else None,
-                embedding=embeddings[i] if embeddings is not None else None,
-                patches=unit_patches(patch_maps[i]) if patch_maps is not None else None,
-            )
-            for i, (score, row) in enumerate(zip(scores, logits, strict=True))
-        ]
+        return predictions(self.run(batch), self.temperature, with_cam)
+
+
+def predictions(outputs: dict[str, np.ndarray], temperature: float, with_cam: bool) -> list[Prediction]:
+    """One Prediction per row of a batch's graph outputs (logits, and cam, embedding, patches if there)."""
+    logits = outputs["logits"]
+    scores = calibrated_scores(logits, temperature)
+    cams = outputs.get("cam") if with_cam else None
+    # Renormalised here: an INT8 graph's quantized norm leaves rows up to about 1% off unit length.
+    embeddings = unit_rows(outputs["embedding"]) if "embedding" in outputs else None
+    patch_maps = outputs.get("patches")
+    return [
+        Prediction(
+            score=float(score),
+            logits=tuple(float(x) for x in row),
+            cam=(cams[i, 1] - cams[i, 0]) if cams is not None else None,
+            embedding=embeddings[i] if embeddings is not None else None,
+            patches=unit_patches(patch_maps[i]) if patch_maps is not None else None,
+        )
+        for i, (score, row) in enumerate(zip(scores, logits, strict=True))
+    ]
+
+
+class RemoteEngine:
+    """An Engine whose graph runs somewhere else (Triton's classifier model, called through its business
+    logic scripting): the card, spec, thresholds and novelty gate are the model's own, read from its
+    card.json and the gate's files in `folder`; `run` takes an NxCxSxS batch and returns the graph's
+    outputs by name, as `OnnxEngine.run` does."""
+
+    precision = "fp32"
+
+    def __init__(
+        self,
+        card: ModelCard,
+        folder: Path,
+        output_names: list[str],
+        run: Callable[[np.ndarray, list[str]], dict[str, np.ndarray]],
+    ) -> None:
+        self.card, self.spec, self.output_names, self._run = card, card.spec, list(output_names), run
+        self.thresholds = Thresholds(alarm=card.thresholds["alarm"], clear=card.thresholds["clear"])
+        self.temperature = card.temperature
+        self.path: Path | None = None
+        try:
+            self.novelty_gate = load_novelty_gate(card, folder)
+        except OpenSetError as error:
+            raise ModelLoadError(str(error)) from error
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def version(self) -> str:
+        return self.card.version
+
+    def predict(self, inputs: list[np.ndarray] | np.ndarray, with_cam: bool = False) -> list[Prediction]:
+        batch = np.ascontiguousarray(np.stack(inputs) if isinstance(inputs, list) else inputs, np.float32)
+        wanted = [name for name in self.output_names if with_cam or name != "cam"]
+        return predictions(self._run(batch, wanted), self.temperature, with_cam)

@@ -1,14 +1,16 @@
-"""`verity export`: rebuild a model from model.pt and export it to ONNX behind the parity gate."""
+"""`verity export`: rebuild a model from model.pt and export it to ONNX behind the parity gate; or, with
+--triton, write an exported model as a Triton model repository (inference/triton_repository.py; no torch
+needed for that)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from verity.inference.card import ModelCard
-from verity.training.checkpoint import checkpoint_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a checkpoint to a single-file ONNX model with its spec and card in the metadata. "
         "The export fails, and writes nothing, when torch and onnxruntime disagree by more than 1e-4.",
     )
-    parser.add_argument("--checkpoint", required=True, help="model.pt written by `verity train`")
+    parser.add_argument("--checkpoint", help="model.pt written by `verity train` (not with --triton)")
+    parser.add_argument("--triton", metavar="DIR", help="write --model as a Triton model repository in DIR")
+    parser.add_argument("--model", help="with --triton: an exported model.onnx, its version or model folder")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="with --triton: largest batch")
+    parser.add_argument("--queue-delay-us", type=int, default=4000,
+                        help="with --triton: how long Triton waits to fill a batch (us)")  # fmt: skip
+    parser.add_argument("--instances", type=int, default=1, help="with --triton: classifier instances")
     parser.add_argument(
         "--out", default=None, help="output .onnx path (default: model.onnx beside the checkpoint)"
     )
@@ -54,6 +62,7 @@ def bank_data(args: argparse.Namespace, checkpoint: dict[str, Any]) -> str | Non
 def card_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> ModelCard:
     """The card stored in the checkpoint, or one built from the checkpoint's fields."""
     from verity.training.calibrate import card_warnings
+    from verity.training.checkpoint import checkpoint_spec
 
     if isinstance(checkpoint.get("card"), dict):
         # The embedding width and the novelty gate describe an export; this export sets them anew
@@ -84,6 +93,27 @@ def card_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> ModelCard:
     )
 
 
+def triton_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`verity export --triton DIR --model M`: the repository, and what it holds."""
+    from verity.inference.engine import ModelLoadError
+    from verity.inference.triton_repository import write_repository
+
+    if not args.model:
+        parser.error("--triton needs --model: the exported model (model.onnx, or its folder)")
+    for name, least in (("max_batch_size", 1), ("queue_delay_us", 0), ("instances", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
+    try:
+        written = write_repository(Path(args.model), Path(args.triton), max_batch_size=args.max_batch_size,
+                                   queue_delay_us=args.queue_delay_us, instances=args.instances)  # fmt: skip
+    except (ModelLoadError, FileNotFoundError, OSError) as error:
+        print(f"verity export: {error}", file=sys.stderr)
+        return 1
+    files = ", ".join(str(path.relative_to(args.triton)) for path in written)
+    print(f"Triton repository in {args.triton}: {files}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exports, prints where the model went and the parity figure. Returns the exit code."""
     import numpy as np
@@ -92,7 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     from verity.training.checkpoint import load_checkpoint, model_from_checkpoint
     from verity.training.export import PARITY_TOLERANCE, export_onnx
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.triton:
+        return triton_main(parser, args)
+    if not args.checkpoint:
+        parser.error("give --checkpoint (model.pt), or --triton DIR with --model")
+    from verity.training.checkpoint import checkpoint_spec
+
     checkpoint_path = Path(args.checkpoint)
     checkpoint = load_checkpoint(checkpoint_path)
     spec = checkpoint_spec(checkpoint)

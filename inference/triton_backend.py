@@ -1,0 +1,98 @@
+"""Verity's pipeline inside Triton's Python backend (the model.py that `verity export --triton` writes
+imports TritonPythonModel from here; inference/triton_repository.py says what the repository holds).
+
+Each request carries `image_bytes` BYTES [N]: N encoded files. Each is scored by the one pipeline
+(inference.pipeline.score_bytes: decode by content, the spec's preprocessing, the tiling rule, the
+card's novelty gate and thresholds), with the classifier's graph run by the classifier model through
+business logic scripting (`RemoteEngine`). One file that cannot be decoded fails its whole request with
+the decoder's message (Triton answers a request whole), never the others.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from verity.inference.card import ModelCard
+from verity.inference.decode_limits import DecodeError
+from verity.inference.engine import RemoteEngine
+from verity.inference.pipeline import Scored, score_bytes
+from verity.inference.triton_repository import IMAGE_INPUT
+
+
+def _utils() -> Any:
+    import triton_python_backend_utils  # provided by Triton's Python backend (a stand-in in the tests)
+
+    return triton_python_backend_utils
+
+
+def _recognised_code(recognised: bool | None) -> int:
+    return -1 if recognised is None else int(recognised)
+
+
+class TritonPythonModel:
+    """The Python backend's model class: initialize, execute, finalize."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        folder = Path(args["model_repository"]) / str(args["model_version"])
+        card = ModelCard.from_json((folder / "card.json").read_text(encoding="utf-8"))
+        self.classifier = parameters["classifier"]
+        self.input_name = parameters["classifier_input"]
+        self.max_batch_size = int(parameters["classifier_max_batch_size"])
+        outputs = parameters["classifier_outputs"].split(",")
+        self.engine = RemoteEngine(card, folder, outputs, self._run_classifier)
+
+    def _run_classifier(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+        """The classifier model on a batch, through business logic scripting, in requests no larger than
+        its max_batch_size (a scan's tiles can be more)."""
+        parts = [self._run_part(batch[start : start + self.max_batch_size], outputs)
+                 for start in range(0, len(batch), self.max_batch_size)]  # fmt: skip
+        return {name: np.concatenate([part[name] for part in parts]) for name in outputs}
+
+    def _run_part(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+        utils = _utils()
+        request = utils.InferenceRequest(
+            model_name=self.classifier,
+            requested_output_names=outputs,
+            inputs=[utils.Tensor(self.input_name, batch)],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"The classifier {self.classifier} failed: {response.error().message()}")
+        return {name: utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
+
+    def _score_all(self, images: np.ndarray) -> list[Scored]:
+        return [score_bytes(bytes(image), self.engine, with_cam=False) for image in images.reshape(-1)]
+
+    def _response(self, scored: list[Scored]) -> Any:
+        utils = _utils()
+        tensors = [
+            utils.Tensor("score", np.array([s.score for s in scored], np.float32)),
+            utils.Tensor("verdict", np.array([s.verdict.encode() for s in scored], np.object_)),
+            utils.Tensor("recognised", np.array([_recognised_code(s.recognised) for s in scored], np.int8)),
+            utils.Tensor("reasons", np.array([",".join(s.reasons).encode() for s in scored], np.object_)),
+            utils.Tensor("logits", np.array([s.output.logits for s in scored], np.float32).reshape(-1, 2)),
+        ]
+        return utils.InferenceResponse(output_tensors=tensors)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        utils = _utils()
+        responses = []
+        for request in requests:
+            images = utils.get_input_tensor_by_name(request, IMAGE_INPUT)
+            try:
+                if images is None:
+                    raise ValueError(f"The request has no {IMAGE_INPUT} input (BYTES [N], encoded files).")
+                responses.append(self._response(self._score_all(images.as_numpy())))
+            except (DecodeError, ValueError) as error:
+                failed = utils.TritonError(str(error))
+                responses.append(utils.InferenceResponse(output_tensors=[], error=failed))
+        return responses
+
+    def finalize(self) -> None:
+        self.engine = None  # type: ignore[assignment]
