@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Verity needs Python 3.11 ($(PYTHON) not found)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[serve,train,dev,postgres]'
+	$(BIN)/pip install --quiet -e '.[serve,train,dev,postgres,ray]'
 	@touch $(STAMP)
 
 install: $(STAMP)
