@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from api_fixtures import make_settings
 from fastapi.testclient import TestClient
 from google.protobuf import json_format, text_format
 from PIL import Image
-from tritonclient.grpc import model_config_pb2
+from triton_schema import model_config_pb2 as load_schema
 
 from verity import cli as verity_cli
 from verity.api.app import create_app
@@ -25,6 +26,7 @@ from verity.datasets.encode import encode_dicom
 from verity.datasets.synth import encode_png16
 from verity.inference.engine import read_metadata
 
+model_config_pb2 = load_schema()
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
 STUB = Path(__file__).resolve().parent / "triton_stub"
 
@@ -149,3 +151,54 @@ def test_export_says_what_it_needs(tmp_path: Path, capsys) -> None:
     missing = ["export", "--triton", str(tmp_path / "t"), "--model", str(tmp_path / "none")]
     assert verity_cli.main(missing) == 1
     assert "verity export:" in capsys.readouterr().err
+
+
+def run_ensemble(stub: ModuleType, repository: Path, name: str, inputs: dict[str, np.ndarray]) -> Any:
+    """What Triton's ensemble scheduler does with one request: each step's inputs mapped from the tensors
+    so far, its outputs added under their mapped names; a step that fails fails the request."""
+    ensemble = config(repository / name / "config.pbtxt")
+    tensors = dict(inputs)
+    for step in ensemble.ensemble_scheduling.step:
+        request = stub.InferenceRequest(
+            model_name=step.model_name,
+            requested_output_names=list(step.output_map),
+            inputs=[stub.Tensor(key, tensors[value]) for key, value in step.input_map.items()],
+        )
+        if config(repository / step.model_name / "config.pbtxt").backend == "python":
+            (response,) = _model(repository, step.model_name).execute([request])
+        else:
+            response = request.exec()
+        if response.has_error():
+            return response
+        for tensor in response.output_tensors():
+            tensors[step.output_map[tensor.name()]] = tensor.as_numpy()
+    answers = [stub.Tensor(output.name, tensors[output.name]) for output in ensemble.output]
+    return stub.InferenceResponse(answers)
+
+
+def test_the_ensemble_gives_v1_predicts_answers_for_whole_images(repository: Path, monkeypatch,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    stub = _stub(monkeypatch, repository)
+    cases = {
+        "photo-default": [_jpeg((240, 320), 1), _jpeg((300, 300), 2)],
+        "xray-default": [encode_dicom(_scan(400, 300, 3)), encode_png16(_scan(500, 200, 4))],
+    }
+    settings = make_settings(tmp_path, models_dir=SHIPPED, rate_limit_per_s=0)
+    with TestClient(create_app(settings)) as client:
+        for name, images in cases.items():
+            modality = name.split("-")[0]
+            expected = [client.post("/v1/predict", files={"file": ("x", image)}, data={"modality": modality})
+                        .json() for image in images]  # fmt: skip
+            batch = np.array(images, np.object_).reshape(-1, 1)  # [B, 1]: one file a batch item
+            response = run_ensemble(stub, repository, f"{name}-ensemble", {"image_bytes": batch})
+            assert not response.has_error(), response.error().message()
+            out = {tensor.name(): tensor.as_numpy().reshape(-1) for tensor in response.output_tensors()}
+            assert np.allclose(out["score"], [e["score"] for e in expected], atol=1e-4)
+            assert [v.decode() for v in out["verdict"]] == [e["verdict"] for e in expected]
+            recognised = [{1: True, 0: False, -1: None}[int(v)] for v in out["recognised"]]
+            assert recognised == [e["recognised"] for e in expected]
+            assert [v.decode() for v in out["reasons"]] == [",".join(e["reasons"]) for e in expected]
+    # A scan the tiling rule scores in tiles goes to the pipeline model, as the ensemble says.
+    long_scan = np.array([encode_png16(_scan(1800, 300, 5))], np.object_).reshape(-1, 1)
+    refused = run_ensemble(stub, repository, "xray-default-ensemble", {"image_bytes": long_scan})
+    assert refused.has_error() and "xray-default model" in refused.error().message()

@@ -56,11 +56,11 @@ def _session(model_name: str) -> tuple[Any, int]:
     if model_name not in _SESSIONS:
         import onnxruntime as ort
         from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
+        from triton_schema import model_config_pb2
 
         assert REPOSITORY is not None, "set triton_python_backend_utils.REPOSITORY first"
         folder = REPOSITORY / model_name
-        config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2().ModelConfig())
         session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
         _SESSIONS[model_name] = (session, config.max_batch_size)
     return _SESSIONS[model_name]
