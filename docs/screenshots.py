@@ -3,7 +3,9 @@
 Starts `verity serve` as `make serve` does (temporary audit log), submits synthetic images from the
 repository's generators (a counterfeit label photo, a 16-bit X-ray, a genuine photo) and saves
 docs/screenshots/console-desktop.png (1366 x 768) and console-phone.png (390 x 844), each with a
-verdict and its heatmap showing. Needs Debian's Chromium (/usr/bin/chromium), like the browser tests.
+verdict and its heatmap showing, then the same desktop page in each of the console's other languages
+(console-desktop-<language>.png: Russian, Kazakh, Kyrgyz, Tajik, Turkmen, Uzbek). Needs Debian's
+Chromium (/usr/bin/chromium), like the browser tests.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from playwright.sync_api import FilePayload, Page
 
 OUT = REPO / "docs" / "screenshots"
+LANGUAGES = ("ru", "kk", "ky", "tg", "tk", "uz")  # besides English, in the order of the page's menu
 WAIT_MS = 30_000
 
 
@@ -64,6 +67,12 @@ def main() -> int:
                 _submit(page, server.url + "/", order)
                 _show(page, "counterfeit-photo.jpg")
                 page.screenshot(path=str(OUT / "console-desktop.png"))
+                for language in LANGUAGES:
+                    page.locator("#language").select_option(language)
+                    page.evaluate("() => document.activeElement && document.activeElement.blur()")
+                    page.wait_for_timeout(300)
+                    page.screenshot(path=str(OUT / f"console-desktop-{language}.png"))
+                page.locator("#language").select_option("en")
                 phone = browser.new_context(
                     viewport={"width": 390, "height": 844},
                     is_mobile=True,
@@ -79,7 +88,9 @@ def main() -> int:
                 browser.close()
         finally:
             server.stop()
-    for name in ("console-desktop.png", "console-phone.png"):
+    translated = [f"console-desktop-{language}.png" for language in LANGUAGES]
+    names = ["console-desktop.png", "console-phone.png", *translated]
+    for name in names:
         print(f"wrote {OUT / name}")
     return 0
 

@@ -1,18 +1,30 @@
 // One table per language (strings/*.js); every visible string, title, aria-label, placeholder and alt
 // text comes from it. Markup names its strings with data-i18n (text) and data-i18n-<attribute>.
 import en from "./strings/en.js";
+import kk from "./strings/kk.js";
+import ky from "./strings/ky.js";
 import ru from "./strings/ru.js";
+import tg from "./strings/tg.js";
+import tk from "./strings/tk.js";
+import uz from "./strings/uz.js";
 
-const TABLES = { en, ru };
-const LOCALES = { en: "en-GB", ru: "ru-RU" };
+// English, Russian and the region's languages: Kazakh, Kyrgyz, Tajik, Turkmen, Uzbek (Latin script).
+const TABLES = { en, ru, kk, ky, tg, tk, uz };
+const LOCALES = { en: "en-GB", ru: "ru-RU", kk: "kk-KZ", ky: "ky-KG", tg: "tg-TJ", tk: "tk-TM", uz: "uz-Latn-UZ" };
+// The page's lang attribute: the language, with its script where the language is written in more than one.
+const PAGE_LANG = { uz: "uz-Latn" };
 const ATTRIBUTES = ["aria-label", "placeholder", "title", "alt"];
 const listeners = [];
 let language = "en";
 
-/** ru* first in the browser's list means Russian; anything else English. */
+/** The first of the browser's languages that the console has (by its primary subtag); else English. */
 export function chooseLanguage(preferred) {
-  const first = (preferred || []).find((tag) => typeof tag === "string" && tag.length > 0) || "en";
-  return first.toLowerCase().startsWith("ru") ? "ru" : "en";
+  for (const tag of preferred || []) {
+    if (typeof tag !== "string") continue;
+    const primary = tag.toLowerCase().split("-")[0];
+    if (primary in TABLES) return primary;
+  }
+  return "en";
 }
 
 export function currentLanguage() {
@@ -48,7 +60,7 @@ export function localize(root) {
 
 export function setLanguage(next) {
   language = next in TABLES ? next : "en";
-  document.documentElement.lang = language;
+  document.documentElement.lang = PAGE_LANG[language] || language;
   document.title = t("app.title");
   localize(document);
   for (const listener of listeners) listener(language);

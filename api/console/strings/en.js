@@ -1,5 +1,6 @@
-// Every string the console shows, in English. ru.js has the same keys; tests/test_console.py checks that
-// the Russian page shows none of these words. {name} marks a value filled in by i18n.t().
+// Every string the console shows, in English. ru.js, kk.js, ky.js, tg.js, tk.js and uz.js have the same
+// keys (tests/test_console_languages.py); tests/test_console_pages.py checks that the Russian page shows
+// none of these words. {name} marks a value filled in by i18n.t(). Each language's name is in its own.
 export default {
   "app.title": "Verity inspection console",
   "app.brand": "Verity",
@@ -8,6 +9,11 @@ export default {
   "lang.label": "Language",
   "lang.en": "English",
   "lang.ru": "Русский",
+  "lang.kk": "Қазақша",
+  "lang.ky": "Кыргызча",
+  "lang.tg": "Тоҷикӣ",
+  "lang.tk": "Türkmençe",
+  "lang.uz": "Oʻzbekcha",
   "help.open": "Shortcuts (?)",
   "help.title": "Keyboard shortcuts",
   "help.close": "Close",
