@@ -80,7 +80,10 @@ def served_modalities(models_dir: Path) -> list[str]:
 class Server:
     """`verity serve` in a subprocess with the given settings; waits until /readyz says ready."""
 
-    def __init__(self, models_dir: Path, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, models_dir: Path, workdir: Path, env: dict[str, str], args: tuple[str, ...] = ()
+    ) -> None:
+        self.args = list(args)  # more `verity serve` options, e.g. ("--workers", "2")
         self.port = free_port()
         self.log = workdir / f"server-{self.port}.log"
         self.env = {
@@ -104,7 +107,8 @@ class Server:
         verity = str(Path(sys.executable).with_name("verity"))
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [verity, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+                [verity, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+                 *self.args],  # fmt: skip
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
