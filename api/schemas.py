@@ -143,6 +143,12 @@ class PredictionResult(BaseModel):
         "a tiled scan downscaled), the heatmap's size, for a client to lay the heatmap over.",
     )
     tiles: int | None = Field(None, description="Tiles scored when a large X-ray scan was tiled (else null).")
+    dual_energy_used: Literal["high", "high and low"] | None = Field(
+        None,
+        description="For a dual-energy pair (a two-page TIFF, a two-frame DICOM/DICOS, or `high` and `low` "
+        "files): the images the model scored. A single-energy model scores the high-energy image only. "
+        "Null for a single image.",
+    )
     recognised: bool | None = Field(
         None,
         description="False when the image is unlike anything the model was trained on (its novelty is "

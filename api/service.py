@@ -47,6 +47,7 @@ from verity.api.shadow import ShadowScorer
 from verity.inference import pipeline, views
 from verity.inference.batcher import QueueFullError
 from verity.inference.decode_limits import DecodeError
+from verity.inference.dual_energy import energy_used, pair_tiff
 from verity.inference.engine import Prediction
 from verity.inference.pipeline import ProductCheck, Scored, ScoringOptions, Upload, prepare
 from verity.inference.references.check import ReferenceCheck
@@ -393,7 +394,22 @@ class PredictionService:
             "reasons": list(scored.reasons),
             "product": scored.reference.product if scored.reference is not None else None,
             "reference": reference_result(scored.reference),
+            "dual_energy_used": self._energy_used(scored),
         }
+
+    def _energy_used(self, scored: Scored) -> str | None:
+        served = self.registry.find(scored.model, scored.version)
+        in_chans = served.engine.spec.in_chans if served is not None else 0
+        return energy_used(scored.upload.decoded.dual_energy, in_chans)
+
+    async def combine_pair(self, high: bytes, low: bytes) -> bytes:
+        """A high and a low energy upload as the two-page TIFF they make (inference.dual_energy), decoded
+        in a decode slot like any upload; a bad pair is the decoder's 4xx."""
+        try:
+            async with self.limits.decode_slot(self.caller):
+                return await run_in_threadpool(pair_tiff, high, low, self.settings.decode_limits)
+        except DecodeError as error:
+            raise decode_error_to_api(error) from error
 
 
 def reference_result(check: ReferenceCheck | None) -> dict[str, Any] | None:

@@ -1,6 +1,7 @@
 """A dual-energy X-ray from two uploads or files, the high- and the low-energy image: each decoded by
 `inference/decode.py`, checked to be a single grey plane of the same size, and stacked HxWx2 (channel 0
-high, channel 1 low), the layout of a two-page TIFF or a two-frame DICOM.
+high, channel 1 low), the layout of a two-page TIFF or a two-frame DICOM. `pair_tiff` writes such a pair
+as the two-page TIFF it equals, so two uploads take the one path a pair file takes.
 """
 
 from __future__ import annotations
@@ -52,3 +53,24 @@ def decode_dual_energy(
     if high_plane.dtype != low_plane.dtype or high_plane.dtype == np.float32:
         high_plane, low_plane = _unit_float(high_plane), _unit_float(low_plane)
     return np.stack([high_plane, low_plane], axis=2)
+
+
+def pair_tiff(high: bytes, low: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> bytes:
+    """The pair of `decode_dual_energy` as a two-page TIFF (high first): decoded by the same reader as a
+    two-page TIFF sent whole, so a pair scores the same in either form."""
+    import io
+
+    import tifffile
+
+    pair = decode_dual_energy(high, low, limits)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.ascontiguousarray(pair.transpose(2, 0, 1)))  # pages: high, low
+    return buffer.getvalue()
+
+
+def energy_used(dual_energy: bool, in_chans: int) -> str | None:
+    """Which images of a pair the model scored: both for a two-channel model, else the high-energy one
+    (`preprocess.match_channels`); None for a single image."""
+    if not dual_energy:
+        return None
+    return "high and low" if in_chans == 2 else "high"

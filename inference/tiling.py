@@ -133,6 +133,9 @@ class ScoringInput:
     # Whether the decoded image held colour before the colour rule (`preprocess.is_colour_content`): the
     # open-set gate compares it with the training images'. None for a tensor sent preprocessed.
     colour: bool | None = None
+    # A dual-energy pair (two-page TIFF, two-frame DICOM/DICOS, or a high and a low file): the answer
+    # says which of its images the model scored (a single-energy model: the high-energy one).
+    dual_energy: bool = False
 
     @cached_property
     def profile(self) -> np.ndarray | None:
@@ -165,9 +168,10 @@ def load_for_scoring(
         pixels = decode_image(data, limits, kind=kind)
         side = int(min(pixels.shape[:2]))
         colour = is_colour_content(pixels)
+        pair = pixels.ndim == 3 and pixels.shape[2] == 2
         if should_tile(pixels.shape, spec, options):
-            return ScoringInput(None, pixels, side, kind, colour)
-        return ScoringInput(to_model_input(pixels, spec), None, side, kind, colour)
+            return ScoringInput(None, pixels, side, kind, colour, pair)
+        return ScoringInput(to_model_input(pixels, spec), None, side, kind, colour, pair)
     if _may_tile(spec, options):  # photos in "auto" never are: no header read before the decode
         shape = _native_shape(data, kind, limits)
         if shape is not None and should_tile(shape, spec, options):

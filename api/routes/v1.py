@@ -141,6 +141,9 @@ async def predict(
     principal: PrincipalDep,
     settings: SettingsDep,
     file: Annotated[UploadFile | None, File(description="The image (multipart).")] = None,
+    high: Annotated[UploadFile | None, File(description="A dual-energy pair's high-energy image, with `low` "
+                                                        "and instead of `file`.")] = None,  # fmt: skip
+    low: Annotated[UploadFile | None, File(description="A dual-energy pair's low-energy image.")] = None,
     modality: Annotated[
         Modality | None,
         Form(description=MODALITY_TEXT + " May be left out for DICOM and 16-bit PNG or TIFF (X-ray)."),
@@ -153,11 +156,14 @@ async def predict(
     model: ModelField = None,
     format: FormatField = "json",  # noqa: A002 - the field's name in the form and the query
 ) -> Any:
-    form = None if file is None else RawPredictOptions(
+    form = None if file is None and high is None and low is None else RawPredictOptions(
         modality=modality, station_id=station_id, case_id=case_id, product=product,
         return_heatmap=return_heatmap, return_view=return_view, model=model, format=format,
     )  # fmt: skip
-    data, options = await predict_input(request, file, form)
+    if high is not None or low is not None:
+        data, options = await _pair_input(service, file, high, low, form)
+    else:
+        data, options = await predict_input(request, file, form)
     station = station_for(principal.station_id, options.station_id)
     if options.model:
         served = service.model_named(options.model, options.modality)
@@ -187,6 +193,18 @@ async def predict(
     if report_uids:
         return await _report_response(record, scored, served, data, settings.uid_root, request.state.started)
     return service.result(record, scored, heatmap, view)
+
+
+async def _pair_input(
+    service: PredictionService, file: UploadFile | None, high: UploadFile | None, low: UploadFile | None,
+    form: RawPredictOptions | None,
+) -> tuple[bytes, RawPredictOptions]:
+    """A dual-energy pair sent as two files: one two-page TIFF, the form a pair file takes (X-ray)."""
+    if file is not None or high is None or low is None or form is None:
+        raise ApiError(422, "invalid_fields", "A dual-energy pair is `high` and `low` together, instead of "
+                       "`file`.")  # fmt: skip
+    pair = await service.combine_pair(await high.read(), await low.read())
+    return pair, form.model_copy(update={"modality": form.modality or "xray"})
 
 
 async def _report_response(
