@@ -136,6 +136,7 @@ class HistoryQuery:
     since: str | None = None
     until: str | None = None
     until_exclusive: bool = False
+    products: tuple[str, ...] | None = None  # only these products' verdicts (a right holder's history)
 
 
 class AuditStore(Protocol):

@@ -97,6 +97,9 @@ def history_filter(query: HistoryQuery, mark: str = "?") -> tuple[list[str], lis
     if query.station_id is not None:
         where.append(f"station_id = {mark}")
         arguments.append(query.station_id)
+    if query.products is not None:  # an empty tuple matches nothing: NULL IN () is never true
+        where.append(f"product IN ({', '.join([mark] * len(query.products))})" if query.products else "1 = 0")
+        arguments.extend(query.products)
     if query.verdict is not None:
         where.append(_VERDICT_FILTERS[query.verdict])
     if query.since is not None:

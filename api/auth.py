@@ -17,9 +17,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from verity.inference.private_files import write_atomic
+from verity.inference.references.errors import InvalidName
+from verity.inference.references.names import validate_product
 from verity.inference.stamps import FileStamp, file_stamp, utc_now
 
-ROLES = ("station", "admin")
+# A right holder's key (`verity keys add --rightholder ACME --products a,b`) speaks for a brand owner: it
+# enrols genuine references of its products and reads their seizures, and reaches nothing else.
+RIGHTHOLDER = "rightholder"
+ROLES = ("station", "admin", RIGHTHOLDER)
 # The role of a caller without a key (only where keys are not required), and the one rate bucket and
 # decode share that all such callers have.
 ANONYMOUS = "anonymous"
@@ -34,6 +39,10 @@ class ApiKey:
     sha256: str
     created: str
     revoked: str | None = None
+    products: tuple[str, ...] = ()  # a right holder's products; empty for every other role
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "products", tuple(self.products))  # a list, as the key file holds it
 
     @property
     def active(self) -> bool:
@@ -97,10 +106,19 @@ class KeyStore:
         text = json.dumps({"keys": [asdict(k) for k in keys]}, indent=2) + "\n"
         write_atomic(self.path, text.encode("utf-8"))  # owner only: the file holds the keys' hashes
 
-    def add(self, station_id: str, role: str = "station") -> tuple[ApiKey, str]:
-        """Creates a key; returns the record and the secret, which is shown once and never stored."""
+    def add(
+        self, station_id: str, role: str = "station", products: tuple[str, ...] = ()
+    ) -> tuple[ApiKey, str]:
+        """Creates a key; returns the record and the secret, which is shown once and never stored. A right
+        holder's key names its products (at least one); no other key names any."""
         if role not in ROLES:
             raise ValueError(f"Invalid role {role!r}. Only {', '.join(ROLES)} are supported.")
+        if (role == RIGHTHOLDER) != bool(products):
+            raise ValueError("A right holder's key names its products (--products a,b); no other key does.")
+        try:
+            products = tuple(sorted({validate_product(product) for product in products}))
+        except InvalidName as error:
+            raise ValueError(str(error)) from error
         if not station_id or not station_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ValueError(f"Invalid station id {station_id!r}: use letters, digits, '-', '_' or '.'.")
         with self._lock:
@@ -115,6 +133,7 @@ class KeyStore:
                 role=role,
                 sha256=hash_key(secret_key),
                 created=utc_now("seconds"),
+                products=products,
             )
             self._write([*existing, record])
         return record, secret_key

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from verity.api.audit import AUDIT_FIELDS, AuditStore, open_audit_store
-from verity.api.auth import KeyStore
+from verity.api.auth import RIGHTHOLDER, KeyStore
 from verity.api.feedback import export_confirmed
 from verity.api.settings import Settings, load_settings
 from verity.inference.terminal import terminal_json, terminal_safe
@@ -162,20 +162,34 @@ def _connection_options(settings: Settings) -> dict[str, Any]:
 
 
 def keys_main(argv: list[str]) -> int:
-    """`verity keys add --station ID [--admin] | revoke KEY_ID | list`: the server sees changes at once."""
+    """`verity keys add --station ID [--admin] | add --rightholder NAME --products A,B | revoke KEY_ID |
+    list`: the server sees changes at once."""
     parser = argparse.ArgumentParser(prog="verity keys", description="Manage station API keys.")
     parser.add_argument("--keys-file", help="key file (default: VERITY_KEYS_FILE or var/keys.json)")
     sub = parser.add_subparsers(dest="action", required=True)
     add = sub.add_parser("add", help="create a key; it is printed once and stored only as a hash")
-    add.add_argument("--station", required=True, help="the station the key speaks for")
+    who = add.add_mutually_exclusive_group(required=True)
+    who.add_argument("--station", help="the station the key speaks for")
+    who.add_argument("--rightholder", metavar="NAME", help="a right holder: its products' references and "
+                     "seizures only (give --products)")  # fmt: skip
     add.add_argument("--admin", action="store_true", help="may also reload models")
+    add.add_argument("--products", help="a right holder's products, comma-separated")
     revoke = sub.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     sub.add_parser("list", help="list keys (ids, stations, roles; never secrets)")
     args = parser.parse_args(argv)
     store = KeyStore(args.keys_file or load_settings().keys_file)
     if args.action == "add":
-        record, secret = store.add(args.station, "admin" if args.admin else "station")
+        products = tuple(p.strip() for p in (args.products or "").split(",") if p.strip())
+        if args.rightholder and args.admin:
+            parser.error("a right holder's key is never an admin's")
+        if args.station and products:
+            parser.error("--products is for a right holder's key (--rightholder NAME)")
+        role = RIGHTHOLDER if args.rightholder else "admin" if args.admin else "station"
+        try:
+            record, secret = store.add(args.rightholder or args.station, role, products)
+        except ValueError as error:
+            parser.error(str(error))
         print(
             terminal_safe(
                 f"key id {record.key_id} for station {record.station_id} ({record.role}); store it now, "
@@ -190,7 +204,8 @@ def keys_main(argv: list[str]) -> int:
     else:
         for key in store.list_keys():
             state = f"revoked {key.revoked}" if key.revoked else "active"
-            line = f"{key.key_id}  {key.station_id:<20} {key.role:<8} created {key.created}  {state}"
+            state += f"  products {','.join(key.products)}" if key.products else ""
+            line = f"{key.key_id}  {key.station_id:<20} {key.role:<11} created {key.created}  {state}"
             print(terminal_safe(line))
     return 0
 

@@ -14,7 +14,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from verity.api.audit import AuditStore, ImageStore
-from verity.api.auth import ANONYMOUS, KeyStore
+from verity.api.auth import ANONYMOUS, RIGHTHOLDER, KeyStore
 from verity.api.errors import ApiError
 from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry
@@ -72,12 +72,28 @@ class Principal:
     station_id: str | None
     role: str
     key_id: str | None = None
+    products: tuple[str, ...] = ()  # a right holder's products (api.auth.RIGHTHOLDER)
+
+    def may_see_product(self, product: str | None) -> bool:
+        """A right holder sees its own products only; every other role is not limited by product."""
+        return self.role != RIGHTHOLDER or product in self.products
+
+
+# What a right holder's key may reach, by method and route: its products' references and seizures, and
+# the health and model listing a client needs. Every other route (predictions, feedback, the admin's and
+# the protocol's routes, and any route added later) answers 403 to it.
+RIGHTHOLDER_ROUTES = {
+    ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/v1/models"),
+    ("GET", "/v1/history"), ("GET", "/v1/history/{request_id}"),
+    ("GET", "/v1/references"), ("POST", "/v1/references"), ("DELETE", "/v1/references/{reference_id}"),
+}  # fmt: skip
 
 
 ANONYMOUS_CALLER = Principal(station_id=None, role=ANONYMOUS)
 
 
 async def authenticate(
+    request: Request,
     settings: SettingsDep,
     keys: KeysDep,
     api_key: Annotated[str | None, Security(_api_key_header)] = None,
@@ -100,7 +116,12 @@ async def authenticate(
         raise ApiError(
             401, "unauthorized", "The API key is unknown or revoked.", {"WWW-Authenticate": "Bearer"}
         )
-    return Principal(station_id=key.station_id, role=key.role, key_id=key.key_id)
+    if key.role == RIGHTHOLDER:
+        route = request.scope.get("route")
+        if (request.method, getattr(route, "path", "")) not in RIGHTHOLDER_ROUTES:
+            raise ApiError(403, "forbidden", "A right holder's key reaches its own products' references and "
+                           "seizures only (/v1/references, /v1/history).")  # fmt: skip
+    return Principal(station_id=key.station_id, role=key.role, key_id=key.key_id, products=key.products)
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
@@ -123,3 +144,14 @@ async def require_admin(principal: PrincipalDep) -> Principal:
 
 
 AdminDep = Annotated[Principal, Depends(require_admin)]
+
+
+async def require_reference_editor(principal: PrincipalDep) -> Principal:
+    """The reference routes: an admin for every product, or a right holder for its own (each route checks
+    the product with `Principal.may_see_product`)."""
+    if principal.role == RIGHTHOLDER:
+        return principal
+    return await require_admin(principal)
+
+
+ReferenceEditorDep = Annotated[Principal, Depends(require_reference_editor)]

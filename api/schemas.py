@@ -218,8 +218,9 @@ class ModelInfo(BaseModel):
 
 
 class Caller(BaseModel):
-    station_id: str | None = Field(description="The station the key names; null without a key.")
-    role: Literal["station", "admin", "anonymous"]
+    station_id: str | None = Field(description="The station or right holder the key names; else null.")
+    role: Literal["station", "admin", "anonymous", "rightholder"]
+    products: list[str] = Field(default_factory=list, description="A right holder's products; else empty.")
 
 
 class ModelsResponse(BaseModel):

@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     shadow: str | None = Field(None, max_length=129)
     store_images: bool = False
     image_store_dir: Path = Path("var/images")
+    # Whether a right holder's key sees which station and case a seizure of its product came from (and
+    # the officers' notes): an agency's decision, off unless it says so.
+    rightholder_sees_stations: bool = False
     # The root (an ISO OID ending in ".") of the UIDs a DICOS threat report gets, and of those naming a
     # scan that came as PNG, TIFF or JPEG (a DICOM scan keeps its own): the organisation's, or pydicom's.
     uid_root: str = Field(DEFAULT_UID_ROOT, pattern=UID_ROOT_PATTERN, max_length=UID_ROOT_MAX)

@@ -91,7 +91,7 @@ def test_history_pages_and_filters_alike(store: Any) -> None:
     rows = [
         record(f"r-{i}", created=stamps[i], station_id="gate-1" if i % 2 else "gate-2",
                verdict=("genuine", "counterfeit", "uncertain")[i % 3], recognised=i != 5,
-               caller_role="anonymous" if i == 4 else "station")
+               caller_role="anonymous" if i == 4 else "station", product=("tea", "coffee", None)[i % 3])
         for i in range(6)
     ]  # fmt: skip
     store.record(rows)
@@ -103,6 +103,10 @@ def test_history_pages_and_filters_alike(store: Any) -> None:
     assert [r.request_id for r in gate] == ["r-5", "r-3", "r-1"]
     assert [r.request_id for r in store.history(HistoryQuery(limit=10, verdict="not_recognised"))] == ["r-5"]
     assert [r.request_id for r in store.history(HistoryQuery(limit=10, callers="anonymous"))] == ["r-4"]
+    # A right holder's history: its products' verdicts only (none at all for a key with none).
+    products = store.history(HistoryQuery(limit=10, products=("tea", "coffee")))
+    assert [r.request_id for r in products] == ["r-4", "r-3", "r-1", "r-0"]
+    assert store.history(HistoryQuery(limit=10, products=())) == []
     window = HistoryQuery(limit=10, since=stamps[1], until=stamps[3], until_exclusive=True)
     assert [r.request_id for r in store.history(window)] == ["r-2", "r-1"]
     assert [r.request_id for r in store.since(stamps[4])] == ["r-4", "r-5"]

@@ -189,5 +189,6 @@ def test_an_admin_sees_where_each_model_stands(cli_env: Settings) -> None:
     assert "verdict_change_examples" not in brief  # the panel's figures, not the whole report
     assert models["xray-test"]["loaded"][0]["comparison"] is None
     # /v1/models says who asked: the console offers its models panel to an admin only.
-    assert callers == [{"station_id": "ops", "role": "admin"}, {"station_id": "gate-1", "role": "station"}]
+    assert callers == [{"station_id": "ops", "role": "admin", "products": []},
+                       {"station_id": "gate-1", "role": "station", "products": []}]
     assert isinstance(body["drift"], list)

@@ -25,7 +25,7 @@ from fastapi import APIRouter, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import AuditError, AuditRecord, AuditStore, HistoryQuery
-from verity.api.auth import ANONYMOUS
+from verity.api.auth import ANONYMOUS, RIGHTHOLDER
 from verity.api.deps import AuditDep, Principal, PrincipalDep, SettingsDep
 from verity.api.errors import ApiError, error_responses, service_unavailable, truncated
 from verity.api.feedback import resolve
@@ -121,8 +121,9 @@ def parse_bound(field: str, text: str, end: bool) -> tuple[str, bool]:
 
 
 def scope_for(principal: Principal, station_id: str | None) -> tuple[str | None, str | None]:
-    """(station filter, caller filter) of the caller's history: 403 for a station naming another."""
-    if principal.role == "admin":
+    """(station filter, caller filter) of the caller's history: 403 for a station naming another. A
+    right holder's history is its products' verdicts (`HistoryQuery.products`), from every station."""
+    if principal.role in ("admin", RIGHTHOLDER):
         # A station's verdicts are those its keys received; anonymous claims of its name are not.
         return station_id, None if station_id is None else "keyed"
     if principal.role == ANONYMOUS:
@@ -142,9 +143,22 @@ def in_scope(principal: Principal, record: AuditRecord) -> bool:
     """Whether this caller's history holds this record (the rule scope_for puts in SQL)."""
     if principal.role == "admin":
         return True
+    if principal.role == RIGHTHOLDER:
+        return record.product in principal.products
     if principal.role == ANONYMOUS:
         return record.caller_role == ANONYMOUS
     return record.station_id == principal.station_id and record.caller_role != ANONYMOUS
+
+
+def for_rightholder(item: dict[str, Any], sees_stations: bool) -> dict[str, Any]:
+    """A history item as a right holder's key sees it: without the station, case, key and officers' notes
+    unless the agency lets it see them (VERITY_RIGHTHOLDER_SEES_STATIONS)."""
+    if sees_stations:
+        return item
+    hidden = {**item, "station_id": None, "case_id": None, "key_id": None}
+    if hidden["feedback"] is not None:
+        hidden["feedback"] = {**hidden["feedback"], "station_id": None, "notes": None}
+    return hidden
 
 
 def history_item(record: AuditRecord, feedback: list[Any]) -> dict[str, Any]:
@@ -250,10 +264,11 @@ async def history(
         since=since_bound,
         until=until_bound,
         until_exclusive=until_exclusive,
+        products=principal.products if principal.role == RIGHTHOLDER else None,
     )
     records, feedback = await _read(_read_page, audit, query, retry_after_s=settings.retry_after_s)
     page = records[:limit]
-    items = [history_item(r, feedback.get(r.request_id, [])) for r in page]
+    items = [_shown(principal, settings, history_item(r, feedback.get(r.request_id, []))) for r in page]
     return {"items": items, "next": encode_cursor(page[-1]) if len(records) > limit else None, "limit": limit}
 
 
@@ -280,4 +295,10 @@ async def history_record(
             "(a station sees the verdicts it received, an admin all).",
         )
     feedback = await _read(audit.feedback_for, [request_id], retry_after_s=settings.retry_after_s)
-    return history_item(record, feedback.get(request_id, []))
+    return _shown(principal, settings, history_item(record, feedback.get(request_id, [])))
+
+
+def _shown(principal: Principal, settings: Any, item: dict[str, Any]) -> dict[str, Any]:
+    if principal.role != RIGHTHOLDER:
+        return item
+    return for_rightholder(item, settings.rightholder_sees_stations)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import AuditError
-from verity.api.deps import AdminDep, AuditDep, ReferencesDep, RegistryDep, SettingsDep
+from verity.api.deps import AuditDep, Principal, ReferenceEditorDep, ReferencesDep, RegistryDep, SettingsDep
 from verity.api.errors import (
     ApiError,
     decode_error_to_api,
@@ -162,7 +162,7 @@ async def enrol_references(
     settings: SettingsDep,
     store: ReferencesDep,
     audit: AuditDep,
-    admin: AdminDep,
+    admin: ReferenceEditorDep,
     product: ProductForm,
     files: Annotated[list[UploadFile], File(description="Genuine images of the product, one part each.")],
     modality: ModalityForm = None,
@@ -172,6 +172,7 @@ async def enrol_references(
         validate_product(product)
     except InvalidName as error:
         raise reference_error_to_api(error) from error
+    require_product(admin, product)
     if len(files) > settings.max_batch_files:
         raise ApiError(
             422, "too_many_files", f"{len(files):,} files sent; at most {settings.max_batch_files}."
@@ -205,11 +206,28 @@ async def enrol_references(
     return {"model": _model_ref(served), "product": product, "results": results, "calibration": calibration}
 
 
-def _listing(store: ReferenceStore, served: ServedModel, product: str | None) -> dict[str, Any]:
-    """Blocking: every product with its count and calibration, or one product's references."""
+def _owns(store: ReferenceStore, model_name: str, principal: Principal, reference_id: str) -> bool:
+    """Blocking: whether the reference is one of the right holder's products'."""
+    known = store.products(model_name)
+    owned = (store.references(model_name, product) for product in principal.products if known.get(product))
+    return any(reference.reference_id == reference_id for references in owned for reference in references)
+
+
+def require_product(principal: Principal, product: str) -> None:
+    """403 for a right holder's key naming a product that is not its own."""
+    if not principal.may_see_product(product):
+        raise ApiError(403, "forbidden", f"This right holder's key is for {', '.join(principal.products)}; "
+                       f"{truncated(product)!r} is not among its products.")  # fmt: skip
+
+
+def _listing(store: ReferenceStore, served: ServedModel, product: str | None,
+             principal: Principal) -> dict[str, Any]:  # fmt: skip
+    """Blocking: every product with its count and calibration (a right holder's own only), or one
+    product's references."""
     engine = served.engine
     if product is None:
-        products = store.products(engine.name)
+        products = {name: count for name, count in store.products(engine.name).items()
+                    if principal.may_see_product(name)}  # fmt: skip
         listed = [
             {"product": name, "references": count, "calibration": calibration_or_none(store, engine, name)}
             for name, count in products.items()
@@ -235,16 +253,18 @@ async def list_references(
     registry: RegistryDep,
     settings: SettingsDep,
     store: ReferencesDep,
-    admin: AdminDep,
+    admin: ReferenceEditorDep,
     modality: ModalityQuery = None,
     model: ModelQuery = None,
     product: Annotated[
         str | None, Query(max_length=NAME_MAX, description="List this product's references.")
     ] = None,
 ) -> dict[str, Any]:
+    if product is not None:
+        require_product(admin, product)
     served = served_model(registry, settings, modality, model)
     try:
-        return await run_in_threadpool(_listing, store, served, product)
+        return await run_in_threadpool(_listing, store, served, product, admin)
     except ReferenceStoreError as error:
         raise reference_error_to_api(error) from error
     except OSError as error:
@@ -262,13 +282,17 @@ async def remove_reference(
     settings: SettingsDep,
     store: ReferencesDep,
     audit: AuditDep,
-    admin: AdminDep,
+    admin: ReferenceEditorDep,
     reference_id: Annotated[str, Path(max_length=64)],
     modality: ModalityQuery = None,
     model: ModelQuery = None,
 ) -> dict[str, Any]:
     served = served_model(registry, settings, modality, model)
     engine = served.engine
+    if admin.products and not await run_in_threadpool(_owns, store, engine.name, admin, reference_id):
+        # The same 404 the store gives an unknown id: another holder's reference ids stay unknown.
+        message = f"No reference {truncated(reference_id)!r} of this key's products."
+        raise ApiError(404, "unknown_reference", message)
     remove = partial(
         store.remove,
         engine.name,

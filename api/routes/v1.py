@@ -319,7 +319,8 @@ async def list_models(registry: RegistryDep, principal: PrincipalDep) -> dict[st
     return {
         "models": models,
         "defaults": {mod: f"{k[0]}/{k[1]}" for mod, k in snapshot.defaults.items()},
-        "caller": {"station_id": principal.station_id, "role": principal.role},
+        "caller": {"station_id": principal.station_id, "role": principal.role,
+                   "products": list(principal.products)},  # fmt: skip
     }
 
 
