@@ -34,7 +34,7 @@ from verity.api.middleware import (
     SecurityHeadersMiddleware,
 )
 from verity.api.registry import EngineFactory, ModelRegistry
-from verity.api.routes import history, lifecycle, references, v1, v2
+from verity.api.routes import history, lifecycle, products, references, v1, v2
 from verity.api.settings import Settings, load_settings
 from verity.api.shadow import ShadowScorer
 from verity.api.shared_state import ReloadFollower
@@ -257,6 +257,7 @@ def create_app(
     app.include_router(references.router)
     app.include_router(history.router)
     app.include_router(lifecycle.router)
+    app.include_router(products.router)
     install_docs(app)
     install_console(app)
     _add_middleware(app, settings, metrics)

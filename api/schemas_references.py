@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import date
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from verity.api.schemas import ModelRef
 
@@ -75,3 +76,59 @@ class ReferenceRemoved(BaseModel):
     model: ModelRef
     removed: ReferenceProvenance
     calibration: ReferenceCalibration | None = Field(description="The product's calibration without it.")
+
+
+# A right holder's product guide (/v1/products, api/routes/products.py): plain data, never markup.
+LANGUAGE_TAG = r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-[A-Z]{2})?$"  # en, ru, kk, uz-Latn, en-GB
+PHOTO_BASE64_MAX = 400_000  # characters: a photo of one feature, about 300 KB
+
+
+def plain_text(value: str) -> str:
+    """Text as officers read it: no control characters but line breaks, no leading or trailing space."""
+    if any(ord(c) < 32 and c not in "\n\t" or 0x7F <= ord(c) < 0xA0 for c in value):
+        raise ValueError("control characters are not allowed (plain text only)")
+    if not value.strip():
+        raise ValueError("empty text")
+    return value.strip()
+
+
+PlainText = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(plain_text)]
+ShortText = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(plain_text)]
+
+
+class GuidePoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: dict[Annotated[str, Field(pattern=LANGUAGE_TAG)], PlainText] = Field(
+        min_length=1, max_length=10, description="The point in one or more languages, by tag (en, ru, kk...)."
+    )
+    photo: str | None = Field(None, max_length=PHOTO_BASE64_MAX,
+                              description="Base64 JPEG, PNG or WebP of the genuine feature.")  # fmt: skip
+
+
+class GuideContact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: ShortText
+    email: str | None = Field(None, max_length=200, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+    phone: str | None = Field(None, max_length=40, pattern=r"^\+?[0-9 ()-]{5,40}$")
+
+
+class GuideIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    points: list[GuidePoint] = Field(min_length=1, max_length=20, description="What to check, in order.")
+    contacts: list[GuideContact] = Field(default_factory=list, max_length=5)
+    valid_until: date = Field(description="The guide is valid through this day.")
+
+
+class GuideOut(GuideIn):
+    product: str
+    version: int
+    created: str
+    actor: str | None = Field(description="The key id that published it (never the secret).")
+    role: str | None
+
+
+class ProductOut(BaseModel):
+    product: str
+    guide: GuideOut | None = Field(description="The latest guide (or the version asked for); null if none.")
+    guide_versions: list[int] = Field(description="Every version published, oldest first; each is kept.")
+    expired: bool | None = Field(description="Whether the guide's valid_until has passed; null without one.")

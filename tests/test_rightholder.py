@@ -4,6 +4,7 @@ and every other route answers 403 or 404, never 200."""
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,8 @@ def test_a_right_holder_reads_its_products_seizures_only(tmp_path: Path, sees_st
 
 
 def _fill(path: str) -> str:
-    return re.sub(r"\{[^}]+\}", "x", path)
+    """A path with its parameters filled in: the right holder's own product where one is named."""
+    return re.sub(r"\{[^}]+\}", "x", path.replace("{product}", OWN))
 
 
 def test_every_other_route_refuses_a_right_holder(tmp_path: Path) -> None:
@@ -133,3 +135,60 @@ def test_every_other_route_refuses_a_right_holder(tmp_path: Path) -> None:
         for method, path in RIGHTHOLDER_ROUTES:
             answer = client.request(method, _fill(path) + "?modality=photo", headers=keys["acme"])
             assert answer.status_code in (200, 404, 422), (method, path, answer.status_code)
+
+
+def _guide(**changes: Any) -> dict[str, Any]:
+    photo = base64.b64encode(noise_png(7)).decode()
+    seal = {"en": "The seal carries a hologram of a leaf.", "ru": "На пломбе голограмма листа.",
+            "kk": "Пломбада жапырақ голограммасы бар."}  # fmt: skip
+    contact = {"name": "Velmor brand protection", "email": "protect@velmor.example",
+               "phone": "+7 700 000 0000"}  # fmt: skip
+    guide = {
+        "points": [{"text": seal, "photo": photo}, {"text": {"en": "Batch code printed, never stamped."}}],
+        "contacts": [contact],
+        "valid_until": "2030-12-31",
+    }
+    return {**guide, **changes}
+
+
+def test_a_right_holder_publishes_its_guides_and_stations_read_them(tmp_path: Path) -> None:
+    from verity.api.audit import SQLiteAuditStore
+
+    config, keys = _setup(tmp_path)
+    with TestClient(create_app(config)) as client:
+        first = client.put(f"/v1/products/{OWN}/guide", json=_guide(), headers=keys["acme"])
+        assert first.status_code == 200, first.text
+        assert first.json()["version"] == 1 and first.json()["role"] == "rightholder"
+        lapsed = _guide(valid_until="2020-01-01")
+        second = client.put(f"/v1/products/{OWN}/guide", json=lapsed, headers=keys["acme"])
+        assert second.json()["version"] == 2
+        seen = client.get(f"/v1/products/{OWN}", headers=keys["station"]).json()
+        assert seen["guide_versions"] == [1, 2] and seen["guide"]["version"] == 2 and seen["expired"] is True
+        assert seen["guide"]["points"][0]["text"]["kk"] == "Пломбада жапырақ голограммасы бар."
+        earlier = client.get(f"/v1/products/{OWN}?version=1", headers=keys["station"]).json()
+        assert earlier["guide"]["valid_until"] == "2030-12-31" and earlier["expired"] is False
+        assert_error(client.get(f"/v1/products/{OWN}?version=9", headers=keys["station"]), 404)
+        none_yet = client.get(f"/v1/products/{OTHER}", headers=keys["station"]).json()
+        assert none_yet["guide"] is None and none_yet["guide_versions"] == []
+        # Whose it is: another holder neither reads nor writes it, a station does not write.
+        assert_error(client.get(f"/v1/products/{OWN}", headers=keys["rival"]), 403)
+        assert_error(client.put(f"/v1/products/{OTHER}/guide", json=_guide(), headers=keys["acme"]), 403)
+        assert_error(client.put(f"/v1/products/{OWN}/guide", json=_guide(), headers=keys["station"]), 403)
+        # Plain data only.
+        control = _guide(points=[{"text": {"en": "hidden\x1b[31m text"}}])
+        pdf = base64.b64encode(b"%PDF-1.4").decode()
+        bad_guides = (control, _guide(points=[{"text": {"en": "x"}, "photo": "not base64!"}]),
+                      _guide(points=[{"text": {"en": "x"}, "photo": pdf}]),
+                      _guide(points=[{"text": {"EN!": "x"}}]), _guide(points=[]),
+                      _guide(script="<b>x</b>"))  # fmt: skip
+        for bad in bad_guides:
+            answer = client.put(f"/v1/products/{OWN}/guide", json=bad, headers=keys["acme"])
+            assert answer.status_code == 422, (bad, answer.text)
+        assert client.get(f"/v1/products/{OWN}", headers=keys["station"]).json()["guide_versions"] == [1, 2]
+    store = SQLiteAuditStore(config.audit_db)
+    try:
+        guides = [e for e in store.reference_events() if e.action == "guide"]
+    finally:
+        store.close()
+    assert [(e.product, e.role) for e in guides] == [(OWN, "rightholder")] * 2
+    assert guides[0].image_sha256 != guides[1].image_sha256  # each version's own content hash
