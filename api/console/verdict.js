@@ -2,6 +2,7 @@
 // states, and the word and icon carry the meaning alone), the score against both thresholds, reasons,
 // and what identifies the answer. Built with createElement and textContent only: file names, case
 // numbers and station names are data, never markup.
+import { attachGuide } from "./guide.js";
 import { formatDate, formatNumber, t } from "./i18n.js";
 import { verdictIcon } from "./icons.js";
 import { verdictState } from "./results.js";
@@ -119,6 +120,7 @@ export function renderVerdict(summary, details, result, fileName) {
   }
   summary.replaceChildren(banner, hint, scoreBar(result));
   details.replaceChildren(reasons, list);
+  attachGuide(details, result.product);  // the right holder's points to check, when it published them
 }
 
 /** A queued file that ended in an error: the message, never a spinner left turning. */
