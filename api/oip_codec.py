@@ -51,12 +51,21 @@ BINARY_HEADER = "Inference-Header-Content-Length"
 OUTPUTS = ("score", "verdict", "logits", "request_id", "reasons")
 # Only a model with a novelty gate (inference.open_set) answers these.
 OPEN_SET_OUTPUTS = ("recognised", "novelty")
+# Only a request that names its product (parameters.product) answers these: the reference check, as
+# /v1's `reference` holds it (status match, mismatch or abstained; the distance and the alarm distance).
+PRODUCT_OUTPUTS = ("reference_status", "reference_distance", "reference_threshold")
 
 
-def output_names(open_set: bool) -> tuple[str, ...]:
-    """The outputs a model answers: the five of every model, and the gate's two when it has one."""
-    return (*OUTPUTS, *OPEN_SET_OUTPUTS) if open_set else OUTPUTS
+def output_names(open_set: bool, product: bool = False) -> tuple[str, ...]:
+    """The outputs a model answers: the five of every model, the gate's two when it has one, and the
+    reference check's three when the request names a product."""
+    return (*OUTPUTS, *(OPEN_SET_OUTPUTS if open_set else ()), *(PRODUCT_OUTPUTS if product else ()))
 DATATYPES = ("FP32", "BYTES")
+
+
+def _reference_numbers(scored: list[Scored], field: str) -> np.ndarray:
+    values = [getattr(s.reference, field, None) if s.reference else None for s in scored]
+    return np.array([-1.0 if value is None else value for value in values], dtype="<f4")
 MAX_RANK = 8  # dimensions of an input's shape: FP32 inputs have 4, BYTES 1
 INT64_MAX = 2**63 - 1  # a dimension, as the OIP spec types it
 # JSON values a body may hold besides its tensor data (names, shapes, parameters, base64 strings).
@@ -282,11 +291,11 @@ def item_count(tensor: TensorIn) -> int:
 
 
 def requested_outputs(
-    wanted: list[OutputRequest] | None, open_set: bool = False
+    wanted: list[OutputRequest] | None, open_set: bool = False, product: bool = False
 ) -> dict[str, OutputRequest | None]:
     """The outputs to answer (all the model has unless some are named), checked before anything is
     scored, so a refused request leaves no audit row."""
-    available = output_names(open_set)
+    available = output_names(open_set, product)
     if not wanted:
         return {name: None for name in available}
     requested: dict[str, OutputRequest | None] = {o.name: o for o in wanted}
@@ -412,6 +421,11 @@ def response(
         "reasons": ("BYTES", [n], [",".join(s.reasons) for s in scored]),
         "recognised": ("BOOL", [n], np.array([bool(s.recognised) for s in scored])),
         "novelty": ("FP32", [n], np.array([s.novelty or 0.0 for s in scored], dtype="<f4")),
+        # -1 where the check gave no distance or threshold (too few references: it abstained); distances
+        # are never negative, and JSON has no NaN.
+        "reference_status": ("BYTES", [n], [s.reference.status if s.reference else "" for s in scored]),
+        "reference_distance": ("FP32", [n], _reference_numbers(scored, "distance")),
+        "reference_threshold": ("FP32", [n], _reference_numbers(scored, "threshold")),
     }
     outputs, blobs = [], []
     for name, spec in requested.items():

@@ -328,3 +328,33 @@ def test_a_server_sees_cli_enrolments_without_restart(ref_settings: Settings, ke
         )
         listing = client.get("/v1/references?modality=photo&product=acme", headers=keys["admin"]).json()
         assert len(listing["references"]) == 3 and listing["calibration"]["references"] == 3
+
+
+def test_v2_answers_the_reference_check_as_v1_does(ref_client: TestClient, keys: dict[str, Any]) -> None:
+    """A product named in an Open Inference Protocol request: its reference check comes back as
+    outputs, the same as /v1/predict's `reference` for the same image."""
+    import base64
+
+    assert enrol(ref_client, keys["admin"], list(range(1, 11))).status_code == 200
+    image = noise_png(99)
+    form = {"modality": "photo", "product": "acme"}
+    station = keys["station"]
+    v1 = ref_client.post("/v1/predict", files={"file": ("x.png", image)}, data=form, headers=station).json()
+    request = {"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES",
+                           "data": [base64.b64encode(image).decode()]}],
+               "parameters": {"product": "acme"}}  # fmt: skip
+    v2 = ref_client.post(f"/v2/models/{MODEL}/infer", json=request, headers=keys["station"])
+    assert v2.status_code == 200, v2.text
+    outputs = {o["name"]: o["data"][0] for o in v2.json()["outputs"]}
+    reference = v1["reference"]
+    assert outputs["reference_status"] == reference["status"]
+    for name in ("distance", "threshold"):
+        expected = -1.0 if reference[name] is None else reference[name]
+        assert abs(outputs[f"reference_{name}"] - expected) <= 1e-4
+    # Without a product: no reference outputs, and asking for one says what this request has.
+    del request["parameters"]
+    plain = ref_client.post(f"/v2/models/{MODEL}/infer", json=request, headers=keys["station"]).json()
+    assert not {o["name"] for o in plain["outputs"]} & {"reference_status", "reference_distance"}
+    request["outputs"] = [{"name": "reference_status"}]
+    refused = ref_client.post(f"/v2/models/{MODEL}/infer", json=request, headers=keys["station"])
+    assert refused.status_code == 400 and "reference_status" in refused.json()["error"]

@@ -158,7 +158,8 @@ async def _infer(
     tensor = oip.single_input(infer)
     params = infer.parameters or oip.RequestParameters()
     station = station_for(principal.station_id, params.station_id)
-    outputs = oip.requested_outputs(infer.outputs, served.engine.novelty_gate is not None)
+    gated = served.engine.novelty_gate is not None
+    outputs = oip.requested_outputs(infer.outputs, gated, bool(params.product))
     service.check_items(oip.item_count(tensor))
     service.require_product(served, params.product)
     prepared, datas = await _prepare(service, served, tensor, tail)
