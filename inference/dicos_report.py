@@ -317,8 +317,14 @@ def image_shape(data: bytes, kind: str) -> tuple[int, int]:
         return int(header.Rows), int(header.Columns)
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        return image.height, image.width
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.height, image.width
+    except Exception:  # noqa: BLE001 - a file Pillow cannot open (a two-sample TIFF): the decoder can
+        from verity.inference.decode import decode_image
+
+        height, width = decode_image(data).shape[:2]
+        return int(height), int(width)
 
 
 def report_for(data: bytes, scored: Scored, spec: PreprocessSpec, facts: ReportFacts, ooi_id: str) -> bytes:

@@ -222,3 +222,20 @@ def test_the_cli_writes_the_report_the_server_answers(tiny, tmp_path: Path, caps
         )
     with pytest.raises(SystemExit):
         predict_main([str(path), "--model", str(model), "--format", "dicos", "--uid-root", "1.02.x"])
+
+
+def test_a_pair_in_a_two_sample_tiff_gets_its_report(tiny) -> None:
+    """A file Pillow cannot open (a two-sample TIFF, a dual-energy pair): the report still names its size."""
+    import tifffile
+
+    client, _ = tiny
+    pair = np.stack([np.full((40, 48), 65535, np.uint16), np.full((40, 48), 30000, np.uint16)], axis=2)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pair, photometric="minisblack", planarconfig="contig")
+    answer = client.post("/v1/predict?format=dicos&modality=xray", content=buffer.getvalue(),
+                         headers={"Content-Type": "image/tiff"})  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    report = dcmread(io.BytesIO(answer.content))
+    check_report(report, answer.headers["x-verity-verdict"])
+    polygon = report.ThreatSequence[0].PTORepresentationSequence[0].BoundingPolygon
+    assert list(polygon) == Region(0, 0, 48, 40).polygon()
