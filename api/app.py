@@ -35,6 +35,7 @@ from verity.api.middleware import (
 )
 from verity.api.registry import EngineFactory, ModelRegistry
 from verity.api.routes import history, lifecycle, products, references, v1, v2
+from verity.api.schemas_references import GUIDE_BODY_MAX
 from verity.api.settings import Settings, load_settings
 from verity.api.shadow import ShadowScorer
 from verity.api.shared_state import ReloadFollower
@@ -156,6 +157,8 @@ def body_limit_for(settings: Settings):
             return settings.max_batch_bytes
         if path.startswith("/v2/") and path.endswith("/infer"):
             return settings.max_batch_bytes
+        if path.startswith("/v1/products/") and path.endswith("/guide"):  # photos of the genuine features
+            return GUIDE_BODY_MAX
         return SMALL_BODY_LIMIT
 
     return limit

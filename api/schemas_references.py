@@ -81,6 +81,9 @@ class ReferenceRemoved(BaseModel):
 # A right holder's product guide (/v1/products, api/routes/products.py): plain data, never markup.
 LANGUAGE_TAG = r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-[A-Z]{2})?$"  # en, ru, kk, uz-Latn, en-GB
 PHOTO_BASE64_MAX = 400_000  # characters: a photo of one feature, about 300 KB
+GUIDE_POINTS_MAX = 20
+# The body a guide may take: a photo with each point, and its texts (10 languages of 1,000 characters).
+GUIDE_BODY_MAX = GUIDE_POINTS_MAX * (PHOTO_BASE64_MAX + 60_000) + 100_000
 
 
 def plain_text(value: str) -> str:
@@ -114,7 +117,9 @@ class GuideContact(BaseModel):
 
 class GuideIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    points: list[GuidePoint] = Field(min_length=1, max_length=20, description="What to check, in order.")
+    points: list[GuidePoint] = Field(
+        min_length=1, max_length=GUIDE_POINTS_MAX, description="What to check, in order."
+    )
     contacts: list[GuideContact] = Field(default_factory=list, max_length=5)
     valid_until: date = Field(description="The guide is valid through this day.")
 

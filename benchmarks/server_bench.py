@@ -93,6 +93,9 @@ class Server:
             "VERITY_KEYS_FILE": str(workdir / "keys.json"),
             "VERITY_LOG_LEVEL": "warning",
             "VERITY_RATE_LIMIT_PER_S": "0",  # one client measuring capacity, not a station to hold back
+            # Nor its decode share: a load run's clients are one key, and the requests a run leaves in
+            # flight when it stops would otherwise fill that key's queue for the next run (429s).
+            "VERITY_DECODE_QUEUE_PER_KEY": "4096",
             # Ready once the modalities it has models for are served (a benchmark often has one only).
             "VERITY_MODALITIES": ",".join(served_modalities(models_dir)),
             **env,

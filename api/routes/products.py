@@ -59,7 +59,7 @@ def _check_photos(guide: GuideIn) -> None:
 
 @router.put(
     "/v1/products/{product}/guide",
-    responses=error_responses(401, 403, 422, 503),
+    responses=error_responses(400, 401, 403, 413, 422, 503),
     summary="Publish a product's guide (admin, or the product's right holder)",
     description="Plain data: points to check (text by language, an optional photo), contacts and the "
     "date it is valid through. Each publication is a new version; none is replaced.",
