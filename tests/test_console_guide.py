@@ -75,3 +75,34 @@ def test_a_verdict_naming_the_product_shows_its_guide(
     expect()(page.locator("#verdict-details .guide .guide-text")).to_have_text(english)
     page.locator("#language").select_option("en")
     assert watch.unexpected_errors(allowed_statuses=(401,)) == []  # the sign-in probe before the key
+
+
+def test_a_right_holder_reads_its_products_seizures_in_the_console(
+    new_page: Callable[..., tuple[Any, Watch]], guided: tuple[LiveServer, dict[str, str]]
+) -> None:
+    """The right holder's end of the loop in the browser: its key signs in, the page offers no
+    submitting or confirming (the server refuses both), and its history holds the seizures of its product
+    only, without the station or case (the agency has not allowed them); a row opens with the guide."""
+    live, keys = guided
+    station = {"X-API-Key": keys["station"]}
+    for product, case in ((PRODUCT, "SEZ-GUIDE"), (None, "SEZ-OTHER")):
+        form = {"modality": "photo", "case_id": case, **({"product": product} if product else {})}
+        answer = httpx.post(f"{live.url}/v1/predict", files={"file": ("s.png", noise_png(41), "image/png")},
+                            data=form, headers=station, timeout=60)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+    page, watch = new_page(live)
+    sign_in(page, keys["acme"])
+    expect()(page.locator("#signed-state")).to_have_text("Signed in for right holder acme")
+    expect()(page.locator(".submit")).to_be_hidden()
+    rows = page.locator("#history .history-row")
+    expect()(rows.first).to_be_visible()
+    assert set(rows.locator(".h-product").all_text_contents()) == {PRODUCT}  # never the other record
+    assert set(rows.locator(".h-case").all_text_contents()) == {""}  # the case is the agency's to show
+    rows.first.click()
+    guide_text = page.locator("#verdict-details .guide .guide-text")
+    expect()(guide_text).to_have_text("Check the leaf hologram on the seal.")
+    expect()(page.locator(".feedback")).to_be_hidden()
+    page.locator("#language").select_option("ru")
+    expect()(page.locator("#signed-state")).to_have_text("Вход за правообладателя acme")
+    page.locator("#language").select_option("en")
+    assert watch.unexpected_errors(allowed_statuses=(401,)) == []

@@ -54,6 +54,7 @@ const state = {
   mode: "unknown", // "open": no key needed; "keyed": signed in with a key; "signin": waiting for a key
   selected: null, // { item } (a queued file) or { result } (a record reopened from history)
   follow: true, // select each result as it arrives, until the officer picks one by hand
+  signed: null, // { key, name }: the signed-in line's string and the name it shows
 };
 
 const viewer = new Viewer($("#viewer"));
@@ -81,15 +82,25 @@ function setMessage(node, key) {
   node.textContent = key ? t(key) : "";
 }
 
+/** Who is signed in, in the page's language (re-drawn when it changes: the right holder's name is data). */
+function drawSigned() {
+  if (state.signed) ui.signedState.textContent = t(state.signed.key, { name: state.signed.name });
+}
+
 /** caller: /v1/models' "caller" ({station_id, role}); an admin key is offered the models panel. */
 function enterConsole(mode, caller) {
   const admin = caller?.role === "admin";
+  const holder = caller?.role === "rightholder";
   state.mode = mode;
   lifecycle.offer(admin);
   ui.signin.hidden = true;
   ui.console.hidden = false;
-  ui.signedState.dataset.i18n = mode !== "keyed" ? "signed.open" : admin ? "signed.admin" : "signed.key";
-  ui.signedState.textContent = t(ui.signedState.dataset.i18n);
+  // A right holder's key reads its products' seizures: the page shows history, verdicts and guides, and
+  // hides what that key may not do (submitting images, confirming outcomes).
+  ui.console.dataset.role = caller?.role || "anonymous";
+  const signed = mode !== "keyed" ? "signed.open" : admin ? "signed.admin" : holder ? "signed.rightholder" : "signed.key";
+  state.signed = { key: signed, name: caller?.station_id || "" };
+  drawSigned();
   ui.signout.hidden = mode !== "keyed";
   ui.signinOpen.hidden = mode !== "open";
   ui.stationField.hidden = mode === "keyed"; // a key names its station; the server knows it
@@ -428,6 +439,7 @@ function wire() {
     viewer.relabel();
     history.render();
     lifecycle.render();
+    drawSigned();
     drawCounts();
   });
 }

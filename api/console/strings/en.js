@@ -48,6 +48,7 @@ export default {
   "signout": "Sign out",
   "signed.key": "Signed in with a station key",
   "signed.admin": "Signed in with an admin key",
+  "signed.rightholder": "Signed in for right holder {name}",
   "signed.open": "Open server: no key needed",
   "submit.title": "Submit images",
   "drop.text": "Drop images here or paste them",

@@ -46,6 +46,7 @@ export default {
   "signout": "Çykmak",
   "signed.key": "Post açary bilen girdiňiz",
   "signed.admin": "Administrator açary bilen girdiňiz",
+  "signed.rightholder": "Hukuk eýesi {name} hökmünde girdiňiz",
   "signed.open": "Açyk serwer: açar gerek däl",
   "submit.title": "Suratlary ibermek",
   "drop.text": "Suratlary şu ýere süýräň ýa-da goýuň",

@@ -46,6 +46,7 @@ export default {
   "signout": "Chiqish",
   "signed.key": "Post kaliti bilan kirdingiz",
   "signed.admin": "Administrator kaliti bilan kirdingiz",
+  "signed.rightholder": "Huquq egasi {name} sifatida kirdingiz",
   "signed.open": "Ochiq server: kalit kerak emas",
   "submit.title": "Tasvirlarni yuborish",
   "drop.text": "Tasvirlarni shu yerga torting yoki qo‘ying",
