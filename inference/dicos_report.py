@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from verity.inference.heatmap import upsample
 from verity.inference.pipeline import Scored
 from verity.inference.spec import PreprocessSpec
 from verity.inference.tiling import content_box
+
+if TYPE_CHECKING:
+    from pydicom.dataset import FileDataset
 
 # Each verdict (vocabulary.VERDICTS) as the standard's Alarm Decision. An image not recognised is
 # `uncertain` (with `not_recognised` among its reasons), so UNKNOWN too: the operator decides.
@@ -247,20 +251,42 @@ def _threat(number: int, region: Region, scan: ScanReference, facts: ReportFacts
 
 def threat_report(scan: ScanReference, regions: list[Region], facts: ReportFacts) -> bytes:
     """The report as a DICOM Part-10 file (explicit VR little endian)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import UID, DICOSThreatDetectionReportStorage, ExplicitVRLittleEndian, generate_uid
-
     decision = ALARM_DECISIONS[facts.verdict]
     if decision == "ALARM" and not regions:  # no positive evidence anywhere: the whole scan alarmed
         regions = [Region(0.0, 0.0, float(scan.columns), float(scan.rows))]
     threats = regions[:MAX_OBJECTS] if decision == "ALARM" else []
+    report = _part10_dataset(facts.report_uid)
+    for keyword, value in _report_elements(scan, facts, decision, len(threats)).items():
+        setattr(report, keyword, value)
+    if threats:
+        report.ThreatSequence = [
+            _threat(number, region, scan, facts) for number, region in enumerate(threats, 1)
+        ]
+    buffer = io.BytesIO()
+    report.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _part10_dataset(report_uid: str) -> FileDataset:
+    """An empty TDR dataset with the file meta information a Part-10 file carries."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import UID, DICOSThreatDetectionReportStorage, ExplicitVRLittleEndian
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DICOSThreatDetectionReportStorage
-    meta.MediaStorageSOPInstanceUID = UID(facts.report_uid)
+    meta.MediaStorageSOPInstanceUID = UID(report_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    report = FileDataset("report.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
+    return FileDataset("report.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
+
+
+def _report_elements(
+    scan: ScanReference, facts: ReportFacts, decision: str, objects: int
+) -> dict[str, object]:
+    """The report's top-level elements by keyword, module by module."""
+    from pydicom.uid import DICOSThreatDetectionReportStorage, generate_uid
+
     created = facts.decided.astimezone(UTC)
-    elements: dict[str, object] = {
+    return {
         # SOP Common
         "SpecificCharacterSet": "ISO_IR 192",
         "SOPClassUID": DICOSThreatDetectionReportStorage,
@@ -293,19 +319,10 @@ def threat_report(scan: ScanReference, regions: list[Region], facts: ReportFacts
         "AlarmDecision": decision,
         "AlarmDecisionTime": _dt(facts.decided),
         "AbortFlag": "SUCCESS",
-        "NumberOfTotalObjects": len(threats),
-        "NumberOfAlarmObjects": len(threats),
+        "NumberOfTotalObjects": objects,
+        "NumberOfAlarmObjects": objects,
         "TotalProcessingTime": max(float(facts.processing_ms), 0.001),
     }  # fmt: skip
-    for keyword, value in elements.items():
-        setattr(report, keyword, value)
-    if threats:
-        report.ThreatSequence = [
-            _threat(number, region, scan, facts) for number, region in enumerate(threats, 1)
-        ]
-    buffer = io.BytesIO()
-    report.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def image_shape(data: bytes, kind: str) -> tuple[int, int]:
