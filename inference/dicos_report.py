@@ -34,7 +34,7 @@ from verity.inference.spec import PreprocessSpec
 from verity.inference.tiling import content_box
 
 if TYPE_CHECKING:
-    from pydicom.dataset import FileDataset
+    from pydicom.dataset import Dataset, FileDataset
 
 # Each verdict (vocabulary.VERDICTS) as the standard's Alarm Decision. An image not recognised is
 # `uncertain` (with `not_recognised` among its reasons), so UNKNOWN too: the operator decides.
@@ -93,9 +93,9 @@ class Region:
 
 
 def scan_reference(
-    data: bytes, kind: str, shape: tuple[int, int], uid_root: str, ooi_id: str
+    header: Dataset | None, shape: tuple[int, int], uid_root: str, ooi_id: str
 ) -> ScanReference:
-    """The scan's identity: a DICOM input's own elements (header only); fresh UIDs for any other file."""
+    """The scan's identity: a DICOM input's own elements (its header); fresh UIDs for any other file."""
     from pydicom.uid import DICOSDigitalXRayImageStorageForPresentation, generate_uid
 
     now = datetime.now(UTC)
@@ -106,11 +106,8 @@ def scan_reference(
         study_date=now.strftime("%Y%m%d"), study_time=now.strftime("%H%M%S"), study_id="",
         rows=shape[0], columns=shape[1], from_input=False,
     )  # fmt: skip
-    if kind != "dicom":
+    if header is None:
         return fresh
-    from pydicom import dcmread
-
-    header = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
     if not (header.get("StudyInstanceUID") and header.get("SOPInstanceUID") and header.get("SOPClassUID")):
         return fresh  # a scan without its identity: the report cannot point back to it, so it names a new one
 
@@ -325,12 +322,16 @@ def _report_elements(
     }  # fmt: skip
 
 
-def image_shape(data: bytes, kind: str) -> tuple[int, int]:
-    """The scan's height and width from its header (no pixels decoded)."""
-    if kind == "dicom":
-        from pydicom import dcmread
+def dicom_header(data: bytes) -> Dataset:
+    """A DICOM file's elements without its pixels."""
+    from pydicom import dcmread
 
-        header = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    return dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+
+
+def image_shape(data: bytes, header: Dataset | None) -> tuple[int, int]:
+    """The scan's height and width from its header (no pixels decoded)."""
+    if header is not None:
         return int(header.Rows), int(header.Columns)
     from PIL import Image
 
@@ -346,9 +347,9 @@ def image_shape(data: bytes, kind: str) -> tuple[int, int]:
 
 def report_for(data: bytes, scored: Scored, spec: PreprocessSpec, facts: ReportFacts, ooi_id: str) -> bytes:
     """The whole report for one scored upload (its bytes name the scan when it was DICOM)."""
-    kind = scored.upload.kind
-    shape = scored.scan.image_shape if scored.scan is not None else image_shape(data, kind)
-    scan = scan_reference(data, kind, shape, facts.uid_root, ooi_id)
+    header = dicom_header(data) if scored.upload.kind == "dicom" else None
+    shape = scored.scan.image_shape if scored.scan is not None else image_shape(data, header)
+    scan = scan_reference(header, shape, facts.uid_root, ooi_id)
     alarmed = ALARM_DECISIONS[facts.verdict] == "ALARM"
     return threat_report(scan, alarm_regions(scored, spec, shape) if alarmed else [], facts)
 
