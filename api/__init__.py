@@ -3,7 +3,7 @@
 - app.py: `create_app(settings, registry, audit, engine_factory)`, the factory `verity serve` runs.
 - settings.py: `Settings` (VERITY_* variables and an optional file), `load_settings`.
 - routes/: one router per module: v1.py (/v1), v2.py (the Open Inference Protocol under /v2, encoded by
-  oip_codec.py), references.py (/v1/references), history.py (/v1/history).
+  oip_codec.py, oip_response.py), references.py (/v1/references), history.py (/v1/history).
 - service.py: the prediction path (decode off the loop, the scoring pipeline of `inference.pipeline` with
   the micro-batcher's predict, audit, answer); the /v1 body and the audit row are written from its result.
 - registry.py: models under <models_dir>/<name>/<version>/model.onnx, defaults, hot reload.

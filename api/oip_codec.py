@@ -1,11 +1,11 @@
-"""The Open Inference Protocol codec (KServe v2 / Triton HTTP): request bodies in, answers out.
+"""The Open Inference Protocol codec (KServe v2 / Triton HTTP): request bodies in.
 
 Reads the JSON header and the binary tensor data extension (`Inference-Header-Content-Length`), and
-writes the outputs (score FP32 [N], verdict BYTES [N], logits FP32 [N, 2], request_id BYTES [N]) as
-JSON data or binary blobs as asked. A body is measured before it is parsed: its nesting depth and its
-count of JSON values, read from the brackets and commas alone, so a hostile body (100,000 nested "[",
-16 MB of "[]") is refused without being built in memory. Parsing is blocking work: the routes in
-api/routes/v2.py run it in the threadpool, and tie the rest to the prediction service.
+which outputs a request asks for (api/oip_response.py writes them). A body is measured before it is
+parsed: its nesting depth and its count of JSON values, read from the brackets and commas alone, so a
+hostile body (100,000 nested "[", 16 MB of "[]") is refused without being built in memory. Parsing is
+blocking work: the routes in api/routes/v2.py run it in the threadpool, and tie the rest to the
+prediction service.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi.responses import Response
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -35,7 +34,6 @@ from pydantic import (
 )
 
 from verity.api.errors import ApiError, describe_validation, truncated
-from verity.api.registry import ServedModel
 from verity.api.schemas import (
     CASE_ID_MAX,
     OIP_NAME_MAX,
@@ -44,7 +42,6 @@ from verity.api.schemas import (
     REQUEST_ID_MAX,
     STATION_ID_MAX,
 )
-from verity.inference.pipeline import Scored
 from verity.inference.vocabulary import NAME_MAX
 
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -60,12 +57,9 @@ def output_names(open_set: bool, product: bool = False) -> tuple[str, ...]:
     """The outputs a model answers: the five of every model, the gate's two when it has one, and the
     reference check's three when the request names a product."""
     return (*OUTPUTS, *(OPEN_SET_OUTPUTS if open_set else ()), *(PRODUCT_OUTPUTS if product else ()))
+
+
 DATATYPES = ("FP32", "BYTES")
-
-
-def _reference_numbers(scored: list[Scored], field: str) -> np.ndarray:
-    values = [getattr(s.reference, field, None) if s.reference else None for s in scored]
-    return np.array([-1.0 if value is None else value for value in values], dtype="<f4")
 MAX_RANK = 8  # dimensions of an input's shape: FP32 inputs have 4, BYTES 1
 INT64_MAX = 2**63 - 1  # a dimension, as the OIP spec types it
 # JSON values a body may hold besides its tensor data (names, shapes, parameters, base64 strings).
@@ -162,22 +156,6 @@ class InferRequest(BaseModel):
     parameters: RequestParameters | None = None
     inputs: list[TensorIn] = Field(min_length=1)
     outputs: list[OutputRequest] | None = Field(None, max_length=len(OUTPUTS) + len(OPEN_SET_OUTPUTS))
-
-
-class TensorOut(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any] | None = None
-
-
-class InferResponse(BaseModel):
-    model_name: str
-    model_version: str
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    outputs: list[TensorOut]
 
 
 def bad_request(message: str) -> ApiError:
@@ -397,67 +375,3 @@ def check_input_range(name: str, array: np.ndarray) -> None:
             f"Input {truncated(name)!r} holds values from {low:.6g} to {high:.6g}; a preprocessed image "
             "holds values in [0, 1].",
         )
-
-
-def encode_bytes(values: list[str]) -> bytes:
-    return b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in values)
-
-
-def response(
-    model: ServedModel,
-    request_id: str | None,
-    scored: list[Scored],
-    ids: list[str],
-    requested: dict[str, OutputRequest | None],
-    binary_all: bool,
-) -> Response:
-    """The answer holding the requested outputs (from requested_outputs), as JSON or binary blobs."""
-    n = len(scored)
-    values: dict[str, tuple[str, list[int], Any]] = {
-        "score": ("FP32", [n], np.array([s.score for s in scored], dtype="<f4")),
-        "verdict": ("BYTES", [n], [s.verdict for s in scored]),
-        "logits": ("FP32", [n, 2], np.array([s.output.logits for s in scored], dtype="<f4")),
-        "request_id": ("BYTES", [n], ids),
-        "reasons": ("BYTES", [n], [",".join(s.reasons) for s in scored]),
-        "recognised": ("BOOL", [n], np.array([bool(s.recognised) for s in scored])),
-        "novelty": ("FP32", [n], np.array([s.novelty or 0.0 for s in scored], dtype="<f4")),
-        # -1 where the check gave no distance or threshold (too few references: it abstained); distances
-        # are never negative, and JSON has no NaN.
-        "reference_status": ("BYTES", [n], [s.reference.status if s.reference else "" for s in scored]),
-        "reference_distance": ("FP32", [n], _reference_numbers(scored, "distance")),
-        "reference_threshold": ("FP32", [n], _reference_numbers(scored, "threshold")),
-    }
-    outputs, blobs = [], []
-    for name, spec in requested.items():
-        datatype, shape, data = values[name]
-        wanted = spec.parameters.binary_data if spec is not None and spec.parameters else None
-        if binary_all if wanted is None else wanted:
-            blob = encode_bytes(data) if datatype == "BYTES" else data.tobytes()
-            blobs.append(blob)
-            outputs.append(
-                {
-                    "name": name,
-                    "datatype": datatype,
-                    "shape": shape,
-                    "parameters": {"binary_data_size": len(blob)},
-                }
-            )
-        else:
-            if datatype == "BYTES":
-                listed = data
-            elif datatype == "BOOL":
-                listed = [bool(value) for value in data.reshape(-1)]
-            else:
-                listed = data.reshape(-1).astype(float).tolist()
-            outputs.append({"name": name, "datatype": datatype, "shape": shape, "data": listed})
-    body = {"model_name": model.engine.name, "model_version": model.engine.version, "outputs": outputs}
-    if request_id is not None:
-        body["id"] = request_id
-    header = json.dumps(body).encode()
-    if not blobs:
-        return Response(header, media_type="application/json")
-    return Response(
-        header + b"".join(blobs),
-        media_type="application/octet-stream",
-        headers={BINARY_HEADER: str(len(header))},
-    )

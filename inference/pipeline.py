@@ -10,7 +10,7 @@ the verdict decided once, from all of it, in `judge`.
 reference enrolment go through it. They differ only in the `predict` they hand it: the server's
 micro-batcher, the engine's own predict in the CLI, evaluation's batch already run. Each target writes
 the result its own way (the /v1 JSON and the audit row in api/service.py, the OIP outputs in
-api/oip_codec.py, the CLI lines in inference/cli.py, predictions.csv in training/eval_outputs.py).
+api/oip_response.py, the CLI lines in inference/cli.py, predictions.csv in training/eval_outputs.py).
 
 A scan scored in tiles is one image to the open-set checks: the novelty search runs once, on the
 normalised mean of its tiles' embeddings (`open_set.scan_embedding`), never per tile, and its shorter

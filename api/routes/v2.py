@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from verity import __version__
 from verity.api import oip_codec as oip
+from verity.api import oip_response
 from verity.api.deps import PrincipalDep, RegistryDep
 from verity.api.errors import ApiError, current_request_id, truncated
 from verity.api.registry import ServedModel
@@ -179,7 +180,7 @@ async def _infer(
         receiver=principal,
         api="v2",
     )
-    return oip.response(served, infer.id, scored, ids, outputs, params.binary_data_output)
+    return oip_response.response(served, infer.id, scored, ids, outputs, params.binary_data_output)
 
 
 def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +201,7 @@ def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 INFER_DOC: dict[str, Any] = dict(
-    response_model=oip.InferResponse,
+    response_model=oip_response.InferResponse,
     description=(
         "One input: `image` FP32 [N, C, S, S] (preprocessed, values in [0, 1], no normalization; NaN, "
         "infinities and values outside [0, 1] are a 422) or "
