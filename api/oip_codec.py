@@ -155,7 +155,9 @@ class InferRequest(BaseModel):
     id: str | None = Field(None, max_length=REQUEST_ID_MAX)
     parameters: RequestParameters | None = None
     inputs: list[TensorIn] = Field(min_length=1)
-    outputs: list[OutputRequest] | None = Field(None, max_length=len(OUTPUTS) + len(OPEN_SET_OUTPUTS))
+    outputs: list[OutputRequest] | None = Field(
+        None, max_length=len(output_names(open_set=True, product=True))
+    )
 
 
 def bad_request(message: str) -> ApiError:

@@ -22,6 +22,7 @@ from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
 from verity.api.app import create_app
 from verity.api.audit import AuditError, ReferenceEvent, SQLiteAuditStore
 from verity.api.auth import KeyStore
+from verity.api.oip_codec import output_names
 from verity.api.refs_cli import refs_main
 from verity.api.settings import Settings
 from verity.cli import main as verity_main
@@ -351,6 +352,11 @@ def test_v2_answers_the_reference_check_as_v1_does(ref_client: TestClient, keys:
     for name in ("distance", "threshold"):
         expected = -1.0 if reference[name] is None else reference[name]
         assert abs(outputs[f"reference_{name}"] - expected) <= 1e-4
+    # Every output named at once, the reference check's among them.
+    every = [{"name": name} for name in output_names(open_set=False, product=True)]
+    named = ref_client.post(f"/v2/models/{MODEL}/infer", json={**request, "outputs": every}, headers=station)
+    assert named.status_code == 200, named.text
+    assert [o["name"] for o in named.json()["outputs"]] == [o["name"] for o in every]
     # Without a product: no reference outputs, and asking for one says what this request has.
     del request["parameters"]
     plain = ref_client.post(f"/v2/models/{MODEL}/infer", json=request, headers=keys["station"]).json()
