@@ -1,9 +1,11 @@
 """How /v1/predict reads its input: a multipart form (the image as `file`, the options as fields), or the
 image as the whole body (`Content-Type: image/*`, `application/dicom`, `application/octet-stream`) with
-the options as query parameters, as scanner SDKs send it; and the modality, asked for or decided by the
-bytes (DICOM and 16-bit PNG or TIFF are X-ray)."""
+the options as query parameters, as scanner SDKs send it, or a dual-energy pair as `high` and `low`
+files; and the modality, asked for or decided by the bytes (DICOM and 16-bit PNG or TIFF are X-ray)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from fastapi import Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,6 +21,9 @@ from verity.api.schemas import (
 )
 from verity.inference.decode import content_modality
 from verity.inference.vocabulary import NAME_MAX
+
+if TYPE_CHECKING:
+    from verity.api.service import PredictionService
 
 DICOM_MEDIA_TYPE = "application/dicom"  # a DICOM/DICOS Part-10 file, sent or answered
 # The body types /v1/predict takes as the image itself (options then in the query), besides multipart.
@@ -133,3 +138,15 @@ def modality_of(options: RawPredictOptions, data: bytes) -> str:
             "PNG or TIFF (X-ray); an 8-bit image may be either.",
         )
     return modality
+
+
+async def pair_input(
+    service: PredictionService, file: UploadFile | None, high: UploadFile | None, low: UploadFile | None,
+    form: RawPredictOptions | None,
+) -> tuple[bytes, RawPredictOptions]:
+    """A dual-energy pair sent as two files: one two-page TIFF, the form a pair file takes (X-ray)."""
+    if file is not None or high is None or low is None or form is None:
+        raise ApiError(422, "invalid_fields", "A dual-energy pair is `high` and `low` together, instead of "
+                       "`file`.")  # fmt: skip
+    pair = await service.combine_pair(await high.read(), await low.read())
+    return pair, form.model_copy(update={"modality": form.modality or "xray"})

@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from verity.api.audit import AuditRecord, FeedbackRecord
+from verity.api.audit import FeedbackRecord
 from verity.api.auth import ANONYMOUS
 from verity.api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
 from verity.api.errors import (
@@ -30,9 +29,11 @@ from verity.api.routes.predict_input import (
     RAW_BODY_OPENAPI,
     RawPredictOptions,
     modality_of,
+    pair_input,
     predict_input,
     wants_report,
 )
+from verity.api.routes.report_answer import report_response
 from verity.api.schemas import (
     CASE_ID_MAX,
     FILENAME_MAX,
@@ -50,7 +51,7 @@ from verity.api.schemas import (
     ReloadResponse,
 )
 from verity.api.service import PredictionService, Scored, ServiceDep, render_images, station_for
-from verity.inference.dicos_report import ReportFacts, new_report_uid, report_for
+from verity.inference.dicos_report import new_report_uid
 from verity.inference.stamps import utc_now
 from verity.inference.vocabulary import NAME_MAX
 
@@ -161,7 +162,7 @@ async def predict(
         return_heatmap=return_heatmap, return_view=return_view, model=model, format=format,
     )  # fmt: skip
     if high is not None or low is not None:
-        data, options = await _pair_input(service, file, high, low, form)
+        data, options = await pair_input(service, file, high, low, form)
     else:
         data, options = await predict_input(request, file, form)
     station = station_for(principal.station_id, options.station_id)
@@ -191,42 +192,8 @@ async def predict(
         report_uids=report_uids,
     )
     if report_uids:
-        return await _report_response(record, scored, served, data, settings.uid_root, request.state.started)
+        return await report_response(record, scored, served, data, settings.uid_root, request.state.started)
     return service.result(record, scored, heatmap, view)
-
-
-async def _pair_input(
-    service: PredictionService, file: UploadFile | None, high: UploadFile | None, low: UploadFile | None,
-    form: RawPredictOptions | None,
-) -> tuple[bytes, RawPredictOptions]:
-    """A dual-energy pair sent as two files: one two-page TIFF, the form a pair file takes (X-ray)."""
-    if file is not None or high is None or low is None or form is None:
-        raise ApiError(422, "invalid_fields", "A dual-energy pair is `high` and `low` together, instead of "
-                       "`file`.")  # fmt: skip
-    pair = await service.combine_pair(await high.read(), await low.read())
-    return pair, form.model_copy(update={"modality": form.modality or "xray"})
-
-
-async def _report_response(
-    record: AuditRecord, scored: Scored, served: ServedModel, data: bytes, uid_root: str, started: float
-) -> Response:
-    """The answer as a DICOS Threat Detection Report (inference.dicos_report), the verdict also in headers
-    for a client that logs it without reading DICOM."""
-    facts = ReportFacts(
-        report_uid=str(record.report_uid), verdict=record.verdict, score=record.score,
-        model=record.model_name, version=record.model_version, alarm=record.alarm_threshold,
-        clear=record.clear_threshold, decided=datetime.fromisoformat(record.created),
-        processing_ms=(time.perf_counter() - started) * 1000.0, uid_root=uid_root,
-    )  # fmt: skip
-    ooi_id = record.case_id or record.request_id
-    content = await run_in_threadpool(report_for, data, scored, served.engine.spec, facts, ooi_id)
-    headers = {
-        "Content-Disposition": f'attachment; filename="{record.request_id}.dcm"',
-        "X-Verity-Verdict": record.verdict,
-        "X-Verity-Score": f"{record.score:.6f}",
-        "X-Verity-Report-UID": str(record.report_uid),
-    }
-    return Response(content, media_type=DICOM_MEDIA_TYPE, headers=headers)
 
 
 async def _batch_item(
