@@ -238,12 +238,9 @@ def drift_report(settings: Settings, store: AuditStore, since: str | None) -> li
 
 
 def drift_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="verity drift", description="Drift of answers from validation.")
-    sub = parser.add_subparsers(dest="action", required=True)
-    report = sub.add_parser("report", help="per station, modality and model, over the audit log")
-    report.add_argument("--since", help="only answers from this ISO 8601 time on")
-    report.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    args = parser.parse_args(argv)
+    args = _report_command("verity drift", "Drift of answers from validation.",
+                           "per station, modality and model, over the audit log",
+                           "print JSON lines instead of a table").parse_args(argv)  # fmt: skip
 
     def run(settings: Settings, store: AuditStore) -> int:
         for row in drift_report(settings, store, args.since):
@@ -260,6 +257,15 @@ def drift_main(argv: list[str]) -> int:
         return 0
 
     return _with_store(run)
+
+
+def _report_command(prog: str, description: str, report_help: str, json_help: str) -> argparse.ArgumentParser:
+    """A command whose one action is `report` over the audit log, from a time on, as text or JSON."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    report = parser.add_subparsers(dest="action", required=True).add_parser("report", help=report_help)
+    report.add_argument("--since", help="only answers from this ISO 8601 time on")
+    report.add_argument("--json", action="store_true", help=json_help)
+    return parser
 
 
 def _figure(value: float | None, spec: str = ".3f") -> str:
@@ -291,12 +297,9 @@ def shadow_report(store: AuditStore, since: str | None, examples: int = 20) -> d
 
 
 def shadow_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="verity shadow", description="The shadow model beside production.")
-    sub = parser.add_subparsers(dest="action", required=True)
-    report = sub.add_parser("report", help="agreement and disagreements, from the audit log")
-    report.add_argument("--since", help="only answers from this ISO 8601 time on")
-    report.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
+    args = _report_command("verity shadow", "The shadow model beside production.",
+                           "agreement and disagreements, from the audit log",
+                           "print the report as JSON").parse_args(argv)  # fmt: skip
 
     def run(settings: Settings, store: AuditStore) -> int:
         result = shadow_report(store, args.since)
