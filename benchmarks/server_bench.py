@@ -37,19 +37,22 @@ local f = assert(io.open(os.getenv("VERITY_BENCH_BODY"), "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
-wrk.headers["Content-Type"] = "multipart/form-data; boundary=" .. os.getenv("VERITY_BENCH_BOUNDARY")
+wrk.headers["Content-Type"] = os.getenv("VERITY_BENCH_CONTENT_TYPE")
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
     'VERITY_JSON {"requests": %d, "duration_us": %d, "status_errors": %d, "connect_errors": %d, ' ..
-    '"timeouts": %d, "read_errors": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "mean_us": %.1f}\\n',
-    summary.requests, summary.duration, e.status, e.connect, e.timeout, e.read,
+    '"timeouts": %d, "read_errors": %d, "write_errors": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, ' ..
+    '"mean_us": %.1f}\\n',
+    summary.requests, summary.duration, e.status, e.connect, e.timeout, e.read, e.write,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean))
 end
 """
 
 
-def multipart_body(image: bytes, boundary: str) -> bytes:
+def multipart_body(image: bytes) -> tuple[bytes, str]:
+    """A /v1/predict form holding a photo, and the Content-Type that names its boundary."""
+    boundary = uuid.uuid4().hex
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="modality"\r\n\r\nphoto\r\n'.encode(),
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="item.jpg"\r\n'
@@ -58,7 +61,7 @@ def multipart_body(image: bytes, boundary: str) -> bytes:
         + b"\r\n",
         f"--{boundary}--\r\n".encode(),
     ]
-    return b"".join(parts)
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
 def free_port() -> int:
@@ -146,8 +149,12 @@ class Server:
                 self.process.kill()
 
 
-def run_wrk(url: str, body_path: Path, boundary: str, concurrency: int, seconds: float, script: Path) -> dict:
-    env = {**os.environ, "VERITY_BENCH_BODY": str(body_path), "VERITY_BENCH_BOUNDARY": boundary}
+def run_wrk(
+    url: str, body_path: Path, content_type: str, concurrency: int, seconds: float, script: Path,
+    path: str = "/v1/predict",
+) -> dict:
+    """A closed loop of `concurrency` connections POSTing the body for `seconds` (WRK_SCRIPT)."""
+    env = {**os.environ, "VERITY_BENCH_BODY": str(body_path), "VERITY_BENCH_CONTENT_TYPE": content_type}
     command = [
         "wrk",
         "-t",
@@ -160,7 +167,7 @@ def run_wrk(url: str, body_path: Path, boundary: str, concurrency: int, seconds:
         "10s",
         "-s",
         str(script),
-        f"{url}/v1/predict",
+        f"{url}{path}",
     ]
     out = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=seconds + 60, check=True
@@ -174,17 +181,18 @@ def run_wrk(url: str, body_path: Path, boundary: str, concurrency: int, seconds:
         "p50_ms": raw["p50_us"] / 1000,
         "p90_ms": raw["p90_us"] / 1000,
         "p99_ms": raw["p99_us"] / 1000,
-        "errors": raw["status_errors"] + raw["connect_errors"] + raw["timeouts"] + raw["read_errors"],
+        "errors": sum(raw[kind] for kind in ("status_errors", "connect_errors", "timeouts", "read_errors",
+                                             "write_errors")),
         "load_generator": "wrk",
     }
 
 
-async def _httpx_load(url: str, body: bytes, boundary: str, concurrency: int, seconds: float) -> dict:
+async def _httpx_load(url: str, body: bytes, content_type: str, concurrency: int, seconds: float) -> dict:
     import httpx
 
     latencies: list[float] = []
     errors = 0
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    headers = {"Content-Type": content_type}
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
@@ -222,8 +230,7 @@ def run(model: Path, workdir: Path, seconds: float = 6.0, label: str = "fp32") -
     (models_dir / "bench-photo" / "0.0.0").mkdir(parents=True, exist_ok=True)
     shutil.copy(model, models_dir / "bench-photo" / "0.0.0" / "model.onnx")
     image = photo_jpeg(224, 224, seed=3)
-    boundary = uuid.uuid4().hex
-    body = multipart_body(image, boundary)
+    body, content_type = multipart_body(image)
     body_path = workdir / "body.bin"
     body_path.write_bytes(body)
     script = workdir / "post.lua"
@@ -234,11 +241,11 @@ def run(model: Path, workdir: Path, seconds: float = 6.0, label: str = "fp32") -
         with Server(models_dir, workdir, env) as server:
             for concurrency in CONCURRENCY:
                 if use_wrk:
-                    run_wrk(server.url, body_path, boundary, concurrency, 2, script)  # warm-up, discarded
-                    result = run_wrk(server.url, body_path, boundary, concurrency, seconds, script)
+                    run_wrk(server.url, body_path, content_type, concurrency, 2, script)  # warm-up, discarded
+                    result = run_wrk(server.url, body_path, content_type, concurrency, seconds, script)
                 else:
-                    asyncio.run(_httpx_load(server.url, body, boundary, concurrency, 2))
-                    result = asyncio.run(_httpx_load(server.url, body, boundary, concurrency, seconds))
+                    asyncio.run(_httpx_load(server.url, body, content_type, concurrency, 2))
+                    result = asyncio.run(_httpx_load(server.url, body, content_type, concurrency, seconds))
                 rows.append({"model": label, "batching": batching, "concurrency": concurrency, **result})
     by = {(r["batching"], r["concurrency"]): r for r in rows}
     return {

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +45,17 @@ def run(workdir: Path, seconds: float = 6.0) -> dict[str, Any] | None:
         return None
     spec = tiny_spec("photo")
     tiny_onnx(workdir / "models" / "tiny-photo" / "0.0.0" / "model.onnx", spec)
-    boundary = uuid.uuid4().hex
+    body, content_type = multipart_body(photo_jpeg(224, 224, seed=3))
     body_path = workdir / "body.bin"
-    body_path.write_bytes(multipart_body(photo_jpeg(224, 224, seed=3), boundary))
+    body_path.write_bytes(body)
     script = workdir / "post.lua"
     script.write_text(WRK_SCRIPT)
     with Server(workdir / "models", workdir, {}) as server:
         assert server.process is not None
         pid = server.process.pid
-        run_wrk(server.url, body_path, boundary, CONCURRENCY, 2, script)  # warm-up, discarded
+        run_wrk(server.url, body_path, content_type, CONCURRENCY, 2, script)  # warm-up, discarded
         before = thread_cpu_seconds(pid)
-        result = run_wrk(server.url, body_path, boundary, CONCURRENCY, seconds, script)
+        result = run_wrk(server.url, body_path, content_type, CONCURRENCY, seconds, script)
         after = thread_cpu_seconds(pid)
     used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
     requests = max(1, result["requests"])

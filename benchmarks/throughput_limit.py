@@ -33,23 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import load_average, photo_jpeg  # noqa: E402
-from benchmarks.server_bench import Server, free_port  # noqa: E402
+from benchmarks.server_bench import WRK_SCRIPT, Server, free_port, run_wrk  # noqa: E402
 
 SHARE_TARGET, LITTLE_FACTOR, C4_P99_MS = 0.9, 1.5, 50.0
-RAW_WRK = """
-local f = assert(io.open(os.getenv("VERITY_BENCH_BODY"), "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Content-Type"] = "image/jpeg"
-done = function(summary, latency, requests)
-  local errors = summary.errors
-  io.write(string.format("VERITY_JSON {\\"requests\\": %d, \\"duration_us\\": %d, \\"p50_us\\": %d, "
-    .. "\\"p99_us\\": %d, \\"errors\\": %d, \\"status_errors\\": %d}\\n", summary.requests, summary.duration,
-    latency:percentile(50), latency:percentile(99), errors.connect + errors.read + errors.write
-    + errors.timeout, errors.status))
-end
-"""
 NAIVE_APP = """
 import os
 from starlette.applications import Starlette
@@ -94,21 +80,14 @@ def box_limit(model: Path, image: bytes, seconds: float, cores: int) -> float:
     return sum(counts) / (time.perf_counter() - started)
 
 
-def wrk(url: str, body: Path, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
-    env = {**os.environ, "VERITY_BENCH_BODY": str(body)}
-    command = ["wrk", "-t", str(min(concurrency, 2)), "-c", str(concurrency), "-d", f"{seconds:.0f}s",
-               "--timeout", "10s", "-s", str(script), f"{url}/v1/predict?modality=photo"]  # fmt: skip
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 60, check=True)
-    line = next(line for line in out.stdout.splitlines() if line.startswith("VERITY_JSON "))
-    raw = json.loads(line.removeprefix("VERITY_JSON "))
-    rps = raw["requests"] / (raw["duration_us"] / 1e6)
-    return {"concurrency": concurrency, "rps": rps, "p50_ms": raw["p50_us"] / 1000,
-            "p99_ms": raw["p99_us"] / 1000, "errors": raw["errors"] + raw["status_errors"]}  # fmt: skip
-
-
 def load(url: str, body: Path, script: Path, seconds: float) -> dict[int, dict[str, Any]]:
-    wrk(url, body, script, 8, 3)  # warm-up, discarded
-    return {c: wrk(url, body, script, c, seconds) for c in (32, 4)}
+    """A raw JPEG body (options in the query) at concurrency 32 and 4, after a warm-up."""
+
+    def wrk(concurrency: int, seconds: float) -> dict[str, Any]:
+        return run_wrk(url, body, "image/jpeg", concurrency, seconds, script, "/v1/predict?modality=photo")
+
+    wrk(8, 3)  # warm-up, discarded
+    return {c: {"concurrency": c, **wrk(c, seconds)} for c in (32, 4)}
 
 
 class NaiveServer:
@@ -146,9 +125,9 @@ def run(seconds: float) -> dict[str, Any]:
     image = photo_jpeg(640, 480, seed=3)
     with tempfile.TemporaryDirectory(prefix="verity-limit-") as work:
         workdir = Path(work)
-        body, script = workdir / "body.jpg", workdir / "raw.lua"
+        body, script = workdir / "body.jpg", workdir / "post.lua"
         body.write_bytes(image)
-        script.write_text(RAW_WRK)
+        script.write_text(WRK_SCRIPT)
         limit = box_limit(model, image, seconds, cores)
         with NaiveServer(model, workdir) as naive:
             naive_rows = load(naive.url, body, script, seconds)
