@@ -226,9 +226,13 @@ async def _httpx_load(url: str, body: bytes, content_type: str, concurrency: int
 
 def run(model: Path, workdir: Path, seconds: float = 6.0, label: str = "fp32") -> dict[str, Any]:
     """One server per batching setting; concurrency 1, 8, 32 against each."""
-    models_dir = workdir / f"models-{label}"
-    (models_dir / "bench-photo" / "0.0.0").mkdir(parents=True, exist_ok=True)
-    shutil.copy(model, models_dir / "bench-photo" / "0.0.0" / "model.onnx")
+    version = workdir / f"models-{label}" / "bench-photo" / "0.0.0"
+    version.mkdir(parents=True, exist_ok=True)
+    for sidecar in model.parent.iterdir():  # what a model's card may name beside it (a gate's bank)
+        if sidecar.is_file() and sidecar.suffix != ".onnx":
+            shutil.copy(sidecar, version / sidecar.name)
+    shutil.copy(model, version / "model.onnx")
+    models_dir = version.parents[1]
     image = photo_jpeg(224, 224, seed=3)
     body, content_type = multipart_body(image)
     body_path = workdir / "body.bin"
