@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the live-server and PostgreSQL helpers the tests use
 
 from api_fixtures import LiveServer  # noqa: E402
-from postgres_fixtures import free_port, postgres_bin, start_postgres  # noqa: E402
+from postgres_fixtures import postgres_bin, start_postgres  # noqa: E402
+from ray_fixtures import local_ray_serve  # noqa: E402
 
 from benchmarks.common import load_average, photo_jpeg  # noqa: E402
 from benchmarks.pg_soak import closed_loop  # noqa: E402
@@ -37,25 +38,6 @@ def workers(env: dict[str, str]) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
-
-
-@contextmanager
-def ray_replicas(env: dict[str, str]) -> Iterator[str]:
-    import ray
-    from ray import serve
-
-    from verity.api.ray_serve import verity_deployment
-
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20,
-             log_to_driver=False, configure_logging=False)  # fmt: skip
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(verity_deployment(2, env=env).bind(), name="verity", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def measure(url: str, image: bytes, concurrency: int, seconds: float) -> dict[str, Any]:
@@ -73,7 +55,7 @@ def run(seconds: float, concurrency: int) -> dict[str, Any]:
     postgres = start_postgres(bin_dir)
     work = Path(tempfile.mkdtemp(prefix="verity-ray-"))
     setups: dict[str, Callable[[dict[str, str]], Any]] = {"workers_2": workers,
-                                                           "ray_2_replicas": ray_replicas}  # fmt: skip
+                                                           "ray_2_replicas": local_ray_serve}  # fmt: skip
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in setups}
     try:
         audit = postgres.create_database("bench")

@@ -13,10 +13,11 @@ import httpx
 import pytest
 from api_fixtures import image_bytes, make_models_dir, make_settings
 from fastapi.testclient import TestClient
-from postgres_fixtures import PostgresServer, free_port, require_postgres, start_postgres
+from postgres_fixtures import PostgresServer, require_postgres, start_postgres
+from ray_fixtures import local_ray_serve
 
 from verity.api.app import create_app
-from verity.api.ray_serve import app_builder, replica_options, verity_deployment
+from verity.api.ray_serve import app_builder, replica_options
 
 pytestmark = pytest.mark.slow
 REQUESTS, CLIENTS = 200, 8
@@ -44,7 +45,6 @@ def test_two_replicas_answer_as_v1_predict_and_audit_each_answer_once(
     postgres: PostgresServer, tmp_path: Path
 ) -> None:
     import psycopg
-    import ray
     from ray import serve
 
     url = postgres.create_database("ray")
@@ -52,15 +52,9 @@ def test_two_replicas_answer_as_v1_predict_and_audit_each_answer_once(
     env = {"VERITY_MODELS_DIR": str(models), "VERITY_AUDIT_DB": url, "VERITY_RATE_LIMIT_PER_S": "0",
            "VERITY_KEYS_FILE": str(tmp_path / "keys.json"), "VERITY_LOG_JSON": "false"}  # fmt: skip
     images = [image_bytes(int(level)) for level in range(0, 256, 32)]
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20,
-             log_to_driver=False, configure_logging=False)  # fmt: skip
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(verity_deployment(2, env=env).bind(), name="verity", route_prefix="/")
+    with local_ray_serve(env, replicas=2) as base:
         status = serve.status().applications["verity"].deployments["verity"]
         assert status.replica_states.get("RUNNING") == 2
-        base = f"http://127.0.0.1:{port}"
 
         def send(index: int) -> dict:
             image = images[index % len(images)]
@@ -75,9 +69,6 @@ def test_two_replicas_answer_as_v1_predict_and_audit_each_answer_once(
 
         with ThreadPoolExecutor(CLIENTS) as pool:
             answers = list(pool.map(send, range(REQUESTS)))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     # Every answer audited exactly once, in the one PostgreSQL log both replicas write.
     with psycopg.connect(url) as connection:
         rows = connection.execute("SELECT request_id, score FROM predictions").fetchall()
