@@ -104,6 +104,23 @@ def _scan(width: int, height: int, seed: int) -> np.ndarray:
     return scan
 
 
+def _v1_answers(client: TestClient, name: str, images: list[bytes]) -> list[dict[str, Any]]:
+    """/v1/predict's answers for the images, from the model's modality (its name's first word)."""
+    modality = name.split("-")[0]
+    return [client.post("/v1/predict", files={"file": ("x", image)}, data={"modality": modality}).json()
+            for image in images]  # fmt: skip
+
+
+def _assert_answers_agree(out: dict[str, np.ndarray], expected: list[dict[str, Any]]) -> None:
+    """Triton's outputs for a batch say what /v1/predict said: score to 1e-4, verdict, gate, reasons."""
+    assert np.allclose(out["score"], [e["score"] for e in expected], atol=1e-4)
+    assert [v.decode() for v in out["verdict"]] == [e["verdict"] for e in expected]
+    recognised = [{1: True, 0: False, -1: None}[int(v)] for v in out["recognised"]]
+    assert recognised == [e["recognised"] for e in expected]
+    reasons = [value.decode().split(",") if value else [] for value in out["reasons"]]
+    assert reasons == [e["reasons"] for e in expected]
+
+
 def test_the_python_backend_gives_v1_predicts_answers(repository: Path, monkeypatch, tmp_path: Path) -> None:
     stub = _stub(monkeypatch, repository)
     cases = {
@@ -115,19 +132,12 @@ def test_the_python_backend_gives_v1_predicts_answers(repository: Path, monkeypa
     settings = make_settings(tmp_path, models_dir=SHIPPED, rate_limit_per_s=0)
     with TestClient(create_app(settings)) as client:
         for name, images in cases.items():
-            modality = name.split("-")[0]
-            expected = [client.post("/v1/predict", files={"file": ("x", image)}, data={"modality": modality})
-                        .json() for image in images]  # fmt: skip
+            expected = _v1_answers(client, name, images)
             request = stub.InferenceRequest(inputs=[stub.Tensor("image_bytes", np.array(images, np.object_))])
             (response,) = _model(repository, name).execute([request])
             assert not response.has_error()
             out = {tensor.name(): tensor.as_numpy() for tensor in response.output_tensors()}
-            assert np.allclose(out["score"], [e["score"] for e in expected], atol=1e-4)
-            assert [v.decode() for v in out["verdict"]] == [e["verdict"] for e in expected]
-            reasons = [value.decode().split(",") if value else [] for value in out["reasons"]]
-            assert reasons == [e["reasons"] for e in expected]
-            recognised = [{1: True, 0: False, -1: None}[int(v)] for v in out["recognised"]]
-            assert recognised == [e["recognised"] for e in expected]
+            _assert_answers_agree(out, expected)
             assert out["logits"].shape == (len(images), 2)
     assert expected[-1]["tiles"] > 4  # the long scan was tiled, in more tiles than one classifier batch
 
@@ -186,18 +196,12 @@ def test_the_ensemble_gives_v1_predicts_answers_for_whole_images(repository: Pat
     settings = make_settings(tmp_path, models_dir=SHIPPED, rate_limit_per_s=0)
     with TestClient(create_app(settings)) as client:
         for name, images in cases.items():
-            modality = name.split("-")[0]
-            expected = [client.post("/v1/predict", files={"file": ("x", image)}, data={"modality": modality})
-                        .json() for image in images]  # fmt: skip
+            expected = _v1_answers(client, name, images)
             batch = np.array(images, np.object_).reshape(-1, 1)  # [B, 1]: one file a batch item
             response = run_ensemble(stub, repository, f"{name}-ensemble", {"image_bytes": batch})
             assert not response.has_error(), response.error().message()
             out = {tensor.name(): tensor.as_numpy().reshape(-1) for tensor in response.output_tensors()}
-            assert np.allclose(out["score"], [e["score"] for e in expected], atol=1e-4)
-            assert [v.decode() for v in out["verdict"]] == [e["verdict"] for e in expected]
-            recognised = [{1: True, 0: False, -1: None}[int(v)] for v in out["recognised"]]
-            assert recognised == [e["recognised"] for e in expected]
-            assert [v.decode() for v in out["reasons"]] == [",".join(e["reasons"]) for e in expected]
+            _assert_answers_agree(out, expected)
     # A scan the tiling rule scores in tiles goes to the pipeline model, as the ensemble says.
     long_scan = np.array([encode_png16(_scan(1800, 300, 5))], np.object_).reshape(-1, 1)
     refused = run_ensemble(stub, repository, "xray-default-ensemble", {"image_bytes": long_scan})
