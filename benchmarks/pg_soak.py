@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the live-server and PostgreSQL helpers the tests use
 
 from api_fixtures import LiveServer  # noqa: E402
-from postgres_fixtures import postgres_bin, start_postgres  # noqa: E402
+from postgres_fixtures import start_postgres_or_exit  # noqa: E402
 
 from benchmarks.common import load_average, photo_jpeg  # noqa: E402
 
@@ -100,10 +100,7 @@ def audited_once(url: str, request_ids: list[str]) -> bool:
 
 
 def run(seconds: float, concurrency: int) -> dict[str, Any]:
-    bin_dir = postgres_bin()
-    if bin_dir is None:
-        raise SystemExit("PostgreSQL is not installed: apt-get install postgresql (.ci/run does this).")
-    postgres = start_postgres(bin_dir)
+    postgres = start_postgres_or_exit()
     work = Path(tempfile.mkdtemp(prefix="verity-soak-"))
     try:
         url = postgres.create_database("soak")
@@ -151,6 +148,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
+    if not args.seconds > WARM_UP_S:  # the memory growth is measured from the end of the warm-up
+        parser.error(f"--seconds must be more than the {WARM_UP_S:.0f} s warm-up")
     print(json.dumps(run(args.seconds, args.concurrency), indent=2))
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the live-server and PostgreSQL helpers the tests use
 
 from api_fixtures import LiveServer  # noqa: E402
-from postgres_fixtures import postgres_bin, start_postgres  # noqa: E402
+from postgres_fixtures import start_postgres_or_exit  # noqa: E402
 from ray_fixtures import local_ray_serve  # noqa: E402
 
 from benchmarks.common import load_average, photo_jpeg  # noqa: E402
@@ -49,10 +49,7 @@ def measure(url: str, image: bytes, concurrency: int, seconds: float) -> dict[st
 
 
 def run(seconds: float, concurrency: int) -> dict[str, Any]:
-    bin_dir = postgres_bin()
-    if bin_dir is None:
-        raise SystemExit("PostgreSQL is not installed: apt-get install postgresql (.ci/run does this).")
-    postgres = start_postgres(bin_dir)
+    postgres = start_postgres_or_exit()
     work = Path(tempfile.mkdtemp(prefix="verity-ray-"))
     setups: dict[str, Callable[[dict[str, str]], Any]] = {"workers_2": workers,
                                                            "ray_2_replicas": local_ray_serve}  # fmt: skip

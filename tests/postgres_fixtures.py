@@ -43,6 +43,14 @@ def require_postgres() -> Path:
     raise AssertionError  # unreachable: skip raises
 
 
+def start_postgres_or_exit() -> PostgresServer:
+    """For a benchmark's command line: a started server, or an exit that says how to install one."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        raise SystemExit("PostgreSQL is not installed: apt-get install postgresql (.ci/run does this).")
+    return start_postgres(bin_dir)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
