@@ -120,7 +120,11 @@ class Server:
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
             )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # a server that never got ready is not left running
+            self.__exit__()
+            raise
         return self
 
     def _wait_ready(self, timeout_s: float = 180.0) -> None:
