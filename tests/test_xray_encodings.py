@@ -18,8 +18,16 @@ import tifffile
 from PIL import Image
 
 from verity.datasets.encode import encode_dicom
+from verity.inference import colour
 from verity.inference.decode import decode_image
-from verity.inference.preprocess import is_grey_content, load_for_model, match_channels, to_model_input
+from verity.inference.preprocess import (
+    GREY_OUTLIER_FRACTION,
+    GREY_SPREAD_LEVELS,
+    is_grey_content,
+    load_for_model,
+    match_channels,
+    to_model_input,
+)
 from verity.inference.spec import resolve_spec
 
 
@@ -99,6 +107,37 @@ def test_rgb_encoded_grey_is_recognised_and_pseudo_colour_is_not() -> None:
     assert rgb_jpeg.shape[2] == 3 and is_grey_content(rgb_jpeg)
     pseudo = _pseudo_colour()
     assert not is_grey_content(pseudo)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_the_grey_check_decides_as_the_per_pixel_channel_spread_says(
+    dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The banded elementwise check against the plain definition (max minus min over the channels),
+    on images whose share of spread pixels sits just under, at and over the outlier limit, with pixels
+    exactly at the allowed spread (grey) in every one of several bands."""
+    monkeypatch.setattr(colour, "BAND_PIXELS", 400 * 64)  # 64-row bands: the count crosses bands
+    rng = np.random.default_rng(7)
+    levels = {np.uint8: 1.0, np.uint16: 257.0, np.float32: 1 / 255}[dtype]
+    full = {np.uint8: 255, np.uint16: 65535, np.float32: 1}[dtype]
+    jitter = GREY_SPREAD_LEVELS // 2
+    height, width = 300, 400  # taller than one band for any width, so several bands are counted
+    limit = int(GREY_OUTLIER_FRACTION * height * width)
+    for outliers in (limit - 5, limit, limit + 1, limit + 40):
+        image = np.repeat(rng.uniform(0.1, 0.9, (height, width, 1)) * full, 3, axis=2)
+        image[..., 1] += rng.integers(-jitter, jitter + 1, (height, width)) * levels  # JPEG-like noise
+        spots = rng.choice(height * width, outliers + 3 * limit, replace=False)
+        flat = image.reshape(-1, 3)
+        flat[spots[:outliers], 2] = flat[spots[:outliers], 0] + (GREY_SPREAD_LEVELS + 2) * levels
+        ties = spots[outliers:]  # spread exactly the allowed levels (a hair under in float): still grey
+        flat[ties, 1] = flat[ties, 0]
+        flat[ties, 2] = flat[ties, 0] + (GREY_SPREAD_LEVELS - (0.01 if dtype == np.float32 else 0)) * levels
+        image = image.astype(dtype)
+        spread = image.max(axis=2).astype(np.float64) - image.min(axis=2).astype(np.float64)
+        spread_pixels = np.count_nonzero(spread > GREY_SPREAD_LEVELS * levels)
+        expected = spread_pixels <= GREY_OUTLIER_FRACTION * height * width
+        assert is_grey_content(image) == expected
+        assert expected == (outliers <= limit)
 
 
 def _pseudo_colour() -> np.ndarray:
