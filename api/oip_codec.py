@@ -279,6 +279,10 @@ def requested_outputs(
     if not wanted:
         return {name: None for name in available}
     requested: dict[str, OutputRequest | None] = {o.name: o for o in wanted}
+    if len(requested) < len(wanted):  # which of two entries would the answer follow?
+        repeated = sorted({o.name for o in wanted if sum(w.name == o.name for w in wanted) > 1})
+        names = ", ".join(repr(truncated(name)) for name in repeated)
+        raise bad_request(f"Each output may be named once in `outputs`; named more than once: {names}.")
     unknown = sorted(set(requested) - set(available))
     if unknown:
         names = ", ".join(repr(truncated(name)) for name in unknown)
