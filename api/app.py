@@ -19,6 +19,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse
 
 from verity import __version__
+from verity.api.alert_delivery import AlertDispatcher
+from verity.api.alert_endpoints import EndpointStore
+from verity.api.alerts import AlertPlanner
 from verity.api.audit import AuditStore, ImageStore, open_audit_store
 from verity.api.auth import KeyStore
 from verity.api.docs import ASSETS_URL, DOCS_PAGES, OPENAPI_URL, install_docs
@@ -199,10 +202,14 @@ def _lifespan(
         if settings.shadow:
             shadow = ShadowScorer(settings.shadow, registry, audit_store, app.state.metrics.shadow)
         app.state.shadow = shadow
+        dispatcher = AlertDispatcher(audit_store, app.state.alert_planner.endpoints, settings.alert_delivery)
+        app.state.alert_dispatcher = dispatcher
+        dispatcher.start()
         try:
             async with follower.following(), shadow.running() if shadow else contextlib.nullcontext():
                 yield
         finally:
+            await run_in_threadpool(dispatcher.stop)
             # Graceful shutdown: uvicorn has stopped accepting and finished in-flight requests; drain the
             # batch queues, then close the audit store (its writes are synchronous, so none is pending).
             if loading is not None and not loading.done():
@@ -276,6 +283,10 @@ def _attach_state(
     app.state.audit = audit  # replaced by the lifespan's store when it starts
     app.state.shadow = None  # the lifespan starts one when VERITY_SHADOW names a model
     app.state.keys = KeyStore(settings.keys_file)
+    app.state.alert_planner = AlertPlanner(
+        EndpointStore(settings.alert_endpoints_file), app.state.keys, settings.rightholder_sees_stations
+    )
+    app.state.alert_dispatcher = None  # the lifespan starts it
     app.state.image_store = ImageStore(settings.image_store_dir) if settings.store_images else None
     app.state.metrics = metrics
     # Built once, outside the registry: references outlive model reloads and are re-read from disk when

@@ -12,7 +12,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,8 @@ from verity.api.audit_records import (
     MODEL_EVENT_FIELDS,
     REFERENCE_EVENT_FIELDS,
     SHADOW_FIELDS,
+    Alert,
+    AlertDelivery,
     AuditError,
     AuditRecord,
     AuditStore,
@@ -33,15 +35,25 @@ from verity.api.audit_records import (
     ShadowRecord,
 )
 from verity.api.audit_sql import (
+    ALERTS_TABLES,
     BUMP_GENERATION,
     CONFIRMED_CASES_SQL,
     SAVE_BUCKET,
     adopt_alias_arguments,
     adopt_alias_sql,
+    alert_deliveries_sql,
+    alert_row,
     audit_record,
     audit_row,
     cases_with_feedback,
+    claim_alerts_sql,
+    finish_arguments,
+    finish_attempt_sql,
+    get_alert_sql,
     history_filter,
+    insert_alert_sql,
+    list_alerts_sql,
+    retry_alerts_sql,
     shadow_record,
     shadow_row,
 )
@@ -142,7 +154,7 @@ class SQLiteAuditStore:
             # Feedback must name an audited prediction, as the PostgreSQL store's REFERENCES enforces.
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(_SCHEMA + ALERTS_TABLES)
             self._migrate()
         except (sqlite3.Error, OSError) as error:
             raise AuditError(f"Cannot open the audit database {self.path}: {error}") from error
@@ -163,22 +175,29 @@ class SQLiteAuditStore:
             self._db.execute("ROLLBACK")
             raise
 
-    def record(self, records: list[AuditRecord]) -> None:
-        placeholders = ", ".join("?" for _ in AUDIT_FIELDS)
-        rows = [audit_row(r) for r in records]
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One immediate transaction under the lock: committed whole or rolled back, else AuditError."""
         try:
             with self._lock:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._db.executemany(
-                        f"INSERT INTO predictions ({', '.join(AUDIT_FIELDS)}) VALUES ({placeholders})", rows
-                    )
+                    yield self._db
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
         except sqlite3.Error as error:
-            raise AuditError(f"The audit log could not be written: {error}") from error
+            raise AuditError(f"The {what} could not be written: {error}") from error
+
+    def record(self, records: list[AuditRecord], alerts: Sequence[Alert] = ()) -> None:
+        placeholders = ", ".join("?" for _ in AUDIT_FIELDS)
+        with self._transaction("audit log") as db:
+            db.executemany(
+                f"INSERT INTO predictions ({', '.join(AUDIT_FIELDS)}) VALUES ({placeholders})",
+                [audit_row(r) for r in records],
+            )
+            db.executemany(insert_alert_sql("?"), [alert_row(alert) for alert in alerts])
 
     def get(self, request_id: str) -> AuditRecord | None:
         with self._lock:
@@ -187,16 +206,49 @@ class SQLiteAuditStore:
             ).fetchone()
         return audit_record(row) if row else None
 
-    def add_feedback(self, feedback: FeedbackRecord) -> None:
+    def add_feedback(self, feedback: FeedbackRecord, alerts: Sequence[Alert] = ()) -> None:
         values = asdict(feedback)
-        try:
-            with self._lock:
-                self._db.execute(
-                    f"INSERT INTO feedback ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
-                    tuple(values.values()),
-                )
-        except sqlite3.Error as error:
-            raise AuditError(f"The feedback could not be written: {error}") from error
+        with self._transaction("feedback") as db:
+            db.execute(
+                f"INSERT INTO feedback ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
+                tuple(values.values()),
+            )
+            db.executemany(insert_alert_sql("?"), [alert_row(alert) for alert in alerts])
+
+    # The outbox of signed alerts (api/alerts.py, api/alert_delivery.py) -----------------------------
+    def claim_alerts(self, now: float, lease_s: float, limit: int) -> list[Alert]:
+        with self._transaction("alert claim") as db:
+            rows = db.execute(claim_alerts_sql("?", skip_locked=False), (now + lease_s, now, now, limit))
+            claimed = [Alert(*row) for row in rows.fetchall()]
+        return sorted(claimed, key=lambda alert: (alert.created, alert.alert_id))
+
+    def finish_attempt(self, delivery: AlertDelivery, status: str, next_attempt: float) -> None:
+        log_sql, update_sql = finish_attempt_sql("?")
+        log_row, update_row = finish_arguments(delivery, status, next_attempt)
+        with self._transaction("alert delivery") as db:
+            db.execute(log_sql, log_row)
+            db.execute(update_sql, update_row)
+
+    def alerts(self, status: str | None = None, limit: int = 100) -> list[Alert]:
+        arguments = (status, limit) if status else (limit,)
+        with self._lock:
+            rows = self._db.execute(list_alerts_sql("?", status), arguments).fetchall()
+        return [Alert(*row) for row in rows]
+
+    def alert(self, alert_id: str) -> Alert | None:
+        with self._lock:
+            row = self._db.execute(get_alert_sql("?"), (alert_id,)).fetchone()
+        return Alert(*row) if row else None
+
+    def alert_deliveries(self, alert_id: str) -> list[AlertDelivery]:
+        with self._lock:
+            rows = self._db.execute(alert_deliveries_sql("?"), (alert_id,)).fetchall()
+        return [AlertDelivery(*row) for row in rows]
+
+    def retry_alerts(self, alert_ids: Sequence[str] | None, now: float) -> int:
+        sql = retry_alerts_sql("?", None if alert_ids is None else len(alert_ids))
+        with self._transaction("alert retry") as db:
+            return db.execute(sql, (now, *(alert_ids or ()))).rowcount
 
     def since(self, since: str | None) -> Iterator[AuditRecord]:
         # A separate connection, so a long export never holds the writer's lock.

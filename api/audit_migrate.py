@@ -1,6 +1,7 @@
 """`verity audit migrate`: copies a SQLite audit log into PostgreSQL, and proves nothing was lost.
 
-Every row of the five tables (predictions, feedback, reference events, model events, shadow answers)
+Every row of the seven tables (predictions, feedback, reference events, model events, shadow answers,
+alerts and their delivery log)
 is copied as it is, ids included, in batches; rows the target already holds are kept, so a migration
 interrupted or run twice ends the same. Then both sides are read back in key order and compared table
 by table: the row counts and a SHA-256 over every row's values. A mismatch is an error (exit status
@@ -16,6 +17,8 @@ from itertools import islice
 from typing import Any, Protocol
 
 from verity.api.audit_records import (
+    ALERT_DELIVERY_FIELDS,
+    ALERT_FIELDS,
     AUDIT_FIELDS,
     FEEDBACK_FIELDS,
     MODEL_EVENT_FIELDS,
@@ -32,6 +35,8 @@ TABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "reference_events": (("id", *REFERENCE_EVENT_FIELDS), "id"),
     "model_events": (("id", *MODEL_EVENT_FIELDS), "id"),
     "shadow_scores": (SHADOW_FIELDS, "request_id"),
+    "alerts": (ALERT_FIELDS, "alert_id"),
+    "alert_deliveries": (ALERT_DELIVERY_FIELDS, "alert_id, attempted, attempt"),
 }
 
 

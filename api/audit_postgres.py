@@ -17,19 +17,23 @@ VERITY_AUDIT_DB=postgresql://USER:PASSWORD@HOST:PORT/DATABASE.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from verity.api.audit_migrate import TABLES
 from verity.api.audit_records import (
     AUDIT_FIELDS,
     FEEDBACK_FIELDS,
     MODEL_EVENT_FIELDS,
     REFERENCE_EVENT_FIELDS,
     SHADOW_FIELDS,
+    Alert,
+    AlertDelivery,
     AuditError,
     AuditRecord,
     FeedbackRecord,
@@ -39,15 +43,25 @@ from verity.api.audit_records import (
     ShadowRecord,
 )
 from verity.api.audit_sql import (
+    ALERTS_TABLES,
     BUMP_GENERATION,
     CONFIRMED_CASES_SQL,
     SAVE_BUCKET,
     adopt_alias_arguments,
     adopt_alias_sql,
+    alert_deliveries_sql,
+    alert_row,
     audit_record,
     audit_row,
     cases_with_feedback,
+    claim_alerts_sql,
+    finish_arguments,
+    finish_attempt_sql,
+    get_alert_sql,
     history_filter,
+    insert_alert_sql,
+    list_alerts_sql,
+    retry_alerts_sql,
     shadow_record,
     shadow_row,
 )
@@ -112,6 +126,8 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE predictions ADD COLUMN report_uid TEXT;
     """,
+    # 5: the outbox of signed alerts to right holders and the agency, and its delivery log.
+    ALERTS_TABLES,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -189,14 +205,60 @@ class PostgresAuditStore:
         except (psycopg.Error, PoolTimeout) as error:
             raise AuditError(f"The {what} could not be written: {error}") from error
 
-    def record(self, records: list[AuditRecord]) -> None:
-        sql = f"INSERT INTO predictions ({_columns(AUDIT_FIELDS)}) VALUES ({_marks(len(AUDIT_FIELDS))})"
-        self._write("audit log", sql, [audit_row(record) for record in records])
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[psycopg.Cursor[Any]]:
+        """One transaction on a pooled connection (committed when the block ends), else AuditError."""
+        try:
+            with self._pool.connection() as connection, connection.cursor() as cursor:
+                yield cursor
+        except (psycopg.Error, PoolTimeout) as error:
+            raise AuditError(f"The {what} could not be written: {error}") from error
 
-    def add_feedback(self, feedback: FeedbackRecord) -> None:
+    def record(self, records: list[AuditRecord], alerts: Sequence[Alert] = ()) -> None:
+        sql = f"INSERT INTO predictions ({_columns(AUDIT_FIELDS)}) VALUES ({_marks(len(AUDIT_FIELDS))})"
+        with self._transaction("audit log") as cursor:
+            cursor.executemany(sql, [audit_row(record) for record in records])
+            if alerts:
+                cursor.executemany(insert_alert_sql("%s"), [alert_row(alert) for alert in alerts])
+
+    def add_feedback(self, feedback: FeedbackRecord, alerts: Sequence[Alert] = ()) -> None:
         values = asdict(feedback)
         sql = f"INSERT INTO feedback ({_columns(tuple(values))}) VALUES ({_marks(len(values))})"
-        self._write("feedback", sql, [tuple(values.values())])
+        with self._transaction("feedback") as cursor:
+            cursor.execute(sql, tuple(values.values()))
+            if alerts:
+                cursor.executemany(insert_alert_sql("%s"), [alert_row(alert) for alert in alerts])
+
+    # The outbox of signed alerts (api/alerts.py, api/alert_delivery.py) -----------------------------
+    def claim_alerts(self, now: float, lease_s: float, limit: int) -> list[Alert]:
+        with self._transaction("alert claim") as cursor:
+            cursor.execute(claim_alerts_sql("%s", skip_locked=True), (now + lease_s, now, now, limit))
+            claimed = [Alert(*row) for row in cursor.fetchall()]
+        return sorted(claimed, key=lambda alert: (alert.created, alert.alert_id))
+
+    def finish_attempt(self, delivery: AlertDelivery, status: str, next_attempt: float) -> None:
+        log_sql, update_sql = finish_attempt_sql("%s")
+        log_row, update_row = finish_arguments(delivery, status, next_attempt)
+        with self._transaction("alert delivery") as cursor:
+            cursor.execute(log_sql, log_row)
+            cursor.execute(update_sql, update_row)
+
+    def alerts(self, status: str | None = None, limit: int = 100) -> list[Alert]:
+        arguments = (status, limit) if status else (limit,)
+        return [Alert(*row) for row in self._read(list_alerts_sql("%s", status), arguments)]
+
+    def alert(self, alert_id: str) -> Alert | None:
+        rows = self._read(get_alert_sql("%s"), (alert_id,))
+        return Alert(*rows[0]) if rows else None
+
+    def alert_deliveries(self, alert_id: str) -> list[AlertDelivery]:
+        return [AlertDelivery(*row) for row in self._read(alert_deliveries_sql("%s"), (alert_id,))]
+
+    def retry_alerts(self, alert_ids: Sequence[str] | None, now: float) -> int:
+        sql = retry_alerts_sql("%s", None if alert_ids is None else len(alert_ids))
+        with self._transaction("alert retry") as cursor:
+            cursor.execute(sql, (now, *(alert_ids or ())))
+            return cursor.rowcount
 
     def record_reference_event(self, event: ReferenceEvent) -> None:
         values = asdict(event)
@@ -211,7 +273,7 @@ class PostgresAuditStore:
     def import_rows(self, table: str, names: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
         """Rows copied from another store as they are (ids included); rows already here are kept
         (`verity audit migrate` may run again). Identity counters move past the copied ids."""
-        key = "request_id" if table in ("predictions", "shadow_scores") else "id"
+        key = TABLES[table][1]
         sql = (
             f"INSERT INTO {table} ({_columns(names)}) VALUES ({_marks(len(names))}) "
             f"ON CONFLICT ({key}) DO NOTHING"

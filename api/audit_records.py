@@ -7,7 +7,7 @@ The stores: `api.audit.SQLiteAuditStore` (the embedded default) and `api.audit_p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -112,11 +112,47 @@ class FeedbackRecord:
     role: str | None = None
 
 
+@dataclass(frozen=True)
+class Alert:
+    """One signed webhook waiting in the outbox or sent (api/alerts.py): written in the same transaction
+    as the confirmation (or the verdict) it reports, so a restart never loses one. `alert_id` is the
+    receiver's key for deduplication: the same event for the same endpoint always has the same id.
+    Times the dispatcher compares (`next_attempt`, `claimed_until`) are Unix seconds."""
+
+    alert_id: str
+    created: str  # ISO 8601 UTC
+    event: str  # api.alerts.EVENTS: seizure.confirmed or alarm
+    endpoint: str  # the endpoint's name (a right holder's, or the agency's)
+    request_id: str  # the verdict it reports
+    payload: str  # the JSON body, fixed at creation: every attempt sends the same bytes
+    status: str = "pending"  # pending, delivered or failed (given up; `verity alerts retry` revives it)
+    attempts: int = 0
+    next_attempt: float = 0.0
+    claimed_until: float | None = None  # a dispatcher is sending it; another takes it after this
+    delivered: str | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class AlertDelivery:
+    """One attempt to deliver an alert: the delivery log."""
+
+    alert_id: str
+    attempted: str  # ISO 8601 UTC
+    attempt: int
+    status_code: int | None  # the receiver's HTTP status; None when it could not be reached
+    error: str | None
+    duration_ms: float
+
+
 AUDIT_FIELDS = tuple(f.name for f in fields(AuditRecord))
 FEEDBACK_FIELDS = tuple(f.name for f in fields(FeedbackRecord))
 REFERENCE_EVENT_FIELDS = tuple(f.name for f in fields(ReferenceEvent))
 MODEL_EVENT_FIELDS = tuple(f.name for f in fields(ModelEvent))
 SHADOW_FIELDS = tuple(f.name for f in fields(ShadowRecord))
+ALERT_FIELDS = tuple(f.name for f in fields(Alert))
+ALERT_DELIVERY_FIELDS = tuple(f.name for f in fields(AlertDelivery))
+ALERT_STATUSES = ("pending", "delivered", "failed")
 
 
 @dataclass(frozen=True)
@@ -140,12 +176,34 @@ class HistoryQuery:
 
 
 class AuditStore(Protocol):
-    def record(self, records: list[AuditRecord]) -> None:
-        """Writes the records durably (all or none) before returning, or raises AuditError."""
+    def record(self, records: list[AuditRecord], alerts: Sequence[Alert] = ()) -> None:
+        """Writes the records and the alerts they raise durably (all or none) before returning, or raises
+        AuditError. An alert whose id the outbox already holds is kept as it was."""
 
     def get(self, request_id: str) -> AuditRecord | None: ...
 
-    def add_feedback(self, feedback: FeedbackRecord) -> None: ...
+    def add_feedback(self, feedback: FeedbackRecord, alerts: Sequence[Alert] = ()) -> None:
+        """Writes the confirmation and the alerts it raises in one transaction, or raises AuditError."""
+
+    def claim_alerts(self, now: float, lease_s: float, limit: int) -> list[Alert]:
+        """Up to `limit` pending alerts due at `now` and not claimed by another dispatcher, claimed for
+        `lease_s` seconds (a dispatcher that dies lets them go when the lease ends), oldest first."""
+
+    def finish_attempt(self, delivery: AlertDelivery, status: str, next_attempt: float) -> None:
+        """Logs one attempt and sets the alert's status (delivered, pending again at `next_attempt`, or
+        failed), releasing its claim."""
+
+    def alerts(self, status: str | None = None, limit: int = 100) -> list[Alert]:
+        """The newest alerts first (of one status when named)."""
+
+    def alert(self, alert_id: str) -> Alert | None: ...
+
+    def alert_deliveries(self, alert_id: str) -> list[AlertDelivery]:
+        """One alert's attempts, oldest first."""
+
+    def retry_alerts(self, alert_ids: Sequence[str] | None, now: float) -> int:
+        """Makes failed alerts (or the named ones not yet delivered) pending and due at `now`, with their
+        attempts counted afresh; how many changed."""
 
     def since(self, since: str | None) -> Iterator[AuditRecord]:
         """Records created at or after `since` (ISO 8601), oldest first."""

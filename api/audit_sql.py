@@ -9,10 +9,14 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from verity.api.audit_records import (
+    ALERT_DELIVERY_FIELDS,
+    ALERT_FIELDS,
     AUDIT_FIELDS,
     FEEDBACK_FIELDS,
     MODEL_EVENT_FIELDS,
     SHADOW_FIELDS,
+    Alert,
+    AlertDelivery,
     AuditRecord,
     FeedbackRecord,
     HistoryQuery,
@@ -140,3 +144,94 @@ def adopt_alias_sql(mark: str) -> str:
 
 def adopt_alias_arguments(event: ModelEvent) -> tuple[Any, ...]:
     return (*asdict(event).values(), event.model_name, event.alias)
+
+
+# ------------------------------------------------------------------------------------------ the outbox
+ALERTS_TABLES = """
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id TEXT PRIMARY KEY, created TEXT NOT NULL, event TEXT NOT NULL, endpoint TEXT NOT NULL,
+    request_id TEXT NOT NULL REFERENCES predictions (request_id), payload TEXT NOT NULL,
+    status TEXT NOT NULL, attempts INTEGER NOT NULL, next_attempt DOUBLE PRECISION NOT NULL,
+    claimed_until DOUBLE PRECISION, delivered TEXT, last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS alerts_due ON alerts (status, next_attempt);
+CREATE INDEX IF NOT EXISTS alerts_created ON alerts (created);
+CREATE TABLE IF NOT EXISTS alert_deliveries (
+    alert_id TEXT NOT NULL REFERENCES alerts (alert_id), attempted TEXT NOT NULL, attempt INTEGER NOT NULL,
+    status_code INTEGER, error TEXT, duration_ms DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (alert_id, attempted, attempt)
+);
+"""
+
+
+def insert_alert_sql(mark: str) -> str:
+    """An alert into the outbox; one already there (the same event for the same endpoint) is kept."""
+    return (
+        f"INSERT INTO alerts ({', '.join(ALERT_FIELDS)}) VALUES ({', '.join(mark for _ in ALERT_FIELDS)}) "
+        "ON CONFLICT (alert_id) DO NOTHING"
+    )
+
+
+def claim_alerts_sql(mark: str, skip_locked: bool) -> str:
+    """Claims the due, unclaimed pending alerts for a lease and returns them. PostgreSQL locks the
+    chosen rows and skips those another dispatcher has locked; SQLite's writer lock serialises claims."""
+    lock = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
+    return (
+        f"UPDATE alerts SET claimed_until = {mark} WHERE alert_id IN ("
+        f"SELECT alert_id FROM alerts WHERE status = 'pending' AND next_attempt <= {mark} "
+        f"AND (claimed_until IS NULL OR claimed_until < {mark}) ORDER BY created LIMIT {mark}{lock}) "
+        f"RETURNING {', '.join(ALERT_FIELDS)}"
+    )
+
+
+def finish_attempt_sql(mark: str) -> tuple[str, str]:
+    """The delivery log's row, and the alert's new state after the attempt."""
+    log = (
+        f"INSERT INTO alert_deliveries ({', '.join(ALERT_DELIVERY_FIELDS)}) "
+        f"VALUES ({', '.join(mark for _ in ALERT_DELIVERY_FIELDS)})"
+    )
+    update = (
+        f"UPDATE alerts SET status = {mark}, attempts = attempts + 1, next_attempt = {mark}, "
+        f"claimed_until = NULL, delivered = {mark}, last_error = {mark} WHERE alert_id = {mark}"
+    )
+    return log, update
+
+
+def finish_arguments(
+    delivery: AlertDelivery, status: str, next_attempt: float
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    error = None if status == "delivered" else delivery.error or f"HTTP {delivery.status_code}"
+    delivered = delivery.attempted if status == "delivered" else None
+    return (
+        tuple(asdict(delivery).values()),
+        (status, next_attempt, delivered, error, delivery.alert_id),
+    )
+
+
+def retry_alerts_sql(mark: str, count: int | None) -> str:
+    """Failed alerts (count None), or the named ones whatever their state, made pending and due."""
+    which = "status = 'failed'" if count is None else f"alert_id IN ({', '.join([mark] * count)})"
+    return (
+        f"UPDATE alerts SET status = 'pending', attempts = 0, next_attempt = {mark}, claimed_until = NULL "
+        f"WHERE {which}"
+    )
+
+
+def get_alert_sql(mark: str) -> str:
+    return f"SELECT {', '.join(ALERT_FIELDS)} FROM alerts WHERE alert_id = {mark}"
+
+
+def list_alerts_sql(mark: str, status: str | None) -> str:
+    where = f" WHERE status = {mark}" if status else ""
+    return f"SELECT {', '.join(ALERT_FIELDS)} FROM alerts{where} ORDER BY created DESC, alert_id LIMIT {mark}"
+
+
+def alert_deliveries_sql(mark: str) -> str:
+    return (
+        f"SELECT {', '.join(ALERT_DELIVERY_FIELDS)} FROM alert_deliveries WHERE alert_id = {mark} "
+        "ORDER BY attempted, attempt"
+    )
+
+
+def alert_row(alert: Alert) -> tuple[Any, ...]:
+    return tuple(asdict(alert).values())

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from verity.api.alert_delivery import Outbox
 from verity.api.audit import AuditStore, ImageStore
 from verity.api.auth import ANONYMOUS, RIGHTHOLDER, KeyStore
 from verity.api.errors import ApiError
@@ -51,6 +52,11 @@ async def get_references(request: Request) -> ReferenceStore:
     return request.app.state.references
 
 
+async def get_outbox(request: Request) -> Outbox:
+    """The alerts a confirmation or a verdict raises, and the dispatcher that sends them."""
+    return Outbox(request.app.state.alert_planner, request.app.state.alert_dispatcher)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 AuditDep = Annotated[AuditStore, Depends(get_audit)]
@@ -58,6 +64,7 @@ ImageStoreDep = Annotated[ImageStore | None, Depends(get_image_store)]
 KeysDep = Annotated[KeyStore, Depends(get_keys)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ReferencesDep = Annotated[ReferenceStore, Depends(get_references)]
+OutboxDep = Annotated[Outbox, Depends(get_outbox)]
 
 _api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="A station key from `verity keys add`."

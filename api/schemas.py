@@ -289,6 +289,12 @@ class FeedbackOut(BaseModel):
         "(`verity audit confirmed`); the server keeps images only with VERITY_STORE_IMAGES=1."
     )
     note: str | None = Field(None, description="What the operator must know, e.g. why the image is not kept.")
+    alerts: int = Field(
+        0,
+        description="Signed seizure alerts this confirmation raised (to the product's right holders and "
+        "the agency), committed with it and sent in the background. Confirming a seizure again raises "
+        "the same alerts (the same ids), which are queued and sent once.",
+    )
 
 
 class HistoryFeedback(BaseModel):

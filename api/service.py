@@ -19,12 +19,14 @@ from anyio import from_thread
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from verity.api.alert_delivery import Outbox
 from verity.api.audit import AuditError, AuditRecord, AuditStore, ImageStore
 from verity.api.auth import ANONYMOUS
 from verity.api.deps import (
     AuditDep,
     ImageStoreDep,
     MetricsDep,
+    OutboxDep,
     Principal,
     PrincipalDep,
     ReferencesDep,
@@ -116,7 +118,9 @@ class PredictionService:
         caller: str,
         references: ReferenceStore,
         shadow: ShadowScorer | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
+        self.outbox = outbox  # alarms to the endpoints that asked for every one (api/alerts.py)
         self.shadow = shadow  # a candidate model scoring the answered images into the audit (api/shadow.py)
         self.references = references
         self.limits = limits
@@ -219,7 +223,7 @@ class PredictionService:
 
         def check(output: Prediction) -> ReferenceCheck:
             assert output.embedding is not None  # the pipeline asks only for an output with one
-            return store.check(engine, product, output.embedding, output.patches)
+            return store.check(engine, product, output.embedding, output.patches, output.patch_grid)
 
         return check
 
@@ -352,8 +356,9 @@ class PredictionService:
         """Writes before the answer; no record, no verdict."""
         if not records:
             return
+        alerts = self.outbox.planner.for_verdicts(records) if self.outbox is not None else []
         try:
-            await run_in_threadpool(self.audit.record, records)
+            await run_in_threadpool(self.audit.record, records, alerts)
         except AuditError as error:
             self.metrics.audit_failures.inc()
             log.error("audit write failed", extra={"error": str(error)})
@@ -362,6 +367,8 @@ class PredictionService:
                 "The audit log cannot be written, so no verdict can be given; retry shortly.",
                 self.settings.retry_after_s,
             ) from error
+        if self.outbox is not None:
+            self.outbox.written(alerts)
         for record in records:
             self.metrics.predictions.labels(record.modality, record.verdict, record.model_version).inc()
 
@@ -435,6 +442,7 @@ async def get_service(
     metrics: MetricsDep,
     principal: PrincipalDep,
     references: ReferencesDep,
+    outbox: OutboxDep,
 ) -> PredictionService:
     """The service for one prediction request, which is charged to its caller's rate here (429 when spent)."""
     limits: KeyLimits = request.app.state.limits
@@ -442,7 +450,7 @@ async def get_service(
     await limits.admit(caller)
     shadow = request.app.state.shadow  # None without VERITY_SHADOW
     return PredictionService(
-        settings, registry, audit, image_store, metrics, limits, caller, references, shadow
+        settings, registry, audit, image_store, metrics, limits, caller, references, shadow, outbox
     )
 
 

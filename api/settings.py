@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from verity.api.alert_delivery import DeliveryOptions
 from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.dicos_report import DEFAULT_UID_ROOT, UID_ROOT_MAX, UID_ROOT_PATTERN
 from verity.inference.references.store import DEFAULT_REFERENCES_DIR
@@ -171,6 +172,15 @@ class Settings(BaseSettings):
     # Whether a right holder's key sees which station and case a seizure of its product came from (and
     # the officers' notes): an agency's decision, off unless it says so.
     rightholder_sees_stations: bool = False
+    # Seizure alerts (api/alerts.py): each right holder's and the agency's webhook with its signing secret
+    # (`verity alerts endpoint add`). Each attempt waits at most alert_timeout_s for the receiver; a failed
+    # one is retried after a delay doubling from alert_retry_base_s up to alert_retry_max_s, until the
+    # alert is alert_give_up_after_s old (then failed: `verity alerts retry` sends it again).
+    alert_endpoints_file: Path = Path("var/alert_endpoints.json")
+    alert_timeout_s: float = Field(5.0, gt=0.0, le=60.0)
+    alert_retry_base_s: float = Field(2.0, gt=0.0, le=3600.0)
+    alert_retry_max_s: float = Field(300.0, gt=0.0, le=86_400.0)
+    alert_give_up_after_s: float = Field(86_400.0, gt=0.0, le=30 * 86_400.0)
     # The root (an ISO OID ending in ".") of the UIDs a DICOS threat report gets, and of those naming a
     # scan that came as PNG, TIFF or JPEG (a DICOM scan keeps its own): the organisation's, or pydicom's.
     uid_root: str = Field(DEFAULT_UID_ROOT, pattern=UID_ROOT_PATTERN, max_length=UID_ROOT_MAX)
@@ -250,6 +260,15 @@ class Settings(BaseSettings):
             max_decoded_bytes=self.max_decoded_bytes,
             max_jpeg_scans=self.max_jpeg_scans,
             max_image_segments=self.max_image_segments,
+        )
+
+    @property
+    def alert_delivery(self) -> DeliveryOptions:
+        return DeliveryOptions(
+            timeout_s=self.alert_timeout_s,
+            retry_base_s=self.alert_retry_base_s,
+            retry_max_s=self.alert_retry_max_s,
+            give_up_after_s=self.alert_give_up_after_s,
         )
 
     @property

@@ -16,6 +16,7 @@ import numpy as np
 # A label's index is the class index of the model's logits and a row's target; the score is the
 # calibrated probability of LABELS[1].
 LABELS = ("genuine", "counterfeit")
+COUNTERFEIT = LABELS[1]  # the label (and the verdict) that raises an alarm and a seizure alert
 # What an officer may confirm about a verdict (POST /v1/feedback): a label, or "unsure" (cannot tell),
 # which is recorded and shown but never becomes training data (api.feedback.export_confirmed).
 FEEDBACK_LABELS = (*LABELS, "unsure")

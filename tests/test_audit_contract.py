@@ -4,6 +4,7 @@ and what only a shared database needs: URLs that cannot be opened, schema versio
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import replace
@@ -26,7 +27,7 @@ from verity.api.audit import (
     ShadowRecord,
     open_audit_store,
 )
-from verity.api.audit_records import current_aliases
+from verity.api.audit_records import Alert, AlertDelivery, current_aliases
 from verity.api.settings import Settings
 from verity.cli import main as verity_main
 
@@ -126,6 +127,59 @@ def test_feedback_and_confirmed_cases(store: Any) -> None:
     assert [(case.request_id, rows) for case, rows in cases] == [("r-1", [first, second])]
     with pytest.raises(AuditError):
         store.add_feedback(replace(first, request_id="r-never-audited"))
+
+
+def alert(alert_id: str, request_id: str, created: str, endpoint: str = "acme") -> Alert:
+    return Alert(alert_id, created, "seizure.confirmed", endpoint, request_id, json.dumps({"id": alert_id}))
+
+
+@pytest.mark.parametrize("database", STORES, indirect=True)
+def test_alerts_are_written_with_their_confirmation_or_not_at_all(store: Any) -> None:
+    stamps = times(3)
+    store.record([record("r-1", created=stamps[0])], [alert("a-alarm", "r-1", stamps[0], "agency")])
+    confirmation = FeedbackRecord("r-1", stamps[1], "counterfeit", role="station")
+    raised = [alert("a-1", "r-1", stamps[1]), alert("a-2", "r-1", stamps[1], "agency")]
+    store.add_feedback(confirmation, raised)
+    store.add_feedback(confirmation, [alert("a-1", "r-1", stamps[2])])  # the same alert again: kept once
+    with pytest.raises(AuditError):  # the confirmation fails, so its alert is not written either
+        store.add_feedback(replace(confirmation, request_id="r-never"), [alert("a-3", "r-1", stamps[2])])
+    with pytest.raises(AuditError):  # a verdict batch that fails takes its alerts with it
+        store.record([record("r-1")], [alert("a-4", "r-1", stamps[2])])
+    assert sorted(a.alert_id for a in store.alerts()) == ["a-1", "a-2", "a-alarm"]
+    assert store.alert("a-1").created == stamps[1] and store.alert("a-3") is None
+    assert [a.alert_id for a in store.alerts("pending", limit=2)] == ["a-1", "a-2"]  # newest first
+
+
+@pytest.mark.parametrize("database", STORES, indirect=True)
+def test_a_claimed_alert_goes_to_one_dispatcher_until_its_lease_ends(store: Any, database: str) -> None:
+    stamps = times(4)
+    store.record([record("r-1", created=stamps[0])])
+    store.add_feedback(FeedbackRecord("r-1", stamps[0], "counterfeit"),
+                       [alert(f"a-{i}", "r-1", stamps[i]) for i in range(4)])  # fmt: skip
+    other = open_audit_store(Settings(audit_db=database))  # a second worker's connection
+    try:
+        mine = store.claim_alerts(100.0, 30.0, 3)
+        theirs = other.claim_alerts(100.0, 30.0, 3)
+        assert [a.alert_id for a in mine] == ["a-0", "a-1", "a-2"] and [a.alert_id for a in theirs] == ["a-3"]
+        assert other.claim_alerts(129.0, 30.0, 10) == []  # every lease still runs
+        delivery = AlertDelivery("a-0", stamps[1], 1, 200, None, 12.5)
+        store.finish_attempt(delivery, "delivered", 101.0)
+        store.finish_attempt(AlertDelivery("a-1", stamps[1], 1, 503, None, 3.0), "pending", 200.0)
+        assert [a.alert_id for a in other.claim_alerts(131.0, 30.0, 10)] == ["a-2", "a-3"]  # lapsed leases
+        for alert_id in ("a-2", "a-3"):
+            other.finish_attempt(AlertDelivery(alert_id, stamps[1], 1, 204, None, 1.0), "delivered", 132.0)
+        assert [a.alert_id for a in other.claim_alerts(201.0, 30.0, 10)] == ["a-1"]  # due again
+        done, retried = store.alert("a-0"), store.alert("a-1")
+        assert (done.status, done.attempts, done.delivered) == ("delivered", 1, stamps[1])
+        assert done.claimed_until is None
+        assert (retried.status, retried.attempts, retried.last_error) == ("pending", 1, "HTTP 503")
+        assert store.alert_deliveries("a-0") == [delivery]
+        store.finish_attempt(AlertDelivery("a-1", stamps[2], 2, None, "refused", 1.0), "failed", 300.0)
+        assert store.retry_alerts(None, 400.0) == 1 and store.alert("a-1").attempts == 0
+        assert store.retry_alerts(["a-0", "a-none"], 400.0) == 1  # a named one is sent again, even delivered
+        assert {a.alert_id for a in store.claim_alerts(400.0, 30.0, 10)} == {"a-0", "a-1"}
+    finally:
+        other.close()
 
 
 @pytest.mark.parametrize("database", STORES, indirect=True)
@@ -292,7 +346,9 @@ def test_migrate_copies_everything_and_proves_it(
     source.record([record(f"r-{i:02d}", created=stamps[i], score=i / 29,
                           recognised=bool(i % 2) if i > 3 else None,
                           reasons="classifier" if i % 3 == 0 else None) for i in range(30)])  # fmt: skip
-    source.add_feedback(FeedbackRecord("r-03", stamps[5], "counterfeit", notes="fake seal"))
+    source.add_feedback(FeedbackRecord("r-03", stamps[5], "counterfeit", notes="fake seal"),
+                        [alert("a-1", "r-03", stamps[5])])  # fmt: skip
+    source.finish_attempt(AlertDelivery("a-1", stamps[6], 1, 200, None, 4.0), "delivered", 1.0)
     event = ReferenceEvent(stamps[6], "add", "photo-a", "velmor-tea", "cd" * 32, "ref-1")
     source.record_reference_event(event)
     promoted = ModelEvent(stamps[7], "promote", "photo-a", "production", "2", "1", "cli:ops", "retrained")
@@ -303,6 +359,7 @@ def test_migrate_copies_everything_and_proves_it(
     printed = capsys.readouterr().out
     assert "predictions: 30 rows" in printed and "feedback: 1 rows" in printed
     assert "model_events: 1 rows" in printed
+    assert "alerts: 1 rows" in printed and "alert_deliveries: 1 rows" in printed
     assert verity_main(["audit", "migrate", "--from", str(source_path), "--to", url]) == 0  # again: same
     target = open_audit_store(Settings(audit_db=url))
     try:

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "shadow": ("verity.api.lifecycle_cli", "shadow_main", "the shadow model's answers beside production"),
     "audit": ("verity.api.cli", "audit_main", "export the audit log"),
     "refs": ("verity.api.refs_cli", "refs_main", "enrol, list and remove genuine product references"),
+    "alerts": ("verity.api.alerts_cli", "alerts_main", "seizure alerts: endpoints, outbox, retries"),
 }
 
 

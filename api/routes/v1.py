@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import FeedbackRecord
 from verity.api.auth import ANONYMOUS
-from verity.api.deps import AdminDep, AuditDep, MetricsDep, PrincipalDep, RegistryDep, SettingsDep
+from verity.api.deps import AdminDep, AuditDep, MetricsDep, OutboxDep, PrincipalDep, RegistryDep, SettingsDep
 from verity.api.errors import (
     ApiError,
     current_request_id,
@@ -331,7 +331,12 @@ async def reload_models(request: Request, registry: RegistryDep, admin: AdminDep
     ),
 )
 async def feedback(
-    request: Request, body: FeedbackIn, audit: AuditDep, principal: PrincipalDep, settings: SettingsDep
+    request: Request,
+    body: FeedbackIn,
+    audit: AuditDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    outbox: OutboxDep,
 ) -> dict[str, Any]:
     """Only the station that received the verdict, or an admin, may confirm it; an anonymous caller only
     the verdicts recorded without a station (api.feedback.may_confirm). An anonymous caller refused on a
@@ -370,8 +375,9 @@ async def feedback(
         key_id=principal.key_id,
         role=principal.role,
     )
+    alerts = outbox.planner.for_confirmation(record, entry)  # written with the confirmation, or neither
     try:
-        await run_in_threadpool(audit.add_feedback, entry)
+        await run_in_threadpool(audit.add_feedback, entry, alerts)
     except RuntimeError as error:  # the cause (which may name the database file) is for the log only
         log.error("feedback write failed", extra={"error": str(error)})
         raise service_unavailable(
@@ -379,13 +385,14 @@ async def feedback(
             "The audit log cannot be written, so the feedback was not recorded; retry shortly.",
             settings.retry_after_s,
         ) from error
+    outbox.written(alerts)
     kept = record.image_path is not None
     note = None if kept else (
         "The feedback is recorded, but the verdict's image was not stored (VERITY_STORE_IMAGES is off), so "
         "this case cannot become training data."
     )  # fmt: skip
     return {"request_id": body.request_id, "confirmed_label": body.confirmed_label, "recorded": True,
-            "image_kept": kept, "note": note}  # fmt: skip
+            "image_kept": kept, "note": note, "alerts": len(alerts)}  # fmt: skip
 
 
 @router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness: the process answers")
