@@ -173,7 +173,7 @@ def product_check_for(engine: OnnxEngine, product: str | None, root: str) -> Pro
 
     def check(output: Prediction) -> ReferenceCheck:
         assert output.embedding is not None  # the pipeline asks only for an output with one
-        return store.check(engine, product, output.embedding, output.patches)
+        return store.check(engine, product, output.embedding, output.patches, output.patch_grid)
 
     return check
 

@@ -61,6 +61,9 @@ class Prediction:
     # L x C unit rows: the `patches` output (local features) the product reference check compares, or
     # None for a model without it.
     patches: np.ndarray | None = None
+    # Rows and columns of the map `patches` was read from (row-major), so a location can be drawn where it
+    # lies in the input; None when the rows are not one map of the input (a scan's tiles, concatenated).
+    patch_grid: tuple[int, int] | None = None
 
 
 class Engine(Protocol):
@@ -345,6 +348,9 @@ def predictions(outputs: dict[str, np.ndarray], temperature: float, with_cam: bo
     # Renormalised here: an INT8 graph's quantized norm leaves rows up to about 1% off unit length.
     embeddings = unit_rows(outputs["embedding"]) if "embedding" in outputs else None
     patch_maps = outputs.get("patches")
+    grid = None
+    if patch_maps is not None and patch_maps.ndim == 4:  # N x C x rows x columns
+        grid = (int(patch_maps.shape[2]), int(patch_maps.shape[3]))
     return [
         Prediction(
             score=float(score),
@@ -352,6 +358,7 @@ def predictions(outputs: dict[str, np.ndarray], temperature: float, with_cam: bo
             cam=(cams[i, 1] - cams[i, 0]) if cams is not None else None,
             embedding=embeddings[i] if embeddings is not None else None,
             patches=unit_patches(patch_maps[i]) if patch_maps is not None else None,
+            patch_grid=grid,
         )
         for i, (score, row) in enumerate(zip(scores, logits, strict=True))
     ]

@@ -340,7 +340,8 @@ def score_scan(
 
 def _scan_output(score: float, tile_predictions: list[Prediction]) -> Prediction:
     """The scan as one model output: its aggregate score, the logits equivalent to it, the mean of its
-    tiles' embeddings and all their local features (None when the model gives none)."""
+    tiles' embeddings and all their local features (None when the model gives none). Its patches have
+    no `patch_grid`: they are the tiles' maps one after another, not one map of the view."""
     embeddings = [p.embedding for p in tile_predictions if p.embedding is not None]
     embedding = scan_embedding(np.stack(embeddings)) if len(embeddings) == len(tile_predictions) else None
     patches = [p.patches for p in tile_predictions if p.patches is not None]

@@ -3,7 +3,8 @@
 The view is the image as the model saw it (`heatmap.view_rgb`: the model input; `heatmap.scan_view_rgb`:
 a tiled scan at its evidence map's size), display-windowed for X-ray so a dim 16-bit scan is not shown
 black. The heatmap is the evidence (a CAM, or a scan's tile evidence) over that view, at its size, so a
-client can lay one over the other.
+client can lay one over the other. The difference map of a product check
+(`ReferenceCheck.difference_map`) is drawn the same way, on the same view, as a second overlay.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ import numpy as np
 from verity.inference.heatmap import heatmap_over, png_bytes, scan_view_rgb, view_rgb
 from verity.inference.pipeline import Scored
 from verity.inference.spec import PreprocessSpec
+
+# The difference overlay's colour starts at the genuine limit (1: what genuine images' locations stay
+# within) and is full at twice it, so a genuine image stays almost uncoloured and an officer reads colour
+# as "further from the genuine references than genuine items go", the same on every image.
+DIFFERENCE_FULL = 2.0
 
 
 def view_of(scored: Scored, spec: PreprocessSpec) -> np.ndarray | None:
@@ -38,3 +44,15 @@ def render_images(
     evidence = scored.evidence
     heatmap_png = heatmap_over(evidence, shown) if heatmap and evidence is not None else None
     return heatmap_png, png_bytes(shown) if view else None
+
+
+def render_difference(scored: Scored, spec: PreprocessSpec) -> bytes | None:
+    """PNG of the product check's difference map over the view, at the heatmap's size; None without a
+    map (no product, a model without local features, a scan scored in tiles) or a view."""
+    difference = scored.reference.difference_map() if scored.reference is not None else None
+    if difference is None:
+        return None
+    shown = view_of(scored, spec)
+    if shown is None:
+        return None
+    return heatmap_over(difference - 1.0, shown, scale=DIFFERENCE_FULL - 1.0)

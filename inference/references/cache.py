@@ -33,6 +33,7 @@ class Index:
     generation: int = -1
     vectors: dict[str, np.ndarray] = field(default_factory=dict)  # sha -> embedding (kept across rebuilds)
     products: dict[str, np.ndarray] = field(default_factory=dict)  # product -> M x D unit rows
+    members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # product -> reference ids, row order
     calibrations: dict[str, Calibration] = field(default_factory=dict)
     patches: dict[str, np.ndarray] = field(default_factory=dict)  # sha -> L x C local features
     signatures: dict[str, PatchCalibration] = field(default_factory=dict)  # product -> patch check

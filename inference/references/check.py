@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -27,13 +27,14 @@ from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.engine import Engine
 from verity.inference.pipeline import ScoringOptions, engine_predict, model_output, prepare
 from verity.inference.references.errors import NoEmbedding
-from verity.inference.references.patch_check import PatchCalibration
+from verity.inference.references.patch_check import PatchCalibration, PatchComparison
 from verity.inference.stamps import file_stamp
 from verity.inference.tiling import TilingOptions
 
 MIN_REFERENCES = 5  # fewer: the leave-one-out spread is not worth a threshold, so the check abstains
 DEFAULT_FALSE_ALARM_RATE = 0.01
 MIN_SPREAD = 1e-6
+CLOSEST = 3  # genuine references shown beside a suspect: enough to compare, few enough to see at once
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,10 +216,23 @@ def nearest_distance(references: np.ndarray, embedding: np.ndarray) -> float:
 
 
 @dataclass(frozen=True)
+class Closest:
+    """One genuine reference near the query, by embedding: its id and cosine distance."""
+
+    reference_id: str
+    distance: float
+
+
+@dataclass(frozen=True)
 class ReferenceCheck:
     """The reference check of one image against its named product. `distance` is the patch signature
     score (`patch_check`) when the model has local features, else the embedding's cosine
-    distance to the nearest reference; `threshold` and `spread` are on the same scale."""
+    distance to the nearest reference; `threshold` and `spread` are on the same scale.
+
+    What an officer compares with: `closest`, the product's CLOSEST references nearest the query by
+    embedding, nearest first; and `comparison`, from which `difference_map()` says where the query
+    differs from all of them (None for a model without local features, a scan scored in tiles, or a
+    product whose check abstains)."""
 
     product: str
     status: str  # vocabulary.REFERENCE_STATUSES: match, mismatch, abstained
@@ -228,6 +242,8 @@ class ReferenceCheck:
     references: int
     min_references: int
     false_alarm_rate: float
+    closest: tuple[Closest, ...] = ()
+    comparison: PatchComparison | None = field(default=None, compare=False, repr=False)
 
     @property
     def margin(self) -> float | None:
@@ -236,8 +252,42 @@ class ReferenceCheck:
             return None
         return (self.distance - self.threshold) / self.spread
 
+    def difference_map(self) -> np.ndarray | None:
+        """rows x columns of the model's local feature map: how far each location of the image lies from
+        the product's genuine references, in genuine limits (`patch_check.difference_map`: above 1,
+        further than genuine images go); None where there is no comparison. Computed at each call."""
+        return None if self.comparison is None else self.comparison.difference()
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "margin": self.margin}
+        """For JSON (`verity predict --json`): the map stays out (an image's worth of numbers), its
+        largest value stays in."""
+        kept = [f.name for f in fields(self) if f.name not in ("closest", "comparison")]
+        plain = {name: getattr(self, name) for name in kept}
+        difference = self.difference_map()
+        largest = None if difference is None else float(difference.max())
+        closest = [asdict(near) for near in self.closest]
+        return {**plain, "closest": closest, "margin": self.margin, "difference_max": largest}
+
+
+@dataclass(frozen=True)
+class ProductEntry:
+    """One product in an engine's index: what a query is checked and compared against."""
+
+    rows: np.ndarray  # M x D unit embeddings of the references, in `reference_ids` order
+    reference_ids: tuple[str, ...]
+    calibration: Calibration
+    signature: PatchCalibration | None  # the patch check, when every reference has local features
+
+
+def closest_references(
+    entry: ProductEntry, embedding: np.ndarray, count: int = CLOSEST
+) -> tuple[Closest, ...]:
+    """The `count` references nearest the query by embedding cosine distance, nearest first (ties in
+    enrolment order, so the answer is the same every time)."""
+    query = unit_rows(np.asarray(embedding, dtype=np.float32).reshape(1, -1))[0]
+    distances = np.clip(1.0 - entry.rows @ query, 0.0, 2.0)
+    order = np.argsort(distances, kind="stable")[:count]
+    return tuple(Closest(entry.reference_ids[i], float(distances[i])) for i in order)
 
 
 def judge(
@@ -273,18 +323,36 @@ def _checked(
 
 def answer_check(
     product: str,
-    references: np.ndarray,
-    calibration: Calibration,
-    signature: PatchCalibration | None,
+    entry: ProductEntry,
     embedding: np.ndarray,
     patches: np.ndarray | None,
+    grid: tuple[int, int] | None = None,
 ) -> ReferenceCheck:
     """The check of one image against a product's index entry: by its local features against the
-    patch signature when both exist, else by its embedding's nearest reference."""
+    patch signature when both exist, else by its embedding's nearest reference; with the closest
+    references, and the difference map when the patches are one `grid` map of the image."""
+    calibration, signature = entry.calibration, entry.signature
     if signature is None or patches is None:
-        return judge(product, references, calibration, embedding)
-    score = signature.signature.score(patches)
-    return _checked(product, calibration, score, signature.threshold, signature.spread)
+        checked = judge(product, entry.rows, calibration, embedding)
+    else:
+        score = signature.signature.score(patches)
+        checked = _checked(product, calibration, score, signature.threshold, signature.spread)
+    return replace(
+        checked,
+        closest=closest_references(entry, embedding),
+        comparison=comparison_or_none(signature, patches, grid),
+    )
+
+
+def comparison_or_none(
+    signature: PatchCalibration | None, patches: np.ndarray | None, grid: tuple[int, int] | None
+) -> PatchComparison | None:
+    """What the difference map is drawn from, or None where it cannot be: no calibrated patch check (no
+    local features, or too few references to know the genuine limit), or patches that are not one map
+    of the image (a scan's tiles: `grid` None, or a count that does not fill it)."""
+    if signature is None or patches is None or grid is None or len(patches) != grid[0] * grid[1]:
+        return None
+    return PatchComparison(signature.pool, patches, grid)
 
 
 def describe_calibration(

@@ -39,8 +39,8 @@ from verity.inference.references.cache import Index, load_cache, load_patch_cach
 from verity.inference.references.check import (
     DEFAULT_FALSE_ALARM_RATE,
     MIN_REFERENCES,
-    Calibration,
     EngineEmbedder,
+    ProductEntry,
     ReferenceCheck,
     answer_check,
     calibrate,
@@ -66,7 +66,7 @@ from verity.inference.references.events import (
     parse_events,
 )
 from verity.inference.references.names import validate_model_name, validate_product
-from verity.inference.references.patch_check import PatchCalibration, calibrate_patches
+from verity.inference.references.patch_check import calibrate_patches
 from verity.inference.stamps import file_stamp, utc_now
 from verity.inference.tiling import TilingOptions
 
@@ -341,7 +341,7 @@ class ReferenceStore:
             index.vectors = {**on_disk, **index.vectors}
             index.patches = {**load_patch_cache(cache), **index.patches}
             index.loaded, index.saved = True, len(on_disk) + len(index.patches)
-        index.products, index.calibrations, index.signatures = {}, {}, {}
+        index.products, index.members, index.calibrations, index.signatures = {}, {}, {}, {}
         for product, members in state.products().items():
             self._index_product(engine, model_name, index, product, members)
         index.generation = state.generation
@@ -365,22 +365,21 @@ class ReferenceStore:
             return
         rows = unit_rows(np.stack([v for _, v in usable]))
         index.products[product] = rows
+        index.members[product] = tuple(r.reference_id for r, _ in usable)
         calibration = calibrate(rows, self.false_alarm_rate, self.min_references)
         index.calibrations[product] = calibration
         patches = [index.patches.get(r.sha256) for r, _ in usable]
         if not calibration.abstains and all(p is not None for p in patches):
             index.signatures[product] = calibrate_patches(patches, self.false_alarm_rate)  # type: ignore[arg-type]
 
-    def _product_index(
-        self, engine: Engine, product: str
-    ) -> tuple[np.ndarray, Calibration, PatchCalibration | None]:
+    def _product_index(self, engine: Engine, product: str) -> ProductEntry:
         validate_product(product)
         model_name = engine.name
         with self._lock:
             index = self._index(engine, model_name)
             if product not in index.products:
                 raise UnknownProduct(product, sorted(index.products), model_name)
-            return index.products[product], index.calibrations[product], index.signatures.get(product)
+            return _entry(index, product)
 
     def ready(self, engine: Engine, product: str) -> bool:
         """Whether `check` would answer at once: the engine's index is current and holds the product
@@ -388,9 +387,7 @@ class ReferenceStore:
         with self._lock:
             return self._current_entry(engine, product) is not None
 
-    def _current_entry(
-        self, engine: Engine, product: str
-    ) -> tuple[np.ndarray, Calibration, PatchCalibration | None] | None:
+    def _current_entry(self, engine: Engine, product: str) -> ProductEntry | None:
         """The product's index entry when the engine's index is current (one stat of the events file),
         else None (caller holds the lock)."""
         model_name = engine.name
@@ -402,10 +399,15 @@ class ReferenceStore:
             return None
         if file_stamp(self._events_path(model_name)) != state.stamp:
             return None
-        return index.products[product], index.calibrations[product], index.signatures.get(product)
+        return _entry(index, product)
 
     def check_if_ready(
-        self, engine: Engine, product: str, embedding: np.ndarray, patches: np.ndarray | None = None
+        self,
+        engine: Engine,
+        product: str,
+        embedding: np.ndarray,
+        patches: np.ndarray | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> ReferenceCheck | None:
         """`check` when it answers at once (the index is current and holds the product), else None: the
         caller then runs `check` where seconds of embedding and calibration do no harm. One look at
@@ -413,19 +415,31 @@ class ReferenceStore:
         validate_product(product)
         with self._lock:
             entry = self._current_entry(engine, product)
-        return None if entry is None else answer_check(product, *entry, embedding, patches)
+        return None if entry is None else answer_check(product, entry, embedding, patches, grid)
 
     def check(
-        self, engine: Engine, product: str, embedding: np.ndarray, patches: np.ndarray | None = None
+        self,
+        engine: Engine,
+        product: str,
+        embedding: np.ndarray,
+        patches: np.ndarray | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> ReferenceCheck:
         """The reference check of one image (from `engine`) against `product`'s genuine references:
         by its local features against the product's patch signature when both exist, else by its
         embedding's nearest reference; `mismatch` beyond the product's LOO threshold, `abstained` with
         fewer than MIN_REFERENCES. UnknownProduct (with the known names) for a product without
-        references."""
-        return answer_check(product, *self._product_index(engine, product), embedding, patches)
+        references. With the closest references, and the difference map when `grid` says the patches
+        are one map of the image (`Prediction.patch_grid`; None: no map, as evaluation needs none)."""
+        return answer_check(product, self._product_index(engine, product), embedding, patches, grid)
 
     def calibration(self, engine: Engine, product: str) -> dict[str, Any]:
         """The product's calibration with this engine (threshold, spread, LOO summary), for listings."""
-        _, calibration, signature = self._product_index(engine, product)
-        return describe_calibration(product, calibration, signature)
+        entry = self._product_index(engine, product)
+        return describe_calibration(product, entry.calibration, entry.signature)
+
+
+def _entry(index: Index, product: str) -> ProductEntry:
+    """The product's entry in an index that holds it (caller holds the store's lock)."""
+    rows, calibration = index.products[product], index.calibrations[product]
+    return ProductEntry(rows, index.members[product], calibration, index.signatures.get(product))
