@@ -74,3 +74,26 @@ def test_flags_given_win_and_a_fine_tuned_spec_is_kept() -> None:
 def test_photos_keep_their_preset_and_channels() -> None:
     chosen, _ = choose(TrainConfig(modality="photo"), _profile(500, 64, 64, colour=1.0), spec_fixed=False)
     assert chosen["augment_preset"] == "full" and "in_chans" not in chosen
+
+
+def test_dual_energy_pairs_train_two_channels_and_a_mixed_set_one(tmp_path) -> None:
+    """Synthetic dual-energy scans (two-page 16-bit TIFFs) choose 2 channels; the same parcels as single
+    scans 1; a set mixing both trains on one plane, since a 2-channel model cannot score a single scan."""
+    from dataclasses import replace
+
+    from verity.datasets.synth import generate
+
+    def rows(name: str, dual_energy: bool) -> list[ManifestRow]:
+        written = generate("xray", 6, tmp_path / name, seed=3, size=64, dual_energy=dual_energy)
+        return [replace(row, path=str(tmp_path / name / row.path), split="train") for row in written]
+
+    dual, single = rows("dual", True), rows("single", False)
+    config, profile, reasons = apply_recipe(TrainConfig(modality="xray"), dual, spec_fixed=False)
+    assert profile.dual_share == 1.0 and config.in_chans == 2
+    assert "channels 2 (every sampled scan a dual-energy pair)" in reasons
+    config, profile, _ = apply_recipe(TrainConfig(modality="xray"), single, spec_fixed=False)
+    assert profile.dual_share == 0.0 and config.in_chans == 1
+    mixed = [*dual[:3], *single[3:]]
+    config, profile, reasons = apply_recipe(TrainConfig(modality="xray"), mixed, spec_fixed=False)
+    assert 0.0 < profile.dual_share < 1.0 and config.in_chans == 1
+    assert any("the high-energy plane only" in reason for reason in reasons)

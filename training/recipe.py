@@ -54,6 +54,7 @@ class DataProfile:
     median_short_side: float
     median_aspect: float  # long side / short side
     colour_share: float  # share of sampled images whose channels differ (not grey content)
+    dual_share: float = 0.0  # share of sampled scans that are dual-energy pairs (high and low planes)
 
 
 def _size(path: str) -> tuple[int, int]:
@@ -67,9 +68,13 @@ def _size(path: str) -> tuple[int, int]:
         return width, height
 
 
-def _is_colour(path: str) -> bool:
+def _pixel_kind(path: str) -> str:
+    """dual (a high and a low energy plane), colour (three channels that differ) or grey."""
     image = decode_image(Path(path).read_bytes(), draft_size=64)
-    return image.ndim == 3 and image.shape[2] == 3 and not is_grey_content(image)
+    planes = image.shape[2] if image.ndim == 3 else 1
+    if planes == 2:
+        return "dual"
+    return "colour" if planes == 3 and not is_grey_content(image) else "grey"
 
 
 def profile_rows(rows: list[ManifestRow], seed: int = 0) -> DataProfile:
@@ -78,13 +83,14 @@ def profile_rows(rows: list[ManifestRow], seed: int = 0) -> DataProfile:
     sample = random.Random(seed).sample(train, min(len(train), PROFILE_SAMPLE))
     sizes = np.array([_size(row.path) for row in sample], dtype=np.float64)
     long_side, short_side = sizes.max(axis=1), sizes.min(axis=1)
-    colour = [_is_colour(row.path) for row in sample[:COLOUR_SAMPLE]]
+    kinds = np.array([_pixel_kind(row.path) for row in sample[:COLOUR_SAMPLE]])
     return DataProfile(
         train_images=len(train),
         median_long_side=float(np.median(long_side)),
         median_short_side=float(np.median(short_side)),
         median_aspect=float(np.median(long_side / np.maximum(short_side, 1))),
-        colour_share=float(np.mean(colour)) if colour else 0.0,
+        colour_share=float(np.mean(kinds == "colour")) if len(kinds) else 0.0,
+        dual_share=float(np.mean(kinds == "dual")) if len(kinds) else 0.0,
     )
 
 
@@ -139,11 +145,21 @@ def choose(config: TrainConfig, profile: DataProfile, spec_fixed: bool) -> tuple
             f"{LONG_SCAN_ASPECT})"
         )
     if config.in_chans is None and config.modality == "xray":
-        chosen["in_chans"] = 3 if profile.colour_share > 0.0 else 1
-        reasons.append(
-            f"channels {chosen['in_chans']} ({profile.colour_share:.0%} of sampled scans in pseudo-colour)"
-        )
+        chosen["in_chans"], why = _channels(profile)
+        reasons.append(f"channels {chosen['in_chans']} ({why})")
     return chosen, reasons
+
+
+def _channels(profile: DataProfile) -> tuple[int, str]:
+    """2 when every sampled scan is a dual-energy pair (the low/high ratio tells materials apart); else
+    3 when any is in pseudo-colour (its colours are the scanner's material classes), else 1. A set that
+    mixes pairs with single scans trains on one plane: a 2-channel model could not score a single scan."""
+    if profile.dual_share == 1.0:
+        return 2, "every sampled scan a dual-energy pair"
+    colour = f"{profile.colour_share:.0%} of sampled scans in pseudo-colour"
+    if profile.dual_share > 0.0:
+        colour += f"; {profile.dual_share:.0%} dual-energy, the rest single: the high-energy plane only"
+    return (3 if profile.colour_share > 0.0 else 1), colour
 
 
 def small_patches(profile: DataProfile, image_size: int) -> bool:
