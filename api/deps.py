@@ -93,6 +93,7 @@ RIGHTHOLDER_ROUTES = {
     ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/v1/models"),
     ("GET", "/v1/history"), ("GET", "/v1/history/{request_id}"),
     ("GET", "/v1/references"), ("POST", "/v1/references"), ("DELETE", "/v1/references/{reference_id}"),
+    ("GET", "/v1/references/{reference_id}/image"),
     ("GET", "/v1/products/{product}"), ("PUT", "/v1/products/{product}/guide"),
 }  # fmt: skip
 

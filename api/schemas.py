@@ -89,6 +89,11 @@ class ThresholdsOut(BaseModel):
     clear: float = Field(description="Genuine at or below this score; uncertain between.")
 
 
+class ClosestReference(BaseModel):
+    reference_id: str
+    distance: float = Field(description="Cosine distance of the two images' embeddings (0: alike).")
+
+
 class ReferenceOut(BaseModel):
     product: str
     status: ReferenceStatus = Field(
@@ -101,6 +106,23 @@ class ReferenceOut(BaseModel):
     )
     references: int | None = None
     min_references: int
+    closest: list[ClosestReference] = Field(
+        default_factory=list,
+        description="The product's genuine references nearest the image (by embedding), nearest first, "
+        "up to 3: show them beside it (GET /v1/references/{reference_id}/image).",
+    )
+    difference_png: str | None = Field(
+        None,
+        description="Base64 PNG, with return_heatmap and a model with local features (an image scored "
+        "whole): where the image differs from every genuine reference, over the same view and at the "
+        "same size as heatmap_png. Coloured from the genuine limit (what genuine images stay within) to "
+        "twice it.",
+    )
+    difference_max: float | None = Field(
+        None,
+        description="The largest difference drawn in difference_png, in genuine limits: above 1, some part "
+        "lies further from the genuine references than genuine items' parts do.",
+    )
 
 
 class PredictionResult(BaseModel):

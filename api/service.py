@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
@@ -95,9 +96,31 @@ def unscorable(served: ServedModel, error: NonFiniteScore) -> ApiError:
 def render_images(
     scored: Scored, spec: PreprocessSpec, heatmap: bool, view: bool
 ) -> tuple[str | None, str | None]:
-    """Base64 PNGs of the heatmap and of the view (`inference.views`), each when asked for."""
+    """Base64 PNGs of the heatmap and of the view (`inference.views`), each when asked for; with the
+    heatmap, the product check's difference overlay too (`PredictionService.result` adds it)."""
     heatmap_png, view_png = views.render_images(scored, spec, heatmap, view)
+    if heatmap:
+        _keep_difference(scored, spec)
     return _base64(heatmap_png), _base64(view_png)
+
+
+# The difference overlay of a result, from `render_images` to `PredictionService.result`. The routes
+# render a result's images off the event loop and hand `result` the heatmap and the view only, so the
+# overlay (rendered there too: a PNG takes milliseconds, too long for the loop) waits here, keyed by the
+# result object and dropped with it (weakref.finalize), so nothing outlives its request.
+_DIFFERENCES: dict[int, tuple[str, float]] = {}
+
+
+def _keep_difference(scored: Scored, spec: PreprocessSpec) -> None:
+    reference = scored.reference
+    difference = reference.difference_map() if reference is not None else None
+    if difference is None:
+        return
+    png = views.render_difference(scored, spec, difference)
+    if png is None:
+        return
+    _DIFFERENCES[id(scored)] = (base64.b64encode(png).decode("ascii"), float(difference.max()))
+    weakref.finalize(scored, _DIFFERENCES.pop, id(scored), None)
 
 
 def _base64(png: bytes | None) -> str | None:
@@ -400,7 +423,7 @@ class PredictionService:
             "novelty": scored.novelty,
             "reasons": list(scored.reasons),
             "product": scored.reference.product if scored.reference is not None else None,
-            "reference": reference_result(scored.reference),
+            "reference": reference_result(scored.reference, _DIFFERENCES.get(id(scored))),
             "dual_energy_used": self._energy_used(scored),
         }
 
@@ -419,10 +442,14 @@ class PredictionService:
             raise decode_error_to_api(error) from error
 
 
-def reference_result(check: ReferenceCheck | None) -> dict[str, Any] | None:
-    """The product check of an answer (None when no product was named)."""
+def reference_result(
+    check: ReferenceCheck | None, difference: tuple[str, float] | None = None
+) -> dict[str, Any] | None:
+    """The product check of an answer (None when no product was named): its figures, the closest genuine
+    references, and the difference overlay (base64 PNG) with its largest value when it was drawn."""
     if check is None:
         return None
+    png, largest = difference if difference is not None else (None, None)
     return {
         "product": check.product,
         "status": check.status,
@@ -430,6 +457,9 @@ def reference_result(check: ReferenceCheck | None) -> dict[str, Any] | None:
         "threshold": check.threshold,
         "references": check.references,
         "min_references": check.min_references,
+        "closest": [{"reference_id": near.reference_id, "distance": near.distance} for near in check.closest],
+        "difference_png": png,
+        "difference_max": largest,
     }
 
 

@@ -46,10 +46,14 @@ def render_images(
     return heatmap_png, png_bytes(shown) if view else None
 
 
-def render_difference(scored: Scored, spec: PreprocessSpec) -> bytes | None:
-    """PNG of the product check's difference map over the view, at the heatmap's size; None without a
-    map (no product, a model without local features, a scan scored in tiles) or a view."""
-    difference = scored.reference.difference_map() if scored.reference is not None else None
+def render_difference(
+    scored: Scored, spec: PreprocessSpec, difference: np.ndarray | None = None
+) -> bytes | None:
+    """PNG of the product check's difference map (`difference`, else computed) over the view, at the
+    heatmap's size; None without a map (no product, a model without local features, a scan scored in
+    tiles) or a view."""
+    if difference is None and scored.reference is not None:
+        difference = scored.reference.difference_map()
     if difference is None:
         return None
     shown = view_of(scored, spec)

@@ -70,6 +70,10 @@ def test_a_right_holder_manages_its_own_products_references(tmp_path: Path) -> N
         other_id = theirs["references"][0]["reference_id"]
         assert_error(client.delete(f"/v1/references/{other_id}?modality=photo", headers=keys["acme"]), 404)
         own_id = own["references"][0]["reference_id"]
+        # Its own references' images it may see (as a station may), another holder's are unknown to it.
+        image = "/v1/references/{}/image?modality=photo"
+        assert client.get(image.format(own_id), headers=keys["acme"]).status_code == 200
+        assert_error(client.get(image.format(other_id), headers=keys["acme"]), 404, "unknown_reference")
         removed = client.delete(f"/v1/references/{own_id}?modality=photo", headers=keys["acme"])
         assert removed.status_code == 200 and removed.json()["removed"]["product"] == OWN
         assert client.get(f"/v1/references?modality=photo&product={OTHER}",

@@ -1,4 +1,5 @@
-"""/v1/references: genuine reference images per product (admin only).
+"""/v1/references: genuine reference images per product (admin only, or a right holder for its own
+products), and one reference's image for whoever compares a suspect with it (any caller of the server).
 
 Enrolment embeds each file with the served model exactly as a prediction is scored, in the threadpool;
 every add and remove is written to the audit log before it takes effect (a failed write is a 503 and
@@ -10,11 +11,19 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Path, Query, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from verity.api.audit import AuditError
-from verity.api.deps import AuditDep, Principal, ReferenceEditorDep, ReferencesDep, RegistryDep, SettingsDep
+from verity.api.deps import (
+    AuditDep,
+    Principal,
+    PrincipalDep,
+    ReferenceEditorDep,
+    ReferencesDep,
+    RegistryDep,
+    SettingsDep,
+)
 from verity.api.errors import (
     ApiError,
     decode_error_to_api,
@@ -35,6 +44,7 @@ from verity.inference.references.errors import (
     InvalidName,
     NoEmbedding,
     ReferenceStoreError,
+    UnknownReference,
 )
 from verity.inference.references.names import validate_product
 from verity.inference.references.store import ReferenceStore
@@ -311,3 +321,63 @@ async def remove_reference(
         raise reference_store_unavailable(error) from error
     calibration = await run_in_threadpool(calibration_or_none, store, engine, reference.product)
     return {"model": _model_ref(served), "removed": reference.to_dict(), "calibration": calibration}
+
+
+# What a stored reference is served as, by the extension it was stored under (`private_files`).
+IMAGE_TYPES = {
+    "jpg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp", "bmp": "image/bmp",
+    "tif": "image/tiff", "dcm": "application/dicom",
+}  # fmt: skip
+OTHER_IMAGE = "application/octet-stream"  # an extension the table does not know ("bin")
+IMAGE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {kind: {"schema": {"type": "string", "format": "binary"}}
+                    for kind in sorted({*IMAGE_TYPES.values(), OTHER_IMAGE})},
+        "description": "The image as it was enrolled, in its own format.",
+    }
+}  # fmt: skip
+
+
+def _image(
+    store: ReferenceStore, model_name: str, principal: Principal, reference_id: str
+) -> tuple[str, bytes]:
+    """Blocking: a reference's extension and image bytes, for a caller who may see its product. A right
+    holder asking for another holder's reference gets the store's own answer to an unknown id."""
+    reference = store.reference(model_name, reference_id)
+    if not principal.may_see_product(reference.product):
+        raise UnknownReference(f"Model {model_name} has no reference {reference_id[:64]!r}.")
+    return reference.ext, store.read_image(model_name, reference)
+
+
+@router.get(
+    "/v1/references/{reference_id}/image",
+    response_class=Response,
+    responses={**error_responses(401, 403, 404, 422, 503), **IMAGE_RESPONSE},
+    summary="One genuine reference's image, to show beside a suspect",
+    description="The image as enrolled (`closest` in a /v1/predict answer names the references nearest the "
+    "suspect). A station or an admin reads any reference of the model, a right holder its own products' "
+    "only (another's answers 404, as an unknown id does), an anonymous caller only where keys are not "
+    "required.",
+)
+async def reference_image(
+    registry: RegistryDep,
+    settings: SettingsDep,
+    store: ReferencesDep,
+    principal: PrincipalDep,
+    reference_id: Annotated[str, Path(max_length=64)],
+    modality: ModalityQuery = None,
+    model: ModelQuery = None,
+) -> Response:
+    served = served_model(registry, settings, modality, model)
+    try:
+        ext, data = await run_in_threadpool(_image, store, served.engine.name, principal, reference_id)
+    except ReferenceStoreError as error:
+        raise reference_error_to_api(error) from error
+    except OSError as error:
+        raise reference_store_unavailable(error) from error
+    # Private: for this caller's browser, never a shared cache; varying on the key headers, so a browser
+    # never answers one key's request with what it kept from another's.
+    headers = {"Cache-Control": "private", "X-Content-Type-Options": "nosniff",
+               "Vary": "X-API-Key, Authorization"}  # fmt: skip
+    media_type = IMAGE_TYPES.get(ext, OTHER_IMAGE)
+    return Response(data, media_type=media_type, headers=headers)

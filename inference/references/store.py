@@ -292,6 +292,18 @@ class ReferenceStore:
             raise UnknownProduct(product, sorted(grouped), model_name)
         return list(grouped[product])
 
+    def reference(self, model_name: str, reference_id: str) -> Reference:
+        """One active reference of the model by id; UnknownReference for any other id (never enrolled,
+        removed, or of another model), with the same words for each, so ids cannot be probed."""
+        found = self._read_state(model_name).active.get(reference_id)
+        if found is None:
+            raise UnknownReference(f"Model {model_name} has no reference {reference_id[:64]!r}.")
+        return found
+
+    def read_image(self, model_name: str, reference: Reference) -> bytes:
+        """The stored image bytes of a reference, as enrolled (OSError when the file is unreadable)."""
+        return self.image_path(model_name, reference).read_bytes()
+
     # -- the check -----------------------------------------------------------------------------------
 
     def _remember(self, model_name: str, key: str, sha: str, vector: np.ndarray) -> None:
