@@ -71,6 +71,7 @@ class Sample:
     data: bytes
     mime: str
     modality: str
+    product: str | None = None  # the synthetic product it shows, where known
 
 
 def synthetic_samples(root: Path) -> dict[str, Sample]:
@@ -89,6 +90,28 @@ def synthetic_samples(root: Path) -> dict[str, Sample]:
         path = root / f"{name}{suffix}"
         path.write_bytes(data)
         mime = "image/png" if suffix == ".png" else "image/jpeg"
-        samples[name] = Sample(path.name, data, mime, modality)
+        samples[name] = Sample(path.name, data, mime, modality, cases[index].product)
     os.sync()
     return samples
+
+
+def enrol_genuine_photos(server: LiveServer, keys_file: Path, product: str, count: int) -> None:
+    """Enrols `count` genuine photos of a synthetic product (the generators' recipe, seed 7, cases of
+    their own) as its references with the photo model, by an admin key added to the server's keys."""
+    import httpx
+
+    from verity.api.auth import KeyStore
+    from verity.datasets.synth import DIFFICULTIES, CaseInfo, ImageJob, generator_for
+
+    _, admin = KeyStore(keys_file).add("screenshots", role="admin")
+    generator = generator_for("photo")
+    files = []
+    for index in range(count):
+        job = ImageJob(1000 + index, 7, CaseInfo(1000 + index, "genuine", product), DIFFICULTIES["easy"], 256)
+        data, suffix, _ = generator.render(job)
+        mime = "image/png" if suffix == ".png" else "image/jpeg"
+        files.append(("files", (f"{product}-{index}{suffix}", data, mime)))
+    form = {"product": product, "modality": "photo"}
+    answer = httpx.post(f"{server.url}/v1/references", files=files, data=form, headers={"X-API-Key": admin},
+                        timeout=300)  # fmt: skip
+    assert answer.status_code == 200, answer.text

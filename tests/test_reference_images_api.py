@@ -25,10 +25,13 @@ MODEL, OWN, OTHER = "photo-patch", "velmor-tea", "kestra-charger"
 
 
 def write_patch_model(root: Path) -> Path:
-    """The tiny photo model with an embedding and local features (64 px, a 16 x 16 map) under root/models."""
+    """Under root/models: the tiny photo model with an embedding and local features (64 px, a 16 x 16
+    map), and a plain X-ray model (a server is ready when each modality has one)."""
     spec = tiny_spec("photo", SIZE)
     tiny_onnx(root / "models" / MODEL / "1" / "model.onnx", spec, tiny_card(spec, MODEL, "1"), features=16,
               embedding=True, patches=True)  # fmt: skip
+    xray = tiny_spec("xray", 32)
+    tiny_onnx(root / "models" / "xray-plain" / "1" / "model.onnx", xray, tiny_card(xray, "xray-plain", "1"))
     return root / "models"
 
 

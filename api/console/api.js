@@ -44,11 +44,12 @@ async function errorFrom(response) {
 }
 
 /**
- * fetch() of a same-origin API path; resolves to the parsed JSON body, rejects with ApiError.
+ * fetch() of a same-origin API path; resolves to the parsed JSON body (with `blob`, the body as a Blob:
+ * an image, which an <img> could not fetch with the key), rejects with ApiError.
  * `key` overrides the session's key (sign-in checks a key before storing it); null sends none.
  */
-export async function request(path, { method = "GET", json, form, key, quiet401 = false } = {}) {
-  const headers = { Accept: "application/json" };
+export async function request(path, { method = "GET", json, form, key, quiet401 = false, blob = false } = {}) {
+  const headers = { Accept: blob ? "image/*" : "application/json" };
   const presented = key === undefined ? session.key() : key;
   if (presented) headers["X-API-Key"] = presented;
   let body;
@@ -81,7 +82,7 @@ export async function request(path, { method = "GET", json, form, key, quiet401 
     throw error;
   }
   try {
-    return await response.json();
+    return await (blob ? response.blob() : response.json());
   } catch {
     throw new ApiError("http", { status: response.status, code: "bad_response" });
   }

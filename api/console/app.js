@@ -9,6 +9,7 @@ import { installShortcuts } from "./keys.js";
 import { LifecyclePanel } from "./lifecycle.js";
 import { Queue } from "./queue.js";
 import { queueRowParts } from "./queue-view.js";
+import { drawReferences, forgetReferenceImages } from "./references.js";
 import { fromHistory, fromPrediction, verdictState } from "./results.js";
 import { session } from "./session.js";
 import { inferModality } from "./sniff.js";
@@ -48,6 +49,7 @@ const ui = {
   note: $("#note"),
   feedbackStatus: $("#feedback-status"),
   announcer: $("#announcer"),
+  references: $("#references"),
 };
 
 const state = {
@@ -172,6 +174,8 @@ function forgetResults() {
   drawCounts();
   renderEmpty(ui.verdictBody, ui.verdictDetails);
   viewer.clear();
+  forgetReferenceImages();
+  drawReferences(ui.references, null);
   ui.note.value = "";
   setMessage(ui.feedbackStatus, null);
 }
@@ -284,6 +288,8 @@ function select(selection, byHand) {
 
 function drawSelected(newImage) {
   const selection = state.selected;
+  const shown = selection && (selection.item ? (selection.item.state === "done" ? selection.item.result : null) : selection.result);
+  drawReferences(ui.references, shown); // the product's closest genuine references, beside the image
   if (!selection) {
     renderEmpty(ui.verdictBody, ui.verdictDetails);
     if (newImage) viewer.clear();
@@ -305,7 +311,7 @@ function drawSelected(newImage) {
   if (!newImage) return;
   const view = dataUrl(result.viewPng) || (item && item.url) || null;
   const heat = dataUrl(result.heatmapPng);
-  if (view || heat) viewer.show(view, heat, result.tiles);
+  if (view || heat) viewer.show(view, heat, result.tiles, dataUrl(result.differencePng), result.differenceMax);
   else viewer.clear(item ? "viewer.empty" : "viewer.missing");
 }
 
@@ -323,7 +329,8 @@ async function openRecord(requestId) {
   try {
     const record = fromHistory(await request(`/v1/history/${encodeURIComponent(requestId)}`));
     if (held) {
-      held.result = { ...held.result, ...record, viewPng: held.result.viewPng, heatmapPng: held.result.heatmapPng, tiles: held.result.tiles };
+      const { viewPng, heatmapPng, tiles, closest, differencePng, differenceMax } = held.result;
+      held.result = { ...held.result, ...record, viewPng, heatmapPng, tiles, closest, differencePng, differenceMax };
       select({ item: held }, true);
     } else {
       select({ result: record }, true);
@@ -478,6 +485,7 @@ function wireShortcuts() {
       ArrowDown: () => (inConsole() && document.activeElement === document.body ? move(1) : false),
       ArrowUp: () => (inConsole() && document.activeElement === document.body ? move(-1) : false),
       h: () => viewer.toggleHeat(),
+      d: () => viewer.toggleDifference(),
       "[": () => viewer.stepOpacity(-0.1),
       "]": () => viewer.stepOpacity(0.1),
       "+": () => viewer.zoomBy(1.5),

@@ -29,6 +29,17 @@ export function fromPrediction(body) {
     feedback: null,
     viewPng: body.view_png || null,
     heatmapPng: body.heatmap_png || null,
+    ...comparison(body.reference),
+  };
+}
+
+/** The genuine references nearest the image and the difference overlay, from an answer's `reference`. */
+function comparison(reference) {
+  const closest = reference && Array.isArray(reference.closest) ? reference.closest : [];
+  return {
+    closest: closest.map((near) => ({ referenceId: near.reference_id, distance: near.distance })),
+    differencePng: (reference && reference.difference_png) || null,
+    differenceMax: reference ? reference.difference_max ?? null : null,
   };
 }
 
@@ -54,5 +65,6 @@ export function fromHistory(item) {
     feedback: item.feedback || null,
     viewPng: null,
     heatmapPng: null,
+    ...comparison(null), // the history keeps the check's figures, not what the answer showed
   };
 }

@@ -1,7 +1,8 @@
-// The image as the model saw it (view_png: a 16-bit X-ray arrives windowed, never black), the heatmap
-// laid exactly over it (same pixel size, same box), and zoom and pan for large scans. Geometry is set
-// through CSS custom properties from script; the CSP allows no style attributes in markup.
-import { formatPercent, t } from "./i18n.js";
+// The image as the model saw it (view_png: a 16-bit X-ray arrives windowed, never black), an overlay laid
+// exactly over it (same pixel size, same box): the heatmap, or where a product's suspect differs from its
+// genuine references (difference_png), and zoom and pan for large scans. Geometry is set through CSS
+// custom properties from script; the CSP allows no style attributes in markup.
+import { formatNumber, formatPercent, t } from "./i18n.js";
 
 const MIN_ZOOM = 1;
 const MAX_ZOOM = 16;
@@ -16,13 +17,18 @@ export class Viewer {
     this.heat = root.querySelector(".heat-image");
     this.empty = root.querySelector(".viewer-empty");
     this.toggle = root.querySelector(".heat-toggle");
+    this.diffToggle = root.querySelector(".diff-toggle");
+    this.note = root.querySelector(".overlay-note");
     this.opacity = root.querySelector(".heat-opacity");
     this.zoomLabel = root.querySelector(".zoom-level");
     this.tiles = root.querySelector(".tiles");
     this.zoom = 1;
     this.x = 0;
     this.y = 0;
-    this.showHeat = true;
+    this.showHeat = true; // the overlay shown, whichever it is
+    this.overlay = "heat"; // "heat" or "difference"
+    this.urls = { heat: null, difference: null };
+    this.differenceMax = null;
     this.tileCount = null;
     this.hasImage = false;
     this.#wire();
@@ -32,6 +38,7 @@ export class Viewer {
 
   #wire() {
     this.toggle.addEventListener("click", () => this.toggleHeat());
+    this.diffToggle.addEventListener("click", () => this.toggleDifference());
     this.opacity.addEventListener("input", () => this.setOpacity(Number(this.opacity.value) / 100));
     this.root.querySelector(".zoom-in").addEventListener("click", () => this.zoomBy(1.5));
     this.root.querySelector(".zoom-out").addEventListener("click", () => this.zoomBy(1 / 1.5));
@@ -72,16 +79,21 @@ export class Viewer {
     }
   }
 
-  /** Shows an image: `view` and `heat` are URLs (data: or blob:), either may be null. */
-  show(view, heat, tiles) {
+  /** Shows an image: `view`, `heat` and `difference` are URLs (data: or blob:), any may be null;
+   * `differenceMax` the largest difference drawn, in genuine limits. */
+  show(view, heat, tiles, difference = null, differenceMax = null) {
     this.hasImage = Boolean(view || heat);
     this.tileCount = tiles || null;
+    this.urls = { heat, difference };
+    this.differenceMax = difference ? differenceMax : null;
+    if (!this.urls[this.overlay]) this.overlay = "heat"; // the officer's choice holds while there is one
     this.#setSource(this.image, view);
-    this.#setSource(this.heat, heat);
+    this.#setSource(this.heat, this.urls[this.overlay]);
     this.empty.hidden = this.hasImage;
     this.frame.hidden = !this.hasImage;
     this.toggle.disabled = !heat;
-    this.opacity.disabled = !heat;
+    this.diffToggle.disabled = !difference;
+    this.opacity.disabled = !(heat || difference);
     this.fit();
     this.#render();
   }
@@ -103,8 +115,26 @@ export class Viewer {
     }
   }
 
+  /** h: the heatmap on or off (back to the heatmap, shown, from the difference). */
   toggleHeat() {
+    if (this.overlay !== "heat") {
+      this.#choose("heat");
+      return;
+    }
     this.showHeat = !this.showHeat;
+    this.#render();
+  }
+
+  /** d: the difference from the genuine references, shown; again: back to the heatmap. */
+  toggleDifference() {
+    if (!this.urls.difference) return;
+    this.#choose(this.overlay === "difference" && this.showHeat ? "heat" : "difference");
+  }
+
+  #choose(overlay) {
+    this.overlay = overlay;
+    this.showHeat = true;
+    this.#setSource(this.heat, this.urls[overlay]);
     this.#render();
   }
 
@@ -158,8 +188,18 @@ export class Viewer {
     this.frame.style.setProperty("--zoom", String(this.zoom));
     this.frame.style.setProperty("--pan-x", `${this.x}px`);
     this.frame.style.setProperty("--pan-y", `${this.y}px`);
+    const difference = this.overlay === "difference";
     this.heat.classList.toggle("off", !this.showHeat);
-    this.toggle.setAttribute("aria-pressed", String(this.showHeat));
+    this.heat.alt = t(difference ? "viewer.difference.alt" : "viewer.heat.alt");
+    this.toggle.setAttribute("aria-pressed", String(this.showHeat && !difference));
+    this.diffToggle.setAttribute("aria-pressed", String(this.showHeat && difference));
+    // Said while the difference is shown; its line kept whenever there is one, so the image stays put.
+    const known = Number.isFinite(this.differenceMax);
+    this.note.hidden = !known;
+    this.note.classList.toggle("off", !(difference && this.showHeat));
+    // Beyond 1, some part lies further from the genuine references than genuine items' parts do.
+    const key = this.differenceMax > 1 ? "viewer.difference.beyond" : "viewer.difference.within";
+    this.note.textContent = known ? t(key, { value: formatNumber(this.differenceMax, 2) }) : "";
     this.stage.classList.toggle("zoomed", this.zoom > 1);
     this.zoomLabel.textContent = t("viewer.zoom", { value: formatPercent(this.zoom) });
     this.tiles.hidden = !this.tileCount;
