@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from verity.inference.heatmap import upsample
 from verity.inference.pipeline import Scored
 from verity.inference.spec import PreprocessSpec
 from verity.inference.tiling import content_box
@@ -185,14 +184,14 @@ def alarm_regions(scored: Scored, spec: PreprocessSpec, shape: tuple[int, int]) 
         scale = scored.scan.evidence_scale
         return [Region(left / scale, top / scale, right / scale, bottom / scale)
                 for left, top, right, bottom in evidence_boxes(scored.scan.evidence)]  # fmt: skip
-    cam = scored.output.cam
-    if cam is None:
+    size = spec.image_size
+    over_model_input = scored.over_input(scored.output.cam, size)
+    if over_model_input is None:
         return []
     # The activation map as the heatmap shows it (upsampled over the model input), cut to where the image
     # lies in that input (stretch fills it; letterbox centres it), then scaled to the scan's pixels.
-    size = spec.image_size
     top, left, box_h, box_w = content_box(height, width, spec)
-    over_image = upsample(cam, size, size)[top : top + box_h, left : left + box_w]
+    over_image = over_model_input[top : top + box_h, left : left + box_w]
     sx, sy = width / box_w, height / box_h
     return [Region(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in evidence_boxes(over_image)]
 

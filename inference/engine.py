@@ -17,6 +17,7 @@ import numpy as np
 
 from verity.inference.bank import unit_rows
 from verity.inference.card import ModelCard
+from verity.inference.heatmap import feature_alignment
 from verity.inference.open_set import NoveltyGate, OpenSetError, load_novelty_gate
 from verity.inference.references.patch_check import unit_patches
 from verity.inference.spec import PreprocessSpec
@@ -93,6 +94,9 @@ class Engine(Protocol):
 
     @property
     def path(self) -> Path | None: ...  # the model file; None for an in-memory model
+
+    @property
+    def feature_alignment(self) -> str: ...  # heatmap.CORNER or CENTRE: where its maps lie over the input
 
     def predict(self, inputs: list[np.ndarray] | np.ndarray, with_cam: bool = False) -> list[Prediction]:
         """One Prediction per preprocessed CxSxS input, in order."""
@@ -300,6 +304,10 @@ class OnnxEngine:
         return self.card.name
 
     @property
+    def feature_alignment(self) -> str:
+        return feature_alignment(self.card.backbone)
+
+    @property
     def version(self) -> str:
         return self.card.version
 
@@ -391,6 +399,10 @@ class RemoteEngine:
     @property
     def name(self) -> str:
         return self.card.name
+
+    @property
+    def feature_alignment(self) -> str:
+        return feature_alignment(self.card.backbone)
 
     @property
     def version(self) -> str:

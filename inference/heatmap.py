@@ -17,6 +17,7 @@ it shows what the model saw, with contrast a person can see (a scanner console's
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image
@@ -52,6 +53,46 @@ def normalise_cam(cam: np.ndarray, scale: float | None = None) -> np.ndarray:
     if top <= 0.0:
         return np.zeros_like(positive)
     return np.clip(positive / top, 0.0, 1.0)
+
+
+# Where a backbone's feature map lies over its input. Every stride-2 convolution of efficientnet_lite0,
+# mobilenet_v3 and resnet has an odd kernel padded alike on both sides, so each puts output i over input
+# 2i, and cell j of the final map over input pixel stride * j: "corner". A patchify stem and patchify
+# downsampling (convnext: kernels of the stride's size, no padding) centre cell j in its block of
+# pixels, where an image resize puts it: "centre". Drawing a corner map as a resize had shifted every
+# heatmap down and right by (stride - 1) / 2 pixels, half a cell (15.5 px of a 160 px input).
+CORNER, CENTRE = "corner", "centre"
+FEATURE_ALIGNMENTS = (CORNER, CENTRE)
+PATCHIFY_BACKBONES = ("convnext",)
+
+
+def feature_alignment(backbone: str | None) -> str:
+    """CENTRE for a patchify backbone, else CORNER (every other backbone Verity trains)."""
+    return CENTRE if backbone and backbone.startswith(PATCHIFY_BACKBONES) else CORNER
+
+
+def over_input(grid: np.ndarray, size: int, alignment: str) -> np.ndarray:
+    """A feature map (rows x columns of cells) as values over the size x size model input: bilinear
+    between the cells' centres, placed as `alignment` says, and flat beyond the outermost ones."""
+    values = np.asarray(grid, dtype=np.float32)
+    rows = _interpolation(values.shape[0], size, alignment)
+    columns = _interpolation(values.shape[1], size, alignment)
+    return rows @ values @ columns.T
+
+
+def _interpolation(cells: int, pixels: int, alignment: str) -> np.ndarray:
+    """pixels x cells bilinear weights: pixel p reads the map at cell coordinate u (cell j's centre at
+    u = j). The stride is the network's, a power of two (a 200 px input has 7 cells of 32 px)."""
+    stride = 2.0 ** round(math.log2(pixels / cells)) if cells < pixels else pixels / cells
+    position = np.arange(pixels, dtype=np.float64)
+    u = position / stride if alignment == CORNER else (position + 0.5) / stride - 0.5
+    u = np.clip(u, 0.0, cells - 1)
+    low = np.floor(u).astype(np.int64)
+    high = np.minimum(low + 1, cells - 1)
+    weights = np.zeros((pixels, cells), dtype=np.float32)
+    weights[np.arange(pixels), low] += (1.0 - (u - low)).astype(np.float32)
+    weights[np.arange(pixels), high] += (u - low).astype(np.float32)
+    return weights
 
 
 def upsample(values: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy as np
 
 from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.engine import Engine, Prediction, Thresholds
+from verity.inference.heatmap import CORNER, over_input
 from verity.inference.open_set import Observed, not_recognised_cause, open_set_verdict
 from verity.inference.references.errors import NoEmbedding
 from verity.inference.spec import PreprocessSpec
@@ -94,6 +95,7 @@ class Scored:
     reasons: tuple[str, ...]  # vocabulary.REASONS, a tuple until a target writes it
     reference: ReferenceCheck | None = None  # set when a product was named
     scan: ScanResult | None = None  # set when the image was scored in tiles
+    feature_alignment: str = CORNER  # where the model's maps lie over its input (heatmap.over_input)
 
     @property
     def score(self) -> float:
@@ -103,10 +105,16 @@ class Scored:
     def tiles(self) -> int:
         return len(self.scan.tiles) if self.scan is not None else 1
 
-    @property
-    def evidence(self) -> np.ndarray | None:
-        """What the heatmap shows: a scan's tile evidence, or the whole image's CAM (None without)."""
-        return self.scan.evidence if self.scan is not None else self.output.cam
+    def evidence(self, input_size: int) -> np.ndarray | None:
+        """What the heatmap shows, in pixels: a scan's tile evidence, or the whole image's CAM over the
+        model input of `input_size` pixels a side (None without a CAM)."""
+        if self.scan is not None:
+            return self.scan.evidence
+        return self.over_input(self.output.cam, input_size)
+
+    def over_input(self, grid: np.ndarray | None, input_size: int) -> np.ndarray | None:
+        """One of the model's maps (the CAM, a difference map) over its input, where the cells lie."""
+        return None if grid is None else over_input(grid, input_size, self.feature_alignment)
 
 
 def judge(
@@ -142,6 +150,7 @@ def judge(
         reasons=reasons,
         reference=reference,
         scan=scan,
+        feature_alignment=engine.feature_alignment,
     )
 
 

@@ -62,7 +62,7 @@ from PIL import Image
 from verity.inference.decode import decode_image, sniff_format
 from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits, check_structure
 from verity.inference.engine import Engine, Prediction, usable_cores
-from verity.inference.heatmap import upsample
+from verity.inference.heatmap import over_input, upsample
 from verity.inference.input_profile import input_profile
 from verity.inference.open_set import scan_embedding
 from verity.inference.preprocess import is_colour_content, load_for_model_sized, to_model_input
@@ -325,7 +325,9 @@ def score_scan(
         for (top, left), p in zip(boxes, predictions, strict=True)
     ]
     score = aggregate_scores(np.array([t.score for t in tiles]), options.aggregate, options.top_k)
-    evidence, factor = _assemble_evidence(tiles, predictions, (height, width), spec, heatmap_max_side)
+    evidence, factor = _assemble_evidence(
+        tiles, predictions, (height, width), spec, heatmap_max_side, engine.feature_alignment
+    )
     return ScanResult(
         score=score,
         output=_scan_output(score, predictions),
@@ -379,6 +381,7 @@ def _assemble_evidence(
     shape: tuple[int, int],
     spec: PreprocessSpec,
     max_side: int,
+    alignment: str,
 ) -> tuple[np.ndarray, float]:
     height, width = shape
     factor = min(1.0, max_side / max(height, width))
@@ -392,7 +395,7 @@ def _assemble_evidence(
         x1 = max(x0 + 1, min(out_w, round((tile.left + tile.width) * factor)))
         if prediction.cam is not None:
             top, left, h, w = content_box(tile.height, tile.width, spec)
-            cam = upsample(prediction.cam, size, size)[top : top + h, left : left + w]
+            cam = over_input(prediction.cam, size, alignment)[top : top + h, left : left + w]
             patch = upsample(cam, y1 - y0, x1 - x0)
         else:
             patch = np.full((y1 - y0, x1 - x0), prediction.logits[1] - prediction.logits[0], np.float32)

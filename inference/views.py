@@ -41,7 +41,7 @@ def render_images(
     shown = view_of(scored, spec)
     if shown is None:
         return None, None
-    evidence = scored.evidence
+    evidence = scored.evidence(spec.image_size)
     heatmap_png = heatmap_over(evidence, shown) if heatmap and evidence is not None else None
     return heatmap_png, png_bytes(shown) if view else None
 
@@ -59,4 +59,5 @@ def render_difference(
     shown = view_of(scored, spec)
     if shown is None:
         return None
-    return heatmap_over(difference - 1.0, shown, scale=DIFFERENCE_FULL - 1.0)
+    over_view = scored.over_input(difference - 1.0, spec.image_size)
+    return heatmap_over(over_view, shown, scale=DIFFERENCE_FULL - 1.0)

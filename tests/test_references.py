@@ -62,6 +62,7 @@ class HandEngine:
     def __init__(self, vectors: dict[int, np.ndarray], name: str = MODEL, embedding: bool = True) -> None:
         self.name, self.version, self.precision = name, "1", "fp32"
         self.path = Path("hand/model.onnx")
+        self.feature_alignment = "corner"  # a convolutional net as Verity trains them
         self.spec = tiny_spec("photo", 32)
         self.card = SimpleNamespace(embedding_dim=3 if embedding else None)
         self.output_names = ["logits", "cam"] + (["embedding"] if embedding else [])

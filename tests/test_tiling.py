@@ -121,6 +121,7 @@ def test_tile_batches_run_on_several_threads_with_the_same_result(xray_engine: O
 
         def __init__(self, engine: OnnxEngine) -> None:
             self.engine, self.spec, self.thresholds = engine, engine.spec, engine.thresholds
+            self.feature_alignment = engine.feature_alignment
             self.barrier = threading.Barrier(2, timeout=5)
 
         def predict(self, batch: np.ndarray, with_cam: bool = False) -> list:

@@ -81,7 +81,7 @@ def evaluate_test(run: Run, data_manifest: Path, calibration: Calibration) -> di
     config = run.config
     scorer = ModuleScorer(
         unwrap(run.model), run.spec, config.name, config.version, calibration.temperature,
-        calibration.thresholds, warnings=calibration_warnings(calibration),
+        calibration.thresholds, warnings=calibration_warnings(calibration), backbone=config.model,
     )  # fmt: skip
     return evaluate(
         scorer,

@@ -23,6 +23,7 @@ from verity.inference.card import ModelCard
 from verity.inference.decode import read_image_bytes
 from verity.inference.decode_limits import DecodeError
 from verity.inference.engine import Engine, OnnxEngine, Prediction, Thresholds, calibrated_scores
+from verity.inference.heatmap import feature_alignment
 from verity.inference.open_set import NoveltyGate
 from verity.inference.pipeline import ProductCheck, Scored, ScoringOptions, Upload, prepare, score
 from verity.inference.spec import PreprocessSpec
@@ -84,8 +85,10 @@ class ModuleScorer:
         thresholds: dict[str, Any] | None = None,
         path: Path | None = None,
         warnings: tuple[str, ...] = (),
+        backbone: str | None = None,
     ) -> None:
         self.model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+        self.feature_alignment = feature_alignment(backbone)  # where its CAM lies over the input
         self.card_warnings = tuple(warnings)
         self.spec, self.name, self.version = spec, name, version
         self.temperature = float(temperature)
@@ -147,6 +150,7 @@ class TorchScorer(ModuleScorer):
             thresholds=checkpoint.get("thresholds"),
             path=path,
             warnings=tuple(card.warnings or ()) if card else (),
+            backbone=str(checkpoint["model_name"]),
         )
 
 
