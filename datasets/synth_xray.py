@@ -647,6 +647,22 @@ def to_uint16(unit: np.ndarray) -> np.ndarray:
     return np.clip(unit * 62000.0 + 300.0, 0, 65535).astype(np.uint16)
 
 
+def rotated_box(
+    box: tuple[float, float, float, float], angle: float, width: int, height: int
+) -> tuple[int, int, int, int]:
+    """The pixel box (x0, y0, x1, y1) around `box` (pixel edges) after the scan was turned by `angle`
+    degrees about its centre as PIL's rotate turns it (counter-clockwise as shown, the size kept), cut to
+    the scan: where the goods lie in the scan as written, not where they lay before the turn."""
+    turn = np.radians(angle)
+    cos, sin = np.cos(turn), np.sin(turn)
+    cx, cy = width / 2.0, height / 2.0
+    corners = np.array([(box[0], box[1]), (box[2], box[1]), (box[0], box[3]), (box[2], box[3])]) - (cx, cy)
+    xs = cx + corners[:, 0] * cos + corners[:, 1] * sin
+    ys = cy - corners[:, 0] * sin + corners[:, 1] * cos
+    return (max(0, int(xs.min())), max(0, int(ys.min())),
+            min(width, int(np.ceil(xs.max()))), min(height, int(np.ceil(ys.max()))))  # fmt: skip
+
+
 def _scan(job: ImageJob, dual: bool) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """The scan as uint16 planes (see render_planes) and the goods' pixel box (x0, y0, x1, y1)."""
     rng = image_rng(job)
@@ -663,12 +679,8 @@ def _scan(job: ImageJob, dual: bool) -> tuple[np.ndarray, tuple[int, int, int, i
         )
     _, height, width = att.shape
     x0, y0, x1, y1 = canvas.goods or (0.0, 0.0, width / canvas.ppc, height / canvas.ppc)
-    goods = (
-        max(0, int(x0 * canvas.ppc)),
-        max(0, int(y0 * canvas.ppc)),
-        min(width, int(np.ceil(x1 * canvas.ppc))),
-        min(height, int(np.ceil(y1 * canvas.ppc))),
-    )
+    goods = rotated_box((x0 * canvas.ppc, y0 * canvas.ppc, x1 * canvas.ppc, y1 * canvas.ppc),
+                        angle if abs(angle) > 0.5 else 0.0, width, height)  # fmt: skip
     photons = rng.uniform(3000, 8000) / job.difficulty.nuisance
     if dual:
         high = detect(att[1], rng, job.difficulty.nuisance, photons)

@@ -397,3 +397,21 @@ def test_cli_unknown_export_style_names_the_valid_ones(tmp_path: Path, capsys: p
     )
     assert "--export-style applies to --modality xray only" in capsys.readouterr().err
     assert synth_main([*base, "--export-style", "rgb-grey-jpeg", "--crops"]) == 0
+
+
+def test_the_goods_box_turns_with_the_scan() -> None:
+    """A box drawn on a plane and turned as the scan is (PIL's rotate) lands inside the turned box,
+    which is no larger than it must be: the goods' place in the scan as written (what the threat
+    report's regions are measured against)."""
+    from PIL import Image
+
+    from verity.datasets.synth_xray import rotated_box
+
+    plane = np.zeros((120, 200), np.float32)
+    plane[30:60, 40:100] = 1.0
+    for angle in (8.0, -6.5, 0.0):
+        turned = np.asarray(Image.fromarray(plane, "F").rotate(angle, Image.Resampling.BILINEAR))
+        ys, xs = np.nonzero(turned > 0.5)
+        x0, y0, x1, y1 = rotated_box((40, 30, 100, 60), angle, 200, 120)
+        assert x0 <= xs.min() and y0 <= ys.min() and xs.max() < x1 and ys.max() < y1, angle
+        assert max(xs.min() - x0, ys.min() - y0, x1 - 1 - xs.max(), y1 - 1 - ys.max()) <= 3, angle
