@@ -11,8 +11,8 @@ from __future__ import annotations
 import base64
 import logging
 import time
-import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -93,34 +93,33 @@ def unscorable(served: ServedModel, error: NonFiniteScore) -> ApiError:
     )
 
 
-def render_images(
-    scored: Scored, spec: PreprocessSpec, heatmap: bool, view: bool
-) -> tuple[str | None, str | None]:
-    """Base64 PNGs of the heatmap and of the view (`inference.views`), each when asked for; with the
-    heatmap, the product check's difference overlay too (`PredictionService.result` adds it)."""
+@dataclass(frozen=True)
+class Images:
+    """A result's pictures, as base64 PNGs: the heatmap and the view, each when asked for, and with the
+    heatmap the product check's difference overlay and its largest value (when there is a map)."""
+
+    heatmap_png: str | None = None
+    view_png: str | None = None
+    difference: tuple[str, float] | None = None
+
+
+NO_IMAGES = Images()
+
+
+def render_images(scored: Scored, spec: PreprocessSpec, heatmap: bool, view: bool) -> Images:
+    """The pictures asked for (`inference.views`); blocking, so routes run it off the event loop (a PNG
+    takes milliseconds)."""
     heatmap_png, view_png = views.render_images(scored, spec, heatmap, view)
-    if heatmap:
-        _keep_difference(scored, spec)
-    return _base64(heatmap_png), _base64(view_png)
+    return Images(_base64(heatmap_png), _base64(view_png), _difference(scored, spec) if heatmap else None)
 
 
-# The difference overlay of a result, from `render_images` to `PredictionService.result`. The routes
-# render a result's images off the event loop and hand `result` the heatmap and the view only, so the
-# overlay (rendered there too: a PNG takes milliseconds, too long for the loop) waits here, keyed by the
-# result object and dropped with it (weakref.finalize), so nothing outlives its request.
-_DIFFERENCES: dict[int, tuple[str, float]] = {}
-
-
-def _keep_difference(scored: Scored, spec: PreprocessSpec) -> None:
+def _difference(scored: Scored, spec: PreprocessSpec) -> tuple[str, float] | None:
     reference = scored.reference
     difference = reference.difference_map() if reference is not None else None
     if difference is None:
-        return
+        return None
     png = views.render_difference(scored, spec, difference)
-    if png is None:
-        return
-    _DIFFERENCES[id(scored)] = (base64.b64encode(png).decode("ascii"), float(difference.max()))
-    weakref.finalize(scored, _DIFFERENCES.pop, id(scored), None)
+    return None if png is None else (base64.b64encode(png).decode("ascii"), float(difference.max()))
 
 
 def _base64(png: bytes | None) -> str | None:
@@ -399,8 +398,7 @@ class PredictionService:
         self,
         record: AuditRecord,
         scored: Scored,
-        heatmap_png: str | None = None,
-        view_png: str | None = None,
+        images: Images = NO_IMAGES,
     ) -> dict[str, Any]:
         """The /v1 result body: the result's serialisation, with the request's own fields (request id,
         station, case, latency) as its audit record holds them."""
@@ -416,14 +414,14 @@ class PredictionService:
             "latency_ms": record.latency_ms,
             "station_id": record.station_id,
             "case_id": record.case_id,
-            "heatmap_png": heatmap_png,
-            "view_png": view_png,
+            "heatmap_png": images.heatmap_png,
+            "view_png": images.view_png,
             "tiles": len(scored.scan.tiles) if scored.scan is not None else None,
             "recognised": scored.recognised,
             "novelty": scored.novelty,
             "reasons": list(scored.reasons),
             "product": scored.reference.product if scored.reference is not None else None,
-            "reference": reference_result(scored.reference, _DIFFERENCES.get(id(scored))),
+            "reference": reference_result(scored.reference, images.difference),
             "dual_energy_used": self._energy_used(scored),
         }
 

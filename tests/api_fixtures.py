@@ -61,6 +61,7 @@ def make_settings(root: Path, **overrides: Any) -> Settings:
         models_dir=root / "models",
         audit_db=root / "audit.sqlite",
         keys_file=root / "keys.json",
+        alert_endpoints_file=root / "alert_endpoints.json",
         image_store_dir=root / "images",
         background_load=False,
         warmup=False,
@@ -142,6 +143,7 @@ def server_env(root: Path, **extra: str) -> dict[str, str]:
         "VERITY_MODELS_DIR": str(make_models_dir(root)),
         "VERITY_AUDIT_DB": str(root / "audit.sqlite"),
         "VERITY_KEYS_FILE": str(root / "keys.json"),
+        "VERITY_ALERT_ENDPOINTS_FILE": str(root / "alert_endpoints.json"),
         **extra,
     }
 

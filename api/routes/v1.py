@@ -50,7 +50,15 @@ from verity.api.schemas import (
     Readiness,
     ReloadResponse,
 )
-from verity.api.service import PredictionService, Scored, ServiceDep, render_images, station_for
+from verity.api.service import (
+    NO_IMAGES,
+    Images,
+    PredictionService,
+    Scored,
+    ServiceDep,
+    render_images,
+    station_for,
+)
 from verity.inference.dicos_report import new_report_uid
 from verity.inference.stamps import utc_now
 from verity.inference.vocabulary import NAME_MAX
@@ -105,12 +113,10 @@ def _elapsed_ms(request: Request) -> float:
     return (time.perf_counter() - request.state.started) * 1000.0
 
 
-async def _images(
-    scored: Scored, served: ServedModel, heatmap: bool, view: bool
-) -> tuple[str | None, str | None]:
-    """The heatmap and view PNGs asked for, rendered off the event loop."""
+async def _images(scored: Scored, served: ServedModel, heatmap: bool, view: bool) -> Images:
+    """The pictures asked for, rendered off the event loop."""
     if not (heatmap or view):
-        return None, None
+        return NO_IMAGES
     return await run_in_threadpool(render_images, scored, served.engine.spec, heatmap, view)
 
 
@@ -180,8 +186,8 @@ async def predict(
     scored = await service.score(data, served, options.product)
     request_id = current_request_id(request)
     report_uids = {request_id: new_report_uid(settings.uid_root)} if report else None
-    heatmap, view = (None, None) if report else await _images(scored, served, options.return_heatmap,
-                                                               options.return_view)  # fmt: skip
+    wanted = (options.return_heatmap, options.return_view)
+    images = NO_IMAGES if report else await _images(scored, served, *wanted)
     (record,) = await service.answer(
         [(request_id, scored, data)],
         modality=served.modality,
@@ -193,7 +199,7 @@ async def predict(
     )
     if report_uids:
         return await report_response(record, scored, served, data, settings.uid_root, request.state.started)
-    return service.result(record, scored, heatmap, view)
+    return service.result(record, scored, images)
 
 
 async def _batch_item(
@@ -203,7 +209,7 @@ async def _batch_item(
     served: ServedModel,
     wanted: tuple[bool, bool],
     product: str | None,
-) -> tuple[int, str | None, bytes, Scored | None, tuple[str | None, str | None], ApiError | None]:
+) -> tuple[int, str | None, bytes, Scored | None, Images, ApiError | None]:
     """One file of a batch: its result (with the heatmap and view asked for) or its own error, never
     the whole batch's."""
     data = await upload.read()
@@ -212,7 +218,7 @@ async def _batch_item(
         scored = await service.score(data, served, product)
         return index, filename, data, scored, await _images(scored, served, *wanted), None
     except ApiError as error:
-        return index, filename, data, None, (None, None), error
+        return index, filename, data, None, NO_IMAGES, error
 
 
 @router.post(
@@ -255,7 +261,7 @@ async def predict_batch(
         receiver=principal,
     )
     results = {
-        index: service.result(record, scored, *images)
+        index: service.result(record, scored, images)
         for (index, _, scored, images), record in zip(done, records, strict=True)
     }
     items = []
