@@ -366,8 +366,9 @@ async function sendFeedback(label) {
   const notes = ui.note.value.trim();
   if (notes) body.notes = notes;
   setMessage(ui.feedbackStatus, "feedback.sending");
+  let answer;
   try {
-    await request("/v1/feedback", { method: "POST", json: body });
+    answer = await request("/v1/feedback", { method: "POST", json: body });
   } catch (error) {
     delete ui.feedbackStatus.dataset.i18n;
     ui.feedbackStatus.textContent = errorMessage(error);
@@ -379,7 +380,11 @@ async function sendFeedback(label) {
   if (state.selected && selectedResult() === result) {
     drawSelected(false);
     delete ui.feedbackStatus.dataset.i18n;
-    ui.feedbackStatus.textContent = t("feedback.recorded", { outcome: t(`outcome.${label}`) });
+    const outcome = t(`outcome.${label}`);
+    const alerts = (answer && answer.alerts) || 0; // signed seizure alerts to the right holder, the agency
+    ui.feedbackStatus.textContent = alerts
+      ? t("feedback.recordedAlerted", { outcome, count: alerts })
+      : t("feedback.recorded", { outcome });
   }
   history.markFeedback(result.requestId, feedback);
   history.load();

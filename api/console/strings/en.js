@@ -149,6 +149,7 @@ export default {
   "feedback.note": "Note (n), sent with the next confirmation",
   "feedback.sending": "Sending…",
   "feedback.recorded": "Recorded: {outcome}",
+  "feedback.recordedAlerted": "Recorded: {outcome} · seizure alerts queued: {count}",
   "feedback.nothing": "Open a verdict first.",
   "outcome.genuine": "Confirmed genuine",
   "outcome.counterfeit": "Confirmed counterfeit",

@@ -147,6 +147,7 @@ export default {
   "feedback.note": "Ескертпе (n), келесі растаумен жіберіледі",
   "feedback.sending": "Жіберілуде…",
   "feedback.recorded": "Жазылды: {outcome}",
+  "feedback.recordedAlerted": "Жазылды: {outcome} · тәркілеу туралы хабарламалар кезекте: {count}",
   "feedback.nothing": "Алдымен қорытындыны ашыңыз.",
   "outcome.genuine": "Түпнұсқа деп расталды",
   "outcome.counterfeit": "Жалған деп расталды",

@@ -147,6 +147,7 @@ export default {
   "feedback.note": "Эскертүү (n), кийинки ырастоо менен жөнөтүлөт",
   "feedback.sending": "Жөнөтүлүүдө…",
   "feedback.recorded": "Жазылды: {outcome}",
+  "feedback.recordedAlerted": "Жазылды: {outcome} · камакка алуу тууралуу билдирүүлөр кезекте: {count}",
   "feedback.nothing": "Адегенде корутундуну ачыңыз.",
   "outcome.genuine": "Түпнуска деп ырасталды",
   "outcome.counterfeit": "Жасалма деп ырасталды",

@@ -147,6 +147,7 @@ export default {
   "feedback.note": "Примечание (n), уйдёт со следующим подтверждением",
   "feedback.sending": "Отправка…",
   "feedback.recorded": "Записано: {outcome}",
+  "feedback.recordedAlerted": "Записано: {outcome} · уведомлений об изъятии в очереди: {count}",
   "feedback.nothing": "Сначала откройте заключение.",
   "outcome.genuine": "Подтверждён подлинным",
   "outcome.counterfeit": "Подтверждён контрафактом",

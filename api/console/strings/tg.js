@@ -147,6 +147,7 @@ export default {
   "feedback.note": "Эзоҳ (n), бо тасдиқи навбатӣ фиристода мешавад",
   "feedback.sending": "Фиристода мешавад…",
   "feedback.recorded": "Сабт шуд: {outcome}",
+  "feedback.recordedAlerted": "Сабт шуд: {outcome} · огоҳиномаҳо дар бораи мусодира дар навбат: {count}",
   "feedback.nothing": "Аввал хулосаро кушоед.",
   "outcome.genuine": "Ҳамчун аслӣ тасдиқ шуд",
   "outcome.counterfeit": "Ҳамчун қалбакӣ тасдиқ шуд",

@@ -147,6 +147,7 @@ export default {
   "feedback.note": "Bellik (n), indiki tassyklama bilen iberilýär",
   "feedback.sending": "Iberilýär…",
   "feedback.recorded": "Ýazyldy: {outcome}",
+  "feedback.recordedAlerted": "Ýazyldy: {outcome} · tussag etmek barada duýduryşlar nobatda: {count}",
   "feedback.nothing": "Ilki netijäni açyň.",
   "outcome.genuine": "Asyl diýip tassyklandy",
   "outcome.counterfeit": "Galp diýip tassyklandy",

@@ -147,6 +147,7 @@ export default {
   "feedback.note": "Izoh (n), keyingi tasdiqlash bilan yuboriladi",
   "feedback.sending": "Yuborilmoqda…",
   "feedback.recorded": "Yozildi: {outcome}",
+  "feedback.recordedAlerted": "Yozildi: {outcome} · musodara haqida xabarnomalar navbatda: {count}",
   "feedback.nothing": "Avval xulosani oching.",
   "outcome.genuine": "Asl deb tasdiqlandi",
   "outcome.counterfeit": "Qalbaki deb tasdiqlandi",
