@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from verity import __version__
@@ -70,10 +71,17 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> tu
 class AlertDispatcher:
     """The delivery thread of one server process."""
 
-    def __init__(self, store: AuditStore, endpoints: EndpointStore, options: DeliveryOptions) -> None:
+    def __init__(
+        self,
+        store: AuditStore,
+        endpoints: EndpointStore,
+        options: DeliveryOptions,
+        on_attempt: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.store = store
         self.endpoints = endpoints
         self.options = options
+        self.on_attempt = on_attempt  # (endpoint, outcome) of each attempt: the server counts them
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,6 +146,8 @@ class AlertDispatcher:
         )
         status, next_attempt = self._outcome(alert, delivered, now)
         self.store.finish_attempt(delivery, status, next_attempt)
+        if self.on_attempt is not None:
+            self.on_attempt(alert.endpoint, status)
         log.info("alert attempt", extra={
             "alert_id": alert.alert_id, "endpoint": alert.endpoint, "status": status,
             "status_code": status_code, "error": error,

@@ -202,7 +202,11 @@ def _lifespan(
         if settings.shadow:
             shadow = ShadowScorer(settings.shadow, registry, audit_store, app.state.metrics.shadow)
         app.state.shadow = shadow
-        dispatcher = AlertDispatcher(audit_store, app.state.alert_planner.endpoints, settings.alert_delivery)
+        attempts = app.state.metrics.alert_attempts
+        dispatcher = AlertDispatcher(
+            audit_store, app.state.alert_planner.endpoints, settings.alert_delivery,
+            on_attempt=lambda endpoint, outcome: attempts.labels(endpoint, outcome).inc(),
+        )  # fmt: skip
         app.state.alert_dispatcher = dispatcher
         dispatcher.start()
         try:

@@ -90,6 +90,13 @@ class Metrics:
         self.audit_failures = Counter(
             "verity_audit_failures_total", "Audit writes that failed.", registry=self.registry
         )
+        self.alert_attempts = Counter(
+            "verity_alert_attempts_total",
+            "Seizure alert delivery attempts by endpoint and what became of the alert (delivered; pending: "
+            "to be retried; failed: given up, `verity alerts retry` sends it again).",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "verity_requests_in_flight", "HTTP requests being served.", registry=self.registry
         )

@@ -105,6 +105,9 @@ def test_a_confirmed_counterfeit_alerts_its_right_holder_and_the_agency_once(tmp
             wait_for(lambda: len(receivers[AGENCY].received) == 2 and len(receivers["acme"].received) == 1
                      and len(receivers["rival"].received) == 1)  # fmt: skip
             time.sleep(1.5)  # a second round of the dispatcher sends nothing more
+            metrics = client.get("/metrics", headers=keys["admin"]).text
+            assert 'verity_alert_attempts_total{endpoint="acme",outcome="delivered"} 1.0' in metrics
+            assert 'verity_alert_attempts_total{endpoint="agency",outcome="delivered"} 2.0' in metrics
     finally:
         for receiver in receivers.values():
             receiver.stop()
