@@ -48,14 +48,35 @@ def input_profile(model_input: np.ndarray) -> np.ndarray:
     its channels (0 for one channel or a grey plane repeated)."""
     sampled = np.asarray(model_input, dtype=np.float32)[:, ::2, ::2]
     plane = sampled.mean(axis=0)
-    levels = np.percentile(plane, LEVEL_QUANTILES)
+    levels = percentiles(plane, LEVEL_QUANTILES)
     rows, columns = np.gradient(plane) if min(plane.shape) > 1 else (np.zeros_like(plane),) * 2
-    gradient = np.percentile(np.hypot(rows, columns), GRADIENT_QUANTILES)
+    gradient = percentiles(np.hypot(rows, columns), GRADIENT_QUANTILES)
     inner = plane[1:-1, 1:-1]
     neighbours = plane[:-2, 1:-1] + plane[2:, 1:-1] + plane[1:-1, :-2] + plane[1:-1, 2:]
     laplacian = float(np.abs(4 * inner - neighbours).mean()) if inner.size else 0.0
-    spread = float(sampled.std(axis=0).mean()) if sampled.shape[0] > 1 else 0.0
+    spread = _channel_spread(sampled, plane) if sampled.shape[0] > 1 else 0.0
     return np.concatenate([levels, [plane.std()], gradient, [laplacian, spread]]).astype(np.float32)
+
+
+def percentiles(values: np.ndarray, percents: tuple[float, ...]) -> np.ndarray:
+    """np.percentile(values, percents) with its default (linear) method, to the bit: one sort of the
+    flattened values and numpy's own interpolation (`_lerp`), without np.percentile's checks and
+    partitioning, which took most of the profile's time on every request (0.5 of its 1.3 ms)."""
+    ordered = np.sort(values, axis=None)
+    virtual = (ordered.size - 1) * (np.asarray(percents, dtype=np.float64) / 100.0)
+    previous = np.floor(virtual).astype(np.intp)
+    following = np.minimum(previous + 1, ordered.size - 1)
+    gamma = virtual - previous
+    low, high = ordered[previous], ordered[following]
+    difference = high - low
+    return np.where(gamma >= 0.5, high - difference * (1.0 - gamma), low + difference * gamma)
+
+
+def _channel_spread(sampled: np.ndarray, plane: np.ndarray) -> float:
+    """The channels' standard deviation about their mean (`plane`, already computed), averaged over the
+    pixels: sampled.std(axis=0).mean(), without computing the mean a second time."""
+    deviation = sampled - plane
+    return float(np.sqrt((deviation * deviation).mean(axis=0)).mean())
 
 
 @dataclass(frozen=True)

@@ -118,3 +118,26 @@ def test_the_size_rule_comes_before_the_colour_and_the_profile() -> None:
     assert not_recognised_cause(gate, 0.0, Observed(64, False, far)) == "unlike_training"
     assert not_recognised_cause(gate, 0.0, Observed(64, False, input_profile(_noise(3)))) is None
     assert not_recognised_cause(gate, 0.0, Observed(64, True, far)) == "other_modality"
+
+
+def test_the_fast_percentiles_and_channel_spread_are_numpys_to_the_bit() -> None:
+    """The profile's own quantiles equal np.percentile's (linear) exactly, ties of 8-bit levels and odd
+    sizes included, and its channel spread equals std(axis=0).mean(): the shipped gates' profiles were
+    computed with numpy's, so a faster profile must not move a single value."""
+    from verity.inference.input_profile import (
+        GRADIENT_QUANTILES,
+        LEVEL_QUANTILES,
+        _channel_spread,
+        percentiles,
+    )
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        channels, side = int(rng.choice([1, 3])), int(rng.choice([2, 3, 33, 64, 160]))
+        image = rng.random((channels, side, side)).astype(np.float32) ** rng.uniform(0.3, 3.0)
+        if trial % 3 == 0:
+            image = np.round(image * 255) / 255
+        plane = image.mean(axis=0)
+        for percents in (LEVEL_QUANTILES, GRADIENT_QUANTILES):
+            np.testing.assert_array_equal(percentiles(plane, percents), np.percentile(plane, percents))
+        assert _channel_spread(image, plane) == float(image.std(axis=0).mean())
