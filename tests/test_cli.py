@@ -40,3 +40,31 @@ def test_bad_image_path_gives_message_not_traceback(tmp_path) -> None:
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
+
+
+def test_serve_runs_numpys_matrix_products_on_one_thread() -> None:
+    """`verity serve` sets OPENBLAS_NUM_THREADS=1 before numpy loads (its gate's and reference check's
+    small products otherwise spin a thread per core: 3x the CPU of a gated request), unless the operator
+    chose a value."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import ctypes, glob, os, sys\n"
+        "from verity import cli\n"
+        "assert 'numpy' not in sys.modules\n"
+        "try:\n    cli.main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+        "import numpy\n"
+        "lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(numpy.__file__) + '.libs', "
+        "'libscipy_openblas*'))[0])\n"
+        "print(os.environ['OPENBLAS_NUM_THREADS'], lib.scipy_openblas_get_num_threads64_())\n"
+    )
+    unset = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+    environment = {k: v for k, v in os.environ.items() if k not in unset}
+    ran = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split()[-2:] == ["1", "1"]
+    chosen = subprocess.run([sys.executable, "-c", probe], env={**environment, "OPENBLAS_NUM_THREADS": "2"},
+                            capture_output=True, text=True)  # fmt: skip
+    assert chosen.stdout.split()[-2:] == ["2", "2"], chosen.stderr
