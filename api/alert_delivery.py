@@ -23,6 +23,7 @@ from verity import __version__
 from verity.api.alert_endpoints import EndpointStore
 from verity.api.alerts import AlertPlanner, age_s, retry_delay, signed_headers
 from verity.api.audit_records import Alert, AlertDelivery, AuditError, AuditStore
+from verity.api.settings import Settings
 from verity.inference.stamps import utc_now
 
 log = logging.getLogger("verity.api.alerts")
@@ -37,6 +38,15 @@ class DeliveryOptions:
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
     give_up_after_s: float = 86_400.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeliveryOptions:
+        return cls(
+            timeout_s=settings.alert_timeout_s,
+            retry_base_s=settings.alert_retry_base_s,
+            retry_max_s=settings.alert_retry_max_s,
+            give_up_after_s=settings.alert_give_up_after_s,
+        )
 
     @property
     def lease_s(self) -> float:

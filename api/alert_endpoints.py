@@ -13,7 +13,6 @@ re-read by a running server when it changes, like the key file.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import secrets
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from verity.api.settings import is_loopback
 from verity.inference.private_files import write_atomic
 from verity.inference.stamps import FileStamp, file_stamp, utc_now
 
@@ -44,15 +44,6 @@ class AlertEndpoint:
         return self.name == AGENCY
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_url(url: str, allow_http: bool = False) -> str:
     """An https URL (http only to a loopback host, or when the operator says so with --allow-http: a
     seizure alert names a product and a case, and must not cross a network in clear by accident)."""
@@ -63,7 +54,7 @@ def check_url(url: str, allow_http: bool = False) -> str:
         raise ValueError(f"The alert URL must be https://HOST/PATH (got {url!r}).")
     if parts.username or parts.password:
         raise ValueError("The alert URL must not carry a user or password: alerts are signed instead.")
-    if parts.scheme == "http" and not (allow_http or _loopback(parts.hostname)):
+    if parts.scheme == "http" and not (allow_http or is_loopback(parts.hostname)):
         raise ValueError(
             f"{url!r} is plain http to another host: use https, or --allow-http on a network you trust."
         )

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse
 
 from verity import __version__
-from verity.api.alert_delivery import AlertDispatcher
+from verity.api.alert_delivery import AlertDispatcher, DeliveryOptions
 from verity.api.alert_endpoints import EndpointStore
 from verity.api.alerts import AlertPlanner
 from verity.api.audit import AuditStore, ImageStore, open_audit_store
@@ -204,7 +204,7 @@ def _lifespan(
         app.state.shadow = shadow
         attempts = app.state.metrics.alert_attempts
         dispatcher = AlertDispatcher(
-            audit_store, app.state.alert_planner.endpoints, settings.alert_delivery,
+            audit_store, app.state.alert_planner.endpoints, DeliveryOptions.from_settings(settings),
             on_attempt=lambda endpoint, outcome: attempts.labels(endpoint, outcome).inc(),
         )  # fmt: skip
         app.state.alert_dispatcher = dispatcher

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
-import ipaddress
 import json
 import logging
 import os
@@ -18,18 +17,9 @@ from typing import Any
 from verity.api.audit import AUDIT_FIELDS, AuditStore, open_audit_store
 from verity.api.auth import RIGHTHOLDER, KeyStore
 from verity.api.feedback import export_confirmed
-from verity.api.settings import Settings, load_settings
+from verity.api.settings import Settings, is_loopback, load_settings
 from verity.inference.terminal import terminal_json, terminal_safe
 from verity.inference.vocabulary import MODALITIES
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name that may resolve anywhere: treat as exposed
 
 
 def limit_malloc_arenas(count: int) -> bool:

@@ -7,6 +7,7 @@ Precedence (pydantic-settings): explicit constructor arguments > environment > s
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,6 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from verity.api.alert_delivery import DeliveryOptions
 from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits
 from verity.inference.dicos_report import DEFAULT_UID_ROOT, UID_ROOT_MAX, UID_ROOT_PATTERN
 from verity.inference.references.store import DEFAULT_REFERENCES_DIR
@@ -25,6 +25,16 @@ from verity.inference.vocabulary import MODALITIES
 MiB = 1024 * 1024
 # The names a loopback server is reached by; allowed_hosts' default.
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address, or the name localhost) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name that may resolve anywhere: treat as exposed
 
 
 def default_models_dir() -> Path:
@@ -260,15 +270,6 @@ class Settings(BaseSettings):
             max_decoded_bytes=self.max_decoded_bytes,
             max_jpeg_scans=self.max_jpeg_scans,
             max_image_segments=self.max_image_segments,
-        )
-
-    @property
-    def alert_delivery(self) -> DeliveryOptions:
-        return DeliveryOptions(
-            timeout_s=self.alert_timeout_s,
-            retry_base_s=self.alert_retry_base_s,
-            retry_max_s=self.alert_retry_max_s,
-            give_up_after_s=self.alert_give_up_after_s,
         )
 
     @property

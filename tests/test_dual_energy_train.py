@@ -12,10 +12,9 @@ import pytest
 from api_fixtures import make_settings
 from fastapi.testclient import TestClient
 
-from tests.test_dual_energy_api import parcels, two_page_tiff
+from tests.test_dual_energy_api import parcels, three_forms
 from verity import cli as verity_cli
 from verity.api.app import create_app
-from verity.datasets.encode import encode_dicom
 from verity.datasets.synth import encode_png16
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
@@ -48,16 +47,7 @@ def test_a_dual_energy_model_scores_the_three_forms_of_a_pair_alike(
     settings = make_settings(tmp_path, models_dir=dual_models, rate_limit_per_s=0, modalities=["xray"])
     with TestClient(create_app(settings)) as client:
         for pair in parcels(3):
-            answers = [
-                client.post("/v1/predict", files={"file": ("pair.tif", two_page_tiff(pair))}),
-                client.post("/v1/predict", files={"file": ("pair.dcm", encode_dicom(pair))}),
-                client.post("/v1/predict", files={"high": ("high.png", encode_png16(pair[0])),
-                                                  "low": ("low.png", encode_png16(pair[1]))}),  # fmt: skip
-            ]
-            bodies = [answer.json() for answer in answers]
-            assert [answer.status_code for answer in answers] == [200, 200, 200], bodies
-            scores = [body["score"] for body in bodies]
-            assert max(scores) - min(scores) <= 1e-4, scores
+            bodies = three_forms(client, pair)
             assert {body["dual_energy_used"] for body in bodies} == {"high and low"}
         single = client.post("/v1/predict", files={"file": ("one.png", encode_png16(pair[0]))})
     assert single.status_code in (400, 422), single.text
