@@ -192,6 +192,7 @@ def test_feedback(client: TestClient, tmp_path: Path) -> None:
         "recorded": True,
         "image_kept": True,  # the test settings store images
         "note": None,
+        "alerts": 0,  # no alert endpoint is set
     }
     assert_error(client.post("/v1/feedback", json={"request_id": "nope", "confirmed_label": "genuine"}), 404)
     assert_error(
@@ -253,7 +254,7 @@ def test_large_xray_scan_is_tiled(tmp_path: Path, models_dir: Path) -> None:
 
 
 class BrokenAudit(SQLiteAuditStore):
-    def record(self, records):
+    def record(self, records, alerts=()):
         raise AuditError("disk full")
 
 
