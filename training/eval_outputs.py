@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from verity.inference.heatmap import over_input
 from verity.inference.preprocess import load_for_model
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import LABELS, VERDICTS, verdict_codes
@@ -63,18 +64,21 @@ def report_examples(
     spec: PreprocessSpec,
     thresholds: dict[str, Any] | None,
     count: int,
+    alignment: str,
 ) -> list[dict[str, Any]]:
-    """The worst errors with their model input (re-decoded: only a dozen) and their CAM."""
+    """The worst errors with their model input (re-decoded: only a dozen) and their CAM over it, where
+    the model's cells lie (`alignment`: heatmap.over_input), as the server draws it."""
     targets = np.array([samples[i].target for i in scored.indices])
     alarm, clear = (thresholds["alarm"], thresholds["clear"]) if thresholds else (0.5, 0.5)
     examples = []
     for position in worst_errors(scored.scores, targets, count):
         sample = samples[scored.indices[position]]
         code = int(verdict_codes(scored.scores[position], alarm, clear))
+        cam = scored.cams[position]
         examples.append(
             {
                 "image": load_for_model(sample.path, spec),
-                "cam": scored.cams[position],
+                "cam": None if cam is None else over_input(cam, spec.image_size, alignment),
                 "score": float(scored.scores[position]),
                 "label": LABELS[sample.target],
                 "verdict": VERDICTS[code],
@@ -91,7 +95,8 @@ def write_html_report(
     from verity.training.report import write_report
 
     targets = np.array([loaded.samples[i].target for i in scored.indices])
-    examples = report_examples(loaded.samples, scored, scorer.spec, scorer.card_thresholds, worst)
+    alignment = scorer.engine.feature_alignment
+    examples = report_examples(loaded.samples, scored, scorer.spec, scorer.card_thresholds, worst, alignment)
     details = {"model": result["model"], "data": result["data"]}
     title = f"{scorer.name} {scorer.version} on {loaded.description}"
     return write_report(path, result["metrics"], scored.scores, targets, examples, title, details,

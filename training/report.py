@@ -161,7 +161,8 @@ def image_to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def cam_overlay(rgb: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Blends a min-max scaled CAM, upsampled bilinearly, over the image (red: counterfeit evidence)."""
+    """Blends a min-max scaled CAM over the image (red: counterfeit evidence). The CAM comes already
+    placed over the model input (heatmap.over_input), so resizing it to the image moves nothing."""
     cam = np.asarray(cam, dtype=np.float32)
     low, high = float(cam.min()), float(cam.max())
     scaled = (cam - low) / (high - low) if high > low else np.zeros_like(cam)
@@ -310,8 +311,9 @@ def write_report(
     """Writes the HTML report; returns its path.
 
     `metrics` is `compute_metrics`' result for `scores`/`targets` (the curves are drawn from the scores).
-    `examples`: dicts with "image" (CxSxS in [0, 1]), "cam" (hxw or None), "score", "label", "verdict",
-    "caption", shown as thumbnails with their heatmaps. `details` is shown as JSON (model, data).
+    `examples`: dicts with "image" (CxSxS in [0, 1]), "cam" (SxS over the image, or None), "score",
+    "label", "verdict", "caption", shown as thumbnails with their heatmaps. `details` is shown as JSON
+    (model, data).
     """
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(targets).astype(np.int64)
