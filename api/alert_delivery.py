@@ -19,6 +19,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry, Counter
+
 from verity import __version__
 from verity.api.alert_endpoints import EndpointStore
 from verity.api.alerts import AlertPlanner, age_s, retry_delay, signed_headers
@@ -52,6 +54,17 @@ class DeliveryOptions:
     def lease_s(self) -> float:
         """Long enough to send a whole claimed batch to receivers that each take the full timeout."""
         return BATCH * self.timeout_s + 30.0
+
+
+def alert_attempts(registry: CollectorRegistry) -> Counter:
+    """The attempts' counter, registered once per app (api.metrics) and counted by the dispatcher."""
+    return Counter(
+        "verity_alert_attempts_total",
+        "Seizure alert delivery attempts by endpoint and what became of the alert (delivered; pending: "
+        "to be retried; failed: given up, `verity alerts retry` sends it again).",
+        ["endpoint", "outcome"],
+        registry=registry,
+    )
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

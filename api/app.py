@@ -22,10 +22,11 @@ from verity import __version__
 from verity.api.alert_delivery import AlertDispatcher, DeliveryOptions
 from verity.api.alert_endpoints import EndpointStore
 from verity.api.alerts import AlertPlanner
-from verity.api.audit import AuditStore, ImageStore, open_audit_store
+from verity.api.audit import AuditStore, open_audit_store
 from verity.api.auth import KeyStore
 from verity.api.docs import ASSETS_URL, DOCS_PAGES, OPENAPI_URL, install_docs
 from verity.api.errors import ApiError, install_error_handlers, truncated
+from verity.api.image_store import ImageStore
 from verity.api.lifecycle_cli import adopt
 from verity.api.limits import KeyLimits
 from verity.api.logs import configure_logging

@@ -2,8 +2,8 @@
 
 `AuditStore` (api/audit_records.py) is the contract; `SQLiteAuditStore` (WAL mode) is the embedded
 default and `api.audit_postgres.PostgresAuditStore` the shared one; `open_audit_store` picks one from
-VERITY_AUDIT_DB (a path, sqlite:///PATH or postgresql://...). `ImageStore` keeps uploaded images
-content-addressed (by SHA-256) for retraining.
+VERITY_AUDIT_DB (a path, sqlite:///PATH or postgresql://...). The uploaded images themselves are kept
+by `api.image_store.ImageStore`.
 """
 
 from __future__ import annotations
@@ -59,14 +59,14 @@ from verity.api.audit_sql import (
 )
 from verity.api.limits import charge, refill
 from verity.api.settings import Settings
-from verity.inference.private_files import PRIVATE_FILE_MODE, image_extension, make_private_dir, write_atomic
+from verity.inference.private_files import PRIVATE_FILE_MODE, make_private_dir
 
 if TYPE_CHECKING:
     from verity.api.audit_postgres import PostgresAuditStore
 
 __all__ = [  # the records and the contract are defined in audit_records; their users import them here
     "AUDIT_FIELDS", "FEEDBACK_FIELDS", "REFERENCE_EVENT_FIELDS", "AuditError", "AuditRecord", "AuditStore",
-    "FeedbackRecord", "HistoryQuery", "ImageStore", "ModelEvent", "ReferenceEvent", "SQLiteAuditStore",
+    "FeedbackRecord", "HistoryQuery", "ModelEvent", "ReferenceEvent", "SQLiteAuditStore",
     "ShadowRecord", "open_audit_store",
 ]  # fmt: skip
 
@@ -448,16 +448,3 @@ def open_postgres_store(url: str, max_connections: int) -> PostgresAuditStore:
             "pip install 'verity[postgres]'."
         ) from error
     return PostgresAuditStore(url, max_connections)
-
-
-class ImageStore:
-    """Content-addressed image files: <root>/<sha[:2]>/<sha>.<ext>, each written once."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    def put(self, data: bytes, sha256: str, kind: str) -> str:
-        target = self.root / sha256[:2] / f"{sha256}.{image_extension(kind)}"
-        if not target.exists():
-            write_atomic(target, data)  # a reader never sees half an image; two uploads never collide
-        return str(target)

@@ -14,9 +14,10 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from verity.api.alert_delivery import Outbox
-from verity.api.audit import AuditStore, ImageStore
+from verity.api.audit import AuditStore
 from verity.api.auth import ANONYMOUS, RIGHTHOLDER, KeyStore
 from verity.api.errors import ApiError
+from verity.api.image_store import ImageStore
 from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry
 from verity.api.settings import Settings

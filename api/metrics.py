@@ -7,6 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from verity.api.alert_delivery import alert_attempts
 from verity.api.drift_monitor import DriftMonitor
 from verity.api.shadow import shadow_outcomes
 
@@ -90,13 +91,7 @@ class Metrics:
         self.audit_failures = Counter(
             "verity_audit_failures_total", "Audit writes that failed.", registry=self.registry
         )
-        self.alert_attempts = Counter(
-            "verity_alert_attempts_total",
-            "Seizure alert delivery attempts by endpoint and what became of the alert (delivered; pending: "
-            "to be retried; failed: given up, `verity alerts retry` sends it again).",
-            ["endpoint", "outcome"],
-            registry=self.registry,
-        )
+        self.alert_attempts = alert_attempts(self.registry)
         self.in_flight = Gauge(
             "verity_requests_in_flight", "HTTP requests being served.", registry=self.registry
         )

@@ -8,11 +8,9 @@ body and the audit row are both written from the pipeline's one result (`Scored`
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -21,7 +19,7 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from verity.api.alert_delivery import Outbox
-from verity.api.audit import AuditError, AuditRecord, AuditStore, ImageStore
+from verity.api.audit import AuditError, AuditRecord, AuditStore
 from verity.api.auth import ANONYMOUS
 from verity.api.deps import (
     AuditDep,
@@ -42,12 +40,14 @@ from verity.api.errors import (
     service_unavailable,
     truncated,
 )
+from verity.api.image_store import ImageStore
 from verity.api.limits import KeyLimits
 from verity.api.metrics import Metrics
 from verity.api.registry import ModelRegistry, ServedModel
+from verity.api.result_images import NO_IMAGES, Images
 from verity.api.settings import Settings
 from verity.api.shadow import ShadowScorer
-from verity.inference import pipeline, views
+from verity.inference import pipeline
 from verity.inference.batcher import QueueFullError
 from verity.inference.decode_limits import DecodeError
 from verity.inference.dual_energy import energy_used, pair_tiff
@@ -57,7 +57,6 @@ from verity.inference.references.check import ReferenceCheck
 from verity.inference.references.errors import ReferenceStoreError, UnknownProduct
 from verity.inference.references.names import validate_product
 from verity.inference.references.store import ReferenceStore
-from verity.inference.spec import PreprocessSpec
 from verity.inference.stamps import utc_now
 from verity.inference.tiling import TooManyTiles
 from verity.inference.vocabulary import NonFiniteScore
@@ -86,44 +85,8 @@ def unscorable(served: ServedModel, error: NonFiniteScore) -> ApiError:
         "non-finite score refused",
         extra={"model": served.engine.name, "version": served.engine.version, "score": str(error.score)},
     )
-    return ApiError(
-        422,
-        "unscorable_input",
-        "The model gave no finite score for this input, so no verdict was given or recorded.",
-    )
-
-
-@dataclass(frozen=True)
-class Images:
-    """A result's pictures, as base64 PNGs: the heatmap and the view, each when asked for, and with the
-    heatmap the product check's difference overlay and its largest value (when there is a map)."""
-
-    heatmap_png: str | None = None
-    view_png: str | None = None
-    difference: tuple[str, float] | None = None
-
-
-NO_IMAGES = Images()
-
-
-def render_images(scored: Scored, spec: PreprocessSpec, heatmap: bool, view: bool) -> Images:
-    """The pictures asked for (`inference.views`); blocking, so routes run it off the event loop (a PNG
-    takes milliseconds)."""
-    heatmap_png, view_png = views.render_images(scored, spec, heatmap, view)
-    return Images(_base64(heatmap_png), _base64(view_png), _difference(scored, spec) if heatmap else None)
-
-
-def _difference(scored: Scored, spec: PreprocessSpec) -> tuple[str, float] | None:
-    reference = scored.reference
-    difference = reference.difference_map() if reference is not None else None
-    if difference is None:
-        return None
-    png = views.render_difference(scored, spec, difference)
-    return None if png is None else (base64.b64encode(png).decode("ascii"), float(difference.max()))
-
-
-def _base64(png: bytes | None) -> str | None:
-    return None if png is None else base64.b64encode(png).decode("ascii")
+    message = "The model gave no finite score for this input, so no verdict was given or recorded."
+    return ApiError(422, "unscorable_input", message)
 
 
 class PredictionService:

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import load_average, photo_jpeg  # noqa: E402
-from verity.api.audit import ImageStore, SQLiteAuditStore  # noqa: E402
+from verity.api.audit import SQLiteAuditStore  # noqa: E402
+from verity.api.image_store import ImageStore  # noqa: E402
 from verity.api.schemas import PredictionResult  # noqa: E402
 from verity.inference.artifacts import resolve_model  # noqa: E402
 from verity.inference.engine import OnnxEngine  # noqa: E402

@@ -15,11 +15,11 @@ from verity.api.audit import (
     AuditError,
     AuditRecord,
     FeedbackRecord,
-    ImageStore,
     SQLiteAuditStore,
     open_audit_store,
 )
 from verity.api.feedback import resolve
+from verity.api.image_store import ImageStore
 from verity.api.settings import Settings
 from verity.cli import main as verity_main
 from verity.datasets.manifest import read_manifest, resolve_image_path

@@ -12,9 +12,18 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from verity.api.audit import FeedbackRecord
+from verity.api.audit import AuditRecord, FeedbackRecord
 from verity.api.auth import ANONYMOUS
-from verity.api.deps import AdminDep, AuditDep, MetricsDep, OutboxDep, PrincipalDep, RegistryDep, SettingsDep
+from verity.api.deps import (
+    AdminDep,
+    AuditDep,
+    MetricsDep,
+    OutboxDep,
+    Principal,
+    PrincipalDep,
+    RegistryDep,
+    SettingsDep,
+)
 from verity.api.errors import (
     ApiError,
     current_request_id,
@@ -24,6 +33,7 @@ from verity.api.errors import (
 )
 from verity.api.feedback import may_confirm
 from verity.api.registry import ServedModel
+from verity.api.result_images import NO_IMAGES, Images, render_images
 from verity.api.routes.predict_input import (
     DICOM_MEDIA_TYPE,
     RAW_BODY_OPENAPI,
@@ -50,15 +60,7 @@ from verity.api.schemas import (
     Readiness,
     ReloadResponse,
 )
-from verity.api.service import (
-    NO_IMAGES,
-    Images,
-    PredictionService,
-    Scored,
-    ServiceDep,
-    render_images,
-    station_for,
-)
+from verity.api.service import PredictionService, Scored, ServiceDep, station_for
 from verity.inference.dicos_report import new_report_uid
 from verity.inference.stamps import utc_now
 from verity.inference.vocabulary import NAME_MAX
@@ -322,6 +324,33 @@ async def reload_models(request: Request, registry: RegistryDep, admin: AdminDep
     }
 
 
+def confirmable(record: AuditRecord | None, request_id: str, principal: Principal) -> AuditRecord:
+    """The audited verdict this caller may confirm (api.feedback.may_confirm), or the refusal: 403 saying
+    why for an anonymous caller's own verdict that names a station, else the 404 of an unknown id."""
+    allowed = record is not None and may_confirm(principal.role, principal.station_id, record.station_id)
+    if record is not None and allowed:
+        return record
+    if record is not None and principal.role == ANONYMOUS == record.caller_role:
+        raise ApiError(
+            403,
+            "forbidden",
+            f"This verdict names station {truncated(record.station_id)!r}, and a station named without a "
+            "key is only a claim: an anonymous caller may confirm only verdicts recorded without a station. "
+            "Confirm it with that station's key or an admin key.",
+        )
+    if record is not None:
+        log.warning(
+            "feedback refused: not the verdict's station",
+            extra={"station_id": principal.station_id, "key_id": principal.key_id},
+        )
+    raise ApiError(
+        404,
+        "unknown_request_id",
+        f"No audited prediction has request_id {request_id!r} for this caller "
+        "(a verdict is confirmed by the station that received it, or an admin).",
+    )
+
+
 @router.post(
     "/v1/feedback",
     response_model=FeedbackOut,
@@ -349,28 +378,7 @@ async def feedback(
     verdict it received itself (one naming a station) gets 403 saying why; anyone else the same 404 as
     for an id that was never issued, not 403: a 403 would tell a station that another station's request
     id exists, and request ids are quoted on paper and in case files."""
-    record = await run_in_threadpool(audit.get, body.request_id)
-    allowed = record is not None and may_confirm(principal.role, principal.station_id, record.station_id)
-    if record is not None and not allowed and principal.role == ANONYMOUS == record.caller_role:
-        raise ApiError(
-            403,
-            "forbidden",
-            f"This verdict names station {truncated(record.station_id)!r}, and a station named without a "
-            "key is only a claim: an anonymous caller may confirm only verdicts recorded without a station. "
-            "Confirm it with that station's key or an admin key.",
-        )
-    if record is None or not allowed:
-        if record is not None:
-            log.warning(
-                "feedback refused: not the verdict's station",
-                extra={"station_id": principal.station_id, "key_id": principal.key_id},
-            )
-        raise ApiError(
-            404,
-            "unknown_request_id",
-            f"No audited prediction has request_id {body.request_id!r} for this caller "
-            "(a verdict is confirmed by the station that received it, or an admin).",
-        )
+    record = confirmable(await run_in_threadpool(audit.get, body.request_id), body.request_id, principal)
     entry = FeedbackRecord(
         request_id=body.request_id,
         created=utc_now(),

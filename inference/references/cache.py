@@ -19,7 +19,7 @@ import numpy as np
 
 from verity.inference.bank import unit_rows
 from verity.inference.private_files import write_atomic
-from verity.inference.references.check import Calibration
+from verity.inference.references.check import Calibration, ProductEntry
 from verity.inference.references.patch_check import PatchCalibration
 
 # The store's logger: a cache warning is one of the store's, wherever the code lies.
@@ -39,6 +39,11 @@ class Index:
     signatures: dict[str, PatchCalibration] = field(default_factory=dict)  # product -> patch check
     loaded: bool = False  # the embeddings cache file has been read into `vectors`
     saved: int = 0  # vectors in the cache file, so it is rewritten only when there are new ones
+
+    def entry(self, product: str) -> ProductEntry:
+        """The product's entry, for an index that holds it (the caller holds the store's lock)."""
+        rows, calibration = self.products[product], self.calibrations[product]
+        return ProductEntry(rows, self.members[product], calibration, self.signatures.get(product))
 
 
 def load_cache(path: Path) -> dict[str, np.ndarray]:

@@ -391,7 +391,7 @@ class ReferenceStore:
             index = self._index(engine, model_name)
             if product not in index.products:
                 raise UnknownProduct(product, sorted(index.products), model_name)
-            return _entry(index, product)
+            return index.entry(product)
 
     def ready(self, engine: Engine, product: str) -> bool:
         """Whether `check` would answer at once: the engine's index is current and holds the product
@@ -407,11 +407,8 @@ class ReferenceStore:
         state = self._states.get(model_name)
         if index is None or state is None or index.generation != state.generation:
             return None
-        if product not in index.products:
-            return None
-        if file_stamp(self._events_path(model_name)) != state.stamp:
-            return None
-        return _entry(index, product)
+        current = product in index.products and file_stamp(self._events_path(model_name)) == state.stamp
+        return index.entry(product) if current else None
 
     def check_if_ready(
         self,
@@ -422,8 +419,8 @@ class ReferenceStore:
         grid: tuple[int, int] | None = None,
     ) -> ReferenceCheck | None:
         """`check` when it answers at once (the index is current and holds the product), else None: the
-        caller then runs `check` where seconds of embedding and calibration do no harm. One look at
-        the events file, where `ready` then `check` took two."""
+        caller then runs `check` where seconds of embedding and calibration do no harm (one look at the
+        events file, where `ready` then `check` took two)."""
         validate_product(product)
         with self._lock:
             entry = self._current_entry(engine, product)
@@ -441,17 +438,11 @@ class ReferenceStore:
         by its local features against the product's patch signature when both exist, else by its
         embedding's nearest reference; `mismatch` beyond the product's LOO threshold, `abstained` with
         fewer than MIN_REFERENCES. UnknownProduct (with the known names) for a product without
-        references. With the closest references, and the difference map when `grid` says the patches
-        are one map of the image (`Prediction.patch_grid`; None: no map, as evaluation needs none)."""
+        references. With the closest references, and the difference map when `grid` says the patches are
+        one map of the image (`Prediction.patch_grid`; None: no map, as evaluation needs none)."""
         return answer_check(product, self._product_index(engine, product), embedding, patches, grid)
 
     def calibration(self, engine: Engine, product: str) -> dict[str, Any]:
         """The product's calibration with this engine (threshold, spread, LOO summary), for listings."""
         entry = self._product_index(engine, product)
         return describe_calibration(product, entry.calibration, entry.signature)
-
-
-def _entry(index: Index, product: str) -> ProductEntry:
-    """The product's entry in an index that holds it (caller holds the store's lock)."""
-    rows, calibration = index.products[product], index.calibrations[product]
-    return ProductEntry(rows, index.members[product], calibration, index.signatures.get(product))
