@@ -95,6 +95,8 @@ def serve_main(argv: list[str]) -> int:
         environment["VERITY_LOG_LEVEL"] = args.log_level
     if args.require_api_keys or not is_loopback(args.host):
         environment["VERITY_REQUIRE_API_KEYS"] = "true"
+    if args.workers > 1:
+        environment["VERITY_WORKER_PROCESSES"] = str(args.workers)
     if args.workers > 1 and "VERITY_SHARED_LIMITS" not in os.environ:
         environment["VERITY_SHARED_LIMITS"] = "true"  # a key's rate holds across the workers
     overrides = {

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 
 from verity.inference.drift import WINDOW, drift_figures
 from verity.inference.input_profile import MEDIAN_LEVEL
@@ -38,17 +40,14 @@ class _Window:
 
 
 class DriftMonitor:
+    """Each answer is appended to its window; the figures are computed when they are read (a /metrics
+    scrape, the admin's lifecycle view), not per answer: a scrape every few seconds costs what a PSI per
+    verdict would cost at every request."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self._windows: dict[tuple[str, str], _Window] = {}
         self._lock = threading.Lock()
-        self.psi = Gauge("verity_drift_psi", "Population stability index of the last answers against the "
-                         "model's validation split, by station, modality and signal (score, brightness).",
-                         ["station", "modality", "signal"], registry=registry)  # fmt: skip
-        self.not_recognised = Gauge("verity_drift_not_recognised_rate", "Share of the last answers not "
-                                    "recognised, by station and modality.", ["station", "modality"],
-                                    registry=registry)  # fmt: skip
-        self.alert = Gauge("verity_drift_alert", "1 when a drift PSI is above the alert level, by station "
-                           "and modality.", ["station", "modality"], registry=registry)  # fmt: skip
+        registry.register(_DriftCollector(self))
 
     def _station(self, station_id: str | None, modality: str) -> str:
         station = station_id or NO_STATION
@@ -58,8 +57,8 @@ class DriftMonitor:
     def observe(
         self, station_id: str | None, modality: str, model: tuple[str, str], reference: dict[str, Any],
         score: float, profile: np.ndarray | None, recognised: bool | None,
-    ) -> dict[str, Any]:  # fmt: skip
-        """Adds one answer to its window and updates the gauges; returns the window's figures."""
+    ) -> None:  # fmt: skip
+        """Adds one answer to its window."""
         brightness = float(profile[MEDIAN_LEVEL]) if profile is not None else float("nan")
         with self._lock:
             station = self._station(station_id, modality)
@@ -69,24 +68,48 @@ class DriftMonitor:
             window.scores.append(score)
             window.brightness.append(brightness)
             window.not_recognised.append(recognised is False)
-            figures = drift_figures(reference, np.array(window.scores), np.array(window.brightness),
-                                    np.array(window.not_recognised))  # fmt: skip
-        for signal in ("score", "brightness"):
-            value = figures[f"{signal}_psi"]
-            if value is not None:
-                self.psi.labels(station, modality, signal).set(value)
-        if figures["not_recognised_rate"] is not None:
-            self.not_recognised.labels(station, modality).set(figures["not_recognised_rate"])
-        self.alert.labels(station, modality).set(1.0 if figures["alert"] else 0.0)
-        return figures
 
     def figures(self) -> list[dict[str, Any]]:
-        """Each window's figures now (station, modality, model, PSI of each signal, alert), for an admin."""
+        """Each window's figures now (station, modality, model, PSI of each signal, alert)."""
         with self._lock:
-            windows = list(self._windows.items())
-            return [
-                {"station": station, "modality": modality, "model": f"{w.model[0]}/{w.model[1]}",
-                 **drift_figures(w.reference, np.array(w.scores), np.array(w.brightness),
-                                 np.array(w.not_recognised))}  # fmt: skip
-                for (station, modality), w in windows
-            ]
+            windows = [(key, w.model, w.reference, np.array(w.scores), np.array(w.brightness),
+                        np.array(w.not_recognised)) for key, w in self._windows.items()]  # fmt: skip
+        return [
+            {"station": station, "modality": modality, "model": f"{model[0]}/{model[1]}",
+             **drift_figures(reference, scores, brightness, flags)}  # fmt: skip
+            for (station, modality), model, reference, scores, brightness, flags in windows
+        ]
+
+
+class _DriftCollector:
+    """The drift gauges, computed from the windows at each scrape (prometheus_client's collector protocol)."""
+
+    def __init__(self, monitor: DriftMonitor) -> None:
+        self.monitor = monitor
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        psi, not_recognised, alert = self._families()
+        for row in self.monitor.figures():
+            labels = [row["station"], row["modality"]]
+            for signal in ("score", "brightness"):
+                if row[f"{signal}_psi"] is not None:
+                    psi.add_metric([*labels, signal], row[f"{signal}_psi"])
+            if row["not_recognised_rate"] is not None:
+                not_recognised.add_metric(labels, row["not_recognised_rate"])
+            alert.add_metric(labels, 1.0 if row["alert"] else 0.0)
+        yield from (psi, not_recognised, alert)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("verity_drift_psi", "Population stability index of the last answers against "
+                              "the model's validation split, by station, modality and signal (score, "
+                              "brightness).", labels=["station", "modality", "signal"]),  # fmt: skip
+            GaugeMetricFamily("verity_drift_not_recognised_rate", "Share of the last answers not "
+                              "recognised, by station and modality.", labels=["station", "modality"]),
+            GaugeMetricFamily("verity_drift_alert", "1 when a drift PSI is above the alert level, by station "
+                              "and modality.", labels=["station", "modality"]),  # fmt: skip
+        )

@@ -86,7 +86,7 @@ class ServedModel:
             return self.settings.batch_workers
         if self.engine.providers[0] in GPU_PROVIDERS:
             return 1  # one stream of batches keeps a GPU busy; more would only queue on the device
-        return usable_cores()
+        return max(1, usable_cores() // self.settings.worker_processes)
 
     async def stop(self, drain: bool = True) -> None:
         if self._batcher is not None:

@@ -144,8 +144,13 @@ class Settings(BaseSettings):
     batch_max_delay_ms: float = Field(4.0, ge=0.0)
     batch_max_queue: int = Field(128, ge=1)
     # Batches computed at once per model (Triton's instance count), each on one intra-op thread: one
-    # per core keeps every core on the model under load. Unset: one per core on CPU, one on a GPU.
+    # per core keeps every core on the model under load. Unset: one per core on CPU (the box's cores
+    # shared among `worker_processes`), one on a GPU.
     batch_workers: int | None = Field(None, ge=1, le=64)
+    # Worker processes serving on this box (`verity serve --workers` sets it). Each runs its share of the
+    # cores' batches: two processes each running a batch per core put two model runs on every core, and
+    # the cache misses and switches between them cost 14% of throughput on 2 cores (measured).
+    worker_processes: int = Field(1, ge=1, le=64)
     retry_after_s: int = Field(1, ge=1)
 
     # Tiling of large scans, by the one rule of inference/tiling.py that `verity predict` and `verity

@@ -2,7 +2,9 @@
 same model file and image, in one run (issue 24's throughput line).
 
 - limit: what the box does without HTTP: decode + preprocess + the engine, one thread per core, each
-  decoding 8 images and scoring them as one batch, in images per second;
+  decoding 8 images and scoring them as one batch, in images per second; for the fp32 model that
+  serves, and for its INT8 quantization (static QDQ, calibrated on 16 photos here), with the reasons its
+  card gives for serving fp32 when the INT8 gate failed;
 - naive: one process (uvicorn, one Starlette route) that decodes and scores each request alone, with
   no batching, no audit log and no checks;
 - verity: `verity serve --workers <cores>`, batching on, every answer audited (SQLite).
@@ -80,6 +82,27 @@ def box_limit(model: Path, image: bytes, seconds: float, cores: int) -> float:
     return sum(counts) / (time.perf_counter() - started)
 
 
+def int8_limit(model: Path, image: bytes, seconds: float, cores: int, workdir: Path) -> dict[str, Any]:
+    """The box's limit for the INT8 quantization of `model`, and whether the shipped INT8 passed its gate
+    (VERITY_PRECISION=auto serves it only then)."""
+    import numpy as np
+
+    from benchmarks.common import photo_jpeg as calibration_photo
+    from verity.inference.engine import read_metadata
+    from verity.inference.preprocess import load_for_model
+    from verity.training.quantize import quantize_static_model
+
+    spec, _ = read_metadata(model)
+    calibration = np.stack([load_for_model(calibration_photo(seed=seed), spec) for seed in range(16)])
+    folder = workdir / "int8"  # beside the files the engine loads with a model (its bank and profiles)
+    shutil.copytree(model.parent, folder, ignore=shutil.ignore_patterns("*.onnx", "*.pt"))
+    int8 = folder / "model.int8.onnx"
+    quantize_static_model(model, int8, calibration)
+    gate = json.loads((model.parent / "card.json").read_text(encoding="utf-8")).get("int8") or {}
+    return {"limit_images_per_s": box_limit(int8, image, seconds, cores), "passed": gate.get("passed"),
+            "reasons": gate.get("reasons") or []}  # fmt: skip
+
+
 def load(url: str, body: Path, script: Path, seconds: float) -> dict[int, dict[str, Any]]:
     """A raw JPEG body (options in the query) at concurrency 32 and 4, after a warm-up."""
 
@@ -129,6 +152,7 @@ def run(seconds: float) -> dict[str, Any]:
         body.write_bytes(image)
         script.write_text(WRK_SCRIPT)
         limit = box_limit(model, image, seconds, cores)
+        int8 = int8_limit(model, image, seconds, cores, workdir)
         with NaiveServer(model, workdir) as naive:
             naive_rows = load(naive.url, body, script, seconds)
         options = ("--workers", str(cores))
@@ -137,7 +161,7 @@ def run(seconds: float) -> dict[str, Any]:
     c32, c4 = verity_rows[32], verity_rows[4]
     little = 32 / c32["rps"] * 1000
     return {"cores": cores, "image": "640x480 photo JPEG", "model": str(model.relative_to(ROOT)),
-            "limit_images_per_s": limit, "verity": verity_rows, "naive": naive_rows,
+            "limit_images_per_s": limit, "int8": int8, "verity": verity_rows, "naive": naive_rows,
             "share_of_limit_c32": c32["rps"] / limit, "little_mean_ms_c32": little,
             "p99_over_little_c32": c32["p99_ms"] / little, "p99_ms_c4": c4["p99_ms"],
             "verity_over_naive_c32": c32["rps"] / naive_rows[32]["rps"],
@@ -145,7 +169,7 @@ def run(seconds: float) -> dict[str, Any]:
 
 
 def summary(f: dict[str, Any]) -> str:
-    c32 = f["verity"][32]
+    c32, int8 = f["verity"][32], f["int8"]
     return (
         f"verity serve --workers {f['cores']} at c=32: {c32['rps']:.1f} req/s = "
         f"{f['share_of_limit_c32']:.2f} of the box's limit ({f['limit_images_per_s']:.1f} img/s decode + "
@@ -153,8 +177,19 @@ def summary(f: dict[str, Any]) -> str:
         f"{SHARE_TARGET}), {f['verity_over_naive_c32']:.2f}x the naive server ({f['naive'][32]['rps']:.1f} "
         f"req/s); p99 {c32['p99_ms']:.0f} ms = {f['p99_over_little_c32']:.2f}x the Little's-law mean "
         f"{f['little_mean_ms_c32']:.0f} ms (target <= {LITTLE_FACTOR}x); at c=4 p99 {f['p99_ms_c4']:.0f} ms "
-        f"(target <= {C4_P99_MS:.0f} ms); load average {f['load_average']:.1f}"
+        f"(target <= {C4_P99_MS:.0f} ms); load average {f['load_average']:.1f}\n"
+        f"the box's limit: fp32 {f['limit_images_per_s']:.1f} img/s, INT8 {int8['limit_images_per_s']:.1f} "
+        f"img/s ({int8['limit_images_per_s'] / f['limit_images_per_s']:.2f}x); {int8_status(int8)}"
     )
+
+
+def int8_status(int8: dict[str, Any]) -> str:
+    """Which precision `verity serve` runs for this model, and why."""
+    if int8["passed"]:
+        return "the shipped INT8 passed its accuracy gate and serves (VERITY_PRECISION=auto)"
+    if int8["passed"] is None:
+        return "the shipped model has no INT8 gate result, so fp32 serves"
+    return f"fp32 serves: the shipped INT8 failed its accuracy gate ({'; '.join(int8['reasons'])})"
 
 
 def main() -> None:

@@ -292,3 +292,7 @@ def test_served_model_runs_one_batch_worker_per_core_on_cpu_and_one_on_gpu(tmp_p
     assert workers("CPUExecutionProvider") == usable_cores() >= 1
     assert workers("CUDAExecutionProvider") == 1
     assert workers("CPUExecutionProvider", batch_workers=3) == 3
+    # `verity serve --workers N` shares the cores among its processes: never two model runs per core.
+    assert workers("CPUExecutionProvider", worker_processes=2) == max(1, usable_cores() // 2)
+    assert workers("CPUExecutionProvider", worker_processes=64) == 1
+    assert workers("CUDAExecutionProvider", worker_processes=2) == 1

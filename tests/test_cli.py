@@ -68,3 +68,26 @@ def test_serve_runs_numpys_matrix_products_on_one_thread() -> None:
     chosen = subprocess.run([sys.executable, "-c", probe], env={**environment, "OPENBLAS_NUM_THREADS": "2"},
                             capture_output=True, text=True)  # fmt: skip
     assert chosen.stdout.split()[-2:] == ["2", "2"], chosen.stderr
+
+
+def test_serve_shares_the_cores_among_its_worker_processes(tmp_path, monkeypatch) -> None:
+    """`verity serve --workers 2` tells each worker how many there are, so each runs its share of the
+    cores' batches (api.registry), never two model runs per core."""
+    import os
+
+    import uvicorn
+
+    from verity.api.cli import serve_main
+    from verity.api.settings import Settings
+
+    started: dict[str, object] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: started.update(kwargs))
+    monkeypatch.setattr("verity.api.logs.configure_logging", lambda *args, **kwargs: None)  # pytest's own
+    for name in ("VERITY_WORKER_PROCESSES", "VERITY_SHARED_LIMITS", "VERITY_SERVE_PROCESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VERITY_KEYS_FILE", str(tmp_path / "keys.json"))
+    monkeypatch.setenv("VERITY_AUDIT_DB", str(tmp_path / "audit.sqlite"))
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # what serve_main sets for its workers, undone
+    assert serve_main(["--host", "127.0.0.1", "--port", "1", "--workers", "2"]) == 0
+    assert started["workers"] == 2 and os.environ["VERITY_WORKER_PROCESSES"] == "2"
+    assert Settings().worker_processes == 2
