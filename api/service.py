@@ -52,7 +52,7 @@ from verity.inference.batcher import QueueFullError
 from verity.inference.decode_limits import DecodeError
 from verity.inference.dual_energy import energy_used, pair_tiff
 from verity.inference.engine import Prediction
-from verity.inference.pipeline import ProductCheck, Scored, ScoringOptions, Upload, prepare
+from verity.inference.pipeline import ProductCheck, Scored, ScoringOptions, Upload, prepare, wants_profile
 from verity.inference.references.check import ReferenceCheck
 from verity.inference.references.errors import ReferenceStoreError, UnknownProduct
 from verity.inference.references.names import validate_product
@@ -155,6 +155,7 @@ class PredictionService:
                     served.engine.spec,
                     self.settings.tiling_options,
                     self.settings.decode_limits,
+                    wants_profile(served.engine),
                 )
         except DecodeError as error:
             raise decode_error_to_api(error) from error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -141,3 +142,34 @@ def test_the_fast_percentiles_and_channel_spread_are_numpys_to_the_bit() -> None
         for percents in (LEVEL_QUANTILES, GRADIENT_QUANTILES):
             np.testing.assert_array_equal(percentiles(plane, percents), np.percentile(plane, percents))
         assert _channel_spread(image, plane) == float(image.std(axis=0).mean())
+
+
+def test_a_server_computes_the_profile_while_decoding_and_the_same_numbers() -> None:
+    """`prepare(with_profile=True)` computes the profile in the decode (the server asks for it when the
+    model's gate or drift reads it, `pipeline.wants_profile`); the numbers are the lazy ones."""
+    from benchmarks.common import photo_jpeg
+    from verity.inference.pipeline import prepare
+
+    spec, data = tiny_spec("photo", 64), photo_jpeg(320, 240, seed=5)
+    eager = prepare(data, spec, TilingOptions(), with_profile=True).decoded
+    lazy = prepare(data, spec, TilingOptions()).decoded
+    assert "profile" in vars(eager) and "profile" not in vars(lazy)  # computed, and not computed, yet
+    assert eager.profile is not None and np.array_equal(eager.profile, lazy.profile)
+
+
+def test_the_profile_is_wanted_by_a_gate_with_profiles_or_a_drift_reference() -> None:
+    from types import SimpleNamespace
+
+    from verity.inference.pipeline import wants_profile
+
+    bank = build_bank(np.eye(3), ["genuine"] * 3)
+    profiles = ProfileBank.from_profiles(np.stack([input_profile(_noise(s)) for s in range(10)]))
+    with_profiles = NoveltyGate(bank, 0.5, k=1, profiles=profiles, profile_threshold=3.0)
+
+    def engine(gate: NoveltyGate | None, novelty: dict | None) -> Any:
+        return SimpleNamespace(novelty_gate=gate, card=SimpleNamespace(novelty=novelty))
+
+    assert wants_profile(engine(with_profiles, {}))
+    assert wants_profile(engine(NoveltyGate(bank, 0.5, k=1), {"drift": {}}))
+    assert not wants_profile(engine(NoveltyGate(bank, 0.5, k=1), {}))
+    assert not wants_profile(engine(None, None))
