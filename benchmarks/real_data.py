@@ -12,12 +12,14 @@ Results are appended to benchmarks/results/real_data.jsonl (kept in the reposito
 version of each Verity run), so an interrupted suite resumes where it stopped. The table gives, per row,
 Verity's mean, worst seed and spread against the baseline's mean, whether the row meets the rule (mean at
 least the baseline's, worst seed at most 0.01 below it), and the test false-alarm and miss rates at the
-model's own thresholds beside their targets (starred when outside the interval the card states).
+model's own thresholds beside their targets (starred when outside the interval the card states for the
+test split: what validation predicted for a set of its size, `calibrate.predicted_rate_interval`).
 
     .venv/bin/python benchmarks/real_data.py                       # every row, seeds 0 1 2 (hours)
     .venv/bin/python benchmarks/real_data.py --quick               # rows of <= 150 training images
     .venv/bin/python benchmarks/real_data.py --sets magnetic_tiles-px32 --seeds 0
     .venv/bin/python benchmarks/real_data.py --table               # print the table of what is done
+    .venv/bin/python benchmarks/real_data.py --add-counts data/bench-runs   # older rows: counts from cards
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def run_verity(name: str, manifest: Path, modality: str, seed: int) -> dict[str,
         "card_miss_rate_ci": thresholds["val_miss_rate_ci"],
         "target_false_alarm_rate": thresholds["target_false_alarm_rate"],
         "target_miss_rate": thresholds["target_miss_rate"],
+        "rate_counts": rate_counts(card),
         "epochs_run": len(epochs),
         "code_version": card.get("code_version"),
         "export_error": completed.returncode == EXPORT_FAILED,
@@ -144,14 +147,59 @@ def done() -> dict[tuple[str, str, int], dict[str, Any]]:
     return {(r["set"], r["method"], r["seed"]): r for r in records if "error" not in r}
 
 
+def rate_counts(card: dict[str, Any]) -> dict[str, int]:
+    """The counts behind a run's rates: validation's false alarms and misses (what the thresholds were
+    chosen on) and the test split's genuine and counterfeit images."""
+    thresholds, test = card["thresholds"], card["metrics"]["test"]
+    return {"val_false_alarms": thresholds["val_false_alarms"], "n_val_genuine": thresholds["n_val_genuine"],
+            "val_misses": thresholds["val_misses"], "n_val_counterfeit": thresholds["n_val_counterfeit"],
+            "test_genuine": test["n_genuine"], "test_counterfeit": test["n_counterfeit"]}  # fmt: skip
+
+
+def predicted_interval(run: dict[str, Any], rate: str) -> list[float] | None:
+    """What the run's validation predicted for its test split's rate (`calibrate.predicted_rates`, the
+    interval its card states for the test split); None for a row recorded without its counts."""
+    from verity.training.calibrate import predicted_rates
+
+    counts = run.get("rate_counts")
+    if not counts:
+        return None
+    predicted = predicted_rates(counts, counts["test_genuine"], counts["test_counterfeit"])
+    return predicted[rate.removeprefix("test_")] if predicted else None
+
+
 def _rate_cell(runs: list[dict[str, Any]], rate: str, interval: str) -> str:
-    """Each seed's test rate at the model's thresholds, starred when outside its card's 95% interval."""
+    """Each seed's test rate at the model's thresholds, starred when outside the interval its card states
+    for the test split (validation's prediction for a set of that size; a row recorded before the cards
+    stated it falls back to the validation rate's own interval, marked "v")."""
     cells = []
     for run in runs:
-        low, high = run[interval]
+        predicted = predicted_interval(run, rate)
+        low, high = predicted if predicted is not None else run[interval]
         star = "" if low <= run[rate] <= high else "*"
-        cells.append(f"{run[rate]:.3f}{star}")
+        cells.append(f"{run[rate]:.3f}{star}{'' if predicted is not None else 'v'}")
     return " / ".join(cells) + f" (target {runs[0]['target_' + rate.removeprefix('test_')]:g})"
+
+
+def add_counts(runs_dir: Path) -> int:
+    """Adds `rate_counts` to the Verity rows recorded before them, from each run's card in `runs_dir`
+    when the card is that run's (its test ROC AUC and rates equal the row's); returns how many."""
+    lines = RESULTS.read_text(encoding="utf-8").splitlines()
+    added, out = 0, []
+    for line in lines:
+        record = json.loads(line) if line.strip() else None
+        path = runs_dir / str((record or {}).get("set")) / f"seed{(record or {}).get('seed')}" / "card.json"
+        if record and record.get("method") == "verity" and "rate_counts" not in record and path.is_file():
+            card = json.loads(path.read_text(encoding="utf-8"))
+            test = card["metrics"]["test"]
+            same = all(test[key] == record.get(f"test_{key}") for key in ("roc_auc", "false_alarm_rate",
+                                                                             "miss_rate"))  # fmt: skip
+            if same:
+                record["rate_counts"] = rate_counts(card)
+                line, added = json.dumps(record), added + 1
+        out.append(line)
+    RESULTS.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return added
 
 
 def row_figures(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> dict[str, Any]:
@@ -210,7 +258,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", default=["verity", "baseline"])
     parser.add_argument("--table", action="store_true", help="only print the table of finished runs")
+    parser.add_argument("--add-counts", type=Path, metavar="RUNS_DIR", help="add the rate counts to rows "
+                        "recorded without them, from their runs' cards in RUNS_DIR, then print the table")
     args = parser.parse_args()
+    if args.add_counts:
+        print(f"{add_counts(args.add_counts)} rows given their counts")
+        args.table = True
     if not args.table:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         rows = args.sets or suite_rows()

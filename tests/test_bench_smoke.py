@@ -151,3 +151,17 @@ def test_the_throughput_line_prints_the_int8_limit_and_why_fp32_serves(tmp_path:
     assert "fp32 200.0 img/s, INT8" in text
     if int8["passed"] is False:  # the shipped card's own reasons, e.g. "verdict agreement 98.17% < 99%"
         assert "fp32 serves" in text and all(reason in text for reason in int8["reasons"])
+
+
+def test_the_suite_table_stars_a_test_rate_outside_what_validation_predicted() -> None:
+    from benchmarks import real_data
+
+    counts = {"val_false_alarms": 1, "n_val_genuine": 157, "val_misses": 3, "n_val_counterfeit": 66,
+              "test_genuine": 157, "test_counterfeit": 64}  # fmt: skip
+    run = {"test_false_alarm_rate": 0.0, "target_false_alarm_rate": 0.01, "rate_counts": counts,
+           "card_false_alarm_rate_ci": [0.0002, 0.035]}  # fmt: skip
+    assert real_data.predicted_interval(run, "test_false_alarm_rate") == pytest.approx([0.0, 7 / 157])
+    shifted = {**run, "test_false_alarm_rate": 12 / 157}
+    old = {key: value for key, value in run.items() if key != "rate_counts"}  # recorded before the counts
+    cell = real_data._rate_cell([run, shifted, old], "test_false_alarm_rate", "card_false_alarm_rate_ci")
+    assert cell == "0.000 / 0.076* / 0.000*v (target 0.01)"

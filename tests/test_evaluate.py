@@ -170,6 +170,12 @@ def test_eval_cli_onnx_end_to_end(
     assert set(metrics["groups"]["product"]) == {"A", "B"}
     assert set(metrics["groups"]["modality"]) == {"photo"}
     assert metrics["operating_point"] == "model thresholds"
+    # What the model's validation predicted for a set of this size, and whether this one lies in it.
+    predicted = metrics["predicted_from_validation"]
+    low_far, high_far = predicted["false_alarm_rate"]
+    inside = "within" if low_far <= metrics["false_alarm_rate"] <= high_far else "OUTSIDE"
+    assert f"validation predicted, 95% for this many images: false alarms {100 * low_far:.1f}%-" in printed
+    assert f"{100 * high_far:.1f}% ({inside})" in printed
     for key in ("pr_auc", "accuracy", "confusion_matrix", "recall_at_false_alarm_rate", "ece"):
         assert key in metrics
     report = (out / "report.html").read_text()

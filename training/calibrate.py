@@ -182,6 +182,45 @@ def clopper_pearson(successes: int, trials: int, confidence: float = CONFIDENCE)
     return low, high
 
 
+def predicted_rate_interval(
+    events: int, trials: int, new_trials: int, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """Where the rate of `new_trials` new images will lie, given `events` of `trials` on validation: the
+    central `confidence` interval of the beta-binomial predictive distribution (a uniform prior on the
+    rate, updated by validation, then the new images' own binomial draw).
+
+    Why not the validation rate's Clopper-Pearson interval: that bounds the rate, not what a test set of
+    m images shows. It leaves out the test set's own sampling, so 0 false alarms in 157 new images lies
+    outside [0.02%, 3.5%] (1 of 157 on validation) although it is the likeliest single outcome. The
+    predictive interval holds both draws and is what a test or a new station's rate is compared with."""
+    if trials < 1 or new_trials < 1 or not 0 <= events <= trials:
+        raise ValueError(f"Need 0 <= events <= trials, trials >= 1 and new_trials >= 1, got {events} of "
+                         f"{trials} and {new_trials}.")  # fmt: skip
+    from scipy.stats import betabinom  # imported here, as in clopper_pearson
+
+    predictive = betabinom(new_trials, events + 1, trials - events + 1)
+    tail = (1.0 - confidence) / 2
+    return float(predictive.ppf(tail)) / new_trials, float(predictive.ppf(1.0 - tail)) / new_trials
+
+
+def predicted_rates(thresholds: dict[str, Any], n_genuine: int, n_counterfeit: int) -> dict[str, Any] | None:
+    """What the card's validation predicts for a set of `n_genuine` and `n_counterfeit` images at its
+    thresholds (`predicted_rate_interval`); None when the thresholds carry no validation counts."""
+    keys = ("val_false_alarms", "n_val_genuine", "val_misses", "n_val_counterfeit")
+    if any(thresholds.get(key) is None for key in keys):
+        return None
+    predicted: dict[str, Any] = {"confidence": CONFIDENCE}
+    for rate, events, trials, new in (
+        ("false_alarm_rate", "val_false_alarms", "n_val_genuine", n_genuine),
+        ("miss_rate", "val_misses", "n_val_counterfeit", n_counterfeit),
+    ):
+        usable = new >= 1 and thresholds[trials] >= 1
+        predicted[rate] = (
+            list(predicted_rate_interval(thresholds[events], thresholds[trials], new)) if usable else None
+        )
+    return predicted
+
+
 def sample_size_warnings(
     n_genuine: int, n_counterfeit: int, target_false_alarm_rate: float, target_miss_rate: float
 ) -> list[str]:

@@ -161,6 +161,26 @@ def open_set_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _predicted_lines(metrics: dict[str, Any]) -> list[str]:
+    """What the thresholds' validation predicted for a set of this size, and whether this one is in it:
+    a rate outside says these images are not like validation's (another station, a drift), or the
+    validation split was too small to say."""
+    predicted = metrics.get("predicted_from_validation")
+    if not predicted:
+        return []
+    parts = []
+    for rate, name in (("false_alarm_rate", "false alarms"), ("miss_rate", "misses")):
+        bounds, value = predicted.get(rate), metrics.get(rate)
+        if bounds is None or value is None:
+            continue
+        inside = "within" if bounds[0] <= value <= bounds[1] else "OUTSIDE"
+        parts.append(f"{name} {_percent(bounds[0])}-{_percent(bounds[1])} ({inside})")
+    if not parts:
+        return []
+    share = f"{100 * predicted['confidence']:g}%"
+    return [f"  validation predicted, {share} for this many images: " + ", ".join(parts)]
+
+
 def format_summary(result: dict[str, Any]) -> str:
     """A readable summary, ROC AUC first; figures match metrics.json."""
     model, data, metrics = result["model"], result["data"], result["metrics"]
@@ -179,6 +199,7 @@ def format_summary(result: dict[str, Any]) -> str:
         f"{metrics['clear']:.4f} [{metrics['operating_point']}]",
         f"  false alarms      {_percent(metrics['false_alarm_rate'])}   "
         f"misses {_percent(metrics['miss_rate'])}",
+        *_predicted_lines(metrics),
         *(
             f"  {'recall at FAR' if number == 0 else '':<18}{_percent(float(rate)):>5}: "
             f"{_figure(entry['recall'], 3)}{_interval(entry.get('recall_ci'), 3)}"

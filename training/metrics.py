@@ -352,4 +352,10 @@ def compute_metrics(
         name: group_breakdown(scores, targets, values, alarm, clear)
         for name, values in (groups or {}).items()
     }
+    if thresholds is not None:  # what the thresholds' validation predicted for this set's size
+        from verity.training.calibrate import predicted_rates
+
+        metrics["predicted_from_validation"] = predicted_rates(
+            thresholds, metrics["n_genuine"], metrics["n_counterfeit"]
+        )
     return metrics
