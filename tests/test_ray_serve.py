@@ -18,6 +18,7 @@ from ray_fixtures import local_ray_serve
 
 from verity.api.app import create_app
 from verity.api.ray_serve import app_builder, replica_options
+from verity.api.settings import Settings
 
 pytestmark = pytest.mark.slow
 REQUESTS, CLIENTS = 200, 8
@@ -34,7 +35,8 @@ def test_options_leave_room_for_batches_and_autoscale() -> None:
     fixed = replica_options(2, None, None, {"VERITY_BATCH_MAX_SIZE": "12"})
     assert fixed["num_replicas"] == 2 and fixed["max_ongoing_requests"] >= 24
     scaled = replica_options(None, 1, 4, {})
-    autoscaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    one_batch = Settings.model_fields["batch_max_size"].default  # a replica is busy with one batch
+    autoscaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": one_batch}
     assert scaled["autoscaling_config"] == autoscaling
     assert scaled["max_ongoing_requests"] >= scaled["autoscaling_config"]["target_ongoing_requests"]
     with pytest.raises(ValueError, match="replica"):
