@@ -79,13 +79,9 @@ def _announce(environment: dict[str, str], host: str) -> None:
     )
 
 
-def serve_main(argv: list[str]) -> int:
-    """Runs uvicorn with the app factory; refuses a non-loopback bind without any API key."""
-    args = _serve_parser().parse_args(argv)
-    if not 1 <= args.workers <= 64:
-        print("verity serve: --workers must lie between 1 and 64.", file=sys.stderr)
-        return 2
-    # Worker processes build the app from the environment, so every choice made here goes there too.
+def worker_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The VERITY_* choices of the command line: worker processes build the app from the environment, so
+    every choice made here goes there too."""
     environment = {"VERITY_SERVE_PROCESS": "1"}
     if args.config:
         environment["VERITY_CONFIG"] = str(Path(args.config).resolve())
@@ -96,9 +92,28 @@ def serve_main(argv: list[str]) -> int:
     if args.require_api_keys or not is_loopback(args.host):
         environment["VERITY_REQUIRE_API_KEYS"] = "true"
     if args.workers > 1:
-        environment["VERITY_WORKER_PROCESSES"] = str(args.workers)
-    if args.workers > 1 and "VERITY_SHARED_LIMITS" not in os.environ:
-        environment["VERITY_SHARED_LIMITS"] = "true"  # a key's rate holds across the workers
+        environment["VERITY_WORKER_PROCESSES"] = str(args.workers)  # each runs its share of the cores
+        if "VERITY_SHARED_LIMITS" not in os.environ:
+            environment["VERITY_SHARED_LIMITS"] = "true"  # a key's rate holds across the workers
+    return environment
+
+
+def _refuse_without_keys(settings: Settings, host: str) -> None:
+    reason = f"binding the non-loopback address {host}" if not is_loopback(host) else "--require-api-keys"
+    print(
+        f"verity serve: refusing to start: {reason} requires API keys, and {settings.keys_file} has no "
+        "active key. Create one with `verity keys add --station <id>`, or bind 127.0.0.1.",
+        file=sys.stderr,
+    )
+
+
+def serve_main(argv: list[str]) -> int:
+    """Runs uvicorn with the app factory; refuses a non-loopback bind without any API key."""
+    args = _serve_parser().parse_args(argv)
+    if not 1 <= args.workers <= 64:
+        print("verity serve: --workers must lie between 1 and 64.", file=sys.stderr)
+        return 2
+    environment = worker_environment(args)
     overrides = {
         k.removeprefix("VERITY_").lower(): v
         for k, v in environment.items()
@@ -106,16 +121,7 @@ def serve_main(argv: list[str]) -> int:
     }
     settings = load_settings(environment.get("VERITY_CONFIG"), **overrides)  # validated before uvicorn starts
     if settings.require_api_keys and KeyStore(settings.keys_file).active_count() == 0:
-        reason = (
-            f"binding the non-loopback address {args.host}"
-            if not is_loopback(args.host)
-            else "--require-api-keys"
-        )
-        print(
-            f"verity serve: refusing to start: {reason} requires API keys, and {settings.keys_file} has no "
-            "active key. Create one with `verity keys add --station <id>`, or bind 127.0.0.1.",
-            file=sys.stderr,
-        )
+        _refuse_without_keys(settings, args.host)
         return 2
     import uvicorn
 
