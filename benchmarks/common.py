@@ -59,6 +59,15 @@ def cpu_info() -> dict[str, Any]:
     }
 
 
+def int8_gate(card_path: Path) -> dict[str, Any]:
+    """A model's INT8 gate as its card.json records it: "model", "passed" (None: never run) and "reasons"
+    (why model.int8.onnx does not serve)."""
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    gate = card.get("int8") or {}
+    return {"model": f"{card['name']}/{card['version']}", "passed": gate.get("passed"),
+            "reasons": gate.get("reasons") or []}  # fmt: skip
+
+
 def photo_jpeg(width: int = 1024, height: int = 768, seed: int = 0, quality: int = 90) -> bytes:
     """A photo-like JPEG: smooth lighting, objects with edges, printed text, blur and sensor noise.
 

@@ -48,7 +48,7 @@ from benchmarks import (  # noqa: E402
     server_bench,
     server_overhead,
 )
-from benchmarks.common import RESULTS, cpu_info, load_average  # noqa: E402
+from benchmarks.common import RESULTS, cpu_info, int8_gate, load_average  # noqa: E402
 
 PARTS = ("decode", "engine", "server", "overhead", "stages", "oip", "open_set", "foreign", "scan", "gpu")
 
@@ -189,13 +189,8 @@ def _gpu_lines(g: dict[str, Any]) -> list[str]:
 
 def shipped_int8() -> list[dict[str, Any]]:
     """Each shipped model's INT8 gate as its card records it: whether model.int8.onnx serves, and why not."""
-    rows = []
-    for card_path in sorted((Path(__file__).resolve().parents[1] / "checkpoints").glob("*/*/card.json")):
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        gate = card.get("int8") or {}
-        rows.append({"model": f"{card['name']}/{card['version']}", "passed": gate.get("passed"),
-                     "reasons": gate.get("reasons") or []})  # fmt: skip
-    return rows
+    cards = sorted((Path(__file__).resolve().parents[1] / "checkpoints").glob("*/*/card.json"))
+    return [int8_gate(card_path) for card_path in cards]
 
 
 def _int8_lines(rows: list[dict[str, Any]]) -> list[str]:

@@ -35,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import load_average, photo_jpeg  # noqa: E402
+from benchmarks.common import int8_gate, load_average, photo_jpeg  # noqa: E402
 from benchmarks.server_bench import WRK_SCRIPT, Server, free_port, run_wrk  # noqa: E402
 
 SHARE_TARGET, LITTLE_FACTOR, C4_P99_MS = 0.9, 1.5, 50.0
@@ -88,20 +88,18 @@ def int8_limit(model: Path, image: bytes, seconds: float, cores: int, workdir: P
     (VERITY_PRECISION=auto serves it only then)."""
     import numpy as np
 
-    from benchmarks.common import photo_jpeg as calibration_photo
     from verity.inference.engine import read_metadata
     from verity.inference.preprocess import load_for_model
     from verity.training.quantize import quantize_static_model
 
     spec, _ = read_metadata(model)
-    calibration = np.stack([load_for_model(calibration_photo(seed=seed), spec) for seed in range(16)])
+    calibration = np.stack([load_for_model(photo_jpeg(seed=seed), spec) for seed in range(16)])
     folder = workdir / "int8"  # beside the files the engine loads with a model (its bank and profiles)
     shutil.copytree(model.parent, folder, ignore=shutil.ignore_patterns("*.onnx", "*.pt"))
     int8 = folder / "model.int8.onnx"
     quantize_static_model(model, int8, calibration)
-    gate = json.loads((model.parent / "card.json").read_text(encoding="utf-8")).get("int8") or {}
-    return {"limit_images_per_s": box_limit(int8, image, seconds, cores), "passed": gate.get("passed"),
-            "reasons": gate.get("reasons") or []}  # fmt: skip
+    gate = int8_gate(model.parent / "card.json")
+    return {"limit_images_per_s": box_limit(int8, image, seconds, cores), **gate}
 
 
 def load(url: str, body: Path, script: Path, seconds: float) -> dict[int, dict[str, Any]]:
