@@ -172,17 +172,23 @@ def in_process(paths: dict[str, Path], image: bytes, repeats: int = 200) -> dict
     }
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """CPU time of every thread of `pid`, in seconds: from schedstat's nanoseconds on CPU where the
-    kernel has it (the 10 ms ticks of /proc/<pid>/stat put +-7% of noise on a 10-request batch)."""
-    total, found = 0, False
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of `pid`: from schedstat's nanoseconds on CPU where the kernel has it
+    (the 10 ms ticks of /proc/<pid>/stat put +-7% of noise on a 10-request batch)."""
+    used = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-            found = True
+            used[tid] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
         except (OSError, ValueError, IndexError):
             continue  # the thread ended meanwhile, or no schedstat
-    return total / 1e9 if found else sum(thread_cpu_seconds(pid).values())
+    return used or {str(tid): seconds for tid, seconds in thread_cpu_seconds(pid).items()}
+
+
+def cpu_between(before: dict[str, float], after: dict[str, float]) -> float:
+    """CPU seconds spent between two `thread_cpu` readings, thread by thread: a worker thread that ended
+    meanwhile (an idle pool thread retiring) drops out of both, instead of taking its whole past with it,
+    which once made a round's plain server seem to use no CPU at all."""
+    return sum(seconds - before.get(tid, 0.0) for tid, seconds in after.items())
 
 
 # What each request kind sends, and the server that answers it: the gate alone is what every /v1/predict
@@ -213,11 +219,11 @@ def server_cpu(
                 server, fields = KINDS[kind]
                 process = servers[server].process
                 assert process is not None
-                before = process_cpu_seconds(process.pid)
+                before = thread_cpu(process.pid)
                 for _ in range(count):
                     url = servers[server].url + "/v1/predict"
                     client.post(url, data=fields, files={"file": image}).raise_for_status()
-                return process_cpu_seconds(process.pid) - before
+                return cpu_between(before, thread_cpu(process.pid))
 
             for kind in KINDS:  # warm-up, not counted
                 send(kind, 10)
