@@ -85,7 +85,7 @@ def measure(model_dir: Path, images: list[OodImage]) -> dict[str, Any]:
     flagged, tested, roc_auc = own_test_figures(engine, model_dir)
     card_test = (engine.card.metrics or {}).get("test") or {}
     return {
-        "model": str(model_dir.relative_to(ROOT)),
+        "model": str(model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir),
         "modality": engine.spec.modality,
         "confident": dict(confident),
         "total": dict(total),

@@ -4,9 +4,18 @@ training images'. The second half of the "not recognised" gate, beside the embed
 Why a second measure: the embedding describes texture, and a grey face, a grey library photo and an X-ray
 of fish bones are close in texture. They are far apart in what the spec already sees: how bright the
 image is and how its brightness spreads (the quantiles of the grey plane), how sharp it is (quantiles
-of its gradient, the mean Laplacian), and how far its channels differ (colour). On a model trained on
-the GDXray fish bones at 32 px, the embedding alone let 52 of 200 grey faces through; with the profile,
-4 (benchmarks/foreign_bench.py).
+of its gradient, the mean Laplacian), how far its channels differ (colour), and how fine its detail is
+(`detail`). On a model trained on the GDXray fish bones at 32 px, the embedding alone let 52 of 200 grey
+faces through; with the profile, 4 (benchmarks/foreign_bench.py).
+
+Why `detail`: an image enlarged from a thumbnail is large in pixels but has the detail of the thumbnail,
+and the size rule cannot see that. The mean absolute Laplacian over the mean gradient magnitude goes as
+the image's highest spatial frequency (a second derivative over a first), so it falls by the factor an
+image was enlarged by, whatever its contrast; its logarithm moves by the same step for each doubling.
+It is measured on the model input and taken back to the image's own pixels: the resize to the input
+enlarged an image smaller than the input by S / side, which adds log(S / side). So a sharp image has
+about the same detail at any size, and a 128 px face enlarged from a 25 px thumbnail has the detail of
+a 25 px image, far below any sharp 128 px image and below a model's sharp 32 px patches too.
 
 The profile is computed on the model input (CxSxS in [0, 1], after the colour rule and the resize) at
 every second pixel: the statistics barely move, and it costs under a millisecond. Each statistic is
@@ -19,6 +28,7 @@ The profiles sit in profile.npz beside model.onnx, written and read by numpy alo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,8 +41,24 @@ PROFILE_FILE = "profile.npz"
 # The grey plane's quantiles (percent): the shape of its histogram, robust to a few odd pixels.
 LEVEL_QUANTILES = (1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0)
 GRADIENT_QUANTILES = (50.0, 90.0, 99.0)
-PROFILE_WIDTH = len(LEVEL_QUANTILES) + 1 + len(GRADIENT_QUANTILES) + 2
-MEDIAN_LEVEL = LEVEL_QUANTILES.index(50.0)  # the profile's median grey level: the image's brightness
+# The profile's statistics, in order (`input_profile`).
+STATISTICS = (
+    *(f"level_p{q:g}" for q in LEVEL_QUANTILES),
+    "level_std",
+    *(f"gradient_p{q:g}" for q in GRADIENT_QUANTILES),
+    "laplacian",
+    "colour_spread",
+    "detail",
+)
+PROFILE_WIDTH = len(STATISTICS)
+# Profiles written before `detail` was added (its last statistic) are read and compared on the columns
+# they hold, so a model exported then keeps the gate it was validated with.
+WIDTH_BEFORE_DETAIL = PROFILE_WIDTH - 1
+DETAIL = STATISTICS.index("detail")
+MEDIAN_LEVEL = STATISTICS.index("level_p50")  # the profile's median grey level: the image's brightness
+# The gradient and Laplacian added to both sides of `detail`'s ratio (grey levels in [0, 1]): a flat
+# image has a ratio of 1 rather than 0/0, far below any textured image's.
+DETAIL_FLOOR = 1e-3
 # A statistic that never varies over the training images (a grey model's colour spread) still gets a
 # spread, so an image that differs on it only slightly is not infinitely far away.
 MIN_SPREAD = 1e-6
@@ -42,20 +68,37 @@ class ProfileError(ValueError):
     """A profile file that is missing, malformed or of another width."""
 
 
-def input_profile(model_input: np.ndarray) -> np.ndarray:
+def input_profile(model_input: np.ndarray, source_side: int | None = None) -> np.ndarray:
     """The PROFILE_WIDTH statistics of one CxSxS model input (float32): the grey plane's quantiles and
-    standard deviation, its gradient's quantiles, its mean absolute Laplacian, and the mean spread of
-    its channels (0 for one channel or a grey plane repeated)."""
+    standard deviation, its gradient's quantiles, its mean absolute Laplacian, the mean spread of its
+    channels (0 for one channel or a grey plane repeated), and its detail at the decoded image's own
+    pixels (`source_side`, its shorter side; None for an input that was not resized)."""
     sampled = np.asarray(model_input, dtype=np.float32)[:, ::2, ::2]
     plane = sampled.mean(axis=0)
     levels = percentiles(plane, LEVEL_QUANTILES)
     rows, columns = np.gradient(plane) if min(plane.shape) > 1 else (np.zeros_like(plane),) * 2
-    gradient = percentiles(np.hypot(rows, columns), GRADIENT_QUANTILES)
+    magnitude = np.hypot(rows, columns)
+    gradient = percentiles(magnitude, GRADIENT_QUANTILES)
     inner = plane[1:-1, 1:-1]
     neighbours = plane[:-2, 1:-1] + plane[2:, 1:-1] + plane[1:-1, :-2] + plane[1:-1, 2:]
     laplacian = float(np.abs(4 * inner - neighbours).mean()) if inner.size else 0.0
     spread = _channel_spread(sampled, plane) if sampled.shape[0] > 1 else 0.0
-    return np.concatenate([levels, [plane.std()], gradient, [laplacian, spread]]).astype(np.float32)
+    detail = math.log((laplacian + DETAIL_FLOOR) / (float(magnitude.mean()) + DETAIL_FLOOR))
+    side = model_input.shape[-1]
+    if source_side is not None and 0 < source_side < side:
+        detail += math.log(side / source_side)  # the resize's enlargement, taken back
+    statistics = [plane.std(), *gradient, laplacian, spread, detail]
+    return np.concatenate([levels, statistics]).astype(np.float32)
+
+
+def detail_on_input(profile: np.ndarray, source_side: int | None, input_side: int) -> float:
+    """The profile's `detail` as the model input has it, before it was taken back to the image's own
+    pixels: how fine the detail the model is shown. An image enlarged from one smaller than any training
+    image shows less than every training image did, whatever its size in pixels."""
+    detail = float(profile[DETAIL])
+    if source_side is not None and 0 < source_side < input_side:
+        detail -= math.log(input_side / source_side)
+    return detail
 
 
 def percentiles(values: np.ndarray, percents: tuple[float, ...]) -> np.ndarray:
@@ -83,7 +126,7 @@ def _channel_spread(sampled: np.ndarray, plane: np.ndarray) -> float:
 class ProfileBank:
     """The training images' profiles, standardised, with the mean and spread that standardise a query."""
 
-    rows: np.ndarray  # N x PROFILE_WIDTH, standardised
+    rows: np.ndarray  # N x width (PROFILE_WIDTH, or WIDTH_BEFORE_DETAIL for an older file), standardised
     mean: np.ndarray
     spread: np.ndarray
 
@@ -103,12 +146,30 @@ class ProfileBank:
     def distance(self, profiles: np.ndarray, k: int) -> np.ndarray:
         """Mean Euclidean distance from each profile row to its k nearest training profiles (one matrix
         product: |q - r|^2 = |q|^2 + |r|^2 - 2 q.r)."""
-        queries = (np.atleast_2d(np.asarray(profiles, dtype=np.float64)) - self.mean) / self.spread
+        width = self.rows.shape[1]  # an older bank compares the statistics it holds
+        queries = (np.atleast_2d(np.asarray(profiles, dtype=np.float64))[:, :width] - self.mean) / self.spread
         queries = queries.astype(np.float32)
         squared = (queries**2).sum(axis=1, keepdims=True) + self._row_norms[None] - 2 * queries @ self.rows.T
         k = min(k, len(self.rows))
         nearest = np.partition(squared, k - 1, axis=1)[:, :k]
         return np.sqrt(np.maximum(nearest, 0.0)).astype(np.float64).mean(axis=1)
+
+    def left_out_distance(self, k: int, chunk: int = 1024) -> np.ndarray:
+        """Each training profile's `distance` to the others (its own row left out), in chunks of rows so
+        that a bank of 10,000 never holds a 10,000 x 10,000 matrix."""
+        k = min(k, len(self.rows) - 1)
+        if k < 1:
+            return np.zeros(0)
+        out = []
+        for start in range(0, len(self.rows), chunk):
+            block = self.rows[start : start + chunk]
+            squared = (
+                self._row_norms[start : start + chunk, None] + self._row_norms[None] - 2 * block @ self.rows.T
+            )
+            squared[np.arange(len(block)), np.arange(start, start + len(block))] = np.inf  # not itself
+            nearest = np.partition(squared, k - 1, axis=1)[:, :k]
+            out.append(np.sqrt(np.maximum(nearest, 0.0)).astype(np.float64).mean(axis=1))
+        return np.concatenate(out)
 
 
 def save_profiles(bank: ProfileBank, path: str | Path) -> Path:
@@ -132,7 +193,8 @@ def load_profiles(path: str | Path) -> ProfileBank:
     except (OSError, ValueError, KeyError) as error:
         raise ProfileError(f"{path} is not a readable profile file: {error}") from error
     widths = {rows.shape[1] if rows.ndim == 2 else -1, *mean.shape, *spread.shape}
-    if widths != {PROFILE_WIDTH} or mean.ndim != 1 or spread.ndim != 1:
+    readable = len(widths) == 1 and widths <= {PROFILE_WIDTH, WIDTH_BEFORE_DETAIL}
+    if not readable or mean.ndim != 1 or spread.ndim != 1:
         raise ProfileError(f"{path} holds profiles of another width than {PROFILE_WIDTH}.")
     if len(rows) == 0 or not (np.isfinite(rows).all() and np.isfinite(mean).all() and (spread > 0).all()):
         raise ProfileError(f"{path} holds no usable profiles.")

@@ -14,7 +14,11 @@ image (at most the model's input size). An image smaller than that is not recogn
 novelty (`outside_envelope`): the model was never shown, nor validated on, anything that small. Why a
 size rule beside the embedding: the shipped X-ray model trains mostly on 32-64 px patches, and blurred,
 low-resolution grey images (a 25 px face, a photograph shrunk to 25 px) lie among them in texture
-statistics; only 37% of 200 such faces were beyond the novelty threshold.
+statistics; only 37% of 200 such faces were beyond the novelty threshold. The envelope has a detail
+too (`min_detail`): an image enlarged from a thumbnail passes the size rule in pixels, but its model
+input shows less detail than any training image's did (`input_profile.detail_on_input`), so it is
+smaller than training all the same. On the fish-bone models (100 px scans) this caught the last grey
+faces enlarged from 25 px thumbnails that the profile's kNN let through (benchmarks/foreign_bench.py).
 
 Two more rules hold an image against the training images (`not_recognised_cause` names which one fired):
 - its input profile (`inference.input_profile`: brightness, sharpness and colour statistics of the model
@@ -46,7 +50,13 @@ from verity.inference.bank import (
     unit_rows,
 )
 from verity.inference.card import ModelCard
-from verity.inference.input_profile import PROFILE_FILE, ProfileBank, ProfileError, load_profiles
+from verity.inference.input_profile import (
+    PROFILE_FILE,
+    ProfileBank,
+    ProfileError,
+    detail_on_input,
+    load_profiles,
+)
 
 # The share of in-distribution validation images the gate may flag, unless a run asks otherwise.
 DEFAULT_NOVELTY_RATE = 0.01
@@ -70,6 +80,10 @@ class NoveltyGate:
     profiles: ProfileBank | None = None  # the training images' input profiles, with their threshold
     profile_threshold: float | None = None
     colour_share: float | None = None  # the share of training images in colour
+    # The training envelope's detail: the least `detail_on_input` of any training image, and the model's
+    # input side it is measured at. An image showing less is not recognised as smaller than training.
+    min_detail: float | None = None
+    input_side: int | None = None
 
     def novelty(self, embeddings: np.ndarray) -> np.ndarray:
         """kNN cosine distance of each embedding row to the bank (`inference.bank.novelty`)."""
@@ -130,15 +144,25 @@ def load_novelty_gate(card: ModelCard, model_dir: Path) -> NoveltyGate | None:
         profiles,
         None if profile is None else float(profile["threshold"]),
         None if colour_share is None else float(colour_share),
+        None if profile is None or profile.get("min_detail") is None else float(profile["min_detail"]),
+        card.spec.image_size,
     )
 
 
-def outside_envelope(gate: NoveltyGate | None, shorter_side: int | None) -> bool:
-    """Whether an image with this shorter side (pixels) is smaller than any the gate's model was
-    trained on. False without a gate, without a recorded size, or without a known side."""
-    if gate is None or gate.min_side is None or shorter_side is None:
+def outside_envelope(
+    gate: NoveltyGate | None, shorter_side: int | None, profile: np.ndarray | None = None
+) -> bool:
+    """Whether an image with this shorter side (pixels) and input profile is smaller than any the gate's
+    model was trained on: fewer pixels than the smallest training image, or, enlarged from a smaller
+    one, less detail on the model input than any training image had (`input_profile.detail_on_input`).
+    False without a gate, or for what it holds no record or observation of."""
+    if gate is None or shorter_side is None:
         return False
-    return shorter_side < gate.min_side
+    if gate.min_side is not None and shorter_side < gate.min_side:
+        return True
+    if gate.min_detail is None or gate.input_side is None or profile is None:
+        return False
+    return detail_on_input(profile, shorter_side, gate.input_side) < gate.min_detail
 
 
 def envelope_side(training_sides: np.ndarray | list[int], image_size: int) -> int:
@@ -222,7 +246,7 @@ def not_recognised_cause(gate: NoveltyGate, distance: float, observed: Observed)
     """Why the gate does not recognise an image (`vocabulary.NOT_RECOGNISED_CAUSES`), None when it does.
     The size comes first (it says what to send instead, whatever the novelty), then the colour, then
     the embedding's novelty and the input profile."""
-    if outside_envelope(gate, observed.shorter_side):
+    if outside_envelope(gate, observed.shorter_side, observed.profile):
         return "smaller_than_training"
     like = gate.recognised(distance) and gate.profile_recognised(gate.profile_distance(observed.profile))
     if gate.colour_unseen(observed.colour):

@@ -141,7 +141,7 @@ class ScoringInput:
     def profile(self) -> np.ndarray | None:
         """The input profile (`input_profile`) of an image scored whole, computed once when the gate
         asks; None for a scan scored in tiles (the profile is a whole-image statistic)."""
-        return None if self.model_input is None else input_profile(self.model_input)
+        return None if self.model_input is None else input_profile(self.model_input, self.shorter_side)
 
 
 def _native_shape(data: bytes, kind: str, limits: DecodeLimits) -> tuple[int, int] | None:

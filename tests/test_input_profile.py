@@ -8,14 +8,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from benchmarks.models import tiny_spec
 from verity.inference.bank import build_bank
 from verity.inference.input_profile import (
     PROFILE_WIDTH,
+    STATISTICS,
+    WIDTH_BEFORE_DETAIL,
     ProfileBank,
     ProfileError,
+    detail_on_input,
     input_profile,
     load_profiles,
     save_profiles,
@@ -29,16 +32,62 @@ def _noise(seed: int, channels: int = 1, size: int = 32) -> np.ndarray:
     return np.random.default_rng(seed).random((channels, size, size), dtype=np.float32)
 
 
+LAPLACIAN, COLOUR_SPREAD, DETAIL = (
+    STATISTICS.index(name) for name in ("laplacian", "colour_spread", "detail")
+)
+
+
 def test_the_profile_describes_brightness_sharpness_and_colour() -> None:
     flat = input_profile(np.full((3, 32, 32), 0.5, np.float32))
     assert flat.shape == (PROFILE_WIDTH,) and flat.dtype == np.float32
     np.testing.assert_allclose(flat[:9], 0.5)  # every quantile of a flat plane is its level
-    assert flat[-1] == 0.0 and flat[-2] == 0.0  # no colour spread, no Laplacian
+    assert flat[COLOUR_SPREAD] == 0.0 and flat[LAPLACIAN] == 0.0  # no colour spread, no Laplacian
+    assert flat[DETAIL] == 0.0  # the floors' ratio: 1
     grey_noise = np.repeat(_noise(0), 3, axis=0)
-    assert input_profile(grey_noise)[-1] < 1e-6  # a grey plane repeated is not colour
-    assert input_profile(_noise(0, channels=3))[-1] > 0.1
-    assert input_profile(_noise(0))[-2] > 0.1  # noise is sharp
+    assert input_profile(grey_noise)[COLOUR_SPREAD] < 1e-6  # a grey plane repeated is not colour
+    assert input_profile(_noise(0, channels=3))[COLOUR_SPREAD] > 0.1
+    assert input_profile(_noise(0))[LAPLACIAN] > 0.1  # noise is sharp
     assert np.isfinite(input_profile(np.zeros((1, 1, 1), np.float32))).all()  # a 1-pixel input
+
+
+def _scene(seed: int, side: int = 128) -> Image.Image:
+    """A grey picture with detail at every scale down to a pixel or two."""
+    pixels = (np.random.default_rng(seed).random((side, side)) * 255).astype(np.uint8)
+    return Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(1))
+
+
+def _enlarged(image: Image.Image, factor: int, size: int = 128) -> np.ndarray:
+    """`image` shrunk by `factor` and enlarged back: the same picture with a factor's less detail, as
+    a model input (1 x size x size in [0, 1])."""
+    small = image.resize((size // factor, size // factor), Image.Resampling.LANCZOS)
+    back = small.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(back, dtype=np.float32)[None] / 255.0
+
+
+def test_detail_falls_by_the_factor_an_image_was_enlarged_by_whatever_its_contrast() -> None:
+    """An enlarged thumbnail keeps the thumbnail's detail: `detail` (log of Laplacian over gradient)
+    drops by about log(2) for each doubling, and not when only the contrast changes."""
+    scene = _scene(5)
+    details = [float(input_profile(_enlarged(scene, factor))[DETAIL]) for factor in (1, 2, 4, 8)]
+    assert all(a > b for a, b in zip(details, details[1:], strict=False)), details
+    assert 0.3 < details[2] - details[3] < 1.0, details  # one doubling: about log(2) = 0.69
+    dim = _enlarged(scene, 1) * 0.3 + 0.2
+    assert abs(float(input_profile(dim)[DETAIL]) - details[0]) < 0.05
+
+
+def test_a_profile_file_written_before_detail_is_compared_on_its_own_statistics(tmp_path: Path) -> None:
+    """A model exported before `detail` keeps its gate: its file is read, and an image's distance is
+    the one its statistics give, whatever the new one says."""
+    current = ProfileBank.from_profiles(np.stack([input_profile(_noise(s)) for s in range(30)]))
+    path = tmp_path / "profile.npz"
+    older = {name: getattr(current, name)[..., :WIDTH_BEFORE_DETAIL] for name in ("rows", "mean", "spread")}
+    np.savez(path, **older)  # as save_profiles wrote it then
+    query = input_profile(_noise(99))
+    read = load_profiles(path)
+    changed = query.copy()
+    changed[DETAIL] += 10.0
+    assert read.distance(query, 5)[0] == pytest.approx(read.distance(changed, 5)[0])
+    assert read.distance(query, 5)[0] < 5.0
 
 
 def test_an_image_like_the_training_profiles_is_near_and_a_flat_one_far(tmp_path: Path) -> None:
@@ -173,3 +222,45 @@ def test_the_profile_is_wanted_by_a_gate_with_profiles_or_a_drift_reference() ->
     assert wants_profile(engine(NoveltyGate(bank, 0.5, k=1), {"drift": {}}))
     assert not wants_profile(engine(NoveltyGate(bank, 0.5, k=1), {}))
     assert not wants_profile(engine(None, None))
+
+
+def test_the_left_out_distance_is_each_training_profiles_distance_to_the_others() -> None:
+    """What the profile's threshold is chosen on besides validation: a training profile's distance to
+    its k nearest others, as `distance` gives it against a bank without that profile."""
+    profiles = np.stack([input_profile(_noise(s)) for s in range(12)])
+    bank = ProfileBank.from_profiles(profiles)
+    left_out = bank.left_out_distance(k=3, chunk=5)  # chunks that do not divide the rows
+    for i in (0, 6, 11):
+        others = ProfileBank(np.delete(bank.rows, i, axis=0), bank.mean, bank.spread)
+        assert left_out[i] == pytest.approx(others.distance(profiles[i], 3)[0], rel=1e-4)
+    assert bank.left_out_distance(k=3).min() > 0.0  # never the zero distance to itself
+
+
+def test_an_image_enlarged_from_one_smaller_than_any_training_image_is_smaller_than_training() -> None:
+    """The envelope's detail: a 128 px image with the detail of a 32 px one is not recognised as
+    smaller than training, though its pixels pass the size rule and the texture is the training one."""
+    scenes = [_scene(seed) for seed in range(12)]
+    training = np.stack([input_profile(_enlarged(scene, 1), 128) for scene in scenes])
+    min_detail = min(detail_on_input(profile, 128, 128) for profile in training)
+    gate = NoveltyGate(build_bank(np.eye(3), ["genuine"] * 3), 0.5, k=1, min_side=64,
+                       profiles=ProfileBank.from_profiles(training), profile_threshold=1e9,
+                       min_detail=min_detail, input_side=128)  # fmt: skip
+    sharp = input_profile(_enlarged(scenes[0].transpose(Image.Transpose.ROTATE_90), 1), 128)
+    enlarged = input_profile(_enlarged(scenes[0], 4), 128)
+    assert not_recognised_cause(gate, 0.0, Observed(128, False, sharp)) is None
+    assert not_recognised_cause(gate, 0.0, Observed(128, False, enlarged)) == "smaller_than_training"
+    no_record = NoveltyGate(build_bank(np.eye(3), ["genuine"] * 3), 0.5, k=1, min_side=64)
+    assert not_recognised_cause(no_record, 0.0, Observed(128, False, enlarged)) is None  # an older card
+
+
+def test_detail_is_taken_back_to_the_images_own_pixels() -> None:
+    """A sharp 64 px image resized to a 128 px input has the detail of a sharp 128 px one once the
+    resize's enlargement is taken back, and the input's own detail before (what the envelope reads)."""
+    scene = _scene(9, side=64)
+    on_input = np.asarray(scene.resize((128, 128), Image.Resampling.BICUBIC), np.float32)[None] / 255.0
+    profile = input_profile(on_input, 64)
+    assert profile[DETAIL] - float(input_profile(on_input)[DETAIL]) == pytest.approx(np.log(2.0), rel=1e-5)
+    assert detail_on_input(profile, 64, 128) == pytest.approx(
+        float(input_profile(on_input)[DETAIL]), abs=1e-5
+    )
+    assert detail_on_input(profile, 300, 128) == pytest.approx(float(profile[DETAIL]))  # shrunk: as it is
