@@ -101,6 +101,31 @@ def content_modality(data: bytes) -> str | None:
     return None
 
 
+# DICOM Modality codes (PS3.3 C.7.3.1.1.1) of clinical imaging only: magnetic resonance, ultrasound,
+# nuclear medicine and PET, mammography, angiography and fluoroscopy, endoscopy, ophthalmology, dental
+# panoramic and intra-oral, slide microscopy, and the radiotherapy, segmentation and report objects.
+# Security scanners (DICOS) and industrial radiography write CT, DX, CR or DR, never these, so such a
+# file is another kind of image than any X-ray Verity's models learn from, whatever its pixels look like.
+CLINICAL_DICOM_MODALITIES = frozenset(
+    {"MR", "US", "NM", "PT", "MG", "XA", "RF", "ES", "XC", "GM", "SM", "OP", "OPT", "OCT", "IVOCT",
+     "IVUS", "IO", "PX", "BMD", "BDUS", "RTDOSE", "RTIMAGE", "RTPLAN", "RTSTRUCT", "RTRECORD", "SEG",
+     "SR", "ECG", "EEG", "EMG", "EPS", "HD"}
+)  # fmt: skip
+
+
+def dicom_modality(data: bytes) -> str | None:
+    """The Modality code a DICOM file's header states ("DX", "MR", ...), read without its pixels; None
+    for a file that states none or cannot be read (the decoder reports what is wrong with it)."""
+    from pydicom import dcmread
+
+    try:
+        header = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["Modality"])
+    except Exception:  # noqa: BLE001 - an unreadable header is the decoder's to report
+        return None
+    code = str(header.get("Modality", "") or "").strip().upper()
+    return code or None
+
+
 # ---------------------------------------------------------------------------------------------- PIL
 
 

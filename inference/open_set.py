@@ -50,6 +50,7 @@ from verity.inference.bank import (
     unit_rows,
 )
 from verity.inference.card import ModelCard
+from verity.inference.decode import CLINICAL_DICOM_MODALITIES
 from verity.inference.input_profile import (
     PROFILE_FILE,
     ProfileBank,
@@ -240,6 +241,7 @@ class Observed:
     shorter_side: int | None = None
     colour: bool | None = None  # before the colour rule; None when unknown (a tensor sent preprocessed)
     profile: np.ndarray | None = None  # `input_profile` of the model input; None for a scan in tiles
+    dicom_modality: str | None = None  # the Modality a DICOM file states; None for other formats
 
 
 def not_recognised_cause(gate: NoveltyGate, distance: float, observed: Observed) -> str | None:
@@ -248,6 +250,8 @@ def not_recognised_cause(gate: NoveltyGate, distance: float, observed: Observed)
     the embedding's novelty and the input profile."""
     if outside_envelope(gate, observed.shorter_side, observed.profile):
         return "smaller_than_training"
+    if observed.dicom_modality in CLINICAL_DICOM_MODALITIES:
+        return "other_modality"  # an MR slice or an ultrasound, whatever its texture and profile
     like = gate.recognised(distance) and gate.profile_recognised(gate.profile_distance(observed.profile))
     if gate.colour_unseen(observed.colour):
         return _colour_cause(like)

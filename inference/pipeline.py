@@ -149,7 +149,8 @@ def judge(
         novelty = float(gate.novelty(output.embedding[None])[0])
         decoded = upload.decoded
         profile = decoded.profile if gate.profiles is not None else None  # computed only when asked
-        cause = not_recognised_cause(gate, novelty, Observed(decoded.shorter_side, decoded.colour, profile))
+        observed = Observed(decoded.shorter_side, decoded.colour, profile, decoded.dicom_modality)
+        cause = not_recognised_cause(gate, novelty, observed)
         recognised = cause is None
     status = reference.status if reference is not None else None
     verdict, reasons = open_set_verdict(classifier, recognised, status, cause)

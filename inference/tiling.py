@@ -59,7 +59,7 @@ from functools import cached_property
 import numpy as np
 from PIL import Image
 
-from verity.inference.decode import decode_image, sniff_format
+from verity.inference.decode import decode_image, dicom_modality, sniff_format
 from verity.inference.decode_limits import DEFAULT_LIMITS, DecodeLimits, check_structure
 from verity.inference.engine import Engine, Prediction, usable_cores
 from verity.inference.heatmap import over_input, upsample
@@ -136,6 +136,9 @@ class ScoringInput:
     # A dual-energy pair (two-page TIFF, two-frame DICOM/DICOS, or a high and a low file): the answer
     # says which of its images the model scored (a single-energy model: the high-energy one).
     dual_energy: bool = False
+    # The Modality code a DICOM file states (`decode.dicom_modality`): the gate does not recognise a
+    # clinical image (`decode.CLINICAL_DICOM_MODALITIES`). None for any other format.
+    dicom_modality: str | None = None
 
     @cached_property
     def profile(self) -> np.ndarray | None:
@@ -169,9 +172,10 @@ def load_for_scoring(
         side = int(min(pixels.shape[:2]))
         colour = is_colour_content(pixels)
         pair = pixels.ndim == 3 and pixels.shape[2] == 2
+        stated = dicom_modality(data) if kind == "dicom" else None
         if should_tile(pixels.shape, spec, options):
-            return ScoringInput(None, pixels, side, kind, colour, pair)
-        return ScoringInput(to_model_input(pixels, spec), None, side, kind, colour, pair)
+            return ScoringInput(None, pixels, side, kind, colour, pair, stated)
+        return ScoringInput(to_model_input(pixels, spec), None, side, kind, colour, pair, stated)
     if _may_tile(spec, options):  # photos in "auto" never are: no header read before the decode
         shape = _native_shape(data, kind, limits)
         if shape is not None and should_tile(shape, spec, options):

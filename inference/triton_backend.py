@@ -110,10 +110,16 @@ def _colour_code(colour: bool | None) -> int:
     return -1 if colour is None else int(colour)
 
 
+def _stated_modalities(decoded: list[ScoringInput]) -> np.ndarray:
+    """Each file's DICOM Modality as a Triton string tensor (N x 1 bytes; empty for another format)."""
+    return np.array([[(d.dicom_modality or "").encode()] for d in decoded], dtype=np.object_)
+
+
 class DecodeModel:
     """The ensemble's first step: each encoded file to its model input, by the spec's preprocessing, with
-    what the gate needs of the decoded image (its shorter side and whether it held colour). A file that
-    the tiling rule would score in tiles fails its request, naming the pipeline model that takes it."""
+    what the gate needs of the decoded image (its shorter side, whether it held colour, and the Modality
+    a DICOM file states). A file that the tiling rule would score in tiles fails its request, naming the
+    pipeline model that takes it."""
 
     def initialize(self, args: dict[str, str]) -> None:
         self.card, _ = _card(args)
@@ -136,6 +142,7 @@ class DecodeModel:
                     utils.Tensor("image", np.stack([d.model_input for d in decoded]).astype(np.float32)),
                     utils.Tensor("shorter_side", np.array([[d.shorter_side] for d in decoded], np.int32)),
                     utils.Tensor("colour", np.array([[_colour_code(d.colour)] for d in decoded], np.int8)),
+                    utils.Tensor("dicom_modality", _stated_modalities(decoded)),
                 ]
                 responses.append(utils.InferenceResponse(output_tensors=tensors))
             except (DecodeError, ValueError) as error:
@@ -169,11 +176,13 @@ class VerdictModel:
         if utils.get_input_tensor_by_name(request, "embedding") is not None:  # a model with a gate has one
             outputs["embedding"] = tensor("embedding")
         images, sides, colours = tensor("image"), tensor("shorter_side"), tensor("colour")
+        stated = tensor("dicom_modality")
         scored = []
         for index, prediction in enumerate(predictions(outputs, self.engine.temperature, with_cam=False)):
             colour = int(colours[index].reshape(-1)[0])
+            modality = bytes(stated[index].reshape(-1)[0]).decode() or None
             decoded = ScoringInput(images[index], None, int(sides[index].reshape(-1)[0]), "tensor",
-                                   None if colour < 0 else bool(colour))  # fmt: skip
+                                   None if colour < 0 else bool(colour), dicom_modality=modality)  # fmt: skip
             scored.append(judge(Upload("", decoded), prediction, self.engine))
         return scored
 

@@ -133,7 +133,8 @@ def ensemble_configs(
     """The decode and verdict steps and the ensemble joining them around the classifier, by model name."""
     spec, name = card.spec, card.name
     image = ("image", "TYPE_FP32", [spec.in_chans, spec.image_size, spec.image_size])
-    facts = [("shorter_side", "TYPE_INT32", [1]), ("colour", "TYPE_INT8", [1])]  # colour: 1, 0, -1 unknown
+    facts = [("shorter_side", "TYPE_INT32", [1]), ("colour", "TYPE_INT8", [1]),  # colour: 1, 0, -1 unknown
+             ("dicom_modality", "TYPE_STRING", [1])]  # fmt: skip
     graph = [("logits", "TYPE_FP32", [2])] + ([("embedding", "TYPE_FP32", [embedding])] if embedding else [])
     answers = [("score", "TYPE_FP32", [1]), ("verdict", "TYPE_STRING", [1]), ("recognised", "TYPE_INT8", [1]),
                ("reasons", "TYPE_STRING", [1])]  # fmt: skip
@@ -144,7 +145,7 @@ def ensemble_configs(
         maps += [f'output_map {{ key: "{key}" value: "{key}" }}' for key in outputs]
         return f'{{ model_name: "{model}" model_version: -1 {" ".join(maps)} }}'
 
-    decoded = ["image", "shorter_side", "colour"]
+    decoded = ["image", *(fact[0] for fact in facts)]
     graph_names = [output[0] for output in graph]
     steps = [
         step(f"{name}-decode", {IMAGE_INPUT: IMAGE_INPUT}, decoded),

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
+from verity.datasets.encode import encode_dicom
 from verity.inference.bank import build_bank, save_bank
+from verity.inference.decode import CLINICAL_DICOM_MODALITIES, dicom_modality
 from verity.inference.engine import ModelLoadError, OnnxEngine
 from verity.inference.open_set import (
     NoveltyGate,
@@ -250,3 +252,22 @@ def test_eval_counts_what_the_pipeline_did_not_recognise_by_cause(tmp_path: Path
     assert figures["not_recognised"] == 2 and figures["images"] == 3
     assert figures["by_cause"] == {"unlike_training": 1, "smaller_than_training": 1}
     assert figures["under_min_side"] == 1
+
+
+def test_a_clinical_dicom_is_another_kind_of_image_whatever_its_pixels(tmp_path: Path) -> None:
+    """An MR slice or an ultrasound is no security X-ray (DICOS and industrial radiography write CT, DX,
+    CR or DR): the header's Modality says so before any likeness is weighed."""
+    engine = OnnxEngine(gated_model(tmp_path), warmup=False)
+    pixels = (np.random.default_rng(3).random((48, 64)) * 65535).astype(np.uint16)
+    scanner, clinical = encode_dicom(pixels), encode_dicom(pixels, Modality="MR")
+    assert (dicom_modality(scanner), dicom_modality(clinical), dicom_modality(_png(seed=1))) == (
+        "DX",
+        "MR",
+        None,
+    )
+    assert dicom_modality(encode_dicom(pixels, Modality="")) is None
+    answer = score_bytes(clinical, engine)
+    assert (answer.verdict, answer.reasons) == ("uncertain", ("not_recognised", "other_modality"))
+    assert "other_modality" not in score_bytes(scanner, engine).reasons  # the same pixels from a scanner
+    assert {"MR", "US", "NM", "PT"} <= CLINICAL_DICOM_MODALITIES
+    assert not {"CT", "DX", "CR", "DR"} & CLINICAL_DICOM_MODALITIES

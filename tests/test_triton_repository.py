@@ -191,7 +191,11 @@ def test_the_ensemble_gives_v1_predicts_answers_for_whole_images(repository: Pat
     stub = _stub(monkeypatch, repository)
     cases = {
         "photo-default": [_jpeg((240, 320), 1), _jpeg((300, 300), 2)],
-        "xray-default": [encode_dicom(_scan(400, 300, 3)), encode_png16(_scan(500, 200, 4))],
+        "xray-default": [
+            encode_dicom(_scan(400, 300, 3)),
+            encode_png16(_scan(500, 200, 4)),
+            encode_dicom(_scan(200, 160, 6), Modality="MR"),
+        ],  # a clinical DICOM: other_modality
     }
     settings = make_settings(tmp_path, models_dir=SHIPPED, rate_limit_per_s=0)
     with TestClient(create_app(settings)) as client:
