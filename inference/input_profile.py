@@ -73,16 +73,18 @@ def input_profile(model_input: np.ndarray, source_side: int | None = None) -> np
     standard deviation, its gradient's quantiles, its mean absolute Laplacian, the mean spread of its
     channels (0 for one channel or a grey plane repeated), and its detail at the decoded image's own
     pixels (`source_side`, its shorter side; None for an input that was not resized)."""
-    sampled = np.asarray(model_input, dtype=np.float32)[:, ::2, ::2]
-    plane = sampled.mean(axis=0)
+    # One contiguous copy of the sampled pixels: every statistic below then reads memory in order.
+    sampled = np.ascontiguousarray(np.asarray(model_input, dtype=np.float32)[:, ::2, ::2])
+    grey = _repeated_plane(sampled)
+    plane = sampled.mean(axis=0) if grey is None else grey
     levels = percentiles(plane, LEVEL_QUANTILES)
     rows, columns = np.gradient(plane) if min(plane.shape) > 1 else (np.zeros_like(plane),) * 2
-    magnitude = np.hypot(rows, columns)
+    magnitude = np.sqrt(rows * rows + columns * columns)  # no overflow to guard against in [0, 1]
     gradient = percentiles(magnitude, GRADIENT_QUANTILES)
     inner = plane[1:-1, 1:-1]
     neighbours = plane[:-2, 1:-1] + plane[2:, 1:-1] + plane[1:-1, :-2] + plane[1:-1, 2:]
     laplacian = float(np.abs(4 * inner - neighbours).mean()) if inner.size else 0.0
-    spread = _channel_spread(sampled, plane) if sampled.shape[0] > 1 else 0.0
+    spread = 0.0 if grey is not None else _channel_spread(sampled, plane)
     detail = math.log((laplacian + DETAIL_FLOOR) / (float(magnitude.mean()) + DETAIL_FLOOR))
     side = model_input.shape[-1]
     if source_side is not None and 0 < source_side < side:
@@ -113,6 +115,15 @@ def percentiles(values: np.ndarray, percents: tuple[float, ...]) -> np.ndarray:
     low, high = ordered[previous], ordered[following]
     difference = high - low
     return np.where(gamma >= 0.5, high - difference * (1.0 - gamma), low + difference * gamma)
+
+
+def _repeated_plane(sampled: np.ndarray) -> np.ndarray | None:
+    """The one plane of an input whose channels are all the same (one channel, or a grey image repeated
+    into three, as every X-ray model's input is): its mean, without computing one; None for colour."""
+    first = sampled[0]
+    if all(np.array_equal(first, channel) for channel in sampled[1:]):
+        return first
+    return None
 
 
 def _channel_spread(sampled: np.ndarray, plane: np.ndarray) -> float:

@@ -264,3 +264,14 @@ def test_detail_is_taken_back_to_the_images_own_pixels() -> None:
         float(input_profile(on_input)[DETAIL]), abs=1e-5
     )
     assert detail_on_input(profile, 300, 128) == pytest.approx(float(profile[DETAIL]))  # shrunk: as it is
+
+
+def test_a_grey_image_has_one_profile_whether_sent_in_one_channel_or_repeated_in_three() -> None:
+    """Every X-ray model's input repeats a grey plane into three channels: its profile is the plane's,
+    to the bit, with no colour spread; a colour input keeps its channels' mean and spread."""
+    grey = _noise(4)
+    np.testing.assert_array_equal(input_profile(np.repeat(grey, 3, axis=0), 90), input_profile(grey, 90))
+    assert input_profile(np.repeat(grey, 3, axis=0))[COLOUR_SPREAD] == 0.0
+    colour = _noise(4, channels=3)
+    spread = float(colour[:, ::2, ::2].std(axis=0).mean())
+    assert input_profile(colour)[COLOUR_SPREAD] == pytest.approx(spread)
