@@ -14,11 +14,13 @@ image (at most the model's input size). An image smaller than that is not recogn
 novelty (`outside_envelope`): the model was never shown, nor validated on, anything that small. Why a
 size rule beside the embedding: the shipped X-ray model trains mostly on 32-64 px patches, and blurred,
 low-resolution grey images (a 25 px face, a photograph shrunk to 25 px) lie among them in texture
-statistics; only 37% of 200 such faces were beyond the novelty threshold. The envelope has a detail
-too (`min_detail`): an image enlarged from a thumbnail passes the size rule in pixels, but its model
-input shows less detail than any training image's did (`input_profile.detail_on_input`), so it is
-smaller than training all the same. On the fish-bone models (100 px scans) this caught the last grey
-faces enlarged from 25 px thumbnails that the profile's kNN let through (benchmarks/foreign_bench.py).
+statistics; only 37% of 200 such faces were beyond the novelty threshold. The envelope has a detail too
+(`min_detail`): an image enlarged from a thumbnail passes the size rule in pixels, but its model input
+shows less detail than any training image's did (`input_profile.detail_on_input`), so it is smaller than
+training all the same (`enlarged`; named only for an image otherwise like the training images: a flat or
+featureless image has no detail to measure and is unlike them). On the fish-bone models (100 px scans)
+this caught the last grey faces enlarged from 25 px thumbnails that the profile's kNN let through
+(benchmarks/foreign_bench.py).
 
 Two more rules hold an image against the training images (`not_recognised_cause` names which one fired):
 - its input profile (`inference.input_profile`: brightness, sharpness and colour statistics of the model
@@ -150,18 +152,21 @@ def load_novelty_gate(card: ModelCard, model_dir: Path) -> NoveltyGate | None:
     )
 
 
-def outside_envelope(
-    gate: NoveltyGate | None, shorter_side: int | None, profile: np.ndarray | None = None
-) -> bool:
-    """Whether an image with this shorter side (pixels) and input profile is smaller than any the gate's
-    model was trained on: fewer pixels than the smallest training image, or, enlarged from a smaller
-    one, less detail on the model input than any training image had (`input_profile.detail_on_input`).
-    False without a gate, or for what it holds no record or observation of."""
-    if gate is None or shorter_side is None:
+def outside_envelope(gate: NoveltyGate | None, shorter_side: int | None) -> bool:
+    """Whether an image with this shorter side (pixels) is smaller than any the gate's model was
+    trained on. False without a gate, without a recorded size, or without a known side."""
+    if gate is None or gate.min_side is None or shorter_side is None:
         return False
-    if gate.min_side is not None and shorter_side < gate.min_side:
-        return True
-    if gate.min_detail is None or gate.input_side is None or profile is None:
+    return shorter_side < gate.min_side
+
+
+def enlarged(gate: NoveltyGate | None, shorter_side: int | None, profile: np.ndarray | None) -> bool:
+    """Whether an image shows less detail on the model input than any training image did
+    (`input_profile.detail_on_input` under the envelope's `min_detail`): enlarged from an image smaller
+    than any the model was trained on. False without a record, a side or a profile."""
+    if gate is None or gate.min_detail is None or gate.input_side is None:
+        return False
+    if shorter_side is None or profile is None:
         return False
     return detail_on_input(profile, shorter_side, gate.input_side) < gate.min_detail
 
@@ -246,16 +251,21 @@ class Observed:
 
 def not_recognised_cause(gate: NoveltyGate, distance: float, observed: Observed) -> str | None:
     """Why the gate does not recognise an image (`vocabulary.NOT_RECOGNISED_CAUSES`), None when it does.
-    The size comes first (it says what to send instead, whatever the novelty), then the colour, then
-    the embedding's novelty and the input profile."""
-    if outside_envelope(gate, observed.shorter_side, observed.profile):
+    The size comes first (it says what to send instead, whatever the novelty), then a clinical DICOM's
+    stated modality, then the colour, then the embedding's novelty and the input profile, and last the
+    detail: an image like the training images in all else but enlarged from a smaller one is smaller
+    than training (send the original), while a flat or featureless one, which has no detail to measure,
+    is unlike them."""
+    if outside_envelope(gate, observed.shorter_side):
         return "smaller_than_training"
     if observed.dicom_modality in CLINICAL_DICOM_MODALITIES:
         return "other_modality"  # an MR slice or an ultrasound, whatever its texture and profile
     like = gate.recognised(distance) and gate.profile_recognised(gate.profile_distance(observed.profile))
     if gate.colour_unseen(observed.colour):
         return _colour_cause(like)
-    return None if like else "unlike_training"
+    if not like:
+        return "unlike_training"
+    return "smaller_than_training" if enlarged(gate, observed.shorter_side, observed.profile) else None
 
 
 def _colour_cause(like_otherwise: bool) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,10 @@ def test_an_image_enlarged_from_one_smaller_than_any_training_image_is_smaller_t
     enlarged = input_profile(_enlarged(scenes[0], 4), 128)
     assert not_recognised_cause(gate, 0.0, Observed(128, False, sharp)) is None
     assert not_recognised_cause(gate, 0.0, Observed(128, False, enlarged)) == "smaller_than_training"
+    strict = replace(gate, profile_threshold=5.0)  # a flat image is far from the training profiles
+    flat = input_profile(np.full((1, 128, 128), 0.5, np.float32), 128)
+    assert detail_on_input(flat, 128, 128) < min_detail  # no detail at all, and yet not "enlarged":
+    assert not_recognised_cause(strict, 0.0, Observed(128, False, flat)) == "unlike_training"
     no_record = NoveltyGate(build_bank(np.eye(3), ["genuine"] * 3), 0.5, k=1, min_side=64)
     assert not_recognised_cause(no_record, 0.0, Observed(128, False, enlarged)) is None  # an older card
 
