@@ -86,9 +86,7 @@ def input_profile(model_input: np.ndarray, source_side: int | None = None) -> np
     laplacian = float(np.abs(4 * inner - neighbours).mean()) if inner.size else 0.0
     spread = 0.0 if grey is not None else _channel_spread(sampled, plane)
     detail = math.log((laplacian + DETAIL_FLOOR) / (float(magnitude.mean()) + DETAIL_FLOOR))
-    side = model_input.shape[-1]
-    if source_side is not None and 0 < source_side < side:
-        detail += math.log(side / source_side)  # the resize's enlargement, taken back
+    detail += _log_enlargement(source_side, model_input.shape[-1])  # the resize's enlargement, taken back
     statistics = [plane.std(), *gradient, laplacian, spread, detail]
     return np.concatenate([levels, statistics]).astype(np.float32)
 
@@ -97,10 +95,15 @@ def detail_on_input(profile: np.ndarray, source_side: int | None, input_side: in
     """The profile's `detail` as the model input has it, before it was taken back to the image's own
     pixels: how fine the detail the model is shown. An image enlarged from one smaller than any training
     image shows less than every training image did, whatever its size in pixels."""
-    detail = float(profile[DETAIL])
+    return float(profile[DETAIL]) - _log_enlargement(source_side, input_side)
+
+
+def _log_enlargement(source_side: int | None, input_side: int) -> float:
+    """log(input_side / source_side) for an image the resize to the input enlarged; 0 for one it kept or
+    shrank, or of unknown size."""
     if source_side is not None and 0 < source_side < input_side:
-        detail -= math.log(input_side / source_side)
-    return detail
+        return math.log(input_side / source_side)
+    return 0.0
 
 
 def percentiles(values: np.ndarray, percents: tuple[float, ...]) -> np.ndarray:
@@ -161,9 +164,7 @@ class ProfileBank:
         queries = (np.atleast_2d(np.asarray(profiles, dtype=np.float64))[:, :width] - self.mean) / self.spread
         queries = queries.astype(np.float32)
         squared = (queries**2).sum(axis=1, keepdims=True) + self._row_norms[None] - 2 * queries @ self.rows.T
-        k = min(k, len(self.rows))
-        nearest = np.partition(squared, k - 1, axis=1)[:, :k]
-        return np.sqrt(np.maximum(nearest, 0.0)).astype(np.float64).mean(axis=1)
+        return _mean_nearest(squared, min(k, len(self.rows)))
 
     def left_out_distance(self, k: int, chunk: int = 1024) -> np.ndarray:
         """Each training profile's `distance` to the others (its own row left out), in chunks of rows so
@@ -178,9 +179,14 @@ class ProfileBank:
                 self._row_norms[start : start + chunk, None] + self._row_norms[None] - 2 * block @ self.rows.T
             )
             squared[np.arange(len(block)), np.arange(start, start + len(block))] = np.inf  # not itself
-            nearest = np.partition(squared, k - 1, axis=1)[:, :k]
-            out.append(np.sqrt(np.maximum(nearest, 0.0)).astype(np.float64).mean(axis=1))
+            out.append(_mean_nearest(squared, k))
         return np.concatenate(out)
+
+
+def _mean_nearest(squared: np.ndarray, k: int) -> np.ndarray:
+    """Each row's mean Euclidean distance to its k nearest, from squared distances (rows x bank)."""
+    nearest = np.partition(squared, k - 1, axis=1)[:, :k]
+    return np.sqrt(np.maximum(nearest, 0.0)).astype(np.float64).mean(axis=1)
 
 
 def save_profiles(bank: ProfileBank, path: str | Path) -> Path:
