@@ -74,8 +74,15 @@ def padded_bank(model_dir: Path, rows: int) -> Any:
 def padded_profiles(model_dir: Path, rows: int) -> ProfileBank:
     """The model's input profiles padded with random rows to `rows` (what a 10,000-image set keeps)."""
     profiles = load_profiles(model_dir / PROFILE_FILE)
-    extra = np.random.default_rng(1).standard_normal((max(0, rows - len(profiles.rows)), PROFILE_WIDTH))
-    return replace(profiles, rows=np.concatenate([profiles.rows, extra.astype(np.float32)]))
+    generator = np.random.default_rng(1)
+    extra = generator.standard_normal((max(0, rows - len(profiles.rows)), PROFILE_WIDTH))
+    padded = replace(profiles, rows=np.concatenate([profiles.rows, extra.astype(np.float32)]))
+    if profiles.bank_rows is None:
+        return padded
+    # The joint measure reads each profile's bank row: the padding's are the padded bank's last rows (so
+    # a model whose every training image has a profile keeps its profiles in the bank's order).
+    extra_rows = np.arange(rows - len(extra), rows)
+    return replace(padded, bank_rows=np.concatenate([profiles.bank_rows, extra_rows]))
 
 
 def without_gate(source: Path, target: Path) -> None:
@@ -154,15 +161,15 @@ def in_process(paths: dict[str, Path], image: bytes, repeats: int = 200) -> dict
 
     predict = median_ms(lambda: engine.predict([model_input], with_cam=True))
     novelty = median_ms(lambda: gate.novelty(embedding[None]))
-    # The input profile of the model input and its distance to the training profiles (none without).
-    profile = median_ms(lambda: gate.profile_distance(input_profile(model_input))) if gate.profiles else 0.0
+    # Every measure the gate has, the input profile of the model input included (as `judge` runs it).
+    likeness = median_ms(lambda: gate.likeness(embedding, input_profile(model_input)[None]))
     reference = median_ms(lambda: store.check(engine, PRODUCT, embedding, patches))
     return {
         "predict_ms": predict,
         "novelty_ms": novelty,
-        "profile_ms": profile,
+        "likeness_ms": likeness,
         "reference_check_ms": reference,
-        "checks_share_of_predict": (novelty + profile + reference) / predict,
+        "checks_share_of_predict": (likeness + reference) / predict,
         "novelty_after_a_request_ms": after_a_request_ms(lambda: gate.novelty(embedding[None])),
         "reference_check_after_a_request_ms": after_a_request_ms(
             lambda: store.check(engine, PRODUCT, embedding, patches)
@@ -271,7 +278,7 @@ def summary(result: dict[str, Any]) -> str:
     inside = result["in_process"]
     line = (
         f"open-set checks at {result['bank_rows']:,} references + {result['references']} product references: "
-        f"in process {inside['novelty_ms'] + inside['reference_check_ms']:.2f} ms per image beside "
+        f"in process {inside['likeness_ms'] + inside['reference_check_ms']:.2f} ms per image beside "
         f"{inside['predict_ms']:.2f} ms predict ({inside['checks_share_of_predict']:.1%}); after a request "
         f"(cold caches) novelty {inside['novelty_after_a_request_ms']:.2f} ms, reference check "
         f"{inside['reference_check_after_a_request_ms']:.2f} ms"

@@ -8,9 +8,9 @@ which data, when, how many images before subsampling, the seed). A bank keeps at
 rows: more are subsampled uniformly with a seeded generator, so the same inputs always give the same
 bank.
 
-Search is behind one small interface, `BruteForceSearch` (`search` for neighbours, `top_similarities` for
-novelty): exact cosine kNN by one float32 matrix product over a contiguous D x rows copy, 4 x rows x D
-bytes held twice (11.5 MB for 10,000 references of D = 144).
+Search is behind one small interface, `BruteForceSearch` (`search` for neighbours, `similarities` for
+novelty and the gate's joint measure): exact cosine kNN by one float32 matrix product over a contiguous
+D x rows copy, 4 x rows x D bytes held twice (11.5 MB for 10,000 references of D = 144).
 `benchmarks/bank_bench.py` measures its query time at 10,000 and 100,000 references.
 """
 
@@ -54,15 +54,9 @@ class BruteForceSearch:
         # fast as multiplying by the transposed view at 10,000 x 144).
         self.columns = np.ascontiguousarray(self.references.T)
 
-    def top_similarities(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """The k largest cosine similarities of each unit-length query row (N x k, in no order): what
-        novelty needs, without the indices' sorting."""
-        if not 1 <= k <= len(self.references):
-            raise BankError(f"k must be between 1 and the bank's {len(self.references)} rows, got {k}.")
-        similarity = np.asarray(queries, dtype=np.float32) @ self.columns
-        if k == similarity.shape[1]:
-            return similarity
-        return np.partition(similarity, similarity.shape[1] - k, axis=1)[:, -k:]
+    def similarities(self, queries: np.ndarray) -> np.ndarray:
+        """The cosine similarity of each unit-length query row to every reference (N x M)."""
+        return np.asarray(queries, dtype=np.float32) @ self.columns
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, indices), each N x k, nearest first, for unit-length N x D queries."""
@@ -109,6 +103,13 @@ class ReferenceBank:
     @cached_property
     def index(self) -> BruteForceSearch:
         return BruteForceSearch(self.embeddings)
+
+
+def top_k(similarity: np.ndarray, k: int) -> np.ndarray:
+    """The k largest values of each row (N x k, in no order)."""
+    if k == similarity.shape[1]:
+        return similarity
+    return np.partition(similarity, similarity.shape[1] - k, axis=1)[:, -k:]
 
 
 def subsample_indices(total: int, max_references: int, seed: int) -> np.ndarray:
@@ -202,5 +203,11 @@ def novelty(embeddings: np.ndarray, bank: ReferenceBank, k: int = DEFAULT_K) -> 
         raise BankError(
             f"Embeddings of dimension {queries.shape[1]} cannot be compared with a bank of {bank.dim}."
         )
-    similarities = bank.index.top_similarities(unit_rows(queries), k)
-    return 1.0 - similarities.astype(np.float64).mean(axis=1)
+    return novelty_from_similarities(bank.index.similarities(unit_rows(queries)), k)
+
+
+def novelty_from_similarities(similarity: np.ndarray, k: int) -> np.ndarray:
+    """`novelty` from each query's similarities to every reference (N x M)."""
+    if not 1 <= k <= similarity.shape[1]:
+        raise BankError(f"k must be between 1 and the bank's {similarity.shape[1]} rows, got {k}.")
+    return 1.0 - top_k(similarity, k).astype(np.float64).mean(axis=1)

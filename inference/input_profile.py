@@ -143,28 +143,37 @@ class ProfileBank:
     rows: np.ndarray  # N x width (PROFILE_WIDTH, or WIDTH_BEFORE_DETAIL for an older file), standardised
     mean: np.ndarray
     spread: np.ndarray
+    # Each row's image as a row of the reference bank (bank.npz), for the gate's joint measure; None in
+    # a file written before it, or for profiles of images the bank does not hold.
+    bank_rows: np.ndarray | None = None
 
     @classmethod
-    def from_profiles(cls, profiles: np.ndarray) -> ProfileBank:
+    def from_profiles(cls, profiles: np.ndarray, bank_rows: np.ndarray | None = None) -> ProfileBank:
         profiles = np.asarray(profiles, dtype=np.float64)
         if profiles.ndim != 2 or profiles.shape[1] != PROFILE_WIDTH or len(profiles) == 0:
             raise ProfileError(f"Expected N x {PROFILE_WIDTH} training profiles, got {profiles.shape}.")
+        if bank_rows is not None and np.shape(bank_rows) != (len(profiles),):
+            raise ProfileError(f"{len(profiles)} profiles need as many bank rows, got {np.shape(bank_rows)}.")
         mean = profiles.mean(axis=0)
         spread = np.maximum(profiles.std(axis=0), MIN_SPREAD)
-        return cls(((profiles - mean) / spread).astype(np.float32), mean, spread)
+        rows = None if bank_rows is None else np.asarray(bank_rows, dtype=np.int64)
+        return cls(((profiles - mean) / spread).astype(np.float32), mean, spread, rows)
 
     @cached_property
     def _row_norms(self) -> np.ndarray:
         return (self.rows.astype(np.float32) ** 2).sum(axis=1)
 
     def distance(self, profiles: np.ndarray, k: int) -> np.ndarray:
-        """Mean Euclidean distance from each profile row to its k nearest training profiles (one matrix
-        product: |q - r|^2 = |q|^2 + |r|^2 - 2 q.r)."""
+        """Mean Euclidean distance from each profile row to its k nearest training profiles."""
+        return mean_nearest(self.squared_distances(profiles), min(k, len(self.rows)))
+
+    def squared_distances(self, profiles: np.ndarray) -> np.ndarray:
+        """Squared Euclidean distance from each profile row to every training profile (N x rows, one
+        matrix product: |q - r|^2 = |q|^2 + |r|^2 - 2 q.r)."""
         width = self.rows.shape[1]  # an older bank compares the statistics it holds
         queries = (np.atleast_2d(np.asarray(profiles, dtype=np.float64))[:, :width] - self.mean) / self.spread
         queries = queries.astype(np.float32)
-        squared = (queries**2).sum(axis=1, keepdims=True) + self._row_norms[None] - 2 * queries @ self.rows.T
-        return _mean_nearest(squared, min(k, len(self.rows)))
+        return (queries**2).sum(axis=1, keepdims=True) + self._row_norms[None] - 2 * queries @ self.rows.T
 
     def left_out_distance(self, k: int, chunk: int = 1024) -> np.ndarray:
         """Each training profile's `distance` to the others (its own row left out), in chunks of rows so
@@ -179,11 +188,11 @@ class ProfileBank:
                 self._row_norms[start : start + chunk, None] + self._row_norms[None] - 2 * block @ self.rows.T
             )
             squared[np.arange(len(block)), np.arange(start, start + len(block))] = np.inf  # not itself
-            out.append(_mean_nearest(squared, k))
+            out.append(mean_nearest(squared, k))
         return np.concatenate(out)
 
 
-def _mean_nearest(squared: np.ndarray, k: int) -> np.ndarray:
+def mean_nearest(squared: np.ndarray, k: int) -> np.ndarray:
     """Each row's mean Euclidean distance to its k nearest, from squared distances (rows x bank)."""
     nearest = np.partition(squared, k - 1, axis=1)[:, :k]
     return np.sqrt(np.maximum(nearest, 0.0)).astype(np.float64).mean(axis=1)
@@ -194,7 +203,10 @@ def save_profiles(bank: ProfileBank, path: str | Path) -> Path:
     path = Path(path)
     with staged_file(path, mode=0o644) as staged:
         with open(staged.path, "wb") as stream:  # a file object: numpy then adds no .npz of its own
-            np.savez(stream, rows=bank.rows, mean=bank.mean, spread=bank.spread)
+            arrays = {"rows": bank.rows, "mean": bank.mean, "spread": bank.spread}
+            if bank.bank_rows is not None:
+                arrays["bank_rows"] = bank.bank_rows
+            np.savez(stream, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         staged.publish()
     return path
 
@@ -205,6 +217,7 @@ def load_profiles(path: str | Path) -> ProfileBank:
     try:
         with np.load(path, allow_pickle=False) as data:
             rows, mean, spread = data["rows"], data["mean"], data["spread"]
+            bank_rows = data["bank_rows"] if "bank_rows" in data.files else None
     except FileNotFoundError as error:
         raise ProfileError(f"No input profiles at {path}.") from error
     except (OSError, ValueError, KeyError) as error:
@@ -215,4 +228,7 @@ def load_profiles(path: str | Path) -> ProfileBank:
         raise ProfileError(f"{path} holds profiles of another width than {PROFILE_WIDTH}.")
     if len(rows) == 0 or not (np.isfinite(rows).all() and np.isfinite(mean).all() and (spread > 0).all()):
         raise ProfileError(f"{path} holds no usable profiles.")
-    return ProfileBank(rows.astype(np.float32), mean.astype(np.float64), spread.astype(np.float64))
+    if bank_rows is not None and (bank_rows.shape != (len(rows),) or bank_rows.dtype.kind not in "iu"):
+        raise ProfileError(f"{path} holds bank rows that do not match its {len(rows)} profiles.")
+    linked = None if bank_rows is None else bank_rows.astype(np.int64)
+    return ProfileBank(rows.astype(np.float32), mean.astype(np.float64), spread.astype(np.float64), linked)

@@ -146,11 +146,12 @@ def judge(
     classifier = engine.thresholds.verdict(output.score)
     gate, novelty, recognised, cause = engine.novelty_gate, None, None, None
     if gate is not None and output.embedding is not None:
-        novelty = float(gate.novelty(output.embedding[None])[0])
         decoded = upload.decoded
         profile = decoded.profile if gate.profiles is not None else None  # computed only when asked
+        measured = gate.likeness(output.embedding, None if profile is None else profile[None])[0]
+        novelty = measured.novelty
         observed = Observed(decoded.shorter_side, decoded.colour, profile, decoded.dicom_modality)
-        cause = not_recognised_cause(gate, novelty, observed)
+        cause = not_recognised_cause(gate, measured, observed)
         recognised = cause is None
     status = reference.status if reference is not None else None
     verdict, reasons = open_set_verdict(classifier, recognised, status, cause)

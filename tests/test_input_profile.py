@@ -24,7 +24,7 @@ from verity.inference.input_profile import (
     load_profiles,
     save_profiles,
 )
-from verity.inference.open_set import NoveltyGate, Observed, not_recognised_cause
+from verity.inference.open_set import Likeness, NoveltyGate, Observed, not_recognised_cause
 from verity.inference.preprocess import is_colour_content
 from verity.inference.tiling import TilingOptions, load_for_scoring
 
@@ -157,7 +157,7 @@ def test_colour_is_seen_before_the_colour_rule_in_the_forms_files_take() -> None
 def test_the_colour_rule_names_a_cause_an_officer_can_act_on(colour_share, colour, like, cause) -> None:
     gate = NoveltyGate(build_bank(np.eye(3), ["genuine"] * 3), 0.5, k=1, colour_share=colour_share)
     distance = 0.0 if like else 1.0
-    assert not_recognised_cause(gate, distance, Observed(64, colour)) == cause
+    assert not_recognised_cause(gate, Likeness(distance), Observed(64, colour)) == cause
 
 
 def test_the_size_rule_comes_before_the_colour_and_the_profile() -> None:
@@ -165,10 +165,10 @@ def test_the_size_rule_comes_before_the_colour_and_the_profile() -> None:
     gate = NoveltyGate(build_bank(np.eye(3), ["genuine"] * 3), 0.5, k=1, min_side=32,
                        profiles=profiles, profile_threshold=3.0, colour_share=0.0)  # fmt: skip
     far = input_profile(np.full((1, 32, 32), 0.9, np.float32))
-    assert not_recognised_cause(gate, 0.0, Observed(20, True, far)) == "smaller_than_training"
-    assert not_recognised_cause(gate, 0.0, Observed(64, False, far)) == "unlike_training"
-    assert not_recognised_cause(gate, 0.0, Observed(64, False, input_profile(_noise(3)))) is None
-    assert not_recognised_cause(gate, 0.0, Observed(64, True, far)) == "other_modality"
+    assert _cause(gate, Observed(20, True, far)) == "smaller_than_training"
+    assert _cause(gate, Observed(64, False, far)) == "unlike_training"
+    assert _cause(gate, Observed(64, False, input_profile(_noise(3)))) is None
+    assert _cause(gate, Observed(64, True, far)) == "other_modality"
 
 
 def test_the_fast_percentiles_and_channel_spread_are_numpys_to_the_bit() -> None:
@@ -248,14 +248,14 @@ def test_an_image_enlarged_from_one_smaller_than_any_training_image_is_smaller_t
                        min_detail=min_detail, input_side=128)  # fmt: skip
     sharp = input_profile(_enlarged(scenes[0].transpose(Image.Transpose.ROTATE_90), 1), 128)
     enlarged = input_profile(_enlarged(scenes[0], 4), 128)
-    assert not_recognised_cause(gate, 0.0, Observed(128, False, sharp)) is None
-    assert not_recognised_cause(gate, 0.0, Observed(128, False, enlarged)) == "smaller_than_training"
+    assert _cause(gate, Observed(128, False, sharp)) is None
+    assert _cause(gate, Observed(128, False, enlarged)) == "smaller_than_training"
     strict = replace(gate, profile_threshold=5.0)  # a flat image is far from the training profiles
     flat = input_profile(np.full((1, 128, 128), 0.5, np.float32), 128)
     assert detail_on_input(flat, 128, 128) < min_detail  # no detail at all, and yet not "enlarged":
-    assert not_recognised_cause(strict, 0.0, Observed(128, False, flat)) == "unlike_training"
+    assert _cause(strict, Observed(128, False, flat)) == "unlike_training"
     no_record = NoveltyGate(build_bank(np.eye(3), ["genuine"] * 3), 0.5, k=1, min_side=64)
-    assert not_recognised_cause(no_record, 0.0, Observed(128, False, enlarged)) is None  # an older card
+    assert _cause(no_record, Observed(128, False, enlarged)) is None  # an older card
 
 
 def test_detail_is_taken_back_to_the_images_own_pixels() -> None:
@@ -280,3 +280,10 @@ def test_a_grey_image_has_one_profile_whether_sent_in_one_channel_or_repeated_in
     colour = _noise(4, channels=3)
     spread = float(colour[:, ::2, ::2].std(axis=0).mean())
     assert input_profile(colour)[COLOUR_SPREAD] == pytest.approx(spread)
+
+
+def _cause(gate: NoveltyGate, observed: Observed) -> str | None:
+    """The gate's cause for an image whose embedding is the bank's first row (novelty 0), with the
+    observed profile measured by the gate as `pipeline.judge` measures it."""
+    profile = None if observed.profile is None else observed.profile[None]
+    return not_recognised_cause(gate, gate.likeness(np.eye(3)[0], profile)[0], observed)

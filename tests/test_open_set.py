@@ -184,13 +184,13 @@ def test_a_tiled_scan_under_the_training_envelope_is_not_recognised(
     gate = engine.novelty_gate
     assert gate is not None
     searches = []
-    real = NoveltyGate.novelty
+    real = NoveltyGate.likeness
 
-    def counted(self: NoveltyGate, embeddings: np.ndarray) -> np.ndarray:
-        searches.append(len(embeddings))
-        return real(self, embeddings)
+    def counted(self: NoveltyGate, embeddings: np.ndarray, profiles: np.ndarray | None = None) -> list:
+        searches.append(len(np.atleast_2d(embeddings)))
+        return real(self, embeddings, profiles)
 
-    monkeypatch.setattr(NoveltyGate, "novelty", counted)
+    monkeypatch.setattr(NoveltyGate, "likeness", counted)
     options = ScoringOptions(TilingOptions(mode="on"))
     for height, expected in ((31, False), (32, True)):
         searches.clear()

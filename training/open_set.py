@@ -22,10 +22,12 @@ from verity.inference.bank import (
     BANK_FILE,
     DEFAULT_K,
     MAX_REFERENCES,
+    ReferenceBank,
     build_bank,
     novelty,
     save_bank,
     subsample_indices,
+    unit_rows,
 )
 from verity.inference.card import ModelCard
 from verity.inference.drift import drift_reference
@@ -43,6 +45,7 @@ from verity.inference.open_set import (
     NoveltyGate,
     choose_novelty_threshold,
     envelope_side,
+    joint_distance,
     novelty_record,
 )
 from verity.inference.vocabulary import LABELS
@@ -57,6 +60,7 @@ class EmbeddedSplit:
     shorter_sides: np.ndarray  # N, each decoded image's shorter side in pixels
     profiles: np.ndarray  # M x PROFILE_WIDTH: the input profiles of the images scored whole (M <= N)
     profile_sides: np.ndarray  # M: the shorter side of each of those images
+    whole: np.ndarray  # M: the index of each of those images among the N
     colour: np.ndarray  # N booleans: each image in colour before the colour rule
     scores: np.ndarray  # N calibrated scores, as served
 
@@ -71,14 +75,15 @@ def embed_split(scorer: OnnxScorer, data: str | Path, split: str, progress: bool
     assert scored.shorter_sides is not None  # score_samples always measures them
     samples = [loaded.samples[i] for i in scored.indices]
     decoded = [result.upload.decoded for result in scored.results]
-    whole = [image for image in decoded if image.profile is not None]
+    whole = [i for i, image in enumerate(decoded) if image.profile is not None]
     stacked = (
-        np.stack([image.profile for image in whole]) if whole else np.zeros((0, PROFILE_WIDTH), np.float32)
+        np.stack([decoded[i].profile for i in whole]) if whole else np.zeros((0, PROFILE_WIDTH), np.float32)
     )
-    sides = np.array([image.shorter_side for image in whole], dtype=np.int64)
+    sides = np.array([decoded[i].shorter_side for i in whole], dtype=np.int64)
     colour = np.array([bool(image.colour) for image in decoded])
     return EmbeddedSplit(
-        scored.embeddings, samples, scored.shorter_sides, stacked, sides, colour, scored.scores
+        scored.embeddings, samples, scored.shorter_sides, stacked, sides, np.array(whole, dtype=np.int64),
+        colour, scored.scores,
     )
 
 
@@ -126,8 +131,9 @@ def build_open_set(
     rule_rate = rate / 2
     threshold = choose_novelty_threshold(val_novelty, rule_rate)
     min_side = envelope_side(train.shorter_sides, scorer.spec.image_size)
+    bank_keep = subsample_indices(len(train.embeddings), max_references, seed)  # as build_bank kept
     profile, profile_flags = _profile_gate(
-        onnx_path, train, val, rule_rate, k, max_references, seed, scorer.spec.image_size
+        onnx_path, train, val, rule_rate, k, (bank, bank_keep, threshold), scorer.spec.image_size
     )
     colour_share = float(train.colour.mean())
     gate = NoveltyGate(bank, threshold, k, min_side, colour_share=colour_share)
@@ -144,18 +150,25 @@ def build_open_set(
 
 
 def _profile_gate(
-    onnx_path: Path, train: EmbeddedSplit, val: EmbeddedSplit, rate: float, k: int, max_references: int,
-    seed: int, input_side: int,
+    onnx_path: Path, train: EmbeddedSplit, val: EmbeddedSplit, rate: float, k: int,
+    bank: tuple[ReferenceBank, np.ndarray, float], input_side: int,
 ) -> tuple[dict[str, Any] | None, np.ndarray]:  # fmt: skip
-    """Writes profile.npz from the training images' input profiles (subsampled as the bank is) and
-    chooses its threshold on theirs (each left out of its neighbours) and validation's, and the
-    envelope's detail on the training images; the card's `profile` record and each validation image's
-    flag. None (and no flags) when a split has no image scored whole: every image a scan in tiles."""
+    """Writes profile.npz from the input profiles of the bank's training images (`bank`: the bank, the
+    training images it kept, and the embedding's threshold) that were scored whole, each with its bank
+    row, and chooses the profile's threshold and the joint measure's on the training profiles' own
+    distances (each left out of its neighbours) and validation's; the envelope's detail from the
+    training images. Returns the card's `profile` record and each validation image's flag. None (and no
+    flags) when a split has no image scored whole: every image a scan in tiles."""
     no_flags = np.zeros(len(val.samples), dtype=bool)
     if len(train.profiles) == 0 or len(val.profiles) == 0 or len(val.profiles) != len(val.samples):
         return None, no_flags
-    keep = subsample_indices(len(train.profiles), max_references, seed)
-    profiles = ProfileBank.from_profiles(train.profiles[keep])
+    reference_bank, bank_keep, embedding_threshold = bank
+    position = {int(image): row for row, image in enumerate(train.whole)}
+    linked = [(row, position[int(image)]) for row, image in enumerate(bank_keep) if int(image) in position]
+    if not linked:
+        return None, no_flags
+    bank_rows, profile_rows = (np.array(column, dtype=np.int64) for column in zip(*linked, strict=True))
+    profiles = ProfileBank.from_profiles(train.profiles[profile_rows], bank_rows)
     save_profiles(profiles, onnx_path.with_name(PROFILE_FILE))
     distances = profiles.distance(val.profiles, k)
     # The profile is no learnt feature: a training image left out of its own neighbours is as fair a
@@ -164,13 +177,51 @@ def _profile_gate(
     # ordinary images on test (the synthetic console set: 5 of 76).
     ordinary = np.concatenate([profiles.left_out_distance(k), distances])
     threshold = choose_novelty_threshold(ordinary, rate)
+    scales = (embedding_threshold, threshold)
+    joint = _joint_distances(reference_bank, profiles, val, scales, k)
+    joint_ordinary = np.concatenate([_joint_left_out(reference_bank, profiles, scales, k), joint])
+    joint_threshold = choose_novelty_threshold(joint_ordinary, rate)
     # The envelope's detail: the least any training image showed (as `min_side` is the smallest side).
     min_detail = min(_details_on_input(train, input_side))
-    flags = (distances > threshold) | (np.array(_details_on_input(val, input_side)) < min_detail)
+    flags = (distances > threshold) | (joint > joint_threshold)
+    flags |= np.array(_details_on_input(val, input_side)) < min_detail
     record = {"file": PROFILE_FILE, "threshold": threshold, "k": int(k), "rows": len(profiles.rows),
               "threshold_images": len(ordinary), "min_detail": min_detail, "target_rate": float(rate),
+              "joint": {"threshold": joint_threshold, "target_rate": float(rate)},
               "val_rate": float(flags.mean())}  # fmt: skip
     return record, flags
+
+
+def _joint_distances(
+    bank: ReferenceBank, profiles: ProfileBank, split: EmbeddedSplit, scales: tuple[float, float], k: int
+) -> np.ndarray:
+    """Each image's joint distance (`open_set.joint_distance`) to the training images, as served."""
+    assert profiles.bank_rows is not None
+    similarity = bank.index.similarities(unit_rows(split.embeddings))[:, profiles.bank_rows]
+    profile_distances = np.sqrt(np.maximum(profiles.squared_distances(split.profiles), 0.0))
+    return joint_distance(1.0 - similarity, profile_distances, scales, k)
+
+
+def _joint_left_out(
+    bank: ReferenceBank, profiles: ProfileBank, scales: tuple[float, float], k: int, chunk: int = 1024
+) -> np.ndarray:
+    """Each training image's joint distance to the others (itself left out), in chunks of rows."""
+    assert profiles.bank_rows is not None
+    if len(profiles.rows) <= 1:
+        return np.zeros(0)
+    embeddings = bank.index.references[profiles.bank_rows]
+    norms = (profiles.rows.astype(np.float32) ** 2).sum(axis=1)
+    out = []
+    for start in range(0, len(profiles.rows), chunk):
+        block = slice(start, start + chunk)
+        embedding_distances = 1.0 - embeddings[block] @ embeddings.T
+        squared = norms[block, None] + norms[None] - 2 * profiles.rows[block] @ profiles.rows.T
+        profile_distances = np.sqrt(np.maximum(squared, 0.0))
+        own = np.arange(len(embedding_distances))
+        profile_distances[own, own + start] = np.inf  # not itself
+        nearest = min(k, len(profiles.rows) - 1)
+        out.append(joint_distance(embedding_distances, profile_distances, scales, nearest))
+    return np.concatenate(out)
 
 
 def _details_on_input(split: EmbeddedSplit, input_side: int) -> list[float]:
@@ -204,6 +255,8 @@ def describe(record: dict[str, Any]) -> str:
         profile = record["profile"]
         rows, threshold = profile["rows"], profile["threshold"]
         line += f"; input profiles of {rows:,} training images, threshold {threshold:.3f}"
+        if profile.get("joint"):
+            line += f"; joint threshold {profile['joint']['threshold']:.3f} (texture and profile together)"
         if "min_detail" in profile:
             line += "; an image with less detail than any training image (enlarged) is not recognised"
     if record.get("min_side"):

@@ -1,0 +1,159 @@
+"""The gate's joint measure: an image must lie near the same training images by its embedding and by its
+input profile (`open_set.joint_distance`), and training builds it with each profile tied to its image's
+bank row (`training.open_set`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
+from tests.test_drift import monitored_model
+from verity.inference.bank import build_bank, load_bank, save_bank
+from verity.inference.engine import ModelLoadError, OnnxEngine
+from verity.inference.input_profile import (
+    PROFILE_FILE,
+    PROFILE_WIDTH,
+    ProfileBank,
+    ProfileError,
+    load_profiles,
+    save_profiles,
+)
+from verity.inference.open_set import (
+    Likeness,
+    NoveltyGate,
+    Observed,
+    joint_distance,
+    not_recognised_cause,
+)
+from verity.training.open_set import _joint_left_out, describe, embed_split
+from verity.training.scoring import OnnxScorer
+
+
+def _three_images() -> tuple[np.ndarray, np.ndarray]:
+    """Three training images: orthogonal embeddings, and profiles far apart from each other."""
+    profiles = np.random.default_rng(0).normal(0.0, 1.0, (3, PROFILE_WIDTH))
+    return np.eye(3, dtype=np.float32), profiles
+
+
+def _gate(joint_threshold: float | None = 1.0) -> NoveltyGate:
+    embeddings, profiles = _three_images()
+    bank = build_bank(embeddings, ["genuine"] * 3)
+    profile_bank = ProfileBank.from_profiles(profiles, np.arange(3))
+    apart = np.sqrt(profile_bank.squared_distances(profiles)[~np.eye(3, dtype=bool)]).min()
+    # Each threshold lies halfway to the nearest other training image by its own measure.
+    return NoveltyGate(bank, 0.5, k=1, profiles=profile_bank, profile_threshold=float(apart) / 2,
+                       joint_threshold=joint_threshold)  # fmt: skip
+
+
+def test_an_image_near_other_training_images_by_each_measure_is_unlike_training() -> None:
+    """Texture of the first training image and the profile of the second: within each threshold alone,
+    far from every training image by both at once."""
+    gate = _gate()
+    embeddings, profiles = _three_images()
+    same, mixed = gate.likeness(np.stack([embeddings[0], embeddings[0]]), profiles[[0, 1]])
+    assert same.novelty == pytest.approx(0.0, abs=1e-6) and same.joint == pytest.approx(0.0, abs=1e-5)
+    assert mixed.novelty == pytest.approx(0.0, abs=1e-6)
+    assert mixed.profile_distance == pytest.approx(0.0, abs=1e-3)
+    assert gate.threshold > mixed.novelty and gate.profile_threshold > mixed.profile_distance  # each: like
+    assert mixed.joint is not None and mixed.joint >= 2.0  # one unit from each threshold, at the least
+    assert not_recognised_cause(gate, same, Observed(64, False, profiles[0])) is None
+    assert not_recognised_cause(gate, mixed, Observed(64, False, profiles[1])) == "unlike_training"
+
+
+def test_without_a_joint_threshold_the_gate_keeps_its_two_measures() -> None:
+    """An older card (no joint record) judges by the embedding and the profile, each alone."""
+    gate = _gate(joint_threshold=None)
+    embeddings, profiles = _three_images()
+    mixed = gate.likeness(embeddings[0], profiles[[1]])[0]
+    assert mixed.joint is None
+    assert not_recognised_cause(gate, mixed, Observed(64, False, profiles[1])) is None
+
+
+def test_the_joint_distance_is_the_mean_of_the_k_smallest_scaled_sums() -> None:
+    embedding = np.array([[0.1, 0.4, 0.2, 0.8]])
+    profile = np.array([[2.0, 0.0, 1.0, 4.0]])
+    sums = embedding / 0.2 + profile / 2.0  # 1.5, 2, 1.5, 6
+    assert joint_distance(embedding, profile, (0.2, 2.0), 2)[0] == pytest.approx(1.5)
+    assert joint_distance(embedding, profile, (0.2, 2.0), 3)[0] == pytest.approx(sums[0, :3].mean())
+    assert joint_distance(embedding, profile, (0.2, 2.0), 9)[0] == pytest.approx(sums.mean())  # k > rows
+    # A threshold of 0 (validation images the bank holds exactly) still gives a finite distance.
+    assert np.isfinite(joint_distance(embedding, profile, (0.0, 2.0), 2)).all()
+
+
+def test_the_training_images_left_out_distances_match_one_by_one_and_in_chunks() -> None:
+    rng = np.random.default_rng(3)
+    bank = build_bank(rng.normal(size=(23, 6)), ["genuine"] * 23)
+    rows = np.array([4, 0, 7, 22, 13, *range(8, 13), 1, 2, 3])  # profiles of some bank rows, in any order
+    profiles = ProfileBank.from_profiles(rng.normal(size=(len(rows), PROFILE_WIDTH)), rows)
+    scales = (0.3, 2.0)
+    expected = []
+    for i in range(len(rows)):
+        others = np.delete(np.arange(len(rows)), i)
+        gate = NoveltyGate(bank, 0.3, k=3, profiles=profiles, profile_threshold=2.0, joint_threshold=1.0)
+        embedding = bank.index.references[rows[i]]
+        similarity = bank.index.similarities(embedding[None])[:, rows[others]]
+        squared = profiles.squared_distances(profiles.rows[i] * profiles.spread + profiles.mean)[:, others]
+        expected.append(joint_distance(1 - similarity, np.sqrt(np.maximum(squared, 0)), scales, 3)[0])
+        assert gate.joint_scales == scales
+    for chunk in (1, 4, 1024):
+        assert np.allclose(_joint_left_out(bank, profiles, scales, 3, chunk), expected, atol=1e-5)
+
+
+def test_a_profile_file_keeps_its_bank_rows_and_an_older_one_has_none(tmp_path: Path) -> None:
+    _, profiles = _three_images()
+    linked = save_profiles(ProfileBank.from_profiles(profiles, np.array([2, 0, 1])), tmp_path / "a.npz")
+    assert load_profiles(linked).bank_rows.tolist() == [2, 0, 1]
+    older = save_profiles(ProfileBank.from_profiles(profiles), tmp_path / "b.npz")
+    assert load_profiles(older).bank_rows is None
+    bank = ProfileBank.from_profiles(profiles)
+    np.savez(tmp_path / "c.npz", rows=bank.rows, mean=bank.mean, spread=bank.spread, bank_rows=np.ones(2))
+    with pytest.raises(ProfileError, match="bank rows"):
+        load_profiles(tmp_path / "c.npz")
+    with pytest.raises(ProfileError, match="bank rows"):
+        ProfileBank.from_profiles(profiles, np.arange(2))
+
+
+def _model_with_joint(tmp_path: Path, bank_rows: np.ndarray | None) -> Path:
+    spec = tiny_spec()
+    path = tiny_onnx(tmp_path / "m" / "model.onnx", spec, features=8, embedding=True)
+    embeddings = np.random.default_rng(0).normal(size=(3, 8))
+    save_bank(build_bank(embeddings, ["genuine"] * 3), path.with_name("bank.npz"))
+    _, profiles = _three_images()
+    save_profiles(ProfileBank.from_profiles(profiles, bank_rows), path.with_name(PROFILE_FILE))
+    profile = {"file": PROFILE_FILE, "threshold": 3.0, "k": 1, "joint": {"threshold": 2.0}}
+    record = {"threshold": 0.5, "k": 1, "bank_file": "bank.npz", "profile": profile}
+    return tiny_onnx(path, spec, card={**tiny_card(spec), "novelty": record}, features=8, embedding=True)
+
+
+@pytest.mark.parametrize("bank_rows", [None, np.array([0, 1, 3])])
+def test_a_card_with_a_joint_rule_needs_profiles_tied_to_its_bank(tmp_path: Path, bank_rows) -> None:
+    """A joint rule whose profiles name no bank rows, or rows the bank lacks, must not serve silently."""
+    with pytest.raises(ModelLoadError, match="joint rule"):
+        OnnxEngine(_model_with_joint(tmp_path, bank_rows), warmup=False)
+    served = OnnxEngine(_model_with_joint(tmp_path / "ok", np.array([2, 0, 1])), warmup=False)
+    assert served.novelty_gate is not None and served.novelty_gate.joint_threshold == 2.0
+
+
+def test_training_ties_each_profile_to_its_images_bank_row_and_records_the_joint_rule(tmp_path: Path) -> None:
+    model = monitored_model(tmp_path / "models", tmp_path / "data")
+    record = json.loads(OnnxEngine(model, warmup=False).card.to_json())["novelty"]
+    joint = record["profile"]["joint"]
+    assert joint["threshold"] > 0 and joint["target_rate"] == record["profile"]["target_rate"]
+    assert "joint threshold" in describe(record)
+    bank, profiles = load_bank(model.with_name("bank.npz")), load_profiles(model.with_name(PROFILE_FILE))
+    assert profiles.bank_rows is not None and len(profiles.bank_rows) == len(profiles.rows) == len(bank)
+    train = embed_split(OnnxScorer(model), tmp_path / "data" / "manifest.jsonl", "train")
+    units = train.embeddings / np.linalg.norm(train.embeddings, axis=1, keepdims=True)
+    for row, bank_row in enumerate(profiles.bank_rows):
+        image = train.whole[row]  # the bank keeps every image of a small set, in order
+        assert np.allclose(bank.embeddings[bank_row].astype(np.float32), units[image], atol=2e-3)
+        standardised = (train.profiles[row] - profiles.mean) / profiles.spread
+        assert np.allclose(profiles.rows[row], standardised, atol=1e-5)
+    gate = OnnxEngine(model, warmup=False).novelty_gate
+    assert gate is not None and gate.joint_threshold == joint["threshold"]
+    measured = gate.likeness(train.embeddings[:2], train.profiles[:2])
+    assert all(isinstance(m, Likeness) and m.joint is not None for m in measured)
