@@ -29,7 +29,7 @@ from verity.inference.open_set import (
     joint_distance,
     not_recognised_cause,
 )
-from verity.training.open_set import _joint_left_out, describe, embed_split
+from verity.training.open_set import _joint_left_out, _joint_threshold, describe, embed_split
 from verity.training.scoring import OnnxScorer
 
 
@@ -157,3 +157,23 @@ def test_training_ties_each_profile_to_its_images_bank_row_and_records_the_joint
     assert gate is not None and gate.joint_threshold == joint["threshold"]
     measured = gate.likeness(train.embeddings[:2], train.profiles[:2])
     assert all(isinstance(m, Likeness) and m.joint is not None for m in measured)
+
+
+def test_the_joint_threshold_takes_only_what_the_stated_rate_leaves_on_validation() -> None:
+    """200 validation images at a 1% rate allow 2 flags. With none flagged elsewhere, the chosen
+    threshold stands when it flags 2; when the other rules already flag one, it rises to flag one more
+    only; when they flag two or more, to flag none."""
+    joint = np.linspace(0.0, 1.0, 200)  # the two largest: 1.0 and 0.99497...
+    chosen = float(joint[-3])  # flags the two largest
+    none = np.zeros(200, dtype=bool)
+    assert _joint_threshold(chosen, joint, none, 0.01) == chosen
+    one = none.copy()
+    one[0] = True  # flagged by another rule (its joint distance does not matter)
+    raised = _joint_threshold(chosen, joint, one, 0.01)
+    assert int((joint[~one] > raised).sum()) == 1 and raised == joint[-2]
+    two = none.copy()
+    two[:2] = True
+    assert int((joint[~two] > _joint_threshold(chosen, joint, two, 0.01)).sum()) == 0
+    both_largest = none.copy()
+    both_largest[-2:] = True  # the other rules flag the two the joint would: nothing left to flag
+    assert _joint_threshold(chosen, joint, both_largest, 0.01) == chosen
