@@ -78,12 +78,13 @@ def input_profile(model_input: np.ndarray, source_side: int | None = None) -> np
     grey = _repeated_plane(sampled)
     plane = sampled.mean(axis=0) if grey is None else grey
     levels = percentiles(plane, LEVEL_QUANTILES)
-    rows, columns = np.gradient(plane) if min(plane.shape) > 1 else (np.zeros_like(plane),) * 2
-    magnitude = np.sqrt(rows * rows + columns * columns)  # no overflow to guard against in [0, 1]
+    rows, columns = gradient_of(plane) if min(plane.shape) > 1 else (np.zeros_like(plane),) * 2
+    rows *= rows
+    columns *= columns
+    rows += columns
+    magnitude = np.sqrt(rows, out=rows)  # no overflow to guard against in [0, 1]
     gradient = percentiles(magnitude, GRADIENT_QUANTILES)
-    inner = plane[1:-1, 1:-1]
-    neighbours = plane[:-2, 1:-1] + plane[2:, 1:-1] + plane[1:-1, :-2] + plane[1:-1, 2:]
-    laplacian = float(np.abs(4 * inner - neighbours).mean()) if inner.size else 0.0
+    laplacian = _mean_abs_laplacian(plane)
     spread = 0.0 if grey is not None else _channel_spread(sampled, plane)
     detail = math.log((laplacian + DETAIL_FLOOR) / (float(magnitude.mean()) + DETAIL_FLOOR))
     detail += _log_enlargement(source_side, model_input.shape[-1])  # the resize's enlargement, taken back
@@ -120,6 +121,34 @@ def percentiles(values: np.ndarray, percents: tuple[float, ...]) -> np.ndarray:
     return np.where(gamma >= 0.5, high - difference * (1.0 - gamma), low + difference * gamma)
 
 
+def gradient_of(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.gradient(plane) of a plane at least 2 x 2, to the bit (central differences inside, one-sided at
+    the edges), without its general-case bookkeeping: a tenth of the profile's time."""
+    rows, columns = np.empty_like(plane), np.empty_like(plane)
+    np.subtract(plane[2:], plane[:-2], out=rows[1:-1])
+    rows[1:-1] /= 2.0
+    np.subtract(plane[1], plane[0], out=rows[0])
+    np.subtract(plane[-1], plane[-2], out=rows[-1])
+    np.subtract(plane[:, 2:], plane[:, :-2], out=columns[:, 1:-1])
+    columns[:, 1:-1] /= 2.0
+    np.subtract(plane[:, 1], plane[:, 0], out=columns[:, 0])
+    np.subtract(plane[:, -1], plane[:, -2], out=columns[:, -1])
+    return rows, columns
+
+
+def _mean_abs_laplacian(plane: np.ndarray) -> float:
+    """The mean absolute 4-neighbour Laplacian of the plane's inner pixels (0 for a plane without any),
+    summed in one buffer in the order a + b + c + d."""
+    inner = plane[1:-1, 1:-1]
+    if not inner.size:
+        return 0.0
+    laplacian = plane[:-2, 1:-1] + plane[2:, 1:-1]
+    laplacian += plane[1:-1, :-2]
+    laplacian += plane[1:-1, 2:]
+    np.subtract(4 * inner, laplacian, out=laplacian)
+    return float(np.abs(laplacian, out=laplacian).mean())
+
+
 def _repeated_plane(sampled: np.ndarray) -> np.ndarray | None:
     """The one plane of an input whose channels are all the same (one channel, or a grey image repeated
     into three, as every X-ray model's input is): its mean, without computing one; None for colour."""
@@ -133,7 +162,8 @@ def _channel_spread(sampled: np.ndarray, plane: np.ndarray) -> float:
     """The channels' standard deviation about their mean (`plane`, already computed), averaged over the
     pixels: sampled.std(axis=0).mean(), without computing the mean a second time."""
     deviation = sampled - plane
-    return float(np.sqrt((deviation * deviation).mean(axis=0)).mean())
+    deviation *= deviation
+    return float(np.sqrt(deviation.mean(axis=0)).mean())
 
 
 @dataclass(frozen=True)

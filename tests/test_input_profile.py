@@ -173,12 +173,14 @@ def test_the_size_rule_comes_before_the_colour_and_the_profile() -> None:
 
 def test_the_fast_percentiles_and_channel_spread_are_numpys_to_the_bit() -> None:
     """The profile's own quantiles equal np.percentile's (linear) exactly, ties of 8-bit levels and odd
-    sizes included, and its channel spread equals std(axis=0).mean(): the shipped gates' profiles were
-    computed with numpy's, so a faster profile must not move a single value."""
+    sizes included, its channel spread equals std(axis=0).mean() and its gradient np.gradient's: the
+    shipped gates' profiles were computed with numpy's, so a faster profile must not move a single
+    value."""
     from verity.inference.input_profile import (
         GRADIENT_QUANTILES,
         LEVEL_QUANTILES,
         _channel_spread,
+        gradient_of,
         percentiles,
     )
 
@@ -192,6 +194,9 @@ def test_the_fast_percentiles_and_channel_spread_are_numpys_to_the_bit() -> None
         for percents in (LEVEL_QUANTILES, GRADIENT_QUANTILES):
             np.testing.assert_array_equal(percentiles(plane, percents), np.percentile(plane, percents))
         assert _channel_spread(image, plane) == float(image.std(axis=0).mean())
+        if min(plane.shape) > 1:
+            for ours, numpys in zip(gradient_of(plane), np.gradient(plane), strict=True):
+                np.testing.assert_array_equal(ours, numpys)
 
 
 def test_a_server_computes_the_profile_while_decoding_and_the_same_numbers() -> None:
