@@ -29,6 +29,7 @@ The profiles sit in profile.npz beside model.onnx, written and read by numpy alo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -206,20 +207,22 @@ class ProfileBank:
         return (queries**2).sum(axis=1, keepdims=True) + self._row_norms[None] - 2 * queries @ self.rows.T
 
     def left_out_distance(self, k: int, chunk: int = 1024) -> np.ndarray:
-        """Each training profile's `distance` to the others (its own row left out), in chunks of rows so
-        that a bank of 10,000 never holds a 10,000 x 10,000 matrix."""
+        """Each training profile's `distance` to the others (its own row left out)."""
         k = min(k, len(self.rows) - 1)
         if k < 1:
             return np.zeros(0)
-        out = []
+        return np.concatenate([mean_nearest(squared, k) for _, squared in self.left_out_blocks(chunk)])
+
+    def left_out_blocks(self, chunk: int = 1024) -> Iterator[tuple[slice, np.ndarray]]:
+        """The training profiles' squared distances to each other, a block of `chunk` rows at a time (so
+        that a bank of 10,000 never holds a 10,000 x 10,000 matrix), each row's own distance infinite:
+        (the block's rows, its squared distances to every row)."""
         for start in range(0, len(self.rows), chunk):
-            block = self.rows[start : start + chunk]
-            squared = (
-                self._row_norms[start : start + chunk, None] + self._row_norms[None] - 2 * block @ self.rows.T
-            )
-            squared[np.arange(len(block)), np.arange(start, start + len(block))] = np.inf  # not itself
-            out.append(mean_nearest(squared, k))
-        return np.concatenate(out)
+            rows = slice(start, min(start + chunk, len(self.rows)))
+            block = self.rows[rows]
+            squared = self._row_norms[rows, None] + self._row_norms[None] - 2 * block @ self.rows.T
+            squared[np.arange(len(block)), np.arange(rows.start, rows.stop)] = np.inf  # not itself
+            yield rows, squared
 
 
 def mean_nearest(squared: np.ndarray, k: int) -> np.ndarray:

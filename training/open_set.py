@@ -28,7 +28,6 @@ from verity.inference.bank import (
     novelty,
     save_bank,
     subsample_indices,
-    unit_rows,
 )
 from verity.inference.card import ModelCard
 from verity.inference.drift import drift_reference
@@ -194,8 +193,11 @@ def _profile_gate(
     # The envelope's detail: the least any training image showed (as `min_side` is the smallest side).
     min_detail = min(_details_on_input(train, input_side))
     flags = (distances > threshold) | (np.array(_details_on_input(val, input_side)) < min_detail)
+    # The validation images' joint distances as the served gate measures them (no threshold yet).
+    measuring = NoveltyGate(embedding.bank, embedding.threshold, k, profiles=profiles,
+                            profile_threshold=threshold, joint_threshold=math.inf)  # fmt: skip
+    joint = np.array([measured.joint for measured in measuring.likeness(val.embeddings, val.profiles)])
     scales = (embedding.threshold, threshold)
-    joint = _joint_distances(embedding.bank, profiles, val, scales, k)
     joint_ordinary = np.concatenate([_joint_left_out(embedding.bank, profiles, scales, k), joint])
     joint_threshold = _joint_threshold(
         choose_novelty_threshold(joint_ordinary, rate / 2), joint, flags | embedding.val_flagged, rate
@@ -218,16 +220,6 @@ def _joint_threshold(chosen: float, val_joint: np.ndarray, flagged: np.ndarray, 
     return chosen if len(beyond) <= allowed else float(beyond[allowed])
 
 
-def _joint_distances(
-    bank: ReferenceBank, profiles: ProfileBank, split: EmbeddedSplit, scales: tuple[float, float], k: int
-) -> np.ndarray:
-    """Each image's joint distance (`open_set.joint_distance`) to the training images, as served."""
-    assert profiles.bank_rows is not None
-    similarity = bank.index.similarities(unit_rows(split.embeddings))[:, profiles.bank_rows]
-    profile_distances = np.sqrt(np.maximum(profiles.squared_distances(split.profiles), 0.0))
-    return joint_distance(1.0 - similarity, profile_distances, scales, k)
-
-
 def _joint_left_out(
     bank: ReferenceBank, profiles: ProfileBank, scales: tuple[float, float], k: int, chunk: int = 1024
 ) -> np.ndarray:
@@ -236,17 +228,11 @@ def _joint_left_out(
     if len(profiles.rows) <= 1:
         return np.zeros(0)
     embeddings = bank.index.references[profiles.bank_rows]
-    norms = (profiles.rows.astype(np.float32) ** 2).sum(axis=1)
+    nearest = min(k, len(profiles.rows) - 1)
     out = []
-    for start in range(0, len(profiles.rows), chunk):
-        block = slice(start, start + chunk)
-        embedding_distances = 1.0 - embeddings[block] @ embeddings.T
-        squared = norms[block, None] + norms[None] - 2 * profiles.rows[block] @ profiles.rows.T
-        profile_distances = np.sqrt(np.maximum(squared, 0.0))
-        own = np.arange(len(embedding_distances))
-        profile_distances[own, own + start] = np.inf  # not itself
-        nearest = min(k, len(profiles.rows) - 1)
-        out.append(joint_distance(embedding_distances, profile_distances, scales, nearest))
+    for rows, squared in profiles.left_out_blocks(chunk):
+        embedding_distances = 1.0 - embeddings[rows] @ embeddings.T
+        out.append(joint_distance(embedding_distances, np.sqrt(np.maximum(squared, 0.0)), scales, nearest))
     return np.concatenate(out)
 
 
