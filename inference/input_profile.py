@@ -109,13 +109,15 @@ def _log_enlargement(source_side: int | None, input_side: int) -> float:
 
 
 def percentiles(values: np.ndarray, percents: tuple[float, ...]) -> np.ndarray:
-    """np.percentile(values, percents) with its default (linear) method, to the bit: one sort of the
-    flattened values and numpy's own interpolation (`_lerp`), without np.percentile's checks and
-    partitioning, which took most of the profile's time on every request (0.5 of its 1.3 ms)."""
-    ordered = np.sort(values, axis=None)
-    virtual = (ordered.size - 1) * (np.asarray(percents, dtype=np.float64) / 100.0)
+    """np.percentile(values, percents) with its default (linear) method, to the bit: numpy's own
+    interpolation (`_lerp`) between the order statistics it reads, found by one partition at just those
+    ranks rather than a sort (they are the same values whatever puts them there), without np.percentile's
+    checks. np.percentile took 0.5 of the profile's 1.3 ms on every request, a sort 0.4 ms, this 0.1."""
+    flat = values.reshape(-1)
+    virtual = (flat.size - 1) * (np.asarray(percents, dtype=np.float64) / 100.0)
     previous = np.floor(virtual).astype(np.intp)
-    following = np.minimum(previous + 1, ordered.size - 1)
+    following = np.minimum(previous + 1, flat.size - 1)
+    ordered = np.partition(flat, np.unique(np.concatenate([previous, following])))
     gamma = virtual - previous
     low, high = ordered[previous], ordered[following]
     difference = high - low
