@@ -210,4 +210,6 @@ def novelty_from_similarities(similarity: np.ndarray, k: int) -> np.ndarray:
     """`novelty` from each query's similarities to every reference (N x M)."""
     if not 1 <= k <= similarity.shape[1]:
         raise BankError(f"k must be between 1 and the bank's {similarity.shape[1]} rows, got {k}.")
-    return 1.0 - top_k(similarity, k).astype(np.float64).mean(axis=1)
+    # Summed in ascending order: the same k values give the same novelty to the bit, however they were
+    # found (`open_set.NoveltyGate.verdict_likeness` finds them among a shortlist).
+    return 1.0 - np.sort(top_k(similarity, k), axis=1).astype(np.float64).mean(axis=1)

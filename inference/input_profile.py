@@ -200,13 +200,16 @@ class ProfileBank:
         """Mean Euclidean distance from each profile row to its k nearest training profiles."""
         return mean_nearest(self.squared_distances(profiles), min(k, len(self.rows)))
 
-    def squared_distances(self, profiles: np.ndarray) -> np.ndarray:
-        """Squared Euclidean distance from each profile row to every training profile (N x rows, one
-        matrix product: |q - r|^2 = |q|^2 + |r|^2 - 2 q.r)."""
+    def squared_distances(self, profiles: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Squared Euclidean distance from each profile row to every training profile, or to the training
+        profiles `rows` names (N x rows, one matrix product: |q - r|^2 = |q|^2 + |r|^2 - 2 q.r)."""
         width = self.rows.shape[1]  # an older bank compares the statistics it holds
         queries = (np.atleast_2d(np.asarray(profiles, dtype=np.float64))[:, :width] - self.mean) / self.spread
         queries = queries.astype(np.float32)
-        return (queries**2).sum(axis=1, keepdims=True) + self._row_norms[None] - 2 * queries @ self.rows.T
+        training, norms = self.rows, self._row_norms
+        if rows is not None:
+            training, norms = training[rows], norms[rows]
+        return (queries**2).sum(axis=1, keepdims=True) + norms[None] - 2 * queries @ training.T
 
     def left_out_distance(self, k: int, chunk: int = 1024) -> np.ndarray:
         """Each training profile's `distance` to the others (its own row left out)."""

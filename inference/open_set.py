@@ -32,6 +32,9 @@ Two more rules hold an image against the training images (`not_recognised_cause`
   training image by the sum: on magnetic tiles trained on 150 images, a grey cat photo lay within both
   thresholds (its nearest tiles by texture were not its nearest by profile) and only the joint measure
   caught it, at no cost to the model's own test images (benchmarks/foreign_bench.py).
+  A verdict measures only as far as it must (`NoveltyGate.verdict_likeness`): an image beyond the
+  novelty threshold needs no other measure, and most images like the training images are settled by
+  bounds over their nearest training images by texture, without reading every training profile.
 - its colour: a model that saw only grey images (at most COLOUR_RULE_SHARE of them in colour) does not
   recognise a colour image, and one that saw only colour does not recognise a grey one. It names the cause
   an officer can act on: an image that the model would otherwise recognise (a pseudo-colour scan whose
@@ -77,6 +80,12 @@ DEFAULT_NOVELTY_RATE = 0.01
 COLOUR_RULE_SHARE = 0.01
 # The least scale the joint measure divides a distance by (`joint_distance`).
 JOINT_MIN_SCALE = 1e-6
+# The verdict's shortcut (`NoveltyGate.verdict_likeness`): how many of an image's nearest training images
+# by embedding bound its profile and joint distances, and the share of a threshold a bound must stay
+# under to settle the verdict. The margin is there because the shortcut's sums and the full
+# computation's may round apart by a few units in the last place: never by a ten-thousandth.
+SHORTLIST = 64
+BOUND_MARGIN = 1e-4
 
 
 class OpenSetError(ValueError):
@@ -91,6 +100,9 @@ class Likeness:
     novelty: float  # the embedding's kNN cosine distance (`inference.bank.novelty`)
     profile_distance: float | None = None  # the input profile's kNN distance
     joint: float | None = None  # both at once (`joint_distance`)
+    # True: measured only as far as the verdict needed (`NoveltyGate.verdict_likeness`): the two above
+    # are upper bounds already within their thresholds, or None where the novelty alone was beyond its.
+    settled: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,8 +130,36 @@ class NoveltyGate:
         """Each image's distances to the training images by every measure the gate has: one similarity
         product over the bank and one distance product over the profiles serve all three. `profiles`
         (one row per embedding) None: the embedding's novelty alone (a scan in tiles, a tensor)."""
+        return self._likeness_from(self._similarities(embeddings), profiles)
+
+    def verdict_likeness(self, embedding: np.ndarray, profile: np.ndarray | None) -> Likeness:
+        """One image's likeness as far as its verdict needs it (`like_training`): the same verdict as
+        `likeness` gives, for less. The novelty is exact, and an image beyond its threshold needs no more.
+        Otherwise the profile and joint distances are first bounded over the image's SHORTLIST nearest
+        training images by embedding, since the mean of the k smallest distances to some of the training
+        images is at least the mean to all of them. When both bounds lie within their thresholds (by
+        BOUND_MARGIN), the image is like the training images by every measure and the other training
+        images' profiles are never read. Either way the answer is `settled`; otherwise every measure is
+        computed over every training image."""
+        similarity = self._similarities(embedding)
+        shortlist = _largest(similarity[0], max(SHORTLIST, self.k))
+        # The shortlist holds the k most similar rows, so its novelty is the bank's to the bit.
         k = min(self.k, len(self.bank))
-        similarity = self.bank.index.similarities(unit_rows(np.atleast_2d(embeddings)))
+        novelty_value = float(novelty_from_similarities(similarity[:, shortlist], k)[0])
+        if profile is None or self.profiles is None:
+            return Likeness(novelty_value)  # the novelty is the gate's one measure here
+        if not self.recognised(novelty_value):
+            return Likeness(novelty_value, settled=True)
+        profiles = np.atleast_2d(profile)
+        bounded = self._bounded_likeness(novelty_value, similarity[0], shortlist, profiles)
+        return bounded if bounded is not None else self._likeness_from(similarity, profiles)[0]
+
+    def _similarities(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.bank.index.similarities(unit_rows(np.atleast_2d(embeddings)))
+
+    def _likeness_from(self, similarity: np.ndarray, profiles: np.ndarray | None) -> list[Likeness]:
+        """`likeness` from the images' similarities to every bank row."""
+        k = min(self.k, len(self.bank))
         novelties = novelty_from_similarities(similarity, k)
         if self.profiles is None or profiles is None:
             return [Likeness(float(value)) for value in novelties]
@@ -132,6 +172,43 @@ class NoveltyGate:
             profile_distances = np.sqrt(np.maximum(squared, 0.0, out=squared), out=squared)  # in place
             joint = list(joint_distance(1.0 - aligned, profile_distances, scales, self.k))
         return [Likeness(float(n), float(d), j) for n, d, j in zip(novelties, distances, joint, strict=True)]
+
+    def _bounded_likeness(
+        self, novelty_value: float, similarity: np.ndarray, shortlist: np.ndarray, profiles: np.ndarray
+    ) -> Likeness | None:
+        """`verdict_likeness`'s bounds for one image (its similarities to every bank row, and the rows of
+        its shortlist), None when they do not settle the verdict or the gate cannot bound (no profile
+        threshold, or profiles tied to no bank rows)."""
+        linked, scales = self._profile_of_bank_row, self.joint_scales
+        if self.profiles is None or self.profile_threshold is None or linked is None or scales is None:
+            return None
+        profile_rows = linked[shortlist]
+        tied = profile_rows >= 0
+        if np.count_nonzero(tied) < min(self.k, len(self.profiles.rows)):
+            return None
+        squared = self.profiles.squared_distances(profiles, profile_rows[tied])
+        profile_bound = float(mean_nearest(squared, min(self.k, len(self.profiles.rows)))[0])
+        if not profile_bound <= self.profile_threshold * (1.0 - BOUND_MARGIN):
+            return None
+        joint_bound = None
+        if self.joint_threshold is not None:
+            distances = np.sqrt(np.maximum(squared, 0.0))
+            nearest = similarity[shortlist][tied][None]
+            joint_bound = float(joint_distance(1.0 - nearest, distances, scales, self.k)[0])
+            if not joint_bound <= self.joint_threshold * (1.0 - BOUND_MARGIN):
+                return None
+        return Likeness(novelty_value, profile_bound, joint_bound, settled=True)
+
+    @cached_property
+    def _profile_of_bank_row(self) -> np.ndarray | None:
+        """Each bank row's profile row (-1: the row's image has no profile); None where the profiles
+        name no bank rows (a file written before they did)."""
+        rows = None if self.profiles is None else self.profiles.bank_rows
+        if rows is None:
+            return None
+        linked = np.full(len(self.bank), -1, dtype=np.int64)
+        linked[rows] = np.arange(len(rows))
+        return linked
 
     @cached_property
     def _bank_in_order(self) -> bool:
@@ -220,6 +297,13 @@ def _joint_threshold(
         raise OpenSetError(f"The card of {card.name} {card.version} has a joint rule but its profiles "
                            f"do not name rows of its bank of {bank_size}.")  # fmt: skip
     return float(joint["threshold"])
+
+
+def _largest(values: np.ndarray, count: int) -> np.ndarray:
+    """The indices of the `count` largest values (all of them when there are no more), in no order."""
+    if count >= len(values):
+        return np.arange(len(values))
+    return np.argpartition(values, len(values) - count)[len(values) - count :]
 
 
 def joint_distance(

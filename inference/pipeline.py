@@ -148,7 +148,7 @@ def judge(
     if gate is not None and output.embedding is not None:
         decoded = upload.decoded
         profile = decoded.profile if gate.profiles is not None else None  # computed only when asked
-        measured = gate.likeness(output.embedding, None if profile is None else profile[None])[0]
+        measured = gate.verdict_likeness(output.embedding, profile)
         novelty = measured.novelty
         observed = Observed(decoded.shorter_side, decoded.colour, profile, decoded.dicom_modality)
         cause = not_recognised_cause(gate, measured, observed)

@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.models import tiny_card, tiny_onnx, tiny_spec
 from tests.test_drift import monitored_model
-from verity.inference.bank import build_bank, load_bank, save_bank
+from verity.inference.bank import build_bank, load_bank, save_bank, unit_rows
 from verity.inference.engine import ModelLoadError, OnnxEngine
 from verity.inference.input_profile import (
     PROFILE_FILE,
@@ -23,6 +23,7 @@ from verity.inference.input_profile import (
     save_profiles,
 )
 from verity.inference.open_set import (
+    SHORTLIST,
     Likeness,
     NoveltyGate,
     Observed,
@@ -177,3 +178,93 @@ def test_the_joint_threshold_takes_only_what_the_stated_rate_leaves_on_validatio
     both_largest = none.copy()
     both_largest[-2:] = True  # the other rules flag the two the joint would: nothing left to flag
     assert _joint_threshold(chosen, joint, both_largest, 0.01) == chosen
+
+
+def _clustered_gate(rows_total: int = 400, seed: int = 5) -> tuple[NoveltyGate, np.ndarray, np.ndarray]:
+    """A gate over training images in a few clusters, where an image's texture and profile go together
+    (as they do for real images), thresholds at the 90th percentile of the training images' own left-out
+    distances; with their embeddings and raw profiles. The profiles are tied to the bank in another order
+    than the bank's, and a tenth of the bank's rows have none (images scored in tiles)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(4, 12))
+    cluster = rng.integers(0, 4, rows_total)
+    embeddings = unit_rows(centres[cluster] * 3 + rng.normal(size=(rows_total, 12)))
+    profiles = np.concatenate([centres[cluster], centres[cluster][:, :4]], axis=1) + rng.normal(
+        0, 0.5, (rows_total, PROFILE_WIDTH)
+    )
+    bank = build_bank(embeddings, ["genuine"] * rows_total)
+    tied = rng.permutation(rows_total)[: rows_total * 9 // 10]
+    profile_bank = ProfileBank.from_profiles(profiles[tied], tied)
+    loose = NoveltyGate(bank, 1.0, k=5, profiles=profile_bank, profile_threshold=1e9, joint_threshold=1e9)
+    measured = [loose.likeness(embeddings[i], profiles[i][None])[0] for i in tied[:60]]
+    novelty = float(np.percentile([m.novelty for m in measured], 90))
+    profile_threshold = float(np.percentile([m.profile_distance for m in measured], 90))
+    gate = NoveltyGate(bank, novelty, k=5, profiles=profile_bank, profile_threshold=profile_threshold)
+    scaled = gate_with_joint_of(gate, 1e9).likeness(embeddings[tied[:60]], profiles[tied[:60]])
+    joint = float(np.percentile([m.joint for m in scaled], 90))
+    return gate_with_joint_of(gate, joint), embeddings, profiles
+
+
+def gate_with_joint_of(gate: NoveltyGate, joint_threshold: float) -> NoveltyGate:
+    return NoveltyGate(gate.bank, gate.threshold, k=gate.k, profiles=gate.profiles,
+                       profile_threshold=gate.profile_threshold, joint_threshold=joint_threshold)  # fmt: skip
+
+
+def test_the_verdicts_shortcut_gives_every_verdict_that_the_full_measures_give() -> None:
+    """Near and far images, by texture and by profile, each alone and both: the shortcut's novelty is
+    the full one to the bit, its verdict the same, and where it settles on bounds they are at least the
+    full distances. It settles most images like the training images, and every image unlike them by
+    texture, without weighing every profile; the rest take the full measures."""
+    gate, embeddings, profiles = _clustered_gate()
+    rng = np.random.default_rng(11)
+    picks = rng.integers(0, len(embeddings), 300)
+    noise = rng.choice([0.0, 0.3, 1.0, 3.0], size=(300, 1))
+    queries = unit_rows(embeddings[picks] + noise * rng.normal(size=(300, embeddings.shape[1])))
+    query_profiles = profiles[picks] + rng.choice([0.0, 0.5, 2.0], size=(300, 1)) * rng.normal(
+        size=(300, PROFILE_WIDTH)
+    )
+    query_profiles[:40] = profiles[rng.integers(0, len(profiles), 40)]  # another image's profile
+    outcomes = {"bounds": 0, "beyond_by_texture": 0, "full": 0}
+    liked = 0
+    for embedding, profile in zip(queries, query_profiles, strict=True):
+        full = gate.likeness(embedding, profile[None])[0]
+        fast = gate.verdict_likeness(embedding, profile)
+        assert fast.novelty == full.novelty
+        assert gate.like_training(fast) == gate.like_training(full)
+        liked += gate.like_training(full)
+        if not fast.settled:
+            assert fast == full
+            outcomes["full"] += 1
+        elif fast.profile_distance is None:
+            assert not gate.recognised(fast.novelty)
+            outcomes["beyond_by_texture"] += 1
+        else:
+            assert fast.profile_distance >= full.profile_distance - 1e-6
+            assert fast.joint is not None and full.joint is not None and fast.joint >= full.joint - 1e-6
+            outcomes["bounds"] += 1
+    assert outcomes["bounds"] >= 0.7 * liked and outcomes["beyond_by_texture"] > 0 and outcomes["full"] > 0
+
+
+def test_a_settled_verdict_weighs_only_the_shortlists_profiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training image itself is settled on the profiles of its nearest training images by texture;
+    an image whose profile lies far from theirs, though near by texture, is weighed against every one."""
+    gate, embeddings, profiles = _clustered_gate()
+    weighed: list[int] = []
+    real = ProfileBank.squared_distances
+
+    def counted(self: ProfileBank, queries: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        weighed.append(len(self.rows) if rows is None else len(rows))
+        return real(self, queries, rows)
+
+    monkeypatch.setattr(ProfileBank, "squared_distances", counted)
+    assert gate.profiles is not None and gate.profiles.bank_rows is not None
+    full = gate.likeness(embeddings[gate.profiles.bank_rows], profiles[gate.profiles.bank_rows])
+    own = int(gate.profiles.bank_rows[int(np.argmin([m.joint for m in full]))])  # the most typical image
+    weighed.clear()
+    settled = gate.verdict_likeness(embeddings[own], profiles[own])
+    assert settled.settled and gate.like_training(settled) and weighed == [weighed[0]]
+    assert weighed[0] <= SHORTLIST
+    weighed.clear()
+    unlike = gate.verdict_likeness(embeddings[own], profiles[own] + 50.0)
+    assert not unlike.settled and not gate.like_training(unlike)
+    assert weighed[-1] == len(gate.profiles.rows)  # the full measure, after the bounds failed
