@@ -142,16 +142,19 @@ class NoveltyGate:
         images' profiles are never read. Either way the answer is `settled`; otherwise every measure is
         computed over every training image."""
         similarity = self._similarities(embedding)
-        shortlist = _largest(similarity[0], max(SHORTLIST, self.k))
-        # The shortlist holds the k most similar rows, so its novelty is the bank's to the bit.
-        k = min(self.k, len(self.bank))
-        novelty_value = float(novelty_from_similarities(similarity[:, shortlist], k)[0])
+        row, k = similarity[0], min(self.k, len(self.bank))
+        # One partition of the values (an argpartition takes twice as long): the k largest, whose novelty
+        # is the bank's to the bit, and the SHORTLIST-th largest, the least similarity of the shortlist.
+        listed = min(max(SHORTLIST, k), len(row))
+        ranked = np.partition(row, sorted({len(row) - k, len(row) - listed}))
+        novelty_value = float(novelty_from_similarities(ranked[None, len(row) - k :], k)[0])
         if profile is None or self.profiles is None:
             return Likeness(novelty_value)  # the novelty is the gate's one measure here
         if not self.recognised(novelty_value):
             return Likeness(novelty_value, settled=True)
         profiles = np.atleast_2d(profile)
-        bounded = self._bounded_likeness(novelty_value, similarity[0], shortlist, profiles)
+        shortlist = np.flatnonzero(row >= ranked[len(row) - listed])  # ties make it longer, never shorter
+        bounded = self._bounded_likeness(novelty_value, row, shortlist, profiles)
         return bounded if bounded is not None else self._likeness_from(similarity, profiles)[0]
 
     def _similarities(self, embeddings: np.ndarray) -> np.ndarray:
@@ -297,13 +300,6 @@ def _joint_threshold(
         raise OpenSetError(f"The card of {card.name} {card.version} has a joint rule but its profiles "
                            f"do not name rows of its bank of {bank_size}.")  # fmt: skip
     return float(joint["threshold"])
-
-
-def _largest(values: np.ndarray, count: int) -> np.ndarray:
-    """The indices of the `count` largest values (all of them when there are no more), in no order."""
-    if count >= len(values):
-        return np.arange(len(values))
-    return np.argpartition(values, len(values) - count)[len(values) - count :]
 
 
 def joint_distance(
