@@ -212,4 +212,5 @@ def novelty_from_similarities(similarity: np.ndarray, k: int) -> np.ndarray:
         raise BankError(f"k must be between 1 and the bank's {similarity.shape[1]} rows, got {k}.")
     # Summed in ascending order: the same k values give the same novelty to the bit, however they were
     # found (`open_set.NoveltyGate.verdict_likeness` finds them among a shortlist).
-    return 1.0 - np.sort(top_k(similarity, k), axis=1).astype(np.float64).mean(axis=1)
+    # (np.add.reduce in float64 over k is .astype(np.float64).mean(axis=1) to the bit, in fewer calls.)
+    return 1.0 - np.add.reduce(np.sort(top_k(similarity, k), axis=1), axis=1, dtype=np.float64) / k

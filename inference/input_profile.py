@@ -218,14 +218,18 @@ class ProfileBank:
 
     def squared_distances(self, profiles: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Squared Euclidean distance from each profile row to every training profile, or to the training
-        profiles `rows` names (N x rows, one matrix product: |q - r|^2 = |q|^2 + |r|^2 - 2 q.r)."""
+        profiles `rows` names (N x rows). Summed squared differences, row by row: exact to float32
+        however far a profile lies from the training mean (|q|^2 + |r|^2 - 2 q.r cancels to noise there),
+        and each training row's value the same whichever rows are asked for (`NoveltyGate.verdict_likeness`
+        bounds with a few of them what the full measure computes with all)."""
         width = self.rows.shape[1]  # an older bank compares the statistics it holds
         queries = (np.atleast_2d(np.asarray(profiles, dtype=np.float64))[:, :width] - self.mean) / self.spread
-        queries = queries.astype(np.float32)
-        training, norms = self.rows, self._row_norms
-        if rows is not None:
-            training, norms = training[rows], norms[rows]
-        return (queries**2).sum(axis=1, keepdims=True) + norms[None] - 2 * queries @ training.T
+        training = self.rows if rows is None else self.rows[rows]
+        squared = np.empty((len(queries), len(training)), dtype=np.float32)
+        for query, out in zip(queries.astype(np.float32), squared, strict=True):
+            difference = training - query
+            np.einsum("ij,ij->i", difference, difference, out=out)
+        return squared
 
     def left_out_distance(self, k: int, chunk: int = 1024) -> np.ndarray:
         """Each training profile's `distance` to the others (its own row left out)."""

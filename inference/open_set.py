@@ -82,8 +82,8 @@ COLOUR_RULE_SHARE = 0.01
 JOINT_MIN_SCALE = 1e-6
 # The verdict's shortcut (`NoveltyGate.verdict_likeness`): how many of an image's nearest training images
 # by embedding bound its profile and joint distances, and the share of a threshold a bound must stay
-# under to settle the verdict. The margin is there because the shortcut's sums and the full
-# computation's may round apart by a few units in the last place: never by a ten-thousandth.
+# under to settle the verdict. The margin is there because the shortcut sums its k terms in another
+# order than the full computation may: they round apart by a few units in the last place at most.
 SHORTLIST = 64
 BOUND_MARGIN = 1e-4
 
@@ -187,16 +187,19 @@ class NoveltyGate:
             return None
         profile_rows = linked[shortlist]
         tied = profile_rows >= 0
-        if np.count_nonzero(tied) < min(self.k, len(self.profiles.rows)):
+        k = min(self.k, len(self.profiles.rows))
+        if np.count_nonzero(tied) < k:
             return None
+        # Each row's distance is the one the full measure computes for it (`squared_distances`), so a
+        # bound is never under the full value; the margin is there for the order of the k terms' sum.
         squared = self.profiles.squared_distances(profiles, profile_rows[tied])
-        profile_bound = float(mean_nearest(squared, min(self.k, len(self.profiles.rows)))[0])
+        profile_bound = float(mean_nearest(squared, k)[0])
         if not profile_bound <= self.profile_threshold * (1.0 - BOUND_MARGIN):
             return None
         joint_bound = None
         if self.joint_threshold is not None:
-            distances = np.sqrt(np.maximum(squared, 0.0))
-            nearest = similarity[shortlist][tied][None]
+            distances = np.sqrt(np.maximum(squared, 0.0, out=squared), out=squared)
+            nearest = similarity[shortlist[tied]][None]
             joint_bound = float(joint_distance(1.0 - nearest, distances, scales, self.k)[0])
             if not joint_bound <= self.joint_threshold * (1.0 - BOUND_MARGIN):
                 return None
