@@ -47,10 +47,13 @@ def test_open_set_cost_measures_in_process_and_on_two_servers(tmp_path: Path) ->
     server = figures["server"]
     assert server["requests_each"] == 4 and server["cpu_ms_per_request_without"] > 0
     assert server["cpu_ms_per_request_with_checks"] > 0
-    assert set(server["cpu_ms_per_request"]) == {"plain", "gate", "gate_and_product"}
+    kinds = {"plain", "gate", "plain_recognised", "gate_recognised", "gate_and_product"}
+    assert set(server["cpu_ms_per_request"]) == kinds
+    assert set(server["added_share"]) == {"gate", "gate_recognised", "gate_and_product"}
     assert all(len(bounds) == 2 for bounds in server["added_share_range"].values())
     assert "not-recognised gate" in open_set_cost.summary(figures)
     assert "target <= 10%" in open_set_cost.summary(figures)
+    assert "for one it recognises" in open_set_cost.summary(figures)
 
 
 def test_the_non_product_images_keep_their_groups_and_probes_apart() -> None:
