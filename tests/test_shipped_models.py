@@ -183,3 +183,39 @@ def test_shipped_models_have_a_novelty_gate_and_flag_non_products(modality: str,
                 False, "uncertain", ["not_recognised", cause]
             ), (name, body["novelty"])
             assert body["novelty"] > novelty["threshold"]
+
+
+@pytest.mark.parametrize("modality", sorted(SHIPPED))
+def test_shipped_gates_give_the_full_measures_verdict_for_less(modality: str, tmp_path: Path) -> None:
+    """The verdict's shortcut (`NoveltyGate.verdict_likeness`) on the shipped gates: over fresh synthetic
+    images of each model's kind and drawn scenes it does not know, its novelty is the full measure's to
+    the bit and its verdict the same, and most images it recognises are settled on bounds."""
+    from benchmarks.common import photo_jpeg
+    from verity.inference.engine import OnnxEngine
+    from verity.inference.tiling import TilingOptions, load_for_scoring
+
+    data = tmp_path / "fresh"
+    assert verity_cli.main(
+        ["data", "synth", "--modality", modality, "--n", "120", "--difficulty", "easy", "--seed", "103",
+         "--out", str(data), *SYNTH_OPTIONS[modality]]
+    ) == 0
+    files = [data / json.loads(line)["path"] for line in (data / "manifest.jsonl").read_text().splitlines()]
+    uploads = [path.read_bytes() for path in files] + [photo_jpeg(640, 480, seed=s) for s in range(8)]
+    engine = OnnxEngine(SHIPPED[modality] / "model.onnx", warmup=False)
+    gate = engine.novelty_gate
+    assert gate is not None and gate.profiles is not None
+    recognised = settled_on_bounds = unrecognised = 0
+    for upload in uploads:
+        decoded = load_for_scoring(upload, engine.spec, TilingOptions())
+        if decoded.model_input is None:
+            continue  # a scan the tiling rule scores in tiles: no profile, the novelty alone
+        embedding = engine.predict([decoded.model_input])[0].embedding
+        full = gate.likeness(embedding, decoded.profile[None])[0]
+        fast = gate.verdict_likeness(embedding, decoded.profile)
+        assert fast.novelty == full.novelty and gate.like_training(fast) == gate.like_training(full)
+        if gate.like_training(full):
+            recognised += 1
+            settled_on_bounds += fast.settled
+        else:
+            unrecognised += 1
+    assert recognised >= 90 and settled_on_bounds >= 0.8 * recognised and unrecognised >= 8
