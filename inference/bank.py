@@ -62,7 +62,7 @@ class BruteForceSearch:
         """(similarities, indices), each N x k, nearest first, for unit-length N x D queries."""
         if not 1 <= k <= len(self.references):
             raise BankError(f"k must be between 1 and the bank's {len(self.references)} rows, got {k}.")
-        similarity = np.asarray(queries, dtype=np.float32) @ self.columns
+        similarity = self.similarities(queries)
         if k < similarity.shape[1]:
             top = np.argpartition(similarity, -k, axis=1)[:, -k:]  # the k largest, in no order
         else:
@@ -210,7 +210,6 @@ def novelty_from_similarities(similarity: np.ndarray, k: int) -> np.ndarray:
     """`novelty` from each query's similarities to every reference (N x M)."""
     if not 1 <= k <= similarity.shape[1]:
         raise BankError(f"k must be between 1 and the bank's {similarity.shape[1]} rows, got {k}.")
-    # Summed in ascending order: the same k values give the same novelty to the bit, however they were
-    # found (`open_set.NoveltyGate.verdict_likeness` finds them among a shortlist).
-    # (np.add.reduce in float64 over k is .astype(np.float64).mean(axis=1) to the bit, in fewer calls.)
+    # Summed in float64 in ascending order: the same k values give the same novelty to the bit, however
+    # they were found (`open_set.NoveltyGate.verdict_likeness` finds them with one partition).
     return 1.0 - np.add.reduce(np.sort(top_k(similarity, k), axis=1), axis=1, dtype=np.float64) / k

@@ -17,8 +17,9 @@ import numpy as np
 
 from verity.inference.bank import unit_rows
 from verity.inference.card import ModelCard
+from verity.inference.gate_record import load_novelty_gate
 from verity.inference.heatmap import feature_alignment
-from verity.inference.open_set import NoveltyGate, OpenSetError, load_novelty_gate
+from verity.inference.open_set import NoveltyGate, OpenSetError
 from verity.inference.references.patch_check import unit_patches
 from verity.inference.spec import PreprocessSpec
 from verity.inference.vocabulary import VERDICTS, finite_score, verdict_codes

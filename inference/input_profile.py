@@ -21,7 +21,7 @@ The profile is computed on the model input (CxSxS in [0, 1], after the colour ru
 every second pixel: the statistics barely move, and it costs under a millisecond. Each statistic is
 standardised by the training images' mean and spread, and an image's distance is the mean Euclidean
 distance to its k nearest training profiles. The threshold is chosen on validation images for a stated
-rate, as the embedding's is (`open_set.choose_novelty_threshold`).
+rate, as the embedding's is (`gate_record.choose_novelty_threshold`).
 
 The profiles sit in profile.npz beside model.onnx, written and read by numpy alone.
 """

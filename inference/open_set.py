@@ -3,8 +3,8 @@ one rule that turns the classifier, the novelty gate and a product's reference c
 
 Novelty is the kNN cosine distance from an image's embedding (the model's `embedding` output, the same
 pass as its logits) to the training set's reference bank (`inference.bank`). Its threshold is chosen on
-validation images for a stated rate of in-distribution images flagged (`choose_novelty_threshold`) and
-stored in the card's `novelty` record with the bank's name; the bank file sits beside model.onnx.
+validation images for a stated rate of in-distribution images flagged and stored in the card's
+`novelty` record (`inference.gate_record`) with the bank's name; the bank file sits beside model.onnx.
 
 A scan scored in tiles has one embedding: the normalised mean of its tiles' embeddings, so the bank, the
 threshold and the served answer all see a scan the same way (`scan_embedding`).
@@ -44,37 +44,25 @@ Two more rules hold an image against the training images (`not_recognised_cause`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from verity.inference.bank import (
-    BANK_FILE,
     DEFAULT_K,
-    BankError,
     ReferenceBank,
-    load_bank,
     novelty,
     novelty_from_similarities,
     unit_rows,
 )
-from verity.inference.card import ModelCard
 from verity.inference.decode import CLINICAL_DICOM_MODALITIES
 from verity.inference.input_profile import (
-    PROFILE_FILE,
     ProfileBank,
-    ProfileError,
     detail_on_input,
-    load_profiles,
     mean_nearest,
 )
 
-# The share of in-distribution validation images the gate may flag, unless a run asks otherwise.
-DEFAULT_NOVELTY_RATE = 0.01
 # Training images this share or fewer of which were colour (or grey) make a model that saw none: it
 # does not recognise a colour (or grey) image.
 COLOUR_RULE_SHARE = 0.01
@@ -250,61 +238,6 @@ class NoveltyGate:
         return seen <= COLOUR_RULE_SHARE
 
 
-def load_novelty_gate(card: ModelCard, model_dir: Path) -> NoveltyGate | None:
-    """The gate the card describes, with its bank read from `model_dir`; None for a card without one.
-
-    A card that names a gate whose bank is missing or does not fit the model raises OpenSetError: such a
-    model must not serve silently without the check its card promises."""
-    record = card.novelty
-    if record is None:
-        return None
-    path = model_dir / str(record.get("bank_file", BANK_FILE))
-    try:
-        bank = load_bank(path)
-    except BankError as error:
-        message = f"The card of {card.name} {card.version} has a novelty gate but {error}"
-        raise OpenSetError(message) from error
-    if card.embedding_dim is not None and bank.dim != card.embedding_dim:
-        raise OpenSetError(
-            f"{path} holds {bank.dim}-wide embeddings; the model's are {card.embedding_dim} wide."
-        )
-    min_side, profile = record.get("min_side"), record.get("profile")
-    profiles = None
-    if profile is not None:
-        try:
-            profiles = load_profiles(model_dir / str(profile.get("file", PROFILE_FILE)))
-        except ProfileError as error:
-            message = f"The card of {card.name} {card.version} has a profile gate but {error}"
-            raise OpenSetError(message) from error
-    colour_share = record.get("colour_share")
-    return NoveltyGate(
-        bank,
-        float(record["threshold"]),
-        int(record.get("k", DEFAULT_K)),
-        None if min_side is None else int(min_side),
-        profiles,
-        None if profile is None else float(profile["threshold"]),
-        None if colour_share is None else float(colour_share),
-        None if profile is None or profile.get("min_detail") is None else float(profile["min_detail"]),
-        card.spec.image_size,
-        _joint_threshold(card, profile, profiles, len(bank)),
-    )
-
-
-def _joint_threshold(
-    card: ModelCard, record: dict[str, Any] | None, profiles: ProfileBank | None, bank_size: int
-) -> float | None:
-    """The joint rule's threshold, when the card records one; its profiles must name rows of the bank."""
-    joint = None if record is None else record.get("joint")
-    if joint is None:
-        return None
-    rows = None if profiles is None else profiles.bank_rows
-    if rows is None or len(rows) == 0 or rows.min() < 0 or rows.max() >= bank_size:
-        raise OpenSetError(f"The card of {card.name} {card.version} has a joint rule but its profiles "
-                           f"do not name rows of its bank of {bank_size}.")  # fmt: skip
-    return float(joint["threshold"])
-
-
 def joint_distance(
     embedding_distances: np.ndarray, profile_distances: np.ndarray, scales: tuple[float, float], k: int
 ) -> np.ndarray:
@@ -335,69 +268,6 @@ def enlarged(gate: NoveltyGate | None, shorter_side: int | None, profile: np.nda
     if shorter_side is None or profile is None:
         return False
     return detail_on_input(profile, shorter_side, gate.input_side) < gate.min_detail
-
-
-def envelope_side(training_sides: np.ndarray | list[int], image_size: int) -> int:
-    """The training envelope's `min_side`: the smallest training image's shorter side, capped at the
-    model's input size (an image as large as the input is never too small: the model resizes it)."""
-    sides = np.asarray(training_sides)
-    if sides.size == 0:
-        raise OpenSetError("No training images to take the envelope's size from.")
-    return int(min(int(sides.min()), image_size))
-
-
-def choose_novelty_threshold(val_novelty: np.ndarray, rate: float = DEFAULT_NOVELTY_RATE) -> float:
-    """The smallest distance that flags at most `rate` of these in-distribution validation images
-    (a distance above it is not recognised)."""
-    values = np.sort(np.asarray(val_novelty, dtype=np.float64))
-    if values.size == 0:
-        raise OpenSetError("No validation embeddings to choose a novelty threshold on.")
-    if not 0.0 < rate < 1.0:
-        raise OpenSetError(f"The novelty rate must lie between 0 and 1, got {rate}.")
-    allowed = math.floor(rate * values.size)  # images that may lie above the threshold
-    return float(values[values.size - 1 - allowed])
-
-
-def novelty_record(
-    threshold: float,
-    rate: float,
-    val_novelty: np.ndarray,
-    bank: ReferenceBank,
-    k: int = DEFAULT_K,
-    *,
-    min_side: int | None = None,
-    val_sides: np.ndarray | None = None,
-    profile: dict[str, Any] | None = None,
-    colour_share: float | None = None,
-    val_flagged: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """The card's `novelty` entry: how the gate was set, and how it did on the images it was set on.
-    val_rate counts every rule: beyond the threshold, under the envelope's `min_side`, and what
-    `val_flagged` adds (the profile's and the colour rule's flags, by image)."""
-    val = np.asarray(val_novelty, dtype=np.float64)
-    flagged = val > threshold
-    if min_side is not None and val_sides is not None:
-        flagged = flagged | (np.asarray(val_sides) < min_side)
-    if val_flagged is not None:
-        flagged = flagged | np.asarray(val_flagged, dtype=bool)
-    record: dict[str, Any] = {
-        "threshold": float(threshold),
-        "k": int(k),
-        "target_rate": float(rate),
-        "val_rate": float(np.mean(flagged)),
-        "val_images": int(val.size),
-        "bank_file": BANK_FILE,
-        "bank_rows": len(bank),
-        "bank_total": int(bank.provenance.get("total", len(bank))),
-        "max_references": int(bank.provenance.get("max_references", len(bank))),
-    }
-    if min_side is not None:
-        record["min_side"] = int(min_side)
-    if profile is not None:
-        record["profile"] = profile
-    if colour_share is not None:
-        record["colour_share"] = float(colour_share)
-    return record
 
 
 def scan_embedding(tile_embeddings: np.ndarray) -> np.ndarray:

@@ -28,7 +28,8 @@ from benchmarks.models import tiny_card, tiny_onnx
 from verity.api.app import create_app
 from verity.inference.bank import build_bank, save_bank
 from verity.inference.engine import OnnxEngine
-from verity.inference.open_set import NoveltyGate, choose_novelty_threshold, novelty_record
+from verity.inference.gate_record import choose_novelty_threshold, novelty_record
+from verity.inference.open_set import NoveltyGate
 from verity.inference.references.store import ReferenceStore
 from verity.inference.spec import resolve_spec
 from verity.inference.tiling import TilingOptions, load_for_scoring

@@ -15,12 +15,10 @@ from verity.datasets.encode import encode_dicom
 from verity.inference.bank import build_bank, save_bank
 from verity.inference.decode import CLINICAL_DICOM_MODALITIES, dicom_modality
 from verity.inference.engine import ModelLoadError, OnnxEngine
+from verity.inference.gate_record import choose_novelty_threshold, envelope_side, novelty_record
 from verity.inference.open_set import (
     NoveltyGate,
     OpenSetError,
-    choose_novelty_threshold,
-    envelope_side,
-    novelty_record,
     open_set_verdict,
     outside_envelope,
     scan_embedding,

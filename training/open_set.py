@@ -5,7 +5,7 @@ path of `verity eval`), subsampled into bank.npz beside model.onnx, and its inpu
 (`inference.input_profile`) into profile.npz. The validation split's novelty against the bank, and its
 profiles' distance to the training profiles with the training profiles' own (each left out of its
 neighbours), set the two thresholds, each for half the stated rate of in-distribution images flagged
-(`inference.open_set.choose_novelty_threshold`). The share of training images in colour is kept for
+(`inference.gate_record.choose_novelty_threshold`). The share of training images in colour is kept for
 the colour rule. The card, in the ONNX metadata and card.json, then records the gate; the served model
 loads it without torch.
 """
@@ -32,6 +32,12 @@ from verity.inference.bank import (
 from verity.inference.card import ModelCard
 from verity.inference.drift import drift_reference
 from verity.inference.engine import METADATA_CARD_KEY
+from verity.inference.gate_record import (
+    DEFAULT_NOVELTY_RATE,
+    choose_novelty_threshold,
+    envelope_side,
+    novelty_record,
+)
 from verity.inference.input_profile import (
     MEDIAN_LEVEL,
     PROFILE_FILE,
@@ -40,14 +46,7 @@ from verity.inference.input_profile import (
     detail_on_input,
     save_profiles,
 )
-from verity.inference.open_set import (
-    DEFAULT_NOVELTY_RATE,
-    NoveltyGate,
-    choose_novelty_threshold,
-    envelope_side,
-    joint_distance,
-    novelty_record,
-)
+from verity.inference.open_set import NoveltyGate, joint_distance
 from verity.inference.vocabulary import LABELS
 from verity.training.eval_samples import Sample, load_samples, split_params_for
 from verity.training.scoring import OnnxScorer, score_samples
@@ -110,7 +109,7 @@ def build_open_set(
 ) -> dict[str, Any]:
     """Writes bank.npz beside `onnx_path` from the training split of `data`, chooses the novelty
     threshold on its validation split, takes the training envelope's size from the training images
-    (`open_set.envelope_side`), and records all in the model's card. Returns the record."""
+    (`gate_record.envelope_side`), and records all in the model's card. Returns the record."""
     onnx_path = Path(onnx_path)
     scorer = OnnxScorer(onnx_path)
     train = embed_split(scorer, data, "train", progress)
