@@ -13,6 +13,7 @@ have replaced keeps serving.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,17 @@ log = logging.getLogger("verity.api.registry")
 ModelKey = tuple[str, str]  # (name, version)
 EngineFactory = Callable[[Path], OnnxEngine]
 PRODUCTION = "production"  # the alias a modality's default follows
+
+
+def freeze_long_lived() -> None:
+    """Takes what a load left on the heap (the app, the engines, their cards and banks' Python objects:
+    about 90,000 objects with the shipped models) out of the cyclic collector's scans, so that a full
+    collection reads only what requests made since: it was a 27-41 ms pause with the GIL held, about
+    once in a thousand requests, on the tail of every answer in flight. Unfrozen and collected first, so
+    that the models a reload retired are freed, cycles and all (`gc.freeze`'s advice for servers)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class ServedModel:
@@ -267,7 +279,16 @@ class ModelRegistry:
         return defaults
 
     async def reload(self) -> ReloadReport:
-        """Loads what changed beside what serves, starts its batchers, swaps, then drains the old ones."""
+        """Loads what changed beside what serves, starts its batchers, swaps, then drains the old ones.
+        When the set of models changed, what the load left is frozen (`freeze_long_lived`), once the
+        retired models are no longer referenced from here."""
+        report, changed = await self._reload()
+        if changed:
+            freeze_long_lived()
+        return report
+
+    async def _reload(self) -> tuple[ReloadReport, bool]:
+        """`reload`'s work: its report, and whether any model was loaded or retired."""
         async with self._reload_lock:
             try:
                 current = self.snapshot
@@ -294,7 +315,7 @@ class ModelRegistry:
                 self.last_report = report
                 if not models:
                     log.warning("no models loaded", extra={"models_dir": str(self.settings.models_dir)})
-                return report
+                return report, bool(report.loaded or retired)
             finally:
                 self.load_finished = True  # even after a failed scan: /readyz then says what is missing
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,24 @@ def test_reload_success_and_failure(client: TestClient, settings: Settings, mode
     report = client.post("/v1/models/reload", headers=admin).json()
     assert "photo-test/10" in report["unloaded"] and report["defaults"]["photo"] == "photo-test/2"
     assert any("serving the one before, photo-test/2" in failure["error"] for failure in report["failed"])
+
+
+def test_loads_leave_the_collectors_scans_and_free_retired_models(
+    client: TestClient, settings: Settings, models_dir: Path
+) -> None:
+    """What a load leaves is frozen out of the cyclic collector's full scans (registry.freeze_long_lived),
+    and a model a reload retires is still freed, cycles and all."""
+    assert gc.get_freeze_count() > 0
+    admin = admin_headers(settings)
+    write_model(models_dir, "photo-test", "10", "photo")
+    assert client.post("/v1/models/reload", headers=admin).json()["loaded"] == ["photo-test/10"]
+    served = client.app.state.registry.find("photo-test", "10")
+    engine = weakref.ref(served.engine)
+    del served
+    (models_dir / "photo-test" / "10" / "model.onnx").unlink()
+    assert client.post("/v1/models/reload", headers=admin).json()["unloaded"] == ["photo-test/10"]
+    assert engine() is None
+    assert predict(client, DARK).status_code == 200
 
 
 def test_pinned_version(tmp_path: Path, models_dir: Path) -> None:
