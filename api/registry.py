@@ -283,7 +283,7 @@ class ModelRegistry:
         When the set of models changed, what the load left is frozen (`freeze_long_lived`), once the
         retired models are no longer referenced from here."""
         report, changed = await self._reload()
-        if changed:
+        if changed and self.settings.gc_freeze:
             freeze_long_lived()
         return report
 

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     warmup: bool = True
     # Load models in the background so /healthz answers at once and /readyz says 503 until warm.
     background_load: bool = True
+    # After a load, freeze what it left out of the cyclic collector's scans (api/registry.freeze_long_lived):
+    # a server's default. A process that builds many apps (a test run) turns it off: each freeze there
+    # begins with a full collection of everything the process holds.
+    gc_freeze: bool = True
 
     # Request limits. The body limit is enforced while the body streams in, before it is all read.
     max_upload_bytes: int = Field(20 * MiB, ge=1024)

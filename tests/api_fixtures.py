@@ -54,7 +54,8 @@ def make_models_dir(root: Path) -> Path:
 
 
 def make_settings(root: Path, **overrides: Any) -> Settings:
-    """Settings with every file under `root` (models in root/models), loading at start, no warm-up."""
+    """Settings with every file under `root` (models in root/models), loading at start, no warm-up, no
+    heap freeze."""
     from verity.api.settings import Settings
 
     values: dict[str, Any] = dict(
@@ -65,6 +66,7 @@ def make_settings(root: Path, **overrides: Any) -> Settings:
         image_store_dir=root / "images",
         background_load=False,
         warmup=False,
+        gc_freeze=False,  # each freeze collects the whole test process first (api/registry.freeze_long_lived)
         store_images=True,
         allowed_hosts=TEST_HOSTS,
     )

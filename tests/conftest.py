@@ -11,6 +11,7 @@ for tests that import torch or train/export a model; `make test-fast` leaves bot
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,15 @@ def _environment_restored() -> Iterator[None]:
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _heap_unfrozen() -> Iterator[None]:
+    """An app started with a server's default settings freezes the whole test process after its load
+    (api/registry.freeze_long_lived); unfrozen after each test, so its apps and models are collected like
+    any other garbage instead of being held for the rest of the run."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture()

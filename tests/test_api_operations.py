@@ -59,22 +59,23 @@ def test_reload_success_and_failure(client: TestClient, settings: Settings, mode
     assert any("serving the one before, photo-test/2" in failure["error"] for failure in report["failed"])
 
 
-def test_loads_leave_the_collectors_scans_and_free_retired_models(
-    client: TestClient, settings: Settings, models_dir: Path
-) -> None:
+def test_loads_leave_the_collectors_scans_and_free_retired_models(tmp_path: Path, models_dir: Path) -> None:
     """What a load leaves is frozen out of the cyclic collector's full scans (registry.freeze_long_lived),
-    and a model a reload retires is still freed, cycles and all."""
-    assert gc.get_freeze_count() > 0
+    as a server's settings have it, and a model a reload retires is still freed, cycles and all."""
+    settings = make_settings(tmp_path, gc_freeze=True)
     admin = admin_headers(settings)
-    write_model(models_dir, "photo-test", "10", "photo")
-    assert client.post("/v1/models/reload", headers=admin).json()["loaded"] == ["photo-test/10"]
-    served = client.app.state.registry.find("photo-test", "10")
-    engine = weakref.ref(served.engine)
-    del served
-    (models_dir / "photo-test" / "10" / "model.onnx").unlink()
-    assert client.post("/v1/models/reload", headers=admin).json()["unloaded"] == ["photo-test/10"]
-    assert engine() is None
-    assert predict(client, DARK).status_code == 200
+    gc.unfreeze()  # so the count below is this app's freeze (conftest unfreezes after each test)
+    with TestClient(create_app(settings)) as client:
+        assert gc.get_freeze_count() > 0
+        write_model(models_dir, "photo-test", "10", "photo")
+        assert client.post("/v1/models/reload", headers=admin).json()["loaded"] == ["photo-test/10"]
+        served = client.app.state.registry.find("photo-test", "10")
+        engine = weakref.ref(served.engine)
+        del served
+        (models_dir / "photo-test" / "10" / "model.onnx").unlink()
+        assert client.post("/v1/models/reload", headers=admin).json()["unloaded"] == ["photo-test/10"]
+        assert engine() is None
+        assert predict(client, DARK).status_code == 200
 
 
 def test_pinned_version(tmp_path: Path, models_dir: Path) -> None:
