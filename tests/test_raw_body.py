@@ -102,3 +102,28 @@ def test_a_dicom_or_sixteen_bit_upload_needs_no_modality(client: TestClient, tmp
         assert body["modality"] == "xray" and body["model"]["name"] == "xray-test"
         assert audit_rows(tmp_path)[body["request_id"]][1] == body["verdict"]
     assert "8-bit" in _message(client.post("/v1/predict", files={"file": ("a.png", DARK)}), 422)
+
+
+def test_a_raw_body_skips_the_forms_field_handling(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A raw body is matched by a route of its own (api/routes/v1.RawImageRoute), so FastAPI never
+    handles the form's eleven fields for it; a form still reaches the multipart route, and the API's
+    description keeps one /v1/predict operation that documents both."""
+    import fastapi.dependencies.utils as fastapi_utils
+
+    handled = []
+    original = fastapi_utils.request_body_to_args
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        handled.append(1)
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi_utils, "request_body_to_args", counted)
+    assert _raw(client, DARK, "modality=photo").status_code == 200
+    assert handled == []
+    assert predict(client, DARK).status_code == 200
+    assert handled
+    operations = client.app.openapi()["paths"]["/v1/predict"]
+    assert list(operations) == ["post"]
+    assert {"multipart/form-data", "image/*"} <= set(operations["post"]["requestBody"]["content"])

@@ -10,7 +10,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.routing import Match
+from starlette.types import Scope
 
 from verity.api.audit import AuditRecord, FeedbackRecord
 from verity.api.auth import ANONYMOUS
@@ -38,6 +42,7 @@ from verity.api.routes.predict_input import (
     DICOM_MEDIA_TYPE,
     RAW_BODY_OPENAPI,
     RawPredictOptions,
+    is_raw_image_body,
     modality_of,
     pair_input,
     predict_input,
@@ -61,6 +66,7 @@ from verity.api.schemas import (
     ReloadResponse,
 )
 from verity.api.service import PredictionService, Scored, ServiceDep, station_for
+from verity.api.settings import Settings
 from verity.inference.dicos_report import new_report_uid
 from verity.inference.stamps import utc_now
 from verity.inference.vocabulary import NAME_MAX
@@ -122,6 +128,36 @@ async def _images(scored: Scored, served: ServedModel, heatmap: bool, view: bool
     return await run_in_threadpool(render_images, scored, served.engine.spec, heatmap, view)
 
 
+class RawImageRoute(APIRoute):
+    """/v1/predict when the body is the image itself (`predict_input.is_raw_image_body`), as scanner SDKs
+    send it. Matched before the multipart route, so that FastAPI does not parse and validate the form's
+    eleven fields for a request that has none: 0.2 ms of the event loop's time per request (in process).
+    Any other request falls through to the multipart route, which documents both forms."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is Match.FULL and not is_raw_image_body(Headers(scope=scope).get("content-type")):
+            return Match.NONE, {}
+        return match, child
+
+
+async def predict_raw(
+    request: Request, service: ServiceDep, principal: PrincipalDep, settings: SettingsDep
+) -> Any:
+    data, options = await predict_input(request, None, None)
+    return await _predict_answer(request, service, principal, settings, data, options)
+
+
+router.add_api_route(
+    "/v1/predict",
+    predict_raw,
+    methods=["POST"],
+    response_model=PredictionResult,
+    include_in_schema=False,
+    route_class_override=RawImageRoute,
+)
+
+
 @router.post(
     "/v1/predict",
     response_model=PredictionResult,
@@ -173,6 +209,18 @@ async def predict(
         data, options = await pair_input(service, file, high, low, form)
     else:
         data, options = await predict_input(request, file, form)
+    return await _predict_answer(request, service, principal, settings, data, options)
+
+
+async def _predict_answer(
+    request: Request,
+    service: PredictionService,
+    principal: Principal,
+    settings: Settings,
+    data: bytes,
+    options: RawPredictOptions,
+) -> Any:
+    """/v1/predict's answer to one image and its options, however they came (a form, a raw body)."""
     station = station_for(principal.station_id, options.station_id)
     if options.model:
         served = service.model_named(options.model, options.modality)
