@@ -38,7 +38,7 @@ from verity.api.middleware import (
     SecurityHeadersMiddleware,
 )
 from verity.api.registry import EngineFactory, ModelRegistry
-from verity.api.routes import history, lifecycle, products, references, v1, v2
+from verity.api.routes import history, lifecycle, operations, products, references, v1, v2
 from verity.api.schemas_references import GUIDE_BODY_MAX
 from verity.api.settings import Settings, load_settings
 from verity.api.shadow import ShadowScorer
@@ -268,6 +268,7 @@ def create_app(
     metrics.watch_models(lambda: _served_models(registry))
     install_error_handlers(app)
     app.include_router(v1.router)
+    app.include_router(operations.router)
     app.include_router(v2.router)
     app.include_router(references.router)
     app.include_router(history.router)

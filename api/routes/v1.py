@@ -1,5 +1,5 @@
-"""/v1: predictions, models, feedback, reload, health and metrics. Routes stay thin; the work is in
-api.service and api.registry."""
+"""/v1: predictions and feedback. Routes stay thin; the work is in api.service. The models, their
+reload, health and metrics are `api.routes.operations`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -19,13 +18,10 @@ from starlette.types import Scope
 from verity.api.audit import AuditRecord, FeedbackRecord
 from verity.api.auth import ANONYMOUS
 from verity.api.deps import (
-    AdminDep,
     AuditDep,
-    MetricsDep,
     OutboxDep,
     Principal,
     PrincipalDep,
-    RegistryDep,
     SettingsDep,
 )
 from verity.api.errors import (
@@ -58,12 +54,8 @@ from verity.api.schemas import (
     BatchResponse,
     FeedbackIn,
     FeedbackOut,
-    Health,
     Modality,
-    ModelsResponse,
     PredictionResult,
-    Readiness,
-    ReloadResponse,
 )
 from verity.api.service import PredictionService, Scored, ServiceDep, station_for
 from verity.api.settings import Settings
@@ -325,53 +317,6 @@ async def predict_batch(
     return {"request_id": request_id, "latency_ms": round(_elapsed_ms(request), 3), "results": items}
 
 
-@router.get(
-    "/v1/models",
-    response_model=ModelsResponse,
-    tags=["models"],
-    responses=error_responses(401),
-    summary="Loaded models and the default per modality",
-)
-async def list_models(registry: RegistryDep, principal: PrincipalDep) -> dict[str, Any]:
-    snapshot = registry.snapshot
-    defaults = set(snapshot.defaults.values())
-    models = [
-        {**m.describe(key in defaults), "aliases": sorted(snapshot.aliases.get(key, []))}
-        for key, m in sorted(snapshot.models.items())
-    ]
-    return {
-        "models": models,
-        "defaults": {mod: f"{k[0]}/{k[1]}" for mod, k in snapshot.defaults.items()},
-        "caller": {"station_id": principal.station_id, "role": principal.role,
-                   "products": list(principal.products)},  # fmt: skip
-    }
-
-
-@router.post(
-    "/v1/models/reload",
-    response_model=ReloadResponse,
-    tags=["models"],
-    responses=error_responses(401, 403),
-    summary="Load new model versions and swap atomically (admin)",
-    description="Rescans the models folder, loads and warms new or changed files beside the serving "
-    "ones, then swaps. A file that fails to load is listed in `failed` and what served "
-    "before keeps serving.",
-)
-async def reload_models(request: Request, registry: RegistryDep, admin: AdminDep) -> dict[str, Any]:
-    report = await registry.reload()
-    # Every other worker follows within a second (api/shared_state.py).
-    await request.app.state.reload_follower.announce()
-    return {
-        "ok": report.ok,
-        "loaded": report.loaded,
-        "kept": report.kept,
-        "unloaded": report.unloaded,
-        "failed": report.failed,
-        "defaults": report.defaults,
-        "passed_over": report.passed_over,
-    }
-
-
 def confirmable(record: AuditRecord | None, request_id: str, principal: Principal) -> AuditRecord:
     """The audited verdict this caller may confirm (api.feedback.may_confirm), or the refusal: 403 saying
     why for an anonymous caller's own verdict that names a station, else the 404 of an unknown id."""
@@ -455,44 +400,3 @@ async def feedback(
     )  # fmt: skip
     return {"request_id": body.request_id, "confirmed_label": body.confirmed_label, "recorded": True,
             "image_kept": kept, "note": note, "alerts": len(alerts)}  # fmt: skip
-
-
-@router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@router.get(
-    "/readyz",
-    response_model=Readiness,
-    tags=["health"],
-    responses={503: {"model": Readiness, "description": "Models still loading, or none in the models dir."}},
-    summary="Readiness: models loaded and warmed",
-)
-async def readyz(registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
-    snapshot = registry.snapshot
-    body = {
-        "ready": registry.ready,
-        "defaults": {m: f"{k[0]}/{k[1]}" for m, k in snapshot.defaults.items()},
-        "models_dir": str(settings.models_dir.absolute()),
-        "message": registry.readiness_message(),
-    }
-    headers = None if registry.ready else {"Retry-After": str(settings.retry_after_s)}
-    return JSONResponse(body, status_code=200 if registry.ready else 503, headers=headers)
-
-
-@router.get(
-    "/metrics",
-    tags=["health"],
-    response_class=Response,
-    responses={
-        200: {
-            "content": {"text/plain": {"schema": {"type": "string"}}},
-            "description": "Prometheus text format.",
-        },
-        **error_responses(401),
-    },
-    summary="Prometheus metrics (any station or admin key when keys are required)",
-)
-async def metrics(metrics: MetricsDep, principal: PrincipalDep) -> Response:
-    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
