@@ -422,7 +422,8 @@ def reference_result(
 async def get_service(request: Request, principal: PrincipalDep) -> PredictionService:
     """The service for one prediction request, which is charged to its caller's rate here (429 when spent).
     It reads the app's parts from app.state itself rather than through a dependency each: FastAPI solves
-    every sub-dependency on every request, and those eight took 0.2 ms of the event loop's time."""
+    every sub-dependency on every request, and those eight took about 0.07 ms of the event loop's time
+    (solve_dependencies 0.46-0.55 -> 0.41-0.43 ms per /v1/predict, in process)."""
     state = request.app.state
     limits: KeyLimits = state.limits
     caller = principal.key_id or ANONYMOUS
