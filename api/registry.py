@@ -41,8 +41,8 @@ PRODUCTION = "production"  # the alias a modality's default follows
 def freeze_long_lived() -> None:
     """Takes what a load left on the heap (the app, the engines, their cards and banks' Python objects:
     about 90,000 objects with the shipped models) out of the cyclic collector's scans, so that a full
-    collection reads only what requests made since: it was a 27-41 ms pause with the GIL held, about
-    once in a thousand requests, on the tail of every answer in flight. Unfrozen and collected first, so
+    collection reads only what requests made since: it was a 27-41 ms pause with the GIL held
+    (benchmarks/server_tail.py), on the tail of every answer in flight. Unfrozen and collected first, so
     that the models a reload retired are freed, cycles and all (`gc.freeze`'s advice for servers)."""
     gc.unfreeze()
     gc.collect()

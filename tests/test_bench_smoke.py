@@ -5,6 +5,7 @@ The figures are `make bench`'s job; here only that the parts run, measure someth
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -168,3 +169,14 @@ def test_the_suite_table_stars_a_test_rate_outside_what_validation_predicted() -
     old = {key: value for key, value in run.items() if key != "rate_counts"}  # recorded before the counts
     cell = real_data._rate_cell([run, shifted, old], "test_false_alarm_rate", "card_false_alarm_rate_ci")
     assert cell == "0.000 / 0.076* / 0.000*v (target 0.01)"
+
+
+def test_the_server_tail_part_measures_the_heap_and_the_dependency_solving() -> None:
+    from benchmarks import server_tail
+
+    inside = server_tail.in_process(requests=30)
+    assert inside["heap_objects"] > 10_000 and inside["full_collect_ms"] > inside["full_collect_frozen_ms"]
+    raw, form = (inside["dependency_ms_per_request"][name] for name in ("raw body", "multipart form"))
+    assert raw["form fields"] == 0.0 < form["form fields"]  # a raw body has a route of its own
+    assert "full collection" in server_tail.summary({"in_process": inside, "workers": 2})
+    assert server_tail.connections_by_worker(os.getpid(), 1) == []  # no children holding that port
