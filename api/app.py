@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse
 
 from verity import __version__
+from verity.api import connection_balance
 from verity.api.alert_delivery import AlertDispatcher, DeliveryOptions
 from verity.api.alert_endpoints import EndpointStore
 from verity.api.alerts import AlertPlanner
@@ -210,10 +211,13 @@ def _lifespan(
         )  # fmt: skip
         app.state.alert_dispatcher = dispatcher
         dispatcher.start()
+        if settings.connection_balance_dir is not None:
+            connection_balance.start(settings.connection_balance_dir)
         try:
             async with follower.following(), shadow.running() if shadow else contextlib.nullcontext():
                 yield
         finally:
+            connection_balance.stop()
             await run_in_threadpool(dispatcher.stop)
             # Graceful shutdown: uvicorn has stopped accepting and finished in-flight requests; drain the
             # batch queues, then close the audit store (its writes are synchronous, so none is pending).

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,8 +127,6 @@ def serve_main(argv: list[str]) -> int:
     if settings.require_api_keys and KeyStore(settings.keys_file).active_count() == 0:
         _refuse_without_keys(settings, args.host)
         return 2
-    import uvicorn
-
     from verity.api.logs import configure_logging
 
     environment.update(_serving_environment(settings, args.host))
@@ -132,6 +134,30 @@ def serve_main(argv: list[str]) -> int:
     limit_malloc_arenas(settings.malloc_arena_max)
     configure_logging(settings.log_level, settings.log_json)
     _announce(environment, args.host)
+    with _balance_folder(args.workers) as balance_dir:
+        if balance_dir is not None:
+            os.environ["VERITY_CONNECTION_BALANCE_DIR"] = balance_dir
+        _run_uvicorn(args, settings)
+    return 0
+
+
+@contextlib.contextmanager
+def _balance_folder(workers: int) -> Iterator[str | None]:
+    """A private folder where the workers count their connections (api/connection_balance.py); removed
+    when the server stops."""
+    if workers == 1:
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="verity-balance-")  # mode 0700: only this user's workers reach it
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_uvicorn(args: argparse.Namespace, settings: Settings) -> None:
+    import uvicorn
+
     uvicorn.run(
         "verity.api.app:create_app",
         factory=True,
@@ -145,7 +171,6 @@ def serve_main(argv: list[str]) -> int:
         server_header=False,  # no "server: uvicorn" banner telling a scanner what to try
         **_connection_options(settings),
     )
-    return 0
 
 
 def _connection_options(settings: Settings) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import functools
 import json
 from typing import Any
 
+from verity.api import connection_balance
 from verity.api.settings import load_settings
 
 try:  # the parser uvicorn's "auto" picks: httptools where it is installed (uvicorn[standard]), else h11
@@ -49,6 +50,8 @@ class HeadDeadlineProtocol(_UvicornProtocol):
         self.head_timer: asyncio.TimerHandle | None = None
         self.head_armed_cycle: object = None  # the request cycle when the timer was armed
         self.head_bytes_seen = False
+        self.handed_in = False  # handed over by another worker (api/connection_balance.py)
+        self.handed_off = False  # handed over to another worker: this copy was closed unread
 
     def arm_head_timer(self) -> None:
         if self.head_timer is not None:
@@ -66,6 +69,11 @@ class HeadDeadlineProtocol(_UvicornProtocol):
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        balancer = connection_balance.current()
+        if balancer is not None and not self.handed_in and balancer.place(transport):
+            self.handed_off = True
+            transport.close()  # the other worker holds the socket now; nothing was read from it here
+            return
         super().connection_made(transport)
         self.arm_head_timer()
 
@@ -79,6 +87,11 @@ class HeadDeadlineProtocol(_UvicornProtocol):
             self.arm_head_timer()  # the next request's head gets the full timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.handed_off:
+            return  # uvicorn never saw this copy of the connection
+        balancer = connection_balance.current()
+        if balancer is not None:
+            balancer.closed()
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None

@@ -160,6 +160,9 @@ class Settings(BaseSettings):
     # the switches between them cost CPU (measured on 2 cores, 4 alternating rounds at c=32: 117 against
     # 112 answers a second, 16.6 against 17.5 ms of CPU an answer).
     worker_processes: int = Field(1, ge=1, le=64)
+    # Where those processes count their connections and hand new ones to the one holding the fewest
+    # (api/connection_balance.py). `verity serve --workers N` makes a private folder and sets it.
+    connection_balance_dir: Path | None = None
     retry_after_s: int = Field(1, ge=1)
 
     # Tiling of large scans, by the one rule of inference/tiling.py that `verity predict` and `verity
