@@ -280,13 +280,18 @@ def current() -> Balancer | None:
 
 def start(directory: Path) -> Balancer | None:
     """Starts this worker's balancer (from its lifespan, in the event loop uvicorn serves from). None, with
-    a warning, where the app does not run under uvicorn's Server (the hand-off needs its protocol)."""
+    a warning, where the app does not run under uvicorn's Server (the hand-off needs its protocol) or the
+    folder cannot be used: the worker then serves what it accepts, as without balancing."""
     global _current
     server = _uvicorn_server()
     if server is None:
         log.warning("not under uvicorn's Server: connections are not balanced between workers")
         return None
-    _current = Balancer(directory, _protocol_factory(server), getattr(server.config, "ssl", None))
+    try:
+        _current = Balancer(directory, _protocol_factory(server), getattr(server.config, "ssl", None))
+    except OSError as error:
+        log.warning(f"connections are not balanced between workers: {directory}: {error}")
+        return None
     return _current
 
 

@@ -8,6 +8,7 @@ with it, half go to the stopped worker's queue and are answered once it runs aga
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from api_fixtures import LiveServer, server_env
 from test_shared_state import both_ready
 
 from benchmarks.server_tail import _children, connections_by_worker
+from verity.api import connection_balance
 from verity.api.connection_balance import FIELDS, SLOTS, STALE_MS, ConnectionTable
 
 CONNECTIONS = 32
@@ -50,6 +52,18 @@ def test_the_table_gives_a_dead_workers_slot_to_its_successor(tmp_path: Path) ->
     with table.locked():
         assert table.fewest(besides=second) is None  # no other live worker: nothing to hand over to
     assert SLOTS >= 64  # every worker count `verity serve --workers` accepts
+
+
+def test_an_app_not_under_uvicorns_server_serves_unbalanced(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """In process (tests, Ray Serve) there is no uvicorn Server to take connections for: no balancer, a
+    warning, and the protocol keeps every connection it is given."""
+
+    async def started() -> object:
+        return connection_balance.start(tmp_path)
+
+    assert asyncio.run(started()) is None and connection_balance.current() is None
+    assert "not balanced" in caplog.text
+    assert not any(tmp_path.iterdir())  # nothing claimed or bound
 
 
 def _a_finished_pid() -> int:
