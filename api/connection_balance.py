@@ -31,6 +31,7 @@ import mmap
 import os
 import socket
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,10 @@ log = logging.getLogger("verity.api")
 
 TABLE_FILE = "connections"
 SLOTS = 64  # as many as `verity serve --workers` allows
-FIELDS = 3  # each slot: the worker's pid (0: free), the connections it holds, its last heartbeat (ms)
+# Each slot: the worker's pid (0: free), the connections it holds, its last heartbeat (ms), and the
+# connections it has handed to others and been handed (for /metrics: any worker reports every worker).
+FIELDS = 5
+HELD, BEAT, HANDED_OUT, HANDED_IN = 1, 2, 3, 4
 BEAT_S = 0.25
 STALE_MS = 1000  # four beats missed: the worker's loop is not running, so it gets no connections
 HAND_OFF = b"c"  # the one byte each hand-off message carries beside its descriptor
@@ -68,32 +72,44 @@ class ConnectionTable:
     def pid(self, slot: int) -> int:
         return int(self.cells[slot * FIELDS])
 
-    def held(self, slot: int) -> int:
-        return int(self.cells[slot * FIELDS + 1])
+    def field(self, slot: int, field: int) -> int:
+        return int(self.cells[slot * FIELDS + field])
 
-    def add(self, slot: int, change: int) -> None:
-        self.cells[slot * FIELDS + 1] = max(0, self.held(slot) + change)
+    def held(self, slot: int) -> int:
+        return self.field(slot, HELD)
+
+    def add(self, slot: int, change: int, field: int = HELD) -> None:
+        self.cells[slot * FIELDS + field] = max(0, self.field(slot, field) + change)
 
     def beat(self, slot: int) -> None:
         """Only the slot's own worker writes it: one aligned 8-byte store, which needs no lock."""
-        self.cells[slot * FIELDS + 2] = now_ms()
+        self.cells[slot * FIELDS + BEAT] = now_ms()
 
     def responsive(self, slot: int) -> bool:
-        return now_ms() - int(self.cells[slot * FIELDS + 2]) <= STALE_MS
+        return now_ms() - self.field(slot, BEAT) <= STALE_MS
+
+    def workers(self) -> list[tuple[int, int, int, int]]:
+        """(pid, connections held, handed out, handed in) of every worker in the table."""
+        with self.locked():
+            return [
+                (self.pid(s), self.held(s), self.field(s, HANDED_OUT), self.field(s, HANDED_IN))
+                for s in range(SLOTS)
+                if self.pid(s) != 0
+            ]
 
     def claim(self, pid: int) -> int | None:
         """A free slot, or one whose worker has died (a restarted worker takes its place), for `pid`."""
         with self.locked():
             for slot in range(SLOTS):
                 if self.pid(slot) == 0 or not alive(self.pid(slot)):
-                    self.cells[slot * FIELDS], self.cells[slot * FIELDS + 1] = pid, 0
+                    self.cells[slot * FIELDS : (slot + 1) * FIELDS] = array("q", [pid] + [0] * (FIELDS - 1))
                     self.beat(slot)
                     return slot
         return None
 
     def release(self, slot: int) -> None:
         with self.locked():
-            self.cells[slot * FIELDS], self.cells[slot * FIELDS + 1] = 0, 0
+            self.cells[slot * FIELDS : (slot + 1) * FIELDS] = array("q", [0] * FIELDS)
 
     def fewest(self, besides: int) -> int | None:
         """The responsive worker other than `besides` that holds the fewest connections (call under the
@@ -166,6 +182,8 @@ class Balancer:
             if target is not None and self.table.held(target) < self.table.held(self.slot):
                 self.table.add(target, +1)  # counted now, so the next connection sees it
                 if self._send(self.table.pid(target), transport):
+                    self.table.add(self.slot, +1, HANDED_OUT)
+                    self.table.add(target, +1, HANDED_IN)
                     return True
                 self.table.add(target, -1)
                 if not alive(self.table.pid(target)):

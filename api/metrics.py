@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from verity.api import connection_balance
 from verity.api.alert_delivery import alert_attempts
 from verity.api.drift_monitor import DriftMonitor
 from verity.api.shadow import shadow_outcomes
@@ -34,6 +35,30 @@ class _ModelCollector:
             depth.add_metric([name, version], float(queued))
         yield info
         yield depth
+
+
+class _ConnectionCollector:
+    """The workers' connections from the table they share (api/connection_balance.py), read at scrape
+    time: whichever worker answers the scrape reports every worker, so one scrape shows the balance."""
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        balancer = connection_balance.current()
+        if balancer is None:
+            return
+        held = GaugeMetricFamily(
+            "verity_worker_connections", "Connections each worker process holds.", labels=["worker"]
+        )
+        handed = CounterMetricFamily(
+            "verity_connections_handed",
+            "Connections a worker accepted and handed to one holding fewer (out), or was handed (in).",
+            labels=["worker", "direction"],
+        )
+        for pid, connections, handed_out, handed_in in balancer.table.workers():
+            held.add_metric([str(pid)], float(connections))
+            handed.add_metric([str(pid), "out"], float(handed_out))
+            handed.add_metric([str(pid), "in"], float(handed_in))
+        yield held
+        yield handed
 
 
 class Metrics:
@@ -97,6 +122,7 @@ class Metrics:
         )
         self.drift = DriftMonitor(self.registry)
         self.shadow = shadow_outcomes(self.registry)
+        self.registry.register(_ConnectionCollector())
 
     def watch_models(self, describe: Callable[[], list[tuple[str, str, str, bool, int]]]) -> None:
         self.registry.register(_ModelCollector(describe))

@@ -15,6 +15,7 @@ import socket
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from api_fixtures import LiveServer, server_env
 from test_shared_state import both_ready
@@ -98,6 +99,13 @@ def test_connections_accepted_by_one_worker_are_shared_with_the_other(tmp_path: 
             assert _answer(client).startswith(b"HTTP/1.1 200")
         split = connections_by_worker(live.process.pid, live.port)
         assert len(split) == 2 and split[1] - split[0] <= 2, split
+        # /metrics, from whichever worker answers, shows both workers' connections and the hand-offs.
+        figures = _metric_lines(httpx.get(live.url + "/metrics", timeout=10).text)
+        held = {figures[f'verity_worker_connections{{worker="{pid}"}}'] for pid in workers}
+        assert sum(held) >= CONNECTIONS - 1 and max(held) - min(held) <= 3, figures  # the scrape's own too
+        handed_out = figures[f'verity_connections_handed_total{{direction="out",worker="{workers[0]}"}}']
+        handed_in = figures[f'verity_connections_handed_total{{direction="in",worker="{workers[1]}"}}']
+        assert handed_out >= CONNECTIONS // 2 - 2 and handed_in == handed_out, figures
         for client in clients:
             client.close()
     finally:
@@ -136,6 +144,14 @@ def _workers(server_pid: int) -> list[int]:
     return [
         pid for pid in _children(server_pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
+
+
+def _metric_lines(text: str) -> dict[str, float]:
+    return {
+        name: float(value)
+        for name, _, value in (line.rpartition(" ") for line in text.splitlines())
+        if name.startswith(("verity_worker_connections", "verity_connections_handed_total"))
+    }
 
 
 def _health_request() -> bytes:
