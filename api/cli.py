@@ -134,7 +134,7 @@ def serve_main(argv: list[str]) -> int:
     limit_malloc_arenas(settings.malloc_arena_max)
     configure_logging(settings.log_level, settings.log_json)
     _announce(environment, args.host)
-    with _balance_folder(args.workers) as balance_dir:
+    with _balance_folder(args.workers > 1 and settings.balance_connections) as balance_dir:
         if balance_dir is not None:
             os.environ["VERITY_CONNECTION_BALANCE_DIR"] = balance_dir
         _run_uvicorn(args, settings)
@@ -142,10 +142,10 @@ def serve_main(argv: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def _balance_folder(workers: int) -> Iterator[str | None]:
+def _balance_folder(wanted: bool) -> Iterator[str | None]:
     """A private folder where the workers count their connections (api/connection_balance.py); removed
     when the server stops."""
-    if workers == 1:
+    if not wanted:
         yield None
         return
     folder = tempfile.mkdtemp(prefix="verity-balance-")  # mode 0700: only this user's workers reach it

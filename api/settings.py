@@ -160,8 +160,10 @@ class Settings(BaseSettings):
     # the switches between them cost CPU (measured on 2 cores, 4 alternating rounds at c=32: 117 against
     # 112 answers a second, 16.6 against 17.5 ms of CPU an answer).
     worker_processes: int = Field(1, ge=1, le=64)
-    # Where those processes count their connections and hand new ones to the one holding the fewest
-    # (api/connection_balance.py). `verity serve --workers N` makes a private folder and sets it.
+    # Whether those processes hand a new connection to the one holding the fewest (least connections,
+    # api/connection_balance.py), and where they count them: `verity serve --workers N` makes a private
+    # folder and sets it. Off: each keeps what the kernel gives it.
+    balance_connections: bool = True
     connection_balance_dir: Path | None = None
     retry_after_s: int = Field(1, ge=1)
 

@@ -8,9 +8,12 @@
   a multipart form, and the share of it spent on the form's fields (`request_body_to_args`);
 - on the real service: `verity serve --workers N` under a closed loop at concurrency 32 (`wrk`), with
   how the connections split between the worker processes (read from /proc while the load runs), the
-  answers a second and the p99 against the Little's-law mean, for a few runs.
+  answers a second and the p99 against the Little's-law mean, for a few runs; with the workers'
+  least-connections hand-off on, off (VERITY_BALANCE_CONNECTIONS=false), or both in turns, and with
+  keep-alive clients or clients that open a connection for every request (`--close`).
 
     .venv/bin/python benchmarks/server_tail.py [--requests 1000] [--runs 5] [--workers 2]
+        [--balance on|off|both] [--close]
 """
 
 from __future__ import annotations
@@ -165,16 +168,21 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-def served(runs: int, workers: int, seconds: float = 15.0) -> list[dict[str, Any]]:
-    """Each run: a fresh `verity serve --workers N`, a warm-up, then c=32 while the split is read."""
+def served(
+    runs: int, workers: int, balance: str = "on", close: bool = False, seconds: float = 15.0
+) -> list[dict[str, Any]]:
+    """Each run: a fresh `verity serve --workers N`, a warm-up, then c=32 while the split is read. With
+    `balance` "both", runs alternate between the hand-off on and off (each run's row says which)."""
     work = Path(tempfile.mkdtemp(prefix="verity-tail-serve-"))
     body, script = work / "body.jpg", work / "post.lua"
     body.write_bytes(photo_jpeg(**IMAGE))
-    script.write_text(WRK_SCRIPT)
+    script.write_text(WRK_SCRIPT + ('wrk.headers["Connection"] = "close"\n' if close else ""))
     rows = []
-    for _ in range(runs):
+    for number in range(runs):
+        balanced = balance == "on" or (balance == "both" and number % 2 == 0)
+        env = {"VERITY_MODALITIES": "photo", "VERITY_BALANCE_CONNECTIONS": str(balanced).lower()}
         options = ("--workers", str(workers))
-        with Server(ROOT / "checkpoints", work, {"VERITY_MODALITIES": "photo"}, options) as server:
+        with Server(ROOT / "checkpoints", work, env, options) as server:
             assert server.process is not None
             run_wrk(server.url, body, "image/jpeg", 8, 3, script, QUERY)
             result: dict[str, Any] = {}
@@ -186,7 +194,8 @@ def served(runs: int, workers: int, seconds: float = 15.0) -> list[dict[str, Any
             load.join()
         little_ms = 32 / result["rps"] * 1000
         rows.append({"split": split, "rps": result["rps"], "p99_ms": result["p99_ms"],
-                     "p99_over_little": result["p99_ms"] / little_ms})  # fmt: skip
+                     "p99_over_little": result["p99_ms"] / little_ms, "balanced": balanced,
+                     "new_connection_per_request": close})  # fmt: skip
     return rows
 
 
@@ -205,10 +214,13 @@ def summary(figures: dict[str, Any]) -> str:
         ),
     ]
     for row in figures.get("served", []):
+        how = ("balanced" if row["balanced"] else "not balanced") + (
+            ", a new connection per request" if row["new_connection_per_request"] else ""
+        )
         lines.append(
-            f"verity serve --workers {figures['workers']} at c=32: connections "
-            f"{'/'.join(map(str, row['split']))}, {row['rps']:.1f} req/s, p99 {row['p99_ms']:.0f} ms = "
-            f"{row['p99_over_little']:.2f}x the Little's-law mean"
+            f"verity serve --workers {figures['workers']} at c=32 ({how}): connections "
+            f"{'/'.join(map(str, row['split'])) or 'none open'}, {row['rps']:.1f} req/s, p99 "
+            f"{row['p99_ms']:.0f} ms = {row['p99_over_little']:.2f}x the Little's-law mean"
         )
     return "\n".join(lines)
 
@@ -218,10 +230,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=5, help="served runs at c=32 (0: in process only)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--balance", choices=["on", "off", "both"], default="on",
+                        help="the workers' least-connections hand-off (both: runs take turns)")  # fmt: skip
+    parser.add_argument("--close", action="store_true", help="a new connection for every request")
     args = parser.parse_args()
     figures: dict[str, Any] = {"in_process": in_process(args.requests), "workers": args.workers}
     if args.runs:
-        figures["served"] = served(args.runs, args.workers)
+        figures["served"] = served(args.runs, args.workers, args.balance, args.close)
     print(json.dumps(figures, indent=2))
     print(summary(figures))
 

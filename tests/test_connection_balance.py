@@ -2,8 +2,9 @@
 
 The live test makes the kernel's choice as uneven as it can be: one worker is stopped (SIGSTOP) while 32
 connections open and send their request, so the other accepts every one of them. Without the hand-off
-that worker keeps all 32 (a split of 0/32, where a burst on two running workers gave 8/24 to 16/16);
-with it, half go to the stopped worker's queue and are answered once it runs again.
+(VERITY_BALANCE_CONNECTIONS=false, the test's second case) that worker keeps all 32 (a split of 0/32,
+where a burst on two running workers gave 8/24 to 16/16); with it, half go to the stopped worker's queue
+and are answered once it runs again.
 """
 
 from __future__ import annotations
@@ -76,8 +77,11 @@ def _a_finished_pid() -> int:
 
 
 @pytest.mark.slow
-def test_connections_accepted_by_one_worker_are_shared_with_the_other(tmp_path: Path) -> None:
-    live = both_ready(LiveServer(server_env(tmp_path, VERITY_WARMUP="false"), ["--workers", "2"]).start(120))
+@pytest.mark.parametrize("balanced", [True, False], ids=["balanced", "VERITY_BALANCE_CONNECTIONS=false"])
+def test_connections_accepted_by_one_worker_are_shared_with_the_other(tmp_path: Path, balanced: bool) -> None:
+    env = server_env(tmp_path, VERITY_WARMUP="false", VERITY_BALANCE_CONNECTIONS=str(balanced).lower())
+    live = both_ready(LiveServer(env, ["--workers", "2"]).start(120))
+    clients: list[socket.socket] = []
     try:
         assert live.process is not None
         workers = _workers(live.process.pid)
@@ -98,17 +102,20 @@ def test_connections_accepted_by_one_worker_are_shared_with_the_other(tmp_path: 
             client.sendall(_health_request())
             assert _answer(client).startswith(b"HTTP/1.1 200")
         split = connections_by_worker(live.process.pid, live.port)
+        figures = _metric_lines(httpx.get(live.url + "/metrics", timeout=10).text)
+        if not balanced:  # each worker keeps what the kernel gave it, and /metrics has no table to show
+            assert split == [CONNECTIONS] and figures == {}, (split, figures)
+            return
         assert len(split) == 2 and split[1] - split[0] <= 2, split
         # /metrics, from whichever worker answers, shows both workers' connections and the hand-offs.
-        figures = _metric_lines(httpx.get(live.url + "/metrics", timeout=10).text)
-        held = {figures[f'verity_worker_connections{{worker="{pid}"}}'] for pid in workers}
+        held = [figures[f'verity_worker_connections{{worker="{pid}"}}'] for pid in workers]
         assert sum(held) >= CONNECTIONS - 1 and max(held) - min(held) <= 3, figures  # the scrape's own too
         handed_out = figures[f'verity_connections_handed_total{{direction="out",worker="{workers[0]}"}}']
         handed_in = figures[f'verity_connections_handed_total{{direction="in",worker="{workers[1]}"}}']
         assert handed_out >= CONNECTIONS // 2 - 2 and handed_in == handed_out, figures
+    finally:
         for client in clients:
             client.close()
-    finally:
         live.stop()
 
 
