@@ -127,8 +127,12 @@ class Settings(BaseSettings):
     # link (16 KiB/s) still has the 21 minutes it needs.
     body_timeout_s: float = Field(10.0, gt=0.0, le=3600.0)
     body_min_rate: int = Field(16 * 1024, ge=1)
-    # Idle keep-alive connections are closed after this (uvicorn's timeout_keep_alive, same default).
-    keep_alive_timeout_s: int = Field(5, ge=1, le=300)
+    # Idle keep-alive connections are closed after this (uvicorn's timeout_keep_alive). Longer than the 5 s
+    # after which client pools such as httpx's drop an idle connection themselves, so the client closes
+    # it first: a server closing an idle connection just as the client sends on it fails that request
+    # (with uvicorn's 5 s, a ReadError in 1 of 10 soaks, benchmarks/pg_soak.py). The head deadline above
+    # closes an idle connection at header_timeout_s anyway.
+    keep_alive_timeout_s: int = Field(10, ge=1, le=300)
     # Open connections plus requests in progress, per worker process (uvicorn's limit_concurrency); past
     # it uvicorn answers 503 at once. Bounds what many or slow clients hold (sockets, bodies in memory),
     # well above what a fleet of stations keeps open.
