@@ -64,6 +64,15 @@ class _ConnectionCollector:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._add_http_metrics()
+        self._add_scoring_metrics()
+        self.alert_attempts = alert_attempts(self.registry)
+        self.drift = DriftMonitor(self.registry)
+        self.shadow = shadow_outcomes(self.registry)
+        self.registry.register(_ConnectionCollector())
+
+    def _add_http_metrics(self) -> None:
+        """Requests as HTTP sees them: counts, latency, those in flight, and those refused (503, 429, 408)."""
         self.requests = Counter(
             "verity_requests_total",
             "HTTP requests by route, method and status.",
@@ -75,24 +84,6 @@ class Metrics:
             "HTTP request latency by route.",
             ["route"],
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.predictions = Counter(
-            "verity_predictions_total",
-            "Verdicts given, by modality, verdict and model.",
-            ["modality", "verdict", "model_version"],
-            registry=self.registry,
-        )
-        self.inference_latency = Histogram(
-            "verity_inference_latency_seconds",
-            "Time from a decoded image to its score (queue wait included).",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.batch_size = Histogram(
-            "verity_batch_size",
-            "Images per model run.",
-            buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
         self.rejected = Counter(
@@ -113,16 +104,33 @@ class Metrics:
             "Requests cut off with 408 because their body did not arrive in time.",
             registry=self.registry,
         )
-        self.audit_failures = Counter(
-            "verity_audit_failures_total", "Audit writes that failed.", registry=self.registry
-        )
-        self.alert_attempts = alert_attempts(self.registry)
         self.in_flight = Gauge(
             "verity_requests_in_flight", "HTTP requests being served.", registry=self.registry
         )
-        self.drift = DriftMonitor(self.registry)
-        self.shadow = shadow_outcomes(self.registry)
-        self.registry.register(_ConnectionCollector())
+
+    def _add_scoring_metrics(self) -> None:
+        """What scoring did: verdicts, the model's latency and batch sizes, and audit writes that failed."""
+        self.predictions = Counter(
+            "verity_predictions_total",
+            "Verdicts given, by modality, verdict and model.",
+            ["modality", "verdict", "model_version"],
+            registry=self.registry,
+        )
+        self.inference_latency = Histogram(
+            "verity_inference_latency_seconds",
+            "Time from a decoded image to its score (queue wait included).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "verity_batch_size",
+            "Images per model run.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.audit_failures = Counter(
+            "verity_audit_failures_total", "Audit writes that failed.", registry=self.registry
+        )
 
     def watch_models(self, describe: Callable[[], list[tuple[str, str, str, bool, int]]]) -> None:
         self.registry.register(_ModelCollector(describe))
