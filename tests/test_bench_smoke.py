@@ -180,3 +180,17 @@ def test_the_server_tail_part_measures_the_heap_and_the_dependency_solving() -> 
     assert raw["form fields"] == 0.0 < form["form fields"]  # a raw body has a route of its own
     assert "full collection" in server_tail.summary({"in_process": inside, "workers": 2})
     assert server_tail.connections_by_worker(os.getpid(), 1) == []  # no children holding that port
+
+
+def test_the_soak_reads_the_servers_own_latencies_from_its_access_log(tmp_path: Path) -> None:
+    from benchmarks.pg_soak import server_latencies_ms
+
+    log = tmp_path / "server.log"
+    access = '{{"logger": "verity.api.access", "message": "request", "path": "{}", "latency_ms": {}}}'
+    log.write_text("\n".join([
+        access.format("/v1/predict", 12.5),
+        access.format("/readyz", 1.0),  # not an answer to score
+        '{"logger": "uvicorn.error", "message": "Started server process [1]"}',
+        access.format("/v1/predict", 3.0),
+    ]) + "\n")  # fmt: skip
+    assert server_latencies_ms(log) == [3.0, 12.5]
