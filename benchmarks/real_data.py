@@ -20,6 +20,13 @@ test split: what validation predicted for a set of its size, `calibrate.predicte
     .venv/bin/python benchmarks/real_data.py --sets magnetic_tiles-px32 --seeds 0
     .venv/bin/python benchmarks/real_data.py --table               # print the table of what is done
     .venv/bin/python benchmarks/real_data.py --add-counts data/bench-runs   # older rows: counts from cards
+
+A candidate recipe is measured apart from the kept results: `--results` and `--runs` put its records and
+models elsewhere, and its table takes each row's baseline from the kept results when it ran none itself
+(the baseline does not change with Verity's recipe), e.g. with a recipe change in the environment:
+
+    .venv/bin/python benchmarks/real_data.py --methods verity --results /tmp/candidate.jsonl \
+        --runs /tmp/candidate-runs --sets magnetic_tiles-px32
 """
 
 from __future__ import annotations
@@ -94,16 +101,16 @@ def manifest_for(row: str) -> tuple[Path, str]:
     return write_variant(name, variant or "full"), MODALITY[name]
 
 
-def run_verity(name: str, manifest: Path, modality: str, seed: int) -> dict[str, Any]:
-    """`verity train` with its defaults; the test figures come from the metrics it wrote."""
-    command = train_command(manifest, modality, seed, name, RUNS)
+def run_verity(name: str, manifest: Path, modality: str, seed: int, runs: Path = RUNS) -> dict[str, Any]:
+    """`verity train` with its defaults, its model under `runs`; the test figures come from its card."""
+    command = train_command(manifest, modality, seed, name, runs)
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     log = completed.stdout + completed.stderr
     if completed.returncode not in (0, EXPORT_FAILED):  # a failed export keeps the run and its card
         return {"error": log[-2000:], "seconds": seconds}
-    card = json.loads((RUNS / name / f"seed{seed}" / "card.json").read_text())
+    card = json.loads((runs / name / f"seed{seed}" / "card.json").read_text())
     test, thresholds = card["metrics"]["test"], card["thresholds"]
     chosen = next((line for line in log.splitlines() if line.startswith("chosen from the data")), "")
     epochs = [line for line in log.splitlines() if line.startswith("epoch ")]
@@ -140,11 +147,26 @@ def run_baseline(manifest: Path, seed: int) -> dict[str, Any]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def done() -> dict[tuple[str, str, int], dict[str, Any]]:
-    if not RESULTS.is_file():
+def done(results: Path | None = None) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The finished runs recorded in `results` (default: the kept results), by (row, method, seed)."""
+    results = results or RESULTS
+    if not results.is_file():
         return {}
-    records = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     return {(r["set"], r["method"], r["seed"]): r for r in records if "error" not in r}
+
+
+def with_kept_baselines(results: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The runs in `results`, and for each row that holds no baseline run there, the kept results'
+    baseline runs of that row (what a candidate recipe is compared with)."""
+    measured = done(results)
+    if results == RESULTS:
+        return measured
+    rows_with_baseline = {row for row, method, _ in measured if method == "baseline"}
+    rows = {row for row, _, _ in measured}
+    kept = {key: run for key, run in done().items()
+            if key[1] == "baseline" and key[0] in rows - rows_with_baseline}  # fmt: skip
+    return measured | kept
 
 
 def rate_counts(card: dict[str, Any]) -> dict[str, int]:
@@ -258,14 +280,18 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", default=["verity", "baseline"])
     parser.add_argument("--table", action="store_true", help="only print the table of finished runs")
+    parser.add_argument("--results", type=Path, default=None, help="where the runs are recorded "
+                        "(default: the kept results; another file for a candidate recipe)")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where Verity's models are written")
     parser.add_argument("--add-counts", type=Path, metavar="RUNS_DIR", help="add the rate counts to rows "
                         "recorded without them, from their runs' cards in RUNS_DIR, then print the table")
     args = parser.parse_args()
     if args.add_counts:
         print(f"{add_counts(args.add_counts)} rows given their counts")
         args.table = True
+    args.results = args.results or RESULTS
     if not args.table:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
         rows = args.sets or suite_rows()
         if args.quick:
             rows = [row for row in rows if train_count(row) <= SUBSAMPLED_TRAIN]
@@ -273,17 +299,17 @@ def main() -> None:
             manifest, modality = manifest_for(name)
             for seed in args.seeds:
                 for method in args.methods:
-                    if (name, method, seed) in done():
+                    if (name, method, seed) in done(args.results):
                         continue
                     if method == "verity":
-                        record = run_verity(name, manifest, modality, seed)
+                        record = run_verity(name, manifest, modality, seed, args.runs)
                     else:
                         record = run_baseline(manifest, seed)
                     record.update(set=name, method=method, seed=seed)
-                    with open(RESULTS, "a", encoding="utf-8") as handle:
+                    with open(args.results, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps(record) + "\n")
                     print(json.dumps(record), flush=True)
-    print(table(done()))
+    print(table(with_kept_baselines(args.results)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ The figures are `make bench`'s job; here only that the parts run, measure someth
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -169,6 +170,27 @@ def test_the_suite_table_stars_a_test_rate_outside_what_validation_predicted() -
     old = {key: value for key, value in run.items() if key != "rate_counts"}  # recorded before the counts
     cell = real_data._rate_cell([run, shifted, old], "test_false_alarm_rate", "card_false_alarm_rate_ci")
     assert cell == "0.000 / 0.076* / 0.000*v (target 0.01)"
+
+
+def test_a_candidate_recipe_is_compared_with_the_kept_baselines(tmp_path: Path, monkeypatch) -> None:
+    from benchmarks import real_data
+
+    def record(row: str, method: str, seed: int, auc: float) -> str:
+        return json.dumps({"set": row, "method": method, "seed": seed, "test_roc_auc": auc})
+
+    kept, candidate = tmp_path / "kept.jsonl", tmp_path / "candidate.jsonl"
+    kept.write_text("\n".join([record("a", "baseline", 0, 0.8), record("a", "verity", 0, 0.9),
+                               record("b", "baseline", 0, 0.7), record("c", "baseline", 0, 0.6)]) + "\n")
+    candidate.write_text("\n".join([record("a", "verity", 0, 0.95), record("b", "verity", 0, 0.75),
+                                    record("b", "baseline", 0, 0.72)]) + "\n")  # fmt: skip
+    monkeypatch.setattr(real_data, "RESULTS", kept)
+    runs = real_data.with_kept_baselines(candidate)
+    # Its own Verity runs, the kept baseline of a row it ran none for, its own baseline where it ran one,
+    # and nothing of a row it did not run.
+    assert {key: run["test_roc_auc"] for key, run in runs.items()} == {
+        ("a", "verity", 0): 0.95, ("a", "baseline", 0): 0.8, ("b", "verity", 0): 0.75,
+        ("b", "baseline", 0): 0.72}  # fmt: skip
+    assert real_data.with_kept_baselines(kept) == real_data.done(kept)
 
 
 def test_the_server_tail_part_measures_the_heap_and_the_dependency_solving() -> None:
