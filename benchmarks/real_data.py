@@ -101,9 +101,14 @@ def manifest_for(row: str) -> tuple[Path, str]:
     return write_variant(name, variant or "full"), MODALITY[name]
 
 
-def run_verity(name: str, manifest: Path, modality: str, seed: int, runs: Path = RUNS) -> dict[str, Any]:
-    """`verity train` with its defaults, its model under `runs`; the test figures come from its card."""
-    command = train_command(manifest, modality, seed, name, runs)
+def run_verity(
+    name: str, manifest: Path, modality: str, seed: int, runs: Path = RUNS, target_steps: int | None = None
+) -> dict[str, Any]:
+    """`verity train` with its defaults, its model under `runs`; the test figures come from its card.
+    `target_steps`: a candidate epochs rule, about that many optimizer steps (`recipe.epochs_for`), given
+    as the epochs it chooses for this row."""
+    extra = [] if target_steps is None else ["--epochs", str(candidate_epochs(manifest, target_steps))]
+    command = train_command(manifest, modality, seed, name, runs, *extra)
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -132,6 +137,16 @@ def run_verity(name: str, manifest: Path, modality: str, seed: int, runs: Path =
         "seconds": seconds,
         "chosen": chosen,
     }
+
+
+def candidate_epochs(manifest: Path, target_steps: int) -> int:
+    """The epochs `recipe.epochs_for` chooses for the manifest's training split at `target_steps`."""
+    from verity.training.config import TrainConfig
+    from verity.training.recipe import DataProfile, epochs_for
+
+    train = sum(1 for row in read_manifest(manifest) if row.split == "train")
+    profile = DataProfile(train, 0.0, 0.0, 1.0, 0.0)  # the rule reads the count alone
+    return epochs_for(profile, TrainConfig().batch_size, target_steps)[0]
 
 
 def run_baseline(manifest: Path, seed: int) -> dict[str, Any]:
@@ -283,6 +298,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None, help="where the runs are recorded "
                         "(default: the kept results; another file for a candidate recipe)")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where Verity's models are written")
+    parser.add_argument("--target-steps", type=int, help="a candidate epochs rule: about this many optimizer "
+                        "steps (recipe.epochs_for; the default rule's is recipe.TARGET_STEPS)")
     parser.add_argument("--add-counts", type=Path, metavar="RUNS_DIR", help="add the rate counts to rows "
                         "recorded without them, from their runs' cards in RUNS_DIR, then print the table")
     args = parser.parse_args()
@@ -302,7 +319,7 @@ def main() -> None:
                     if (name, method, seed) in done(args.results):
                         continue
                     if method == "verity":
-                        record = run_verity(name, manifest, modality, seed, args.runs)
+                        record = run_verity(name, manifest, modality, seed, args.runs, args.target_steps)
                     else:
                         record = run_baseline(manifest, seed)
                     record.update(set=name, method=method, seed=seed)

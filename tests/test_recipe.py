@@ -97,3 +97,12 @@ def test_dual_energy_pairs_train_two_channels_and_a_mixed_set_one(tmp_path) -> N
     config, profile, reasons = apply_recipe(TrainConfig(modality="xray"), mixed, spec_fixed=False)
     assert 0.0 < profile.dual_share < 1.0 and config.in_chans == 1
     assert any("the high-energy plane only" in reason for reason in reasons)
+
+
+@pytest.mark.parametrize(("target_steps", "expected"), [(250, 9), (450, 15), (10_000, 15)])
+def test_a_candidate_step_target_stays_within_the_cpu_budget(target_steps: int, expected: int) -> None:
+    """benchmarks/real_data.py --target-steps measures a longer rule: 900 images get 15 epochs at 450
+    steps, and no target takes them past the budget of 14,000 images (15 epochs)."""
+    from verity.training.recipe import epochs_for
+
+    assert epochs_for(_profile(900), 32, target_steps)[0] == expected

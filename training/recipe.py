@@ -94,9 +94,12 @@ def profile_rows(rows: list[ManifestRow], seed: int = 0) -> DataProfile:
     )
 
 
-def _epochs(profile: DataProfile, batch_size: int) -> tuple[int, str]:
+def epochs_for(profile: DataProfile, batch_size: int, target_steps: int = TARGET_STEPS) -> tuple[int, str]:
+    """The epochs rule: about `target_steps` optimizer steps, within MIN_EPOCHS..MAX_EPOCHS and the CPU
+    budget; with the reason. `target_steps` other than the default: a candidate rule being measured
+    (benchmarks/real_data.py --target-steps)."""
     steps_per_epoch = max(1, math.ceil(profile.train_images / batch_size))
-    wanted = max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
+    wanted = max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(target_steps / steps_per_epoch)))
     affordable = max(1, CPU_IMAGE_BUDGET // max(1, profile.train_images))
     epochs = min(wanted, max(2, affordable))
     why = f"{profile.train_images} training images, {steps_per_epoch} steps an epoch"
@@ -114,7 +117,7 @@ def choose(config: TrainConfig, profile: DataProfile, spec_fixed: bool) -> tuple
     chosen: dict[str, Any] = {}
     reasons: list[str] = []
     if config.epochs is None:
-        chosen["epochs"], why = _epochs(profile, config.batch_size)
+        chosen["epochs"], why = epochs_for(profile, config.batch_size)
         reasons.append(f"epochs {chosen['epochs']} ({why})")
     epochs = chosen.get("epochs", config.epochs)
     if config.warmup_epochs is None:
