@@ -116,6 +116,11 @@ def run_verity(
     if completed.returncode not in (0, EXPORT_FAILED):  # a failed export keeps the run and its card
         return {"error": log[-2000:], "seconds": seconds}
     card = json.loads((runs / name / f"seed{seed}" / "card.json").read_text())
+    return verity_record(card, log, seconds, export_error=completed.returncode == EXPORT_FAILED)
+
+
+def verity_record(card: dict[str, Any], log: str, seconds: float, export_error: bool) -> dict[str, Any]:
+    """A Verity run's record: its test figures from its card, its epochs and choices from its log."""
     test, thresholds = card["metrics"]["test"], card["thresholds"]
     chosen = next((line for line in log.splitlines() if line.startswith("chosen from the data")), "")
     epochs = [line for line in log.splitlines() if line.startswith("epoch ")]
@@ -133,7 +138,7 @@ def run_verity(
         "rate_counts": rate_counts(card),
         "epochs_run": len(epochs),
         "code_version": card.get("code_version"),
-        "export_error": completed.returncode == EXPORT_FAILED,
+        "export_error": export_error,
         "seconds": seconds,
         "chosen": chosen,
     }
