@@ -21,6 +21,8 @@ from verity.training.calibrate import (
     predicted_rates,
     sample_size_warnings,
     temperature_nll,
+    validation_group_warnings,
+    validation_groups,
     validation_size_warnings,
 )
 
@@ -230,6 +232,50 @@ def _rows(n_genuine: int, n_counterfeit: int) -> list[ManifestRow]:
     rows = [ManifestRow(f"g{i}.png", "genuine", "photo", split="val") for i in range(n_genuine)]
     rows += [ManifestRow(f"c{i}.png", "counterfeit", "photo", split="val") for i in range(n_counterfeit)]
     return rows + [ManifestRow("t.png", "genuine", "photo", split="train")] * 1000  # not validation
+
+
+def _cases(label: str, count: int, cases: int, split: str = "val") -> list[ManifestRow]:
+    """`count` images of `label` spread over `cases` case groups."""
+    return [
+        ManifestRow(f"{label}{split}{i}.png", label, "photo", case_id=f"exp{i % cases}", split=split)
+        for i in range(count)
+    ]
+
+
+def test_validation_from_few_cases_is_named_in_a_warning() -> None:
+    """Magnetic tiles' validation is one capture session: its rate interval cannot speak for another."""
+    one_session = _cases("genuine", 157, 1) + _cases("counterfeit", 66, 5)
+    one_session += _cases("genuine", 600, 6, "train")  # training's cases are not validation's
+    five = [f"case:exp{i}" for i in range(5)]
+    assert validation_groups(one_session) == {"genuine": ["case:exp0"], "counterfeit": five}
+    (warning,) = validation_group_warnings(one_session)
+    assert warning.startswith("validation's 157 genuine images come from 1 case group (exp0): the false")
+    assert "at least 5 cases" in warning
+    few = _cases("genuine", 40, 4) + _cases("counterfeit", 40, 2)
+    assert [w.split(":")[0] for w in validation_group_warnings(few)] == [
+        "validation's 40 genuine images come from 4 case groups (exp0, exp1, exp2, exp3)",
+        "validation's 40 counterfeit images come from 2 case groups (exp0, exp1)",
+    ]
+    assert "the miss interval" in validation_group_warnings(few)[1]
+    assert validation_group_warnings(_cases("genuine", 40, 5) + _cases("counterfeit", 40, 40)) == []
+    # Images split one by one (no case, no product) are independent draws: nothing to warn about, and
+    # a label with any such image is not counted in cases.
+    assert validation_group_warnings(_rows(10, 10)) == []
+    assert validation_groups(_cases("genuine", 10, 1) + _rows(1, 0)) == {}
+    # A product groups images as a case does.
+    by_product = [ManifestRow(f"{i}.png", "genuine", "xray", product="phones", split="val") for i in range(9)]
+    assert validation_groups(by_product) == {"genuine": ["product:phones"]}
+
+
+def test_the_card_carries_the_validation_case_warning() -> None:
+    from verity.training.artifacts import Calibration, calibration_warnings
+
+    rows = _cases("genuine", 300, 1) + _cases("counterfeit", 60, 10)
+    scores, targets = _validation_scores(n_genuine=300, n_counterfeit=60)
+    calibration = Calibration(1.0, choose_thresholds(scores, targets), {}, ["weak run: an example"])
+    warnings = calibration_warnings(SimpleNamespace(rows=rows), calibration)
+    assert warnings == (*validation_group_warnings(rows), "weak run: an example")
+    assert len(warnings) == 2 and warnings[0].startswith("validation's 300 genuine images come from 1 case")
 
 
 def test_validation_size_warnings_follow_the_rule_of_three() -> None:

@@ -81,7 +81,7 @@ def evaluate_test(run: Run, data_manifest: Path, calibration: Calibration) -> di
     config = run.config
     scorer = ModuleScorer(
         unwrap(run.model), run.spec, config.name, config.version, calibration.temperature,
-        calibration.thresholds, warnings=calibration_warnings(calibration), backbone=config.model,
+        calibration.thresholds, warnings=calibration_warnings(run, calibration), backbone=config.model,
     )  # fmt: skip
     return evaluate(
         scorer,
@@ -95,15 +95,19 @@ def evaluate_test(run: Run, data_manifest: Path, calibration: Calibration) -> di
     )
 
 
-def calibration_warnings(calibration: Calibration) -> tuple[str, ...]:
-    """The card's warnings: the validation-size ones and the weak-run guard's."""
-    from verity.training.calibrate import card_warnings
+def calibration_warnings(run: Run, calibration: Calibration) -> tuple[str, ...]:
+    """The card's warnings: the validation-size ones, the validation-cases ones and the weak-run guard's."""
+    from verity.training.calibrate import card_warnings, validation_group_warnings
 
-    return (*card_warnings(calibration.thresholds), *calibration.weak_warnings)
+    return (
+        *card_warnings(calibration.thresholds),
+        *validation_group_warnings(run.rows),
+        *calibration.weak_warnings,
+    )
 
 
 def make_card(run: Run, calibration: Calibration, metrics: dict[str, Any]) -> ModelCard:
-    """The run's model card; its warnings are the validation-size ones and the weak-run guard's."""
+    """The run's model card, with the warnings of `calibration_warnings`."""
 
     config, spec = run.config, run.spec
     return ModelCard(
@@ -118,7 +122,7 @@ def make_card(run: Run, calibration: Calibration, metrics: dict[str, Any]) -> Mo
         data_fingerprint=run.fingerprint,
         data_counts=split_counts(run.rows),
         code_version=code_version(),
-        warnings=calibration_warnings(calibration),
+        warnings=calibration_warnings(run, calibration),
         embedding_dim=unwrap(run.model).embedding_dim,
         lineage=run.lineage,
     )

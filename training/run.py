@@ -273,9 +273,10 @@ def discard_refused_run(run: Run) -> None:
             path.unlink(missing_ok=True)
 def prepare_run_dir(run: Run) -> None:
     """Rank 0, before training: the run folder with config.yaml and augment.json, the data fingerprint,
-    and what the run is about to learn from (with the validation-size warnings the card repeats)."""
+    and what the run is about to learn from (with the validation warnings the card repeats: too few
+    images, or too few cases)."""
     from verity.training.augment import describe_preset
-    from verity.training.calibrate import validation_size_warnings
+    from verity.training.calibrate import validation_group_warnings, validation_size_warnings
 
     config, run_dir = run.config, run.run_dir
     run.created_dir = not run_dir.exists()
@@ -290,7 +291,7 @@ def prepare_run_dir(run: Run) -> None:
     (run_dir / "augment.json").write_text(text + "\n", encoding="utf-8")
     run.fingerprint = data_fingerprint(run.rows)
     print(f"data: {run.data_description}; counts {json.dumps(split_counts(run.rows))}", flush=True)
-    for warning in validation_size_warnings(run.rows, config):
+    for warning in (*validation_size_warnings(run.rows, config), *validation_group_warnings(run.rows)):
         print(f"WARNING: {warning}", flush=True)
 
 
