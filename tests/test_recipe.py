@@ -50,7 +50,7 @@ def test_profile_reads_sizes_aspect_and_colour(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("train_images", "expected"),
-    [(128, MAX_EPOCHS), (900, 9), (1400, 6), (20_000, 2)],
+    [(128, MAX_EPOCHS), (900, 15), (1400, 10), (20_000, 2)],
 )
 def test_epochs_follow_the_set_size_within_the_cpu_budget(train_images: int, expected: int) -> None:
     chosen, reasons = choose(TrainConfig(), _profile(train_images), spec_fixed=False)
