@@ -1,7 +1,7 @@
-"""What the open-set checks add to /v1/predict: the novelty gate against a bank of 10,000 references (with
-the input profiles of 10,000 training images, when the model has them) and
-a product's reference check (20 genuine references), measured side by side with the same model without
-them, in one run.
+"""What the open-set checks add to /v1/predict: the novelty gate against the largest bank a model keeps
+(`bank.MAX_REFERENCES` references, with the input profiles of as many training images, when the model
+has them) and a product's reference check (20 genuine references), measured side by side with the same
+model without them, in one run.
 
 Two parts:
 - in process: the engine's predict for one photo, and the checks on its embedding (kNN novelty against
@@ -17,10 +17,11 @@ The two photos take the gate's two paths (`NoveltyGate.verdict_likeness`): a dra
 not recognise (its novelty alone settles the verdict), and a synthetic photo of the kind the model was
 trained on, which it recognises (its profile and joint distances are bounded, or measured in full).
 
-The bank's 10,000 rows are the model's own bank, padded with random unit vectors to 10,000 (brute-force
+The bank's rows are the model's own bank, padded with random unit vectors to that size (brute-force
 search costs the same whatever the values); the references are 20 photos.
 
     .venv/bin/python benchmarks/open_set_cost.py [--model checkpoints/photo-default] [--rounds 4]
+        [--bank-rows N]   # a bank of another size
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from benchmarks.server_bench import Server  # noqa: E402
 from benchmarks.server_overhead import thread_cpu_seconds  # noqa: E402
 from verity.datasets.synth import generate  # noqa: E402
 from verity.inference.artifacts import resolve_model  # noqa: E402
-from verity.inference.bank import BANK_FILE, build_bank, load_bank, save_bank  # noqa: E402
+from verity.inference.bank import BANK_FILE, MAX_REFERENCES, build_bank, load_bank, save_bank  # noqa: E402
 from verity.inference.engine import METADATA_CARD_KEY, OnnxEngine  # noqa: E402
 from verity.inference.input_profile import (  # noqa: E402
     PROFILE_FILE,
@@ -62,7 +63,6 @@ from verity.inference.references.check import embed_image
 from verity.inference.references.store import ReferenceStore  # noqa: E402
 from verity.inference.tiling import TilingOptions, load_for_scoring  # noqa: E402
 
-BANK_ROWS = 10_000
 REFERENCES = 20
 PRODUCT = "bench-product"
 
@@ -78,7 +78,7 @@ def padded_bank(model_dir: Path, rows: int) -> Any:
 
 
 def padded_profiles(model_dir: Path, rows: int) -> ProfileBank:
-    """The model's input profiles padded with random rows to `rows` (what a 10,000-image set keeps)."""
+    """The model's input profiles padded with random rows to `rows` (what a large set keeps)."""
     profiles = load_profiles(model_dir / PROFILE_FILE)
     generator = np.random.default_rng(1)
     extra = generator.standard_normal((max(0, rows - len(profiles.rows)), PROFILE_WIDTH))
@@ -105,17 +105,18 @@ def without_gate(source: Path, target: Path) -> None:
     onnx.save(proto, str(target))
 
 
-def prepare(model: Path, workdir: Path) -> dict[str, Path]:
-    """models-gated (padded bank), models-plain (no gate) and a reference store with 20 references."""
+def prepare(model: Path, workdir: Path, bank_rows: int = MAX_REFERENCES) -> dict[str, Path]:
+    """models-gated (bank and profiles padded to `bank_rows`), models-plain (no gate) and a reference
+    store with 20 references."""
     card = OnnxEngine(model, warmup=False).card
     if card.novelty is None:
         raise SystemExit(f"{model} has no novelty gate: export it with --bank-data first.")
     gated = workdir / "models-gated" / card.name / card.version
     gated.mkdir(parents=True)
     shutil.copy(model, gated / "model.onnx")
-    save_bank(padded_bank(model.parent, BANK_ROWS), gated / BANK_FILE)
+    save_bank(padded_bank(model.parent, bank_rows), gated / BANK_FILE)
     if (card.novelty or {}).get("profile"):
-        save_profiles(padded_profiles(model.parent, BANK_ROWS), gated / PROFILE_FILE)
+        save_profiles(padded_profiles(model.parent, bank_rows), gated / PROFILE_FILE)
     without_gate(model, workdir / "models-plain" / card.name / card.version / "model.onnx")
     store, engine = ReferenceStore(workdir / "references"), OnnxEngine(gated / "model.onnx", warmup=False)
     for seed in range(REFERENCES):
@@ -281,17 +282,21 @@ def server_cpu(
 
 
 def run(
-    workdir: Path, model: str = "checkpoints/photo-default", rounds: int = 60, batch: int = 10
+    workdir: Path,
+    model: str = "checkpoints/photo-default",
+    rounds: int = 60,
+    batch: int = 10,
+    bank_rows: int = MAX_REFERENCES,
 ) -> dict[str, Any]:
     """Both parts on `model` (a shipped model with its novelty gate), files under `workdir`."""
     image = photo_jpeg(640, 480, seed=3)
     workdir.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(model)
-    paths = prepare(model_path, workdir)
+    paths = prepare(model_path, workdir, bank_rows)
     images = {"foreign": image, "recognised": recognised_image(model_path, workdir)}
     modality = OnnxEngine(model_path, warmup=False).card.modality
     result: dict[str, Any] = {
-        "bank_rows": BANK_ROWS,
+        "bank_rows": bank_rows,
         "references": REFERENCES,
         "in_process": in_process(paths, image),
     }
@@ -334,9 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     # elsewhere on these shared cores falls on both (40-request batches gave ranges of -3% to +26%).
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--bank-rows", type=int, default=MAX_REFERENCES,
+                        help="references the bank and profiles are padded to (default: the most a bank "
+                        "keeps, %(default)s)")  # fmt: skip
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="verity-open-set-cost-") as folder:
-        result = run(Path(folder), args.model, args.rounds, args.batch)
+        result = run(Path(folder), args.model, args.rounds, args.batch, args.bank_rows)
     print(json.dumps(result, indent=2))
     print(summary(result))
     return 0
