@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -102,13 +103,20 @@ def manifest_for(row: str) -> tuple[Path, str]:
 
 
 def run_verity(
-    name: str, manifest: Path, modality: str, seed: int, runs: Path = RUNS, target_steps: int | None = None
+    name: str,
+    manifest: Path,
+    modality: str,
+    seed: int,
+    runs: Path = RUNS,
+    target_steps: int | None = None,
+    train_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """`verity train` with its defaults, its model under `runs`; the test figures come from its card.
     `target_steps`: a candidate epochs rule, about that many optimizer steps (`recipe.epochs_for`), given
-    as the epochs it chooses for this row."""
+    as the epochs it chooses for this row; `train_args`: a candidate's options (e.g. an augmentation
+    variant), given to every run."""
     extra = [] if target_steps is None else ["--epochs", str(candidate_epochs(manifest, target_steps))]
-    command = train_command(manifest, modality, seed, name, runs, *extra)
+    command = train_command(manifest, modality, seed, name, runs, *extra, *train_args)
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -305,6 +313,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=RUNS, help="where Verity's models are written")
     parser.add_argument("--target-steps", type=int, help="a candidate epochs rule: about this many optimizer "
                         "steps (recipe.epochs_for; the default rule's is recipe.TARGET_STEPS)")
+    parser.add_argument("--train-args", default="", help="a candidate's `verity train` options for every "
+                        "Verity run, e.g. \"--augment-preset patch\" (with --results and --runs elsewhere)")
     parser.add_argument("--add-counts", type=Path, metavar="RUNS_DIR", help="add the rate counts to rows "
                         "recorded without them, from their runs' cards in RUNS_DIR, then print the table")
     args = parser.parse_args()
@@ -324,7 +334,8 @@ def main() -> None:
                     if (name, method, seed) in done(args.results):
                         continue
                     if method == "verity":
-                        record = run_verity(name, manifest, modality, seed, args.runs, args.target_steps)
+                        record = run_verity(name, manifest, modality, seed, args.runs, args.target_steps,
+                                            tuple(shlex.split(args.train_args)))  # fmt: skip
                     else:
                         record = run_baseline(manifest, seed)
                     record.update(set=name, method=method, seed=seed)

@@ -193,6 +193,34 @@ def test_a_candidate_recipe_is_compared_with_the_kept_baselines(tmp_path: Path, 
     assert real_data.with_kept_baselines(kept) == real_data.done(kept)
 
 
+def test_a_candidates_options_reach_every_verity_run(tmp_path: Path, monkeypatch) -> None:
+    """`real_data.py --train-args` gives each Verity run the candidate's options after the defaults'
+    data, seed and destination; the record still comes from the card the run writes."""
+    import subprocess
+
+    from benchmarks import real_data
+
+    commands = []
+    card = {"metrics": {"test": {"roc_auc": 0.9, "false_alarm_rate": 0.0, "miss_rate": 0.1, "n_genuine": 5,
+                                 "n_counterfeit": 5}, "val": {"roc_auc": 0.95}},
+            "thresholds": {"val_false_alarm_rate_ci": [0, 0.1], "val_miss_rate_ci": [0, 0.2],
+                           "target_false_alarm_rate": 0.01, "target_miss_rate": 0.05, "val_false_alarms": 0,
+                           "n_val_genuine": 30, "val_misses": 1, "n_val_counterfeit": 30}}  # fmt: skip
+
+    def fake_run(command: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        commands.append(command)
+        (tmp_path / "row" / "seed1").mkdir(parents=True)
+        (tmp_path / "row" / "seed1" / "card.json").write_text(json.dumps(card))
+        return subprocess.CompletedProcess(command, 0, "epoch 1: ...\n", "")
+
+    monkeypatch.setattr(real_data.subprocess, "run", fake_run)
+    record = real_data.run_verity("row", tmp_path / "m.jsonl", "photo", 1, tmp_path,
+                                  train_args=("--augment-preset", "patch"))  # fmt: skip
+    (command,) = commands
+    assert command[-2:] == ["--augment-preset", "patch"] and command[command.index("--seed") + 1] == "1"
+    assert record["test_roc_auc"] == 0.9 and record["epochs_run"] == 1 and not record["export_error"]
+
+
 def test_the_server_tail_part_measures_the_heap_and_the_dependency_solving() -> None:
     from benchmarks import server_tail
 

@@ -126,14 +126,25 @@ class OverlapClutter(A.ImageOnlyTransform):
         return ("count", "attenuation", "size")
 
 
-def photo_preset() -> A.Compose:
-    """Phone photos of labels: viewpoint, light, focus, compression and sensor noise."""
+def photo_preset(variant: str = "full") -> A.Compose:
+    """Phone photos of labels: viewpoint, light, focus, compression and sensor noise.
+
+    The "patch" variant, for photos smaller than the model input (32 px crops of a part), keeps the
+    viewpoint and the light and drops what acts per pixel or per block: upsampled 7 times, a pixel of
+    noise, a JPEG block of 8 pixels, a glare spot or a 3-pixel blur is the size of the defect it should
+    neither hide nor imitate (the X-ray preset's reason for its own patch variant).
+    """
+    viewpoint_and_light = [
+        A.Perspective(scale=(0.02, 0.06), p=0.5),
+        A.Affine(scale=(0.9, 1.1), rotate=(-8, 8), translate_percent=(-0.04, 0.04), p=0.5),
+        # Brightness and contrast vary with the light; hue barely moves (a colour shift is a cue).
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.01, p=0.6),
+    ]
+    if variant == "patch":
+        return A.Compose(viewpoint_and_light)
     return A.Compose(
         [
-            A.Perspective(scale=(0.02, 0.06), p=0.5),
-            A.Affine(scale=(0.9, 1.1), rotate=(-8, 8), translate_percent=(-0.04, 0.04), p=0.5),
-            # Brightness and contrast vary with the light; hue barely moves (a colour shift is a cue).
-            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.01, p=0.6),
+            *viewpoint_and_light,
             Glare(p=0.25),
             A.GaussianBlur(blur_limit=(3, 3), sigma_limit=(0.1, 0.4), p=0.05),
             A.ImageCompression(quality_range=(70, 100), p=0.4),
@@ -162,7 +173,7 @@ def xray_preset(variant: str = "full") -> A.Compose:
 
 
 def build_preset(modality: str, variant: str = "full") -> A.Compose:
-    """The augmentation pipeline for a modality ("patch" changes the X-ray preset only)."""
+    """The augmentation pipeline for a modality, in its "full" or "patch" variant."""
     if modality not in MODALITIES:
         raise ValueError(
             f"Invalid augmentation preset {modality!r}. Only {', '.join(MODALITIES)} are supported."
@@ -170,7 +181,7 @@ def build_preset(modality: str, variant: str = "full") -> A.Compose:
     if variant not in AUGMENT_PRESETS:
         supported = ", ".join(AUGMENT_PRESETS)
         raise ValueError(f"Invalid preset variant {variant!r}. Only {supported} are supported.")
-    return photo_preset() if modality == "photo" else xray_preset(variant)
+    return photo_preset(variant) if modality == "photo" else xray_preset(variant)
 
 
 def describe_preset(modality: str, variant: str = "full") -> dict[str, Any]:
