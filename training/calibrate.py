@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from verity.datasets.split import group_key
-from verity.inference.vocabulary import UNCERTAIN, verdict_codes
+from verity.inference.vocabulary import LABELS, UNCERTAIN, verdict_codes
 
 # Bounds for T. A model that separates validation perfectly drives the NLL optimum to T -> 0; we stop
 # at a bound instead of returning a temperature that turns every score into exactly 0 or 1.
@@ -266,8 +266,8 @@ def validation_size_warnings(rows: Iterable[Any], config: Any) -> list[str]:
 
 def validation_groups(rows: Iterable[Any]) -> dict[str, list[str]]:
     """Each label's case groups among the validation rows (`datasets.split.group_key`, the unit the
-    split keeps together), in first-seen order; a label with any row not in a case or product is left
-    out, since its images were split one by one."""
+    split keeps together), genuine first, each in first-seen order; a label with any row not in a case or
+    product is left out, since its images were split one by one."""
     keys: dict[str, list[str]] = {}
     ungrouped: set[str] = set()
     for row in rows:
@@ -278,7 +278,7 @@ def validation_groups(rows: Iterable[Any]) -> dict[str, list[str]]:
             ungrouped.add(row.label)
         elif key not in keys.setdefault(row.label, []):
             keys[row.label].append(key)
-    return {label: groups for label, groups in keys.items() if label not in ungrouped}
+    return {label: keys[label] for label in LABELS if label in keys and label not in ungrouped}
 
 
 def validation_group_warnings(rows: Iterable[Any]) -> list[str]:
