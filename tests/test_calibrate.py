@@ -249,12 +249,12 @@ def test_validation_from_few_cases_is_named_in_a_warning() -> None:
     five = [f"case:exp{i}" for i in range(5)]
     assert list(validation_groups(one_session).items()) == [("genuine", ["case:exp0"]), ("counterfeit", five)]
     (warning,) = validation_group_warnings(one_session)
-    assert warning.startswith("validation's 157 genuine images come from 1 case group (exp0): the false")
-    assert "at least 5 cases" in warning
+    assert warning.startswith("validation's 157 genuine images come from 1 group (case exp0): the false")
+    assert "at least 5 groups in validation" in warning
     few = _cases("genuine", 40, 4) + _cases("counterfeit", 40, 2)
     assert [w.split(":")[0] for w in validation_group_warnings(few)] == [
-        "validation's 40 genuine images come from 4 case groups (exp0, exp1, exp2, exp3)",
-        "validation's 40 counterfeit images come from 2 case groups (exp0, exp1)",
+        "validation's 40 genuine images come from 4 groups (case exp0, case exp1, case exp2, case exp3)",
+        "validation's 40 counterfeit images come from 2 groups (case exp0, case exp1)",
     ]
     assert "the miss interval" in validation_group_warnings(few)[1]
     assert validation_group_warnings(_cases("genuine", 40, 5) + _cases("counterfeit", 40, 40)) == []
@@ -265,6 +265,7 @@ def test_validation_from_few_cases_is_named_in_a_warning() -> None:
     # A product groups images as a case does.
     by_product = [ManifestRow(f"{i}.png", "genuine", "xray", product="phones", split="val") for i in range(9)]
     assert validation_groups(by_product) == {"genuine": ["product:phones"]}
+    assert "come from 1 group (product phones)" in validation_group_warnings(by_product)[0]
 
 
 def test_the_card_carries_the_validation_case_warning() -> None:
@@ -275,7 +276,7 @@ def test_the_card_carries_the_validation_case_warning() -> None:
     calibration = Calibration(1.0, choose_thresholds(scores, targets), {}, ["weak run: an example"])
     warnings = calibration_warnings(SimpleNamespace(rows=rows), calibration)
     assert warnings == (*validation_group_warnings(rows), "weak run: an example")
-    assert len(warnings) == 2 and warnings[0].startswith("validation's 300 genuine images come from 1 case")
+    assert len(warnings) == 2 and warnings[0].startswith("validation's 300 genuine images come from 1 group")
 
 
 def test_validation_size_warnings_follow_the_rule_of_three() -> None:

@@ -291,12 +291,13 @@ def validation_group_warnings(rows: Iterable[Any]) -> list[str]:
             continue
         images = sum(1 for row in rows if row.split == "val" and row.label == label)
         figure = "false-alarm" if label == "genuine" else "miss"
-        named = ", ".join(key.split(":", 1)[1] for key in groups)
+        named = ", ".join(key.replace(":", " ", 1) for key in groups)  # "case exp3", "product phones"
         warnings.append(
-            f"validation's {images} {label} images come from {len(groups)} case group"
+            f"validation's {images} {label} images come from {len(groups)} group"
             f"{'' if len(groups) == 1 else 's'} ({named}): the {figure} interval counts them as "
-            "independent, so images of another case (a new batch, site or scanner) may show a rate "
-            f"outside it. Put images of at least {MIN_VALIDATION_GROUPS} cases in validation."
+            "independent, so images of another group (a new batch, site or scanner) may show a rate "
+            f"outside it. Put images of at least {MIN_VALIDATION_GROUPS} groups in validation (cases, or "
+            "products where no case is given)."
         )
     return warnings
 
