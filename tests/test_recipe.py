@@ -71,9 +71,13 @@ def test_flags_given_win_and_a_fine_tuned_spec_is_kept() -> None:
     assert set(chosen) == {"epochs", "warmup_epochs", "augment_preset"}  # size and channels are the model's
 
 
-def test_photos_keep_their_preset_and_channels() -> None:
-    chosen, _ = choose(TrainConfig(modality="photo"), _profile(500, 64, 64, colour=1.0), spec_fixed=False)
-    assert chosen["augment_preset"] == "full" and "in_chans" not in chosen
+def test_photos_keep_their_channels_and_small_ones_take_the_patch_variant() -> None:
+    small = _profile(500, 64, 64, colour=1.0)
+    chosen, reasons = choose(TrainConfig(modality="photo"), small, spec_fixed=False)
+    assert chosen["augment_preset"] == "patch" and "in_chans" not in chosen
+    assert "augmentation patch (photo patches under 224 px: no noise, JPEG blocks, glare or blur)" in reasons
+    chosen, reasons = choose(TrainConfig(modality="photo"), _profile(500, 400, 300), spec_fixed=False)
+    assert chosen["augment_preset"] == "full" and "augmentation full" in reasons
 
 
 def test_dual_energy_pairs_train_two_channels_and_a_mixed_set_one(tmp_path) -> None:

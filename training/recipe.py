@@ -16,8 +16,9 @@ README.md ("Training defaults") and benchmarks/real_data.py.
   and no more images in all than the CPU budget allows; warm-up is 5% of the steps. About 250 steps
   left 900 tiles at 32 px still learning when the schedule ended (validation ROC AUC rising every epoch)
   and spread the seeds 0.060; 450 beat it on every row it changes (README, "Training defaults").
-- augmentation: the modality's preset; X-ray patches smaller than the model input get the geometric
-  and exposure transforms only (see training/augment.py).
+- augmentation: the modality's preset; images smaller than the model input get its patch variant (X-ray:
+  the geometric and exposure transforms only; photo: viewpoint and light only), since upsampling makes
+  per-pixel noise, JPEG blocks, clutter and glare the size of the evidence (see training/augment.py).
 """
 
 from __future__ import annotations
@@ -127,11 +128,13 @@ def choose(config: TrainConfig, profile: DataProfile, spec_fixed: bool) -> tuple
         reasons.append(f"warm-up {chosen['warmup_epochs']} epochs ({WARMUP_SHARE:.0%} of the steps)")
     if config.augment_preset is None:
         size = chosen.get("image_size", config.image_size) or MODEL_SIZE
-        patches = config.modality == "xray" and small_patches(profile, size)
+        patches = small_patches(profile, size)
         chosen["augment_preset"] = "patch" if patches else "full"
+        xray = config.modality == "xray"
+        dropped = "noise or clutter" if xray else "noise, JPEG blocks, glare or blur"
         reasons.append(
             f"augmentation {chosen['augment_preset']}"
-            + (f" (X-ray patches under {size} px: no noise or clutter)" if patches else "")
+            + (f" ({'X-ray' if xray else 'photo'} patches under {size} px: no {dropped})" if patches else "")
         )
     if spec_fixed:
         return chosen, reasons
@@ -168,8 +171,8 @@ def _channels(profile: DataProfile) -> tuple[int, str]:
 
 
 def small_patches(profile: DataProfile, image_size: int) -> bool:
-    """Patches smaller than the model input: upsampled, so per-pixel noise and clutter become blobs the
-    size of the evidence (training/augment.py drops those transforms for them)."""
+    """Patches smaller than the model input: upsampled, so per-pixel noise, clutter, JPEG blocks and glare
+    become blobs the size of the evidence (training/augment.py's patch variants drop them)."""
     return profile.median_short_side < image_size
 
 
