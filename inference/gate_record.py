@@ -21,6 +21,37 @@ from verity.inference.open_set import NoveltyGate, OpenSetError
 DEFAULT_NOVELTY_RATE = 0.01
 
 
+# How a gate-size warning begins: a card rebuilt with another gate drops the warning of the one before.
+GATE_SIZE_WARNING = "the novelty gate's threshold was chosen on"
+
+
+def gate_size_warnings(val_images: int, share: float) -> list[str]:
+    """A warning when the embedding's threshold had fewer validation images than its share of the rate
+    needs (1 / share): it is then their largest novelty, and an ordinary image lies beyond the largest of
+    n ordinary images 1 time in n + 1, whatever the stated rate (the 32 validation images of the GDXray
+    fish bones: 3.0%, where half of 1% was asked). None for a split large enough, or an empty one."""
+    needed = math.ceil(1.0 / share - 1e-9)
+    if not 0 < val_images < needed:
+        return []
+    return [
+        f"{GATE_SIZE_WARNING} {val_images} validation images, fewer than the {needed} (1 / {share:g}) its "
+        f"share of the rate needs: it is their largest novelty, so an ordinary image lies beyond it about "
+        f"1 time in {val_images + 1} ({100 / (val_images + 1):.1f}%), not 1 in {needed}, and more ordinary "
+        "images are answered 'not recognised' than the card's rate says. Add images to the validation "
+        "split (or raise --val-fraction)."
+    ]
+
+
+def with_gate_warnings(warnings: tuple[str, ...] | None, record: dict[str, Any]) -> tuple[str, ...] | None:
+    """A card's warnings with the gate record's own (`gate_size_warnings`) in place of any earlier gate's;
+    None stays None (a card written before cards carried warnings) when there is nothing to add."""
+    added = tuple(record.get("warnings") or ())
+    if warnings is None and not added:
+        return None
+    kept = tuple(warning for warning in warnings or () if not warning.startswith(GATE_SIZE_WARNING))
+    return kept + added
+
+
 def envelope_side(training_sides: np.ndarray | list[int], image_size: int) -> int:
     """The training envelope's `min_side`: the smallest training image's shorter side, capped at the
     model's input size (an image as large as the input is never too small: the model resizes it)."""

@@ -172,10 +172,12 @@ def _open_set(run: Run, model_onnx: Path, card: ModelCard, embedding_dim: int) -
     rewritten to record them as the ONNX metadata does."""
     from dataclasses import replace
 
+    from verity.inference.gate_record import with_gate_warnings
     from verity.training.open_set import build_open_set
 
     novelty = build_open_set(model_onnx, run.run_dir / "data.jsonl")
-    card = replace(card, embedding_dim=embedding_dim, novelty=novelty)
+    warnings = with_gate_warnings(card.warnings, novelty)
+    card = replace(card, embedding_dim=embedding_dim, novelty=novelty, warnings=warnings)
     (run.run_dir / "card.json").write_text(card.to_json(indent=2) + "\n", encoding="utf-8")
     return novelty
 

@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     variant_lines, int8_gate = run_export_variants(args, out)
     # As the ONNX metadata records them.
     card = replace(card, embedding_dim=result["embedding_dim"], novelty=novelty)
+    if novelty is not None:  # with the gate's own warnings (a validation split too small for its rate)
+        from verity.inference.gate_record import with_gate_warnings
+
+        card = replace(card, warnings=with_gate_warnings(card.warnings, novelty))
     if int8_gate is not None:  # card.json records the INT8 gate, passed or not
         card = replace(card, int8=int8_gate)
     card_path = out.with_name("card.json")
@@ -166,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         from verity.training.open_set import describe
 
         print(describe(novelty))
+        for warning in novelty.get("warnings") or ():
+            print(f"WARNING: {warning}")
     elif result["embedding_dim"] is not None:
         print("novelty gate: none (no --bank-data, and the training data is not here): every image is "
               "served as recognised is unknown")

@@ -36,7 +36,9 @@ from verity.inference.gate_record import (
     DEFAULT_NOVELTY_RATE,
     choose_novelty_threshold,
     envelope_side,
+    gate_size_warnings,
     novelty_record,
+    with_gate_warnings,
 )
 from verity.inference.input_profile import (
     MEDIAN_LEVEL,
@@ -142,10 +144,13 @@ def build_open_set(
         threshold, rate, val_novelty, bank, k, min_side=min_side, val_sides=val.shorter_sides,
         profile=profile, colour_share=colour_share, val_flagged=profile_flags | colour_flags,
     )  # fmt: skip
+    warnings = gate_size_warnings(len(val_novelty), rate / 2)  # the embedding's share of the rate
+    if warnings:
+        record["warnings"] = warnings
     # What live traffic is held against (inference.drift): the validation split's distributions.
     brightness = val.profiles[:, MEDIAN_LEVEL] if len(val.profiles) else np.array([np.nan])
     record["drift"] = drift_reference(val.scores, brightness, record["val_rate"])
-    rewrite_card(onnx_path, replace(card, novelty=record))
+    rewrite_card(onnx_path, replace(card, novelty=record, warnings=with_gate_warnings(card.warnings, record)))
     return record
 
 
@@ -251,7 +256,11 @@ def rebuild_gate(model_dir: Path, data: Path | None = None) -> dict[str, Any]:
     record = build_open_set(model_dir / "model.onnx", data or model_dir / "data.jsonl")
     card_json = model_dir / "card.json"
     card = json.loads(card_json.read_text(encoding="utf-8"))  # its own order kept: only the gate changes
-    card_json.write_text(json.dumps({**card, "novelty": record}, indent=2) + "\n", encoding="utf-8")
+    warnings = with_gate_warnings(None if card.get("warnings") is None else tuple(card["warnings"]), record)
+    card = {**card, "novelty": record}
+    if warnings is not None:
+        card["warnings"] = list(warnings)
+    card_json.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return record
 
 
