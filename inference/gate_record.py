@@ -7,6 +7,7 @@ image is `inference.open_set`.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,13 @@ def with_gate_warnings(warnings: tuple[str, ...] | None, record: dict[str, Any])
         return None
     kept = tuple(warning for warning in warnings or () if not warning.startswith(GATE_SIZE_WARNING))
     return kept + added
+
+
+def card_with_gate(card: ModelCard, record: dict[str, Any] | None) -> ModelCard:
+    """The card with this gate's record (None: no gate) and its warnings in place of any earlier gate's."""
+    if record is None:
+        return replace(card, novelty=None)
+    return replace(card, novelty=record, warnings=with_gate_warnings(card.warnings, record))
 
 
 def envelope_side(training_sides: np.ndarray | list[int], image_size: int) -> int:

@@ -172,12 +172,11 @@ def _open_set(run: Run, model_onnx: Path, card: ModelCard, embedding_dim: int) -
     rewritten to record them as the ONNX metadata does."""
     from dataclasses import replace
 
-    from verity.inference.gate_record import with_gate_warnings
+    from verity.inference.gate_record import card_with_gate
     from verity.training.open_set import build_open_set
 
     novelty = build_open_set(model_onnx, run.run_dir / "data.jsonl")
-    warnings = with_gate_warnings(card.warnings, novelty)
-    card = replace(card, embedding_dim=embedding_dim, novelty=novelty, warnings=warnings)
+    card = card_with_gate(replace(card, embedding_dim=embedding_dim), novelty)
     (run.run_dir / "card.json").write_text(card.to_json(indent=2) + "\n", encoding="utf-8")
     return novelty
 

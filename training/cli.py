@@ -120,8 +120,6 @@ def _print_outputs(outputs: dict[str, Any]) -> None:
         from verity.training.open_set import describe
 
         print(describe(outputs["novelty"]))
-        for warning in outputs["novelty"].get("warnings") or ():
-            print(f"WARNING: {warning}")
     print(
         f"evaluate again: verity eval --model {outputs['run_dir']} "
         f"--data {outputs['data_manifest']} --split test"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from verity.inference.card import ModelCard
+from verity.inference.gate_record import card_with_gate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,13 +115,52 @@ def triton_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     return 0
 
 
+def exported_card(
+    card: ModelCard, result: dict[str, Any], novelty: dict[str, Any] | None, int8_gate: dict[str, Any] | None
+) -> ModelCard:
+    """card.json as the ONNX metadata records it: the embedding width, the gate with its warnings, and the
+    INT8 gate, passed or not."""
+    card = card_with_gate(replace(card, embedding_dim=result["embedding_dim"]), novelty)
+    return card if int8_gate is None else replace(card, int8=int8_gate)
+
+
+def print_export(
+    out: Path,
+    card_path: Path,
+    result: dict[str, Any],
+    novelty: dict[str, Any] | None,
+    variant_lines: list[str],
+) -> None:
+    """Where the model went, its parity figures, its gate and its variants."""
+    from verity.training.export import PARITY_TOLERANCE
+
+    print(
+        f"exported {out} ({result['size_bytes'] / 1e6:.1f} MB, opset {result['opset']}, "
+        f"{result['exporter']} exporter); "
+        f"parity max |delta logit| {result['max_abs_diff']:.2e} ({result['max_rel_diff_logits']:.1e} of the "
+        f"largest, tolerance {PARITY_TOLERANCE['logits']:g}); card {card_path}"
+    )
+    if result["embedding_dim"] is not None:
+        print(f"embedding: {result['embedding_dim']} wide, parity max |delta| "
+              f"{result['max_abs_diff_embedding']:.2e} <= {PARITY_TOLERANCE['embedding']:g}")
+    if novelty is not None:
+        from verity.training.open_set import describe
+
+        print(describe(novelty))
+    elif result["embedding_dim"] is not None:
+        print("novelty gate: none (no --bank-data, and the training data is not here): every image is "
+              "served as recognised is unknown")
+    for line in variant_lines:
+        print(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exports, prints where the model went and the parity figure. Returns the exit code."""
     import numpy as np
 
     from verity.inference.preprocess import load_for_model
     from verity.training.checkpoint import load_checkpoint, model_from_checkpoint
-    from verity.training.export import PARITY_TOLERANCE, export_onnx
+    from verity.training.export import export_onnx
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -147,34 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     from verity.training.quantize import run_export_variants
 
     variant_lines, int8_gate = run_export_variants(args, out)
-    # As the ONNX metadata records them.
-    card = replace(card, embedding_dim=result["embedding_dim"], novelty=novelty)
-    if novelty is not None:  # with the gate's own warnings (a validation split too small for its rate)
-        from verity.inference.gate_record import with_gate_warnings
-
-        card = replace(card, warnings=with_gate_warnings(card.warnings, novelty))
-    if int8_gate is not None:  # card.json records the INT8 gate, passed or not
-        card = replace(card, int8=int8_gate)
     card_path = out.with_name("card.json")
-    card_path.write_text(card.to_json(indent=2) + "\n", encoding="utf-8")
-    print(
-        f"exported {out} ({result['size_bytes'] / 1e6:.1f} MB, opset {result['opset']}, "
-        f"{result['exporter']} exporter); "
-        f"parity max |delta logit| {result['max_abs_diff']:.2e} ({result['max_rel_diff_logits']:.1e} of the "
-        f"largest, tolerance {PARITY_TOLERANCE['logits']:g}); card {card_path}"
-    )
-    if result["embedding_dim"] is not None:
-        print(f"embedding: {result['embedding_dim']} wide, parity max |delta| "
-              f"{result['max_abs_diff_embedding']:.2e} <= {PARITY_TOLERANCE['embedding']:g}")
-    if novelty is not None:
-        from verity.training.open_set import describe
-
-        print(describe(novelty))
-        for warning in novelty.get("warnings") or ():
-            print(f"WARNING: {warning}")
-    elif result["embedding_dim"] is not None:
-        print("novelty gate: none (no --bank-data, and the training data is not here): every image is "
-              "served as recognised is unknown")
-    for line in variant_lines:
-        print(line)
+    exported = exported_card(card, result, novelty, int8_gate)
+    card_path.write_text(exported.to_json(indent=2) + "\n", encoding="utf-8")
+    print_export(out, card_path, result, novelty, variant_lines)
     return 0

@@ -13,7 +13,7 @@ loads it without torch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from verity.inference.drift import drift_reference
 from verity.inference.engine import METADATA_CARD_KEY
 from verity.inference.gate_record import (
     DEFAULT_NOVELTY_RATE,
+    card_with_gate,
     choose_novelty_threshold,
     envelope_side,
     gate_size_warnings,
@@ -150,7 +151,7 @@ def build_open_set(
     # What live traffic is held against (inference.drift): the validation split's distributions.
     brightness = val.profiles[:, MEDIAN_LEVEL] if len(val.profiles) else np.array([np.nan])
     record["drift"] = drift_reference(val.scores, brightness, record["val_rate"])
-    rewrite_card(onnx_path, replace(card, novelty=record, warnings=with_gate_warnings(card.warnings, record)))
+    rewrite_card(onnx_path, card_with_gate(card, record))
     return record
 
 
@@ -265,7 +266,7 @@ def rebuild_gate(model_dir: Path, data: Path | None = None) -> dict[str, Any]:
 
 
 def describe(record: dict[str, Any]) -> str:
-    """One line for `verity export` and `verity train`."""
+    """For `verity export` and `verity train`: the gate in one line, then a line for each of its warnings."""
     line = (
         f"novelty gate: bank of {record['bank_rows']:,} training images ({record['bank_file']}), "
         f"threshold {record['threshold']:.4f} flags {record['val_rate']:.2%} of {record['val_images']} "
@@ -283,4 +284,4 @@ def describe(record: dict[str, Any]) -> str:
         line += f"; an image under {record['min_side']} px on its shorter side is not recognised"
     if "colour_share" in record:
         line += f"; {record['colour_share']:.0%} of training images in colour"
-    return line
+    return "\n".join([line, *(f"WARNING: {warning}" for warning in record.get("warnings") or ())])
