@@ -36,6 +36,8 @@ log = logging.getLogger("verity.api.registry")
 ModelKey = tuple[str, str]  # (name, version)
 EngineFactory = Callable[[Path], OnnxEngine]
 PRODUCTION = "production"  # the alias a modality's default follows
+# The micro-batcher's wait for a fuller batch on a GPU, the setting unset (`ServedModel.batch_delay_ms`).
+GPU_BATCH_DELAY_MS = 4.0
 
 
 def freeze_long_lived() -> None:
@@ -86,12 +88,19 @@ class ServedModel:
         self._batcher = MicroBatcher(
             self.run_batch,
             max_batch_size=self.settings.batch_max_size,
-            max_delay_ms=self.settings.batch_max_delay_ms,
+            max_delay_ms=self.batch_delay_ms(),
             max_queue=self.settings.batch_max_queue,
             on_batch=self._observe,
             workers=self._batch_workers(),
         )
         await self._batcher.start()
+
+    def batch_delay_ms(self) -> float:
+        """The micro-batcher's wait for a fuller batch: the setting, or unset none on CPU and
+        GPU_BATCH_DELAY_MS on a GPU (why: `Settings.batch_max_delay_ms`)."""
+        if self.settings.batch_max_delay_ms is not None:
+            return self.settings.batch_max_delay_ms
+        return GPU_BATCH_DELAY_MS if self.engine.providers[0] in GPU_PROVIDERS else 0.0
 
     def _batch_workers(self) -> int:
         if self.settings.batch_workers is not None:

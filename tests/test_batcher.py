@@ -296,3 +296,50 @@ def test_served_model_runs_one_batch_worker_per_core_on_cpu_and_one_on_gpu(tmp_p
     assert workers("CPUExecutionProvider", worker_processes=2) == max(1, usable_cores() // 2)
     assert workers("CPUExecutionProvider", worker_processes=64) == 1
     assert workers("CUDAExecutionProvider", worker_processes=2) == 1
+
+
+def test_without_a_wait_a_lone_request_runs_alone_and_those_queued_behind_a_batch_fill_the_next() -> None:
+    """The CPU default (no wait, `Settings.batch_max_delay_ms`): a request runs as soon as the model is
+    free, and requests that arrive while a batch runs share the next one, up to the size limit."""
+    model = Recorder()
+    model.release.clear()
+
+    async def scenario() -> list[float]:
+        async with MicroBatcher(model, max_batch_size=4, max_delay_ms=0) as batcher:
+            lone = asyncio.create_task(batcher.submit(item(0)))
+            await model_entered(model)  # it went alone, without waiting for a partner
+            behind = [asyncio.create_task(batcher.submit(item(i))) for i in range(1, 6)]
+            await until(lambda: batcher.queue_depth() == 5)
+            model.release.set()
+            return await asyncio.gather(lone, *behind)
+
+    assert run(scenario()) == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]
+    assert model.sizes == [1, 4, 1]
+
+
+def test_served_model_waits_for_a_fuller_batch_on_a_gpu_only_unless_told(tmp_path) -> None:  # noqa: ANN001
+    from verity.api.registry import GPU_BATCH_DELAY_MS, ServedModel
+    from verity.api.settings import Settings
+
+    class FakeEngine:
+        def __init__(self, provider: str) -> None:
+            self.providers = [provider]
+
+    def delay(provider: str, **settings: object) -> float:
+        served = ServedModel(FakeEngine(provider), tmp_path / "model.onnx", Settings(**settings))
+        return served.batch_delay_ms()
+
+    assert delay("CPUExecutionProvider") == 0.0
+    assert delay("CUDAExecutionProvider") == GPU_BATCH_DELAY_MS > 0
+    assert delay("CPUExecutionProvider", batch_max_delay_ms=7) == 7.0
+    assert delay("CUDAExecutionProvider", batch_max_delay_ms=0) == 0.0
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "1001"])
+def test_a_batch_wait_that_could_hold_a_lone_request_for_ever_is_refused(value: str) -> None:
+    from pydantic import ValidationError
+
+    from verity.api.settings import Settings
+
+    with pytest.raises(ValidationError, match="batch_max_delay_ms"):
+        Settings(batch_max_delay_ms=value)
