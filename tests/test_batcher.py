@@ -12,12 +12,17 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
 from verity.inference import batcher as batcher_module
 from verity.inference.batcher import BatcherClosedError, BatchStats, MicroBatcher, QueueFullError
+
+if TYPE_CHECKING:
+    from verity.api.registry import ServedModel
 
 PATIENCE_S = 5.0  # how long a test waits for something that takes milliseconds
 
@@ -276,18 +281,26 @@ def test_two_workers_compute_two_batches_at_the_same_time() -> None:
     assert run(scenario()) == [float(i) for i in range(8)]
 
 
-def test_served_model_runs_one_batch_worker_per_core_on_cpu_and_one_on_gpu(tmp_path) -> None:  # noqa: ANN001
+class ProviderOnlyEngine:
+    """What ServedModel reads of an engine to size its batcher: the execution provider."""
+
+    def __init__(self, provider: str) -> None:
+        self.providers = [provider]
+
+
+def served_model(folder: Path, provider: str, **settings: Any) -> ServedModel:
+    """A ServedModel on `provider` with these settings (never started: only its batcher's sizing is read)."""
     from verity.api.registry import ServedModel
     from verity.api.settings import Settings
+
+    return ServedModel(ProviderOnlyEngine(provider), folder / "model.onnx", Settings(**settings))  # type: ignore[arg-type]
+
+
+def test_served_model_runs_one_batch_worker_per_core_on_cpu_and_one_on_gpu(tmp_path) -> None:  # noqa: ANN001
     from verity.inference.engine import usable_cores
 
-    class FakeEngine:
-        def __init__(self, provider: str) -> None:
-            self.providers = [provider]
-
     def workers(provider: str, **settings: object) -> int:
-        served = ServedModel(FakeEngine(provider), tmp_path / "model.onnx", Settings(**settings))
-        return served._batch_workers()
+        return served_model(tmp_path, provider, **settings)._batch_workers()
 
     assert workers("CPUExecutionProvider") == usable_cores() >= 1
     assert workers("CUDAExecutionProvider") == 1
@@ -318,16 +331,10 @@ def test_without_a_wait_a_lone_request_runs_alone_and_those_queued_behind_a_batc
 
 
 def test_served_model_waits_for_a_fuller_batch_on_a_gpu_only_unless_told(tmp_path) -> None:  # noqa: ANN001
-    from verity.api.registry import GPU_BATCH_DELAY_MS, ServedModel
-    from verity.api.settings import Settings
-
-    class FakeEngine:
-        def __init__(self, provider: str) -> None:
-            self.providers = [provider]
+    from verity.api.registry import GPU_BATCH_DELAY_MS
 
     def delay(provider: str, **settings: object) -> float:
-        served = ServedModel(FakeEngine(provider), tmp_path / "model.onnx", Settings(**settings))
-        return served.batch_delay_ms()
+        return served_model(tmp_path, provider, **settings).batch_delay_ms()
 
     assert delay("CPUExecutionProvider") == 0.0
     assert delay("CUDAExecutionProvider") == GPU_BATCH_DELAY_MS > 0
