@@ -36,10 +36,10 @@ def gate_size_warnings(val_images: int, share: float) -> list[str]:
         return []
     return [
         f"{GATE_SIZE_WARNING} {val_images} validation images, fewer than the {needed} (1 / {share:g}) its "
-        f"share of the rate needs: it is their largest novelty, so an ordinary image lies beyond it about "
-        f"1 time in {val_images + 1} ({100 / (val_images + 1):.1f}%), not 1 in {needed}, and more ordinary "
-        "images are answered 'not recognised' than the card's rate says. Add images to the validation "
-        "split (or raise --val-fraction)."
+        f"share of the rate needs: it is their largest novelty, so an ordinary image lies beyond it up to "
+        f"1 time in {val_images + 1} ({100 / (val_images + 1):.1f}%; less with the validation images in the "
+        f"bank), not 1 in {needed}, and more ordinary images are answered 'not recognised' than the card's "
+        "rate says. Add images to the validation split (or raise --val-fraction)."
     ]
 
 
@@ -111,9 +111,11 @@ def novelty_record(
         "val_images": int(val.size),
         "bank_file": BANK_FILE,
         "bank_rows": len(bank),
-        "bank_total": int(bank.provenance.get("total", len(bank))),
+        "bank_total": int(bank.provenance.get("total", len(bank))),  # training images before subsampling
         "max_references": int(bank.provenance.get("max_references", len(bank))),
     }
+    if "validation_rows" in bank.provenance:  # validation images joined after the thresholds were chosen
+        record["bank_validation_rows"] = int(bank.provenance["validation_rows"])
     if min_side is not None:
         record["min_side"] = int(min_side)
     if profile is not None:

@@ -208,6 +208,23 @@ class ProfileBank:
         rows = None if bank_rows is None else np.asarray(bank_rows, dtype=np.int64)
         return cls(((profiles - mean) / spread).astype(np.float32), mean, spread, rows)
 
+    def with_rows(self, profiles: np.ndarray, bank_rows: np.ndarray | None = None) -> ProfileBank:
+        """This bank with more images' profiles appended, standardised by this bank's mean and spread
+        (so that a distance, and a threshold chosen on it, keeps its unit), each with its bank row where
+        this bank names them."""
+        profiles = np.asarray(profiles, dtype=np.float64)
+        if profiles.ndim != 2 or profiles.shape[1] != self.rows.shape[1]:
+            raise ProfileError(f"Expected N x {self.rows.shape[1]} profiles to append, got {profiles.shape}.")
+        if (self.bank_rows is None) != (bank_rows is None):
+            raise ProfileError("Appended profiles name bank rows where this bank's do, and only there.")
+        linked = None
+        if self.bank_rows is not None and bank_rows is not None:
+            if bank_rows.shape != (len(profiles),):
+                raise ProfileError(f"{len(profiles)} profiles need as many bank rows, got {bank_rows.shape}.")
+            linked = np.concatenate([self.bank_rows, bank_rows.astype(np.int64)])
+        rows = np.concatenate([self.rows, ((profiles - self.mean) / self.spread).astype(np.float32)])
+        return ProfileBank(rows, self.mean, self.spread, linked)
+
     @cached_property
     def _row_norms(self) -> np.ndarray:
         return (self.rows.astype(np.float32) ** 2).sum(axis=1)

@@ -2,9 +2,10 @@
 one rule that turns the classifier, the novelty gate and a product's reference check into a verdict.
 
 Novelty is the kNN cosine distance from an image's embedding (the model's `embedding` output, the same
-pass as its logits) to the training set's reference bank (`inference.bank`). Its threshold is chosen on
-validation images for a stated rate of in-distribution images flagged and stored in the card's
-`novelty` record (`inference.gate_record`) with the bank's name; the bank file sits beside model.onnx.
+pass as its logits) to the reference bank (`inference.bank`). Its threshold is chosen on validation
+images against the training images' bank, for a stated rate of in-distribution images flagged, and
+stored in the card's `novelty` record (`inference.gate_record`) with the bank's name; the bank file sits
+beside model.onnx and holds the validation images too, joined once the thresholds were chosen.
 
 A scan scored in tiles has one embedding: the normalised mean of its tiles' embeddings, so the bank, the
 threshold and the served answer all see a scan the same way (`scan_embedding`).

@@ -1,0 +1,103 @@
+"""The served gate's bank and profiles: the training images', against which every threshold is chosen,
+then the validation images', joined once the thresholds are set (training/open_set.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_drift import monitored_model
+from verity.inference.bank import BANK_FILE, DEFAULT_K, ReferenceBank, load_bank, novelty
+from verity.inference.engine import OnnxEngine
+from verity.inference.gate_record import DEFAULT_NOVELTY_RATE, choose_novelty_threshold
+from verity.inference.input_profile import PROFILE_FILE, ProfileBank, ProfileError, load_profiles
+from verity.inference.pipeline import score_bytes
+
+pytestmark = pytest.mark.torch  # the gate is built by training's code (training/open_set.py)
+
+TRAIN, VAL = 50, 30  # monitored_model's splits
+
+
+def _split(model: Path, data: Path, split: str):  # type: ignore[no-untyped-def]
+    from verity.training.open_set import embed_split
+    from verity.training.scoring import OnnxScorer
+
+    return embed_split(OnnxScorer(model), data / "manifest.jsonl", split)
+
+
+def test_the_bank_holds_training_then_validation_images_and_the_threshold_is_the_training_banks(
+    tmp_path: Path,
+) -> None:
+    model = monitored_model(tmp_path / "models", tmp_path / "data")
+    record = OnnxEngine(model, warmup=False).card.novelty
+    bank = load_bank(model.with_name(BANK_FILE))
+    assert len(bank) == record["bank_rows"] == TRAIN + VAL and record["bank_validation_rows"] == VAL
+    assert record["bank_total"] == TRAIN and bank.provenance["split"] == "train+val"
+    train, val = _split(model, tmp_path / "data", "train"), _split(model, tmp_path / "data", "val")
+    np.testing.assert_allclose(bank.embeddings[TRAIN:].astype(np.float32), val.embeddings /
+                               np.linalg.norm(val.embeddings, axis=1, keepdims=True), atol=1e-3)  # fmt: skip
+    # The threshold is the one chosen against the training rows alone, to the bit.
+    training_only = ReferenceBank(bank.embeddings[:TRAIN], bank.labels[:TRAIN], bank.products[:TRAIN])
+    chosen = choose_novelty_threshold(
+        novelty(val.embeddings, training_only, DEFAULT_K), DEFAULT_NOVELTY_RATE / 2
+    )
+    assert record["threshold"] == chosen
+    # With its own row in the bank, each validation image now lies nearer than it did.
+    assert (
+        novelty(val.embeddings, bank, DEFAULT_K) <= novelty(val.embeddings, training_only, DEFAULT_K)
+    ).all()
+    # Profiles: a row for every bank row, standardised by the training profiles alone.
+    profiles = load_profiles(model.with_name(PROFILE_FILE))
+    assert record["profile"]["rows"] == len(profiles.rows) == TRAIN + VAL
+    np.testing.assert_array_equal(profiles.bank_rows, np.arange(TRAIN + VAL))
+    np.testing.assert_allclose(profiles.mean, train.profiles.astype(np.float64).mean(axis=0))
+    np.testing.assert_allclose(
+        profiles.rows[TRAIN:], (val.profiles - profiles.mean) / profiles.spread, atol=1e-5
+    )
+
+
+def test_a_validation_image_is_served_as_one_the_bank_holds(tmp_path: Path) -> None:
+    model = monitored_model(tmp_path / "models", tmp_path / "data")
+    engine = OnnxEngine(model, warmup=False)
+    val = _split(model, tmp_path / "data", "val")
+    scored = score_bytes(val.samples[0].path.read_bytes(), engine)
+    assert scored.recognised is True and scored.novelty is not None
+    served = novelty(val.embeddings[:1], load_bank(model.with_name(BANK_FILE)))
+    assert scored.novelty == pytest.approx(float(served[0]), abs=1e-6)
+
+
+def test_the_cap_leaves_room_for_as_many_validation_images_as_it_can(tmp_path: Path) -> None:
+    from verity.training.open_set import build_open_set
+
+    model = monitored_model(tmp_path / "models", tmp_path / "data")
+    full = load_bank(model.with_name(BANK_FILE))
+    record = build_open_set(model, tmp_path / "data" / "manifest.jsonl", max_references=TRAIN + 10)
+    capped = load_bank(model.with_name(BANK_FILE))
+    assert len(capped) == record["bank_rows"] == TRAIN + 10 and record["bank_validation_rows"] == 10
+    np.testing.assert_array_equal(capped.embeddings[:TRAIN], full.embeddings[:TRAIN])
+    joined = {row.tobytes() for row in capped.embeddings[TRAIN:]}
+    assert joined <= {row.tobytes() for row in full.embeddings[TRAIN:]}  # a choice of the validation rows
+    profiles = load_profiles(model.with_name(PROFILE_FILE))
+    assert len(profiles.rows) == TRAIN + 10 and sorted(profiles.bank_rows) == list(range(TRAIN + 10))
+    record = build_open_set(model, tmp_path / "data" / "manifest.jsonl", max_references=TRAIN)
+    assert record["bank_rows"] == TRAIN and record["bank_validation_rows"] == 0
+
+
+def test_appended_profiles_keep_the_banks_unit_and_name_their_rows() -> None:
+    rng = np.random.default_rng(0)
+    training = rng.normal(size=(20, 16))
+    bank = ProfileBank.from_profiles(training, np.arange(20))
+    more = bank.with_rows(training[:3] + 1.0, np.array([20, 21, 22]))
+    np.testing.assert_array_equal(more.mean, bank.mean)
+    np.testing.assert_allclose(
+        more.rows[20:], bank.rows[:3] + (1.0 / bank.spread).astype(np.float32), atol=1e-5
+    )
+    np.testing.assert_array_equal(more.bank_rows, np.arange(23))
+    with pytest.raises(ProfileError, match="bank rows"):
+        bank.with_rows(training[:3])  # this bank names its rows: so must what joins it
+    with pytest.raises(ProfileError, match="3 profiles need as many bank rows"):
+        bank.with_rows(training[:3], np.array([20, 21]))
+    with pytest.raises(ProfileError, match="N x 16"):
+        bank.with_rows(training[:3, :5], np.array([20, 21, 22]))
