@@ -147,12 +147,19 @@ def test_training_ties_each_profile_to_its_images_bank_row_and_records_the_joint
     assert "joint threshold" in describe(record)
     bank, profiles = load_bank(model.with_name("bank.npz")), load_profiles(model.with_name(PROFILE_FILE))
     assert profiles.bank_rows is not None and len(profiles.bank_rows) == len(profiles.rows) == len(bank)
-    train = embed_split(OnnxScorer(model), tmp_path / "data" / "manifest.jsonl", "train")
-    units = train.embeddings / np.linalg.norm(train.embeddings, axis=1, keepdims=True)
+    train, val = (
+        embed_split(OnnxScorer(model), tmp_path / "data" / "manifest.jsonl", s) for s in ("train", "val")
+    )
+    # The bank keeps every image of a small set, in order: the training images, then the validation ones.
+    embeddings = np.concatenate([train.embeddings, val.embeddings])
+    units = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    whole = np.concatenate([train.whole, len(train.embeddings) + val.whole])
+    images_profiles = np.concatenate([train.profiles, val.profiles])
+    assert len(profiles.bank_rows) == len(whole)
     for row, bank_row in enumerate(profiles.bank_rows):
-        image = train.whole[row]  # the bank keeps every image of a small set, in order
+        image = whole[row]
         assert np.allclose(bank.embeddings[bank_row].astype(np.float32), units[image], atol=2e-3)
-        standardised = (train.profiles[row] - profiles.mean) / profiles.spread
+        standardised = (images_profiles[row] - profiles.mean) / profiles.spread
         assert np.allclose(profiles.rows[row], standardised, atol=1e-5)
     gate = OnnxEngine(model, warmup=False).novelty_gate
     assert gate is not None and gate.joint_threshold == joint["threshold"]
