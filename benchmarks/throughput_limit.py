@@ -128,7 +128,7 @@ class NaiveServer:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                httpx.post(f"{self.url}/v1/predict", content=b"", timeout=2)
+                httpx.get(f"{self.url}/v1/predict", timeout=2)  # any answer (405: POST only) means up
                 return self
             except httpx.HTTPError:
                 time.sleep(0.3)
