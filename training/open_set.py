@@ -16,7 +16,7 @@ those chosen against the training images alone. On small sets this is what the g
 hang on: the GDXray fish bones have 128 training and 32 validation images, and with the 32 in the bank
 the models of the robustness suite flagged 1, 0 and 1 of their 40 test images at 32 px (2, 1 and 1
 before) and 0, 1 and 1 at full size (1 each), and gave the foreign images of benchmarks/foreign_bench.py
-exactly the verdicts they gave before (1 of 404 at full size, none at 32 px).
+as many verdicts as before, group for group (1 of 404 at full size, none at 32 px).
 """
 
 from __future__ import annotations
