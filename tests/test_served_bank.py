@@ -101,3 +101,19 @@ def test_appended_profiles_keep_the_banks_unit_and_name_their_rows() -> None:
         bank.with_rows(training[:3], np.array([20, 21]))
     with pytest.raises(ProfileError, match="N x 16"):
         bank.with_rows(training[:3, :5], np.array([20, 21, 22]))
+
+
+def test_eval_says_a_validation_splits_gate_figures_are_no_estimate(tmp_path: Path) -> None:
+    from verity.training.eval_outputs import open_set_lines
+    from verity.training.evaluate import evaluate
+
+    model = monitored_model(tmp_path / "models", tmp_path / "data")
+    manifest = tmp_path / "data" / "manifest.jsonl"
+    for split, in_bank in (("val", VAL), ("all", VAL), ("train", None)):
+        result = evaluate(
+            model.parent, manifest, split=split, out_dir=tmp_path / split, progress=False, report=False
+        )
+        evaluated = result["open_set"]["evaluated"]
+        assert evaluated.get("validation_in_bank") == in_bank, split
+        noted = any("not an estimate" in line for line in open_set_lines(result))
+        assert noted == (in_bank is not None), split

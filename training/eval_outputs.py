@@ -140,6 +140,11 @@ def open_set_lines(result: dict[str, Any]) -> list[str]:
                 f"{figures['threshold']:.4f}; median {_figure(figures['novelty_median'])}"
                 f"{f'; {small} smaller than any training image' if small else ''})"
             )
+            if figures.get("validation_in_bank"):
+                lines.append(
+                    f"    (not an estimate: the gate's bank holds the {figures['validation_in_bank']} "
+                    "validation images, joined after its thresholds were chosen; evaluate --split test)"
+                )
         for kind, part in ((figures or {}).get("by_folder") or {}).items():
             lines.append(f"    {kind:<24} {_percent(part['not_recognised_rate'])} of {part['images']}")
     unseen = result.get("unseen")

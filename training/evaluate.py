@@ -83,7 +83,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     result = _result_record(scorer, data, split, loaded, scored, metrics, seconds)
     result["tiling"] = {**asdict(tiling), "tiled_images": scored.tiled}
-    result.update(open_set_result(scorer, loaded.samples, scored, tiling, references, ood))
+    result.update(open_set_result(scorer, loaded.samples, scored, tiling, references, ood, split))
     result["outputs"] = {
         "metrics_json": str(out / "metrics.json"),
         "predictions_csv": str(out / "predictions.csv"),
@@ -104,8 +104,12 @@ def open_set_result(
     tiling: TilingOptions,
     references: str | Path | None,
     ood: str | Path | None,
+    split: str | None = "test",
 ) -> dict[str, Any]:
-    """`open_set` (the gate on these images and on --ood) and `unseen` (--references) figures."""
+    """`open_set` (the gate on these images and on --ood) and `unseen` (--references) figures. Where the
+    evaluated `split` holds validation images (val, or None: all) and the gate's bank holds them too
+    (joined after its thresholds were chosen, training/open_set.py), the gate's figures on them say so:
+    an image in the bank is no fair draw of a new one."""
     from verity.training import open_set_eval
     from verity.training.scoring import OnnxScorer
 
@@ -117,6 +121,9 @@ def open_set_result(
     gate = scorer.engine.novelty_gate
     if gate is not None and scored.embeddings is not None:
         evaluated = open_set_eval.not_recognised_rate(scored.results, gate)
+        in_bank = int((scorer.engine.card.novelty or {}).get("bank_validation_rows") or 0)
+        if split in (None, "val") and in_bank:
+            evaluated["validation_in_bank"] = in_bank
         result["open_set"] = {"evaluated": evaluated}
         if ood:
             result["open_set"]["ood"] = open_set_eval.ood_figures(scorer, ood, tiling)
