@@ -4,6 +4,7 @@ then the validation images', joined once the thresholds are set (training/open_s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -15,12 +16,15 @@ from verity.inference.gate_record import DEFAULT_NOVELTY_RATE, choose_novelty_th
 from verity.inference.input_profile import PROFILE_FILE, ProfileBank, ProfileError, load_profiles
 from verity.inference.pipeline import score_bytes
 
+if TYPE_CHECKING:
+    from verity.training.open_set import EmbeddedSplit
+
 pytestmark = pytest.mark.torch  # the gate is built by training's code (training/open_set.py)
 
 TRAIN, VAL = 50, 30  # monitored_model's splits
 
 
-def _split(model: Path, data: Path, split: str):  # type: ignore[no-untyped-def]
+def _split(model: Path, data: Path, split: str) -> EmbeddedSplit:
     from verity.training.open_set import embed_split
     from verity.training.scoring import OnnxScorer
 

@@ -153,9 +153,8 @@ def build_open_set(
     )
     served_bank, served_profiles = _served_references(bank, profiles, val, max_references, seed)
     save_bank(served_bank, onnx_path.with_name(BANK_FILE))
-    if served_profiles is not None:
+    if profile is not None and served_profiles is not None:  # a profile record comes with its profiles
         save_profiles(served_profiles, onnx_path.with_name(PROFILE_FILE))
-        assert profile is not None  # written with its record
         profile["rows"] = len(served_profiles.rows)
     record = novelty_record(
         threshold, rate, val_novelty, served_bank, k, min_side=min_side, val_sides=val.shorter_sides,
@@ -237,7 +236,7 @@ def _served_references(
     seeded choice when fewer), each validation image scored whole with its profile, standardised as the
     training profiles are, so that every threshold keeps its unit."""
     room = max(max_references - len(bank), 0)
-    joined = subsample_indices(len(val.embeddings), room, seed) if room else np.zeros(0, dtype=np.int64)
+    joined = subsample_indices(len(val.embeddings), room, seed)  # none when the training images fill it
     labels = np.asarray([LABELS[val.samples[i].target] for i in joined], dtype=str)
     products = np.asarray([val.samples[i].product or "" for i in joined], dtype=str)
     served = ReferenceBank(
