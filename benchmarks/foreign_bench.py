@@ -8,6 +8,8 @@ the goal is none. The models: every run of the robustness suite under data/bench
 
     .venv/bin/python benchmarks/foreign_bench.py                      # every model found
     .venv/bin/python benchmarks/foreign_bench.py --models data/bench-runs/gdxray_fishbones/seed0
+    .venv/bin/python benchmarks/foreign_bench.py --forms   # also each X-ray model's own test images
+                                                           # flagged in every form a console writes
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from benchmarks.foreign_images import (  # noqa: E402
     foreign_images,
 )
 from benchmarks.ood_images import PROBE, OodImage  # noqa: E402
+from benchmarks.real_encodings import FORMS, grey_of  # noqa: E402
 from verity.datasets.manifest import read_manifest, resolve_image_path  # noqa: E402
-from verity.inference.decode import DecodeError  # noqa: E402
+from verity.inference.decode import DecodeError, decode_image  # noqa: E402
 from verity.inference.engine import OnnxEngine  # noqa: E402
 from verity.inference.pipeline import Scored, score_bytes  # noqa: E402
+from verity.inference.preprocess import is_grey_content  # noqa: E402
 from verity.training.metrics import roc_auc  # noqa: E402
 
 CONFIDENT = ("genuine", "counterfeit")
@@ -69,7 +73,32 @@ def own_test_figures(engine: OnnxEngine, model_dir: Path) -> tuple[int, int, flo
     return flagged, len(scored), roc_auc(scores, targets)
 
 
-def measure(model_dir: Path, images: list[OodImage]) -> dict[str, Any]:
+def own_forms_flagged(engine: OnnxEngine, model_dir: Path) -> dict[str, list[int]]:
+    """For an X-ray model, its own grey test images re-encoded in each form a console writes
+    (`real_encodings.FORMS`: RGB and grey JPEG, RGB PNG, 16-bit PNG, TIFF and DICOS): [not recognised,
+    scored] per form. The gate must not take a file's form for a foreign image. The forms are written
+    from the test image's 8-bit grey plane, so a pseudo-colour or a 16-bit test image is left out."""
+    manifest = model_dir / "data.jsonl"
+    if engine.spec.modality != "xray" or not manifest.is_file():
+        return {}
+    paths = [resolve_image_path(manifest, row) for row in read_manifest(manifest) if row.split == "test"]
+    if not all(path.is_file() for path in paths):  # a shipped model's synthetic set, not generated here
+        return {}
+    counts = {name: [0, 0] for name in FORMS}
+    for path in paths:
+        image = decode_image(path.read_bytes())
+        if image.dtype != np.uint8 or (image.shape[2] != 1 and not is_grey_content(image)):
+            continue  # the forms are written from an 8-bit grey plane
+        grey = grey_of(path)
+        for name, encode in FORMS.items():
+            result = score(engine, encode(grey))
+            if result is not None:
+                counts[name][0] += int(result.recognised is False)
+                counts[name][1] += 1
+    return counts
+
+
+def measure(model_dir: Path, images: list[OodImage], forms: bool = False) -> dict[str, Any]:
     engine = OnnxEngine(model_dir / "model.onnx", provider="cpu", warmup=False)
     confident: Counter[str] = Counter()
     total: Counter[str] = Counter()
@@ -84,6 +113,7 @@ def measure(model_dir: Path, images: list[OodImage]) -> dict[str, Any]:
             causes.setdefault(image.group, Counter()).update(named)
     flagged, tested, roc_auc = own_test_figures(engine, model_dir)
     card_test = (engine.card.metrics or {}).get("test") or {}
+    own_forms = own_forms_flagged(engine, model_dir) if forms else {}
     return {
         "model": str(model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir),
         "modality": engine.spec.modality,
@@ -97,6 +127,7 @@ def measure(model_dir: Path, images: list[OodImage]) -> dict[str, Any]:
         "card_test_roc_auc": card_test.get("roc_auc"),
         "gate": sorted((engine.card.novelty or {}).keys()),
         "own_kind": own_kind(model_dir, engine.spec.modality),
+        **({"own_test_flagged_by_form": own_forms} if own_forms else {}),
     }
 
 
@@ -139,12 +170,27 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def forms_table(results: list[dict[str, Any]]) -> str:
+    """Own test images flagged per file form, for the models that were measured so (`--forms`)."""
+    measured = [result for result in results if result.get("own_test_flagged_by_form")]
+    if not measured:
+        return ""
+    lines = ["| model | " + " | ".join(FORMS) + " |", "|" + " --- |" * (len(FORMS) + 1)]
+    for result in measured:
+        counts = result["own_test_flagged_by_form"]
+        cells = (f"{counts[name][0]}/{counts[name][1]}" for name in FORMS)
+        lines.append(f"| {result['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", type=Path, help="model folders (default: every one found)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "foreign.jsonl")
     parser.add_argument("--rebuild-gates", action="store_true", help="first rebuild each suite model's "
                         "gate with this code, from its own data (scores are unchanged)")
+    parser.add_argument("--forms", action="store_true", help="also each X-ray model's own test images "
+                        "flagged in every file form a console writes (benchmarks/real_encodings.py)")
     args = parser.parse_args()
     images = foreign_images()
     results = []
@@ -153,7 +199,7 @@ def main() -> None:
             from verity.training.open_set import rebuild_gate
 
             rebuild_gate(model_dir.resolve())
-        result = measure(model_dir.resolve(), images)
+        result = measure(model_dir.resolve(), images, args.forms)
         results.append(result)
         print(json.dumps(result), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +207,7 @@ def main() -> None:
         for result in results:
             handle.write(json.dumps(result) + "\n")
     print(table(results))
+    print(forms_table(results))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,42 @@ def test_foreign_images_are_scored_per_group_through_the_pipeline() -> None:
     assert all(group in table for group in groups)
 
 
+def test_foreign_bench_counts_own_test_images_flagged_in_every_file_form(tmp_path: Path) -> None:
+    """`--forms`: each 8-bit grey test image of an X-ray run is written in every form a console writes
+    and scored; a colour or a 16-bit test image is left out."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks import foreign_bench
+    from benchmarks.real_encodings import FORMS
+    from verity.datasets.manifest import ManifestRow, write_manifest
+    from verity.inference.engine import OnnxEngine
+
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "xray-default" / "1.1.0"
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.onnx", "card.json", "bank.npz", "profile.npz"):
+        shutil.copy(shipped / name, run / name)
+    rng, rows = np.random.default_rng(0), []
+    for index in range(5):
+        path = tmp_path / f"{index}.png"
+        if index < 4:  # the fourth in colour: no grey form
+            shape = (48, 64) if index < 3 else (48, 64, 3)
+            Image.fromarray(rng.integers(40, 220, shape, dtype=np.uint8)).save(path)
+        else:  # 16-bit: its forms are not written from it
+            Image.fromarray(rng.integers(0, 65535, (48, 64), dtype=np.uint16)).save(path)
+        rows.append(ManifestRow(str(path), "genuine", "xray", split="test"))
+    rows.append(ManifestRow(str(tmp_path / "0.png"), "genuine", "xray", split="train"))  # not a test image
+    write_manifest(run / "data.jsonl", rows)
+    counts = foreign_bench.own_forms_flagged(OnnxEngine(run / "model.onnx", warmup=False), run)
+    assert set(counts) == set(FORMS)
+    assert all(scored == 3 and 0 <= flagged <= 3 for flagged, scored in counts.values()), counts
+    table = foreign_bench.forms_table([{"model": "run", "own_test_flagged_by_form": counts}])
+    assert all(name in table for name in FORMS) and "/3" in table
+
+
 def test_the_request_stages_part_times_each_stage_and_prints_them() -> None:
     from benchmarks import request_stages
 
