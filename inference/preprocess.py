@@ -169,8 +169,8 @@ def _unit_plane(plane: np.ndarray, height: int, width: int, spec: PreprocessSpec
 
 
 def _uint8_to_model_input(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """An 8-bit "L" or "RGB" image to CxSxS float32: resized in uint8 (PIL's fast path), then scaled
-    and transposed in one pass."""
+    """An 8-bit image that `_resized_in_uint8` allows to CxSxS float32: resized in uint8 (PIL's fast
+    path), then scaled and transposed in one pass."""
     height, width = _target_shape(image.height, image.width, spec)
     if image.size != (width, height):
         image = image.resize((width, height), _PIL_FILTERS[spec.interpolation])
@@ -183,16 +183,31 @@ def _uint8_to_model_input(image: Image.Image, spec: PreprocessSpec) -> np.ndarra
     return _letterbox(chw, spec) if spec.resize_mode == "letterbox" else chw
 
 
+def _resized_in_uint8(image: np.ndarray, spec: PreprocessSpec) -> bool:
+    """Whether an image (after `_fewest_channels`) is resized in uint8 rather than in float.
+
+    Resizing in uint8 rounds every new pixel to a whole level: a 32 px patch enlarged to the input
+    size keeps steps of 1/255 that the same patch saved as 16-bit, resized in float, does not have. An
+    X-ray's grey plane is therefore resized in float whatever its depth, so a console's 8-bit and
+    16-bit files of one scan give the same tensor (tests/test_depth_forms.py). Colour keeps the fast
+    uint8 path (the common 8-bit photo), and so does a photo model's grey plane, because training
+    repeats it into three uint8 planes (training.augment.Augmenter) that take that path.
+    """
+    if image.dtype != np.uint8:
+        return False
+    return image.shape[2] == 3 or (image.shape[2] == 1 and spec.modality == "photo")
+
+
 def _is_plain_uint8(image: Image.Image, spec: PreprocessSpec) -> bool:
-    # An X-ray RGB image must first be checked for grey content (match_channels), so it takes the array path.
-    plain = {("RGB", 3), ("L", 1)} if spec.modality == "photo" else {("L", 1)}
-    return (image.mode, spec.in_chans) in plain
+    # An X-ray RGB image must first be checked for grey content (match_channels), and an X-ray's grey
+    # plane is resized in float (`_resized_in_uint8`), so X-ray images take the array path.
+    return spec.modality == "photo" and (image.mode, spec.in_chans) in {("RGB", 3), ("L", 1)}
 
 
 def to_model_input(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Turns a decoded HxWxC image into the model's CxSxS float32 input in [0, 1]."""
     image = _fewest_channels(image, spec)
-    if image.dtype == np.uint8 and image.shape[2] in (1, 3):
+    if _resized_in_uint8(image, spec):
         chw = _uint8_to_model_input(Image.fromarray(image[..., 0] if image.shape[2] == 1 else image), spec)
     else:
         height, width = _target_shape(image.shape[0], image.shape[1], spec)

@@ -3,8 +3,9 @@
 The failure this pins: an 8-bit RGB JPEG of grey content (the most common X-ray export) reached the
 X-ray model as a constant image of 1.0, so real baggage scans scored at chance. Each encoding below is
 decoded by the serving path (`load_for_model`) and by the training path (`decode_image` then
-`to_model_input`) and compared with the 8-bit grey PNG: lossless forms to within one 8-bit level,
-JPEG forms within JPEG's error. Pseudo-colour follows the colour rule of
+`to_model_input`) and compared with the 8-bit grey PNG: lossless forms to 1e-6 (a tiny patch enlarged
+too: a 32 px patch sent as 16-bit was flagged as unlike training while its 8-bit file was not), JPEG
+forms within JPEG's error. Pseudo-colour follows the colour rule of
 `inference.preprocess.match_channels`.
 """
 
@@ -93,8 +94,8 @@ def test_every_encoding_gives_the_tensor_of_the_grey_png(encoding: str, spec_nam
     assert tensor.shape == reference.shape == (spec.in_chans, 64, 64)
     difference = np.abs(tensor - reference)
     if encoding in LOSSLESS:
-        # 8-bit resizes in uint8 and deeper images in float: at most one 8-bit level apart.
-        assert difference.max() <= 1.01 / 255
+        # The same numbers whatever the depth: an X-ray's grey plane is resized in float in every form.
+        assert difference.max() <= 1e-6
     else:
         assert difference.mean() < 0.01 and difference.max() < 0.1
     # The content survives: never a constant image.
@@ -169,3 +170,26 @@ def test_tiny_patches_and_huge_scans_keep_their_content(size: tuple[int, int]) -
     spec = SPECS["1 channel, stretch"]
     tensor = _both_paths(_save(grey, "JPEG", mode="RGB", quality=90), spec)
     assert tensor.std() > 0.1 and 0.2 < tensor.mean() < 0.8
+
+
+@pytest.mark.parametrize("spec_name", SPECS)
+@pytest.mark.parametrize("side", [32, 7])
+def test_a_tiny_patch_enlarged_is_the_same_tensor_in_every_lossless_form(side: int, spec_name: str) -> None:
+    """A patch far smaller than the input, enlarged by the resize: resized in uint8, the 8-bit file kept
+    a staircase of whole levels that its 16-bit file had not, and the open-set gate's detail rule told
+    the two apart."""
+    spec = SPECS[spec_name]
+    patch = np.asarray(Image.fromarray(GREY).resize((side, side), Image.Resampling.BOX))
+    forms = {
+        "8-bit grey PNG": _save(patch, "PNG"),
+        "RGB PNG of grey content": _save(patch, "PNG", mode="RGB"),
+        "16-bit grey PNG": _save(patch.astype(np.uint16) * 257, "PNG"),
+        "16-bit grey TIFF": _tiff(patch.astype(np.uint16) * 257),
+        "16-bit DICOS DX": encode_dicom(patch.astype(np.uint16) * 257),
+    }
+    reference = _both_paths(forms.pop("8-bit grey PNG"), spec)
+    # Enlarged in float: between two source pixels the values ramp instead of stepping by whole levels.
+    levels = reference * 255
+    assert np.mean(np.abs(levels - np.round(levels)) > 0.01) > 0.5
+    for name, data in forms.items():
+        np.testing.assert_allclose(_both_paths(data, spec), reference, atol=1e-6, err_msg=name)
