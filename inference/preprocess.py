@@ -196,7 +196,7 @@ def _resized_in_uint8(image: np.ndarray, spec: PreprocessSpec) -> bool:
     Resizing in uint8 rounds every new pixel to a whole level: a 32 px patch enlarged to the input
     size keeps steps of 1/255 that the same patch saved as 16-bit, resized in float, does not have. An
     X-ray's grey plane is therefore resized in float whatever its depth, so a console's 8-bit and
-    16-bit files of one scan give the same tensor (tests/test_depth_forms.py). Colour keeps the fast
+    16-bit files of one scan give the same tensor (tests/test_xray_encodings.py). Colour keeps the fast
     uint8 path (the common 8-bit photo), and so does a photo model's grey plane, because training
     repeats it into three uint8 planes (training.augment.Augmenter) that take that path.
     """
