@@ -51,7 +51,8 @@ def monitored_model(models: Path, data: Path) -> Path:
         path = data / f"{index}.png"
         path.write_bytes(_png(rng.normal(140, 20), rng))
         split = "train" if index < 50 else "val"
-        rows.append(ManifestRow(str(path), "genuine" if index % 2 else "counterfeit", "photo", split=split))
+        label, case = ("genuine" if index % 2 else "counterfeit"), f"case-{index // 10}-{index % 2}"
+        rows.append(ManifestRow(str(path), label, "photo", case_id=case, split=split))  # 5 images a case
     write_manifest(data / "manifest.jsonl", rows)
     spec = tiny_spec("photo")
     model = tiny_onnx(models / "photo-m" / "1" / "model.onnx", spec, tiny_card(spec, "photo-m", "1"),

@@ -28,7 +28,11 @@ def test_a_split_too_small_for_its_share_is_warned_with_the_rate_it_gives() -> N
     assert "--val-fraction" in warning
     assert gate_size_warnings(199, 0.005) and gate_size_warnings(200, 0.005) == []
     assert gate_size_warnings(0, 0.005) == []
-
+    (grouped,) = gate_size_warnings(75, 0.005, val_cases=25)  # the synthetic console set's validation
+    assert grouped.startswith(f"{GATE_SIZE_WARNING} 75 validation images of 25 cases, fewer than the 200")
+    assert "up to 1 time in 26 (3.8%;" in grouped
+    assert gate_size_warnings(32, 0.005, val_cases=32) == gate_size_warnings(32, 0.005)  # a case each
+    assert gate_size_warnings(250, 0.005, val_cases=25) == []  # not their largest: no warning of it
 
 def test_the_stated_rate_is_the_one_a_split_of_that_size_gives() -> None:
     """Why the warning's figure: with fewer than 1 / share images the threshold is their largest, and a new
@@ -54,9 +58,9 @@ def test_a_new_gate_replaces_the_warning_of_the_one_before() -> None:
 def test_the_card_and_a_rebuilt_card_carry_the_gate_warning_once(tmp_path: Path) -> None:
     from verity.training.open_set import rebuild_gate
 
-    model = monitored_model(tmp_path / "models", tmp_path / "data")  # 30 validation images
+    model = monitored_model(tmp_path / "models", tmp_path / "data")  # 30 validation images of 6 cases
     (warning,) = OnnxEngine(model).card.novelty["warnings"]
-    assert warning.startswith(f"{GATE_SIZE_WARNING} 30 validation images")
+    assert warning.startswith(f"{GATE_SIZE_WARNING} 30 validation images of 6 cases")
     assert OnnxEngine(model).card.warnings == (warning,)  # what /v1/models, eval and reports show
     card = OnnxEngine(model).card.to_dict()
     (model.parent / "card.json").write_text(json.dumps({**card, "warnings": ["too few genuine images"]}))

@@ -123,3 +123,19 @@ def test_verity_eval_of_an_onnx_model_never_imports_torch(tmp_path: Path) -> Non
     assert "RESULT 0 []" in done.stdout, done.stdout + done.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["model"]["kind"] == "onnx" and metrics["data"]["n_evaluated"] == 12
+
+
+def test_an_evaluation_sample_names_the_group_its_split_keeps_together(tmp_path: Path) -> None:
+    """`Sample.group` is the split's unit (the case, else the product, else the file): what the gate
+    leaves out with a training image when it measures it as a validation image would be measured."""
+    from verity.datasets.manifest import ManifestRow, write_manifest
+
+    _write_images(tmp_path / "images", 3, seed=5)
+    paths = sorted(str(path) for path in (tmp_path / "images").glob("*.png"))
+    write_manifest(tmp_path / "manifest.jsonl", [
+        ManifestRow(paths[0], "genuine", "photo", product="tea", case_id="c-1", split="train"),
+        ManifestRow(paths[1], "genuine", "photo", product="tea", split="train"),
+        ManifestRow(paths[2], "genuine", "photo", split="train"),
+    ])  # fmt: skip
+    samples = load_samples(tmp_path / "manifest.jsonl", "train", "photo").samples
+    assert [sample.group for sample in samples] == ["case:c-1", "product:tea", f"file:{paths[2]}"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from verity.datasets.rows import MANIFEST_NAMES, assign_missing_splits, read_rows, split_folder_rows
+from verity.datasets.split import group_key
 from verity.inference.vocabulary import DEFAULT_SPLIT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION
 
 
@@ -23,6 +24,9 @@ class Sample:
     modality: str | None = None
     product: str | None = None
     source: str | None = None
+    # The unit the split keeps on one side (`datasets.split.group_key`: the case, else the product, else
+    # the file); None where the split is a folder's, one image a unit.
+    group: str | None = None
 
 
 @dataclass
@@ -96,6 +100,9 @@ def load_samples(
             present = ", ".join(sorted({str(row.split) for row in rows}))
             raise ValueError(f"{data} has no {modality} rows in split {split!r}. Splits present: {present}.")
         rows = chosen
-    samples = [Sample(Path(row.path), row.target, row.modality, row.product, row.source) for row in rows]
+    samples = [
+        Sample(Path(row.path), row.target, row.modality, row.product, row.source, group_key(row))
+        for row in rows
+    ]
     where = f"split {split!r} of " if split else ""
     return LoadedData(samples, f"{where}{description}", notes=notes, skipped_other_modality=skipped)

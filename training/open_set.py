@@ -160,7 +160,8 @@ def build_open_set(
         threshold, rate, val_novelty, served_bank, k, min_side=min_side, val_sides=val.shorter_sides,
         profile=profile, colour_share=colour_share, val_flagged=profile_flags | colour_flags,
     )  # fmt: skip
-    warnings = gate_size_warnings(len(val_novelty), rate / 2)  # the embedding's share of the rate
+    val_cases = len({sample.group or str(sample.path) for sample in val.samples})  # a case, many images
+    warnings = gate_size_warnings(len(val_novelty), rate / 2, val_cases)  # the embedding's share of the rate
     if warnings:
         record["warnings"] = warnings
     # What live traffic is held against (inference.drift): the validation split's distributions.
