@@ -213,3 +213,21 @@ def novelty_from_similarities(similarity: np.ndarray, k: int) -> np.ndarray:
     # Summed in float64 in ascending order: the same k values give the same novelty to the bit, however
     # they were found (`open_set.NoveltyGate.verdict_likeness` finds them with one partition).
     return 1.0 - np.add.reduce(np.sort(top_k(similarity, k), axis=1), axis=1, dtype=np.float64) / k
+
+
+def left_out_novelty(
+    bank: ReferenceBank, groups: np.ndarray, k: int = DEFAULT_K, chunk: int = 1024
+) -> np.ndarray:
+    """Each bank row's `novelty` against the bank's rows of other groups (one code a row: its case, else
+    its product, else its file), as a validation image meets a bank without its own case. Infinite for
+    a row with fewer than k rows outside its group. Computed `chunk` rows at a time."""
+    groups = np.asarray(groups)
+    if groups.shape != (len(bank),):
+        raise BankError(f"{len(bank)} bank rows need as many group codes, got {groups.shape}.")
+    index, out = bank.index, []
+    for start in range(0, len(bank), chunk):
+        rows = slice(start, min(start + chunk, len(bank)))
+        similarity = index.similarities(index.references[rows])
+        similarity[groups[rows, None] == groups[None, :]] = -np.inf  # itself and its case-mates
+        out.append(novelty_from_similarities(similarity, min(k, len(bank))))
+    return np.concatenate(out) if out else np.zeros(0)

@@ -121,3 +121,25 @@ def test_bank_errors_are_explicit(tmp_path: Path) -> None:
              products=np.array(["", ""]), provenance=np.array("{}"), format=np.array(1))
     with pytest.raises(BankError, match="not a readable"):  # object arrays would need pickle
         load_bank(tmp_path / "pickled.npz")
+
+
+def test_a_bank_rows_left_out_novelty_leaves_its_whole_case_out() -> None:
+    """Each training image's novelty against the bank without its case (identical case-mates would
+    otherwise make it 0), as `novelty` gives it against a bank of the other cases; infinite where fewer
+    than k rows lie outside its case."""
+    from verity.inference.bank import left_out_novelty
+
+    rng = np.random.default_rng(4)
+    embeddings = np.repeat(rng.normal(size=(15, 8)), 2, axis=0)
+    groups = np.repeat(np.arange(15), 2)
+    bank = build_bank(embeddings, ["genuine"] * 30)
+    left_out = left_out_novelty(bank, groups, k=3, chunk=7)
+    for i in (0, 13, 29):
+        others = build_bank(embeddings[groups != groups[i]], ["genuine"] * 28)
+        assert left_out[i] == pytest.approx(novelty(embeddings[i][None], others, 3)[0], abs=1e-4)
+    assert left_out.min() > 0.05
+    assert left_out_novelty(bank, np.arange(30), k=1).max() == pytest.approx(0.0, abs=1e-3)  # its twin
+    one_case = np.where(np.arange(30) < 28, 0, 1)
+    assert np.isinf(left_out_novelty(bank, one_case, k=3)[:28]).all()
+    with pytest.raises(BankError, match="group codes"):
+        left_out_novelty(bank, groups[:5], k=3)

@@ -121,3 +121,25 @@ def test_eval_says_a_validation_splits_gate_figures_are_no_estimate(tmp_path: Pa
         assert evaluated.get("validation_in_bank") == in_bank, split
         noted = any("not an estimate" in line for line in open_set_lines(result))
         assert noted == (in_bank is not None), split
+
+
+def test_a_validation_split_too_small_for_the_rate_is_joined_by_the_training_images() -> None:
+    """The embedding's threshold is chosen on the fewest ordinary images that resolve its share of the
+    rate: validation alone when it does; else with the training images, each measured without its case,
+    when together they do; else validation alone (a largest novelty, with the gate-size warning)."""
+    from verity.inference.bank import build_bank, left_out_novelty
+    from verity.training.open_set import embedding_ordinary
+
+    rng = np.random.default_rng(5)
+    cases = np.repeat(np.arange(120), 2)  # 240 training images, two of each case
+    bank = build_bank(np.repeat(rng.normal(size=(120, 8)), 2, axis=0), ["genuine"] * 240)
+    share = DEFAULT_NOVELTY_RATE / 2  # 200 images resolve it
+    val = rng.uniform(0.1, 0.2, 200)
+    assert embedding_ordinary(bank, cases, val, share, DEFAULT_K) is val
+    few = val[:75]
+    pooled = embedding_ordinary(bank, cases, few, share, DEFAULT_K)
+    assert len(pooled) == 240 + 75
+    np.testing.assert_array_equal(pooled[:240], left_out_novelty(bank, cases, DEFAULT_K))
+    assert pooled[:240].min() > 0.01  # never beside its identical case-mate
+    small = ReferenceBank(bank.embeddings[:100], bank.labels[:100], bank.products[:100])
+    assert embedding_ordinary(small, cases[:100], few, share, DEFAULT_K) is few  # 175: still too few
