@@ -39,18 +39,18 @@ def _png(level: float, rng: np.random.Generator) -> bytes:
     return buffer.getvalue()
 
 
-def monitored_model(models: Path, data: Path) -> Path:
+def monitored_model(models: Path, data: Path, train: int = 50) -> Path:
     """A tiny photo model whose gate (and drift reference) training's code built from a set of mid-grey
-    images, as `verity export` builds it."""
+    images (`train` training images, 30 validation images; cases of five), as `verity export` builds it."""
     from verity.training.open_set import build_open_set
 
     rng = np.random.default_rng(1)
     rows = []
     data.mkdir(parents=True)
-    for index in range(80):
+    for index in range(train + 30):
         path = data / f"{index}.png"
         path.write_bytes(_png(rng.normal(140, 20), rng))
-        split = "train" if index < 50 else "val"
+        split = "train" if index < train else "val"
         label, case = ("genuine" if index % 2 else "counterfeit"), f"case-{index // 10}-{index % 2}"
         rows.append(ManifestRow(str(path), label, "photo", case_id=case, split=split))  # 5 images a case
     write_manifest(data / "manifest.jsonl", rows)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.test_drift import monitored_model
-from verity.inference.bank import BANK_FILE, DEFAULT_K, ReferenceBank, load_bank, novelty
+from verity.inference.bank import BANK_FILE, DEFAULT_K, ReferenceBank, left_out_novelty, load_bank, novelty
 from verity.inference.engine import OnnxEngine
 from verity.inference.gate_record import DEFAULT_NOVELTY_RATE, choose_novelty_threshold
 from verity.inference.input_profile import PROFILE_FILE, ProfileBank, ProfileError, load_profiles
@@ -127,7 +127,7 @@ def test_a_validation_split_too_small_for_the_rate_is_joined_by_the_training_ima
     """The embedding's threshold is chosen on the fewest ordinary images that resolve its share of the
     rate: validation alone when it does; else with the training images, each measured without its case,
     when together they do; else validation alone (a largest novelty, with the gate-size warning)."""
-    from verity.inference.bank import build_bank, left_out_novelty
+    from verity.inference.bank import build_bank
     from verity.training.open_set import embedding_ordinary
 
     rng = np.random.default_rng(5)
@@ -143,3 +143,23 @@ def test_a_validation_split_too_small_for_the_rate_is_joined_by_the_training_ima
     assert pooled[:240].min() > 0.01  # never beside its identical case-mate
     small = ReferenceBank(bank.embeddings[:100], bank.labels[:100], bank.products[:100])
     assert embedding_ordinary(small, cases[:100], few, share, DEFAULT_K) is few  # 175: still too few
+
+
+def test_a_gate_chooses_the_embeddings_threshold_with_its_training_images_where_validation_is_too_few(
+    tmp_path: Path,
+) -> None:
+    """30 validation images are too few for half of 1%; with 180 training images, each measured without
+    its case, they are enough: the card records the threshold chosen on the 210, and no size warning."""
+    from verity.training.open_set import group_codes
+
+    model = monitored_model(tmp_path / "models", tmp_path / "data", train=180)
+    record = OnnxEngine(model, warmup=False).card.novelty
+    assert record["threshold_images"] == 180 + VAL and "warnings" not in record
+    bank = load_bank(model.with_name(BANK_FILE))
+    training_only = ReferenceBank(bank.embeddings[:180], bank.labels[:180], bank.products[:180])
+    train, val = _split(model, tmp_path / "data", "train"), _split(model, tmp_path / "data", "val")
+    groups = group_codes(train.samples)
+    assert len(set(groups.tolist())) == 180 // 5
+    ordinary = np.concatenate([left_out_novelty(training_only, groups, DEFAULT_K),
+                               novelty(val.embeddings, training_only, DEFAULT_K)])  # fmt: skip
+    assert record["threshold"] == choose_novelty_threshold(ordinary, DEFAULT_NOVELTY_RATE / 2)
