@@ -176,7 +176,7 @@ def build_open_set(
     )  # fmt: skip
     record["threshold_images"] = len(ordinary)  # validation images, and training images where they count
     if len(ordinary) == len(val_novelty):  # chosen on validation alone, maybe too few for its share
-        val_cases = len({sample.group or str(sample.path) for sample in val.samples})  # a case, many images
+        val_cases = len(np.unique(group_codes(val.samples)))  # a case, many images
         warnings = gate_size_warnings(len(val_novelty), rate / 2, val_cases)
         if warnings:
             record["warnings"] = warnings
