@@ -142,14 +142,11 @@ def build_open_set(
     train = embed_split(scorer, data, "train", progress)
     val = embed_split(scorer, data, "val", progress)
     card = scorer.engine.card
+    provenance = {"model": card.name, "version": card.version, "data": str(data), "split": "train"}
     bank = build_bank(
-        train.embeddings,
-        [LABELS[s.target] for s in train.samples],
-        [s.product or "" for s in train.samples],
-        {"model": card.name, "version": card.version, "data": str(data), "split": "train"},
-        max_references=max_references,
-        seed=seed,
-    )
+        train.embeddings, [LABELS[s.target] for s in train.samples], [s.product or "" for s in train.samples],
+        provenance, max_references=max_references, seed=seed,
+    )  # fmt: skip
     val_novelty = novelty(val.embeddings, bank, min(k, len(bank)))
     kept = subsample_indices(len(train.embeddings), max_references, seed)  # as build_bank kept
     # Two measures share the stated rate, half each, so the gate as a whole flags at most `rate` of
@@ -174,12 +171,7 @@ def build_open_set(
         threshold, rate, val_novelty, served_bank, k, min_side=min_side, val_sides=val.shorter_sides,
         profile=profile, colour_share=colour_share, val_flagged=profile_flags | colour_flags,
     )  # fmt: skip
-    record["threshold_images"] = len(ordinary)  # validation images, and training images where they count
-    if len(ordinary) == len(val_novelty):  # chosen on validation alone, maybe too few for its share
-        val_cases = len(np.unique(group_codes(val.samples)))  # a case, many images
-        warnings = gate_size_warnings(len(val_novelty), rate / 2, val_cases)
-        if warnings:
-            record["warnings"] = warnings
+    record.update(_threshold_images_record(ordinary, val_novelty, val, rate / 2))
     # What live traffic is held against (inference.drift): the validation split's distributions.
     brightness = val.profiles[:, MEDIAN_LEVEL] if len(val.profiles) else np.array([np.nan])
     record["drift"] = drift_reference(val.scores, brightness, record["val_rate"])
@@ -197,6 +189,21 @@ class _EmbeddingGate:
     kept: np.ndarray
     threshold: float
     val_flagged: np.ndarray
+
+
+def _threshold_images_record(
+    ordinary: np.ndarray, val_novelty: np.ndarray, val: EmbeddedSplit, share: float
+) -> dict[str, Any]:
+    """What the card records of the images the embedding's threshold was chosen on: how many (validation
+    images, and training images where they count), and the gate-size warning where validation alone was
+    too few for its share of the rate (`gate_record.gate_size_warnings`, counting its cases)."""
+    record: dict[str, Any] = {"threshold_images": len(ordinary)}
+    if len(ordinary) == len(val_novelty):
+        val_cases = len(np.unique(group_codes(val.samples)))  # a case, many images
+        warnings = gate_size_warnings(len(val_novelty), share, val_cases)
+        if warnings:
+            record["warnings"] = warnings
+    return record
 
 
 def embedding_ordinary(
